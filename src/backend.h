@@ -1,0 +1,101 @@
+/*
+ * backend.h -- the one contract between the forward pass and a device (STYLE 2.5).
+ *
+ * forward.c calls be->ops->X(be, ...) and never includes SIMD or CUDA headers. Every backend
+ * implements every op; the CPU backend keeps a scalar reference for each (ops_cpu_ref.c) that
+ * tests compare the fast paths against.
+ *
+ * Conventions: activations are f32, row-major [n_rows][n], in memory owned by the backend
+ * (host memory for cpu, device memory for cuda). Weights are struct coopt_weight whose data
+ * lives where the backend can read it (see upload_weight). An op enqueues work and returns;
+ * shapes are checked with COOPT_ASSERT; only memory functions can fail at runtime.
+ */
+#ifndef COOPT_BACKEND_H
+#define COOPT_BACKEND_H
+
+#include "batch.h"
+#include "coopt.h"
+#include "kv_cache.h"
+#include "model.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct coopt_backend;
+
+// RoPE parameters, precomputed once per model: inv_freq[i] for i < head_dim/2 already includes
+// theta, linear and llama3 scaling.
+struct coopt_rope {
+    enum coopt_rope_layout layout;
+    int32_t                head_dim;
+    const float           *inv_freq; // [head_dim/2], host memory
+};
+
+struct coopt_ops {
+    const char *name; // "cpu", "cuda"
+
+    // ---- memory ----
+    enum coopt_status (*alloc)(struct coopt_backend *be, size_t n_bytes, void **out);
+    void (*free)(struct coopt_backend *be, void *p); // NULL ok
+    void (*upload)(struct coopt_backend *be, void *dst, const void *src, size_t n_bytes);
+    void (*download)(struct coopt_backend *be, void *dst, const void *src, size_t n_bytes);
+    void (*sync)(struct coopt_backend *be);
+
+    // ---- ops ----
+    // out[t][:] = dequant(table row tokens[t]).            out: [n][table->n_in]
+    void (*embed)(struct coopt_backend *be, float *out, const struct coopt_weight *table, const int32_t *tokens,
+                  int32_t n);
+    // out[r] = x[r] / rms(x[r]) * w.                       x, out: [n_rows][dim]; out may == x
+    void (*rmsnorm)(struct coopt_backend *be, float *out, const float *x, const float *w, int32_t n_rows,
+                    int32_t dim, float eps);
+    // out[r][o] = sum_i x[r][i] * W[o][i] (+ bias[o]).      x: [n_rows][w->n_in], out: [n_rows][w->n_out]
+    void (*matmul)(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                   int32_t n_rows);
+    // Applies RoPE in place to q [n][n_heads*head_dim] at positions pos[n]. (Reference op; the
+    // forward pass uses the fused rope_store.)
+    void (*rope)(struct coopt_backend *be, float *q, int32_t n_heads, const int32_t *pos, int32_t n,
+                 const struct coopt_rope *rope);
+    // Fused Opt-KV write path for one layer: RoPE on q (in place) and on k, then k and v are
+    // converted to the cache type and scattered into their slots. q: [n][n_heads*head_dim],
+    // k, v: [n][n_kv_heads*head_dim]; k is left unrotated in memory.
+    void (*rope_store)(struct coopt_backend *be, float *q, const float *k, const float *v, int32_t n_heads,
+                       struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
+                       const struct coopt_rope *rope);
+    // Paged grouped-query attention for one layer. out, q: [n_tokens][n_heads*head_dim].
+    void (*attention)(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
+                      const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale);
+    // out[i] = silu(gate[i]) * up[i].                      n elements; out may alias gate
+    void (*silu_mul)(struct coopt_backend *be, float *out, const float *gate, const float *up, int64_t n);
+    // out[i] = a[i] + b[i].                                n elements; out may alias a
+    void (*add)(struct coopt_backend *be, float *out, const float *a, const float *b, int64_t n);
+    // out[j][:] = x[rows[j]][:].                           gather rows (for the LM head)
+    void (*get_rows)(struct coopt_backend *be, float *out, const float *x, const int32_t *rows, int32_t n,
+                     int32_t dim);
+
+    // ---- KV pool ----
+    // Reserves address space for the pool; memory is committed on first write (lazy mapping).
+    enum coopt_status (*kv_pool_init)(struct coopt_backend *be, size_t n_bytes, void **out);
+    void (*kv_pool_free)(struct coopt_backend *be, void *pool, size_t n_bytes);
+    // Returns the memory of [off, off + n_bytes) of the pool to the OS/driver (page freed).
+    void (*kv_pool_release)(struct coopt_backend *be, void *pool, size_t off, size_t n_bytes);
+    // Copies one page (copy-on-write of a shared partial page).
+    void (*kv_page_copy)(struct coopt_backend *be, void *pool, size_t page_bytes, int32_t dst, int32_t src);
+
+    void (*destroy)(struct coopt_backend *be);
+};
+
+struct coopt_backend {
+    const struct coopt_ops *ops;
+    int32_t                 n_threads;
+    void                   *impl; // backend private state (thread pool, streams, handles)
+};
+
+// Creates the backend named "cpu" (or "cuda" when built with CUDA). n_threads 0 = all cores.
+enum coopt_status coopt_backend_init(const char *name, int32_t n_threads, struct coopt_backend **out);
+void coopt_backend_free(struct coopt_backend *be);
+
+// The CPU backend; `ref` selects the scalar reference ops (tests).
+enum coopt_status coopt_cpu_backend_init(int32_t n_threads, bool ref, struct coopt_backend **out);
+
+#endif // COOPT_BACKEND_H

@@ -1,0 +1,261 @@
+/*
+ * dtype.c -- dtype names, sizes and scalar conversions. These are the references that SIMD and
+ * CUDA conversions are tested against; keep them simple and exact.
+ */
+#include "dtype.h"
+
+#include "util.h"
+
+#include <math.h>
+#include <string.h>
+
+static const char *const g_names[COOPT_DTYPE_COUNT] = {
+    [COOPT_DTYPE_F32] = "f32",           [COOPT_DTYPE_F16] = "f16",
+    [COOPT_DTYPE_BF16] = "bf16",         [COOPT_DTYPE_Q8_0] = "q8_0",
+    [COOPT_DTYPE_Q4_0] = "q4_0",         [COOPT_DTYPE_FP8_E4M3] = "fp8_e4m3",
+    [COOPT_DTYPE_FP8_E5M2] = "fp8_e5m2", [COOPT_DTYPE_Q4_GPTQ] = "gptq4",
+    [COOPT_DTYPE_I32] = "i32",
+};
+
+const char *coopt_dtype_name(enum coopt_dtype t) {
+    return (unsigned)t < COOPT_DTYPE_COUNT ? g_names[t] : "?";
+}
+
+bool coopt_dtype_parse(const char *name, enum coopt_dtype *out) {
+    for (int i = 0; i < COOPT_DTYPE_COUNT; i++) {
+        if (strcmp(name, g_names[i]) == 0) {
+            *out = (enum coopt_dtype)i;
+            return true;
+        }
+    }
+    if (!strcmp(name, "fp8") || !strcmp(name, "e4m3") || !strcmp(name, "fp8_e4m3fn")) {
+        *out = COOPT_DTYPE_FP8_E4M3;
+        return true;
+    }
+    if (!strcmp(name, "e5m2")) {
+        *out = COOPT_DTYPE_FP8_E5M2;
+        return true;
+    }
+    return false;
+}
+
+int coopt_dtype_block_len(enum coopt_dtype t) {
+    return (t == COOPT_DTYPE_Q8_0 || t == COOPT_DTYPE_Q4_0) ? COOPT_QK : 1;
+}
+
+size_t coopt_dtype_block_bytes(enum coopt_dtype t) {
+    switch (t) {
+    case COOPT_DTYPE_F32: return 4;
+    case COOPT_DTYPE_I32: return 4;
+    case COOPT_DTYPE_F16: return 2;
+    case COOPT_DTYPE_BF16: return 2;
+    case COOPT_DTYPE_Q8_0: return sizeof(struct coopt_block_q8_0);
+    case COOPT_DTYPE_Q4_0: return sizeof(struct coopt_block_q4_0);
+    case COOPT_DTYPE_FP8_E4M3: return 1;
+    case COOPT_DTYPE_FP8_E5M2: return 1;
+    default: return 0;
+    }
+}
+
+size_t coopt_dtype_row_bytes(enum coopt_dtype t, int64_t n) {
+    int bl = coopt_dtype_block_len(t);
+    if (n < 0 || n % bl != 0) return 0;
+    return (size_t)(n / bl) * coopt_dtype_block_bytes(t);
+}
+
+// ---- f16 ----
+
+float coopt_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp  = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    if (exp == 0) {
+        // zero or subnormal: mant * 2^-24
+        float f = (float)mant * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    if (exp == 31) return coopt_f32_from_bits(sign | 0x7f800000u | (mant << 13));
+    return coopt_f32_from_bits(sign | ((exp + 112) << 23) | (mant << 13));
+}
+
+uint16_t coopt_f32_to_f16(float f) {
+    uint32_t u    = coopt_f32_bits(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t abs  = u & 0x7fffffffu;
+    if (abs > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); // NaN
+    if (abs >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); // rounds to >= 65520: inf
+    if (abs < 0x38800000u) {
+        // subnormal f16 (or zero): value = abs * 2^24 rounded to integer, ties to even
+        float v = coopt_f32_from_bits(abs) * 16777216.0f;
+        return (uint16_t)(sign | (uint32_t)nearbyintf(v));
+    }
+    uint32_t e    = (abs >> 23) - 112;
+    uint32_t m    = abs & 0x7fffffu;
+    uint32_t r    = (e << 10) | (m >> 13);
+    uint32_t rest = m & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (r & 1u))) r++;
+    return (uint16_t)(sign | r);
+}
+
+// ---- fp8 ----
+
+// Generic OCP FP8 decode with `ebits` exponent bits and `mbits` mantissa bits.
+static float fp8_decode(uint8_t x, int ebits, int mbits, int bias) {
+    int   sign = x >> 7;
+    int   e    = (x >> mbits) & ((1 << ebits) - 1);
+    int   m    = x & ((1 << mbits) - 1);
+    float v;
+    if (e == 0) v = ldexpf((float)m, 1 - bias - mbits);
+    else v = ldexpf((float)((1 << mbits) | m), e - bias - mbits);
+    return sign ? -v : v;
+}
+
+float coopt_fp8_e4m3_to_f32(uint8_t x) {
+    if ((x & 0x7f) == 0x7f) return NAN;
+    return fp8_decode(x, 4, 3, 7);
+}
+
+float coopt_fp8_e5m2_to_f32(uint8_t x) {
+    int e = (x >> 2) & 0x1f;
+    if (e == 31) {
+        if (x & 3) return NAN;
+        return (x & 0x80) ? -INFINITY : INFINITY;
+    }
+    return fp8_decode(x, 5, 2, 15);
+}
+
+// Round |f| to the nearest representable magnitude with `mbits` mantissa bits, minimum normal
+// exponent 1 - bias, saturating at max_val; returns the encoded magnitude (7 bits).
+static uint8_t fp8_encode_abs(float a, int ebits, int mbits, int bias, float max_val) {
+    if (!(a == a)) return 0; // caller handles NaN
+    if (a >= max_val) a = max_val;
+    int emin = 1 - bias;
+    int e;
+    frexpf(a, &e); // a = f * 2^e, f in [0.5, 1)
+    e -= 1;        // a = 1.x * 2^e
+    if (a == 0.0f) return 0;
+    if (e < emin) e = emin; // subnormal range uses the fixed minimum exponent
+    float q    = ldexpf(a, mbits - e);  // scaled so the quantum is 1
+    float qr   = nearbyintf(q);         // ties to even (default rounding mode)
+    float back = ldexpf(qr, e - mbits);
+    if (back > max_val) back = max_val;
+    // re-encode `back`
+    if (back == 0.0f) return 0;
+    int eb;
+    frexpf(back, &eb);
+    eb -= 1;
+    if (eb < emin) {
+        int m = (int)ldexpf(back, mbits - emin);
+        return (uint8_t)m;
+    }
+    int m = (int)ldexpf(back, mbits - eb) - (1 << mbits);
+    (void)ebits;
+    return (uint8_t)(((eb + bias) << mbits) | m);
+}
+
+uint8_t coopt_f32_to_fp8_e4m3(float f) {
+    if (f != f) return 0x7f;
+    uint8_t s = signbit(f) ? 0x80 : 0;
+    return s | fp8_encode_abs(fabsf(f), 4, 3, 7, 448.0f);
+}
+
+uint8_t coopt_f32_to_fp8_e5m2(float f) {
+    if (f != f) return 0x7f;
+    uint8_t s = signbit(f) ? 0x80 : 0;
+    return s | fp8_encode_abs(fabsf(f), 5, 2, 15, 57344.0f);
+}
+
+// ---- rows ----
+
+void coopt_dequant_row(enum coopt_dtype t, const void *src, float *dst, int64_t n) {
+    switch (t) {
+    case COOPT_DTYPE_F32: memcpy(dst, src, (size_t)n * 4); break;
+    case COOPT_DTYPE_F16:
+        for (int64_t i = 0; i < n; i++) dst[i] = coopt_f16_to_f32(((const uint16_t *)src)[i]);
+        break;
+    case COOPT_DTYPE_BF16:
+        for (int64_t i = 0; i < n; i++) dst[i] = coopt_bf16_to_f32(((const uint16_t *)src)[i]);
+        break;
+    case COOPT_DTYPE_FP8_E4M3:
+        for (int64_t i = 0; i < n; i++) dst[i] = coopt_fp8_e4m3_to_f32(((const uint8_t *)src)[i]);
+        break;
+    case COOPT_DTYPE_FP8_E5M2:
+        for (int64_t i = 0; i < n; i++) dst[i] = coopt_fp8_e5m2_to_f32(((const uint8_t *)src)[i]);
+        break;
+    case COOPT_DTYPE_Q8_0: {
+        const struct coopt_block_q8_0 *b = src;
+        for (int64_t i = 0; i < n / COOPT_QK; i++) {
+            float d = coopt_f16_to_f32(b[i].d);
+            for (int j = 0; j < COOPT_QK; j++) dst[i * COOPT_QK + j] = d * (float)b[i].qs[j];
+        }
+        break;
+    }
+    case COOPT_DTYPE_Q4_0: {
+        const struct coopt_block_q4_0 *b = src;
+        for (int64_t i = 0; i < n / COOPT_QK; i++) {
+            float d = coopt_f16_to_f32(b[i].d);
+            for (int j = 0; j < COOPT_QK / 2; j++) {
+                dst[i * COOPT_QK + j]                 = d * (float)((b[i].qs[j] & 0x0f) - 8);
+                dst[i * COOPT_QK + j + COOPT_QK / 2] = d * (float)((b[i].qs[j] >> 4) - 8);
+            }
+        }
+        break;
+    }
+    default: COOPT_ASSERT(!"dtype not convertible");
+    }
+}
+
+void coopt_quant_row(enum coopt_dtype t, const float *src, void *dst, int64_t n) {
+    switch (t) {
+    case COOPT_DTYPE_F32: memcpy(dst, src, (size_t)n * 4); break;
+    case COOPT_DTYPE_F16:
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = coopt_f32_to_f16(src[i]);
+        break;
+    case COOPT_DTYPE_BF16:
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = coopt_f32_to_bf16(src[i]);
+        break;
+    case COOPT_DTYPE_FP8_E4M3:
+        for (int64_t i = 0; i < n; i++) ((uint8_t *)dst)[i] = coopt_f32_to_fp8_e4m3(src[i]);
+        break;
+    case COOPT_DTYPE_FP8_E5M2:
+        for (int64_t i = 0; i < n; i++) ((uint8_t *)dst)[i] = coopt_f32_to_fp8_e5m2(src[i]);
+        break;
+    case COOPT_DTYPE_Q8_0: {
+        struct coopt_block_q8_0 *b = dst;
+        for (int64_t i = 0; i < n / COOPT_QK; i++) {
+            float amax = 0;
+            for (int j = 0; j < COOPT_QK; j++) amax = fmaxf(amax, fabsf(src[i * COOPT_QK + j]));
+            float d  = amax / 127.0f;
+            float id = d ? 1.0f / d : 0.0f;
+            b[i].d   = coopt_f32_to_f16(d);
+            for (int j = 0; j < COOPT_QK; j++) b[i].qs[j] = (int8_t)roundf(src[i * COOPT_QK + j] * id);
+        }
+        break;
+    }
+    case COOPT_DTYPE_Q4_0: {
+        // GGML's reference: the scale maps the value of largest magnitude to -8.
+        struct coopt_block_q4_0 *b = dst;
+        for (int64_t i = 0; i < n / COOPT_QK; i++) {
+            const float *x    = src + i * COOPT_QK;
+            float        amax = 0, max = 0;
+            for (int j = 0; j < COOPT_QK; j++) {
+                if (fabsf(x[j]) > amax) {
+                    amax = fabsf(x[j]);
+                    max  = x[j];
+                }
+            }
+            float d  = max / -8.0f;
+            float id = d ? 1.0f / d : 0.0f;
+            b[i].d   = coopt_f32_to_f16(d);
+            for (int j = 0; j < COOPT_QK / 2; j++) {
+                int q0 = (int)(x[j] * id + 8.5f), q1 = (int)(x[j + COOPT_QK / 2] * id + 8.5f);
+                q0 = q0 > 15 ? 15 : q0;
+                q1 = q1 > 15 ? 15 : q1;
+                b[i].qs[j] = (uint8_t)(q0 | (q1 << 4));
+            }
+        }
+        break;
+    }
+    default: COOPT_ASSERT(!"dtype not convertible");
+    }
+}

@@ -1,0 +1,72 @@
+/*
+ * dtype.h -- element types: sizes, block formats, and scalar conversions.
+ *
+ * Block formats follow GGML exactly so GGUF tensors are used in place:
+ *   Q8_0: { f16 d; int8 qs[32]; }            x = d * qs[i]
+ *   Q4_0: { f16 d; uint8 qs[16]; }           x = d * ((nibble) - 8); element i < 16 is the low
+ *                                            nibble of qs[i], element i + 16 the high nibble.
+ * FP8 follows the OCP 8-bit floating point spec (E4M3: bias 7, max 448, no infinities, S.1111.111
+ * is NaN; E5M2: bias 15, IEEE-like). Conversions to FP8 round to nearest even and saturate.
+ */
+#ifndef COOPT_DTYPE_H
+#define COOPT_DTYPE_H
+
+#include "coopt.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#define COOPT_QK 32 // values per Q8_0 / Q4_0 block
+
+struct coopt_block_q8_0 {
+    uint16_t d;          // f16 scale
+    int8_t   qs[COOPT_QK];
+};
+struct coopt_block_q4_0 {
+    uint16_t d;          // f16 scale
+    uint8_t  qs[COOPT_QK / 2];
+};
+_Static_assert(sizeof(struct coopt_block_q8_0) == 34, "q8_0 block size");
+_Static_assert(sizeof(struct coopt_block_q4_0) == 18, "q4_0 block size");
+
+// Values per block (1 for plain types) and bytes per block.
+int    coopt_dtype_block_len(enum coopt_dtype t);
+size_t coopt_dtype_block_bytes(enum coopt_dtype t);
+// Bytes of a row of n elements; n must be a multiple of the block length (returns 0 if not).
+size_t coopt_dtype_row_bytes(enum coopt_dtype t, int64_t n);
+
+// ---- scalar conversions (the reference for every SIMD path) ----
+
+static inline float coopt_f32_from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint32_t coopt_f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float coopt_bf16_to_f32(uint16_t h) { return coopt_f32_from_bits((uint32_t)h << 16); }
+static inline uint16_t coopt_f32_to_bf16(float f) {
+    uint32_t u = coopt_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                           // round to nearest even
+    return (uint16_t)(u >> 16);
+}
+
+float    coopt_f16_to_f32(uint16_t h);
+uint16_t coopt_f32_to_f16(float f);
+
+float   coopt_fp8_e4m3_to_f32(uint8_t x);
+uint8_t coopt_f32_to_fp8_e4m3(float f);
+float   coopt_fp8_e5m2_to_f32(uint8_t x);
+uint8_t coopt_f32_to_fp8_e5m2(float f);
+
+// Converts n elements of row `src` (type t) to f32. Works for every type but Q4_GPTQ.
+void coopt_dequant_row(enum coopt_dtype t, const void *src, float *dst, int64_t n);
+// Converts n f32 values into type t (F32, F16, BF16, Q8_0, Q4_0, FP8_*), reference rounding.
+void coopt_quant_row(enum coopt_dtype t, const float *src, void *dst, int64_t n);
+
+#endif // COOPT_DTYPE_H

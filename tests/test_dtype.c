@@ -1,0 +1,57 @@
+/*
+ * test_dtype.c -- scalar conversions: f16, bf16, fp8 round trips and known values.
+ */
+#include "dtype.h"
+#include "test.h"
+
+#include <math.h>
+
+TEST(dtype_f16_roundtrip) {
+    // every finite f16 converts to f32 and back unchanged
+    for (uint32_t h = 0; h < 0x10000; h++) {
+        if ((h & 0x7c00) == 0x7c00) continue;
+        float f = coopt_f16_to_f32((uint16_t)h);
+        CHECKF(t, coopt_f32_to_f16(f) == h, "h=%04x f=%g back=%04x", h, f, coopt_f32_to_f16(f));
+    }
+    CHECK(t, coopt_f16_to_f32(0x3c00) == 1.0f);
+    CHECK(t, coopt_f16_to_f32(0xc000) == -2.0f);
+    CHECK(t, coopt_f32_to_f16(65520.0f) == 0x7c00); // rounds to inf
+    CHECK(t, coopt_f32_to_f16(1.0f + 1.0f / 2048) == 0x3c00); // tie to even
+}
+
+TEST(dtype_fp8_e4m3) {
+    // every non-NaN code round-trips; known values
+    for (int x = 0; x < 256; x++) {
+        if ((x & 0x7f) == 0x7f) continue;
+        float f = coopt_fp8_e4m3_to_f32((uint8_t)x);
+        CHECKF(t, coopt_f32_to_fp8_e4m3(f) == x || (x == 0x80 && f == 0.0f), "x=%02x f=%g", x, f);
+    }
+    CHECK(t, coopt_fp8_e4m3_to_f32(0x7e) == 448.0f);
+    CHECK(t, coopt_f32_to_fp8_e4m3(1e6f) == 0x7e);           // saturate
+    CHECK(t, coopt_fp8_e4m3_to_f32(0x01) == ldexpf(1, -9));  // smallest subnormal
+    CHECK(t, coopt_f32_to_fp8_e4m3(1.0625f) == 0x38);        // tie to even (1.0)
+}
+
+TEST(dtype_fp8_e5m2) {
+    for (int x = 0; x < 256; x++) {
+        if (((x >> 2) & 0x1f) == 0x1f) continue;
+        float f = coopt_fp8_e5m2_to_f32((uint8_t)x);
+        CHECKF(t, coopt_f32_to_fp8_e5m2(f) == x || (x == 0x80 && f == 0.0f), "x=%02x f=%g", x, f);
+    }
+    CHECK(t, coopt_fp8_e5m2_to_f32(0x7b) == 57344.0f);
+}
+
+TEST(dtype_q8_q4_rows) {
+    uint64_t s = 1;
+    float    x[96], y[96];
+    uint8_t  buf[96 * 2];
+    test_fill_uniform(&s, x, 96, -3, 3);
+    coopt_quant_row(COOPT_DTYPE_Q8_0, x, buf, 96);
+    coopt_dequant_row(COOPT_DTYPE_Q8_0, buf, y, 96);
+    CHECK_NEAR(t, y, x, 96, 3.0 / 127 * 0.51 + 3e-3, 0); // half a quantum + f16 scale rounding
+    coopt_quant_row(COOPT_DTYPE_Q4_0, x, buf, 96);
+    coopt_dequant_row(COOPT_DTYPE_Q4_0, buf, y, 96);
+    CHECK_NEAR(t, y, x, 96, 3.0 / 8 + 3e-3, 0); // the +max side clamps at 7 quanta: up to one quantum
+    CHECK(t, coopt_dtype_row_bytes(COOPT_DTYPE_Q4_0, 64) == 36);
+    CHECK(t, coopt_dtype_row_bytes(COOPT_DTYPE_Q4_0, 33) == 0);
+}
