@@ -1,0 +1,228 @@
+/*
+ * bench.c -- `coopt bench`: llama-bench-style speed tables.
+ *
+ *   ppN  prompt processing: N random tokens of one sequence in one decode call (chunked by -b)
+ *   tgN  text generation: N tokens decoded one at a time
+ *   -d   context depth: that many tokens are in the cache before the timed test (not timed)
+ *
+ * Each test runs once untimed (warm-up) and then -r times; t/s is mean ± sample stddev.
+ * For generation the achieved memory bandwidth is reported: bytes read per token (all matmul
+ * weights incl. the LM head, plus the K/V of the context) divided by the time per token.
+ */
+#include "common.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_LIST 16
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+static void bench_usage(void) {
+    fprintf(stderr,
+            "usage: coopt bench -m MODEL [options]\n"
+            "  -p, --n-prompt N[,N..]  prompt lengths (default 512; 0 = skip)\n"
+            "  -n, --n-gen N[,N..]     generation lengths (default 128; 0 = skip)\n"
+            "  -d, --n-depth N[,N..]   context depth before the test (default 0)\n"
+            "  -r, --repetitions N     (default 5)\n"
+            "  -o, --output md|json    (default md)\n");
+    app_opts_usage();
+}
+
+static int parse_list(const char *flag, const char *s, int64_t *out, int *n) {
+    *n = 0;
+    char *copy = strdup(s), *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        if (*n == MAX_LIST || !app_parse_int(flag, tok, 0, 1 << 24, &out[*n])) {
+            free(copy);
+            return -1;
+        }
+        (*n)++;
+    }
+    free(copy);
+    return *n > 0 ? 0 : -1;
+}
+
+struct bench_result {
+    const char *test;
+    int64_t     n_prompt, n_gen, depth;
+    double      mean_tps, std_tps, gbps, frac;
+};
+
+static uint64_t g_rng = 0x1234567;
+static int32_t  rand_token(int32_t n_vocab) {
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (int32_t)(g_rng % (uint64_t)n_vocab);
+}
+
+// Fills the sequence with `depth` random tokens (untimed).
+static enum coopt_status fill_depth(struct coopt_ctx *c, int32_t seq, int64_t depth, int32_t n_vocab, int32_t *toks,
+                                    int32_t *seqs) {
+    for (int64_t i = 0; i < depth; i++) {
+        toks[i] = rand_token(n_vocab);
+        seqs[i] = seq;
+    }
+    if (depth == 0) return COOPT_OK;
+    struct coopt_batch_input b = {.n_tokens = (int32_t)depth, .tokens = toks, .seq_ids = seqs};
+    return coopt_ctx_decode(c, &b);
+}
+
+// One timed run; returns seconds or a negative value on error.
+static double run_once(struct coopt_ctx *c, int64_t n_prompt, int64_t n_gen, int64_t depth, int32_t n_vocab,
+                       int32_t *toks, int32_t *seqs) {
+    int32_t seq;
+    if (coopt_seq_new(c, &seq) != COOPT_OK) return -1;
+    double secs = -1;
+    if (fill_depth(c, seq, depth, n_vocab, toks, seqs) != COOPT_OK) goto out;
+    int64_t t0 = coopt_time_us();
+    if (n_prompt > 0) {
+        for (int64_t i = 0; i < n_prompt; i++) {
+            toks[i] = rand_token(n_vocab);
+            seqs[i] = seq;
+        }
+        struct coopt_batch_input b = {.n_tokens = (int32_t)n_prompt, .tokens = toks, .seq_ids = seqs};
+        if (coopt_ctx_decode(c, &b) != COOPT_OK) goto out;
+    }
+    for (int64_t i = 0; i < n_gen; i++) {
+        int32_t                  t = rand_token(n_vocab);
+        struct coopt_batch_input b = {.n_tokens = 1, .tokens = &t, .seq_ids = &seq};
+        if (coopt_ctx_decode(c, &b) != COOPT_OK) goto out;
+    }
+    secs = (coopt_time_us() - t0) / 1e6;
+out:
+    coopt_seq_free(c, seq);
+    return secs;
+}
+
+int cmd_bench(int argc, char **argv) {
+    struct app_opts o;
+    app_opts_default(&o);
+    o.n_seq_max = 1;
+    int64_t pp[MAX_LIST] = {512}, tg[MAX_LIST] = {128}, dp[MAX_LIST] = {0};
+    int     n_pp = 1, n_tg = 1, n_dp = 1;
+    int64_t reps = 5;
+    bool    json = false;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+        int         r = app_opts_parse(&o, argc, argv, &i);
+        if (r < 0) return 1;
+        if (r > 0) continue;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            bench_usage();
+            return 0;
+        } else if (!strcmp(a, "-p") || !strcmp(a, "--n-prompt")) {
+            if (!(v = app_next_arg(argc, argv, &i)) || parse_list(a, v, pp, &n_pp)) return 1;
+        } else if (!strcmp(a, "-n") || !strcmp(a, "--n-gen")) {
+            if (!(v = app_next_arg(argc, argv, &i)) || parse_list(a, v, tg, &n_tg)) return 1;
+        } else if (!strcmp(a, "-d") || !strcmp(a, "--n-depth")) {
+            if (!(v = app_next_arg(argc, argv, &i)) || parse_list(a, v, dp, &n_dp)) return 1;
+        } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
+            if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 1, 1000, &reps)) return 1;
+        } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
+            if (!(v = app_next_arg(argc, argv, &i))) return 1;
+            if (!strcmp(v, "json")) json = true;
+            else if (strcmp(v, "md")) {
+                fprintf(stderr, "coopt bench: -o: expected md or json\n");
+                return 1;
+            }
+        } else {
+            fprintf(stderr, "coopt bench: unknown option '%s'\n", a);
+            bench_usage();
+            return 1;
+        }
+    }
+    int64_t max_tokens = 0, max_pp = 0;
+    for (int d = 0; d < n_dp; d++)
+        for (int i = 0; i < n_pp; i++) max_tokens = MAX(max_tokens, dp[d] + pp[i]);
+    for (int d = 0; d < n_dp; d++)
+        for (int i = 0; i < n_tg; i++) max_tokens = MAX(max_tokens, dp[d] + tg[i]);
+    for (int d = 0; d < n_dp; d++) max_pp = MAX(max_pp, MAX(dp[d], 1));
+    for (int i = 0; i < n_pp; i++) max_pp = MAX(max_pp, pp[i]);
+    if (o.n_ctx == 0) o.n_ctx = (int32_t)max_tokens;
+    struct coopt_model *m;
+    struct coopt_ctx   *c;
+    if (app_load(&o, &m, &c, (int32_t)max_tokens)) return 1;
+    const struct coopt_model_info *info = coopt_model_get_info(m);
+    struct coopt_kv_stats          kvs;
+    coopt_ctx_kv_stats(c, &kvs);
+    int32_t *toks = malloc((size_t)max_pp * sizeof(int32_t)), *seqs = malloc((size_t)max_pp * sizeof(int32_t));
+    struct bench_result res[MAX_LIST * MAX_LIST * 2];
+    int                 n_res = 0, rc = 0;
+    int                 n_threads = o.n_threads > 0 ? o.n_threads : coopt_n_cores();
+    for (int d = 0; d < n_dp && !rc; d++) {
+        for (int kind = 0; kind < 2 && !rc; kind++) {
+            int      n_list = kind == 0 ? n_pp : n_tg;
+            int64_t *list   = kind == 0 ? pp : tg;
+            for (int i = 0; i < n_list && !rc; i++) {
+                int64_t np = kind == 0 ? list[i] : 0, ng = kind == 1 ? list[i] : 0;
+                if (np + ng == 0) continue;
+                double tps[1000], sum = 0, sq = 0;
+                if (run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs) < 0) rc = 1; // warm-up
+                for (int r = 0; r < reps && !rc; r++) {
+                    double s = run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs);
+                    if (s <= 0) {
+                        rc = 1;
+                        break;
+                    }
+                    tps[r] = (double)(np + ng) / s;
+                    sum += tps[r];
+                }
+                if (rc) {
+                    fprintf(stderr, "coopt bench: test failed (context or KV cache too small?)\n");
+                    break;
+                }
+                double mean = sum / (double)reps;
+                for (int r = 0; r < reps; r++) sq += (tps[r] - mean) * (tps[r] - mean);
+                struct bench_result *br = &res[n_res++];
+                char                *name = malloc(32);
+                snprintf(name, 32, "%s%lld", kind == 0 ? "pp" : "tg", (long long)(np + ng));
+                *br = (struct bench_result){.test = name, .n_prompt = np, .n_gen = ng, .depth = dp[d], .mean_tps = mean,
+                                            .std_tps = reps > 1 ? sqrt(sq / (reps - 1)) : 0};
+                if (kind == 1) {
+                    // bytes per generated token: weights + K/V of the average context
+                    double avg_ctx = (double)dp[d] + (double)(ng - 1) / 2.0 + 1;
+                    double bytes   = (double)info->weight_bytes + avg_ctx * (double)kvs.bytes_per_token;
+                    br->gbps       = bytes * mean / 1e9;
+                }
+            }
+        }
+    }
+    if (!rc) {
+        double model_gib = info->weight_bytes / (1024.0 * 1024.0 * 1024.0);
+        if (json) {
+            printf("[\n");
+            for (int i = 0; i < n_res; i++) {
+                printf("  {\"model\": \"%s\", \"model_bytes\": %llu, \"params\": %llu, \"backend\": \"%s\", "
+                       "\"threads\": %d, \"kv_type\": \"%s\", \"test\": \"%s\", \"n_prompt\": %lld, \"n_gen\": %lld, "
+                       "\"n_depth\": %lld, \"avg_ts\": %.3f, \"stddev_ts\": %.3f, \"gbps\": %.3f}%s\n",
+                       info->desc, (unsigned long long)info->weight_bytes, (unsigned long long)info->n_params, o.device,
+                       n_threads, coopt_dtype_name(o.kv_type), res[i].test, (long long)res[i].n_prompt,
+                       (long long)res[i].n_gen, (long long)res[i].depth, res[i].mean_tps, res[i].std_tps, res[i].gbps,
+                       i + 1 < n_res ? "," : "");
+            }
+            printf("]\n");
+        } else {
+            printf("| model | size | params | backend | threads | kv | test | t/s | GB/s |\n");
+            printf("| ----- | ---: | -----: | ------- | ------: | -- | ---: | --: | ---: |\n");
+            for (int i = 0; i < n_res; i++) {
+                char test[64];
+                if (res[i].depth) snprintf(test, sizeof(test), "%s @ d%lld", res[i].test, (long long)res[i].depth);
+                else snprintf(test, sizeof(test), "%s", res[i].test);
+                char gb[32] = "";
+                if (res[i].gbps > 0) snprintf(gb, sizeof(gb), "%.2f", res[i].gbps);
+                printf("| %s | %.2f MiB | %.2f M | %s | %d | %s | %s | %.2f ± %.2f | %s |\n", info->desc,
+                       model_gib * 1024, info->n_params / 1e6, o.device, n_threads, coopt_dtype_name(o.kv_type), test,
+                       res[i].mean_tps, res[i].std_tps, gb);
+            }
+        }
+    }
+    for (int i = 0; i < n_res; i++) free((void *)res[i].test);
+    free(toks);
+    free(seqs);
+    coopt_ctx_free(c);
+    coopt_model_free(m);
+    return rc;
+}

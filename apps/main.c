@@ -1,0 +1,33 @@
+/*
+ * main.c -- the coopt binary: one executable, subcommands.
+ */
+#include "common.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: coopt <command> [options]\n"
+            "\n"
+            "commands:\n"
+            "  run        generate text from a prompt, or chat with -i\n"
+            "  tokenize   print the token ids of a text\n"
+            "  bench      prompt-processing and generation speed (llama-bench style)\n"
+            "\n"
+            "`coopt <command> --help` shows the options of a command.\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+        usage();
+        return argc < 2 ? 1 : 0;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "run")) return cmd_run(argc - 1, argv + 1);
+    if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 1, argv + 1);
+    if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
+    fprintf(stderr, "coopt: unknown command '%s'\n", cmd);
+    usage();
+    return 1;
+}

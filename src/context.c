@@ -1,0 +1,337 @@
+/*
+ * context.c -- a context: the backend, the paged KV cache, the live sequences, and the batch
+ * driver that turns a user batch (struct coopt_batch_input) into forward steps.
+ *
+ * coopt_ctx_decode() is all-or-nothing with respect to the KV cache: it checks ids, context
+ * length and the page budget for the whole batch first, reserves every page, and only then runs
+ * the forward steps (batches longer than n_batch are split into steps of n_batch tokens: chunked
+ * prefill). Sliding-window models release pages that fell out of the window afterwards.
+ */
+#include "backend.h"
+#include "coopt.h"
+#include "dtype.h"
+#include "forward.h"
+#include "kv_cache.h"
+#include "model.h"
+#include "util.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct coopt_ctx {
+    struct coopt_model      *model;
+    struct coopt_ctx_params  params;
+    struct coopt_backend    *be;
+    struct coopt_kv_cache   *kv;
+    size_t                   pool_bytes;
+    float                   *inv_freq; // [head_dim/2] host
+    struct coopt_rope        rope;
+    struct coopt_scratch     scratch;
+    int32_t                  max_blocks;
+    // host staging for one step ([n_batch] unless noted)
+    int32_t *h_tokens, *h_pos, *h_tok_seq, *h_out_rows, *h_block_tables /* [n_seq_max][max_blocks] */, *h_seq_lens;
+    int64_t *h_slots;
+    // backend copies of the same arrays
+    int32_t *d_tokens, *d_pos, *d_tok_seq, *d_out_rows, *d_block_tables, *d_seq_lens;
+    int64_t *d_slots;
+    // per-sequence bookkeeping [n_seq_max]
+    int32_t *seq_add;      // tokens of the current batch per sequence
+    int32_t *seq_bidx;     // index of the sequence in the current step, -1 if absent
+    int32_t *seq_step_cnt; // tokens of the sequence in the current step
+    // results of the last decode
+    float   *logits;       // [n_logits_cap][n_vocab] host
+    int64_t  n_logits_cap;
+    int32_t *logit_row;    // [n_index_cap] row in logits per batch token, -1 = none
+    int64_t  n_index_cap;
+};
+
+struct coopt_ctx_params coopt_ctx_default_params(void) {
+    return (struct coopt_ctx_params){
+        .n_ctx = 0, .n_seq_max = 16, .n_batch = 512, .page_size = 16, .n_pages = 0,
+        .kv_type = COOPT_DTYPE_F32, .n_threads = 0,
+    };
+}
+
+static void on_page_free(void *ud, int32_t page) {
+    struct coopt_ctx *c = ud;
+    c->be->ops->kv_pool_release(c->be, c->kv->pool, (size_t)page * c->kv->layout.page_bytes, c->kv->layout.page_bytes);
+}
+
+static void copy_page(void *ud, int32_t dst, int32_t src) {
+    struct coopt_ctx *c = ud;
+    c->be->ops->kv_page_copy(c->be, c->kv->pool, c->kv->layout.page_bytes, dst, src);
+}
+
+void coopt_ctx_free(struct coopt_ctx *c) {
+    if (!c) return;
+    struct coopt_backend *be = c->be;
+    if (be) {
+        coopt_scratch_free(be, &c->scratch);
+        void *d[] = {c->d_tokens, c->d_pos, c->d_tok_seq, c->d_out_rows, c->d_block_tables, c->d_seq_lens, c->d_slots};
+        for (size_t i = 0; i < COOPT_ARRAY_LEN(d); i++) be->ops->free(be, d[i]);
+        if (c->kv && c->kv->pool) be->ops->kv_pool_free(be, c->kv->pool, c->pool_bytes);
+    }
+    if (c->kv) c->kv->pool = NULL;
+    coopt_kv_cache_free(c->kv);
+    coopt_backend_free(be);
+    void *h[] = {c->inv_freq, c->h_tokens, c->h_pos, c->h_tok_seq, c->h_out_rows, c->h_block_tables, c->h_seq_lens,
+                 c->h_slots, c->seq_add, c->seq_bidx, c->seq_step_cnt, c->logits, c->logit_row};
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(h); i++) free(h[i]);
+    free(c);
+}
+
+enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_params *params, struct coopt_ctx **out) {
+    *out = NULL;
+    if (!m) return coopt_fail(COOPT_ERR_INVALID, "coopt_ctx_init: no model");
+    struct coopt_ctx *c = coopt_calloc(1, sizeof(*c));
+    if (!c) return COOPT_ERR_NOMEM;
+    const struct coopt_model_config *cfg = &m->config;
+    struct coopt_ctx_params           p   = params ? *params : coopt_ctx_default_params();
+    struct coopt_ctx_params           def = coopt_ctx_default_params();
+    if (p.n_ctx <= 0) p.n_ctx = cfg->n_ctx_train;
+    if (p.n_seq_max <= 0) p.n_seq_max = def.n_seq_max;
+    if (p.n_batch <= 0) p.n_batch = def.n_batch;
+    if (p.page_size <= 0) p.page_size = def.page_size;
+    if (p.n_threads <= 0) p.n_threads = coopt_n_cores();
+    enum coopt_status st = COOPT_OK;
+    if (p.n_ctx > (1 << 24) || p.n_seq_max > 4096 || p.n_batch > (1 << 20) || p.page_size > 4096) {
+        st = coopt_fail(COOPT_ERR_INVALID, "context parameters out of range (n_ctx %d, n_seq_max %d, n_batch %d, page %d)",
+                        p.n_ctx, p.n_seq_max, p.n_batch, p.page_size);
+        goto fail;
+    }
+    c->model      = m;
+    c->max_blocks = (p.n_ctx + p.page_size - 1) / p.page_size;
+    if (p.n_pages <= 0) p.n_pages = (int64_t)c->max_blocks * p.n_seq_max;
+    c->params = p;
+
+    const char *device = m->params.device ? m->params.device : "cpu";
+    if ((st = coopt_backend_init(device, p.n_threads, &c->be))) goto fail;
+
+    struct coopt_kv_layout layout;
+    if ((st = coopt_kv_layout_init(&layout, p.kv_type, cfg->n_layers, cfg->n_kv_heads, cfg->head_dim, p.page_size)))
+        goto fail;
+    if ((st = coopt_kv_cache_init(&layout, p.n_pages, p.n_seq_max, c->max_blocks, &c->kv))) goto fail;
+    if (!coopt_mul_ok((size_t)p.n_pages, layout.page_bytes, &c->pool_bytes)) {
+        st = coopt_fail(COOPT_ERR_NOMEM, "KV pool size overflows");
+        goto fail;
+    }
+    void *pool = NULL;
+    if ((st = c->be->ops->kv_pool_init(c->be, c->pool_bytes, &pool))) goto fail;
+    c->kv->pool            = pool;
+    c->kv->on_page_free    = on_page_free;
+    c->kv->on_page_free_ud = c;
+
+    c->inv_freq = coopt_malloc((size_t)cfg->head_dim / 2 * sizeof(float));
+    if (!c->inv_freq) goto nomem;
+    coopt_rope_init(cfg, c->inv_freq);
+    c->rope = (struct coopt_rope){.layout = cfg->rope_layout, .head_dim = cfg->head_dim, .inv_freq = c->inv_freq};
+
+    int32_t nb = p.n_batch;
+    int32_t ns = COOPT_MIN(p.n_seq_max, nb);
+    size_t  bt = (size_t)ns * (size_t)c->max_blocks;
+    c->h_tokens       = coopt_malloc((size_t)nb * sizeof(int32_t));
+    c->h_pos          = coopt_malloc((size_t)nb * sizeof(int32_t));
+    c->h_tok_seq      = coopt_malloc((size_t)nb * sizeof(int32_t));
+    c->h_out_rows     = coopt_malloc((size_t)nb * sizeof(int32_t));
+    c->h_slots        = coopt_malloc((size_t)nb * sizeof(int64_t));
+    c->h_block_tables = coopt_malloc(bt * sizeof(int32_t));
+    c->h_seq_lens     = coopt_malloc((size_t)ns * sizeof(int32_t));
+    c->seq_add        = coopt_calloc((size_t)p.n_seq_max, sizeof(int32_t));
+    c->seq_bidx       = coopt_malloc((size_t)p.n_seq_max * sizeof(int32_t));
+    c->seq_step_cnt   = coopt_calloc((size_t)p.n_seq_max, sizeof(int32_t));
+    if (!c->h_tokens || !c->h_pos || !c->h_tok_seq || !c->h_out_rows || !c->h_slots || !c->h_block_tables ||
+        !c->h_seq_lens || !c->seq_add || !c->seq_bidx || !c->seq_step_cnt)
+        goto nomem;
+    for (int32_t i = 0; i < p.n_seq_max; i++) c->seq_bidx[i] = -1;
+    struct coopt_backend *be = c->be;
+    if ((st = be->ops->alloc(be, (size_t)nb * sizeof(int32_t), (void **)&c->d_tokens)) ||
+        (st = be->ops->alloc(be, (size_t)nb * sizeof(int32_t), (void **)&c->d_pos)) ||
+        (st = be->ops->alloc(be, (size_t)nb * sizeof(int32_t), (void **)&c->d_tok_seq)) ||
+        (st = be->ops->alloc(be, (size_t)nb * sizeof(int32_t), (void **)&c->d_out_rows)) ||
+        (st = be->ops->alloc(be, (size_t)nb * sizeof(int64_t), (void **)&c->d_slots)) ||
+        (st = be->ops->alloc(be, bt * sizeof(int32_t), (void **)&c->d_block_tables)) ||
+        (st = be->ops->alloc(be, (size_t)ns * sizeof(int32_t), (void **)&c->d_seq_lens)))
+        goto fail;
+    if ((st = coopt_scratch_init(be, cfg, nb, &c->scratch))) goto fail;
+    *out = c;
+    return COOPT_OK;
+nomem:
+    st = COOPT_ERR_NOMEM;
+fail:
+    coopt_ctx_free(c);
+    return st;
+}
+
+enum coopt_status coopt_seq_new(struct coopt_ctx *c, int32_t *seq_id) {
+    *seq_id = -1;
+    for (int32_t s = 0; s < c->params.n_seq_max; s++) {
+        if (!c->kv->seqs[s].live) {
+            enum coopt_status st = coopt_kv_seq_init(c->kv, s);
+            if (st == COOPT_OK) *seq_id = s;
+            return st;
+        }
+    }
+    return coopt_fail(COOPT_ERR_INVALID, "all %d sequences are in use (raise n_seq_max)", c->params.n_seq_max);
+}
+
+void coopt_seq_free(struct coopt_ctx *c, int32_t seq_id) {
+    if (seq_id < 0 || seq_id >= c->params.n_seq_max) return;
+    coopt_kv_seq_free(c->kv, seq_id);
+}
+
+int32_t coopt_seq_len(const struct coopt_ctx *c, int32_t seq_id) {
+    if (seq_id < 0 || seq_id >= c->params.n_seq_max || !c->kv->seqs[seq_id].live) return -1;
+    return (int32_t)c->kv->seqs[seq_id].n_tokens;
+}
+
+void coopt_ctx_kv_stats(const struct coopt_ctx *c, struct coopt_kv_stats *out) {
+    const struct coopt_kv_layout *l = &c->kv->layout;
+    out->n_pages         = c->kv->n_pages;
+    out->n_pages_used    = coopt_kv_pages_used(c->kv);
+    out->page_size       = l->page_size;
+    out->page_bytes      = l->page_bytes;
+    out->bytes_per_token = l->page_bytes / (size_t)l->page_size;
+}
+
+const float *coopt_ctx_logits(const struct coopt_ctx *c, int32_t i) {
+    if (i < 0 || i >= c->n_index_cap || c->logit_row[i] < 0) return NULL;
+    return c->logits + (size_t)c->logit_row[i] * (size_t)c->model->config.n_vocab;
+}
+
+// Grows the per-decode result buffers (outside the forward path).
+static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_tokens, int64_t n_want) {
+    if (n_tokens > c->n_index_cap) {
+        int32_t *p = coopt_realloc(c->logit_row, (size_t)n_tokens * sizeof(int32_t));
+        if (!p) return COOPT_ERR_NOMEM;
+        c->logit_row   = p;
+        c->n_index_cap = n_tokens;
+    }
+    if (n_want > c->n_logits_cap) {
+        float *p = coopt_realloc(c->logits, (size_t)n_want * (size_t)c->model->config.n_vocab * sizeof(float));
+        if (!p) return COOPT_ERR_NOMEM;
+        c->logits       = p;
+        c->n_logits_cap = n_want;
+    }
+    return COOPT_OK;
+}
+
+// Runs one forward step over user-batch tokens [start, start + n).
+static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, int32_t start, int32_t n,
+                     int64_t *logits_row) {
+    struct coopt_kv_cache *kv = c->kv;
+    int32_t                n_seqs = 0, n_out = 0;
+    for (int32_t i = 0; i < n; i++) {
+        int32_t t = start + i, s = in->seq_ids[t];
+        if (c->seq_bidx[s] < 0) {
+            c->seq_bidx[s]     = n_seqs;
+            c->seq_step_cnt[s] = 0;
+            int32_t *row       = c->h_block_tables + (size_t)n_seqs * (size_t)c->max_blocks;
+            memcpy(row, kv->seqs[s].pages, (size_t)c->max_blocks * sizeof(int32_t)); // pages were reserved up front
+            n_seqs++;
+        }
+        int64_t pos       = kv->seqs[s].n_tokens + c->seq_step_cnt[s]++;
+        c->h_tokens[i]    = in->tokens[t];
+        c->h_pos[i]       = (int32_t)pos;
+        c->h_tok_seq[i]   = c->seq_bidx[s];
+        c->h_slots[i]     = coopt_kv_slot(kv, s, pos);
+        c->h_seq_lens[c->seq_bidx[s]] = (int32_t)(pos + 1);
+        if (c->logit_row[t] >= 0) c->h_out_rows[n_out++] = i;
+    }
+    struct coopt_backend *be = c->be;
+    be->ops->upload(be, c->d_tokens, c->h_tokens, (size_t)n * sizeof(int32_t));
+    be->ops->upload(be, c->d_pos, c->h_pos, (size_t)n * sizeof(int32_t));
+    be->ops->upload(be, c->d_tok_seq, c->h_tok_seq, (size_t)n * sizeof(int32_t));
+    be->ops->upload(be, c->d_slots, c->h_slots, (size_t)n * sizeof(int64_t));
+    be->ops->upload(be, c->d_out_rows, c->h_out_rows, (size_t)n_out * sizeof(int32_t));
+    be->ops->upload(be, c->d_block_tables, c->h_block_tables, (size_t)n_seqs * (size_t)c->max_blocks * sizeof(int32_t));
+    be->ops->upload(be, c->d_seq_lens, c->h_seq_lens, (size_t)n_seqs * sizeof(int32_t));
+    struct coopt_batch b = {
+        .n_tokens = n, .tokens = c->d_tokens, .pos = c->d_pos, .tok_seq = c->d_tok_seq, .slots = c->d_slots,
+        .n_seqs = n_seqs, .max_blocks = c->max_blocks, .block_tables = c->d_block_tables, .seq_lens = c->d_seq_lens,
+        .window = c->model->config.sliding_window, .n_out = n_out, .out_rows = c->d_out_rows,
+    };
+    coopt_forward(c->model, be, kv, &c->rope, &c->scratch, &b);
+    size_t nv = (size_t)c->model->config.n_vocab;
+    if (n_out > 0) be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
+    be->ops->sync(be);
+    *logits_row += n_out;
+    for (int32_t i = 0; i < n; i++) {
+        int32_t s = in->seq_ids[start + i];
+        if (c->seq_bidx[s] < 0) continue;
+        coopt_kv_seq_advance(kv, s, c->seq_step_cnt[s]);
+        c->seq_bidx[s]     = -1;
+        c->seq_step_cnt[s] = 0;
+    }
+}
+
+enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch_input *in) {
+    if (!in || in->n_tokens <= 0 || !in->tokens || !in->seq_ids)
+        return coopt_fail(COOPT_ERR_INVALID, "decode: empty batch");
+    const struct coopt_model_config *cfg = &c->model->config;
+    struct coopt_kv_cache           *kv  = c->kv;
+    int32_t                          n   = in->n_tokens;
+    // validate ids, count tokens per sequence
+    enum coopt_status st = COOPT_OK;
+    for (int32_t i = 0; i < n; i++) {
+        int32_t s = in->seq_ids[i], tok = in->tokens[i];
+        if (s < 0 || s >= c->params.n_seq_max || !kv->seqs[s].live) {
+            st = coopt_fail(COOPT_ERR_INVALID, "decode: token %d names unknown sequence %d", i, s);
+            break;
+        }
+        if (tok < 0 || tok >= cfg->n_vocab) {
+            st = coopt_fail(COOPT_ERR_INVALID, "decode: token %d has id %d outside the vocabulary [0, %d)", i, tok,
+                            cfg->n_vocab);
+            break;
+        }
+        c->seq_add[s]++;
+    }
+    int64_t pages_needed = 0;
+    for (int32_t s = 0; s < c->params.n_seq_max && st == COOPT_OK; s++) {
+        if (!c->seq_add[s]) continue;
+        if (kv->seqs[s].n_tokens + c->seq_add[s] > c->params.n_ctx) {
+            st = coopt_fail(COOPT_ERR_CTX_FULL, "decode: sequence %d would hold %lld tokens, context is %d", s,
+                            (long long)(kv->seqs[s].n_tokens + c->seq_add[s]), c->params.n_ctx);
+            break;
+        }
+        pages_needed += coopt_kv_pages_needed(kv, s, c->seq_add[s]);
+    }
+    if (st == COOPT_OK && pages_needed > kv->n_free) st = COOPT_ERR_KV_FULL;
+    for (int32_t s = 0; s < c->params.n_seq_max && st == COOPT_OK; s++)
+        if (c->seq_add[s]) st = coopt_kv_seq_reserve(kv, s, c->seq_add[s], copy_page, c);
+    // which tokens want logits: explicit, or the last token of each sequence
+    int64_t n_want = 0;
+    if (st == COOPT_OK) st = ensure_result_capacity(c, n, 0);
+    if (st == COOPT_OK) {
+        for (int32_t i = n - 1; i >= 0; i--) {
+            int32_t s = in->seq_ids[i];
+            bool    want;
+            if (in->want_logits) want = in->want_logits[i] != 0;
+            else {
+                want = c->seq_add[s] > 0; // first seen from the end = last token of s
+                c->seq_add[s] = 0;
+            }
+            c->logit_row[i] = want ? 0 : -1;
+            n_want += want;
+        }
+        int64_t row = 0;
+        for (int32_t i = 0; i < n; i++)
+            if (c->logit_row[i] >= 0) c->logit_row[i] = (int32_t)row++;
+        st = ensure_result_capacity(c, n, n_want);
+    }
+    memset(c->seq_add, 0, (size_t)c->params.n_seq_max * sizeof(int32_t));
+    if (st != COOPT_OK) {
+        for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1;
+        return st;
+    }
+    for (int64_t i = n; i < c->n_index_cap; i++) c->logit_row[i] = -1;
+    int64_t logits_row = 0;
+    for (int32_t start = 0; start < n; start += c->params.n_batch)
+        run_step(c, in, start, COOPT_MIN(c->params.n_batch, n - start), &logits_row);
+    if (cfg->sliding_window > 0) {
+        for (int32_t i = 0; i < n; i++) {
+            int32_t s = in->seq_ids[i];
+            coopt_kv_seq_release_before(kv, s, kv->seqs[s].n_tokens - cfg->sliding_window + 1);
+        }
+    }
+    return COOPT_OK;
+}

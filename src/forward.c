@@ -1,0 +1,106 @@
+/*
+ * forward.c -- the LLaMA forward pass over a ragged batch, written once against the backend ops
+ * table (no SIMD or CUDA here):
+ *
+ *   x = embed(tokens)
+ *   per layer: xb = rmsnorm(x); q,k,v = xb·Wq,Wk,Wv; rope + FP8/F16 store into the paged cache
+ *              (fused); att = paged GQA attention(q, cache); x += att·Wo
+ *              xb = rmsnorm(x); x += (silu(xb·Wgate) * xb·Wup)·Wdown
+ *   logits = rmsnorm(x[out_rows])·Woutput
+ *
+ * No allocation happens here: every buffer comes from struct coopt_scratch.
+ */
+#include "forward.h"
+
+#include <math.h>
+
+enum coopt_status coopt_scratch_init(struct coopt_backend *be, const struct coopt_model_config *c, int32_t n,
+                                     struct coopt_scratch *s) {
+    *s                = (struct coopt_scratch){.n_tokens_max = n};
+    size_t q_dim      = (size_t)c->n_heads * c->head_dim;
+    size_t kv_dim     = (size_t)c->n_kv_heads * c->head_dim;
+    struct {
+        float **p;
+        size_t  per_token;
+    } bufs[] = {
+        {&s->x, (size_t)c->dim},       {&s->xb, (size_t)c->dim},       {&s->q, q_dim},
+        {&s->k, kv_dim},               {&s->v, kv_dim},                {&s->att, q_dim},
+        {&s->hb, (size_t)c->ffn_dim},  {&s->hb2, (size_t)c->ffn_dim},  {&s->xo, (size_t)c->dim},
+        {&s->logits, (size_t)c->n_vocab},
+    };
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(bufs); i++) {
+        enum coopt_status st = be->ops->alloc(be, bufs[i].per_token * (size_t)n * sizeof(float), (void **)bufs[i].p);
+        if (st != COOPT_OK) {
+            coopt_scratch_free(be, s);
+            return st;
+        }
+    }
+    return COOPT_OK;
+}
+
+void coopt_scratch_free(struct coopt_backend *be, struct coopt_scratch *s) {
+    float *bufs[] = {s->x, s->xb, s->q, s->k, s->v, s->att, s->hb, s->hb2, s->xo, s->logits};
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(bufs); i++) be->ops->free(be, bufs[i]);
+    *s = (struct coopt_scratch){0};
+}
+
+void coopt_rope_init(const struct coopt_model_config *c, float *inv_freq) {
+    int    hd   = c->head_dim;
+    double pi   = 3.14159265358979323846;
+    for (int i = 0; i < hd / 2; i++) {
+        // HF computes base ** (2i/d) in f32; powf keeps us within an ulp of that.
+        float f = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)hd);
+        if (c->rope_scaling == COOPT_ROPE_SCALING_LINEAR && c->rope_factor > 0) {
+            f /= c->rope_factor;
+        } else if (c->rope_scaling == COOPT_ROPE_SCALING_LLAMA3 && c->rope_factor > 0) {
+            double old_ctx = c->rope_orig_ctx > 0 ? c->rope_orig_ctx : 8192;
+            double lo = c->rope_low_freq_factor > 0 ? c->rope_low_freq_factor : 1.0;
+            double hi = c->rope_high_freq_factor > 0 ? c->rope_high_freq_factor : 4.0;
+            double low_wavelen = old_ctx / lo, high_wavelen = old_ctx / hi;
+            double wavelen = 2 * pi / f;
+            if (wavelen > low_wavelen) {
+                f = (float)(f / c->rope_factor);
+            } else if (wavelen >= high_wavelen && hi != lo) {
+                double smooth = (old_ctx / wavelen - lo) / (hi - lo);
+                f = (float)((1 - smooth) * f / c->rope_factor + smooth * f);
+            }
+        }
+        inv_freq[i] = f;
+    }
+}
+
+void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct coopt_kv_cache *kv,
+                   const struct coopt_rope *rope, struct coopt_scratch *s, const struct coopt_batch *b) {
+    const struct coopt_ops           *op = be->ops;
+    const struct coopt_model_config *c  = &m->config;
+    int32_t                          n  = b->n_tokens;
+    COOPT_ASSERT(n > 0 && n <= s->n_tokens_max && b->n_out <= n);
+    int64_t dim = c->dim, q_dim = (int64_t)c->n_heads * c->head_dim, ffn = c->ffn_dim;
+    float   scale = 1.0f / sqrtf((float)c->head_dim);
+
+    op->embed(be, s->x, &m->tok_embd, b->tokens, n);
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const struct coopt_layer *L = &m->layers[l];
+        // attention block
+        op->rmsnorm(be, s->xb, s->x, L->attn_norm, n, (int32_t)dim, c->norm_eps);
+        op->matmul(be, s->q, s->xb, &L->wq, n);
+        op->matmul(be, s->k, s->xb, &L->wk, n);
+        op->matmul(be, s->v, s->xb, &L->wv, n);
+        op->rope_store(be, s->q, s->k, s->v, c->n_heads, kv, l, b, rope);
+        op->attention(be, s->att, s->q, c->n_heads, kv, l, b, scale);
+        op->matmul(be, s->xb, s->att, &L->wo, n);
+        op->add(be, s->x, s->x, s->xb, (int64_t)n * dim);
+        // MLP block
+        op->rmsnorm(be, s->xb, s->x, L->ffn_norm, n, (int32_t)dim, c->norm_eps);
+        op->matmul(be, s->hb, s->xb, &L->w_gate, n);
+        op->matmul(be, s->hb2, s->xb, &L->w_up, n);
+        op->silu_mul(be, s->hb, s->hb, s->hb2, (int64_t)n * ffn);
+        op->matmul(be, s->xb, s->hb, &L->w_down, n);
+        op->add(be, s->x, s->x, s->xb, (int64_t)n * dim);
+    }
+    (void)q_dim;
+    if (b->n_out == 0) return;
+    op->get_rows(be, s->xo, s->x, b->out_rows, b->n_out, (int32_t)dim);
+    op->rmsnorm(be, s->xo, s->xo, m->out_norm, b->n_out, (int32_t)dim, c->norm_eps);
+    op->matmul(be, s->logits, s->xo, &m->output, b->n_out);
+}
