@@ -46,5 +46,7 @@ const char *app_models_dir(void);
 int cmd_run(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_perplexity(int argc, char **argv);
+int cmd_lambada(int argc, char **argv);
 
 #endif

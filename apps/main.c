@@ -14,6 +14,8 @@ static void usage(void) {
             "  run        generate text from a prompt, or chat with -i\n"
             "  tokenize   print the token ids of a text\n"
             "  bench      prompt-processing and generation speed (llama-bench style)\n"
+            "  perplexity perplexity of a text file (llama-perplexity conventions), KL divergence\n"
+            "  lambada    LAMBADA last-word accuracy\n"
             "\n"
             "`coopt <command> --help` shows the options of a command.\n");
 }
@@ -27,6 +29,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "run")) return cmd_run(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "perplexity")) return cmd_perplexity(argc - 1, argv + 1);
+    if (!strcmp(cmd, "lambada")) return cmd_lambada(argc - 1, argv + 1);
     fprintf(stderr, "coopt: unknown command '%s'\n", cmd);
     usage();
     return 1;
