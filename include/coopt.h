@@ -161,6 +161,9 @@ void coopt_ctx_free(struct coopt_ctx *c);
 enum coopt_status coopt_seq_new(struct coopt_ctx *c, int32_t *seq_id);
 // Frees the sequence and its KV pages. Unknown ids are ignored.
 void coopt_seq_free(struct coopt_ctx *c, int32_t seq_id);
+// Creates a new sequence sharing all of src's KV pages (reference counted; a partially filled
+// last page is copied on the first write). n samples of one prompt store the prompt once.
+enum coopt_status coopt_seq_fork(struct coopt_ctx *c, int32_t src, int32_t *seq_id);
 // Number of tokens held by the sequence (its next token's position), or -1 if unknown.
 int32_t coopt_seq_len(const struct coopt_ctx *c, int32_t seq_id);
 

@@ -174,6 +174,20 @@ enum coopt_status coopt_seq_new(struct coopt_ctx *c, int32_t *seq_id) {
     return coopt_fail(COOPT_ERR_INVALID, "all %d sequences are in use (raise n_seq_max)", c->params.n_seq_max);
 }
 
+enum coopt_status coopt_seq_fork(struct coopt_ctx *c, int32_t src, int32_t *seq_id) {
+    *seq_id = -1;
+    if (src < 0 || src >= c->params.n_seq_max || !c->kv->seqs[src].live)
+        return coopt_fail(COOPT_ERR_INVALID, "fork: unknown sequence %d", src);
+    for (int32_t s = 0; s < c->params.n_seq_max; s++) {
+        if (!c->kv->seqs[s].live) {
+            enum coopt_status st = coopt_kv_seq_fork(c->kv, src, s);
+            if (st == COOPT_OK) *seq_id = s;
+            return st;
+        }
+    }
+    return coopt_fail(COOPT_ERR_INVALID, "all %d sequences are in use (raise n_seq_max)", c->params.n_seq_max);
+}
+
 void coopt_seq_free(struct coopt_ctx *c, int32_t seq_id) {
     if (seq_id < 0 || seq_id >= c->params.n_seq_max) return;
     coopt_kv_seq_free(c->kv, seq_id);
