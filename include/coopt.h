@@ -216,6 +216,44 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits);
 void coopt_sampler_accept(struct coopt_sampler *s, int32_t token);
 void coopt_sampler_reset(struct coopt_sampler *s);
 
+// ---- scheduler: continuous batching over a context ----
+//
+// Requests (prompt + generation limit + sampling) are admitted first come, first served. Each
+// step builds ONE batch: a decode token for every running request, then prefill chunks of
+// waiting requests while the token budget (n_batch) and free KV pages last. When pages run out
+// for a decode token, the most recently admitted running request is preempted: its pages are
+// freed and it is re-queued to be recomputed (prompt + tokens generated so far) later.
+
+struct coopt_sched;
+
+// Called for every generated token (done = false), and once when a request finishes
+// (token = -1, done = true; reason "eos", "length", "context" or "cancelled").
+typedef void coopt_sched_token_fn(void *ud, int32_t req_id, int32_t token, bool done, const char *reason);
+
+struct coopt_sched_params {
+    int32_t               max_step_tokens; // token budget per step (0 = the context's n_batch)
+    int32_t               chunk_size;      // max prefill tokens of one request per step (default 512)
+    coopt_sched_token_fn *on_token;
+    void                 *ud;
+};
+
+// The scheduler borrows the context (and its model); free the scheduler first.
+enum coopt_status coopt_sched_init(struct coopt_ctx *c, const struct coopt_sched_params *p, struct coopt_sched **out);
+void coopt_sched_free(struct coopt_sched *s);
+// Queues a request (prompt copied). max_new < 0: until end of generation or context.
+enum coopt_status coopt_sched_add(struct coopt_sched *s, const int32_t *prompt, int32_t n_prompt, int32_t max_new,
+                                  const struct coopt_sampler_params *sp, int32_t *req_id);
+// Ends a request early (its callback gets done with reason "cancelled").
+void coopt_sched_cancel(struct coopt_sched *s, int32_t req_id);
+// Runs one step. *n_active receives the number of unfinished requests. Returns an error only
+// for failures other than page pressure (which the scheduler handles by waiting/preempting).
+enum coopt_status coopt_sched_step(struct coopt_sched *s, int32_t *n_active);
+
+struct coopt_sched_stats {
+    int64_t n_steps, n_preemptions, n_prompt_tokens, n_gen_tokens, n_recomputed_tokens;
+};
+void coopt_sched_get_stats(const struct coopt_sched *s, struct coopt_sched_stats *out);
+
 // ---- misc ----
 
 // Monotonic clock in microseconds.

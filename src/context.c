@@ -8,6 +8,7 @@
  * prefill). Sliding-window models release pages that fell out of the window afterwards.
  */
 #include "backend.h"
+#include "context.h"
 #include "coopt.h"
 #include "dtype.h"
 #include "forward.h"
@@ -348,4 +349,13 @@ enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch
         }
     }
     return COOPT_OK;
+}
+
+// ---- internal accessors (context.h) ----
+
+struct coopt_model *coopt_ctx_model(const struct coopt_ctx *c) { return c->model; }
+const struct coopt_ctx_params *coopt_ctx_params(const struct coopt_ctx *c) { return &c->params; }
+int64_t coopt_ctx_pages_free(const struct coopt_ctx *c) { return c->kv->n_free; }
+int64_t coopt_ctx_pages_needed(const struct coopt_ctx *c, int32_t seq, int64_t n) {
+    return coopt_kv_pages_needed(c->kv, seq, n);
 }
