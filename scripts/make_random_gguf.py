@@ -75,7 +75,7 @@ def mat(name, n_out, n_in, std, t=qtype):
     elif t == gguf.GGMLQuantizationType.F16:
         w.add_tensor(name, x.astype(np.float16))
     else:
-        w.add_tensor(name, quants.quantize(x, t), raw_shape=x.shape, raw_dtype=t)
+        w.add_tensor(name, quants.quantize(x, t), raw_dtype=t)
 
 
 def vec(name, n):
