@@ -82,6 +82,12 @@ struct coopt_ops {
     // Copies one page (copy-on-write of a shared partial page).
     void (*kv_page_copy)(struct coopt_backend *be, void *pool, size_t page_bytes, int32_t dst, int32_t src);
 
+    // (optional) Makes a copy of the model whose weight pointers the backend can read (device
+    // memory), with progress on stderr. NULL for host-memory backends (the model is used as is).
+    enum coopt_status (*model_upload)(struct coopt_backend *be, const struct coopt_model *host,
+                                      struct coopt_model **out);
+    void (*model_release)(struct coopt_backend *be, struct coopt_model *dev); // NULL ok
+
     void (*destroy)(struct coopt_backend *be);
 };
 

@@ -21,6 +21,7 @@
 
 struct coopt_ctx {
     struct coopt_model      *model;
+    struct coopt_model      *dev_model; // weights readable by the backend (== model on the CPU)
     struct coopt_ctx_params  params;
     struct coopt_backend    *be;
     struct coopt_kv_cache   *kv;
@@ -71,6 +72,7 @@ void coopt_ctx_free(struct coopt_ctx *c) {
         void *d[] = {c->d_tokens, c->d_pos, c->d_tok_seq, c->d_out_rows, c->d_block_tables, c->d_seq_lens, c->d_slots};
         for (size_t i = 0; i < COOPT_ARRAY_LEN(d); i++) be->ops->free(be, d[i]);
         if (c->kv && c->kv->pool) be->ops->kv_pool_free(be, c->kv->pool, c->pool_bytes);
+        if (c->dev_model && c->dev_model != c->model && be->ops->model_release) be->ops->model_release(be, c->dev_model);
     }
     if (c->kv) c->kv->pool = NULL;
     coopt_kv_cache_free(c->kv);
@@ -107,6 +109,11 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
 
     const char *device = m->params.device ? m->params.device : "cpu";
     if ((st = coopt_backend_init(device, p.n_threads, &c->be))) goto fail;
+    c->dev_model = m;
+    if (c->be->ops->model_upload && (st = c->be->ops->model_upload(c->be, m, &c->dev_model))) {
+        c->dev_model = NULL;
+        goto fail;
+    }
 
     struct coopt_kv_layout layout;
     if ((st = coopt_kv_layout_init(&layout, p.kv_type, cfg->n_layers, cfg->n_kv_heads, cfg->head_dim, p.page_size)))
@@ -265,7 +272,7 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
         .n_seqs = n_seqs, .max_blocks = c->max_blocks, .block_tables = c->d_block_tables, .seq_lens = c->d_seq_lens,
         .window = c->model->config.sliding_window, .n_out = n_out, .out_rows = c->d_out_rows,
     };
-    coopt_forward(c->model, be, kv, &c->rope, &c->scratch, &b);
+    coopt_forward(c->dev_model, be, kv, &c->rope, &c->scratch, &b);
     size_t nv = (size_t)c->model->config.n_vocab;
     if (n_out > 0) be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
     be->ops->sync(be);
