@@ -69,7 +69,8 @@ def make_case(name, model_rel, prompts, texts, alt_models=(), extra=None):
         greedy.append(toks)
     logits = np.stack(rows).astype("<f4")  # [P][N+1][V]
     scale = float(np.abs(logits).max())
-    assert min(margins) >= MIN_MARGIN, "%s: fragile greedy choice (margin %g)" % (name, min(margins))
+    assert min(margins) >= MIN_MARGIN, \
+        "%s: fragile greedy choice (margin %g)" % (name, min(margins))
     meta = {
         "model": model_rel,
         "n_vocab": int(m.n_vocab),
@@ -116,7 +117,8 @@ def main():
     # KV pages the second crosses a page boundary while decoding, the third during prefill.
     texts = ["Once upon a time",
              "One day, a little girl named Sue found a shiny coin under her bed. She",
-             "Once upon a time, there was a little bird who lived in a tree. Every morning, the bird"]
+             "Once upon a time, there was a little bird who lived in a tree. "
+             "Every morning, the bird"]
     make_case("story-lmrs", "story-lmrs", [hf_ids("story-lmrs", t) for t in texts], texts)
 
     text = "Once upon a time, there was a little boy"
@@ -127,7 +129,8 @@ def main():
     # of range): <s> ▁Once ▁upon ▁a ▁time.
     prompt = [1, 403, 407, 261, 378]
     vocab = R.load(os.path.join(MODELS, "stories260K.gguf")).vocab
-    assert [vocab[i] for i in prompt] == ["<s>", "\u2581Once", "\u2581upon", "\u2581a", "\u2581time"]
+    assert [vocab[i] for i in prompt] == \
+        ["<s>", "\u2581Once", "\u2581upon", "\u2581a", "\u2581time"]
     make_case("stories260K", "stories260K.gguf", [prompt], ["Once upon a time"],
               alt_models=["stories260K.bin"], extra=story_extra(prompt))
 

@@ -240,7 +240,8 @@ def load_llama2c(path):
         return a
 
     m = Model()
-    m.dim, m.ffn_dim, m.n_layers, m.n_heads, m.n_kv_heads = dim, hidden, n_layers, n_heads, n_kv_heads
+    m.dim, m.ffn_dim, m.n_layers = dim, hidden, n_layers
+    m.n_heads, m.n_kv_heads = n_heads, n_kv_heads
     m.n_vocab, m.head_dim, m.max_pos = vocab, head_dim, seq_len
     m.eps, m.rope_theta, m.rope_layout = 1e-5, 10000.0, ROPE_INTERLEAVED
     m.embed = take(vocab, dim)
@@ -408,10 +409,12 @@ def main():
     toks, lg = greedy(g, prompt, 40)
     print("story:", pieces_to_text(g.vocab, prompt + toks).strip())
     b = load(os.path.join(models, "stories260K.bin"))
-    print("llama2.c bin vs gguf max |dlogit|:", np.abs(forward(b, prompt + toks) - forward(g, prompt + toks)).max())
+    seq = prompt + toks
+    # ~1e-11, not 0: the GGUF stores rms eps as f32 (9.99999975e-6), the .bin implies 1e-5
+    print("llama2.c bin vs gguf max |dlogit|:", np.abs(forward(b, seq) - forward(g, seq)).max())
     h = hf_permute_qk_to_half(g)
     print("rotate-half (unpermuted) vs interleaved max |dlogit|:",
-          np.abs(forward(h, prompt + toks) - forward(g, prompt + toks)).max())
+          np.abs(forward(h, seq) - forward(g, seq)).max())
 
 
 if __name__ == "__main__":
