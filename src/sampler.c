@@ -42,7 +42,7 @@ struct coopt_sampler {
     uint64_t                    seed;     // resolved seed (never 0 after init)
     uint64_t                    rng[4];   // xoshiro256** state
     struct sampler_cand        *cand;     // [n_vocab] working candidate set
-    float                      *penalized;// [n_vocab] logit after the penalty (only where stamp matches)
+    float                      *penalized; // [n_vocab] logit after the penalty (only where stamp matches)
     uint32_t                   *stamp;    // [n_vocab] call number that penalized each token
     uint32_t                    n_calls;
     int32_t                    *hist;     // [repeat_last_n] ring of accepted tokens
