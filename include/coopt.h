@@ -203,7 +203,7 @@ struct coopt_sampler_params {
     float    min_p;          // 0 = off
     float    repeat_penalty; // 1 = off
     int32_t  repeat_last_n;  // tokens of history the penalty looks at
-    uint64_t seed;
+    uint64_t seed;           // 0 = seeded from the clock; otherwise the same seed gives the same draws
 };
 struct coopt_sampler_params coopt_sampler_default_params(void);
 
@@ -214,6 +214,7 @@ void coopt_sampler_free(struct coopt_sampler *s);
 int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits);
 // Records a token in the repetition-penalty history (prompt tokens too).
 void coopt_sampler_accept(struct coopt_sampler *s, int32_t token);
+// Clears the penalty history and restarts the random sequence from the seed.
 void coopt_sampler_reset(struct coopt_sampler *s);
 
 // ---- scheduler: continuous batching over a context ----

@@ -90,20 +90,23 @@ enum coopt_status coopt_kv_seq_init(struct coopt_kv_cache *kv, int32_t seq);
 // Releases every page of the sequence and marks it dead. Ignores dead sequences.
 void coopt_kv_seq_free(struct coopt_kv_cache *kv, int32_t seq);
 // Number of free pages needed to append n tokens to seq (counts a copy-on-write of a shared
-// partial last page).
+// partial last page, and nothing for pages already reserved). -1 for a dead/unknown seq.
 int64_t coopt_kv_pages_needed(const struct coopt_kv_cache *kv, int32_t seq, int64_t n);
 // Makes room for n more tokens: allocates pages, and copies a shared partial last page
 // (copy-on-write; `copy_page(ud, dst, src)` copies page contents). Does not advance n_tokens.
-// Returns KV_FULL (nothing changed) if not enough free pages, CTX_FULL past max_pages_per_seq.
+// Returns KV_FULL (nothing changed) if not enough free pages, CTX_FULL (nothing changed) past
+// max_pages_per_seq; both silently (expected at runtime). INVALID (logged) for a dead seq.
 enum coopt_status coopt_kv_seq_reserve(struct coopt_kv_cache *kv, int32_t seq, int64_t n,
                                        void (*copy_page)(void *ud, int32_t dst, int32_t src), void *ud);
 // Advances the sequence by n tokens (after a successful reserve and forward).
 void coopt_kv_seq_advance(struct coopt_kv_cache *kv, int32_t seq, int64_t n);
 // Slot of position pos of seq: page * page_size + pos % page_size. Page must be allocated.
 int64_t coopt_kv_slot(const struct coopt_kv_cache *kv, int32_t seq, int64_t pos);
-// Makes dst (dead) share all of src's pages (refcounts++); dst gets src's length.
+// Makes dst (dead) share all of src's pages (refcounts++); dst gets src's length. Pages src
+// reserved ahead are not shared. Allocates nothing, so it cannot fail for lack of pages.
 enum coopt_status coopt_kv_seq_fork(struct coopt_kv_cache *kv, int32_t src, int32_t dst);
 // Releases pages wholly before position `first_pos` (sliding window); their table entries become -1.
+// Never releases the partial last page (first_pos is clamped to n_tokens).
 void coopt_kv_seq_release_before(struct coopt_kv_cache *kv, int32_t seq, int64_t first_pos);
 int64_t coopt_kv_pages_used(const struct coopt_kv_cache *kv);
 
