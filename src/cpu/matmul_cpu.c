@@ -1,0 +1,414 @@
+/*
+ * matmul_cpu.c -- the fast CPU matmul: out[r][o] = sum_i x[r][i] * W[o][i] (+ bias[o]).
+ *
+ * Decode (n_rows <= 4) is memory-bound: each thread streams 4 weight rows at a time, once, with
+ * SIMD dot products against the whole of x (which sits in L1/L2). Prefill is blocked: the rows of
+ * x are cut into panels of MM_PANEL rows and n_in into slices of MM_KB, and a register tile of
+ * 4 x-rows by 4 weight rows (16 accumulators) reads each weight vector once per 4 x-rows. A
+ * slice of an x panel (64 rows x 1024 f32 = 256 KiB) stays in L2 while a thread walks its
+ * chunk of weight rows.
+ *
+ * Work is split over (panel, chunk of output rows) jobs handed out through an atomic counter,
+ * so a thread slowed by another process does not hold the others back.
+ *
+ * Weight types:
+ *   F32/F16/BF16: exact f32 math (F16 via vcvtph2ps, BF16 by a 16-bit shift), f32 accumulation.
+ *   Q8_0/Q4_0:    x is quantized once per call to blocks of 32 int8 with an f32 scale
+ *                 (d = amax/127, round to nearest even: ggml's q8_0 activations but with an f32
+ *                 scale), and each block product is an exact int32 dot (AVX512-VNNI vpdpbusd,
+ *                 or AVX2 maddubs) scaled by d_w * d_x in f32.
+ *   NOTE: accuracy of the int8 activations: each x element moves by at most d_x/2 =
+ *   amax(block)/254, so |err(out[o])| <= sum_blocks amax_x(block)/254 * sum_block |w|, i.e. a
+ *   relative error of ~0.4% of sum|w*x| in the worst case and ~0.1-0.2% typically. This is
+ *   well below the error of the 4-/8-bit weights themselves (llama.cpp makes the same trade).
+ *   The reference (ops_cpu_ref.c) uses f32 math on dequantized weights; tests check that bound.
+ */
+#include "cpu/ops_cpu.h"
+#include "cpu/simd.h"
+
+#include "dtype.h"
+#include "util.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <string.h>
+
+#define MM_R     4   // x rows per register tile
+#define MM_C     4   // weight rows per register tile
+#define MM_PANEL 64  // x rows per job (prefill)
+#define MM_KB    1024 // n_in slice (prefill); multiple of 32
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+// Activations quantized to int8 blocks (for Q8_0 / Q4_0 weights).
+struct q8x {
+    float  d;
+    int8_t qs[COOPT_QK];
+};
+
+struct mm_ctx {
+    float                     *out;
+    const float               *x;
+    const struct q8x          *qx;      // [n_rows][n_in/32] for quantized weights
+    const struct coopt_weight *w;
+    int32_t                    n_rows;
+    size_t                     row_bytes;
+    int64_t                    panel, chunk, kb; // rows per panel, weight rows per chunk, n_in per slice
+    int64_t                    n_panels, n_chunks;
+    atomic_int_fast64_t        next;    // next job
+};
+
+// ---- f32 / f16 / bf16 weights ----
+
+#if defined(__AVX512F__)
+
+ALWAYS_INLINE __m512 load_w16(enum coopt_dtype T, const uint8_t *w, int64_t i) {
+    switch (T) {
+    case COOPT_DTYPE_F16: return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+    case COOPT_DTYPE_BF16:
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i))), 16));
+    default: return _mm512_loadu_ps((const float *)w + i);
+    }
+}
+ALWAYS_INLINE __m512 load_w16_mask(enum coopt_dtype T, const uint8_t *w, int64_t i, __mmask16 m) {
+    switch (T) {
+    case COOPT_DTYPE_F16: return simd_load_f16((const uint16_t *)w + i, m);
+    case COOPT_DTYPE_BF16: return simd_load_bf16((const uint16_t *)w + i, m);
+    default: return simd_load_f32((const float *)w + i, m);
+    }
+}
+
+// out[r][c] (+)= x[r][k0:k1] . W[c][k0:k1] for an R x C tile.
+ALWAYS_INLINE void tile_float(enum coopt_dtype T, int R, int C, const float *x, int64_t ldx, const uint8_t *w,
+                              size_t ldw, int64_t k0, int64_t k1, float *out, int64_t ldo, bool accumulate) {
+    __m512 acc[MM_R][MM_C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    int64_t i = k0;
+    for (; i + 16 <= k1; i += 16) {
+        __m512 wv[MM_C];
+        for (int c = 0; c < C; c++) wv[c] = load_w16(T, w + c * ldw, i);
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_loadu_ps(x + r * ldx + i);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+        }
+    }
+    if (i < k1) {
+        __mmask16 m = simd_mask16(k1 - i);
+        __m512    wv[MM_C];
+        for (int c = 0; c < C; c++) wv[c] = load_w16_mask(T, w + c * ldw, i, m);
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + r * ldx + i);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = _mm512_reduce_add_ps(acc[r][c]);
+            out[r * ldo + c] = accumulate ? out[r * ldo + c] + s : s;
+        }
+}
+
+#elif defined(__AVX2__)
+
+ALWAYS_INLINE __m256 load_w8(enum coopt_dtype T, const uint8_t *w, int64_t i) {
+    switch (T) {
+    case COOPT_DTYPE_F16: return simd_load8_f16((const uint16_t *)w + i);
+    case COOPT_DTYPE_BF16: return simd_load8_bf16((const uint16_t *)w + i);
+    default: return _mm256_loadu_ps((const float *)w + i);
+    }
+}
+
+ALWAYS_INLINE float load_w1(enum coopt_dtype T, const uint8_t *w, int64_t i) {
+    switch (T) {
+    case COOPT_DTYPE_F16: return _cvtsh_ss(((const uint16_t *)w)[i]);
+    case COOPT_DTYPE_BF16: return coopt_bf16_to_f32(((const uint16_t *)w)[i]);
+    default: return ((const float *)w)[i];
+    }
+}
+
+ALWAYS_INLINE void tile_float(enum coopt_dtype T, int R, int C, const float *x, int64_t ldx, const uint8_t *w,
+                              size_t ldw, int64_t k0, int64_t k1, float *out, int64_t ldo, bool accumulate) {
+    __m256 acc[MM_R][MM_C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    int64_t i = k0;
+    for (; i + 8 <= k1; i += 8) {
+        __m256 wv[MM_C];
+        for (int c = 0; c < C; c++) wv[c] = load_w8(T, w + c * ldw, i);
+        for (int r = 0; r < R; r++) {
+            __m256 xv = _mm256_loadu_ps(x + r * ldx + i);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = simd_hsum256(acc[r][c]);
+            for (int64_t j = i; j < k1; j++) s += x[r * ldx + j] * load_w1(T, w + c * ldw, j);
+            out[r * ldo + c] = accumulate ? out[r * ldo + c] + s : s;
+        }
+}
+
+#else
+
+ALWAYS_INLINE void tile_float(enum coopt_dtype T, int R, int C, const float *x, int64_t ldx, const uint8_t *w,
+                              size_t ldw, int64_t k0, int64_t k1, float *out, int64_t ldo, bool accumulate) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            const uint8_t *wr = w + c * ldw;
+            float          s  = 0;
+            for (int64_t j = k0; j < k1; j++) {
+                float wj = T == COOPT_DTYPE_F16    ? coopt_f16_to_f32(((const uint16_t *)wr)[j])
+                           : T == COOPT_DTYPE_BF16 ? coopt_bf16_to_f32(((const uint16_t *)wr)[j])
+                                                   : ((const float *)wr)[j];
+                s += x[r * ldx + j] * wj;
+            }
+            out[r * ldo + c] = accumulate ? out[r * ldo + c] + s : s;
+        }
+}
+
+#endif
+
+// ---- Q8_0 / Q4_0 weights against int8 activations ----
+
+// Quantizes n (multiple of 32) floats into q8x blocks.
+static void quantize_q8x(const float *x, struct q8x *q, int64_t n) {
+    for (int64_t b = 0; b < n / COOPT_QK; b++, x += COOPT_QK) {
+#if defined(__AVX512F__)
+        __m512 v0   = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        float  amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float  d    = amax / 127.0f;
+        __m512 id   = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        __m512i i0  = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)); // MXCSR default: round to nearest even
+        __m512i i1  = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        _mm_storeu_si128((__m128i *)q[b].qs, _mm512_cvtsepi32_epi8(i0));
+        _mm_storeu_si128((__m128i *)(q[b].qs + 16), _mm512_cvtsepi32_epi8(i1));
+        q[b].d = d;
+#else
+        float amax = 0;
+        for (int j = 0; j < COOPT_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        float d  = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < COOPT_QK; j++) q[b].qs[j] = (int8_t)nearbyintf(x[j] * id);
+        q[b].d = d;
+#endif
+    }
+}
+
+#if defined(__AVX2__)
+
+// 32 signed weights of block b as int8 (Q4_0: nibble - 8), and its scale.
+ALWAYS_INLINE __m256i load_wq(enum coopt_dtype T, const uint8_t *w, int64_t b, float *d) {
+    if (T == COOPT_DTYPE_Q8_0) {
+        const struct coopt_block_q8_0 *blk = (const struct coopt_block_q8_0 *)w + b;
+        *d                                 = _cvtsh_ss(blk->d);
+        return _mm256_loadu_si256((const __m256i *)blk->qs);
+    }
+    const struct coopt_block_q4_0 *blk = (const struct coopt_block_q4_0 *)w + b;
+    *d                                 = _cvtsh_ss(blk->d);
+    __m128i q                          = _mm_loadu_si128((const __m128i *)blk->qs);
+    __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
+    return _mm256_sub_epi8(v, _mm256_set1_epi8(8));
+}
+
+// int32x8 partial sums of |w| * (x * sign(w)) = w * x.
+ALWAYS_INLINE __m256i dot_i8(__m256i aw, __m256i sx) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+#endif
+}
+
+ALWAYS_INLINE void tile_quant(enum coopt_dtype T, int R, int C, const struct q8x *x, int64_t ldx, const uint8_t *w,
+                              size_t ldw, int64_t b0, int64_t b1, float *out, int64_t ldo, bool accumulate) {
+    __m256 acc[MM_R][MM_C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b1; b++) {
+        __m256i wq[MM_C], aw[MM_C];
+        float   dw[MM_C];
+        for (int c = 0; c < C; c++) {
+            wq[c] = load_wq(T, w + c * ldw, b, &dw[c]);
+            aw[c] = _mm256_abs_epi8(wq[c]);
+        }
+        for (int r = 0; r < R; r++) {
+            const struct q8x *xb = x + r * ldx + b;
+            __m256i           xq = _mm256_loadu_si256((const __m256i *)xb->qs);
+            for (int c = 0; c < C; c++) {
+                __m256i p = dot_i8(aw[c], _mm256_sign_epi8(xq, wq[c]));
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw[c] * xb->d), acc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s          = simd_hsum256(acc[r][c]);
+            out[r * ldo + c] = accumulate ? out[r * ldo + c] + s : s;
+        }
+}
+
+#else
+
+ALWAYS_INLINE void tile_quant(enum coopt_dtype T, int R, int C, const struct q8x *x, int64_t ldx, const uint8_t *w,
+                              size_t ldw, int64_t b0, int64_t b1, float *out, int64_t ldo, bool accumulate) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = 0;
+            for (int64_t b = b0; b < b1; b++) {
+                const struct q8x *xb  = x + r * ldx + b;
+                int32_t           sum = 0;
+                float             dw;
+                if (T == COOPT_DTYPE_Q8_0) {
+                    const struct coopt_block_q8_0 *blk = (const struct coopt_block_q8_0 *)(w + c * ldw) + b;
+                    dw                                 = coopt_f16_to_f32(blk->d);
+                    for (int j = 0; j < COOPT_QK; j++) sum += blk->qs[j] * xb->qs[j];
+                } else {
+                    const struct coopt_block_q4_0 *blk = (const struct coopt_block_q4_0 *)(w + c * ldw) + b;
+                    dw                                 = coopt_f16_to_f32(blk->d);
+                    for (int j = 0; j < COOPT_QK / 2; j++)
+                        sum += ((blk->qs[j] & 15) - 8) * xb->qs[j] + ((blk->qs[j] >> 4) - 8) * xb->qs[j + 16];
+                }
+                s += (float)sum * (dw * xb->d);
+            }
+            out[r * ldo + c] = accumulate ? out[r * ldo + c] + s : s;
+        }
+}
+
+#endif
+
+// ---- job loop ----
+
+// One job: x rows [r0, r1) against weight rows [o0, o1), all of n_in, sliced by kb.
+ALWAYS_INLINE void mm_job(enum coopt_dtype T, const struct mm_ctx *mc, int64_t r0, int64_t r1, int64_t o0,
+                          int64_t o1) {
+    const struct coopt_weight *w     = mc->w;
+    const bool                 quant = T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0;
+    const int64_t              n_in = w->n_in, n_out = w->n_out;
+    const int64_t              nb   = n_in / COOPT_QK; // q8x blocks per x row
+    for (int64_t k0 = 0; k0 < n_in; k0 += mc->kb) {
+        int64_t k1 = COOPT_MIN(n_in, k0 + mc->kb);
+        for (int64_t o = o0; o < o1; o += MM_C) {
+            int            C  = (int)COOPT_MIN(MM_C, o1 - o);
+            const uint8_t *wp = (const uint8_t *)w->data + (size_t)o * mc->row_bytes;
+            for (int64_t r = r0; r < r1; r += MM_R) {
+                int    R  = (int)COOPT_MIN(MM_R, r1 - r);
+                float *op = mc->out + (size_t)r * (size_t)n_out + (size_t)o;
+                bool   ac = k0 > 0;
+#define MM_TILE(R_, C_)                                                                                            \
+    if (quant)                                                                                                     \
+        tile_quant(T, R_, C_, mc->qx + (size_t)r * (size_t)nb, nb, wp, mc->row_bytes, k0 / COOPT_QK,               \
+                   k1 / COOPT_QK, op, n_out, ac);                                                                  \
+    else                                                                                                           \
+        tile_float(T, R_, C_, mc->x + (size_t)r * (size_t)n_in, n_in, wp, mc->row_bytes, k0, k1, op, n_out, ac);   \
+    break
+                switch ((R - 1) * MM_C + (C - 1)) {
+                case 0: MM_TILE(1, 1);
+                case 1: MM_TILE(1, 2);
+                case 2: MM_TILE(1, 3);
+                case 3: MM_TILE(1, 4);
+                case 4: MM_TILE(2, 1);
+                case 5: MM_TILE(2, 2);
+                case 6: MM_TILE(2, 3);
+                case 7: MM_TILE(2, 4);
+                case 8: MM_TILE(3, 1);
+                case 9: MM_TILE(3, 2);
+                case 10: MM_TILE(3, 3);
+                case 11: MM_TILE(3, 4);
+                case 12: MM_TILE(4, 1);
+                case 13: MM_TILE(4, 2);
+                case 14: MM_TILE(4, 3);
+                default: MM_TILE(4, 4);
+                }
+#undef MM_TILE
+            }
+        }
+    }
+    if (w->bias) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t o = o0; o < o1; o++) mc->out[(size_t)r * (size_t)n_out + (size_t)o] += w->bias[o];
+    }
+}
+
+#define MM_JOB_FN(name, T)                                                                                         \
+    static void name(const struct mm_ctx *mc, int64_t r0, int64_t r1, int64_t o0, int64_t o1) {                   \
+        mm_job(T, mc, r0, r1, o0, o1);                                                                             \
+    }
+MM_JOB_FN(mm_job_f32, COOPT_DTYPE_F32)
+MM_JOB_FN(mm_job_f16, COOPT_DTYPE_F16)
+MM_JOB_FN(mm_job_bf16, COOPT_DTYPE_BF16)
+MM_JOB_FN(mm_job_q8_0, COOPT_DTYPE_Q8_0)
+MM_JOB_FN(mm_job_q4_0, COOPT_DTYPE_Q4_0)
+
+static void mm_task(void *ctx, int32_t ith, int32_t nth) {
+    struct mm_ctx *mc = ctx;
+    void (*job)(const struct mm_ctx *, int64_t, int64_t, int64_t, int64_t);
+    switch (mc->w->dtype) {
+    case COOPT_DTYPE_F32: job = mm_job_f32; break;
+    case COOPT_DTYPE_F16: job = mm_job_f16; break;
+    case COOPT_DTYPE_BF16: job = mm_job_bf16; break;
+    case COOPT_DTYPE_Q8_0: job = mm_job_q8_0; break;
+    default: job = mm_job_q4_0; break;
+    }
+    int64_t n_jobs = mc->n_panels * mc->n_chunks;
+    for (;;) {
+        int64_t j = atomic_fetch_add_explicit(&mc->next, 1, memory_order_relaxed);
+        if (j >= n_jobs) break;
+        int64_t p = j / mc->n_chunks, c = j % mc->n_chunks;
+        int64_t r0 = p * mc->panel, o0 = c * mc->chunk;
+        job(mc, r0, COOPT_MIN(mc->n_rows, r0 + mc->panel), o0, COOPT_MIN(mc->w->n_out, o0 + mc->chunk));
+    }
+}
+
+struct q8x_ctx {
+    const float *x;
+    struct q8x  *q;
+    int32_t      n_rows;
+    int64_t      n_in;
+};
+
+static void q8x_task(void *ctx, int32_t ith, int32_t nth) {
+    struct q8x_ctx *c = ctx;
+    int64_t         lo, hi;
+    coopt_split_range(c->n_rows, ith, nth, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++)
+        quantize_q8x(c->x + (size_t)r * (size_t)c->n_in, c->q + (size_t)r * (size_t)(c->n_in / COOPT_QK), c->n_in);
+}
+
+void cpu_matmul(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                int32_t n_rows) {
+    struct cpu_backend *cb = be->impl;
+    COOPT_ASSERT(w->dtype == COOPT_DTYPE_F32 || w->dtype == COOPT_DTYPE_F16 || w->dtype == COOPT_DTYPE_BF16 ||
+                 w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0);
+    COOPT_ASSERT(n_rows >= 0 && w->n_in > 0 && w->n_out > 0);
+    if (n_rows == 0) return;
+    bool quant = w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0;
+    COOPT_ASSERT(!quant || w->n_in % COOPT_QK == 0);
+
+    struct mm_ctx mc = {.out = out, .x = x, .w = w, .n_rows = n_rows};
+    mc.row_bytes     = coopt_dtype_row_bytes(w->dtype, w->n_in);
+    int32_t nth      = coopt_threadpool_n_threads(cb->tp);
+    if (quant) {
+        size_t bytes = (size_t)n_rows * (size_t)(w->n_in / COOPT_QK) * sizeof(struct q8x);
+        struct q8x_ctx qc = {.x = x, .q = cpu_scratch(be, bytes), .n_rows = n_rows, .n_in = w->n_in};
+        if (n_rows >= 4 * nth) coopt_threadpool_run(cb->tp, q8x_task, &qc);
+        else q8x_task(&qc, 0, 1);
+        mc.qx = qc.q;
+    }
+    if (n_rows <= MM_R) {
+        // decode: one pass over the weights; chunks small enough to balance threads
+        mc.panel = n_rows;
+        mc.kb    = w->n_in;
+        mc.chunk = 16;
+    } else {
+        mc.panel = MM_PANEL;
+        mc.kb    = MM_KB;
+        mc.chunk = 32;
+    }
+    mc.n_panels = (n_rows + mc.panel - 1) / mc.panel;
+    mc.n_chunks = (w->n_out + mc.chunk - 1) / mc.chunk;
+    atomic_init(&mc.next, 0);
+    if (mc.n_panels * mc.n_chunks == 1) mm_task(&mc, 0, 1);
+    else coopt_threadpool_run(cb->tp, mm_task, &mc);
+}

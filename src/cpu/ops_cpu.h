@@ -1,0 +1,58 @@
+/*
+ * ops_cpu.h -- internals shared by the CPU backend's files: the backend's private state, the
+ * memory and KV-pool ops (identical in the reference and fast tables), the one function that
+ * converts a K/V row to the cache type (scale handling lives only there), and the fast kernels
+ * that live in their own files.
+ */
+#ifndef COOPT_CPU_OPS_CPU_H
+#define COOPT_CPU_OPS_CPU_H
+
+#include "backend.h"
+#include "cpu/threads.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct cpu_backend {
+    struct coopt_threadpool *tp;            // NULL for the reference backend
+    void                    *scratch;       // quantized activations of matmul (grown on demand)
+    size_t                   scratch_bytes;
+};
+
+extern const struct coopt_ops coopt_cpu_ref_ops;
+extern const struct coopt_ops coopt_cpu_fast_ops;
+
+// ---- shared memory / KV pool ops (ops_cpu_ref.c) ----
+enum coopt_status cpu_alloc(struct coopt_backend *be, size_t n_bytes, void **out);
+void cpu_free(struct coopt_backend *be, void *p);
+void cpu_copy(struct coopt_backend *be, void *dst, const void *src, size_t n_bytes);
+void cpu_sync(struct coopt_backend *be);
+enum coopt_status cpu_kv_pool_init(struct coopt_backend *be, size_t n_bytes, void **out);
+void cpu_kv_pool_free(struct coopt_backend *be, void *pool, size_t n_bytes);
+void cpu_kv_pool_release(struct coopt_backend *be, void *pool, size_t off, size_t n_bytes);
+void cpu_kv_page_copy(struct coopt_backend *be, void *pool, size_t page_bytes, int32_t dst, int32_t src);
+void cpu_destroy(struct coopt_backend *be);
+
+// Largest finite value of an FP8 cache type (448 for E4M3, 57344 for E5M2), 0 for other types.
+float cpu_kv_fp8_max(enum coopt_dtype t);
+// Writes the f32 row x[head_dim] into the cache at `dst` (type l->dtype). For FP8 types the
+// row's scale is amax(x) / fp8_max, stored as an f32 at `scale` (any alignment), and the values are fp8(x / scale); an
+// all-zero row stores scale 0 and zeros. `scale` is unused for F32/F16/BF16.
+void cpu_kv_store_row(const struct coopt_kv_layout *l, const float *x, void *dst, void *scale);
+
+// Angles of RoPE for one position: cs[2*i] = cos(pos * inv_freq[i]), cs[2*i+1] = sin(...),
+// computed like Hugging Face (angle in f32, then f32 cos/sin).
+void cpu_rope_angles(const struct coopt_rope *rope, int32_t pos, float *cs);
+// Rotates one head vector x[head_dim] in place with the angles from cpu_rope_angles.
+void cpu_rope_apply(const struct coopt_rope *rope, const float *cs, float *x);
+
+// Grows the backend's scratch to at least n_bytes (asserts on allocation failure).
+void *cpu_scratch(struct coopt_backend *be, size_t n_bytes);
+
+// ---- fast kernels ----
+void cpu_matmul(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                int32_t n_rows);
+void cpu_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
+                   const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale);
+
+#endif // COOPT_CPU_OPS_CPU_H
