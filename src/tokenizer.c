@@ -82,6 +82,9 @@ struct coopt_tokenizer {
     bool                add_bos, add_eos, add_space_prefix;
     struct tok_options  opt;
     uint32_t            max_piece_len;
+    // SPM: bit 0: no mergeable piece has '▁' right after another character, so the text can be
+    // cut before every such '▁'; bit 1: no piece has a character right after '▁' (cut after it)
+    unsigned            spm_split;
 
     int32_t            *hash; // piece text -> id, open addressing, -1 empty
     uint32_t            hash_mask;
@@ -475,6 +478,25 @@ static enum coopt_status tokenizer_init(const struct coopt_vocab_desc *d, const 
         free(cat);
     }
 
+    // SPM segment boundaries that no symbol can span
+    tok->spm_split = d->type == COOPT_TOK_SPM ? 3u : 0u;
+    for (int32_t i = 0; i < n && tok->spm_split; i++) {
+        uint8_t a = tok->attrs[i];
+        if (a != COOPT_TOKEN_NORMAL && a != COOPT_TOKEN_USER_DEFINED && tok->n_merges == 0) continue;
+        const uint8_t *p = (const uint8_t *)tok->text + tok->piece_off[i];
+        uint32_t       l = tok->piece_len[i];
+        bool           prev_sp = false;
+        for (uint32_t k = 0; k < l;) {
+            uint32_t cp;
+            size_t   cl = utf8_next(p + k, l - k, &cp);
+            bool     sp = cp == 0x2581;
+            if (k > 0 && sp && !prev_sp) tok->spm_split &= ~1u;
+            if (k > 0 && !sp && prev_sp) tok->spm_split &= ~2u;
+            prev_sp = sp;
+            k += (uint32_t)cl;
+        }
+    }
+
     // end of generation
     for (int32_t i = 0; i < d->n_eog && d->eog_ids; i++) {
         int32_t e = d->eog_ids[i];
@@ -683,6 +705,42 @@ static void emit_list(struct enc *e) {
     for (int32_t i = 0; i >= 0 && !e->oom; i = e->syms[i].next) emit_sym(e, &e->syms[i]);
 }
 
+// Merges and emits the normalized text e->buf[from, to).
+static void spm_segment(struct enc *e, size_t from, size_t to) {
+    const struct coopt_tokenizer *tok = e->tok;
+    int32_t ns = 0;
+    for (size_t i = from; i < to;) {
+        uint32_t cp;
+        size_t   cl = utf8_next((const uint8_t *)e->buf + i, to - i, &cp);
+        int32_t  id = vocab_find(tok, e->buf + i, cl);
+        if (id >= 0 && tok->attrs[id] != COOPT_TOKEN_NORMAL && tok->attrs[id] != COOPT_TOKEN_USER_DEFINED) id = -1;
+        if (id < 0 && tok->n_merges > 0) { // merge mode works on ids: byte fallback now (HF BPE)
+            bool all = true;
+            for (size_t k = 0; k < cl; k++) all = all && tok->byte_ids[(uint8_t)e->buf[i + k]] >= 0;
+            if (all) {
+                for (size_t k = 0; k < cl; k++, ns++)
+                    e->syms[ns] = (struct bpe_sym){tok->byte_ids[(uint8_t)e->buf[i + k]], (uint32_t)(i + k), 1,
+                                                   ns - 1, ns + 1};
+                i += cl;
+                continue;
+            }
+            id = tok->unk;
+            if (tok->opt.fuse_unk && id >= 0 && ns > 0 && e->syms[ns - 1].id == id &&
+                tok->attrs[id] == COOPT_TOKEN_UNKNOWN) { // HF fuse_unk: a run of unknowns is one <unk>
+                e->syms[ns - 1].len += (uint32_t)cl;
+                i += cl;
+                continue;
+            }
+        }
+        e->syms[ns] = (struct bpe_sym){id, (uint32_t)i, (uint32_t)cl, ns - 1, ns + 1};
+        ns++;
+        i += cl;
+    }
+    e->syms[ns - 1].next = -1;
+    bpe_merge(e, ns);
+    emit_list(e);
+}
+
 // SentencePiece-style fragment: normalize into e->buf, one symbol per character, merge.
 static void encode_spm(struct enc *e, const char *text, size_t len, bool prefix) {
     const struct coopt_tokenizer *tok = e->tok;
@@ -713,37 +771,20 @@ static void encode_spm(struct enc *e, const char *text, size_t len, bool prefix)
         e->oom = true;
         return;
     }
-    int32_t ns = 0;
+    // Cut at boundaries no vocabulary piece spans (see spm_split in tokenizer_init): the
+    // merges on each side are independent, so this gives the same ids with small heaps.
+    size_t from = 0;
     for (size_t i = 0; i < n;) {
         uint32_t cp;
         size_t   cl = utf8_next((const uint8_t *)e->buf + i, n - i, &cp);
-        int32_t  id = vocab_find(tok, e->buf + i, cl);
-        if (id >= 0 && tok->attrs[id] != COOPT_TOKEN_NORMAL && tok->attrs[id] != COOPT_TOKEN_USER_DEFINED) id = -1;
-        if (id < 0 && tok->n_merges > 0) { // merge mode works on ids: byte fallback now (HF BPE)
-            bool all = true;
-            for (size_t k = 0; k < cl; k++) all = all && tok->byte_ids[(uint8_t)e->buf[i + k]] >= 0;
-            if (all) {
-                for (size_t k = 0; k < cl; k++, ns++)
-                    e->syms[ns] = (struct bpe_sym){tok->byte_ids[(uint8_t)e->buf[i + k]], (uint32_t)(i + k), 1,
-                                                   ns - 1, ns + 1};
-                i += cl;
-                continue;
-            }
-            id = tok->unk;
-            if (tok->opt.fuse_unk && id >= 0 && ns > 0 && e->syms[ns - 1].id == id &&
-                tok->attrs[id] == COOPT_TOKEN_UNKNOWN) { // HF fuse_unk: a run of unknowns is one <unk>
-                e->syms[ns - 1].len += (uint32_t)cl;
-                i += cl;
-                continue;
-            }
+        if (i > from && ((cp == 0x2581 && (tok->spm_split & 1) && e->buf[i - 1] != (char)0x81) ||
+                         (cp != 0x2581 && (tok->spm_split & 2) && i >= 3 && memcmp(e->buf + i - 3, "\xe2\x96\x81", 3) == 0))) {
+            spm_segment(e, from, i);
+            from = i;
         }
-        e->syms[ns] = (struct bpe_sym){id, (uint32_t)i, (uint32_t)cl, ns - 1, ns + 1};
-        ns++;
         i += cl;
     }
-    e->syms[ns - 1].next = -1;
-    bpe_merge(e, ns);
-    emit_list(e);
+    spm_segment(e, from, n);
 }
 
 // One pre-tokenized chunk of byte-level BPE: map bytes to characters, merge by rank.

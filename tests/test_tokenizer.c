@@ -364,6 +364,7 @@ TEST(tokenizer_speed_1mb) {
     }
     free(data);
     CHECK(t, counts[0] > len / 8 && counts[1] > len / 8);
+    if (getenv("COOPT_TOK_TIMING")) fprintf(stderr, "spm %.3f s, byte-level %.3f s\n", secs[0], secs[1]);
     if (!TOK_SANITIZED) {
         CHECKF(t, secs[0] < 1.0, "spm: %.3f s for %zu bytes", secs[0], len);
         CHECKF(t, secs[1] < 1.0, "byte-level: %.3f s for %zu bytes", secs[1], len);
