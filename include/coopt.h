@@ -96,8 +96,10 @@ struct coopt_detok {
 void coopt_detok_reset(struct coopt_detok *d);
 // Appends the text of token `id` to out (capacity cap, NUL-terminated if cap > 0) and returns
 // the number of bytes written (excluding NUL). Control tokens (BOS/EOS) produce no text.
-// A leading space produced by SentencePiece's '▁' on the first token is kept (matches HF
-// decode with clean_up_tokenization_spaces=false when the text is pushed after BOS).
+// SentencePiece dummy prefix: the token right after BOS drops one leading space (as HF decode and
+// sentencepiece decode do for an encoded prompt); any other token keeps its '▁' space, so
+// generated tokens pushed without BOS continue a prompt correctly. Output longer than cap-1
+// bytes is truncated at a character boundary.
 size_t coopt_detok_push(struct coopt_detok *d, const struct coopt_tokenizer *tok, int32_t id,
                         char *out, size_t cap);
 // Writes any incomplete bytes left (as U+FFFD), returns bytes written.
