@@ -31,6 +31,8 @@ SRC     := $(wildcard src/*.c src/cpu/*.c)
 CU_SRC  :=
 ifeq ($(CUDA),1)
   CU_SRC  := $(wildcard src/cuda/*.cu)
+endif
+ifneq ($(CU_SRC),)
   CFLAGS  += -DCOOPT_CUDA
   CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
   LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++  # driver API via cudaGetDriverEntryPoint: no libcuda at link time
