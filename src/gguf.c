@@ -433,7 +433,8 @@ enum coopt_status coopt_gguf_parse(const void *data, size_t size, const char *na
                        r.name, keybuf, (unsigned long long)t->offset, t->n_bytes, data_len, g->data_offset);
             goto fail_names;
         }
-        t->data = r.b + g->data_offset + t->offset;
+        // (an empty tensor may sit at the very end: clamp so the pointer stays in the buffer)
+        t->data = r.b + COOPT_MIN(g->data_offset + t->offset, size);
     }
 
     // names: one arena, NUL-terminated copies
@@ -895,7 +896,14 @@ static enum coopt_status find_typed(const struct coopt_gguf *g, const char *name
             return coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s' has %d dimensions, expected %d", g->name, name,
                               (*t)->n_dims, want_dims);
     }
-    return coopt_gguf_tensor_dtype(g, *t, dt);
+    enum coopt_status st = coopt_gguf_tensor_dtype(g, *t, dt);
+    if (st != COOPT_OK) return st;
+    // compute kernels load f32 / f16 (block scales) directly: general.alignment 1 or 2 could break that
+    size_t need = *dt == COOPT_DTYPE_F32 ? 4 : 2;
+    if ((uintptr_t)(*t)->data % need != 0)
+        return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: tensor '%s' data is not %zu-byte aligned (general.alignment %u)",
+                          g->name, name, need, g->alignment);
+    return COOPT_OK;
 }
 
 static enum coopt_status bind_matrix(const struct coopt_gguf *g, const char *name, struct coopt_weight *w) {
@@ -932,8 +940,11 @@ static enum coopt_status rope_freqs_llama3(const struct coopt_gguf *g, const str
     if (t->ggml_type != COOPT_GGML_F32 || t->n_dims != 1 || t->ne[0] != half)
         return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: tensor 'rope_freqs.weight' (%s, %lld elements) is not f32 [%lld]",
                           g->name, coopt_ggml_type_name(t->ggml_type), (long long)t->ne[0], (long long)half);
-    const float *f      = t->data;
-    float        factor = 1;
+    float factor = 1, f[1024];
+    if (half > (int64_t)COOPT_ARRAY_LEN(f))
+        return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: head size %d too large for rope_freqs.weight", g->name,
+                          c->head_dim);
+    memcpy(f, t->data, (size_t)half * sizeof(float)); // the file's alignment may be < 4
     for (int64_t i = 0; i < half; i++) factor = fmaxf(factor, f[i]);
     if (factor == 1) return COOPT_OK; // all ones: no scaling
     float lo = 1, hi = 4, orig = c->rope_orig_ctx > 0 ? (float)c->rope_orig_ctx : 8192;

@@ -480,3 +480,138 @@ TEST(gguf_corrupt_patched) {
     CHECKF(t, fail < 0, "case '%s': got %s, expected %s", fail >= 0 ? cases[fail].what : "",
            coopt_status_str(got), fail >= 0 ? coopt_status_str(cases[fail].want) : "");
 }
+
+// ---- loader errors on rewritten copies of stories260K.gguf ----
+
+TEST(gguf_load_model_errors) {
+    struct coopt_gguf *g;
+    if (coopt_gguf_open(test_model_path("stories260K.gguf"), &g) != COOPT_OK) SKIP(t, "stories260K.gguf not found");
+    char dir[256], path[512];
+    if (!make_tmpdir(dir, sizeof(dir))) coopt_gguf_close(g);
+    CHECK(t, dir[0]);
+    snprintf(path, sizeof(path), "%s/m.gguf", dir);
+    struct {
+        const char       *what, *skip, *replace, *arch;
+        uint32_t          type;
+        enum coopt_status want;
+    } cases[] = {
+        {"unknown architecture", NULL, NULL, "gpt2", 0, COOPT_ERR_UNSUPPORTED},
+        {"missing tensor", "blk.3.attn_q.weight", NULL, NULL, 0, COOPT_ERR_FORMAT},
+        {"missing norm", "output_norm.weight", NULL, NULL, 0, COOPT_ERR_FORMAT},
+        {"unsupported type", NULL, "blk.1.ffn_up.weight", NULL, COOPT_GGML_Q6_K, COOPT_ERR_UNSUPPORTED},
+        {"untied output", "output.weight", NULL, NULL, 0, COOPT_OK},
+    };
+    int               fail = -1;
+    enum coopt_status got  = COOPT_OK;
+    bool              tied = false;
+    for (int c = 0; c < (int)COOPT_ARRAY_LEN(cases) && fail < 0; c++) {
+        got = rewrite(g, path, cases[c].skip, cases[c].replace, cases[c].type, cases[c].arch);
+        if (got != COOPT_OK) {
+            fail = c;
+            break;
+        }
+        struct coopt_model *m     = new_model();
+        int                 saved = quiet_begin();
+        got                       = coopt_gguf_load_model(m, path);
+        quiet_end(saved);
+        if (c == 4) tied = m->config.tied_embeddings && m->output.data == m->tok_embd.data;
+        coopt_model_free(m);
+        unlink(path);
+        if (got != cases[c].want) fail = c;
+    }
+    coopt_gguf_close(g);
+    unlink(path);
+    rmdir(dir);
+    CHECKF(t, fail < 0, "case '%s': got %s, expected %s", fail >= 0 ? cases[fail].what : "", coopt_status_str(got),
+           fail >= 0 ? coopt_status_str(cases[fail].want) : "");
+    CHECK(t, tied); // no output.weight: classifier tied to the embedding
+}
+
+// A vocabulary-only GGUF (no tensors) gives a tokenizer; a bad token id is rejected.
+TEST(gguf_vocab_only) {
+    char dir[256], path[512];
+    CHECK(t, make_tmpdir(dir, sizeof(dir)));
+    snprintf(path, sizeof(path), "%s/vocab.gguf", dir);
+    const char *const toks[4]  = {"<unk>", "<s>", "</s>", "a"};
+    float             sc[4]    = {0, 0, 0, -1};
+    int32_t           types[4] = {2, 3, 3, 1};
+    struct coopt_gguf_writer *w;
+    CHECK(t, coopt_gguf_writer_init(&w) == COOPT_OK);
+    bool ok = coopt_gguf_writer_set_str(w, "tokenizer.ggml.model", "llama") == COOPT_OK &&
+              coopt_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, NULL, 4) == COOPT_OK &&
+              coopt_gguf_writer_set_arr(w, "tokenizer.ggml.scores", COOPT_GGUF_F32, sc, 4) == COOPT_OK &&
+              coopt_gguf_writer_set_arr(w, "tokenizer.ggml.token_type", COOPT_GGUF_I32, types, 4) == COOPT_OK &&
+              coopt_gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1) == COOPT_OK &&
+              coopt_gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2) == COOPT_OK &&
+              coopt_gguf_writer_write(w, path) == COOPT_OK;
+    struct coopt_tokenizer *tok = NULL;
+    enum coopt_status       st1 = ok ? coopt_gguf_load_tokenizer(path, &tok) : COOPT_ERR_IO;
+    int32_t                 n   = tok ? coopt_tokenizer_n_vocab(tok) : -1;
+    coopt_tokenizer_free(tok);
+    // eos out of range; then a scores array of the wrong length; then an unsupported model
+    ok = ok && coopt_gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 9) == COOPT_OK &&
+         coopt_gguf_writer_write(w, path) == COOPT_OK;
+    int               saved = quiet_begin();
+    enum coopt_status st2   = coopt_gguf_load_tokenizer(path, &tok);
+    ok = ok && coopt_gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2) == COOPT_OK &&
+         coopt_gguf_writer_set_arr(w, "tokenizer.ggml.scores", COOPT_GGUF_F32, sc, 3) == COOPT_OK &&
+         coopt_gguf_writer_write(w, path) == COOPT_OK;
+    enum coopt_status st3 = coopt_gguf_load_tokenizer(path, &tok);
+    ok = ok && coopt_gguf_writer_set_arr(w, "tokenizer.ggml.scores", COOPT_GGUF_F32, sc, 4) == COOPT_OK &&
+         coopt_gguf_writer_set_str(w, "tokenizer.ggml.model", "bert") == COOPT_OK &&
+         coopt_gguf_writer_write(w, path) == COOPT_OK;
+    enum coopt_status st4 = coopt_gguf_load_tokenizer(path, &tok);
+    quiet_end(saved);
+    coopt_gguf_writer_free(w);
+    unlink(path);
+    rmdir(dir);
+    CHECK(t, ok);
+    CHECK(t, st1 == COOPT_OK && n == 4);
+    CHECK(t, st2 == COOPT_ERR_FORMAT && st3 == COOPT_ERR_FORMAT && st4 == COOPT_ERR_UNSUPPORTED && tok == NULL);
+}
+
+// LLaMA 3.x GGUFs carry RoPE scaling as rope_freqs.weight; it is recognized as llama3 scaling
+// when it matches the llama3 formula, rejected otherwise.
+TEST(gguf_rope_freqs_llama3) {
+    struct coopt_gguf *g;
+    if (coopt_gguf_open(test_model_path("stories260K.gguf"), &g) != COOPT_OK) SKIP(t, "stories260K.gguf not found");
+    char dir[256], path[512];
+    if (!make_tmpdir(dir, sizeof(dir))) coopt_gguf_close(g);
+    CHECK(t, dir[0]);
+    snprintf(path, sizeof(path), "%s/r.gguf", dir);
+    // head_dim 8, theta 1e4: wavelengths 2*pi*{1, 10, 100, 1000}; original context 1024 puts
+    // the third in the smooth band (1024/4 .. 1024) and the fourth above it (full factor 8)
+    double smooth = (1024 / (2 * M_PI * 100) - 1) / 3;
+    float  freqs[4] = {1, 1, (float)(1 / ((1 - smooth) / 8 + smooth)), 8};
+    enum coopt_status got[2] = {COOPT_ERR_IO, COOPT_ERR_IO};
+    struct coopt_model_config cfg = {0};
+    for (int c = 0; c < 2; c++) {
+        if (c == 1) freqs[2] *= 1.01f; // not what the formula gives
+        struct coopt_gguf_writer *w;
+        if (coopt_gguf_writer_init(&w) != COOPT_OK) break;
+        enum coopt_status st = COOPT_OK;
+        for (int64_t i = 0; st == COOPT_OK && i < g->n_kv; i++) st = coopt_gguf_writer_copy_kv(w, &g->kv[i]);
+        for (int64_t i = 0; st == COOPT_OK && i < g->n_tensors; i++) {
+            const struct coopt_gguf_tensor *x = &g->tensors[i];
+            st = coopt_gguf_writer_add_tensor(w, x->name, x->ggml_type, x->n_dims, x->ne, x->data, NULL, NULL);
+        }
+        int64_t ne[1] = {4};
+        if (st == COOPT_OK) st = coopt_gguf_writer_add_tensor(w, "rope_freqs.weight", COOPT_GGML_F32, 1, ne, freqs, NULL, NULL);
+        if (st == COOPT_OK) st = coopt_gguf_writer_set_u32(w, "llama.rope.scaling.original_context_length", 1024);
+        if (st == COOPT_OK) st = coopt_gguf_writer_write(w, path);
+        coopt_gguf_writer_free(w);
+        if (st != COOPT_OK) break;
+        struct coopt_model *m     = new_model();
+        int                 saved = quiet_begin();
+        got[c]                    = coopt_gguf_load_model(m, path);
+        quiet_end(saved);
+        if (c == 0) cfg = m->config;
+        coopt_model_free(m);
+        unlink(path);
+    }
+    coopt_gguf_close(g);
+    rmdir(dir);
+    CHECK(t, got[0] == COOPT_OK && got[1] == COOPT_ERR_UNSUPPORTED);
+    CHECK(t, cfg.rope_scaling == COOPT_ROPE_SCALING_LLAMA3 && cfg.rope_factor == 8 && cfg.rope_orig_ctx == 1024);
+    CHECK(t, cfg.rope_low_freq_factor == 1 && cfg.rope_high_freq_factor == 4);
+}
