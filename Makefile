@@ -17,7 +17,8 @@ OPT     ?= -O3 -march=native
 CFLAGS  ?= $(OPT) -g
 CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wpointer-arith -Wno-unused-parameter -Werror \
            -pthread -MMD -MP -Iinclude -Isrc
-LDLIBS  += -lcjson -lm -lpthread
+BASE_LDLIBS := -lcjson -lm -lpthread
+LDLIBS  += $(BASE_LDLIBS)
 CUFLAGS ?= -O3 -lineinfo $(CUARCH)
 CUFLAGS += -std=c++17 -Iinclude -Isrc -Xcompiler -Wall,-Wextra,-Wno-unused-parameter -MMD -MP
 
@@ -92,7 +93,7 @@ fuzz: deps
 	    OPT="-O1 -g -fsanitize=fuzzer-no-link,address,undefined" build-fuzz/libcoopt.a
 	$(Q)$(MAKE) --no-print-directory $(FUZZ_TARGETS)
 build-fuzz/fuzz_%: fuzz/fuzz_%.c build-fuzz/libcoopt.a
-	$(Q)clang -O1 -g -fsanitize=fuzzer,address,undefined -std=c11 -D_GNU_SOURCE -Iinclude -Isrc $< build-fuzz/libcoopt.a -o $@ $(LDLIBS)
+	$(Q)clang -O1 -g -fsanitize=fuzzer,address,undefined -std=c11 -D_GNU_SOURCE -Iinclude -Isrc $< build-fuzz/libcoopt.a -o $@ $(BASE_LDLIBS)
 
 format:
 	clang-format -i include/*.h src/*.[ch] src/cpu/*.[ch] apps/*.c tests/*.[ch] $(wildcard src/cuda/*.cu src/cuda/*.cuh fuzz/*.c)
