@@ -1,0 +1,404 @@
+/*
+ * matmul_gptq.c -- CPU matmul with GPTQ 4-bit weights: out [n_rows][n_out] = x @ W^T.
+ *
+ * Activation precision: each call first quantizes x to int8 per block of 32 padded rows
+ * (scale d = amax / 127, round to nearest even), applying the act-order permutation in the same
+ * pass (the only gather, once per row and call). Then, per 16-column subtile and 32-row block,
+ * integer dot products of the unsigned 4-bit weights with the int8 activations (VNNI vpdpbusd:
+ * 4 u8 x s8 products per int32 lane) are scaled in f32:
+ *     acc += (s * d_b) * dot_b                  per block    (s: f16 group scale of the column)
+ *     acc -= (s * z) * S_g,  S_g = sum_b d_b * sum(xq_b)    per group  (z: zero point)
+ * which equals sum_i s (q_i - z) xq_i d_b. The only approximation is the int8 rounding of x:
+ * |error| <= sum_b d_b/2 * sum_{i in b} |W[o][i]|, i.e. about 0.4% of sum |W x| per output in
+ * the worst case and ~0.1% typically (tests/test_gptq.c checks this bound). Measured on random
+ * data, that is the same order as llama.cpp's Q8_0 activations for Q4_0 weights.
+ *
+ * Why this layout is fast: qw is [n_sub][k_pad/8][16] dwords, so one 64-byte load gives 8 rows
+ * of 16 columns, two AND/shift ops split it into two vpdpbusd operands (rows 0,2,4,6 and
+ * 1,3,5,7 -- the activations are stored in that order), and every activation dword is a
+ * broadcast memory operand. Decode (1 row) walks 4 subtiles at once (4 independent streams and
+ * accumulators); prefill walks blocks of up to 8 rows per subtile, so each weight tile is read
+ * once per 8 rows and stays in L2 across row blocks. Columns are split over threads by subtile.
+ *
+ * The scalar path does the identical arithmetic in the identical order (explicit fmaf), so the
+ * SIMD paths are checked against it to f32 rounding; coopt_gptq_matmul_ref is the exact product.
+ */
+#include "cpu/threads.h"
+#include "dtype.h"
+#include "gptq.h"
+#include "util.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define GPTQ_HAVE_AVX512 1
+#else
+#define GPTQ_HAVE_AVX512 0
+#endif
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define GPTQ_HAVE_AVX2 1
+#else
+#define GPTQ_HAVE_AVX2 0
+#endif
+
+#define SUB COOPT_GPTQ_SUB
+#define BLK COOPT_GPTQ_BLK
+
+// Quantized activations of the rows of one call.
+struct gptq_act {
+    int8_t *xq;     // [n_rows][k_pad] int8, rows of each octet in order 0,2,4,6,1,3,5,7
+    float  *xd;     // [n_rows][nblk] scale of each 32-row block
+    float  *S;      // [n_rows][n_groups] sum_b d_b * sum(xq in b) over the group's blocks
+    int64_t nblk;
+};
+
+// Quantizes row x [n_in] (through w->perm) into xq [k_pad], xd [nblk], S [n_groups].
+static void quantize_row(const struct coopt_gptq_weight *w, const float *x, int8_t *xq, float *xd, float *S) {
+    for (int32_t g = 0; g < w->n_groups; g++) {
+        float sg = 0.0f;
+        for (int64_t b = w->grp_blk[g]; b < w->grp_blk[g + 1]; b++) {
+            float v[BLK], amax = 0.0f;
+            for (int k = 0; k < BLK; k++) {
+                int64_t kk = b * BLK + k;
+                int64_t i = w->perm ? w->perm[kk] : (kk < w->n_in ? kk : -1);
+                v[k] = i >= 0 ? x[i] : 0.0f;
+                amax = fmaxf(amax, fabsf(v[k]));
+            }
+            float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int   sum = 0;
+            for (int k = 0; k < BLK; k++) {
+                int q = (int)nearbyintf(v[k] * id);
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                int n = k & 7;
+                xq[b * BLK + (k & ~7) + ((n & 1) ? 4 + n / 2 : n / 2)] = (int8_t)q;
+                sum += q;
+            }
+            xd[b] = d;
+            sg = fmaf(d, (float)sum, sg);
+        }
+        S[g] = sg;
+    }
+}
+
+// ---- scalar path ----
+
+static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t nr,
+                          int64_t t_lo, int64_t t_hi, float *out) {
+    const int64_t n_oct = w->k_pad / 8, G = w->n_groups;
+    for (int64_t r = r0; r < r0 + nr; r++) {
+        const int8_t *xq = a->xq + r * w->k_pad;
+        const float  *xd = a->xd + r * a->nblk, *S = a->S + r * G;
+        for (int64_t t = t_lo; t < t_hi; t++) {
+            const uint32_t *qw = w->qw + t * n_oct * SUB;
+            for (int j = 0; j < SUB; j++) {
+                int64_t o = t * SUB + j;
+                if (o >= w->n_out) break;
+                float acc = 0.0f;
+                for (int64_t g = 0; g < G; g++) {
+                    float s = coopt_f16_to_f32(w->scale[(t * G + g) * SUB + j]);
+                    float z = (float)w->zero[(t * G + g) * SUB + j];
+                    for (int64_t b = w->grp_blk[g]; b < w->grp_blk[g + 1]; b++) {
+                        int32_t dot = 0;
+                        for (int oc = 0; oc < 4; oc++) {
+                            uint32_t      dw = qw[(b * 4 + oc) * SUB + j];
+                            const int8_t *xo = xq + b * BLK + oc * 8;
+                            for (int n = 0; n < 4; n++) {
+                                dot += (int32_t)((dw >> (8 * n)) & 15u) * xo[n];
+                                dot += (int32_t)((dw >> (8 * n + 4)) & 15u) * xo[4 + n];
+                            }
+                        }
+                        acc = fmaf((float)dot, s * xd[b], acc);
+                    }
+                    acc = fmaf(-(s * z), S[g], acc);
+                }
+                out[r * w->n_out + o] = acc;
+            }
+        }
+    }
+}
+
+// ---- AVX-512 VNNI path ----
+
+#if GPTQ_HAVE_AVX512
+// NC subtiles x R rows starting at subtile t0 and row r0. NC * R <= 8 keeps everything in the
+// 32 zmm registers (R*NC int + R*NC f32 accumulators, NC scales, 2*NC unpacked weights).
+static inline __attribute__((always_inline)) void k512(const struct coopt_gptq_weight *w,
+                                                       const struct gptq_act *a, int64_t r0, int64_t t0,
+                                                       float *out, const int R, const int NC) {
+    const int64_t   n_oct = w->k_pad / 8, G = w->n_groups, kp = w->k_pad;
+    const __m512i   m4 = _mm512_set1_epi8(0x0f);
+    const uint32_t *qw[4];
+    __m512          acc[8][4];
+    for (int c = 0; c < NC; c++) qw[c] = w->qw + (t0 + c) * n_oct * SUB;
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NC; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 s[4];
+        for (int c = 0; c < NC; c++)
+            s[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + ((t0 + c) * G + g) * SUB)));
+        for (int64_t b = w->grp_blk[g]; b < w->grp_blk[g + 1]; b++) {
+            __m512i ia[8][4];
+            for (int r = 0; r < R; r++)
+                for (int c = 0; c < NC; c++) ia[r][c] = _mm512_setzero_si512();
+            for (int oc = 0; oc < 4; oc++) {
+                __m512i lo[4], hi[4];
+                for (int c = 0; c < NC; c++) {
+                    __m512i v = _mm512_loadu_si512(qw[c] + (b * 4 + oc) * SUB);
+                    lo[c] = _mm512_and_si512(v, m4);
+                    hi[c] = _mm512_and_si512(_mm512_srli_epi32(v, 4), m4);
+                }
+                for (int r = 0; r < R; r++) {
+                    const int8_t *xo = a->xq + (r0 + r) * kp + b * BLK + oc * 8;
+                    int32_t       xl, xh;
+                    memcpy(&xl, xo, 4);
+                    memcpy(&xh, xo + 4, 4);
+                    __m512i vl = _mm512_set1_epi32(xl), vh = _mm512_set1_epi32(xh);
+                    for (int c = 0; c < NC; c++) {
+                        ia[r][c] = _mm512_dpbusd_epi32(ia[r][c], lo[c], vl);
+                        ia[r][c] = _mm512_dpbusd_epi32(ia[r][c], hi[c], vh);
+                    }
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                __m512 d = _mm512_set1_ps(a->xd[(r0 + r) * a->nblk + b]);
+                for (int c = 0; c < NC; c++)
+                    acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][c]), _mm512_mul_ps(s[c], d), acc[r][c]);
+            }
+        }
+        for (int c = 0; c < NC; c++) {
+            __m128i zb = _mm_loadu_si128((const __m128i *)(w->zero + ((t0 + c) * G + g) * SUB));
+            __m512  sz = _mm512_mul_ps(s[c], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)));
+            for (int r = 0; r < R; r++)
+                acc[r][c] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a->S[(r0 + r) * G + g]), acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int c = 0; c < NC; c++) {
+            int64_t o = (t0 + c) * SUB, left = w->n_out - o;
+            float  *dst = out + (r0 + r) * w->n_out + o;
+            if (left >= SUB)
+                _mm512_storeu_ps(dst, acc[r][c]);
+            else
+                _mm512_mask_storeu_ps(dst, (__mmask16)((1u << left) - 1), acc[r][c]);
+        }
+    }
+}
+
+#define K512_FN(R, NC)                                                                             \
+    static void k512_##R##_##NC(const struct coopt_gptq_weight *w, const struct gptq_act *a,      \
+                                int64_t r0, int64_t t0, float *out) {                              \
+        k512(w, a, r0, t0, out, R, NC);                                                            \
+    }
+K512_FN(1, 1) K512_FN(1, 4) K512_FN(2, 1) K512_FN(2, 4) K512_FN(3, 1) K512_FN(3, 2)
+K512_FN(4, 1) K512_FN(4, 2) K512_FN(5, 1) K512_FN(6, 1) K512_FN(7, 1) K512_FN(8, 1)
+
+typedef void k_fn(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t t0, float *out);
+
+// Rows [r0, r0+nr) (nr <= 8) over subtiles [t_lo, t_hi): the widest kernel, then single subtiles.
+static void run512(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int nr,
+                   int64_t t_lo, int64_t t_hi, float *out) {
+    static k_fn *const wide[9] = {NULL, k512_1_4, k512_2_4, k512_3_2, k512_4_2, k512_5_1, k512_6_1, k512_7_1, k512_8_1};
+    static k_fn *const one[9] = {NULL, k512_1_1, k512_2_1, k512_3_1, k512_4_1, k512_5_1, k512_6_1, k512_7_1, k512_8_1};
+    static const int   nc[9] = {0, 4, 4, 2, 2, 1, 1, 1, 1};
+    int64_t            t = t_lo;
+    for (; t + nc[nr] <= t_hi; t += nc[nr]) wide[nr](w, a, r0, t, out);
+    for (; t < t_hi; t++) one[nr](w, a, r0, t, out);
+}
+#endif
+
+// ---- AVX2 path (AVX-VNNI when compiled in, else vpmaddubsw + vpmaddwd) ----
+
+#if GPTQ_HAVE_AVX2
+static inline __m256i dot_u4s8(__m256i acc, __m256i lo, __m256i xl, __m256i hi, __m256i xh) {
+#if defined(__AVXVNNI__)
+    acc = _mm256_dpbusd_avx_epi32(acc, lo, xl);
+    return _mm256_dpbusd_avx_epi32(acc, hi, xh);
+#else
+    // u4 * s8 pair sums: |2 * 2 * 15 * 127| = 7620 cannot saturate int16
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+}
+
+// One subtile (2 ymm halves) x R rows.
+static inline __attribute__((always_inline)) void k256(const struct coopt_gptq_weight *w,
+                                                       const struct gptq_act *a, int64_t r0, int64_t t0,
+                                                       float *out, const int R) {
+    const int64_t   n_oct = w->k_pad / 8, G = w->n_groups, kp = w->k_pad;
+    const __m256i   m4 = _mm256_set1_epi8(0x0f);
+    const uint32_t *qw = w->qw + t0 * n_oct * SUB;
+    __m256          acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const uint16_t *sp = w->scale + (t0 * G + g) * SUB;
+        __m256          s[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sp)),
+                                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp + 8)))};
+        for (int64_t b = w->grp_blk[g]; b < w->grp_blk[g + 1]; b++) {
+            __m256i ia[4][2];
+            for (int r = 0; r < R; r++) ia[r][0] = ia[r][1] = _mm256_setzero_si256();
+            for (int oc = 0; oc < 4; oc++) {
+                __m256i lo[2], hi[2];
+                for (int h = 0; h < 2; h++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(qw + (b * 4 + oc) * SUB + h * 8));
+                    lo[h] = _mm256_and_si256(v, m4);
+                    hi[h] = _mm256_and_si256(_mm256_srli_epi32(v, 4), m4);
+                }
+                for (int r = 0; r < R; r++) {
+                    const int8_t *xo = a->xq + (r0 + r) * kp + b * BLK + oc * 8;
+                    int32_t       xl, xh;
+                    memcpy(&xl, xo, 4);
+                    memcpy(&xh, xo + 4, 4);
+                    __m256i vl = _mm256_set1_epi32(xl), vh = _mm256_set1_epi32(xh);
+                    for (int h = 0; h < 2; h++) ia[r][h] = dot_u4s8(ia[r][h], lo[h], vl, hi[h], vh);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                __m256 d = _mm256_set1_ps(a->xd[(r0 + r) * a->nblk + b]);
+                for (int h = 0; h < 2; h++)
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[r][h]), _mm256_mul_ps(s[h], d), acc[r][h]);
+            }
+        }
+        const uint8_t *zp = w->zero + (t0 * G + g) * SUB;
+        for (int h = 0; h < 2; h++) {
+            __m128i zb = _mm_loadl_epi64((const __m128i *)(zp + h * 8));
+            __m256  sz = _mm256_mul_ps(s[h], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
+            for (int r = 0; r < R; r++)
+                acc[r][h] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a->S[(r0 + r) * G + g]), acc[r][h]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        int64_t o = t0 * SUB, left = w->n_out - o;
+        float  *dst = out + (r0 + r) * w->n_out + o;
+        if (left >= SUB) {
+            _mm256_storeu_ps(dst, acc[r][0]);
+            _mm256_storeu_ps(dst + 8, acc[r][1]);
+        } else {
+            float tmp[SUB];
+            _mm256_storeu_ps(tmp, acc[r][0]);
+            _mm256_storeu_ps(tmp + 8, acc[r][1]);
+            memcpy(dst, tmp, (size_t)left * sizeof(float));
+        }
+    }
+}
+
+static void k256_1(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t t0, float *out) { k256(w, a, r0, t0, out, 1); }
+static void k256_2(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t t0, float *out) { k256(w, a, r0, t0, out, 2); }
+static void k256_3(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t t0, float *out) { k256(w, a, r0, t0, out, 3); }
+static void k256_4(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t t0, float *out) { k256(w, a, r0, t0, out, 4); }
+
+static void run256(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int nr,
+                   int64_t t_lo, int64_t t_hi, float *out) {
+    static void (*const fns[5])(const struct coopt_gptq_weight *, const struct gptq_act *, int64_t, int64_t, float *) = {
+        NULL, k256_1, k256_2, k256_3, k256_4};
+    for (int64_t t = t_lo; t < t_hi; t++) {
+        int done = 0;
+        while (done < nr) {
+            int n = COOPT_MIN(4, nr - done);
+            fns[n](w, a, r0 + done, t, out);
+            done += n;
+        }
+    }
+}
+#endif
+
+// ---- dispatch ----
+
+bool coopt_gptq_isa_available(enum coopt_gptq_isa isa) {
+    switch (isa) {
+    case COOPT_GPTQ_ISA_AUTO:
+    case COOPT_GPTQ_ISA_SCALAR: return true;
+    case COOPT_GPTQ_ISA_AVX2: return GPTQ_HAVE_AVX2;
+    case COOPT_GPTQ_ISA_AVX512VNNI: return GPTQ_HAVE_AVX512;
+    }
+    return false;
+}
+
+struct gptq_task {
+    const struct coopt_gptq_weight *w;
+    const struct gptq_act          *a;
+    float                          *out;
+    int64_t                         n_rows;
+    enum coopt_gptq_isa             isa;
+};
+
+#define ROW_BLOCK 8 // rows per weight-tile pass in prefill
+
+static void gptq_task_fn(void *ctx, int32_t ith, int32_t nth) {
+    const struct gptq_task *k = ctx;
+    int64_t                 t_lo, t_hi;
+    coopt_split_range(k->w->n_sub, ith, nth, &t_lo, &t_hi);
+    if (t_lo >= t_hi) return;
+    // Subtile panels of a few subtiles outermost so their weights stay in L2 over all row blocks.
+    const int64_t panel = k->n_rows > ROW_BLOCK ? 4 : t_hi - t_lo;
+    for (int64_t p = t_lo; p < t_hi; p += panel) {
+        int64_t p_hi = COOPT_MIN(t_hi, p + panel);
+        for (int64_t r0 = 0; r0 < k->n_rows; r0 += ROW_BLOCK) {
+            int nr = (int)COOPT_MIN(ROW_BLOCK, k->n_rows - r0);
+            switch (k->isa) {
+#if GPTQ_HAVE_AVX512
+            case COOPT_GPTQ_ISA_AVX512VNNI: run512(k->w, k->a, r0, nr, p, p_hi, k->out); break;
+#endif
+#if GPTQ_HAVE_AVX2
+            case COOPT_GPTQ_ISA_AVX2: run256(k->w, k->a, r0, nr, p, p_hi, k->out); break;
+#endif
+            default: kernel_scalar(k->w, k->a, r0, nr, p, p_hi, k->out); break;
+            }
+        }
+    }
+}
+
+enum coopt_status coopt_gptq_matmul_cpu_isa(struct coopt_threadpool *tp, float *out, const float *x,
+                                            const struct coopt_gptq_weight *w, int32_t n_rows,
+                                            enum coopt_gptq_isa isa) {
+    if (n_rows <= 0) return COOPT_OK;
+    if (isa == COOPT_GPTQ_ISA_AUTO || !coopt_gptq_isa_available(isa))
+        isa = GPTQ_HAVE_AVX512 ? COOPT_GPTQ_ISA_AVX512VNNI : GPTQ_HAVE_AVX2 ? COOPT_GPTQ_ISA_AVX2 : COOPT_GPTQ_ISA_SCALAR;
+    // Scratch: a stack buffer covers decode of every model we target; prefill allocates (its cost
+    // is amortized over n_rows * n_out * n_in work).
+    struct gptq_act a;
+    a.nblk = w->k_pad / BLK;
+    size_t row_bytes = (size_t)w->k_pad + 4 * (size_t)a.nblk + 4 * (size_t)w->n_groups;
+    row_bytes = (row_bytes + 63) & ~(size_t)63;
+    size_t need = row_bytes * (size_t)n_rows;
+    _Alignas(64) unsigned char stack[32768];
+    unsigned char *buf = need <= sizeof(stack) ? stack : coopt_malloc(need);
+    if (!buf) return COOPT_ERR_NOMEM;
+    a.xq = (int8_t *)buf;
+    a.xd = (float *)(buf + (size_t)n_rows * (size_t)w->k_pad);
+    a.S = a.xd + (size_t)n_rows * (size_t)a.nblk;
+    for (int32_t r = 0; r < n_rows; r++)
+        quantize_row(w, x + (int64_t)r * w->n_in, a.xq + (int64_t)r * w->k_pad, a.xd + (int64_t)r * a.nblk,
+                     a.S + (int64_t)r * w->n_groups);
+    struct gptq_task task = {w, &a, out, n_rows, isa};
+    if (tp)
+        coopt_threadpool_run(tp, gptq_task_fn, &task);
+    else
+        gptq_task_fn(&task, 0, 1);
+    if (buf != stack) free(buf);
+    return COOPT_OK;
+}
+
+enum coopt_status coopt_gptq_matmul_cpu(struct coopt_threadpool *tp, float *out, const float *x,
+                                        const struct coopt_gptq_weight *w, int32_t n_rows) {
+    return coopt_gptq_matmul_cpu_isa(tp, out, x, w, n_rows, COOPT_GPTQ_ISA_AUTO);
+}
+
+void coopt_gptq_matmul_ref(float *out, const float *x, const struct coopt_gptq_weight *w, int32_t n_rows) {
+    float *wd = coopt_malloc((size_t)w->n_out * (size_t)w->n_in * sizeof(float));
+    COOPT_ASSERT(wd); // reference for tests only
+    coopt_gptq_dequant_ref(w, wd);
+    for (int32_t r = 0; r < n_rows; r++) {
+        for (int64_t o = 0; o < w->n_out; o++) {
+            double acc = 0.0;
+            for (int64_t i = 0; i < w->n_in; i++) acc += (double)wd[o * w->n_in + i] * x[(int64_t)r * w->n_in + i];
+            out[(int64_t)r * w->n_out + o] = (float)acc;
+        }
+    }
+    free(wd);
+}
