@@ -151,6 +151,9 @@ struct coopt_ctx_params {
     int64_t          n_pages;    // KV pages in the pool (0 = enough for n_seq_max full sequences)
     enum coopt_dtype kv_type;    // KV storage type (default F32 on CPU)
     int32_t          n_threads;  // 0 = all cores
+    // Ablation switches (the defaults are the fast paths):
+    int32_t          attn_partition; // split-K partition of long contexts in tokens (0 = 512, -1 = off)
+    bool             attn_per_head;  // read K/V once per query head instead of once per KV group
 };
 struct coopt_ctx_params coopt_ctx_default_params(void);
 

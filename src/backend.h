@@ -94,6 +94,8 @@ struct coopt_ops {
 struct coopt_backend {
     const struct coopt_ops *ops;
     int32_t                 n_threads;
+    int32_t                 attn_partition; // split-K partition in tokens, 0 = single pass (set by the context)
+    bool                    attn_per_head;  // ablation: one K/V read per query head (no GQA sharing)
     void                   *impl; // backend private state (thread pool, streams, handles)
 };
 

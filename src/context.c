@@ -109,6 +109,8 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
 
     const char *device = m->params.device ? m->params.device : "cpu";
     if ((st = coopt_backend_init(device, p.n_threads, &c->be))) goto fail;
+    c->be->attn_partition = p.attn_partition < 0 ? 0 : (p.attn_partition == 0 ? 512 : p.attn_partition);
+    c->be->attn_per_head  = p.attn_per_head;
     c->dev_model = m;
     if (c->be->ops->model_upload && (st = c->be->ops->model_upload(c->be, m, &c->dev_model))) {
         c->dev_model = NULL;
