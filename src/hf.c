@@ -26,13 +26,15 @@ static bool arch_supported(const char *a) {
            strcmp(a, "llama") == 0 || strcmp(a, "mistral") == 0;
 }
 
-static enum coopt_status parse_arch(const cJSON *root, const char *name, struct coopt_hf_config_extra *x) {
+static enum coopt_status parse_arch(const cJSON *root, const char *name,
+                                    struct coopt_hf_config_extra *x) {
     const cJSON *archs = cJSON_GetObjectItemCaseSensitive(root, "architectures");
     const char  *arch  = NULL;
     bool         ok    = false;
     if (archs && !cJSON_IsNull(archs)) {
         if (!cJSON_IsArray(archs)) {
-            return coopt_fail(COOPT_ERR_FORMAT, "%s: field 'architectures' must be an array, got %s", name,
+            return coopt_fail(COOPT_ERR_FORMAT,
+                              "%s: field 'architectures' must be an array, got %s", name,
                               coopt_json_type_name(archs));
         }
         for (const cJSON *it = archs->child; it; it = it->next) {
@@ -50,7 +52,8 @@ static enum coopt_status parse_arch(const cJSON *root, const char *name, struct 
         enum coopt_status rc = coopt_json_str_opt(root, "model_type", name, &arch);
         if (rc != COOPT_OK) return rc;
         if (!arch) {
-            return coopt_fail(COOPT_ERR_FORMAT, "%s: neither 'architectures' nor 'model_type' is set", name);
+            return coopt_fail(COOPT_ERR_FORMAT,
+                              "%s: neither 'architectures' nor 'model_type' is set", name);
         }
         ok = arch_supported(arch);
     }
@@ -64,13 +67,15 @@ static enum coopt_status parse_arch(const cJSON *root, const char *name, struct 
     return COOPT_OK;
 }
 
-static enum coopt_status parse_rope_scaling(const cJSON *root, const char *name, struct coopt_model_config *c) {
+static enum coopt_status parse_rope_scaling(const cJSON *root, const char *name,
+                                            struct coopt_model_config *c) {
     const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "rope_scaling");
     c->rope_scaling = COOPT_ROPE_SCALING_NONE;
     c->rope_factor  = 1.0f;
     if (!rs || cJSON_IsNull(rs)) return COOPT_OK;
     if (!cJSON_IsObject(rs)) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: field 'rope_scaling' must be an object or null, got %s", name,
+        return coopt_fail(COOPT_ERR_FORMAT,
+                          "%s: field 'rope_scaling' must be an object or null, got %s", name,
                           coopt_json_type_name(rs));
     }
     char rs_name[600];
@@ -79,7 +84,8 @@ static enum coopt_status parse_rope_scaling(const cJSON *root, const char *name,
     enum coopt_status rc   = coopt_json_str_opt(rs, "rope_type", rs_name, &type);
     if (rc == COOPT_OK && !type) rc = coopt_json_str_opt(rs, "type", rs_name, &type);
     if (rc != COOPT_OK) return rc;
-    if (!type) return coopt_fail(COOPT_ERR_FORMAT, "%s: rope_scaling has no 'rope_type' or 'type'", name);
+    if (!type)
+        return coopt_fail(COOPT_ERR_FORMAT, "%s: rope_scaling has no 'rope_type' or 'type'", name);
     double f;
     if (strcmp(type, "default") == 0) return COOPT_OK;
     if (strcmp(type, "linear") == 0) {
@@ -94,11 +100,13 @@ static enum coopt_status parse_rope_scaling(const cJSON *root, const char *name,
         if ((rc = coopt_json_num(rs, "factor", rs_name, 1e-6, 1e6, &f)) != COOPT_OK ||
             (rc = coopt_json_num(rs, "low_freq_factor", rs_name, 1e-6, 1e6, &lo)) != COOPT_OK ||
             (rc = coopt_json_num(rs, "high_freq_factor", rs_name, 1e-6, 1e6, &hi)) != COOPT_OK ||
-            (rc = coopt_json_int(rs, "original_max_position_embeddings", rs_name, 1, INT32_MAX, &orig)) != COOPT_OK) {
+            (rc = coopt_json_int(rs, "original_max_position_embeddings", rs_name, 1, INT32_MAX,
+                                 &orig)) != COOPT_OK) {
             return rc;
         }
         if (!(hi > lo)) {
-            return coopt_fail(COOPT_ERR_FORMAT, "%s: rope_scaling high_freq_factor %g must exceed low_freq_factor %g",
+            return coopt_fail(COOPT_ERR_FORMAT,
+                              "%s: rope_scaling high_freq_factor %g must exceed low_freq_factor %g",
                               name, hi, lo);
         }
         c->rope_scaling          = COOPT_ROPE_SCALING_LLAMA3;
@@ -108,27 +116,31 @@ static enum coopt_status parse_rope_scaling(const cJSON *root, const char *name,
         c->rope_orig_ctx         = (int32_t)orig;
         return COOPT_OK;
     }
-    return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: rope_scaling type '%.32s' is not supported (supported: linear, llama3)",
+    return coopt_fail(COOPT_ERR_UNSUPPORTED,
+                      "%s: rope_scaling type '%.32s' is not supported (supported: linear, llama3)",
                       name, type);
 }
 
 // bos_token_id / eos_token_id: an integer, or a list whose first entry we keep (Llama 3.1 eos).
-static enum coopt_status parse_token_id(const cJSON *root, const char *key, const char *name, int32_t *out) {
+static enum coopt_status parse_token_id(const cJSON *root, const char *key, const char *name,
+                                        int32_t *out) {
     *out              = -1;
     const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, key);
     if (!item || cJSON_IsNull(item)) return COOPT_OK;
     if (cJSON_IsArray(item)) item = item->child;
     int64_t v;
     if (!item || !coopt_json_item_int(item, 0, INT32_MAX, &v)) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: field '%s' must be a token id or a list of them", name, key);
+        return coopt_fail(COOPT_ERR_FORMAT, "%s: field '%s' must be a token id or a list of them",
+                          name, key);
     }
     *out = (int32_t)v;
     return COOPT_OK;
 }
 
 enum coopt_status coopt_hf_parse_config(const char *json, size_t len, const char *name,
-                                        struct coopt_model_config *cfg, struct coopt_hf_config_extra *extra) {
-    struct coopt_hf_config_extra xx;
+                                        struct coopt_model_config    *cfg,
+                                        struct coopt_hf_config_extra *extra) {
+    struct coopt_hf_config_extra  xx;
     struct coopt_hf_config_extra *x = extra ? extra : &xx;
     memset(cfg, 0, sizeof(*cfg));
     memset(x, 0, sizeof(*x));
@@ -138,7 +150,8 @@ enum coopt_status coopt_hf_parse_config(const char *json, size_t len, const char
     enum coopt_status rc   = coopt_json_parse(json, len, name, &root);
     if (rc != COOPT_OK) return rc;
     if (!cJSON_IsObject(root)) {
-        rc = coopt_fail(COOPT_ERR_FORMAT, "%s: expected a JSON object, got %s", name, coopt_json_type_name(root));
+        rc = coopt_fail(COOPT_ERR_FORMAT, "%s: expected a JSON object, got %s", name,
+                        coopt_json_type_name(root));
         goto done;
     }
     if ((rc = parse_arch(root, name, x)) != COOPT_OK) goto done;
@@ -146,7 +159,8 @@ enum coopt_status coopt_hf_parse_config(const char *json, size_t len, const char
     const char *act = NULL;
     if ((rc = coopt_json_str_opt(root, "hidden_act", name, &act)) != COOPT_OK) goto done;
     if (act && strcmp(act, "silu") != 0) {
-        rc = coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: hidden_act '%.32s' is not supported (supported: silu)", name, act);
+        rc = coopt_fail(COOPT_ERR_UNSUPPORTED,
+                        "%s: hidden_act '%.32s' is not supported (supported: silu)", name, act);
         goto done;
     }
 
@@ -155,35 +169,46 @@ enum coopt_status coopt_hf_parse_config(const char *json, size_t len, const char
         (rc = coopt_json_int(root, "intermediate_size", name, 1, 1 << 22, &ffn)) != COOPT_OK ||
         (rc = coopt_json_int(root, "num_hidden_layers", name, 1, 1024, &n_layers)) != COOPT_OK ||
         (rc = coopt_json_int(root, "num_attention_heads", name, 1, 4096, &n_heads)) != COOPT_OK ||
-        (rc = coopt_json_int_opt(root, "num_key_value_heads", name, 1, n_heads, n_heads, &n_kv)) != COOPT_OK ||
+        (rc = coopt_json_int_opt(root, "num_key_value_heads", name, 1, n_heads, n_heads, &n_kv)) !=
+            COOPT_OK ||
         (rc = coopt_json_int(root, "vocab_size", name, 1, 1 << 24, &vocab)) != COOPT_OK ||
-        (rc = coopt_json_int_opt(root, "max_position_embeddings", name, 1, INT32_MAX, 2048, &n_ctx)) != COOPT_OK ||
-        (rc = coopt_json_int_opt(root, "sliding_window", name, 0, INT32_MAX, 0, &swa)) != COOPT_OK) {
+        (rc = coopt_json_int_opt(root, "max_position_embeddings", name, 1, INT32_MAX, 2048,
+                                 &n_ctx)) != COOPT_OK ||
+        (rc = coopt_json_int_opt(root, "sliding_window", name, 0, INT32_MAX, 0, &swa)) !=
+            COOPT_OK) {
         goto done;
     }
     if (n_heads % n_kv != 0) {
-        rc = coopt_fail(COOPT_ERR_FORMAT, "%s: num_attention_heads %lld is not a multiple of num_key_value_heads %lld",
-                        name, (long long)n_heads, (long long)n_kv);
+        rc =
+            coopt_fail(COOPT_ERR_FORMAT,
+                       "%s: num_attention_heads %lld is not a multiple of num_key_value_heads %lld",
+                       name, (long long)n_heads, (long long)n_kv);
         goto done;
     }
     if (coopt_json_has(root, "head_dim")) {
-        if ((rc = coopt_json_int(root, "head_dim", name, 1, 4096, &head_dim)) != COOPT_OK) goto done;
+        if ((rc = coopt_json_int(root, "head_dim", name, 1, 4096, &head_dim)) != COOPT_OK)
+            goto done;
     } else {
         if (dim % n_heads != 0) {
-            rc = coopt_fail(COOPT_ERR_FORMAT, "%s: hidden_size %lld is not a multiple of num_attention_heads %lld "
-                            "(and head_dim is not set)", name, (long long)dim, (long long)n_heads);
+            rc = coopt_fail(COOPT_ERR_FORMAT,
+                            "%s: hidden_size %lld is not a multiple of num_attention_heads %lld "
+                            "(and head_dim is not set)",
+                            name, (long long)dim, (long long)n_heads);
             goto done;
         }
         head_dim = dim / n_heads;
     }
     if (head_dim % 2 != 0) {
-        rc = coopt_fail(COOPT_ERR_FORMAT, "%s: head_dim %lld must be even for RoPE", name, (long long)head_dim);
+        rc = coopt_fail(COOPT_ERR_FORMAT, "%s: head_dim %lld must be even for RoPE", name,
+                        (long long)head_dim);
         goto done;
     }
     double eps, theta;
     if ((rc = coopt_json_num_opt(root, "rms_norm_eps", name, 0, 1, 1e-6, &eps)) != COOPT_OK ||
-        (rc = coopt_json_num_opt(root, "rope_theta", name, 1e-3, 1e12, 10000.0, &theta)) != COOPT_OK ||
-        (rc = coopt_json_bool_opt(root, "tie_word_embeddings", name, false, &cfg->tied_embeddings)) != COOPT_OK ||
+        (rc = coopt_json_num_opt(root, "rope_theta", name, 1e-3, 1e12, 10000.0, &theta)) !=
+            COOPT_OK ||
+        (rc = coopt_json_bool_opt(root, "tie_word_embeddings", name, false,
+                                  &cfg->tied_embeddings)) != COOPT_OK ||
         (rc = parse_rope_scaling(root, name, cfg)) != COOPT_OK ||
         (rc = parse_token_id(root, "bos_token_id", name, &x->bos_id)) != COOPT_OK ||
         (rc = parse_token_id(root, "eos_token_id", name, &x->eos_id)) != COOPT_OK) {
@@ -193,9 +218,11 @@ enum coopt_status coopt_hf_parse_config(const char *json, size_t len, const char
 
     const cJSON *q = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
     if (q && !cJSON_IsNull(q)) {
-        x->quantized    = true;
-        const char *qm  = NULL;
-        if (cJSON_IsObject(q) && (rc = coopt_json_str_opt(q, "quant_method", name, &qm)) != COOPT_OK) goto done;
+        x->quantized   = true;
+        const char *qm = NULL;
+        if (cJSON_IsObject(q) &&
+            (rc = coopt_json_str_opt(q, "quant_method", name, &qm)) != COOPT_OK)
+            goto done;
         snprintf(x->quant_method, sizeof(x->quant_method), "%s", qm ? qm : "");
     }
 
@@ -270,7 +297,8 @@ struct hf_loader {
 };
 
 static void loader_free(struct hf_loader *L) {
-    for (int i = 0; i < L->n_shards; i++) coopt_safetensors_free(L->shards[i].st);
+    for (int i = 0; i < L->n_shards; i++)
+        coopt_safetensors_free(L->shards[i].st);
     cJSON_Delete(L->index);
 }
 
@@ -281,16 +309,20 @@ static enum coopt_status open_shard(struct hf_loader *L, const char *file, const
     // A shard name comes from a file we do not trust: it must name a file in dir.
     if (file[0] == '\0' || strchr(file, '/') || strcmp(file, ".") == 0 || strcmp(file, "..") == 0 ||
         strlen(file) >= sizeof(L->shards[0].file)) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: bad shard file name '%.64s'", L->dir, named_by, file);
+        return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: bad shard file name '%.64s'", L->dir, named_by,
+                          file);
     }
     if (L->n_shards == COOPT_MAX_FILES) {
-        return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s/%s: more than %d shards", L->dir, named_by, COOPT_MAX_FILES);
+        return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s/%s: more than %d shards", L->dir, named_by,
+                          COOPT_MAX_FILES);
     }
     char path[4096];
-    if (!coopt_path_join(path, sizeof(path), L->dir, file)) return coopt_fail(COOPT_ERR_IO, "%s: path too long", L->dir);
+    if (!coopt_path_join(path, sizeof(path), L->dir, file))
+        return coopt_fail(COOPT_ERR_IO, "%s: path too long", L->dir);
     if (!coopt_path_exists(path)) {
         if (named_by) {
-            return coopt_fail(COOPT_ERR_IO, "%s: missing (the shard is named by %s/%s)", path, L->dir, named_by);
+            return coopt_fail(COOPT_ERR_IO, "%s: missing (the shard is named by %s/%s)", path,
+                              L->dir, named_by);
         }
         return coopt_fail(COOPT_ERR_IO, "%s: missing", path);
     }
@@ -310,8 +342,10 @@ static enum coopt_status open_weights(struct hf_loader *L) {
         return coopt_fail(COOPT_ERR_IO, "%s: path too long", L->dir);
     }
     if (!coopt_path_exists(path)) {
-        if (!coopt_path_join(path, sizeof(path), L->dir, COOPT_ST_SINGLE_NAME) || !coopt_path_exists(path)) {
-            return coopt_fail(COOPT_ERR_IO, "%s: no %s or %s", L->dir, COOPT_ST_SINGLE_NAME, COOPT_ST_INDEX_NAME);
+        if (!coopt_path_join(path, sizeof(path), L->dir, COOPT_ST_SINGLE_NAME) ||
+            !coopt_path_exists(path)) {
+            return coopt_fail(COOPT_ERR_IO, "%s: no %s or %s", L->dir, COOPT_ST_SINGLE_NAME,
+                              COOPT_ST_INDEX_NAME);
         }
         return open_shard(L, COOPT_ST_SINGLE_NAME, NULL);
     }
@@ -328,7 +362,8 @@ static enum coopt_status open_weights(struct hf_loader *L) {
     }
     for (const cJSON *it = L->weight_map->child; it; it = it->next) {
         if (!cJSON_IsString(it)) {
-            return coopt_fail(COOPT_ERR_FORMAT, "%s: weight_map entry '%s' must be a file name", path, it->string);
+            return coopt_fail(COOPT_ERR_FORMAT, "%s: weight_map entry '%s' must be a file name",
+                              path, it->string);
         }
         if ((rc = open_shard(L, it->valuestring, COOPT_ST_INDEX_NAME)) != COOPT_OK) return rc;
     }
@@ -340,14 +375,15 @@ static enum coopt_status open_weights(struct hf_loader *L) {
 // name for messages. A missing tensor is an error if required, else *out = NULL.
 static enum coopt_status find_tensor(const struct hf_loader *L, const char *name, bool required,
                                      const struct coopt_st_tensor **out, const char **shard) {
-    *out                  = NULL;
+    *out                     = NULL;
     const struct hf_shard *s = &L->shards[0];
     if (L->weight_map) {
         const cJSON *f = cJSON_GetObjectItemCaseSensitive(L->weight_map, name);
         *shard         = COOPT_ST_INDEX_NAME;
         if (!f) {
             if (!required) return COOPT_OK;
-            return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' not found", L->dir, COOPT_ST_INDEX_NAME, name);
+            return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' not found", L->dir,
+                              COOPT_ST_INDEX_NAME, name);
         }
         s = NULL;
         for (int i = 0; i < L->n_shards && !s; i++) {
@@ -357,25 +393,28 @@ static enum coopt_status find_tensor(const struct hf_loader *L, const char *name
         *shard = s->file;
         *out   = coopt_safetensors_find(s->st, name);
         if (!*out) {
-            return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' not found (%s places it there)", L->dir, s->file,
-                              name, COOPT_ST_INDEX_NAME);
+            return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' not found (%s places it there)",
+                              L->dir, s->file, name, COOPT_ST_INDEX_NAME);
         }
         return COOPT_OK;
     }
     *shard = s->file;
     *out   = coopt_safetensors_find(s->st, name);
-    if (!*out && required) return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' not found", L->dir, s->file, name);
+    if (!*out && required)
+        return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' not found", L->dir, s->file, name);
     return COOPT_OK;
 }
 
-static enum coopt_status check_float(const struct hf_loader *L, const char *shard, const struct coopt_st_tensor *t,
-                                     int n_dims) {
+static enum coopt_status check_float(const struct hf_loader *L, const char *shard,
+                                     const struct coopt_st_tensor *t, int n_dims) {
     if (t->n_dims != n_dims) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' has %d dimensions, expected %d", L->dir, shard,
-                          t->name, t->n_dims, n_dims);
+        return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' has %d dimensions, expected %d",
+                          L->dir, shard, t->name, t->n_dims, n_dims);
     }
-    if (!t->supported || (t->dtype != COOPT_DTYPE_F32 && t->dtype != COOPT_DTYPE_F16 && t->dtype != COOPT_DTYPE_BF16)) {
-        return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s/%s: tensor '%s' has unsupported dtype %s (expected F32, F16 or BF16)",
+    if (!t->supported || (t->dtype != COOPT_DTYPE_F32 && t->dtype != COOPT_DTYPE_F16 &&
+                          t->dtype != COOPT_DTYPE_BF16)) {
+        return coopt_fail(COOPT_ERR_UNSUPPORTED,
+                          "%s/%s: tensor '%s' has unsupported dtype %s (expected F32, F16 or BF16)",
                           L->dir, shard, t->name, t->st_dtype);
     }
     return COOPT_OK;
@@ -390,7 +429,8 @@ static const void *aligned_data(struct coopt_model *m, const struct coopt_st_ten
     return p;
 }
 
-static enum coopt_status bind_matrix(struct hf_loader *L, const char *name, bool required, struct coopt_weight *w) {
+static enum coopt_status bind_matrix(struct hf_loader *L, const char *name, bool required,
+                                     struct coopt_weight *w) {
     const struct coopt_st_tensor *t;
     const char                   *shard;
     enum coopt_status             rc = find_tensor(L, name, required, &t, &shard);
@@ -405,8 +445,8 @@ static enum coopt_status bind_matrix(struct hf_loader *L, const char *name, bool
 }
 
 // A 1-D float tensor of n elements as owned f32. Optional tensors leave *out NULL when absent.
-static enum coopt_status bind_vector(struct hf_loader *L, const char *name, bool required, int64_t n,
-                                     const float **out) {
+static enum coopt_status bind_vector(struct hf_loader *L, const char *name, bool required,
+                                     int64_t n, const float **out) {
     const struct coopt_st_tensor *t;
     const char                   *shard;
     *out                 = NULL;
@@ -414,8 +454,8 @@ static enum coopt_status bind_vector(struct hf_loader *L, const char *name, bool
     if (rc != COOPT_OK || !t) return rc;
     if ((rc = check_float(L, shard, t, 1)) != COOPT_OK) return rc;
     if (t->shape[0] != n) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' shape [%lld], expected [%lld]", L->dir, shard, name,
-                          (long long)t->shape[0], (long long)n);
+        return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' shape [%lld], expected [%lld]",
+                          L->dir, shard, name, (long long)t->shape[0], (long long)n);
     }
     const void *data = aligned_data(L->m, t);
     if (!data) return COOPT_ERR_NOMEM;
@@ -425,7 +465,8 @@ static enum coopt_status bind_vector(struct hf_loader *L, const char *name, bool
 // Binds the linear layer `prefix` ("model.layers.0.self_attn.q_proj"): prefix.weight, plus
 // prefix.bias when present. NOTE: the GPTQ binder goes here (prefix.qweight, .qzeros, .scales,
 // .g_idx -> COOPT_DTYPE_Q4_GPTQ) when quantization_config says gptq.
-static enum coopt_status bind_linear(struct hf_loader *L, const char *prefix, struct coopt_weight *w) {
+static enum coopt_status bind_linear(struct hf_loader *L, const char *prefix,
+                                     struct coopt_weight *w) {
     char name[300];
     snprintf(name, sizeof(name), "%.256s.weight", prefix);
     enum coopt_status rc = bind_matrix(L, name, true, w);
@@ -434,7 +475,8 @@ static enum coopt_status bind_linear(struct hf_loader *L, const char *prefix, st
     return bind_vector(L, name, false, w->n_out, &w->bias);
 }
 
-static enum coopt_status bind_embeddings(struct hf_loader *L, const struct coopt_hf_config_extra *x) {
+static enum coopt_status bind_embeddings(struct hf_loader                   *L,
+                                         const struct coopt_hf_config_extra *x) {
     struct coopt_model           *m = L->m;
     const struct coopt_st_tensor *te, *th;
     const char                   *shard;
@@ -453,9 +495,11 @@ static enum coopt_status bind_embeddings(struct hf_loader *L, const struct coopt
         m->config.tied_embeddings = true;
         return COOPT_OK;
     }
-    if ((rc = bind_matrix(L, "model.embed_tokens.weight", true, &m->tok_embd)) != COOPT_OK) return rc;
+    if ((rc = bind_matrix(L, "model.embed_tokens.weight", true, &m->tok_embd)) != COOPT_OK)
+        return rc;
     if (!th) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor 'lm_head.weight' not found (tie_word_embeddings is false)",
+        return coopt_fail(COOPT_ERR_FORMAT,
+                          "%s/%s: tensor 'lm_head.weight' not found (tie_word_embeddings is false)",
                           L->dir, L->weight_map ? COOPT_ST_INDEX_NAME : L->shards[0].file);
     }
     return bind_matrix(L, "lm_head.weight", true, &m->output);
@@ -507,7 +551,8 @@ enum coopt_status coopt_hf_load_model(struct coopt_model *m, const char *dir) {
     m->gen_top_k = -1;
 
     char path[4096];
-    if (!coopt_path_join(path, sizeof(path), dir, "config.json")) return coopt_fail(COOPT_ERR_IO, "%s: path too long", dir);
+    if (!coopt_path_join(path, sizeof(path), dir, "config.json"))
+        return coopt_fail(COOPT_ERR_IO, "%s: path too long", dir);
     char             *text = NULL;
     size_t            len  = 0;
     enum coopt_status rc   = coopt_read_file(path, &text, &len);
@@ -518,10 +563,12 @@ enum coopt_status coopt_hf_load_model(struct coopt_model *m, const char *dir) {
     if (rc != COOPT_OK) return rc;
 
     char qpath[4096];
-    bool qfile = coopt_path_join(qpath, sizeof(qpath), dir, "quantize_config.json") && coopt_path_exists(qpath);
+    bool qfile = coopt_path_join(qpath, sizeof(qpath), dir, "quantize_config.json") &&
+                 coopt_path_exists(qpath);
     if (x.quantized || qfile) {
         if (x.quant_method[0] && strcmp(x.quant_method, "gptq") != 0) {
-            return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: quantization method '%s' is not supported", path,
+            return coopt_fail(COOPT_ERR_UNSUPPORTED,
+                              "%s: quantization method '%s' is not supported", path,
                               x.quant_method);
         }
         return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: GPTQ checkpoints are not supported yet", dir);

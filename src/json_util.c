@@ -9,7 +9,7 @@
 #include <string.h>
 
 enum coopt_status coopt_json_parse(const char *text, size_t len, const char *file, cJSON **out) {
-    *out = NULL;
+    *out             = NULL;
     const char *end  = NULL;
     cJSON      *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (!root) {
@@ -68,8 +68,9 @@ static enum coopt_status get_int(const cJSON *obj, const char *key, const char *
     }
     if (!coopt_json_item_int(item, lo, hi, out)) {
         *out = def;
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: field '%s' = %g, expected an integer in [%lld, %lld]",
-                          file, key, item->valuedouble, (long long)lo, (long long)hi);
+        return coopt_fail(COOPT_ERR_FORMAT,
+                          "%s: field '%s' = %g, expected an integer in [%lld, %lld]", file, key,
+                          item->valuedouble, (long long)lo, (long long)hi);
     }
     return COOPT_OK;
 }
@@ -79,8 +80,8 @@ enum coopt_status coopt_json_int(const cJSON *obj, const char *key, const char *
     return get_int(obj, key, file, lo, hi, true, 0, out);
 }
 
-enum coopt_status coopt_json_int_opt(const cJSON *obj, const char *key, const char *file, int64_t lo,
-                                     int64_t hi, int64_t def, int64_t *out) {
+enum coopt_status coopt_json_int_opt(const cJSON *obj, const char *key, const char *file,
+                                     int64_t lo, int64_t hi, int64_t def, int64_t *out) {
     return get_int(obj, key, file, lo, hi, false, def, out);
 }
 
@@ -98,8 +99,8 @@ static enum coopt_status get_num(const cJSON *obj, const char *key, const char *
     }
     double v = item->valuedouble;
     if (!isfinite(v) || v < lo || v > hi) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: field '%s' = %g, expected a number in [%g, %g]", file,
-                          key, v, lo, hi);
+        return coopt_fail(COOPT_ERR_FORMAT, "%s: field '%s' = %g, expected a number in [%g, %g]",
+                          file, key, v, lo, hi);
     }
     *out = v;
     return COOPT_OK;
@@ -121,8 +122,8 @@ enum coopt_status coopt_json_bool_opt(const cJSON *obj, const char *key, const c
     const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (!item || cJSON_IsNull(item)) return COOPT_OK;
     if (!cJSON_IsBool(item)) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: field '%s' must be true or false, got %s", file, key,
-                          coopt_json_type_name(item));
+        return coopt_fail(COOPT_ERR_FORMAT, "%s: field '%s' must be true or false, got %s", file,
+                          key, coopt_json_type_name(item));
     }
     *out = cJSON_IsTrue(item);
     return COOPT_OK;

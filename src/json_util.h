@@ -32,8 +32,8 @@ const char *coopt_json_type_name(const cJSON *item);
 enum coopt_status coopt_json_int(const cJSON *obj, const char *key, const char *file, int64_t lo,
                                  int64_t hi, int64_t *out);
 // Integer in [lo, hi]; missing or null -> def.
-enum coopt_status coopt_json_int_opt(const cJSON *obj, const char *key, const char *file, int64_t lo,
-                                     int64_t hi, int64_t def, int64_t *out);
+enum coopt_status coopt_json_int_opt(const cJSON *obj, const char *key, const char *file,
+                                     int64_t lo, int64_t hi, int64_t def, int64_t *out);
 // Finite number in [lo, hi]; missing or null -> def (pass NAN to detect absence).
 enum coopt_status coopt_json_num_opt(const cJSON *obj, const char *key, const char *file, double lo,
                                      double hi, double def, double *out);

@@ -66,7 +66,8 @@ const char *coopt_st_dtype_name(enum coopt_dtype t) {
 
 void coopt_safetensors_free(struct coopt_safetensors *st) {
     if (!st) return;
-    for (int i = 0; i < st->n_tensors; i++) free((char *)st->tensors[i].name);
+    for (int i = 0; i < st->n_tensors; i++)
+        free((char *)st->tensors[i].name);
     free(st->tensors);
     for (int i = 0; i < st->n_meta; i++) {
         free(st->meta_keys[i]);
@@ -80,7 +81,8 @@ void coopt_safetensors_free(struct coopt_safetensors *st) {
 }
 
 static int cmp_tensor_name(const void *a, const void *b) {
-    return strcmp(((const struct coopt_st_tensor *)a)->name, ((const struct coopt_st_tensor *)b)->name);
+    return strcmp(((const struct coopt_st_tensor *)a)->name,
+                  ((const struct coopt_st_tensor *)b)->name);
 }
 
 static int cmp_tensor_offset(const void *a, const void *b) {
@@ -102,8 +104,8 @@ static enum coopt_status parse_entry(const cJSON *e, const char *file, size_t da
                                      struct coopt_st_tensor *t) {
     const char *tn = e->string;
     if (!cJSON_IsObject(e)) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s': entry must be an object, got %s", file,
-                          tn, coopt_json_type_name(e));
+        return coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s': entry must be an object, got %s",
+                          file, tn, coopt_json_type_name(e));
     }
     const cJSON *dt = cJSON_GetObjectItemCaseSensitive(e, "dtype");
     if (!cJSON_IsString(dt)) {
@@ -122,8 +124,8 @@ static enum coopt_status parse_entry(const cJSON *e, const char *file, size_t da
     }
     int n_dims = cJSON_GetArraySize(sh);
     if (n_dims > COOPT_ST_MAX_DIMS) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s': %d dimensions, at most %d supported", file,
-                          tn, n_dims, COOPT_ST_MAX_DIMS);
+        return coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s': %d dimensions, at most %d supported",
+                          file, tn, n_dims, COOPT_ST_MAX_DIMS);
     }
     t->n_dims        = n_dims;
     uint64_t n_elems = 1;
@@ -131,12 +133,14 @@ static enum coopt_status parse_entry(const cJSON *e, const char *file, size_t da
     for (const cJSON *it = sh->child; it; it = it->next, d++) {
         int64_t v;
         if (!coopt_json_item_int(it, 0, INT64_MAX, &v)) {
-            return coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s': shape[%d] is not a non-negative integer",
-                              file, tn, d);
+            return coopt_fail(COOPT_ERR_FORMAT,
+                              "%s: tensor '%s': shape[%d] is not a non-negative integer", file, tn,
+                              d);
         }
         t->shape[d] = v;
         if (__builtin_mul_overflow(n_elems, (uint64_t)v, &n_elems)) {
-            return coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s': element count overflows", file, tn);
+            return coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s': element count overflows", file,
+                              tn);
         }
     }
     uint64_t need;
@@ -151,27 +155,31 @@ static enum coopt_status parse_entry(const cJSON *e, const char *file, size_t da
         !coopt_json_item_int(off->child, 0, INT64_MAX, &begin) ||
         !coopt_json_item_int(off->child->next, 0, INT64_MAX, &end)) {
         return coopt_fail(COOPT_ERR_FORMAT,
-                          "%s: tensor '%s': 'data_offsets' must be two non-negative integers", file, tn);
+                          "%s: tensor '%s': 'data_offsets' must be two non-negative integers", file,
+                          tn);
     }
     if (begin > end || (uint64_t)end > data_size) {
-        return coopt_fail(COOPT_ERR_FORMAT,
-                          "%s: tensor '%s': data_offsets [%lld, %lld] outside the data section (%zu bytes)",
-                          file, tn, (long long)begin, (long long)end, data_size);
+        return coopt_fail(
+            COOPT_ERR_FORMAT,
+            "%s: tensor '%s': data_offsets [%lld, %lld] outside the data section (%zu bytes)", file,
+            tn, (long long)begin, (long long)end, data_size);
     }
     if ((uint64_t)(end - begin) != need) {
         char shape[160];
         format_shape(shape, sizeof(shape), t);
-        return coopt_fail(COOPT_ERR_FORMAT,
-                          "%s: tensor '%s': data_offsets [%lld, %lld] hold %lld bytes, shape %s %s needs %llu",
-                          file, tn, (long long)begin, (long long)end, (long long)(end - begin), shape,
-                          t->st_dtype, (unsigned long long)need);
+        return coopt_fail(
+            COOPT_ERR_FORMAT,
+            "%s: tensor '%s': data_offsets [%lld, %lld] hold %lld bytes, shape %s %s needs %llu",
+            file, tn, (long long)begin, (long long)end, (long long)(end - begin), shape,
+            t->st_dtype, (unsigned long long)need);
     }
     t->offset  = (uint64_t)begin;
     t->n_bytes = (size_t)need;
     return COOPT_OK;
 }
 
-static enum coopt_status parse_metadata(struct coopt_safetensors *st, const cJSON *meta, const char *file) {
+static enum coopt_status parse_metadata(struct coopt_safetensors *st, const cJSON *meta,
+                                        const char *file) {
     if (!cJSON_IsObject(meta)) {
         return coopt_fail(COOPT_ERR_FORMAT, "%s: '__metadata__' must be an object, got %s", file,
                           coopt_json_type_name(meta));
@@ -182,8 +190,9 @@ static enum coopt_status parse_metadata(struct coopt_safetensors *st, const cJSO
     if (!st->meta_keys || !st->meta_vals) return COOPT_ERR_NOMEM;
     for (const cJSON *it = meta->child; it; it = it->next) {
         if (!cJSON_IsString(it)) {
-            return coopt_fail(COOPT_ERR_FORMAT, "%s: '__metadata__' value of '%s' must be a string, got %s",
-                              file, it->string, coopt_json_type_name(it));
+            return coopt_fail(COOPT_ERR_FORMAT,
+                              "%s: '__metadata__' value of '%s' must be a string, got %s", file,
+                              it->string, coopt_json_type_name(it));
         }
         st->meta_keys[st->n_meta] = coopt_strdup(it->string);
         st->meta_vals[st->n_meta] = coopt_strdup(it->valuestring);
@@ -198,28 +207,32 @@ static enum coopt_status parse_metadata(struct coopt_safetensors *st, const cJSO
 
 enum coopt_status coopt_safetensors_parse(const void *data, size_t size, const char *name,
                                           struct coopt_safetensors **out) {
-    *out                          = NULL;
-    enum coopt_status         rc  = COOPT_OK;
-    cJSON                    *root = NULL;
-    struct coopt_safetensors *st  = NULL;
+    *out                                  = NULL;
+    enum coopt_status              rc     = COOPT_OK;
+    cJSON                         *root   = NULL;
+    struct coopt_safetensors      *st     = NULL;
     const struct coopt_st_tensor **by_off = NULL;
-    const uint8_t            *b   = data;
+    const uint8_t                 *b      = data;
 
     if (size < 8) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: %zu bytes, too short for a safetensors file", name, size);
+        return coopt_fail(COOPT_ERR_FORMAT, "%s: %zu bytes, too short for a safetensors file", name,
+                          size);
     }
     uint64_t n = 0;
-    for (int i = 7; i >= 0; i--) n = (n << 8) | b[i];
+    for (int i = 7; i >= 0; i--)
+        n = (n << 8) | b[i];
     if (n > size - 8) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: header length %llu runs past the end of the file (%zu bytes)",
-                          name, (unsigned long long)n, size);
+        return coopt_fail(COOPT_ERR_FORMAT,
+                          "%s: header length %llu runs past the end of the file (%zu bytes)", name,
+                          (unsigned long long)n, size);
     }
     if (n > COOPT_ST_MAX_HEADER) {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: header length %llu exceeds the %u byte limit", name,
-                          (unsigned long long)n, COOPT_ST_MAX_HEADER);
+        return coopt_fail(COOPT_ERR_FORMAT, "%s: header length %llu exceeds the %u byte limit",
+                          name, (unsigned long long)n, COOPT_ST_MAX_HEADER);
     }
     if (n < 2 || b[8] != '{') {
-        return coopt_fail(COOPT_ERR_FORMAT, "%s: header is not a JSON object (not a safetensors file?)", name);
+        return coopt_fail(COOPT_ERR_FORMAT,
+                          "%s: header is not a JSON object (not a safetensors file?)", name);
     }
     const char *hdr       = (const char *)b + 8;
     size_t      data_size = size - 8 - (size_t)n;
@@ -238,9 +251,9 @@ enum coopt_status coopt_safetensors_parse(const void *data, size_t size, const c
         rc = COOPT_ERR_NOMEM;
         goto done;
     }
-    st->base  = b;
-    st->size  = size;
-    int n_ent = cJSON_GetArraySize(root);
+    st->base    = b;
+    st->size    = size;
+    int n_ent   = cJSON_GetArraySize(root);
     st->tensors = coopt_calloc((size_t)n_ent, sizeof(struct coopt_st_tensor));
     if (!st->tensors) {
         rc = COOPT_ERR_NOMEM;
@@ -270,7 +283,8 @@ enum coopt_status coopt_safetensors_parse(const void *data, size_t size, const c
     qsort(st->tensors, (size_t)st->n_tensors, sizeof(st->tensors[0]), cmp_tensor_name);
     for (int i = 1; i < st->n_tensors; i++) {
         if (strcmp(st->tensors[i - 1].name, st->tensors[i].name) == 0) {
-            rc = coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s' appears twice", name, st->tensors[i].name);
+            rc = coopt_fail(COOPT_ERR_FORMAT, "%s: tensor '%s' appears twice", name,
+                            st->tensors[i].name);
             goto done;
         }
     }
@@ -288,8 +302,8 @@ enum coopt_status coopt_safetensors_parse(const void *data, size_t size, const c
     qsort(by_off, (size_t)n_nonempty, sizeof(*by_off), cmp_tensor_offset);
     for (int i = 1; i < n_nonempty; i++) {
         if (by_off[i - 1]->offset + by_off[i - 1]->n_bytes > by_off[i]->offset) {
-            rc = coopt_fail(COOPT_ERR_FORMAT, "%s: tensors '%s' and '%s' overlap", name, by_off[i - 1]->name,
-                            by_off[i]->name);
+            rc = coopt_fail(COOPT_ERR_FORMAT, "%s: tensors '%s' and '%s' overlap", name,
+                            by_off[i - 1]->name, by_off[i]->name);
             goto done;
         }
     }
@@ -319,14 +333,17 @@ enum coopt_status coopt_safetensors_open(const char *path, struct coopt_safetens
     return COOPT_OK;
 }
 
-const struct coopt_st_tensor *coopt_safetensors_find(const struct coopt_safetensors *st, const char *name) {
+const struct coopt_st_tensor *coopt_safetensors_find(const struct coopt_safetensors *st,
+                                                     const char                     *name) {
     int lo = 0, hi = st->n_tensors - 1;
     while (lo <= hi) {
         int mid = lo + (hi - lo) / 2;
         int c   = strcmp(name, st->tensors[mid].name);
         if (c == 0) return &st->tensors[mid];
-        if (c < 0) hi = mid - 1;
-        else lo = mid + 1;
+        if (c < 0)
+            hi = mid - 1;
+        else
+            lo = mid + 1;
     }
     return NULL;
 }
@@ -365,7 +382,8 @@ enum coopt_status coopt_st_writer_init(struct coopt_st_writer **out) {
 
 void coopt_st_writer_free(struct coopt_st_writer *w) {
     if (!w) return;
-    for (int i = 0; i < w->n; i++) free(w->ents[i].name);
+    for (int i = 0; i < w->n; i++)
+        free(w->ents[i].name);
     free(w->ents);
     for (int i = 0; i < w->n_meta; i++) {
         free(w->meta_keys[i]);
@@ -376,20 +394,24 @@ void coopt_st_writer_free(struct coopt_st_writer *w) {
     free(w);
 }
 
-enum coopt_status coopt_st_writer_add_raw(struct coopt_st_writer *w, const char *name, const char *st_dtype,
-                                          int n_dims, const int64_t *shape, const void *data,
-                                          coopt_st_fill_fn *fill, void *user) {
+enum coopt_status coopt_st_writer_add_raw(struct coopt_st_writer *w, const char *name,
+                                          const char *st_dtype, int n_dims, const int64_t *shape,
+                                          const void *data, coopt_st_fill_fn *fill, void *user) {
     size_t esize = coopt_st_dtype_size(st_dtype, NULL, NULL);
-    if (esize == 0) return coopt_fail(COOPT_ERR_INVALID, "safetensors writer: '%s': unknown dtype '%s'", name, st_dtype);
+    if (esize == 0)
+        return coopt_fail(COOPT_ERR_INVALID, "safetensors writer: '%s': unknown dtype '%s'", name,
+                          st_dtype);
     if (n_dims < 0 || n_dims > COOPT_ST_MAX_DIMS) {
-        return coopt_fail(COOPT_ERR_INVALID, "safetensors writer: '%s': %d dimensions", name, n_dims);
+        return coopt_fail(COOPT_ERR_INVALID, "safetensors writer: '%s': %d dimensions", name,
+                          n_dims);
     }
     if (strcmp(name, "__metadata__") == 0 || (!data && !fill)) {
         return coopt_fail(COOPT_ERR_INVALID, "safetensors writer: bad tensor '%s'", name);
     }
     for (int i = 0; i < w->n; i++) {
         if (strcmp(w->ents[i].name, name) == 0) {
-            return coopt_fail(COOPT_ERR_INVALID, "safetensors writer: tensor '%s' added twice", name);
+            return coopt_fail(COOPT_ERR_INVALID, "safetensors writer: tensor '%s' added twice",
+                              name);
         }
     }
     uint64_t n = esize;
@@ -410,7 +432,8 @@ enum coopt_status coopt_st_writer_add_raw(struct coopt_st_writer *w, const char 
     if (!(e->name = coopt_strdup(name))) return COOPT_ERR_NOMEM;
     snprintf(e->st_dtype, sizeof(e->st_dtype), "%s", st_dtype);
     e->n_dims = n_dims;
-    for (int d = 0; d < n_dims; d++) e->shape[d] = shape[d];
+    for (int d = 0; d < n_dims; d++)
+        e->shape[d] = shape[d];
     e->n_bytes = (size_t)n;
     e->data    = data;
     e->fill    = fill;
@@ -419,28 +442,32 @@ enum coopt_status coopt_st_writer_add_raw(struct coopt_st_writer *w, const char 
     return COOPT_OK;
 }
 
-enum coopt_status coopt_st_writer_add(struct coopt_st_writer *w, const char *name, enum coopt_dtype dtype,
-                                      int n_dims, const int64_t *shape, const void *data) {
+enum coopt_status coopt_st_writer_add(struct coopt_st_writer *w, const char *name,
+                                      enum coopt_dtype dtype, int n_dims, const int64_t *shape,
+                                      const void *data) {
     const char *dn = coopt_st_dtype_name(dtype);
     if (!dn) {
-        return coopt_fail(COOPT_ERR_INVALID, "safetensors writer: '%s': dtype %s has no safetensors form", name,
+        return coopt_fail(COOPT_ERR_INVALID,
+                          "safetensors writer: '%s': dtype %s has no safetensors form", name,
                           coopt_dtype_name(dtype));
     }
     return coopt_st_writer_add_raw(w, name, dn, n_dims, shape, data, NULL, NULL);
 }
 
-enum coopt_status coopt_st_writer_add_fn(struct coopt_st_writer *w, const char *name, enum coopt_dtype dtype,
-                                         int n_dims, const int64_t *shape, coopt_st_fill_fn *fill,
-                                         void *user) {
+enum coopt_status coopt_st_writer_add_fn(struct coopt_st_writer *w, const char *name,
+                                         enum coopt_dtype dtype, int n_dims, const int64_t *shape,
+                                         coopt_st_fill_fn *fill, void *user) {
     const char *dn = coopt_st_dtype_name(dtype);
     if (!dn) {
-        return coopt_fail(COOPT_ERR_INVALID, "safetensors writer: '%s': dtype %s has no safetensors form", name,
+        return coopt_fail(COOPT_ERR_INVALID,
+                          "safetensors writer: '%s': dtype %s has no safetensors form", name,
                           coopt_dtype_name(dtype));
     }
     return coopt_st_writer_add_raw(w, name, dn, n_dims, shape, NULL, fill, user);
 }
 
-enum coopt_status coopt_st_writer_meta(struct coopt_st_writer *w, const char *key, const char *value) {
+enum coopt_status coopt_st_writer_meta(struct coopt_st_writer *w, const char *key,
+                                       const char *value) {
     for (int i = 0; i < w->n_meta; i++) {
         if (strcmp(w->meta_keys[i], key) == 0) {
             char *v = coopt_strdup(value);
@@ -497,8 +524,10 @@ static enum coopt_status build_header(const struct coopt_st_writer *w, char **ou
         }
         cJSON *offs = cJSON_AddArrayToObject(t, "data_offsets");
         if (!offs) goto nomem;
-        cJSON *b = cJSON_CreateNumber((double)off), *en = cJSON_CreateNumber((double)(off + e->n_bytes));
-        if (!b || !cJSON_AddItemToArray(offs, b) || !en || !cJSON_AddItemToArray(offs, en)) goto nomem;
+        cJSON *b  = cJSON_CreateNumber((double)off),
+              *en = cJSON_CreateNumber((double)(off + e->n_bytes));
+        if (!b || !cJSON_AddItemToArray(offs, b) || !en || !cJSON_AddItemToArray(offs, en))
+            goto nomem;
         off += e->n_bytes;
     }
     char *text = cJSON_PrintUnformatted(root);
@@ -526,10 +555,10 @@ nomem:
 enum coopt_status coopt_st_writer_write(struct coopt_st_writer *w, const char *path) {
     enum coopt_status rc     = COOPT_OK;
     char             *header = NULL, *tmp = NULL;
-    uint8_t          *chunk  = NULL;
-    FILE             *f      = NULL;
-    size_t            hlen   = 0;
-    const size_t      CHUNK  = 4u << 20;
+    uint8_t          *chunk = NULL;
+    FILE             *f     = NULL;
+    size_t            hlen  = 0;
+    const size_t      CHUNK = 4u << 20;
 
     if ((rc = build_header(w, &header, &hlen)) != COOPT_OK) return rc;
     size_t plen = strlen(path) + 5;
@@ -545,7 +574,8 @@ enum coopt_status coopt_st_writer_write(struct coopt_st_writer *w, const char *p
         goto done;
     }
     uint8_t le[8];
-    for (int i = 0; i < 8; i++) le[i] = (uint8_t)((uint64_t)hlen >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        le[i] = (uint8_t)((uint64_t)hlen >> (8 * i));
     if (fwrite(le, 1, 8, f) != 8 || fwrite(header, 1, hlen, f) != hlen) goto io_fail;
     for (int i = 0; i < w->n; i++) {
         const struct st_wentry *e = &w->ents[i];

@@ -23,10 +23,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define COOPT_ST_MAX_DIMS     8
-#define COOPT_ST_MAX_HEADER   (100u * 1000u * 1000u) // bytes of JSON header we accept
-#define COOPT_ST_INDEX_NAME   "model.safetensors.index.json"
-#define COOPT_ST_SINGLE_NAME  "model.safetensors"
+#define COOPT_ST_MAX_DIMS    8
+#define COOPT_ST_MAX_HEADER  (100u * 1000u * 1000u) // bytes of JSON header we accept
+#define COOPT_ST_INDEX_NAME  "model.safetensors.index.json"
+#define COOPT_ST_SINGLE_NAME "model.safetensors"
 
 // ---- reader ----
 
@@ -39,18 +39,18 @@ struct coopt_st_tensor {
     int              n_dims;       // 0 (scalar) .. COOPT_ST_MAX_DIMS
     int64_t          shape[COOPT_ST_MAX_DIMS]; // outermost first, as in PyTorch
     int64_t          n_elems;
-    uint64_t         offset;       // of the data, relative to the data section
-    const void      *data;         // into the parsed buffer; NOT necessarily aligned
+    uint64_t         offset; // of the data, relative to the data section
+    const void      *data;   // into the parsed buffer; NOT necessarily aligned
     size_t           n_bytes;
 };
 
 struct coopt_safetensors {
-    char                   *name;      // for messages (usually the path)
-    const uint8_t          *base;      // the whole file
+    char                   *name; // for messages (usually the path)
+    const uint8_t          *base; // the whole file
     size_t                  size;
-    struct coopt_mmap       map;       // set only if coopt_safetensors_open mapped the file
+    struct coopt_mmap       map; // set only if coopt_safetensors_open mapped the file
     int                     n_tensors;
-    struct coopt_st_tensor *tensors;   // [n_tensors] sorted by name (iterate in this order)
+    struct coopt_st_tensor *tensors; // [n_tensors] sorted by name (iterate in this order)
     int                     n_meta;
     char                  **meta_keys; // [n_meta] "__metadata__" entries
     char                  **meta_vals; // [n_meta]
@@ -67,7 +67,8 @@ enum coopt_status coopt_safetensors_open(const char *path, struct coopt_safetens
 void              coopt_safetensors_free(struct coopt_safetensors *st); // NULL ok
 
 // Tensor by name (binary search), or NULL. Borrowed; lives as long as st.
-const struct coopt_st_tensor *coopt_safetensors_find(const struct coopt_safetensors *st, const char *name);
+const struct coopt_st_tensor *coopt_safetensors_find(const struct coopt_safetensors *st,
+                                                     const char                     *name);
 // "__metadata__" value by key, or NULL.
 const char *coopt_safetensors_meta(const struct coopt_safetensors *st, const char *key);
 
@@ -94,18 +95,20 @@ enum coopt_status coopt_st_writer_init(struct coopt_st_writer **out);
 void              coopt_st_writer_free(struct coopt_st_writer *w); // NULL ok
 // Adds a tensor whose data is `data` (borrowed until write). dtype must have a safetensors name.
 // The name is copied. COOPT_ERR_INVALID for a duplicate name, bad shape or dtype.
-enum coopt_status coopt_st_writer_add(struct coopt_st_writer *w, const char *name, enum coopt_dtype dtype,
-                                      int n_dims, const int64_t *shape, const void *data);
+enum coopt_status coopt_st_writer_add(struct coopt_st_writer *w, const char *name,
+                                      enum coopt_dtype dtype, int n_dims, const int64_t *shape,
+                                      const void *data);
 // Same, with data produced by `fill` at write time.
-enum coopt_status coopt_st_writer_add_fn(struct coopt_st_writer *w, const char *name, enum coopt_dtype dtype,
-                                         int n_dims, const int64_t *shape, coopt_st_fill_fn *fill,
-                                         void *user);
+enum coopt_status coopt_st_writer_add_fn(struct coopt_st_writer *w, const char *name,
+                                         enum coopt_dtype dtype, int n_dims, const int64_t *shape,
+                                         coopt_st_fill_fn *fill, void *user);
 // Any safetensors dtype by name ("I64", "U8", ...), for what coopt_dtype cannot name.
-enum coopt_status coopt_st_writer_add_raw(struct coopt_st_writer *w, const char *name, const char *st_dtype,
-                                          int n_dims, const int64_t *shape, const void *data,
-                                          coopt_st_fill_fn *fill, void *user);
+enum coopt_status coopt_st_writer_add_raw(struct coopt_st_writer *w, const char *name,
+                                          const char *st_dtype, int n_dims, const int64_t *shape,
+                                          const void *data, coopt_st_fill_fn *fill, void *user);
 // Adds or replaces a "__metadata__" entry (both strings copied).
-enum coopt_status coopt_st_writer_meta(struct coopt_st_writer *w, const char *key, const char *value);
+enum coopt_status coopt_st_writer_meta(struct coopt_st_writer *w, const char *key,
+                                       const char *value);
 // Writes the file. The writer can be freed afterwards (or written again).
 enum coopt_status coopt_st_writer_write(struct coopt_st_writer *w, const char *path);
 
@@ -113,11 +116,11 @@ enum coopt_status coopt_st_writer_write(struct coopt_st_writer *w, const char *p
 
 // What config.json says beyond struct coopt_model_config.
 struct coopt_hf_config_extra {
-    char    arch[64];          // "LlamaForCausalLM", or the model_type when architectures is absent
-    bool    tie_explicit;      // tie_word_embeddings was present
-    int32_t bos_id, eos_id;    // -1 if absent (eos: the first of a list)
-    bool    quantized;         // quantization_config present
-    char    quant_method[32];  // its quant_method ("gptq", "awq", ...), "" if none
+    char    arch[64];         // "LlamaForCausalLM", or the model_type when architectures is absent
+    bool    tie_explicit;     // tie_word_embeddings was present
+    int32_t bos_id, eos_id;   // -1 if absent (eos: the first of a list)
+    bool    quantized;        // quantization_config present
+    char    quant_method[32]; // its quant_method ("gptq", "awq", ...), "" if none
 };
 
 // Parses config.json text (len bytes, need not be NUL-terminated) into cfg (rope_layout HALF).
@@ -125,6 +128,7 @@ struct coopt_hf_config_extra {
 // COOPT_ERR_UNSUPPORTED for an architecture, activation or rope_scaling type we do not run.
 // Does not reject quantization_config (the loader decides); extra may be NULL.
 enum coopt_status coopt_hf_parse_config(const char *json, size_t len, const char *name,
-                                        struct coopt_model_config *cfg, struct coopt_hf_config_extra *extra);
+                                        struct coopt_model_config    *cfg,
+                                        struct coopt_hf_config_extra *extra);
 
 #endif // COOPT_SAFETENSORS_H

@@ -41,7 +41,8 @@ static char g_capture_path[512];
 void st_test_capture_begin(void) {
     fflush(stderr);
     const char *tmp = getenv("TMPDIR");
-    snprintf(g_capture_path, sizeof(g_capture_path), "%s/coopt-err-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    snprintf(g_capture_path, sizeof(g_capture_path), "%s/coopt-err-XXXXXX",
+             tmp && *tmp ? tmp : "/tmp");
     int fd = mkstemp(g_capture_path);
     if (fd < 0) return;
     g_saved_fd = dup(2);
@@ -81,18 +82,21 @@ bool st_test_write_file(const char *dir, const char *name, const void *data, siz
 
 // Builds a safetensors file in memory from a header text; data bytes are zero. The length
 // field is the header's length unless hlen_override >= 0. *size gets the total; free() it.
-static uint8_t *make_st(const char *header, size_t data_bytes, long long hlen_override, size_t *size) {
+static uint8_t *make_st(const char *header, size_t data_bytes, long long hlen_override,
+                        size_t *size) {
     size_t   n = strlen(header);
     uint8_t *b = calloc(1, 8 + n + data_bytes);
     uint64_t h = hlen_override >= 0 ? (uint64_t)hlen_override : n;
-    for (int i = 0; i < 8; i++) b[i] = (uint8_t)(h >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        b[i] = (uint8_t)(h >> (8 * i));
     memcpy(b + 8, header, n);
     *size = 8 + n + data_bytes;
     return b;
 }
 
 // Parses a crafted file; returns the status and the captured message in *msg.
-static enum coopt_status parse_crafted(const char *header, size_t data_bytes, long long hlen, const char **msg) {
+static enum coopt_status parse_crafted(const char *header, size_t data_bytes, long long hlen,
+                                       const char **msg) {
     size_t                    size;
     uint8_t                  *b  = make_st(header, data_bytes, hlen, &size);
     struct coopt_safetensors *st = NULL;
@@ -107,7 +111,8 @@ static enum coopt_status parse_crafted(const char *header, size_t data_bytes, lo
 static enum coopt_status fill_ramp(void *user, void *buf, size_t offset, size_t n) {
     int *calls = user;
     (*calls)++;
-    for (size_t i = 0; i < n; i++) ((uint8_t *)buf)[i] = (uint8_t)(offset + i);
+    for (size_t i = 0; i < n; i++)
+        ((uint8_t *)buf)[i] = (uint8_t)(offset + i);
     return COOPT_OK;
 }
 
@@ -123,18 +128,21 @@ TEST(safetensors_write_read) {
     CHECK(t, st_test_mkdtemp(dir, sizeof(dir)));
     snprintf(path, sizeof(path), "%s/a.safetensors", dir);
 
-    float    w[6]    = {1, -2, 3.5f, 0, 1e-3f, -7};
-    int32_t  idx[3]  = {7, -1, 1 << 30};
+    float    w[6]   = {1, -2, 3.5f, 0, 1e-3f, -7};
+    int32_t  idx[3] = {7, -1, 1 << 30};
     uint16_t bf[2 * 2 * 3];
-    for (int i = 0; i < 12; i++) bf[i] = coopt_f32_to_bf16((float)i - 5);
-    int64_t                 s_w[2] = {2, 3}, s_idx[1] = {3}, s_bf[3] = {2, 2, 3}, s_ramp[1] = {5000}, s_empty[2] = {0, 4};
-    int                     calls  = 0;
-    struct coopt_st_writer *wr     = NULL;
+    for (int i = 0; i < 12; i++)
+        bf[i] = coopt_f32_to_bf16((float)i - 5);
+    int64_t s_w[2] = {2, 3}, s_idx[1] = {3}, s_bf[3] = {2, 2, 3}, s_ramp[1] = {5000},
+            s_empty[2]            = {0, 4};
+    int                     calls = 0;
+    struct coopt_st_writer *wr    = NULL;
     CHECK(t, coopt_st_writer_init(&wr) == COOPT_OK);
     CHECK(t, coopt_st_writer_add(wr, "w", COOPT_DTYPE_F32, 2, s_w, w) == COOPT_OK);
     CHECK(t, coopt_st_writer_add(wr, "idx", COOPT_DTYPE_I32, 1, s_idx, idx) == COOPT_OK);
     CHECK(t, coopt_st_writer_add(wr, "x.bf", COOPT_DTYPE_BF16, 3, s_bf, bf) == COOPT_OK);
-    CHECK(t, coopt_st_writer_add_fn(wr, "ramp", COOPT_DTYPE_F16, 1, s_ramp, fill_ramp, &calls) == COOPT_OK);
+    CHECK(t, coopt_st_writer_add_fn(wr, "ramp", COOPT_DTYPE_F16, 1, s_ramp, fill_ramp, &calls) ==
+                 COOPT_OK);
     CHECK(t, coopt_st_writer_add(wr, "empty", COOPT_DTYPE_F32, 2, s_empty, w) == COOPT_OK);
     CHECK(t, coopt_st_writer_add(wr, "scalar", COOPT_DTYPE_F32, 0, NULL, &w[2]) == COOPT_OK);
     CHECK(t, coopt_st_writer_meta(wr, "format", "np") == COOPT_OK);
@@ -152,10 +160,13 @@ TEST(safetensors_write_read) {
     struct coopt_safetensors *st = NULL;
     CHECK(t, coopt_safetensors_open(path, &st) == COOPT_OK);
     uint64_t hlen = 0;
-    for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | st->base[i];
-    CHECKF(t, (8 + hlen) % 8 == 0 && st->base[8 + hlen - 1] != 0, "header length %llu", (unsigned long long)hlen);
+    for (int i = 7; i >= 0; i--)
+        hlen = (hlen << 8) | st->base[i];
+    CHECKF(t, (8 + hlen) % 8 == 0 && st->base[8 + hlen - 1] != 0, "header length %llu",
+           (unsigned long long)hlen);
     CHECK(t, st->n_tensors == 6);
-    for (int i = 1; i < st->n_tensors; i++) CHECK(t, strcmp(st->tensors[i - 1].name, st->tensors[i].name) < 0);
+    for (int i = 1; i < st->n_tensors; i++)
+        CHECK(t, strcmp(st->tensors[i - 1].name, st->tensors[i].name) < 0);
 
     const struct coopt_st_tensor *tw = coopt_safetensors_find(st, "w");
     CHECK(t, tw && tw->supported && tw->dtype == COOPT_DTYPE_F32 && tw->n_dims == 2);
@@ -168,7 +179,8 @@ TEST(safetensors_write_read) {
     CHECK(t, memcmp(tb->data, bf, sizeof(bf)) == 0);
     const struct coopt_st_tensor *tr = coopt_safetensors_find(st, "ramp");
     CHECK(t, tr && tr->dtype == COOPT_DTYPE_F16 && tr->n_bytes == 10000);
-    for (size_t i = 0; i < tr->n_bytes; i++) CHECK(t, ((const uint8_t *)tr->data)[i] == (uint8_t)i);
+    for (size_t i = 0; i < tr->n_bytes; i++)
+        CHECK(t, ((const uint8_t *)tr->data)[i] == (uint8_t)i);
     const struct coopt_st_tensor *te = coopt_safetensors_find(st, "empty");
     CHECK(t, te && te->n_bytes == 0 && te->n_elems == 0 && te->shape[0] == 0);
     const struct coopt_st_tensor *ts = coopt_safetensors_find(st, "scalar");
@@ -183,7 +195,8 @@ TEST(safetensors_write_read) {
     // a failing producer leaves no file behind
     remove(path);
     CHECK(t, coopt_st_writer_init(&wr) == COOPT_OK);
-    CHECK(t, coopt_st_writer_add_fn(wr, "ramp", COOPT_DTYPE_F16, 1, s_ramp, fill_fail, NULL) == COOPT_OK);
+    CHECK(t, coopt_st_writer_add_fn(wr, "ramp", COOPT_DTYPE_F16, 1, s_ramp, fill_fail, NULL) ==
+                 COOPT_OK);
     st_test_capture_begin();
     enum coopt_status rc  = coopt_st_writer_write(wr, path);
     const char       *msg = st_test_capture_end();
@@ -250,50 +263,66 @@ TEST(safetensors_corrupt_headers) {
     CHECKF(t, rc == COOPT_ERR_FORMAT && strstr(msg, "after the JSON"), "%s", msg);
     CHECK(t, parse_crafted("{}      ", 0, -1, &msg) == COOPT_OK); // space padding is fine
     // data_offsets out of range, reversed, inconsistent with the shape, not integers
-    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,24]}}", 20, -1, &msg);
+    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,24]}}", 20,
+                       -1, &msg);
     CHECKF(t, rc == COOPT_ERR_FORMAT && strstr(msg, "'w'") && strstr(msg, "outside"), "%s", msg);
-    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[24,0]}}", 24, -1, &msg);
+    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[24,0]}}", 24,
+                       -1, &msg);
     CHECK(t, rc == COOPT_ERR_FORMAT);
-    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,20]}}", 24, -1, &msg);
+    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,20]}}", 24,
+                       -1, &msg);
     CHECKF(t, rc == COOPT_ERR_FORMAT && strstr(msg, "[2,3] F32 needs 24"), "%s", msg);
-    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0.5,24]}}", 24, -1, &msg);
+    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0.5,24]}}", 24,
+                       -1, &msg);
     CHECK(t, rc == COOPT_ERR_FORMAT);
-    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0]}}", 24, -1, &msg);
+    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0]}}", 24, -1,
+                       &msg);
     CHECK(t, rc == COOPT_ERR_FORMAT);
     // shapes: negative, fractional, too many dims, overflowing
-    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[-2,3],\"data_offsets\":[0,24]}}", 24, -1, &msg);
-    CHECK(t, rc == COOPT_ERR_FORMAT);
-    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2.5],\"data_offsets\":[0,10]}}", 24, -1, &msg);
-    CHECK(t, rc == COOPT_ERR_FORMAT);
-    rc = parse_crafted("{\"w\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}", 24, -1, &msg);
-    CHECK(t, rc == COOPT_ERR_FORMAT);
-    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,16],\"data_offsets\":[0,0]}}", 0,
+    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[-2,3],\"data_offsets\":[0,24]}}", 24,
                        -1, &msg);
+    CHECK(t, rc == COOPT_ERR_FORMAT);
+    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[2.5],\"data_offsets\":[0,10]}}", 24,
+                       -1, &msg);
+    CHECK(t, rc == COOPT_ERR_FORMAT);
+    rc = parse_crafted(
+        "{\"w\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}", 24, -1,
+        &msg);
+    CHECK(t, rc == COOPT_ERR_FORMAT);
+    rc = parse_crafted(
+        "{\"w\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,16],\"data_offsets\":[0,0]}}",
+        0, -1, &msg);
     CHECKF(t, rc == COOPT_ERR_FORMAT && strstr(msg, "overflow"), "%s", msg);
-    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[1e300],\"data_offsets\":[0,0]}}", 0, -1, &msg);
+    rc = parse_crafted("{\"w\":{\"dtype\":\"F32\",\"shape\":[1e300],\"data_offsets\":[0,0]}}", 0,
+                       -1, &msg);
     CHECK(t, rc == COOPT_ERR_FORMAT);
     // dtypes: unknown is an error; known-but-unused parses and is flagged
-    rc = parse_crafted("{\"w\":{\"dtype\":\"Q4\",\"shape\":[2],\"data_offsets\":[0,1]}}", 24, -1, &msg);
-    CHECKF(t, rc == COOPT_ERR_FORMAT && strstr(msg, "unknown dtype 'Q4'") && strstr(msg, "'w'"), "%s", msg);
+    rc = parse_crafted("{\"w\":{\"dtype\":\"Q4\",\"shape\":[2],\"data_offsets\":[0,1]}}", 24, -1,
+                       &msg);
+    CHECKF(t, rc == COOPT_ERR_FORMAT && strstr(msg, "unknown dtype 'Q4'") && strstr(msg, "'w'"),
+           "%s", msg);
     rc = parse_crafted("{\"w\":{\"dtype\":7,\"shape\":[2],\"data_offsets\":[0,1]}}", 24, -1, &msg);
     CHECK(t, rc == COOPT_ERR_FORMAT);
     {
-        size_t                    size;
-        uint8_t                  *b  = make_st("{\"w\":{\"dtype\":\"I64\",\"shape\":[2],\"data_offsets\":[0,16]}}", 16, -1, &size);
+        size_t   size;
+        uint8_t *b = make_st("{\"w\":{\"dtype\":\"I64\",\"shape\":[2],\"data_offsets\":[0,16]}}",
+                             16, -1, &size);
         struct coopt_safetensors *st = NULL;
         CHECK(t, coopt_safetensors_parse(b, size, "x", &st) == COOPT_OK);
         const struct coopt_st_tensor *tt = coopt_safetensors_find(st, "w");
-        bool                          ok64 = tt && !tt->supported && strcmp(tt->st_dtype, "I64") == 0 && tt->elem_size == 8;
+        bool ok64 = tt && !tt->supported && strcmp(tt->st_dtype, "I64") == 0 && tt->elem_size == 8;
         coopt_safetensors_free(st);
         free(b);
         CHECK(t, ok64);
     }
     // overlap and duplicates
     rc = parse_crafted("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]},"
-                       "\"b\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[8,24]}}", 24, -1, &msg);
+                       "\"b\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[8,24]}}",
+                       24, -1, &msg);
     CHECKF(t, rc == COOPT_ERR_FORMAT && strstr(msg, "overlap"), "%s", msg);
     rc = parse_crafted("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
-                       "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 24, -1, &msg);
+                       "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
+                       24, -1, &msg);
     CHECKF(t, rc == COOPT_ERR_FORMAT && strstr(msg, "twice"), "%s", msg);
     // metadata must be a dict of strings
     rc = parse_crafted("{\"__metadata__\":{\"a\":1}}", 0, -1, &msg);
@@ -310,7 +339,8 @@ TEST(safetensors_header_limit) {
     uint8_t *b    = calloc(1, size);
     CHECK(t, b);
     uint64_t n = COOPT_ST_MAX_HEADER + 1;
-    for (int i = 0; i < 8; i++) b[i] = (uint8_t)(n >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        b[i] = (uint8_t)(n >> (8 * i));
     b[8]                         = '{';
     struct coopt_safetensors *st = NULL;
     st_test_capture_begin();
@@ -337,7 +367,8 @@ TEST(safetensors_real_model) {
     CHECK(t, strcmp(coopt_safetensors_meta(st, "format"), "pt") == 0);
     const struct coopt_st_tensor *lm = coopt_safetensors_find(st, "lm_head.weight");
     bool ok = lm && lm->dtype == COOPT_DTYPE_F32 && lm->shape[0] == 2048 && lm->shape[1] == 128 &&
-              ((const float *)lm->data)[0] == -0.68359375f && ((const float *)lm->data)[2048 * 128 - 1] == -0.421875f;
+              ((const float *)lm->data)[0] == -0.68359375f &&
+              ((const float *)lm->data)[2048 * 128 - 1] == -0.421875f;
     coopt_safetensors_free(st);
     CHECK(t, ok);
 }
