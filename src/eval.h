@@ -79,7 +79,9 @@ void coopt_eval_sort(float *v, size_t n);
 // One record per scored token: uint16 r[coopt_eval_lp_record_len(n_vocab)].
 //   r[0..1] float scale, r[2..3] float min_log_prob (native byte order, memcpy'd), then
 //   r[4 + i] = round((logit_i - min_logit) / scale) for i < n_vocab (0 where logit_i <= min_logit),
-//   padded to an even count. min_logit = max(min logit, max logit - 16), scale = (max - min_logit) / 65535.
+//   padded to an even count. min_logit = min(max(min logit, max logit - 16), logit of the target),
+//   scale = (max - min_logit) / 65535. (llama.cpp omits the target term; including it keeps the
+//   format and makes PPL(base) exact when the target is far below the top token.)
 //   The decoded log-prob of token i is scale * r[4 + i] + min_log_prob; the quantization step is
 //   at most 16/65535 in log-prob.
 size_t coopt_eval_lp_record_len(int32_t n_vocab);

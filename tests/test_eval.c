@@ -101,6 +101,12 @@ TEST(eval_lp_record_roundtrip) {
     coopt_eval_kld_token(l, rec, NV, 3, &r);
     CHECKF(t, fabs(r.kld) < 1e-4, "kld %g", r.kld);
     CHECK(t, r.same_top && NEAR(r.nll, r.nll_base, step) && fabs(r.p_diff) < 1e-4);
+    // a target far below the top token (outside the 16-nat range) still decodes exactly
+    l[5] = -40;
+    nll  = coopt_eval_lp_encode(l, NV, 5, rec);
+    CHECKF(t, NEAR(coopt_eval_lp_get(rec, 5), -nll, 1e-4), "got %.6f want %.6f", coopt_eval_lp_get(rec, 5), -nll);
+    coopt_eval_kld_token(l, rec, NV, 5, &r);
+    CHECK(t, NEAR(r.nll_base, r.nll, 1e-4) && fabs(r.kld) < 1e-3);
     // all logits equal: scale 0, every log-prob decodes to -log(n)
     float flat[4] = {2, 2, 2, 2};
     coopt_eval_lp_encode(flat, 4, 0, rec);
