@@ -8,6 +8,9 @@
  *     onto the continuation, and tokenizes: context_enc = tok(context),
  *     continuation_enc = tok(context + continuation)[len(context_enc):]. An empty context is
  *     replaced by one prefix token (BOS, or EOS with --no-bos, as the harness's EOT prefix).
+ *     Where that split leaves no continuation token (the harness asserts; it happens with
+ *     tokenizers whose pieces end in the space, e.g. story-lmrs: "you,_" "Sara"), the split is
+ *     made at the longest common prefix of the two encodings instead; such documents are counted.
  *   - BOS: by default both encodings start with BOS (as the model was trained, and as llama.cpp
  *     evaluates); --no-bos reproduces HFLM's default add_special_tokens=False.
  *   - The model sees (context_enc + continuation_enc)[-(n_ctx+1):][:-1]; the logits of the last
@@ -121,6 +124,8 @@ struct doc_input {
     int32_t  n_all;
     int32_t  inp_off;  // inp = all[inp_off .. n_all-1)
     int32_t  n_cont;
+    bool     not_prefix; // tok(context) is not a prefix of tok(context + continuation)
+    bool     fallback;   // the harness split gave no continuation tokens; split at the common prefix
 };
 
 // Encodes a document as HFLM.loglikelihood does. Returns 0, or -1 after printing an error.
@@ -160,6 +165,17 @@ static int encode_doc(const struct coopt_tokenizer *tok, const struct doc *d, bo
         // context + continuation == text: _encode_pair only moves the split point
         if (coopt_tokenize(tok, text, ctx_kept, flags, &ctx_enc, &n_ctx) != COOPT_OK) goto tok_fail;
         if (coopt_tokenize(tok, text, len, flags, &whole, &n_whole) != COOPT_OK) goto tok_fail;
+        size_t lcp = 0;
+        while (lcp < n_ctx && lcp < n_whole && ctx_enc[lcp] == whole[lcp]) lcp++;
+        out->not_prefix = lcp < n_ctx;
+        if (n_whole <= n_ctx) {
+            // The harness would assert here (empty continuation_enc). This happens with tokenizers
+            // whose pieces carry the space at their end ("you,▁" + "Sara" vs "you" + ","): then
+            // the context is whole[:lcp] and the continuation whole[lcp:] (longest common prefix).
+            out->fallback = true;
+            n_ctx         = lcp;
+            memcpy(ctx_enc, whole, n_ctx * sizeof(int32_t));
+        }
         n_cont = n_whole > n_ctx ? n_whole - n_ctx : 0;
         if (n_cont) {
             cont_enc = malloc(n_cont * sizeof(int32_t));
@@ -255,7 +271,7 @@ int cmd_lambada(int argc, char **argv) {
     fprintf(stderr, "lambada: %d documents from %s, context %d, BOS %s, %d per decode call\n", n_docs, file, max_len,
             bos ? "on" : "off", n_par);
 
-    int64_t              n_correct = 0, n_target_tokens = 0;
+    int64_t              n_correct = 0, n_target_tokens = 0, n_not_prefix = 0, n_fallback = 0;
     double               sum_ll = 0, sum_ll2 = 0;
     struct eval_progress prog;
     eval_progress_init(&prog, "lambada", "docs", n_docs);
@@ -309,6 +325,8 @@ int cmd_lambada(int argc, char **argv) {
             }
             off += n_inp;
             n_correct += greedy;
+            n_not_prefix += in[j].not_prefix;
+            n_fallback += in[j].fallback;
             n_target_tokens += in[j].n_cont;
             sum_ll += ll;
             sum_ll2 += ll * ll;
@@ -331,6 +349,10 @@ int cmd_lambada(int argc, char **argv) {
     printf("lambada_openai: %d documents, %lld correct, %lld target tokens, ppl = %.4f ± %.4f (delta method), BOS %s\n",
            n_docs, (long long)n_correct, (long long)n_target_tokens, ppl,
            var_ll > 0 ? ppl * sqrt(var_ll / n_docs) : 0.0, bos ? "on" : "off");
+    if (n_not_prefix)
+        printf("note: for %lld documents tok(context) is not a prefix of tok(context + target) (harness split kept "
+               "for %lld, common-prefix split for %lld whose harness split was empty)\n",
+               (long long)n_not_prefix, (long long)(n_not_prefix - n_fallback), (long long)n_fallback);
     rc = 0;
 out:
     free(b_tok);
