@@ -511,9 +511,8 @@ static enum coopt_status bind_weights(struct hf_loader *L, const struct coopt_hf
     enum coopt_status   rc;
     if ((rc = bind_embeddings(L, x)) != COOPT_OK) return rc;
     if ((rc = bind_vector(L, "model.norm.weight", true, dim, &m->out_norm)) != COOPT_OK) return rc;
-    m->layers = coopt_model_alloc(m, (size_t)m->config.n_layers * sizeof(struct coopt_layer));
+    m->layers = coopt_calloc((size_t)m->config.n_layers, sizeof(struct coopt_layer)); // freed by coopt_model_free
     if (!m->layers) return COOPT_ERR_NOMEM;
-    memset(m->layers, 0, (size_t)m->config.n_layers * sizeof(struct coopt_layer));
 
     static const struct {
         const char *suffix;

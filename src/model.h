@@ -78,7 +78,7 @@ struct coopt_model {
     struct coopt_weight       tok_embd; // [n_vocab][dim]
     const float              *out_norm; // [dim] f32
     struct coopt_weight       output;   // [n_vocab][dim] (== tok_embd when tied)
-    struct coopt_layer       *layers;   // [n_layers]
+    struct coopt_layer       *layers;   // [n_layers], coopt_calloc'ed by the loader, freed by coopt_model_free
     struct coopt_tokenizer   *tokenizer;
     // generation defaults from the file (generation_config.json); NAN / -1 if absent
     float                     gen_temp, gen_top_p;

@@ -313,6 +313,12 @@ static bool write_tiny(const char *dir, const char *name, enum tiny_flaw flaw, i
     return ok;
 }
 
+
+// A minimal valid tokenizer.json (6 tokens, within the tiny models' vocabulary of 10).
+#define TINY_TOKENIZER                                                                             \
+    "{\"model\": {\"type\": \"BPE\", \"byte_fallback\": false, \"vocab\": {\"<unk>\": 0, \"<s>\": 1, " \
+    "\"</s>\": 2, \"a\": 3, \"b\": 4, \"ab\": 5}, \"merges\": [\"a b\"]}, \"added_tokens\": []}"
+
 static bool write_text(const char *dir, const char *name, const char *text) {
     return st_test_write_file(dir, name, text, strlen(text));
 }
@@ -320,6 +326,7 @@ static bool write_text(const char *dir, const char *name, const char *text) {
 TEST(hf_load_synthetic) {
     char dir[512];
     CHECK(t, st_test_mkdtemp(dir, sizeof(dir)));
+    CHECK(t, write_text(dir, "tokenizer.json", TINY_TOKENIZER));
     struct coopt_model *m;
     const char         *msg;
     enum coopt_status   rc;
@@ -456,6 +463,7 @@ TEST(hf_load_synthetic) {
 TEST(hf_load_sharded_synthetic) {
     char dir[512], path[1024];
     CHECK(t, st_test_mkdtemp(dir, sizeof(dir)));
+    CHECK(t, write_text(dir, "tokenizer.json", TINY_TOKENIZER));
     struct coopt_model *m;
     const char         *msg;
     enum coopt_status   rc;
