@@ -12,6 +12,7 @@
 #include "json_util.h"
 #include "model.h"
 #include "safetensors.h"
+#include "gptq.h"
 #include "tokenizer.h"
 
 #include <math.h>
@@ -224,6 +225,9 @@ enum coopt_status coopt_hf_parse_config(const char *json, size_t len, const char
             (rc = coopt_json_str_opt(q, "quant_method", name, &qm)) != COOPT_OK)
             goto done;
         snprintf(x->quant_method, sizeof(x->quant_method), "%s", qm ? qm : "");
+        if (cJSON_IsObject(q) && (!qm || !strcmp(qm, "gptq")) &&
+            (rc = coopt_hf_parse_gptq_config(q, name, x)) != COOPT_OK)
+            goto done;
     }
 
     cfg->n_vocab        = (int32_t)vocab;
@@ -294,6 +298,7 @@ struct hf_loader {
     const cJSON        *weight_map; // name -> shard file (inside index)
     struct hf_shard     shards[COOPT_MAX_FILES];
     int                 n_shards;
+    const struct coopt_hf_config_extra *q; // GPTQ parameters, NULL for float checkpoints
 };
 
 static void loader_free(struct hf_loader *L) {
@@ -462,11 +467,81 @@ static enum coopt_status bind_vector(struct hf_loader *L, const char *name, bool
     return coopt_model_f32_vector(L->m, t->dtype, data, n, out);
 }
 
+enum coopt_status coopt_hf_parse_gptq_config(const cJSON *q, const char *name, struct coopt_hf_config_extra *x) {
+    int64_t           bits, gs;
+    const char       *fmt = NULL;
+    enum coopt_status rc;
+    if ((rc = coopt_json_int_opt(q, "bits", name, 1, 16, 4, &bits)) != COOPT_OK ||
+        (rc = coopt_json_int_opt(q, "group_size", name, -1, 1 << 20, 128, &gs)) != COOPT_OK ||
+        (rc = coopt_json_bool_opt(q, "desc_act", name, false, &x->q_desc_act)) != COOPT_OK ||
+        (rc = coopt_json_bool_opt(q, "sym", name, true, &x->q_sym)) != COOPT_OK ||
+        (rc = coopt_json_str_opt(q, "checkpoint_format", name, &fmt)) != COOPT_OK)
+        return rc;
+    if (gs == 0 || gs < -1) return coopt_fail(COOPT_ERR_FORMAT, "%s: GPTQ group_size %lld is invalid", name, (long long)gs);
+    if (fmt && strcmp(fmt, "gptq") && strcmp(fmt, "gptq_v2"))
+        return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: GPTQ checkpoint_format '%s' is not supported (gptq, gptq_v2)",
+                          name, fmt);
+    x->q_bits       = (int32_t)bits;
+    x->q_group_size = (int32_t)gs;
+    x->q_zeros_v2   = fmt && !strcmp(fmt, "gptq_v2");
+    x->quantized    = true;
+    return COOPT_OK;
+}
+
+// Finds a GPTQ tensor `prefix.suffix` (required unless g_idx) and checks it is 2-D I32/F16 (or 1-D g_idx).
+static enum coopt_status find_gptq_part(struct hf_loader *L, const char *prefix, const char *suffix, bool required,
+                                        int n_dims, const struct coopt_st_tensor **out) {
+    char        name[320];
+    const char *shard;
+    snprintf(name, sizeof(name), "%.256s.%s", prefix, suffix);
+    enum coopt_status rc = find_tensor(L, name, required, out, &shard);
+    if (rc != COOPT_OK || !*out) return rc;
+    if (!(*out)->supported || (*out)->n_dims != n_dims)
+        return coopt_fail(COOPT_ERR_FORMAT, "%s/%s: tensor '%s' has dtype %s and %d dims, expected a %d-D %s tensor",
+                          L->dir, shard, name, (*out)->st_dtype, (*out)->n_dims, n_dims,
+                          !strcmp(suffix, "scales") ? "F16" : "I32");
+    return COOPT_OK;
+}
+
+// Binds a GPTQ linear layer: prefix.{qweight,qzeros,scales[,g_idx][,bias]} -> repacked Q4_GPTQ.
+static enum coopt_status bind_gptq(struct hf_loader *L, const char *prefix, int64_t n_out, int64_t n_in,
+                                   struct coopt_weight *w) {
+    const struct coopt_st_tensor *qw, *qz, *sc, *gi;
+    enum coopt_status             rc;
+    if ((rc = find_gptq_part(L, prefix, "qweight", true, 2, &qw)) != COOPT_OK ||
+        (rc = find_gptq_part(L, prefix, "qzeros", true, 2, &qz)) != COOPT_OK ||
+        (rc = find_gptq_part(L, prefix, "scales", true, 2, &sc)) != COOPT_OK ||
+        (rc = find_gptq_part(L, prefix, "g_idx", false, 1, &gi)) != COOPT_OK)
+        return rc;
+    const void *qwd = aligned_data(L->m, qw), *qzd = aligned_data(L->m, qz), *scd = aligned_data(L->m, sc);
+    const void *gid = gi ? aligned_data(L->m, gi) : NULL;
+    if (!qwd || !qzd || !scd || (gi && !gid)) return COOPT_ERR_NOMEM;
+    struct coopt_gptq_src src = {
+        .name = prefix, .n_in = n_in, .n_out = n_out, .bits = L->q->q_bits, .group_size = L->q->q_group_size,
+        .zeros_v1 = !L->q->q_zeros_v2,
+        .qweight = qwd, .qweight_shape = {qw->shape[0], qw->shape[1]}, .qweight_dtype = qw->dtype,
+        .qzeros = qzd, .qzeros_shape = {qz->shape[0], qz->shape[1]}, .qzeros_dtype = qz->dtype,
+        .scales = scd, .scales_shape = {sc->shape[0], sc->shape[1]}, .scales_dtype = sc->dtype,
+        .g_idx = gid, .g_idx_len = gi ? gi->shape[0] : 0, .g_idx_dtype = gi ? gi->dtype : COOPT_DTYPE_I32,
+    };
+    struct coopt_gptq_weight *g;
+    if ((rc = coopt_gptq_repack(&src, L->m->params.n_threads > 0 ? L->m->params.n_threads : coopt_n_cores(), &g)))
+        return rc;
+    if ((rc = coopt_model_own_gptq(L->m, g)) != COOPT_OK) return rc;
+    const float *bias = NULL;
+    char         name[320];
+    snprintf(name, sizeof(name), "%.256s.bias", prefix);
+    if ((rc = bind_vector(L, name, false, n_out, &bias)) != COOPT_OK) return rc;
+    coopt_gptq_as_weight(g, bias, w);
+    return COOPT_OK;
+}
+
 // Binds the linear layer `prefix` ("model.layers.0.self_attn.q_proj"): prefix.weight, plus
 // prefix.bias when present. NOTE: the GPTQ binder goes here (prefix.qweight, .qzeros, .scales,
 // .g_idx -> COOPT_DTYPE_Q4_GPTQ) when quantization_config says gptq.
-static enum coopt_status bind_linear(struct hf_loader *L, const char *prefix,
+static enum coopt_status bind_linear(struct hf_loader *L, const char *prefix, int64_t n_out, int64_t n_in,
                                      struct coopt_weight *w) {
+    if (L->q) return bind_gptq(L, prefix, n_out, n_in, w);
     char name[300];
     snprintf(name, sizeof(name), "%.256s.weight", prefix);
     enum coopt_status rc = bind_matrix(L, name, true, w);
@@ -533,10 +608,14 @@ static enum coopt_status bind_weights(struct hf_loader *L, const struct coopt_hf
         if ((rc = bind_vector(L, name, true, dim, &ly->attn_norm)) != COOPT_OK) return rc;
         snprintf(name, sizeof(name), "model.layers.%d.post_attention_layernorm.weight", l);
         if ((rc = bind_vector(L, name, true, dim, &ly->ffn_norm)) != COOPT_OK) return rc;
+        const struct coopt_model_config *c = &m->config;
+        int64_t q_dim = (int64_t)c->n_heads * c->head_dim, kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
+        const int64_t shapes[][2] = {{q_dim, dim}, {kv_dim, dim}, {kv_dim, dim}, {dim, q_dim},
+                                     {c->ffn_dim, dim}, {c->ffn_dim, dim}, {dim, c->ffn_dim}}; // [out, in]
         for (size_t i = 0; i < COOPT_ARRAY_LEN(linears); i++) {
             snprintf(name, sizeof(name), "model.layers.%d.%s", l, linears[i].suffix);
             struct coopt_weight *w = (struct coopt_weight *)((char *)ly + linears[i].offset);
-            if ((rc = bind_linear(L, name, w)) != COOPT_OK) return rc;
+            if ((rc = bind_linear(L, name, shapes[i][0], shapes[i][1], w)) != COOPT_OK) return rc;
         }
     }
     return COOPT_OK;
@@ -567,14 +646,31 @@ enum coopt_status coopt_hf_load_model(struct coopt_model *m, const char *dir) {
     if (x.quantized || qfile) {
         if (x.quant_method[0] && strcmp(x.quant_method, "gptq") != 0) {
             return coopt_fail(COOPT_ERR_UNSUPPORTED,
-                              "%s: quantization method '%s' is not supported", path,
+                              "%s: quantization method '%s' is not supported (supported: gptq)", path,
                               x.quant_method);
         }
-        return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: GPTQ checkpoints are not supported yet", dir);
+        if (!x.quantized || qfile) {
+            // quantize_config.json (AutoGPTQ) holds the parameters, or completes quantization_config
+            char *qt = NULL;
+            size_t ql = 0;
+            if ((rc = coopt_read_file(qpath, &qt, &ql)) != COOPT_OK) return rc;
+            cJSON *qj = cJSON_ParseWithLength(qt, ql);
+            free(qt);
+            if (!cJSON_IsObject(qj)) {
+                cJSON_Delete(qj);
+                return coopt_fail(COOPT_ERR_FORMAT, "%s: invalid JSON", qpath);
+            }
+            rc = coopt_hf_parse_gptq_config(qj, qpath, &x);
+            cJSON_Delete(qj);
+            if (rc != COOPT_OK) return rc;
+        }
+        if (x.q_bits != 4)
+            return coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: GPTQ with %d bits is not supported (4 bits only)", dir,
+                              x.q_bits);
     }
     if ((rc = load_generation_config(m, dir)) != COOPT_OK) return rc;
 
-    struct hf_loader L = {.m = m, .dir = dir};
+    struct hf_loader L = {.m = m, .dir = dir, .q = (x.quantized || qfile) ? &x : NULL};
     if ((rc = open_weights(&L)) == COOPT_OK) rc = bind_weights(&L, &x);
     loader_free(&L);
     if (rc != COOPT_OK) return rc;

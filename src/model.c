@@ -5,6 +5,7 @@
 #include "model.h"
 
 #include "dtype.h"
+#include "gptq.h"
 #include "tokenizer.h"
 
 #include <math.h>
@@ -28,6 +29,21 @@ void *coopt_model_alloc(struct coopt_model *m, size_t n) {
     void *p = coopt_aligned_alloc(n);
     if (p) m->allocs[m->n_allocs++] = p;
     return p;
+}
+
+enum coopt_status coopt_model_own_gptq(struct coopt_model *m, struct coopt_gptq_weight *w) {
+    if (m->n_gptq == m->cap_gptq) {
+        int                        cap = m->cap_gptq ? m->cap_gptq * 2 : 64;
+        struct coopt_gptq_weight **a   = coopt_realloc(m->gptq, (size_t)cap * sizeof(*a));
+        if (!a) {
+            coopt_gptq_weight_free(w);
+            return COOPT_ERR_NOMEM;
+        }
+        m->gptq     = a;
+        m->cap_gptq = cap;
+    }
+    m->gptq[m->n_gptq++] = w;
+    return COOPT_OK;
 }
 
 enum coopt_status coopt_model_map_file(struct coopt_model *m, const char *path, struct coopt_mmap **out) {
@@ -61,6 +77,8 @@ void coopt_model_free(struct coopt_model *m) {
     coopt_tokenizer_free(m->tokenizer);
     for (int i = 0; i < m->n_files; i++) coopt_mmap_close(&m->files[i]);
     for (int i = 0; i < m->n_allocs; i++) coopt_aligned_free(m->allocs[i]);
+    for (int i = 0; i < m->n_gptq; i++) coopt_gptq_weight_free(m->gptq[i]);
+    free(m->gptq);
     free(m->allocs);
     free(m->layers);
     free(m);
@@ -90,7 +108,7 @@ static enum coopt_status check_weight(const char *file, const char *what, const 
 }
 
 static uint64_t weight_bytes(const struct coopt_weight *w) {
-    if (w->dtype == COOPT_DTYPE_Q4_GPTQ) return (uint64_t)w->n_out * (uint64_t)w->n_in / 2; // ~0.5 B/param
+    if (w->dtype == COOPT_DTYPE_Q4_GPTQ) return (uint64_t)coopt_gptq_weight_bytes(w->gptq);
     return (uint64_t)coopt_dtype_row_bytes(w->dtype, w->n_in) * (uint64_t)w->n_out;
 }
 

@@ -86,6 +86,8 @@ struct coopt_model {
     // owned resources
     struct coopt_mmap         files[COOPT_MAX_FILES];
     int                       n_files;
+    struct coopt_gptq_weight **gptq;    // [n_gptq] repacked GPTQ weights owned by the model
+    int                        n_gptq, cap_gptq;
     void                    **allocs;   // owned allocations freed with the model
     int                       n_allocs, cap_allocs;
     struct coopt_model_params params;
@@ -95,6 +97,9 @@ struct coopt_model {
 
 // Allocates memory owned by the model (freed by coopt_model_free). NULL on failure (logged).
 void *coopt_model_alloc(struct coopt_model *m, size_t n);
+struct coopt_gptq_weight;
+// Hands a repacked GPTQ weight to the model (freed by coopt_model_free; also on failure).
+enum coopt_status coopt_model_own_gptq(struct coopt_model *m, struct coopt_gptq_weight *w);
 // Maps a file and records it in m->files. The mapping lives until coopt_model_free.
 enum coopt_status coopt_model_map_file(struct coopt_model *m, const char *path, struct coopt_mmap **out);
 // Converts a norm vector of `n` elements (type t at src) into owned f32.

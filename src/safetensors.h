@@ -16,6 +16,8 @@
 #define COOPT_SAFETENSORS_H
 
 #include "coopt.h"
+
+#include <cjson/cJSON.h>
 #include "model.h"
 #include "util.h"
 
@@ -121,7 +123,17 @@ struct coopt_hf_config_extra {
     int32_t bos_id, eos_id;   // -1 if absent (eos: the first of a list)
     bool    quantized;        // quantization_config present
     char    quant_method[32]; // its quant_method ("gptq", "awq", ...), "" if none
+    // GPTQ parameters (quantization_config or quantize_config.json); valid when quantized
+    int32_t q_bits;           // default 4
+    int32_t q_group_size;     // default 128; -1 = one group over all inputs
+    bool    q_desc_act;       // act-order (g_idx present)
+    bool    q_sym;            // default true
+    bool    q_zeros_v2;       // checkpoint_format "gptq_v2": zeros stored as is (v1 stores zero - 1)
 };
+
+// Parses GPTQ parameters from a quantization_config object or quantize_config.json root into x
+// (bits, group_size, desc_act, sym, checkpoint_format). `name` is used in messages.
+enum coopt_status coopt_hf_parse_gptq_config(const cJSON *q, const char *name, struct coopt_hf_config_extra *x);
 
 // Parses config.json text (len bytes, need not be NUL-terminated) into cfg (rope_layout HALF).
 // `name` is used in messages. Returns COOPT_ERR_FORMAT for missing/ill-typed/inconsistent fields,

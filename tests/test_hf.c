@@ -424,14 +424,19 @@ TEST(hf_load_synthetic) {
     CHECKF(t,
            rc == COOPT_ERR_FORMAT && strstr(msg, "model.safetensors: header length 64 runs past"),
            "%s", msg);
-    // GPTQ and other quantizations are refused for now
+    // a GPTQ config over float tensors: the GPTQ tensors are missing; other methods are refused
     CHECK(t, write_tiny(dir, "model.safetensors", TINY_OK, 0, 1));
     CHECK(t, write_text(dir, "config.json",
                         TINY_CFG ", \"quantization_config\": {\"quant_method\": \"gptq\"}}"));
     rc = load(dir, &m, &msg);
     coopt_model_free(m);
-    CHECKF(t, rc == COOPT_ERR_UNSUPPORTED && strstr(msg, "GPTQ checkpoints are not supported yet"),
+    CHECKF(t, rc == COOPT_ERR_FORMAT && strstr(msg, "tensor 'model.layers.0.self_attn.q_proj.qweight' not found"),
            "%s", msg);
+    CHECK(t, write_text(dir, "config.json",
+                        TINY_CFG ", \"quantization_config\": {\"quant_method\": \"gptq\", \"bits\": 8}}"));
+    rc = load(dir, &m, &msg);
+    coopt_model_free(m);
+    CHECKF(t, rc == COOPT_ERR_UNSUPPORTED && strstr(msg, "8 bits is not supported"), "%s", msg);
     CHECK(t, write_text(dir, "config.json",
                         TINY_CFG ", \"quantization_config\": {\"quant_method\": \"awq\"}}"));
     rc = load(dir, &m, &msg);

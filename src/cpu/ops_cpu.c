@@ -11,6 +11,7 @@
 #include "cpu/simd.h"
 
 #include "dtype.h"
+#include "gptq.h"
 #include "util.h"
 
 #include <math.h>
@@ -241,6 +242,20 @@ static void get_rows_fast(struct coopt_backend *be, float *out, const float *x, 
         memmove(out + (size_t)j * dim, x + (size_t)rows[j] * dim, (size_t)dim * sizeof(float));
 }
 
+// GPTQ int4 weights go to their own kernels (matmul_gptq.c); everything else to cpu_matmul.
+static void matmul_fast(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                        int32_t n_rows) {
+    if (w->dtype != COOPT_DTYPE_Q4_GPTQ) {
+        cpu_matmul(be, out, x, w, n_rows);
+        return;
+    }
+    struct cpu_backend *cb = be->impl;
+    COOPT_ASSERT(coopt_gptq_matmul_cpu(cb->tp, out, x, w->gptq, n_rows) == COOPT_OK);
+    if (w->bias)
+        for (int32_t r = 0; r < n_rows; r++)
+            for (int64_t o = 0; o < w->n_out; o++) out[(size_t)r * (size_t)w->n_out + (size_t)o] += w->bias[o];
+}
+
 const struct coopt_ops coopt_cpu_fast_ops = {
     .name            = "cpu",
     .alloc           = cpu_alloc,
@@ -250,7 +265,7 @@ const struct coopt_ops coopt_cpu_fast_ops = {
     .sync            = cpu_sync,
     .embed           = embed_fast,
     .rmsnorm         = rmsnorm_fast,
-    .matmul          = cpu_matmul,
+    .matmul          = matmul_fast,
     .rope            = rope_fast,
     .rope_store      = rope_store_fast,
     .attention       = cpu_attention,

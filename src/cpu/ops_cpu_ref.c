@@ -10,6 +10,7 @@
 #include "cpu/ops_cpu.h"
 
 #include "dtype.h"
+#include "gptq.h"
 #include "util.h"
 
 #include <math.h>
@@ -172,6 +173,13 @@ static void rmsnorm_ref(struct coopt_backend *be, float *out, const float *x, co
 
 static void matmul_ref(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
                        int32_t n_rows) {
+    if (w->dtype == COOPT_DTYPE_Q4_GPTQ) {
+        coopt_gptq_matmul_ref(out, x, w->gptq, n_rows);
+        if (w->bias)
+            for (int32_t r = 0; r < n_rows; r++)
+                for (int64_t o = 0; o < w->n_out; o++) out[(size_t)r * (size_t)w->n_out + (size_t)o] += w->bias[o];
+        return;
+    }
     size_t row_bytes = coopt_dtype_row_bytes(w->dtype, w->n_in);
     COOPT_ASSERT(row_bytes > 0);
     float *wrow = xmalloc((size_t)w->n_in * sizeof(float));
