@@ -29,6 +29,7 @@ struct coopt_ctx {
     float                   *inv_freq; // [head_dim/2] host
     struct coopt_rope        rope;
     struct coopt_scratch     scratch;
+    struct coopt_forward_hook hook; // fn NULL = none
     int32_t                  max_blocks;
     // host staging for one step ([n_batch] unless noted)
     int32_t *h_tokens, *h_pos, *h_tok_seq, *h_out_rows, *h_block_tables /* [n_seq_max][max_blocks] */, *h_seq_lens;
@@ -274,7 +275,7 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
         .n_seqs = n_seqs, .max_blocks = c->max_blocks, .block_tables = c->d_block_tables, .seq_lens = c->d_seq_lens,
         .window = c->model->config.sliding_window, .n_out = n_out, .out_rows = c->d_out_rows,
     };
-    coopt_forward(c->dev_model, be, kv, &c->rope, &c->scratch, &b);
+    coopt_forward(c->dev_model, be, kv, &c->rope, &c->scratch, &b, c->hook.fn ? &c->hook : NULL);
     size_t nv = (size_t)c->model->config.n_vocab;
     if (n_out > 0) be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
     be->ops->sync(be);
@@ -367,4 +368,11 @@ const struct coopt_ctx_params *coopt_ctx_params(const struct coopt_ctx *c) { ret
 int64_t coopt_ctx_pages_free(const struct coopt_ctx *c) { return c->kv->n_free; }
 int64_t coopt_ctx_pages_needed(const struct coopt_ctx *c, int32_t seq, int64_t n) {
     return coopt_kv_pages_needed(c->kv, seq, n);
+}
+
+enum coopt_status coopt_ctx_set_hook(struct coopt_ctx *c, const struct coopt_forward_hook *hook) {
+    if (hook && hook->fn && c->be->ops->model_upload)
+        return coopt_fail(COOPT_ERR_UNSUPPORTED, "forward hooks need a host-memory backend (cpu)");
+    c->hook = hook ? *hook : (struct coopt_forward_hook){0};
+    return COOPT_OK;
 }

@@ -15,4 +15,8 @@ const struct coopt_ctx_params *coopt_ctx_params(const struct coopt_ctx *c);
 int64_t coopt_ctx_pages_free(const struct coopt_ctx *c);
 int64_t coopt_ctx_pages_needed(const struct coopt_ctx *c, int32_t seq, int64_t n);
 
+struct coopt_forward_hook;
+// Installs (or with NULL removes) an observer of matmul inputs (see forward.h). CPU only.
+enum coopt_status coopt_ctx_set_hook(struct coopt_ctx *c, const struct coopt_forward_hook *hook);
+
 #endif

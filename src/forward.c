@@ -70,7 +70,8 @@ void coopt_rope_init(const struct coopt_model_config *c, float *inv_freq) {
 }
 
 void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct coopt_kv_cache *kv,
-                   const struct coopt_rope *rope, struct coopt_scratch *s, const struct coopt_batch *b) {
+                   const struct coopt_rope *rope, struct coopt_scratch *s, const struct coopt_batch *b,
+                   const struct coopt_forward_hook *hook) {
     const struct coopt_ops           *op = be->ops;
     const struct coopt_model_config *c  = &m->config;
     int32_t                          n  = b->n_tokens;
@@ -83,22 +84,25 @@ void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct
         const struct coopt_layer *L = &m->layers[l];
         // attention block
         op->rmsnorm(be, s->xb, s->x, L->attn_norm, n, (int32_t)dim, c->norm_eps);
+        if (hook) hook->fn(hook->ud, l, 0, s->xb, n, (int32_t)dim);
         op->matmul(be, s->q, s->xb, &L->wq, n);
         op->matmul(be, s->k, s->xb, &L->wk, n);
         op->matmul(be, s->v, s->xb, &L->wv, n);
         op->rope_store(be, s->q, s->k, s->v, c->n_heads, kv, l, b, rope);
         op->attention(be, s->att, s->q, c->n_heads, kv, l, b, scale);
+        if (hook) hook->fn(hook->ud, l, 1, s->att, n, (int32_t)q_dim);
         op->matmul(be, s->xb, s->att, &L->wo, n);
         op->add(be, s->x, s->x, s->xb, (int64_t)n * dim);
         // MLP block
         op->rmsnorm(be, s->xb, s->x, L->ffn_norm, n, (int32_t)dim, c->norm_eps);
+        if (hook) hook->fn(hook->ud, l, 2, s->xb, n, (int32_t)dim);
         op->matmul(be, s->hb, s->xb, &L->w_gate, n);
         op->matmul(be, s->hb2, s->xb, &L->w_up, n);
         op->silu_mul(be, s->hb, s->hb, s->hb2, (int64_t)n * ffn);
+        if (hook) hook->fn(hook->ud, l, 3, s->hb, n, (int32_t)ffn);
         op->matmul(be, s->xb, s->hb, &L->w_down, n);
         op->add(be, s->x, s->x, s->xb, (int64_t)n * dim);
     }
-    (void)q_dim;
     if (b->n_out == 0) return;
     op->get_rows(be, s->xo, s->x, b->out_rows, b->n_out, (int32_t)dim);
     op->rmsnorm(be, s->xo, s->xo, m->out_norm, b->n_out, (int32_t)dim, c->norm_eps);

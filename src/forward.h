@@ -32,10 +32,19 @@ void coopt_scratch_free(struct coopt_backend *be, struct coopt_scratch *s);
 // Fills inv_freq[head_dim/2] for the model's RoPE (theta, linear or llama3 scaling).
 void coopt_rope_init(const struct coopt_model_config *c, float *inv_freq);
 
+// Optional observer of matmul inputs (calibration for `coopt quantize`). `which` names the
+// linear layers that read x: 0 = wq/wk/wv, 1 = wo, 2 = w_gate/w_up, 3 = w_down. x is in backend
+// memory ([n_rows][n_in]); only host-memory backends support hooks.
+struct coopt_forward_hook {
+    void (*fn)(void *ud, int32_t layer, int32_t which, const float *x, int32_t n_rows, int32_t n_in);
+    void *ud;
+};
+
 // One forward step over batch b (arrays in backend memory). Writes K/V of every token into the
 // cache, and logits of the b->n_out requested rows into s->logits [n_out][n_vocab].
 // `m` holds weights readable by `be`.
 void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct coopt_kv_cache *kv,
-                   const struct coopt_rope *rope, struct coopt_scratch *s, const struct coopt_batch *b);
+                   const struct coopt_rope *rope, struct coopt_scratch *s, const struct coopt_batch *b,
+                   const struct coopt_forward_hook *hook);
 
 #endif // COOPT_FORWARD_H
