@@ -16,6 +16,9 @@ static void usage(void) {
             "  bench      prompt-processing and generation speed (llama-bench style)\n"
             "  perplexity perplexity of a text file (llama-perplexity conventions), KL divergence\n"
             "  lambada    LAMBADA last-word accuracy\n"
+            "  quantize   GPTQ / round-to-nearest 4-bit quantization to a GPTQ checkpoint\n"
+            "  convert    restructure attention to G KV heads (MHA -> GQA), convert formats\n"
+            "  synth      random-weight model in the exact shape and format of a named architecture\n"
             "\n"
             "`coopt <command> --help` shows the options of a command.\n");
 }
@@ -31,6 +34,9 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "perplexity")) return cmd_perplexity(argc - 1, argv + 1);
     if (!strcmp(cmd, "lambada")) return cmd_lambada(argc - 1, argv + 1);
+    if (!strcmp(cmd, "quantize")) return cmd_quantize(argc - 1, argv + 1);
+    if (!strcmp(cmd, "convert")) return cmd_convert(argc - 1, argv + 1);
+    if (!strcmp(cmd, "synth")) return cmd_synth(argc - 1, argv + 1);
     fprintf(stderr, "coopt: unknown command '%s'\n", cmd);
     usage();
     return 1;
