@@ -7,6 +7,7 @@
 #include "util.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 static const char *const g_names[COOPT_DTYPE_COUNT] = {
@@ -258,4 +259,52 @@ void coopt_quant_row(enum coopt_dtype t, const float *src, void *dst, int64_t n)
     }
     default: COOPT_ASSERT(!"dtype not convertible");
     }
+}
+
+// ---- FP8 KV rows ----
+
+static float g_e4m3_table[256], g_e5m2_table[256];
+
+static void fp8_tables_init(void) {
+    for (int i = 0; i < 256; i++) {
+        g_e4m3_table[i] = coopt_fp8_e4m3_to_f32((uint8_t)i);
+        g_e5m2_table[i] = coopt_fp8_e5m2_to_f32((uint8_t)i);
+    }
+}
+
+const float *coopt_fp8_table(enum coopt_dtype t) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fp8_tables_init);
+    return t == COOPT_DTYPE_FP8_E4M3 ? g_e4m3_table : g_e5m2_table;
+}
+
+float coopt_fp8_quant_row(enum coopt_dtype t, const float *x, uint8_t *q, int32_t n, int32_t n_search) {
+    COOPT_ASSERT(t == COOPT_DTYPE_FP8_E4M3 || t == COOPT_DTYPE_FP8_E5M2);
+    bool         e4   = t == COOPT_DTYPE_FP8_E4M3;
+    const float *tab  = coopt_fp8_table(t);
+    float        amax = 0.0f;
+    for (int32_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    if (!(amax > 0.0f) || !isfinite(amax)) {
+        memset(q, 0, (size_t)n);
+        return 0.0f;
+    }
+    float base = amax / (e4 ? 448.0f : 57344.0f), best_s = base;
+    if (n_search > 1) {
+        float best_err = INFINITY;
+        for (int32_t k = 0; k < n_search; k++) {
+            float s = base * exp2f((float)k / (float)n_search), inv = 1.0f / s, err = 0.0f;
+            for (int32_t i = 0; i < n; i++) {
+                uint8_t c = e4 ? coopt_fp8_e4m3_encode(x[i] * inv) : coopt_fp8_e5m2_encode(x[i] * inv);
+                float   d = tab[c] * s - x[i];
+                err += d * d;
+            }
+            if (err < best_err) {
+                best_err = err;
+                best_s   = s;
+            }
+        }
+    }
+    float inv = 1.0f / best_s;
+    for (int32_t i = 0; i < n; i++) q[i] = e4 ? coopt_fp8_e4m3_encode(x[i] * inv) : coopt_fp8_e5m2_encode(x[i] * inv);
+    return best_s;
 }

@@ -64,6 +64,48 @@ uint8_t coopt_f32_to_fp8_e4m3(float f);
 float   coopt_fp8_e5m2_to_f32(uint8_t x);
 uint8_t coopt_f32_to_fp8_e5m2(float f);
 
+// Fast exact FP8 encoders (bit manipulation, round to nearest even, saturating, NaN -> NaN code):
+// identical to coopt_f32_to_fp8_e4m3 / _e5m2 for every input (tested exhaustively over ranges).
+static inline uint8_t coopt_fp8_e4m3_encode(float f) {
+    uint32_t u = coopt_f32_bits(f), sign = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint8_t)(sign | 0x7f);
+    if (a >= 0x43e00000u) return (uint8_t)(sign | 0x7e); // >= 448: saturate
+    if (a < 0x3c800000u) {                               // < 2^-6: subnormal, quantum 2^-9
+        float m = coopt_f32_from_bits(a) * 512.0f;
+        float r = (m + 8388608.0f) - 8388608.0f;          // round to nearest even
+        return (uint8_t)(sign | (uint32_t)r);            // r == 8 encodes the smallest normal
+    }
+    a += 0x7ffffu + ((a >> 20) & 1u);                    // round the mantissa to 3 bits
+    uint32_t e = (a >> 23) - 120u, m = (a >> 20) & 7u;
+    if (e > 15 || (e == 15 && m == 7)) return (uint8_t)(sign | 0x7e);
+    return (uint8_t)(sign | (e << 3) | m);
+}
+static inline uint8_t coopt_fp8_e5m2_encode(float f) {
+    uint32_t u = coopt_f32_bits(f), sign = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint8_t)(sign | 0x7f);
+    if (a >= 0x47600000u) return (uint8_t)(sign | 0x7b); // >= 57344: saturate
+    if (a < 0x38800000u) {                               // < 2^-14: subnormal, quantum 2^-16
+        float m = coopt_f32_from_bits(a) * 65536.0f;
+        float r = (m + 8388608.0f) - 8388608.0f;
+        return (uint8_t)(sign | (uint32_t)r);
+    }
+    a += 0xfffffu + ((a >> 21) & 1u);                    // round the mantissa to 2 bits
+    uint32_t e = (a >> 23) - 112u, m = (a >> 21) & 3u;
+    if (e > 30 || (e == 30 && m == 3)) return (uint8_t)(sign | 0x7b);
+    return (uint8_t)(sign | (e << 2) | m);
+}
+
+// FP8 KV row quantization with a per-row f32 scale, the Opt-KV write-path reference (every
+// backend must produce the same bytes). The scale is amax / fp8_max (the row's largest element
+// is then exact) times 2^(k/n_search) for the k in [0, n_search) that minimizes the row's squared
+// error; n_search <= 1 keeps amax / fp8_max. Writes n codes to q and returns the scale (0 for an
+// all-zero row, whose codes are 0). See docs/BENCHMARKS.md "FP8 KV scaling" for the measurements
+// behind the choice (search for K, plain amax for V).
+float coopt_fp8_quant_row(enum coopt_dtype t, const float *x, uint8_t *q, int32_t n, int32_t n_search);
+
+// Decode table of an FP8 type (256 entries; NaN codes decode to NaN).
+const float *coopt_fp8_table(enum coopt_dtype t);
+
 // Converts n elements of row `src` (type t) to f32. Works for every type but Q4_GPTQ.
 void coopt_dequant_row(enum coopt_dtype t, const void *src, float *dst, int64_t n);
 // Converts n f32 values into type t (F32, F16, BF16, Q8_0, Q4_0, FP8_*), reference rounding.

@@ -26,6 +26,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// FP8 rows carry one f32 scale each, chosen by coopt_fp8_quant_row (dtype.h) among this many
+// candidates in [amax/fp8_max, 2*amax/fp8_max) for the smallest squared error of the row
+// (measured against plain amax scaling in docs/BENCHMARKS.md, "FP8 KV scaling").
+#define COOPT_KV_SCALE_SEARCH 16
+
 struct coopt_kv_layout {
     enum coopt_dtype dtype;       // F32, F16, BF16, FP8_E4M3, FP8_E5M2
     int32_t          n_layers, n_kv_heads, head_dim, page_size;

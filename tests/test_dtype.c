@@ -55,3 +55,53 @@ TEST(dtype_q8_q4_rows) {
     CHECK(t, coopt_dtype_row_bytes(COOPT_DTYPE_Q4_0, 64) == 36);
     CHECK(t, coopt_dtype_row_bytes(COOPT_DTYPE_Q4_0, 33) == 0);
 }
+
+TEST(dtype_fp8_fast_encoders_exact) {
+    // every f32 bit pattern with the low 8 mantissa bits swept coarsely, plus all ties
+    for (uint64_t u = 0; u < (1ull << 32); u += 251) {
+        float f = coopt_f32_from_bits((uint32_t)u);
+        if (f != f) continue;
+        uint8_t a = coopt_fp8_e4m3_encode(f), b = coopt_f32_to_fp8_e4m3(f);
+        CHECKF(t, a == b, "e4m3 %a: fast %02x ref %02x", (double)f, a, b);
+        a = coopt_fp8_e5m2_encode(f);
+        b = coopt_f32_to_fp8_e5m2(f);
+        CHECKF(t, a == b, "e5m2 %a: fast %02x ref %02x", (double)f, a, b);
+    }
+    // exact midpoints between neighbouring codes round to even
+    for (int c = 0; c < 0x7e; c++) {
+        float lo = coopt_fp8_e4m3_to_f32((uint8_t)c), hi = coopt_fp8_e4m3_to_f32((uint8_t)(c + 1));
+        float mid = (lo + hi) / 2;
+        CHECKF(t, coopt_fp8_e4m3_encode(mid) == coopt_f32_to_fp8_e4m3(mid), "e4m3 tie %d", c);
+    }
+    for (int c = 0; c < 0x7b; c++) {
+        float lo = coopt_fp8_e5m2_to_f32((uint8_t)c), hi = coopt_fp8_e5m2_to_f32((uint8_t)(c + 1));
+        float mid = (lo + hi) / 2;
+        CHECKF(t, coopt_fp8_e5m2_encode(mid) == coopt_f32_to_fp8_e5m2(mid), "e5m2 tie %d", c);
+    }
+}
+
+TEST(dtype_fp8_quant_row_search) {
+    uint64_t s = 7;
+    float    x[128], y[128];
+    uint8_t  q[128];
+    for (int rep = 0; rep < 200; rep++) {
+        for (int i = 0; i < 128; i++) x[i] = test_rand_normal(&s) * (rep % 7 == 0 ? 100.0f : 0.5f);
+        for (int n = 8; n <= 128; n *= 2) {
+            float err1 = 0, err16 = 0;
+            float s1   = coopt_fp8_quant_row(COOPT_DTYPE_FP8_E4M3, x, q, n, 1);
+            for (int i = 0; i < n; i++) err1 += powf(coopt_fp8_e4m3_to_f32(q[i]) * s1 - x[i], 2);
+            float s16 = coopt_fp8_quant_row(COOPT_DTYPE_FP8_E4M3, x, q, n, 16);
+            for (int i = 0; i < n; i++) {
+                y[i] = coopt_fp8_e4m3_to_f32(q[i]) * s16;
+                err16 += powf(y[i] - x[i], 2);
+            }
+            // the search includes the plain scale, so it is never worse; and never saturates
+            CHECKF(t, err16 <= err1 * (1 + 1e-6f), "rep %d n %d: %g > %g", rep, n, err16, err1);
+            float amax = 0;
+            for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+            CHECK(t, s16 >= s1 && s16 < 2 * s1 && amax / s16 <= 448.0f * (1 + 1e-6f));
+        }
+    }
+    float zero[16] = {0};
+    CHECK(t, coopt_fp8_quant_row(COOPT_DTYPE_FP8_E5M2, zero, q, 16, 16) == 0.0f && q[0] == 0 && q[15] == 0);
+}

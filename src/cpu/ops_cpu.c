@@ -159,7 +159,7 @@ static void rope_task(void *ctx, int32_t ith, int32_t nth) {
                 }
                 uint8_t *pool  = c->kv->pool;
                 void    *scale = l->has_scales ? pool + coopt_kv_scale_offset(l, page, c->layer, kvi, h, row) : NULL;
-                cpu_kv_store_row(l, src, pool + coopt_kv_offset(l, page, c->layer, kvi, h, row), scale);
+                cpu_kv_store_row(l, kvi, src, pool + coopt_kv_offset(l, page, c->layer, kvi, h, row), scale);
             }
         }
     }

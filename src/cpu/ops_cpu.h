@@ -38,7 +38,7 @@ float cpu_kv_fp8_max(enum coopt_dtype t);
 // Writes the f32 row x[head_dim] into the cache at `dst` (type l->dtype). For FP8 types the
 // row's scale is amax(x) / fp8_max, stored as an f32 at `scale` (any alignment), and the values are fp8(x / scale); an
 // all-zero row stores scale 0 and zeros. `scale` is unused for F32/F16/BF16.
-void cpu_kv_store_row(const struct coopt_kv_layout *l, const float *x, void *dst, void *scale);
+void cpu_kv_store_row(const struct coopt_kv_layout *l, int32_t kv, const float *x, void *dst, void *scale);
 
 // Angles of RoPE for one position: cs[2*i] = cos(pos * inv_freq[i]), cs[2*i+1] = sin(...),
 // computed like Hugging Face (angle in f32, then f32 cos/sin).

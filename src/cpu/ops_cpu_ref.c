@@ -95,25 +95,15 @@ float cpu_kv_fp8_max(enum coopt_dtype t) {
     }
 }
 
-void cpu_kv_store_row(const struct coopt_kv_layout *l, const float *x, void *dst, void *scale) {
+void cpu_kv_store_row(const struct coopt_kv_layout *l, int32_t kv, const float *x, void *dst, void *scale) {
     int32_t n = l->head_dim;
     if (!l->has_scales) {
         coopt_quant_row(l->dtype, x, dst, n);
         return;
     }
-    float amax = 0.0f;
-    for (int32_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
-    float    s = amax / cpu_kv_fp8_max(l->dtype);
-    uint8_t *q = dst;
+    float s = coopt_fp8_quant_row(l->dtype, x, dst, n, COOPT_KV_SCALE_SEARCH);
+    (void)kv;
     memcpy(scale, &s, sizeof(s));
-    if (s == 0.0f) {
-        memset(q, 0, (size_t)n);
-        return;
-    }
-    for (int32_t i = 0; i < n; i++) {
-        float v = x[i] / s;
-        q[i]    = l->dtype == COOPT_DTYPE_FP8_E4M3 ? coopt_f32_to_fp8_e4m3(v) : coopt_f32_to_fp8_e5m2(v);
-    }
 }
 
 void cpu_rope_angles(const struct coopt_rope *rope, int32_t pos, float *cs) {
@@ -227,7 +217,7 @@ static void rope_store_ref(struct coopt_backend *be, float *q, const float *k, c
                 memcpy(tmp, src, (size_t)hd * sizeof(float));
                 if (kvi == 0) cpu_rope_apply(rope, cs, tmp);
                 void *scale = l->has_scales ? kv->pool + coopt_kv_scale_offset(l, page, layer, kvi, h, row) : NULL;
-                cpu_kv_store_row(l, tmp, kv->pool + coopt_kv_offset(l, page, layer, kvi, h, row), scale);
+                cpu_kv_store_row(l, kvi, tmp, kv->pool + coopt_kv_offset(l, page, layer, kvi, h, row), scale);
             }
         }
     }
