@@ -26,7 +26,9 @@ static void bench_usage(void) {
             "  -n, --n-gen N[,N..]     generation lengths (default 128; 0 = skip)\n"
             "  -d, --n-depth N[,N..]   context depth before the test (default 0)\n"
             "  -r, --repetitions N     (default 5)\n"
-            "  -o, --output md|json    (default md)\n");
+            "  -o, --output md|json    (default md)\n"
+            "  -B, --batch-seqs B[,B..] batched mode: B sequences, each prefilled with the first -p length,\n"
+            "                          then decoded together for the first -n length; total tokens/s\n");
     app_opts_usage();
 }
 
@@ -97,12 +99,55 @@ out:
     return secs;
 }
 
+// Batched mode: B sequences prefilled with n_prompt tokens each (one call, chunked by -b), then
+// n_gen steps that decode one token of every sequence in one call. Returns 0 and the two times.
+static int run_batched(struct coopt_ctx *c, int64_t B, int64_t n_prompt, int64_t n_gen, int32_t n_vocab,
+                       double *t_prompt, double *t_gen) {
+    int32_t *seq  = malloc((size_t)B * sizeof(int32_t));
+    int32_t *toks = malloc((size_t)(B * n_prompt + B) * sizeof(int32_t));
+    int32_t *sids = malloc((size_t)(B * n_prompt + B) * sizeof(int32_t));
+    int      rc   = -1;
+    int64_t  made = 0;
+    if (!seq || !toks || !sids) goto out;
+    for (; made < B; made++)
+        if (coopt_seq_new(c, &seq[made]) != COOPT_OK) goto out;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < n_prompt; i++) {
+            toks[b * n_prompt + i] = rand_token(n_vocab);
+            sids[b * n_prompt + i] = seq[b];
+        }
+    int64_t t0 = coopt_time_us();
+    if (n_prompt > 0) {
+        struct coopt_batch_input in = {.n_tokens = (int32_t)(B * n_prompt), .tokens = toks, .seq_ids = sids};
+        if (coopt_ctx_decode(c, &in) != COOPT_OK) goto out;
+    }
+    int64_t t1 = coopt_time_us();
+    for (int64_t g = 0; g < n_gen; g++) {
+        for (int64_t b = 0; b < B; b++) {
+            toks[b] = rand_token(n_vocab);
+            sids[b] = seq[b];
+        }
+        struct coopt_batch_input in = {.n_tokens = (int32_t)B, .tokens = toks, .seq_ids = sids};
+        if (coopt_ctx_decode(c, &in) != COOPT_OK) goto out;
+    }
+    *t_prompt = (t1 - t0) / 1e6;
+    *t_gen    = (coopt_time_us() - t1) / 1e6;
+    rc        = 0;
+out:
+    for (int64_t b = 0; b < made; b++) coopt_seq_free(c, seq[b]);
+    free(seq);
+    free(toks);
+    free(sids);
+    return rc;
+}
+
 int cmd_bench(int argc, char **argv) {
     struct app_opts o;
     app_opts_default(&o);
     o.n_seq_max = 1;
     int64_t pp[MAX_LIST] = {512}, tg[MAX_LIST] = {128}, dp[MAX_LIST] = {0};
-    int     n_pp = 1, n_tg = 1, n_dp = 1;
+    int64_t bs[MAX_LIST] = {0};
+    int     n_pp = 1, n_tg = 1, n_dp = 1, n_bs = 0;
     int64_t reps = 5;
     bool    json = false;
     for (int i = 1; i < argc; i++) {
@@ -119,6 +164,8 @@ int cmd_bench(int argc, char **argv) {
             if (!(v = app_next_arg(argc, argv, &i)) || parse_list(a, v, tg, &n_tg)) return 1;
         } else if (!strcmp(a, "-d") || !strcmp(a, "--n-depth")) {
             if (!(v = app_next_arg(argc, argv, &i)) || parse_list(a, v, dp, &n_dp)) return 1;
+        } else if (!strcmp(a, "-B") || !strcmp(a, "--batch-seqs")) {
+            if (!(v = app_next_arg(argc, argv, &i)) || parse_list(a, v, bs, &n_bs)) return 1;
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
             if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 1, 1000, &reps)) return 1;
         } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
@@ -141,6 +188,10 @@ int cmd_bench(int argc, char **argv) {
         for (int i = 0; i < n_tg; i++) max_tokens = MAX(max_tokens, dp[d] + tg[i]);
     for (int d = 0; d < n_dp; d++) max_pp = MAX(max_pp, MAX(dp[d], 1));
     for (int i = 0; i < n_pp; i++) max_pp = MAX(max_pp, pp[i]);
+    for (int i = 0; i < n_bs; i++) {
+        max_tokens  = MAX(max_tokens, pp[0] + tg[0]);
+        o.n_seq_max = (int32_t)MAX(o.n_seq_max, bs[i]);
+    }
     if (o.n_ctx == 0) o.n_ctx = (int32_t)max_tokens;
     struct coopt_model *m;
     struct coopt_ctx   *c;
@@ -187,6 +238,42 @@ int cmd_bench(int argc, char **argv) {
                     double bytes   = (double)info->weight_bytes + avg_ctx * (double)kvs.bytes_per_token;
                     br->gbps       = bytes * mean / 1e9;
                 }
+            }
+        }
+    }
+    for (int i = 0; i < n_bs && !rc; i++) {
+        int64_t B = bs[i];
+        double  sum_p = 0, sum_g = 0, tp[1000], tgv[1000], tpp, tgg;
+        if (run_batched(c, B, pp[0], tg[0], info->n_vocab, &tpp, &tgg)) rc = 1; // warm-up
+        for (int r = 0; r < reps && !rc; r++) {
+            if (run_batched(c, B, pp[0], tg[0], info->n_vocab, &tpp, &tgg)) {
+                rc = 1;
+                break;
+            }
+            tp[r]  = tpp > 0 ? (double)(B * pp[0]) / tpp : 0;
+            tgv[r] = tgg > 0 ? (double)(B * tg[0]) / tgg : 0;
+            sum_p += tp[r];
+            sum_g += tgv[r];
+        }
+        if (rc) {
+            fprintf(stderr, "coopt bench: batched test failed (KV cache too small for B=%lld?)\n", (long long)B);
+            break;
+        }
+        for (int kind = 0; kind < 2; kind++) {
+            double *v = kind == 0 ? tp : tgv, mean = (kind == 0 ? sum_p : sum_g) / (double)reps, sq = 0;
+            if ((kind == 0 ? pp[0] : tg[0]) == 0) continue;
+            for (int r = 0; r < reps; r++) sq += (v[r] - mean) * (v[r] - mean);
+            struct bench_result *br   = &res[n_res++];
+            char                *name = malloc(48);
+            snprintf(name, 48, "%s%lld x B%lld", kind == 0 ? "pp" : "tg", (long long)(kind == 0 ? pp[0] : tg[0]),
+                     (long long)B);
+            *br = (struct bench_result){.test = name, .n_prompt = kind == 0 ? pp[0] : 0, .n_gen = kind == 1 ? tg[0] : 0,
+                                        .depth = 0, .mean_tps = mean, .std_tps = reps > 1 ? sqrt(sq / (reps - 1)) : 0};
+            if (kind == 1) {
+                // one step reads the weights once and the K/V of all B sequences
+                double avg_ctx = (double)pp[0] + (double)(tg[0] - 1) / 2.0 + 1;
+                double bytes   = (double)info->weight_bytes + (double)B * avg_ctx * (double)kvs.bytes_per_token;
+                br->gbps       = bytes * (mean / (double)B) / 1e9;
             }
         }
     }

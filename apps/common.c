@@ -87,6 +87,15 @@ int app_opts_parse(struct app_opts *o, int argc, char **argv, int *i) {
         if (!(o->device = app_next_arg(argc, argv, i))) return -1;
         return 1;
     }
+    if (!strcmp(a, "--attn-partition")) {
+        if (!(v = app_next_arg(argc, argv, i)) || !app_parse_int(a, v, -1, 1 << 24, &n)) return -1;
+        o->attn_partition = (int32_t)n;
+        return 1;
+    }
+    if (!strcmp(a, "--attn-per-head")) {
+        o->attn_per_head = true;
+        return 1;
+    }
     if (!strcmp(a, "--prefetch")) {
         o->prefetch = true;
         return 1;
@@ -104,7 +113,9 @@ void app_opts_usage(void) {
             "  --kv-type T            KV cache type: f32, f16, bf16, fp8_e4m3, fp8_e5m2 (default f32)\n"
             "  --page-size N          tokens per KV page (default 16)\n"
             "  --device D             cpu or cuda (default cpu)\n"
-            "  --prefetch             read all weights at load instead of on first use\n");
+            "  --prefetch             read all weights at load instead of on first use\n"
+            "  --attn-partition N     split-K partition of long contexts in tokens (default 512, -1 = off)\n"
+            "  --attn-per-head        ablation: read K/V once per query head, not once per KV group\n");
 }
 
 int app_load(const struct app_opts *o, struct coopt_model **m, struct coopt_ctx **c, int32_t n_ctx_min) {
@@ -131,6 +142,8 @@ int app_load(const struct app_opts *o, struct coopt_model **m, struct coopt_ctx 
     cp.n_seq_max = o->n_seq_max;
     cp.n_threads = o->n_threads;
     if (o->kv_type_set) cp.kv_type = o->kv_type;
+    cp.attn_partition = o->attn_partition;
+    cp.attn_per_head  = o->attn_per_head;
     st = coopt_ctx_init(*m, &cp, c);
     if (st != COOPT_OK) {
         fprintf(stderr, "coopt: failed to create context: %s\n", coopt_status_str(st));

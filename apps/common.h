@@ -22,6 +22,8 @@ struct app_opts {
     enum coopt_dtype kv_type;
     bool             kv_type_set;
     bool             prefetch;
+    int32_t          attn_partition; // 0 = default (512), -1 = off
+    bool             attn_per_head;
 };
 
 void app_opts_default(struct app_opts *o);
