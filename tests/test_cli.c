@@ -1,0 +1,118 @@
+/*
+ * test_cli.c -- the `coopt` binary as a user runs it: generation, tokenize, bench, and the
+ * error messages for bad input (missing or corrupt model, unknown option, oversized prompt).
+ * The binary is found beside the test binary (build/coopt); the tests skip if it is missing.
+ */
+#include "test.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static const char *coopt_bin(void) {
+    static char path[4096];
+    ssize_t     n = readlink("/proc/self/exe", path, sizeof(path) - 16);
+    if (n <= 0) return NULL;
+    path[n]     = 0;
+    char *slash = strrchr(path, '/');
+    if (!slash) return NULL;
+    strcpy(slash + 1, "coopt");
+    return access(path, X_OK) == 0 ? path : NULL;
+}
+
+// Runs `coopt <args>` through the shell, capturing stdout+stderr into out (cap bytes).
+// Returns the exit status, or -1.
+static int run_cli(const char *args, char *out, size_t cap) {
+    const char *bin = coopt_bin();
+    if (!bin) return -1;
+    char cmd[8192];
+    snprintf(cmd, sizeof(cmd), "'%s' %s 2>&1", bin, args);
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n]   = 0;
+    int st   = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+#define NEED_BIN(t)                                                                                \
+    do {                                                                                           \
+        if (!coopt_bin()) SKIP(t, "coopt binary not built beside the test binary");              \
+    } while (0)
+
+TEST(cli_run_stories_greedy) {
+    NEED_BIN(t);
+    static char out[65536];
+    char        args[2048];
+    snprintf(args, sizeof(args), "run -m '%s' -p 'Once upon a time' -n 40 --temp 0 -t 1",
+             test_model_path("stories260K.gguf"));
+    int rc = run_cli(args, out, sizeof(out));
+    CHECKF(t, rc == 0, "exit %d: %s", rc, out);
+    CHECKF(t, strstr(out, "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."),
+           "%s", out);
+    CHECK(t, strstr(out, "tok/s") != NULL);
+}
+
+TEST(cli_tokenize) {
+    NEED_BIN(t);
+    static char out[65536];
+    char        args[2048];
+    snprintf(args, sizeof(args), "tokenize -m '%s' -p 'Once upon a time'", test_model_path("llama2-tokenizer/tokenizer.model"));
+    CHECK(t, run_cli(args, out, sizeof(out)) == 0);
+    CHECKF(t, strstr(out, "[1, 9038, 2501, 263, 931]"), "%s", out);
+    snprintf(args, sizeof(args), "tokenize -m '%s' -p 'Once upon a time'", test_model_path("stories260K.bin"));
+    CHECK(t, run_cli(args, out, sizeof(out)) == 0);
+    CHECKF(t, strstr(out, "[1, 403, 407, 261, 378]"), "%s", out);
+}
+
+TEST(cli_bench_table) {
+    NEED_BIN(t);
+    static char out[65536];
+    char        args[2048];
+    snprintf(args, sizeof(args), "bench -m '%s' -p 32 -n 8 -r 1 -t 1", test_model_path("stories260K.gguf"));
+    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
+    CHECKF(t, strstr(out, "| pp32 |") && strstr(out, "| tg8 |"), "%s", out);
+}
+
+TEST(cli_errors) {
+    NEED_BIN(t);
+    static char out[65536];
+    char        args[4096];
+    // missing model
+    CHECK(t, run_cli("run -m /nonexistent/model.gguf -p hi", out, sizeof(out)) == 1);
+    CHECKF(t, strstr(out, "/nonexistent/model.gguf: no such file or directory"), "%s", out);
+    // unknown option and bad value
+    CHECK(t, run_cli("run --bogus", out, sizeof(out)) == 1);
+    CHECKF(t, strstr(out, "unknown option '--bogus'"), "%s", out);
+    CHECK(t, run_cli("run -m x -n many", out, sizeof(out)) == 1);
+    CHECKF(t, strstr(out, "-n: 'many' is not an integer"), "%s", out);
+    CHECK(t, run_cli("frobnicate", out, sizeof(out)) == 1);
+    CHECKF(t, strstr(out, "unknown command 'frobnicate'"), "%s", out);
+    // a file that is not a model
+    snprintf(args, sizeof(args), "run -m '%s' -p hi", test_data_path("tinystories-sample.txt"));
+    CHECK(t, run_cli(args, out, sizeof(out)) == 1);
+    CHECKF(t, strstr(out, "failed to load model"), "%s", out);
+    // a truncated GGUF
+    char tmp[] = "/tmp/coopt_cli_XXXXXX";
+    int  fd    = mkstemp(tmp);
+    CHECK(t, fd >= 0);
+    FILE *src = fopen(test_model_path("stories260K.gguf"), "rb");
+    CHECK(t, src);
+    char buf[4096];
+    size_t n = fread(buf, 1, sizeof(buf), src);
+    fclose(src);
+    CHECK(t, write(fd, buf, n) == (ssize_t)n);
+    close(fd);
+    snprintf(args, sizeof(args), "run -m '%s' -p hi", tmp);
+    int rc = run_cli(args, out, sizeof(out));
+    unlink(tmp);
+    CHECK(t, rc == 1);
+    CHECKF(t, strstr(out, tmp) && strstr(out, "failed to load model"), "%s", out);
+    // a prompt longer than the context
+    snprintf(args, sizeof(args), "run -m '%s' -c 16 -p 'Once upon a time there was a little girl named Lily who loved to play'",
+             test_model_path("stories260K.gguf"));
+    CHECK(t, run_cli(args, out, sizeof(out)) == 1);
+    CHECKF(t, strstr(out, "more than the context"), "%s", out);
+}
