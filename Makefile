@@ -33,7 +33,7 @@ ifeq ($(CUDA),1)
   CU_SRC  := $(wildcard src/cuda/*.cu)
   CFLAGS  += -DCOOPT_CUDA
   CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
-  LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcuda -lstdc++
+  LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++
 endif
 APP_SRC  := $(wildcard apps/*.c)
 TEST_SRC := $(wildcard tests/*.c)
