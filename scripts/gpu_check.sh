@@ -7,7 +7,9 @@
 #
 # Environment: OUT (result folder), COOPT_MODELS (test models, default ../shared/models),
 # JOBS (build parallelism), SANITIZE=0 to skip compute-sanitizer, BENCH_ARGS (extra options for
-# coopt bench, default "-p 512 -n 128 -r 3"), KV_TYPES (default "f16 fp8_e4m3").
+# coopt bench, default "-p 512 -n 128 -r 3"), KV_TYPES (default "f16 fp8_e4m3"), MAKE_ARGS (extra
+# make arguments, e.g. OPT="-O3 -march=native -Ideps/include" LDFLAGS=-Ldeps/lib where libcjson
+# is not installed).
 # Exit status: nonzero if the build or any test failed (benchmarks do not decide it).
 set -uo pipefail
 
@@ -32,7 +34,8 @@ fi
 
 # ---- build ----
 t0=$(date +%s)
-if ! make -j"$JOBS" build/coopt-test build/coopt >"$OUT/build.log" 2>&1; then
+# shellcheck disable=SC2086
+if ! eval make -j"$JOBS" ${MAKE_ARGS:-} build/coopt-test build/coopt >"$OUT/build.log" 2>&1; then
     tail -30 "$OUT/build.log"
     log "BUILD FAILED (see build.log)"
     exit 1
