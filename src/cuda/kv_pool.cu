@@ -37,6 +37,7 @@ struct cuda_kv_pool {
     int64_t                       n_pages;
     uint8_t                      *page_mapped;  // [n_pages]
     int64_t                       n_mapped_chunks;
+    bool                          all_committed; // a bare cache (no page manager) committed it all
 };
 
 static struct cuda_kv_pool *pool_find(struct cuda_backend *cb, const void *p) {
@@ -123,6 +124,7 @@ static enum coopt_status page_commit(struct cuda_backend *cb, struct cuda_kv_poo
 static void page_release(struct cuda_backend *cb, struct cuda_kv_pool *P, int64_t page, bool *synced) {
     if (!P->page_mapped[page]) return;
     P->page_mapped[page] = 0;
+    P->all_committed     = false;
     size_t  off = (size_t)page * P->page_bytes;
     int64_t c0 = (int64_t)(off / P->gran), c1 = (int64_t)((off + P->page_bytes - 1) / P->gran);
     for (int64_t c = c0; c <= c1; c++) {
@@ -254,8 +256,10 @@ void cuda_kv_pool_prepare(struct coopt_backend *be, struct coopt_kv_cache *kv) {
     struct cuda_backend *cb = cuda_impl(be);
     struct cuda_kv_pool *P  = pool_find(cb, kv->pool);
     pool_set_page_bytes(P, kv->layout.page_bytes);
-    if (!kv->seqs) { // a bare cache (tests): commit everything
+    if (!kv->seqs) { // a bare cache (tests): commit everything, once
+        if (P->all_committed) return;
         for (int64_t p = 0; p < P->n_pages; p++) page_commit_or_abort(cb, P, p);
+        P->all_committed = true;
         return;
     }
     for (int32_t s = 0; s < kv->n_seq_max; s++) {

@@ -13,7 +13,8 @@
  *   the KV head from ONE read of each K and V row; groups larger than 8 are split into n_sub
  *   subgroups (each reads the rows once).
  *   Opt-Pa (flash-decoding): the key range is cut into partitions of ATTN_PART = 512 positions
- *   when the batch alone cannot fill the GPU; each CTA writes an unnormalized partial (acc, max,
+ *   when the batch alone cannot fill the GPU (halved down to one 128-key tile while the grid
+ *   would still have fewer than 2 CTAs per SM); each CTA writes an unnormalized partial (acc, max,
  *   sum) to the workspace and attn_merge_kernel combines them with log-sum-exp weights. When the
  *   batch has enough (token, head) CTAs the split is skipped and each CTA walks its whole range.
  *   Inside a partition keys go in tiles of 128:
@@ -305,11 +306,17 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
         bound = COOPT_MIN(bound, mx + b->n_tokens);
     }
     if (b->window > 0) bound = COOPT_MIN(bound, (int64_t)b->window);
-    int64_t n_parts = (bound + ATTN_PART - 1) / ATTN_PART;
-    // Split the keys only when the batch alone leaves SMs idle (decode, small batches).
-    int64_t ctas = (int64_t)b->n_tokens * nkv * n_sub;
+    // Split the keys only when the batch alone leaves SMs idle (decode, small batches): 512
+    // positions per partition, halved (down to one tile) while the grid would still be small.
+    int64_t ctas      = (int64_t)b->n_tokens * nkv * n_sub;
+    int32_t part_size = ATTN_PART;
+    while (part_size > ATTN_TILE && ctas * ((bound + part_size - 1) / part_size) < 2LL * cb->n_sm) part_size /= 2;
+    int64_t n_parts = (bound + part_size - 1) / part_size;
     if (ctas >= 2LL * cb->n_sm || n_parts <= 1) n_parts = 1;
-    n_parts = COOPT_MIN(n_parts, (int64_t)65535);
+    if (n_parts > 65535) { // grid.z limit: longer partitions
+        part_size = (int32_t)((bound + 65534) / 65535 + ATTN_TILE - 1) / ATTN_TILE * ATTN_TILE;
+        n_parts   = (bound + part_size - 1) / part_size;
+    }
 
     struct attn_args a;
     a.out          = out;
@@ -327,7 +334,7 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
     a.group        = group;
     a.n_sub        = n_sub;
     a.n_parts      = (int32_t)n_parts;
-    a.part_size    = n_parts > 1 ? ATTN_PART : INT_MAX;
+    a.part_size    = n_parts > 1 ? part_size : INT_MAX;
     a.scale        = scale;
     if (n_parts > 1) {
         size_t n_th = (size_t)b->n_tokens * (size_t)n_heads * (size_t)n_parts;

@@ -152,8 +152,9 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
     const struct coopt_kv_layout *l = &kv->layout;
     COOPT_ASSERT(rope->head_dim == l->head_dim && layer >= 0 && layer < l->n_layers);
     if (b->n_tokens <= 0) return;
-    // Commit physical memory for every page this step writes (lazy mapping, kv_pool.cu).
-    if (layer == 0) cuda_kv_pool_prepare(be, kv);
+    // Commit physical memory for every page this step writes (lazy mapping, kv_pool.cu). Every
+    // layer checks (a few table entries per live sequence): callers may start at any layer.
+    cuda_kv_pool_prepare(be, kv);
     struct rope_params   p  = rope_params_make(rope);
     struct kv_dev_layout L  = kv_dev_layout_make(l);
     cudaStream_t         st = cuda_impl(be)->stream;
