@@ -19,6 +19,12 @@
  *   Quantized prefill loops the GEMV over row groups: correct, not yet fast (TODO(cuda): a
  *   tensor-core GEMM or dequantize-to-F16 + cuBLAS for large n_rows).
  *
+ * Measured on an H100 (W [32768][4096], 1 row): F16/BF16 2.86 TB/s, F32 2.94 TB/s of weights;
+ * Q8_0 0.86 TB/s, Q4_0 0.49 TB/s, with or without the shared-memory staging. The quantized
+ * kernels are bound by re-reading x from L1 (128 bytes of f32 x per 34/18-byte block: x traffic
+ * is 4x/8x the weights'); TODO(cuda): stage x in shared memory per block or quantize it to int8
+ * (dp4a), and give each lane several blocks in flight.
+ *
  * Grid: (ceil(n_out / 4)); Block: 128 threads = 4 warps, warp w computes output feature
  * blockIdx.x * 4 + w for every row of x.
  */
