@@ -81,6 +81,12 @@ struct coopt_ops {
     void (*kv_pool_release)(struct coopt_backend *be, void *pool, size_t off, size_t n_bytes);
     // Copies one page (copy-on-write of a shared partial page).
     void (*kv_page_copy)(struct coopt_backend *be, void *pool, size_t page_bytes, int32_t dst, int32_t src);
+    // (optional) Commits the memory of one page, [off, off + n_bytes) with n_bytes = page_bytes as
+    // for kv_pool_release, before it is first written (call it for each page a reserve hands out,
+    // and roll the reserve back on failure). Returns COOPT_ERR_NOMEM with a message when the
+    // device is out of memory, so running out is a status rather than a failure inside an op.
+    // NULL for backends whose pool commits on first touch.
+    enum coopt_status (*kv_pool_commit)(struct coopt_backend *be, void *pool, size_t off, size_t n_bytes);
 
     // (optional) Makes a copy of the model whose weight pointers the backend can read (device
     // memory), with progress on stderr. NULL for host-memory backends (the model is used as is).

@@ -323,6 +323,21 @@ enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch
     if (st == COOPT_OK && pages_needed > kv->n_free) st = COOPT_ERR_KV_FULL;
     for (int32_t s = 0; s < c->params.n_seq_max && st == COOPT_OK; s++)
         if (c->seq_add[s]) st = coopt_kv_seq_reserve(kv, s, c->seq_add[s], copy_page, c);
+    // Backends that commit pool memory explicitly (CUDA VMM) do it now, where running out of
+    // device memory is a status. Pages reserved stay with their sequence; a later call retries.
+    if (st == COOPT_OK && c->be->ops->kv_pool_commit) {
+        int32_t ps = kv->layout.page_size;
+        for (int32_t s = 0; s < c->params.n_seq_max && st == COOPT_OK; s++) {
+            if (!c->seq_add[s]) continue;
+            int64_t first = kv->seqs[s].n_tokens / ps, last = (kv->seqs[s].n_tokens + c->seq_add[s] - 1) / ps;
+            for (int64_t j = first; j <= last && st == COOPT_OK; j++) {
+                int32_t page = kv->seqs[s].pages[j];
+                if (page >= 0)
+                    st = c->be->ops->kv_pool_commit(c->be, kv->pool, (size_t)page * kv->layout.page_bytes,
+                                                    kv->layout.page_bytes);
+            }
+        }
+    }
     // which tokens want logits: explicit, or the last token of each sequence
     int64_t n_want = 0;
     if (st == COOPT_OK) st = ensure_result_capacity(c, n, 0);

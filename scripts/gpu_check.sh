@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# gpu_check.sh -- the whole GPU check in one go, from the repository root on a machine with an
+# NVIDIA GPU and nvcc: build, every test (CPU and CUDA), compute-sanitizer on the CUDA tests,
+# kernel timings, and `coopt bench --device cuda` on the given models. Results go to ${OUT:-out}/.
+#
+#   scripts/gpu_check.sh [MODEL ...]        (default: the test models in $COOPT_MODELS)
+#
+# Environment: OUT (result folder), COOPT_MODELS (test models, default ../shared/models),
+# JOBS (build parallelism), SANITIZE=0 to skip compute-sanitizer, BENCH_ARGS (extra options for
+# coopt bench, default "-p 512 -n 128 -r 3"), KV_TYPES (default "f16 fp8_e4m3"), MAKE_ARGS (extra
+# make arguments, e.g. OPT="-O3 -march=native -Ideps/include" LDFLAGS=-Ldeps/lib where libcjson
+# is not installed).
+# Exit status: nonzero if the build or any test failed (benchmarks do not decide it).
+set -uo pipefail
+
+OUT=${OUT:-out}
+JOBS=${JOBS:-$(nproc)}
+SANITIZE=${SANITIZE:-1}
+BENCH_ARGS=${BENCH_ARGS:-"-p 512 -n 128 -r 3"}
+KV_TYPES=${KV_TYPES:-"f16 fp8_e4m3"}
+export COOPT_MODELS=${COOPT_MODELS:-../shared/models}
+mkdir -p "$OUT"
+status=0
+
+log() { echo "gpu_check: $*" | tee -a "$OUT/summary.txt"; }
+
+: >"$OUT/summary.txt"
+log "$(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo no-git)"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
+else
+    log "nvidia-smi not found"
+fi
+
+# ---- build ----
+t0=$(date +%s)
+# shellcheck disable=SC2086
+if ! eval make -j"$JOBS" ${MAKE_ARGS:-} build/coopt-test build/coopt >"$OUT/build.log" 2>&1; then
+    tail -30 "$OUT/build.log"
+    log "BUILD FAILED (see build.log)"
+    exit 1
+fi
+log "build ok in $(($(date +%s) - t0)) s"
+
+# ---- tests ----
+t0=$(date +%s)
+./build/coopt-test >"$OUT/tests.log" 2>&1 || status=1
+grep -E '^(FAIL|skip)' "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+log "tests: $(grep -E '^test:' "$OUT/tests.log" || echo 'no summary (crashed?)') in $(($(date +%s) - t0)) s"
+
+if [ "$SANITIZE" = 1 ] && command -v compute-sanitizer >/dev/null; then
+    t0=$(date +%s)
+    # the op tests (real models and timings are left out: slow under the sanitizer, same kernels);
+    # API errors are not reported: the tests provoke failed allocations on purpose
+    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
+        ./build/coopt-test cuda_memory cuda_embed cuda_rmsnorm cuda_elementwise cuda_matmul cuda_rope \
+        cuda_rope_store cuda_attention cuda_kv_pool cuda_forward >"$OUT/memcheck.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=1
+    log "compute-sanitizer memcheck: exit $rc, $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) in $(($(date +%s) - t0)) s"
+fi
+
+# ---- kernel timings ----
+COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_bench >"$OUT/kernels.txt" 2>&1
+grep '^bench:' "$OUT/kernels.txt" | sed 's/^bench: //' | tee -a "$OUT/summary.txt"
+
+# ---- coopt bench on models ----
+models=("$@")
+if [ ${#models[@]} -eq 0 ]; then
+    for m in stories260K.gguf story-lmrs tinystories-mha-25m; do
+        [ -e "$COOPT_MODELS/$m" ] && models+=("$COOPT_MODELS/$m")
+    done
+fi
+for m in "${models[@]}"; do
+    for kv in $KV_TYPES; do
+        # shellcheck disable=SC2086
+        if ./build/coopt bench -m "$m" --device cuda --kv-type "$kv" $BENCH_ARGS >>"$OUT/bench.md" 2>>"$OUT/bench.err"; then
+            log "bench $(basename "$m") kv $kv: ok"
+        else
+            log "bench $(basename "$m") kv $kv: FAILED (see bench.err)"
+        fi
+    done
+done
+[ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+log "status $status"
+exit $status

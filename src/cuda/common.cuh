@@ -1,0 +1,215 @@
+/*
+ * common.cuh -- what every CUDA file of the backend shares: the C headers (included as C), the
+ * CUDA_CHECK macros, the backend's private state, warp/block reductions and the element
+ * conversions (f16, bf16, FP8 E4M3/E5M2, Q8_0/Q4_0 blocks) that match dtype.c bit for bit.
+ *
+ * Errors. Ops return void (backend.h): a CUDA error inside an op is a bug or a dead device, so
+ * CUDA_CHECK prints the statement, function, file:line and cudaGetErrorName, then aborts.
+ * Functions that return a status (alloc, model_upload, kv pool) use CUDA_TRY, which logs the
+ * same line and returns the given status instead.
+ */
+#ifndef COOPT_CUDA_COMMON_CUH
+#define COOPT_CUDA_COMMON_CUH
+
+// util.h and dtype.h are C11; these two keywords have C++ spellings.
+#define _Noreturn      [[noreturn]]
+#define _Static_assert static_assert
+extern "C" {
+#include "backend.h"
+#include "dtype.h"
+#include "kv_cache.h"
+#include "util.h"
+}
+#undef _Noreturn
+#undef _Static_assert
+
+#include "cuda/cuda.h"
+
+#include <cublas_v2.h>
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+
+#define WARP_SIZE 32
+
+// ---- error checks ----
+
+void cuda_report_error(const char *stmt, const char *func, const char *file, int line, const char *err);
+
+#define CUDA_CHECK(stmt)                                                                           \
+    do {                                                                                           \
+        cudaError_t err_ = (stmt);                                                                 \
+        if (err_ != cudaSuccess) {                                                                 \
+            cuda_report_error(#stmt, __func__, __FILE__, __LINE__, cudaGetErrorName(err_));        \
+            coopt_abort(__FILE__, __LINE__, "CUDA error");                                         \
+        }                                                                                          \
+    } while (0)
+
+// After every <<<>>>: catches bad launch configurations at the launch, not several calls later.
+#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+#define CUDA_TRY(stmt, status)                                                                     \
+    do {                                                                                           \
+        cudaError_t err_ = (stmt);                                                                 \
+        if (err_ != cudaSuccess) {                                                                 \
+            cuda_report_error(#stmt, __func__, __FILE__, __LINE__, cudaGetErrorName(err_));        \
+            return (status);                                                                       \
+        }                                                                                          \
+    } while (0)
+
+struct cuda_backend;
+const char *cu_error_name(const struct cuda_backend *cb, CUresult r);
+
+// Driver API calls go through the entry points in cb->drv (see struct cuda_driver).
+#define CU_CHECK(cb, stmt)                                                                         \
+    do {                                                                                           \
+        CUresult r_ = (stmt);                                                                      \
+        if (r_ != CUDA_SUCCESS) {                                                                  \
+            cuda_report_error(#stmt, __func__, __FILE__, __LINE__, cu_error_name((cb), r_));       \
+            coopt_abort(__FILE__, __LINE__, "CUDA driver error");                                  \
+        }                                                                                          \
+    } while (0)
+
+#define CUBLAS_CHECK(stmt)                                                                         \
+    do {                                                                                           \
+        cublasStatus_t s_ = (stmt);                                                                \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                         \
+            cuda_report_error(#stmt, __func__, __FILE__, __LINE__, cublasGetStatusName(s_));       \
+            coopt_abort(__FILE__, __LINE__, "cuBLAS error");                                       \
+        }                                                                                          \
+    } while (0)
+
+// ---- backend state ----
+
+struct cuda_kv_pool; // kv_pool.cu
+
+// The driver API functions of the lazily mapped KV pool, fetched through the runtime
+// (cudaGetDriverEntryPointByVersion) so the binary does not link libcuda.so: a build with CUDA
+// then still starts on machines without a GPU driver, where the GPU tests skip.
+struct cuda_driver {
+    decltype(&::cuGetErrorName)                 GetErrorName;
+    decltype(&::cuMemGetAllocationGranularity)  MemGetAllocationGranularity;
+    decltype(&::cuMemAddressReserve)            MemAddressReserve;
+    decltype(&::cuMemAddressFree)               MemAddressFree;
+    decltype(&::cuMemCreate)                    MemCreate;
+    decltype(&::cuMemRelease)                   MemRelease;
+    decltype(&::cuMemMap)                       MemMap;
+    decltype(&::cuMemUnmap)                     MemUnmap;
+    decltype(&::cuMemSetAccess)                 MemSetAccess;
+};
+
+struct cuda_backend {
+    int            device;
+    int            n_sm;
+    cudaStream_t   stream;
+    cublasHandle_t cublas;
+    // One growable device workspace shared by ops (x converted to f16/bf16 for cuBLAS, split-K
+    // attention partials). Ops run in stream order, so one op's use never overlaps another's.
+    void                *work;
+    size_t               work_bytes;
+    struct cuda_kv_pool *pools; // linked list of live KV pools
+    struct cuda_driver   drv;
+};
+
+static inline struct cuda_backend *cuda_impl(struct coopt_backend *be) { return (struct cuda_backend *)be->impl; }
+
+// Returns a workspace of at least n_bytes (grows it; the old contents are lost). Aborts with a
+// message if the device is out of memory: ops cannot return a status.
+void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes);
+
+// Grid size for a grid-stride loop over n elements with `threads` per block.
+static inline unsigned cuda_grid_1d(int64_t n, int threads) {
+    int64_t b = (n + threads - 1) / threads;
+    if (b > 65535 * 8) b = 65535 * 8;
+    return (unsigned)(b > 0 ? b : 1);
+}
+
+// ---- reductions ----
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = WARP_SIZE / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = WARP_SIZE / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// ---- element conversions (match dtype.c) ----
+
+__device__ __forceinline__ float f16_bits_to_f32(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
+
+__device__ __forceinline__ float fp8_e4m3_to_f32(uint8_t x) {
+    __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)x, __NV_E4M3);
+    return __half2float(__half(h));
+}
+__device__ __forceinline__ float fp8_e5m2_to_f32(uint8_t x) {
+    __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)x, __NV_E5M2);
+    return __half2float(__half(h));
+}
+// Round to nearest even, saturating to the largest finite value (as coopt_f32_to_fp8_*).
+__device__ __forceinline__ uint8_t f32_to_fp8_e4m3(float f) {
+    return (uint8_t)__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3);
+}
+__device__ __forceinline__ uint8_t f32_to_fp8_e5m2(float f) {
+    return (uint8_t)__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E5M2);
+}
+
+// Element i of a row of type T (T = COOPT_DTYPE_*), for every weight and KV type.
+template <int T> __device__ __forceinline__ float load_elem(const uint8_t *row, int64_t i) {
+    if constexpr (T == COOPT_DTYPE_F32) {
+        return ((const float *)row)[i];
+    } else if constexpr (T == COOPT_DTYPE_F16) {
+        return f16_bits_to_f32(((const uint16_t *)row)[i]);
+    } else if constexpr (T == COOPT_DTYPE_BF16) {
+        return bf16_bits_to_f32(((const uint16_t *)row)[i]);
+    } else if constexpr (T == COOPT_DTYPE_FP8_E4M3) {
+        return fp8_e4m3_to_f32(row[i]);
+    } else if constexpr (T == COOPT_DTYPE_FP8_E5M2) {
+        return fp8_e5m2_to_f32(row[i]);
+    } else if constexpr (T == COOPT_DTYPE_Q8_0) {
+        const uint8_t *b = row + (i / COOPT_QK) * 34;
+        float          d = f16_bits_to_f32((uint16_t)(b[0] | (b[1] << 8)));
+        return d * (float)(int8_t)b[2 + i % COOPT_QK];
+    } else {
+        static_assert(T == COOPT_DTYPE_Q4_0, "load_elem: unsupported type");
+        const uint8_t *b = row + (i / COOPT_QK) * 18;
+        float          d = f16_bits_to_f32((uint16_t)(b[0] | (b[1] << 8)));
+        int            j = (int)(i % COOPT_QK);
+        int            q = j < 16 ? (b[2 + j] & 0x0f) : (b[2 + j - 16] >> 4);
+        return d * (float)(q - 8);
+    }
+}
+
+// ---- launchers implemented in the other .cu files ----
+
+// matmul.cu
+void cuda_matmul(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows);
+// rope_store.cu
+void cuda_rope(struct coopt_backend *be, float *q, int32_t n_heads, const int32_t *pos, int32_t n,
+               const struct coopt_rope *rope);
+void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const float *v, int32_t n_heads,
+                     struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
+                     const struct coopt_rope *rope);
+// paged_attn.cu
+void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
+                    const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale);
+// kv_pool.cu
+enum coopt_status cuda_kv_pool_init(struct coopt_backend *be, size_t n_bytes, void **out);
+void cuda_kv_pool_free(struct coopt_backend *be, void *pool, size_t n_bytes);
+void cuda_kv_pool_release(struct coopt_backend *be, void *pool, size_t off, size_t n_bytes);
+enum coopt_status cuda_kv_pool_commit(struct coopt_backend *be, void *pool, size_t off, size_t n_bytes);
+void cuda_kv_page_copy(struct coopt_backend *be, void *pool, size_t page_bytes, int32_t dst, int32_t src);
+// Maps every page that this step may write (called by rope_store before its launch).
+void cuda_kv_pool_prepare(struct coopt_backend *be, struct coopt_kv_cache *kv);
+void cuda_kv_pools_free_all(struct cuda_backend *cb);
+
+#endif // COOPT_CUDA_COMMON_CUH

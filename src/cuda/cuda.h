@@ -1,0 +1,35 @@
+/*
+ * cuda.h -- the plain-C entry points of the CUDA backend (STYLE 2.5): backend.c and the tests
+ * include this; everything else of the backend is internal to src/cuda/.
+ */
+#ifndef COOPT_CUDA_CUDA_H
+#define COOPT_CUDA_CUDA_H
+
+#include "backend.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Creates the CUDA backend on device 0: one stream, one cuBLAS handle, all state in the
+// returned backend (no file statics). n_threads is ignored. Returns COOPT_ERR_UNSUPPORTED with
+// a message when there is no usable CUDA device, COOPT_ERR_NOMEM when its resources cannot be
+// created.
+enum coopt_status coopt_cuda_backend_init(int32_t n_threads, struct coopt_backend **out);
+
+// Number of CUDA devices; 0 when the driver or runtime is missing or reports an error. Prints
+// nothing (tests call it to decide whether to skip).
+int coopt_cuda_device_count(void);
+
+// Free and total memory of the current device (cudaMemGetInfo); returns 0 on success, -1 after
+// an error (both set to 0).
+int coopt_cuda_mem_info(size_t *free_bytes, size_t *total_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // COOPT_CUDA_CUDA_H

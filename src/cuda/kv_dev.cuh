@@ -1,0 +1,49 @@
+/*
+ * kv_dev.cuh -- the paged KV layout of kv_cache.h, passed to kernels by value, and its two
+ * offset functions ported to device code (same formulas as coopt_kv_offset and
+ * coopt_kv_scale_offset; keep them in step).
+ */
+#ifndef COOPT_CUDA_KV_DEV_CUH
+#define COOPT_CUDA_KV_DEV_CUH
+
+#include "cuda/common.cuh"
+
+struct kv_dev_layout {
+    int32_t  dtype; // enum coopt_dtype
+    int32_t  n_kv_heads, head_dim, page_size;
+    uint64_t elem_bytes, head_bytes, data_bytes, page_bytes;
+    int32_t  has_scales;
+};
+
+static inline struct kv_dev_layout kv_dev_layout_make(const struct coopt_kv_layout *l) {
+    struct kv_dev_layout d;
+    d.dtype      = (int32_t)l->dtype;
+    d.n_kv_heads = l->n_kv_heads;
+    d.head_dim   = l->head_dim;
+    d.page_size  = l->page_size;
+    d.elem_bytes = l->elem_bytes;
+    d.head_bytes = l->head_bytes;
+    d.data_bytes = l->data_bytes;
+    d.page_bytes = l->page_bytes;
+    d.has_scales = l->has_scales;
+    return d;
+}
+
+// Byte offset of the head_dim elements of (page, layer, kv, head, row).
+__device__ __forceinline__ uint64_t kv_offset(const struct kv_dev_layout &l, int64_t page, int32_t layer, int32_t kv,
+                                              int32_t head, int32_t row) {
+    return (uint64_t)page * l.page_bytes +
+           (((uint64_t)layer * 2 + (uint64_t)kv) * (uint64_t)l.n_kv_heads + (uint64_t)head) * l.head_bytes +
+           (uint64_t)row * (uint64_t)l.head_dim * l.elem_bytes;
+}
+
+// Byte offset of the f32 scale of (page, layer, kv, head, row); only when has_scales.
+__device__ __forceinline__ uint64_t kv_scale_offset(const struct kv_dev_layout &l, int64_t page, int32_t layer,
+                                                    int32_t kv, int32_t head, int32_t row) {
+    return (uint64_t)page * l.page_bytes + l.data_bytes +
+           ((((uint64_t)layer * 2 + (uint64_t)kv) * (uint64_t)l.n_kv_heads + (uint64_t)head) * (uint64_t)l.page_size +
+            (uint64_t)row) *
+               sizeof(float);
+}
+
+#endif // COOPT_CUDA_KV_DEV_CUH

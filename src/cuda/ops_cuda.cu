@@ -1,0 +1,507 @@
+/*
+ * ops_cuda.cu -- the CUDA backend: device, stream and cuBLAS handle, device memory, the model
+ * upload, the ops table, and the small ops (embed, rmsnorm, silu_mul, add, get_rows).
+ *
+ * Everything runs in order on the backend's one stream; upload/download are cudaMemcpyAsync on
+ * it (the host arrays of context.c are pageable, so the copies are staged by the driver and the
+ * host buffer can be reused when the call returns) and sync waits for the stream. Matmul lives
+ * in matmul.cu, RoPE + KV store in rope_store.cu, attention in paged_attn.cu, the lazily mapped
+ * KV pool in kv_pool.cu.
+ */
+#include "cuda/common.cuh"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+// ---- errors ----
+
+void cuda_report_error(const char *stmt, const char *func, const char *file, int line, const char *err) {
+    coopt_log_error("CUDA error %s in %s (%s:%d): %s", err, func, file, line, stmt);
+}
+
+const char *cu_error_name(const struct cuda_backend *cb, CUresult r) {
+    const char *s = NULL;
+    if (!cb->drv.GetErrorName || cb->drv.GetErrorName(r, &s) != CUDA_SUCCESS || !s) return "CUDA_ERROR_UNKNOWN";
+    return s;
+}
+
+// Fills cb->drv from the runtime's driver entry points. Returns false after a message.
+static bool driver_load(struct cuda_backend *cb) {
+    struct {
+        const char *name;
+        void      **fn;
+    } syms[] = {
+        {"cuGetErrorName", (void **)&cb->drv.GetErrorName},
+        {"cuMemGetAllocationGranularity", (void **)&cb->drv.MemGetAllocationGranularity},
+        {"cuMemAddressReserve", (void **)&cb->drv.MemAddressReserve},
+        {"cuMemAddressFree", (void **)&cb->drv.MemAddressFree},
+        {"cuMemCreate", (void **)&cb->drv.MemCreate},
+        {"cuMemRelease", (void **)&cb->drv.MemRelease},
+        {"cuMemMap", (void **)&cb->drv.MemMap},
+        {"cuMemUnmap", (void **)&cb->drv.MemUnmap},
+        {"cuMemSetAccess", (void **)&cb->drv.MemSetAccess},
+    };
+    for (size_t i = 0; i < sizeof(syms) / sizeof(syms[0]); i++) {
+        cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+        cudaError_t e = cudaGetDriverEntryPointByVersion(syms[i].name, syms[i].fn, 12000, cudaEnableDefault, &q);
+        if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !*syms[i].fn) {
+            coopt_log_error("device 'cuda': driver entry point %s not found (%s)", syms[i].name,
+                            e != cudaSuccess ? cudaGetErrorName(e) : "symbol not found");
+            return false;
+        }
+    }
+    return true;
+}
+
+void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes) {
+    if (n_bytes <= cb->work_bytes) return cb->work;
+    // Grows geometrically so a slowly growing context does not reallocate every step.
+    size_t want = n_bytes + n_bytes / 4;
+    CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    CUDA_CHECK(cudaFree(cb->work));
+    cb->work       = NULL;
+    cb->work_bytes = 0;
+    cudaError_t e  = cudaMalloc(&cb->work, want);
+    if (e != cudaSuccess) {
+        coopt_log_error("CUDA workspace: cannot allocate %zu bytes of device memory (%s)", want, cudaGetErrorName(e));
+        coopt_abort(__FILE__, __LINE__, "out of GPU memory inside an op");
+    }
+    cb->work_bytes = want;
+    return cb->work;
+}
+
+// ---- memory ----
+
+static enum coopt_status cuda_alloc(struct coopt_backend *be, size_t n_bytes, void **out) {
+    *out          = NULL;
+    cudaError_t e = cudaMalloc(out, n_bytes ? n_bytes : 256);
+    if (e != cudaSuccess) {
+        *out = NULL;
+        (void)cudaGetLastError(); // clear the sticky-free error so later launches are not blamed
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        return coopt_fail(COOPT_ERR_NOMEM, "out of GPU memory: cannot allocate %.1f MiB (%.1f MiB free of %.1f MiB)",
+                          n_bytes / 1048576.0, free_b / 1048576.0, total_b / 1048576.0);
+    }
+    return COOPT_OK;
+}
+
+static void cuda_free(struct coopt_backend *be, void *p) {
+    if (p) CUDA_CHECK(cudaFree(p));
+}
+
+static void cuda_upload(struct coopt_backend *be, void *dst, const void *src, size_t n_bytes) {
+    if (n_bytes) CUDA_CHECK(cudaMemcpyAsync(dst, src, n_bytes, cudaMemcpyHostToDevice, cuda_impl(be)->stream));
+}
+
+static void cuda_download(struct coopt_backend *be, void *dst, const void *src, size_t n_bytes) {
+    if (n_bytes) CUDA_CHECK(cudaMemcpyAsync(dst, src, n_bytes, cudaMemcpyDeviceToHost, cuda_impl(be)->stream));
+}
+
+static void cuda_sync(struct coopt_backend *be) { CUDA_CHECK(cudaStreamSynchronize(cuda_impl(be)->stream)); }
+
+// ---- embed ----
+//
+// out[t][:] = dequant(table row tokens[t]).
+// Grid: (n_tokens); Block: 256 threads striding over the n_in elements of the row.
+template <int T>
+__global__ void embed_kernel(float *__restrict__ out, const uint8_t *__restrict__ table, size_t row_bytes,
+                             int64_t n_in, const int32_t *__restrict__ tokens) {
+    int32_t        t   = blockIdx.x;
+    const uint8_t *row = table + (size_t)tokens[t] * row_bytes;
+    float         *o   = out + (size_t)t * (size_t)n_in;
+    for (int64_t i = threadIdx.x; i < n_in; i += blockDim.x) o[i] = load_elem<T>(row, i);
+}
+
+static void cuda_embed(struct coopt_backend *be, float *out, const struct coopt_weight *table, const int32_t *tokens,
+                       int32_t n) {
+    if (n <= 0) return;
+    size_t rb = coopt_dtype_row_bytes(table->dtype, table->n_in);
+    COOPT_ASSERT(rb > 0);
+    cudaStream_t   st = cuda_impl(be)->stream;
+    const uint8_t *d  = (const uint8_t *)table->data;
+    switch (table->dtype) {
+    case COOPT_DTYPE_F32: embed_kernel<COOPT_DTYPE_F32><<<n, 256, 0, st>>>(out, d, rb, table->n_in, tokens); break;
+    case COOPT_DTYPE_F16: embed_kernel<COOPT_DTYPE_F16><<<n, 256, 0, st>>>(out, d, rb, table->n_in, tokens); break;
+    case COOPT_DTYPE_BF16: embed_kernel<COOPT_DTYPE_BF16><<<n, 256, 0, st>>>(out, d, rb, table->n_in, tokens); break;
+    case COOPT_DTYPE_Q8_0: embed_kernel<COOPT_DTYPE_Q8_0><<<n, 256, 0, st>>>(out, d, rb, table->n_in, tokens); break;
+    case COOPT_DTYPE_Q4_0: embed_kernel<COOPT_DTYPE_Q4_0><<<n, 256, 0, st>>>(out, d, rb, table->n_in, tokens); break;
+    default:
+        coopt_log_error("cuda embed: unsupported table type %s", coopt_dtype_name(table->dtype));
+        COOPT_ASSERT(!"unsupported embedding type");
+    }
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- rmsnorm ----
+//
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w. One block (256 threads) per row; the sum of
+// squares is reduced in f32 (warp shuffles, then one value per warp in shared memory).
+// out may alias x: each thread reads its elements before the barrier and writes them after.
+__global__ void rmsnorm_kernel(float *out, const float *x, const float *__restrict__ w, int32_t dim, float eps) {
+    __shared__ float part[32];
+    const float     *xr = x + (size_t)blockIdx.x * (size_t)dim;
+    float           *o  = out + (size_t)blockIdx.x * (size_t)dim;
+    float            ss = 0.0f;
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+        v       = warp_sum(v);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    float inv = 1.0f / sqrtf(part[0] / (float)dim + eps);
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = (xr[i] * inv) * w[i];
+}
+
+static void cuda_rmsnorm(struct coopt_backend *be, float *out, const float *x, const float *w, int32_t n_rows,
+                         int32_t dim, float eps) {
+    if (n_rows <= 0) return;
+    rmsnorm_kernel<<<n_rows, 256, 0, cuda_impl(be)->stream>>>(out, x, w, dim, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- element-wise ----
+//
+// Grid-stride loops, 256 threads per block. silu uses expf (not __expf) to stay within an ulp
+// or two of the CPU reference.
+__global__ void silu_mul_kernel(float *out, const float *gate, const float *up, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i]  = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+__global__ void add_kernel(float *out, const float *a, const float *b, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = a[i] + b[i];
+}
+
+static void cuda_silu_mul(struct coopt_backend *be, float *out, const float *gate, const float *up, int64_t n) {
+    if (n <= 0) return;
+    silu_mul_kernel<<<cuda_grid_1d(n, 256), 256, 0, cuda_impl(be)->stream>>>(out, gate, up, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+static void cuda_add(struct coopt_backend *be, float *out, const float *a, const float *b, int64_t n) {
+    if (n <= 0) return;
+    add_kernel<<<cuda_grid_1d(n, 256), 256, 0, cuda_impl(be)->stream>>>(out, a, b, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- get_rows ----
+//
+// out[j][:] = x[rows[j]][:]. Grid: (n) blocks of 256 threads, one row each. When out aliases x
+// (in-place gather with ascending rows, rows[j] >= j) rows must be copied in order: then one
+// block walks the rows with a barrier between them.
+__global__ void get_rows_kernel(float *out, const float *x, const int32_t *__restrict__ rows, int32_t dim) {
+    int32_t j = blockIdx.x;
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x)
+        out[(size_t)j * dim + i] = x[(size_t)rows[j] * dim + i];
+}
+
+__global__ void get_rows_inplace_kernel(float *x, const int32_t *__restrict__ rows, int32_t n, int32_t dim) {
+    for (int32_t j = 0; j < n; j++) {
+        float v[4];
+        // read the whole row before anyone writes it (dim may exceed the block)
+        for (int32_t c = 0; c < dim; c += 4 * blockDim.x) {
+            for (int u = 0; u < 4; u++) {
+                int32_t i = c + u * blockDim.x + threadIdx.x;
+                v[u]      = i < dim ? x[(size_t)rows[j] * dim + i] : 0.0f;
+            }
+            __syncthreads();
+            for (int u = 0; u < 4; u++) {
+                int32_t i = c + u * blockDim.x + threadIdx.x;
+                if (i < dim) x[(size_t)j * dim + i] = v[u];
+            }
+            __syncthreads();
+        }
+    }
+}
+
+static void cuda_get_rows(struct coopt_backend *be, float *out, const float *x, const int32_t *rows, int32_t n,
+                          int32_t dim) {
+    if (n <= 0) return;
+    cudaStream_t st = cuda_impl(be)->stream;
+    if (out == x) {
+        get_rows_inplace_kernel<<<1, 256, 0, st>>>(out, rows, n, dim);
+    } else {
+        get_rows_kernel<<<n, 256, 0, st>>>(out, x, rows, dim);
+    }
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---- model upload ----
+//
+// The device model is a struct coopt_model whose weight pointers are device copies; it lives
+// in a struct cuda_model that also lists every device allocation for model_release. The host
+// model keeps ownership of its files, tokenizer and allocations: the copy owns none of them.
+
+struct cuda_model {
+    struct coopt_model m; // first: model_release casts back
+    void             **ptrs;
+    int                n_ptrs, cap_ptrs;
+    size_t             bytes;
+};
+
+static enum coopt_status model_copy(struct coopt_backend *be, struct cuda_model *cm, const void *src, size_t n,
+                                    const void **dst) {
+    *dst = NULL;
+    if (!src || !n) return COOPT_OK;
+    if (cm->n_ptrs == cm->cap_ptrs) {
+        int    cap = cm->cap_ptrs ? cm->cap_ptrs * 2 : 64;
+        void **p   = (void **)coopt_realloc(cm->ptrs, (size_t)cap * sizeof(void *));
+        if (!p) return COOPT_ERR_NOMEM;
+        cm->ptrs     = p;
+        cm->cap_ptrs = cap;
+    }
+    void             *d  = NULL;
+    enum coopt_status st = cuda_alloc(be, n, &d);
+    if (st != COOPT_OK) return st;
+    cm->ptrs[cm->n_ptrs++] = d;
+    // Synchronous copy straight from the mmap (pageable): the driver stages it; the source may
+    // fault in from disk here, which is the streaming we want (one tensor resident at a time).
+    CUDA_TRY(cudaMemcpy(d, src, n, cudaMemcpyHostToDevice), COOPT_ERR_NOMEM);
+    cm->bytes += n;
+    *dst = d;
+    return COOPT_OK;
+}
+
+static size_t weight_bytes(const struct coopt_weight *w) {
+    return w->data ? coopt_dtype_row_bytes(w->dtype, w->n_in) * (size_t)w->n_out : 0;
+}
+
+static enum coopt_status weight_check(const struct coopt_weight *w, const char *name, int layer) {
+    switch (w->dtype) {
+    case COOPT_DTYPE_F32:
+    case COOPT_DTYPE_F16:
+    case COOPT_DTYPE_BF16:
+    case COOPT_DTYPE_Q8_0:
+    case COOPT_DTYPE_Q4_0: return COOPT_OK;
+    default:
+        return coopt_fail(COOPT_ERR_UNSUPPORTED, "cuda: weight %s (layer %d) has type %s, not supported on the GPU yet",
+                          name, layer, coopt_dtype_name(w->dtype));
+    }
+}
+
+static enum coopt_status weight_upload(struct coopt_backend *be, struct cuda_model *cm, struct coopt_weight *w) {
+    enum coopt_status st;
+    const void       *d = NULL, *bias = NULL;
+    if ((st = model_copy(be, cm, w->data, weight_bytes(w), &d))) return st;
+    if ((st = model_copy(be, cm, w->bias, (size_t)w->n_out * sizeof(float), &bias))) return st;
+    w->data = d;
+    w->bias = (const float *)bias;
+    w->gptq = NULL;
+    return COOPT_OK;
+}
+
+static void cuda_model_release(struct coopt_backend *be, struct coopt_model *dev) {
+    if (!dev) return;
+    struct cuda_model *cm = (struct cuda_model *)dev;
+    for (int i = 0; i < cm->n_ptrs; i++) cudaFree(cm->ptrs[i]);
+    free(cm->ptrs);
+    free(cm->m.layers);
+    free(cm);
+}
+
+static enum coopt_status cuda_model_upload(struct coopt_backend *be, const struct coopt_model *host,
+                                           struct coopt_model **out) {
+    *out                                = NULL;
+    const struct coopt_model_config *c  = &host->config;
+    static const char               *nm[] = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"};
+    enum coopt_status                st   = COOPT_OK;
+    size_t                           total = weight_bytes(&host->tok_embd);
+    if ((st = weight_check(&host->tok_embd, "token_embd", -1))) return st;
+    if (!host->config.tied_embeddings && (st = weight_check(&host->output, "output", -1))) return st;
+    if (!host->config.tied_embeddings) total += weight_bytes(&host->output);
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const struct coopt_layer *L    = &host->layers[l];
+        const struct coopt_weight *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int i = 0; i < 7; i++) {
+            if ((st = weight_check(ws[i], nm[i], l))) return st;
+            total += weight_bytes(ws[i]);
+        }
+    }
+    size_t free_b = 0, total_b = 0;
+    CUDA_TRY(cudaMemGetInfo(&free_b, &total_b), COOPT_ERR_NOMEM);
+    if (total > free_b)
+        return coopt_fail(COOPT_ERR_NOMEM, "model needs %.2f GiB of GPU memory for weights, %.2f GiB free", total / 1073741824.0,
+                          free_b / 1073741824.0);
+
+    struct cuda_model *cm = (struct cuda_model *)coopt_calloc(1, sizeof(*cm));
+    if (!cm) return COOPT_ERR_NOMEM;
+    cm->m = *host;
+    // the copy owns none of the host's resources
+    memset(cm->m.files, 0, sizeof(cm->m.files));
+    cm->m.n_files   = 0;
+    cm->m.allocs    = NULL;
+    cm->m.n_allocs  = cm->m.cap_allocs = 0;
+    cm->m.layers    = (struct coopt_layer *)coopt_calloc((size_t)(c->n_layers > 0 ? c->n_layers : 1), sizeof(struct coopt_layer));
+    if (!cm->m.layers) {
+        free(cm);
+        return COOPT_ERR_NOMEM;
+    }
+    int64_t     t0  = coopt_time_us();
+    bool        tty = isatty(2);
+    const void *d   = NULL;
+    coopt_log_info("cuda: uploading %.2f GiB of weights to the GPU", total / 1073741824.0);
+    if ((st = weight_upload(be, cm, &cm->m.tok_embd))) goto fail;
+    if (host->config.tied_embeddings || host->output.data == host->tok_embd.data) {
+        cm->m.output.data = cm->m.tok_embd.data;
+        if (host->output.bias && (st = model_copy(be, cm, host->output.bias, (size_t)host->output.n_out * 4, &d))) goto fail;
+        cm->m.output.bias = (const float *)d;
+    } else if ((st = weight_upload(be, cm, &cm->m.output))) {
+        goto fail;
+    }
+    if ((st = model_copy(be, cm, host->out_norm, (size_t)c->dim * sizeof(float), &d))) goto fail;
+    cm->m.out_norm = (const float *)d;
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        struct coopt_layer *L = &cm->m.layers[l];
+        *L                    = host->layers[l];
+        struct coopt_weight *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int i = 0; i < 7; i++)
+            if ((st = weight_upload(be, cm, ws[i]))) goto fail;
+        if ((st = model_copy(be, cm, host->layers[l].attn_norm, (size_t)c->dim * sizeof(float), &d))) goto fail;
+        L->attn_norm = (const float *)d;
+        if ((st = model_copy(be, cm, host->layers[l].ffn_norm, (size_t)c->dim * sizeof(float), &d))) goto fail;
+        L->ffn_norm = (const float *)d;
+        if (tty)
+            fprintf(stderr, "\rcoopt: cuda: layer %d/%d uploaded (%.2f GiB)", l + 1, c->n_layers,
+                    cm->bytes / 1073741824.0);
+    }
+    if (tty && c->n_layers > 0) fprintf(stderr, "\n");
+    {
+        double s = (double)(coopt_time_us() - t0) / 1e6;
+        coopt_log_info("cuda: %.2f GiB uploaded in %.2f s (%.2f GB/s)", cm->bytes / 1073741824.0, s,
+                       s > 0 ? cm->bytes / s / 1e9 : 0.0);
+    }
+    *out = &cm->m;
+    return COOPT_OK;
+fail:
+    if (tty) fprintf(stderr, "\n");
+    cuda_model_release(be, &cm->m);
+    return st;
+}
+
+// ---- backend lifecycle ----
+
+static void cuda_destroy(struct coopt_backend *be) {
+    if (!be) return;
+    struct cuda_backend *cb = cuda_impl(be);
+    if (cb) {
+        if (cb->stream) cudaStreamSynchronize(cb->stream);
+        cuda_kv_pools_free_all(cb);
+        if (cb->work) cudaFree(cb->work);
+        if (cb->cublas) cublasDestroy(cb->cublas);
+        if (cb->stream) cudaStreamDestroy(cb->stream);
+        free(cb);
+    }
+    free(be);
+}
+
+static const struct coopt_ops cuda_ops = {
+    .name            = "cuda",
+    .alloc           = cuda_alloc,
+    .free            = cuda_free,
+    .upload          = cuda_upload,
+    .download        = cuda_download,
+    .sync            = cuda_sync,
+    .embed           = cuda_embed,
+    .rmsnorm         = cuda_rmsnorm,
+    .matmul          = cuda_matmul,
+    .rope            = cuda_rope,
+    .rope_store      = cuda_rope_store,
+    .attention       = cuda_attention,
+    .silu_mul        = cuda_silu_mul,
+    .add             = cuda_add,
+    .get_rows        = cuda_get_rows,
+    .kv_pool_init    = cuda_kv_pool_init,
+    .kv_pool_free    = cuda_kv_pool_free,
+    .kv_pool_release = cuda_kv_pool_release,
+    .kv_page_copy    = cuda_kv_page_copy,
+    .kv_pool_commit  = cuda_kv_pool_commit,
+    .model_upload    = cuda_model_upload,
+    .model_release   = cuda_model_release,
+    .destroy         = cuda_destroy,
+};
+
+extern "C" int coopt_cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+extern "C" int coopt_cuda_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    if (cudaMemGetInfo(free_bytes, total_bytes) != cudaSuccess) {
+        (void)cudaGetLastError();
+        *free_bytes = *total_bytes = 0;
+        return -1;
+    }
+    return 0;
+}
+
+extern "C" enum coopt_status coopt_cuda_backend_init(int32_t n_threads, struct coopt_backend **out) {
+    *out  = NULL;
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        (void)cudaGetLastError();
+        return coopt_fail(COOPT_ERR_UNSUPPORTED, "device 'cuda': no CUDA device available (%s)",
+                          e != cudaSuccess ? cudaGetErrorName(e) : "0 devices");
+    }
+    struct coopt_backend *be = (struct coopt_backend *)coopt_calloc(1, sizeof(*be));
+    struct cuda_backend  *cb = (struct cuda_backend *)coopt_calloc(1, sizeof(*cb));
+    if (!be || !cb) {
+        free(be);
+        free(cb);
+        return COOPT_ERR_NOMEM;
+    }
+    be->ops       = &cuda_ops;
+    be->n_threads = n_threads;
+    be->impl      = cb;
+    cb->device    = 0;
+    enum coopt_status st = COOPT_ERR_NOMEM;
+    cudaDeviceProp    prop;
+    if ((e = cudaSetDevice(0)) != cudaSuccess || (e = cudaGetDeviceProperties(&prop, 0)) != cudaSuccess ||
+        (e = cudaFree(0)) != cudaSuccess) { // cudaFree(0) creates the primary context (driver API needs it)
+        st = coopt_fail(COOPT_ERR_UNSUPPORTED, "device 'cuda': cannot initialize device 0 (%s)", cudaGetErrorName(e));
+        goto fail;
+    }
+    cb->n_sm = prop.multiProcessorCount;
+    if (!driver_load(cb)) {
+        st = COOPT_ERR_UNSUPPORTED;
+        goto fail;
+    }
+    if (prop.major < 8) {
+        st = coopt_fail(COOPT_ERR_UNSUPPORTED, "device 'cuda': %s has compute capability %d.%d, need 8.0 or newer",
+                        prop.name, prop.major, prop.minor);
+        goto fail;
+    }
+    if ((e = cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking)) != cudaSuccess) {
+        st = coopt_fail(COOPT_ERR_NOMEM, "device 'cuda': cannot create a stream (%s)", cudaGetErrorName(e));
+        goto fail;
+    }
+    if (cublasCreate(&cb->cublas) != CUBLAS_STATUS_SUCCESS) {
+        cb->cublas = NULL;
+        st         = coopt_fail(COOPT_ERR_NOMEM, "device 'cuda': cannot create the cuBLAS handle");
+        goto fail;
+    }
+    // Default math: no TF32 for f32 GEMMs (the CPU reference is f32/double).
+    CUBLAS_CHECK(cublasSetStream(cb->cublas, cb->stream));
+    CUBLAS_CHECK(cublasSetMathMode(cb->cublas, CUBLAS_DEFAULT_MATH));
+    coopt_log_info("cuda: %s, %d SMs, %.1f GiB", prop.name, prop.multiProcessorCount,
+                   prop.totalGlobalMem / 1073741824.0);
+    *out = be;
+    return COOPT_OK;
+fail:
+    cuda_destroy(be);
+    return st;
+}

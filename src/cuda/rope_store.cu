@@ -1,0 +1,185 @@
+/*
+ * rope_store.cu -- RoPE (the reference op) and the fused Opt-KV write path rope_store: for a
+ * whole batch in one launch, rotate q in place, rotate k (in registers/shared memory; k stays
+ * unrotated in memory), convert k and v to the cache type and scatter them into their slots.
+ *
+ * Semantics are those of the CPU reference (ops_cpu_ref.c): angle = (float)pos * inv_freq[i]
+ * in f32, then cosf/sinf; rotation products rounded without FMA contraction (the CPU build is
+ * ISO C, -ffp-contract=off); FP8 rows carry one f32 scale per (token, head) = amax / fp8_max,
+ * values fp8(x / scale) rounded to nearest even and saturated, an all-zero row stores scale 0.
+ *
+ * Cache layout (kv_cache.h): page [n_layers][2][n_kv_heads][page_size][head_dim] of the cache
+ * type, then FP8 scales [n_layers][2][n_kv_heads][page_size] f32; kv_offset/kv_scale_offset
+ * below are coopt_kv_offset/coopt_kv_scale_offset ported to device code.
+ *
+ * rope_kernel       Grid: (n_tokens); Block: 128 threads over the n_heads * head_dim/2 pairs.
+ * rope_store_kernel Grid: (n_tokens); Block: 128 threads = 4 warps. All threads rotate q; then
+ *                   warp w handles cache rows (kv head h, K/V) = w, w + 4, ... of the token:
+ *                   rotated row into shared memory, warp amax, quantized store.
+ *                   Shared memory: 4 * head_dim floats (head_dim <= 256).
+ */
+#include "cuda/common.cuh"
+#include "cuda/kv_dev.cuh"
+
+#define ROPE_MAX_HALF 128 // head_dim <= 256
+
+struct rope_params {
+    int32_t layout; // enum coopt_rope_layout
+    int32_t head_dim;
+    float   inv_freq[ROPE_MAX_HALF];
+};
+
+static struct rope_params rope_params_make(const struct coopt_rope *rope) {
+    struct rope_params p;
+    if (rope->head_dim <= 0 || rope->head_dim > 2 * ROPE_MAX_HALF || rope->head_dim % 2) {
+        coopt_log_error("cuda rope: head_dim %d not supported (even, <= %d)", rope->head_dim, 2 * ROPE_MAX_HALF);
+        COOPT_ASSERT(!"unsupported head_dim for RoPE");
+    }
+    p.layout   = (int32_t)rope->layout;
+    p.head_dim = rope->head_dim;
+    for (int i = 0; i < ROPE_MAX_HALF; i++) p.inv_freq[i] = i < rope->head_dim / 2 ? rope->inv_freq[i] : 0.0f;
+    return p;
+}
+
+// Index pair (i0, i1) rotated by angle i of the layout.
+__device__ __forceinline__ void rope_pair(const struct rope_params &p, int i, int *i0, int *i1) {
+    if (p.layout == COOPT_ROPE_INTERLEAVED) {
+        *i0 = 2 * i;
+        *i1 = 2 * i + 1;
+    } else {
+        *i0 = i;
+        *i1 = i + p.head_dim / 2;
+    }
+}
+
+__device__ __forceinline__ void rope_rotate(float x0, float x1, float c, float s, float *y0, float *y1) {
+    *y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    *y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+}
+
+// Rotates the n_heads heads of one token's row x in place (all threads of the block).
+__device__ __forceinline__ void rope_row(float *x, int32_t n_heads, int32_t pos, const struct rope_params &p) {
+    int half = p.head_dim / 2;
+    for (int idx = threadIdx.x; idx < n_heads * half; idx += blockDim.x) {
+        int   h = idx / half, i = idx % half, i0, i1;
+        float a = (float)pos * p.inv_freq[i];
+        float c = cosf(a), s = sinf(a);
+        rope_pair(p, i, &i0, &i1);
+        float *xh = x + (size_t)h * p.head_dim;
+        float  y0, y1;
+        rope_rotate(xh[i0], xh[i1], c, s, &y0, &y1);
+        // each (i0, i1) pair is owned by exactly one thread
+        xh[i0] = y0;
+        xh[i1] = y1;
+    }
+}
+
+__global__ void rope_kernel(float *q, int32_t n_heads, const int32_t *__restrict__ pos, const struct rope_params p) {
+    int32_t t = blockIdx.x;
+    rope_row(q + (size_t)t * n_heads * p.head_dim, n_heads, pos[t], p);
+}
+
+void cuda_rope(struct coopt_backend *be, float *q, int32_t n_heads, const int32_t *pos, int32_t n,
+               const struct coopt_rope *rope) {
+    if (n <= 0) return;
+    struct rope_params p = rope_params_make(rope);
+    rope_kernel<<<n, 128, 0, cuda_impl(be)->stream>>>(q, n_heads, pos, p);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <int KT> __device__ __forceinline__ void store_elem(uint8_t *dst, int i, float v) {
+    if constexpr (KT == COOPT_DTYPE_F32) {
+        ((float *)dst)[i] = v;
+    } else if constexpr (KT == COOPT_DTYPE_F16) {
+        ((uint16_t *)dst)[i] = __half_as_ushort(__float2half_rn(v));
+    } else if constexpr (KT == COOPT_DTYPE_BF16) {
+        ((uint16_t *)dst)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    } else if constexpr (KT == COOPT_DTYPE_FP8_E4M3) {
+        dst[i] = f32_to_fp8_e4m3(v);
+    } else {
+        static_assert(KT == COOPT_DTYPE_FP8_E5M2, "store_elem: not a KV type");
+        dst[i] = f32_to_fp8_e5m2(v);
+    }
+}
+
+template <int KT>
+__global__ void __launch_bounds__(128)
+    rope_store_kernel(float *q, const float *__restrict__ k, const float *__restrict__ v, int32_t n_heads,
+                      uint8_t *__restrict__ pool, const struct kv_dev_layout L, int32_t layer,
+                      const int32_t *__restrict__ pos, const int64_t *__restrict__ slots, const struct rope_params p) {
+    __shared__ float buf[4][2 * ROPE_MAX_HALF];
+    const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
+    const int        warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int32_t    ps = pos[t];
+    rope_row(q + (size_t)t * n_heads * hd, n_heads, ps, p);
+
+    const int64_t page = slots[t] / L.page_size;
+    const int32_t row  = (int32_t)(slots[t] % L.page_size);
+    float        *b    = buf[warp];
+    for (int r = warp; r < 2 * nkv; r += 4) {
+        const int32_t h = r >> 1, kvi = r & 1;
+        const float  *src = (kvi ? v : k) + ((size_t)t * nkv + h) * hd;
+        if (kvi == 0) {
+            for (int i = lane; i < half; i += WARP_SIZE) {
+                float a = (float)ps * p.inv_freq[i];
+                float c = cosf(a), s = sinf(a);
+                int   i0, i1;
+                rope_pair(p, i, &i0, &i1);
+                rope_rotate(src[i0], src[i1], c, s, &b[i0], &b[i1]);
+            }
+        } else {
+            for (int i = lane; i < hd; i += WARP_SIZE) b[i] = src[i];
+        }
+        __syncwarp();
+        uint8_t *dst = pool + kv_offset(L, page, layer, kvi, h, row);
+        if constexpr (KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2) {
+            float amax = 0.0f;
+            for (int i = lane; i < hd; i += WARP_SIZE) amax = fmaxf(amax, fabsf(b[i]));
+            amax    = warp_max(amax);
+            float s = amax / (KT == COOPT_DTYPE_FP8_E4M3 ? 448.0f : 57344.0f);
+            if (lane == 0) *(float *)(pool + kv_scale_offset(L, page, layer, kvi, h, row)) = s;
+            for (int i = lane; i < hd; i += WARP_SIZE) store_elem<KT>(dst, i, s == 0.0f ? 0.0f : b[i] / s);
+        } else {
+            for (int i = lane; i < hd; i += WARP_SIZE) store_elem<KT>(dst, i, b[i]);
+        }
+        __syncwarp(); // b is rewritten by this warp's next row
+    }
+}
+
+void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const float *v, int32_t n_heads,
+                     struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
+                     const struct coopt_rope *rope) {
+    const struct coopt_kv_layout *l = &kv->layout;
+    COOPT_ASSERT(rope->head_dim == l->head_dim && layer >= 0 && layer < l->n_layers);
+    if (b->n_tokens <= 0) return;
+    // Commit physical memory for every page this step writes (lazy mapping, kv_pool.cu). Every
+    // layer checks (a few table entries per live sequence): callers may start at any layer.
+    cuda_kv_pool_prepare(be, kv);
+    struct rope_params   p  = rope_params_make(rope);
+    struct kv_dev_layout L  = kv_dev_layout_make(l);
+    cudaStream_t         st = cuda_impl(be)->stream;
+    int32_t              n  = b->n_tokens;
+    switch (l->dtype) {
+    case COOPT_DTYPE_F32:
+        rope_store_kernel<COOPT_DTYPE_F32><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+        break;
+    case COOPT_DTYPE_F16:
+        rope_store_kernel<COOPT_DTYPE_F16><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+        break;
+    case COOPT_DTYPE_BF16:
+        rope_store_kernel<COOPT_DTYPE_BF16><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+        break;
+    case COOPT_DTYPE_FP8_E4M3:
+        rope_store_kernel<COOPT_DTYPE_FP8_E4M3>
+            <<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+        break;
+    case COOPT_DTYPE_FP8_E5M2:
+        rope_store_kernel<COOPT_DTYPE_FP8_E5M2>
+            <<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+        break;
+    default:
+        coopt_log_error("cuda rope_store: KV type %s is not supported", coopt_dtype_name(l->dtype));
+        COOPT_ASSERT(!"unsupported KV type");
+    }
+    CUDA_CHECK_LAUNCH();
+}

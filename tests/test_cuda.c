@@ -1,0 +1,1023 @@
+/*
+ * test_cuda.c -- the CUDA backend against the CPU scalar reference (coopt_cpu_backend_init(1,
+ * true)): every op on random inputs at real and odd shapes, the lazily mapped KV pool, a whole
+ * forward pass of random models, and the real test models through the public API (CUDA logits
+ * against the CPU backend's). Every test skips when the build has no CUDA or no GPU is present
+ * (CI compiles CUDA code on machines without one).
+ *
+ * Tolerances (|got - ref| <= atol + rtol*|ref|, or a per-element bound), and why:
+ *   embed, add, get_rows: exact (the same conversions, no arithmetic to reorder).
+ *   rmsnorm 1e-5 rel: f32 tree reduction of the sum of squares against the reference's double.
+ *   silu_mul 2e-6 rel: CUDA expf is within 2 ulp, glibc's within 1.
+ *   rope 2e-6 abs/rel: CUDA cosf/sinf within 2 ulp of glibc's (angles |x| < 1e4 rad).
+ *   matmul GEMV path (F32 n_rows <= 8, F16/BF16 n_rows <= 2, Q8_0/Q4_0 always): 1e-5 *
+ *     sum_i |w_i x_i|, f32 accumulation in another order against a double reference. cuBLAS path
+ *     (the other rows): F32 the same (no TF32); F16/BF16 add 2^-11 / 2^-8 * sum|w x| because x is
+ *     rounded to the weight's 16-bit type (half an ulp per element, worst case all one sign).
+ *   rope_store: q as rope; V rows byte-identical to the reference (no arithmetic but the
+ *     conversion, which rounds identically); K rows within one ulp of the cache type of the
+ *     reference value (an ulp apart in cos/sin can flip a rounding) plus 1e-6 of the row's amax
+ *     (the f32 rotation itself), and for 16/8-bit types at most 2% of K bytes differ.
+ *   attention 2e-5 abs + 1e-4 rel: f32 online softmax with expf against double math, both
+ *     reading the same cache bytes.
+ *   forward / real models: logits within 1e-3 * max|ref logit| + 1e-3 * |ref| (f32 end to end;
+ *     the F16 random model 2e-2, its prefill rounds activations to f16 for cuBLAS); FP8 KV
+ *     models within 0.1 * max|logit| (an ulp flip of an FP8 value moves a logit by ~1e-2).
+ */
+#include "backend.h"
+#include "coopt.h"
+#include "dtype.h"
+#include "forward.h"
+#include "kv_cache.h"
+#include "model.h"
+#include "test.h"
+#include "util.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef COOPT_CUDA
+#include "cuda/cuda.h"
+
+struct cu_pair {
+    struct coopt_backend *cu, *ref;
+};
+
+// Creates both backends; returns false after SKIP (no GPU) or FAIL.
+static bool cu_pair_init(struct test_ctx *t, struct cu_pair *p) {
+    p->cu = p->ref = NULL;
+    if (coopt_cuda_device_count() <= 0) {
+        test_skip(t, "no CUDA device");
+        return false;
+    }
+    coopt_log_set_quiet(1);
+    if (coopt_cuda_backend_init(0, &p->cu) != COOPT_OK || coopt_cpu_backend_init(1, true, &p->ref) != COOPT_OK) {
+        test_fail(t, __FILE__, __LINE__, "backend init failed");
+        if (p->cu) p->cu->ops->destroy(p->cu);
+        return false;
+    }
+    return true;
+}
+
+static void cu_pair_free(struct cu_pair *p) {
+    if (p->cu) p->cu->ops->destroy(p->cu);
+    if (p->ref) p->ref->ops->destroy(p->ref);
+}
+
+static float *rnd(uint64_t *s, size_t n, float lo, float hi) {
+    float *x = malloc(n * sizeof(float) + 4);
+    test_fill_uniform(s, x, n, lo, hi);
+    return x;
+}
+
+// Device copy of n bytes of host memory (aborts the test binary on allocation failure: a GPU
+// that cannot hold a few MiB is broken).
+static void *dev_copy(struct coopt_backend *be, const void *src, size_t n) {
+    void *d = NULL;
+    COOPT_ASSERT(be->ops->alloc(be, n, &d) == COOPT_OK);
+    if (src) be->ops->upload(be, d, src, n);
+    return d;
+}
+
+static void dev_read(struct coopt_backend *be, void *dst, const void *src, size_t n) {
+    be->ops->download(be, dst, src, n);
+    be->ops->sync(be);
+}
+
+static const enum coopt_dtype k_wtypes[] = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COOPT_DTYPE_BF16, COOPT_DTYPE_Q8_0,
+                                            COOPT_DTYPE_Q4_0};
+static const enum coopt_dtype k_kvtypes[] = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COOPT_DTYPE_BF16,
+                                             COOPT_DTYPE_FP8_E4M3, COOPT_DTYPE_FP8_E5M2};
+
+static bool is_quant(enum coopt_dtype d) { return d == COOPT_DTYPE_Q8_0 || d == COOPT_DTYPE_Q4_0; }
+
+// ---- memory ----
+
+TEST(cuda_memory) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    struct coopt_backend *be = p.cu;
+    CHECK(t, strcmp(be->ops->name, "cuda") == 0);
+    char  back[6] = {0};
+    void *m       = dev_copy(be, "hello", 6);
+    dev_read(be, back, m, 6);
+    CHECK(t, strcmp(back, "hello") == 0);
+    be->ops->free(be, m);
+    be->ops->free(be, NULL);
+    // an impossible allocation is a status, and the backend keeps working afterwards
+    void *huge = (void *)1;
+    CHECK(t, be->ops->alloc(be, (size_t)1 << 52, &huge) == COOPT_ERR_NOMEM && huge == NULL);
+    m = dev_copy(be, "again", 6);
+    dev_read(be, back, m, 6);
+    be->ops->free(be, m);
+    CHECK(t, strcmp(back, "again") == 0);
+    // zero-byte transfers are no-ops
+    be->ops->upload(be, NULL, NULL, 0);
+    be->ops->download(be, NULL, NULL, 0);
+    be->ops->sync(be);
+    cu_pair_free(&p);
+}
+
+// ---- embed, rmsnorm, element-wise ----
+
+TEST(cuda_embed) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t s = 3;
+    for (size_t d = 0; d < COOPT_ARRAY_LEN(k_wtypes); d++) {
+        int64_t  n_in = is_quant(k_wtypes[d]) ? 96 : 77, n_vocab = 50;
+        int32_t  n    = 600;
+        size_t   rb   = coopt_dtype_row_bytes(k_wtypes[d], n_in);
+        float   *tf   = rnd(&s, (size_t)n_in * n_vocab, -1, 1);
+        uint8_t *tq   = malloc(rb * n_vocab);
+        for (int64_t r = 0; r < n_vocab; r++) coopt_quant_row(k_wtypes[d], tf + r * n_in, tq + r * rb, n_in);
+        int32_t tokens[600];
+        for (int i = 0; i < n; i++) tokens[i] = (int32_t)(test_rand_u64(&s) % n_vocab);
+        struct coopt_weight w  = {.dtype = k_wtypes[d], .n_in = n_in, .n_out = n_vocab, .data = tq};
+        struct coopt_weight dw = w;
+        dw.data                = dev_copy(p.cu, tq, rb * n_vocab);
+        int32_t *dtok          = dev_copy(p.cu, tokens, sizeof(tokens));
+        float   *dout          = dev_copy(p.cu, NULL, (size_t)n * n_in * sizeof(float));
+        float   *got = malloc((size_t)n * n_in * sizeof(float)), *want = malloc((size_t)n * n_in * sizeof(float));
+        p.cu->ops->embed(p.cu, dout, &dw, dtok, n);
+        dev_read(p.cu, got, dout, (size_t)n * n_in * sizeof(float));
+        p.ref->ops->embed(p.ref, want, &w, tokens, n);
+        bool ok = memcmp(got, want, (size_t)n * n_in * sizeof(float)) == 0;
+        p.cu->ops->free(p.cu, (void *)dw.data), p.cu->ops->free(p.cu, dtok), p.cu->ops->free(p.cu, dout);
+        free(tf), free(tq), free(got), free(want);
+        CHECKF(t, ok, "embed %s differs from the reference", coopt_dtype_name(k_wtypes[d]));
+    }
+    cu_pair_free(&p);
+}
+
+TEST(cuda_rmsnorm) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t      s      = 5;
+    const int32_t dims[] = {1, 15, 64, 100, 4096, 5120};
+    for (size_t d = 0; d < COOPT_ARRAY_LEN(dims); d++) {
+        int32_t dim = dims[d], n_rows = 37;
+        size_t  n   = (size_t)dim * n_rows;
+        float  *x = rnd(&s, n, -3, 3), *w = rnd(&s, dim, 0.5f, 1.5f);
+        float  *got = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float));
+        float  *dx = dev_copy(p.cu, x, n * 4), *dw = dev_copy(p.cu, w, (size_t)dim * 4), *dout = dev_copy(p.cu, NULL, n * 4);
+        p.ref->ops->rmsnorm(p.ref, want, x, w, n_rows, dim, 1e-5f);
+        p.cu->ops->rmsnorm(p.cu, dout, dx, dw, n_rows, dim, 1e-5f);
+        dev_read(p.cu, got, dout, n * 4);
+        bool ok = test_near(t, __FILE__, __LINE__, got, want, n, 1e-7, 1e-5);
+        p.cu->ops->rmsnorm(p.cu, dx, dx, dw, n_rows, dim, 1e-5f); // in place
+        dev_read(p.cu, got, dx, n * 4);
+        ok = ok && test_near(t, __FILE__, __LINE__, got, want, n, 1e-7, 1e-5);
+        p.cu->ops->free(p.cu, dx), p.cu->ops->free(p.cu, dw), p.cu->ops->free(p.cu, dout);
+        free(x), free(w), free(got), free(want);
+        if (!ok) return;
+    }
+    cu_pair_free(&p);
+}
+
+TEST(cuda_elementwise) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t      s    = 9;
+    const int64_t ns[] = {1, 17, 1000, 100003, 3000000};
+    for (size_t k = 0; k < COOPT_ARRAY_LEN(ns); k++) {
+        int64_t n = ns[k];
+        float  *a = rnd(&s, n, -20, 20), *b = rnd(&s, n, -2, 2);
+        float  *got = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float));
+        float  *da = dev_copy(p.cu, a, n * 4), *db = dev_copy(p.cu, b, n * 4), *dout = dev_copy(p.cu, NULL, n * 4);
+        p.ref->ops->silu_mul(p.ref, want, a, b, n);
+        p.cu->ops->silu_mul(p.cu, dout, da, db, n);
+        dev_read(p.cu, got, dout, n * 4);
+        bool ok = test_near(t, __FILE__, __LINE__, got, want, n, 1e-7, 2e-6);
+        p.ref->ops->add(p.ref, want, a, b, n);
+        p.cu->ops->add(p.cu, da, da, db, n); // aliasing out == a
+        dev_read(p.cu, got, da, n * 4);
+        ok = ok && test_near(t, __FILE__, __LINE__, got, want, n, 0, 0);
+        p.cu->ops->free(p.cu, da), p.cu->ops->free(p.cu, db), p.cu->ops->free(p.cu, dout);
+        free(a), free(b), free(got), free(want);
+        if (!ok) return;
+    }
+    // get_rows: to another buffer, and in place with ascending rows (what the LM head does)
+    int32_t dim = 1000, n_rows = 9, rows[4] = {1, 3, 4, 8};
+    float  *x   = rnd(&s, (size_t)dim * n_rows, -1, 1);
+    float  *want = malloc(4 * (size_t)dim * 4), *got = malloc(4 * (size_t)dim * 4);
+    p.ref->ops->get_rows(p.ref, want, x, rows, 4, dim);
+    float   *dx = dev_copy(p.cu, x, (size_t)dim * n_rows * 4), *dout = dev_copy(p.cu, NULL, 4 * (size_t)dim * 4);
+    int32_t *dr = dev_copy(p.cu, rows, sizeof(rows));
+    p.cu->ops->get_rows(p.cu, dout, dx, dr, 4, dim);
+    dev_read(p.cu, got, dout, 4 * (size_t)dim * 4);
+    bool ok = test_near(t, __FILE__, __LINE__, got, want, 4 * (size_t)dim, 0, 0);
+    p.cu->ops->get_rows(p.cu, dx, dx, dr, 4, dim);
+    dev_read(p.cu, got, dx, 4 * (size_t)dim * 4);
+    ok = ok && test_near(t, __FILE__, __LINE__, got, want, 4 * (size_t)dim, 0, 0);
+    p.cu->ops->free(p.cu, dx), p.cu->ops->free(p.cu, dout), p.cu->ops->free(p.cu, dr);
+    free(x), free(want), free(got);
+    if (!ok) return;
+    cu_pair_free(&p);
+}
+
+// ---- matmul ----
+
+static bool check_matmul(struct test_ctx *t, struct cu_pair *p, uint64_t *s, enum coopt_dtype dt, int64_t n_in,
+                         int64_t n_out, int32_t n_rows, bool bias) {
+    size_t   rb   = coopt_dtype_row_bytes(dt, n_in);
+    float   *wf   = rnd(s, (size_t)n_in * n_out, -1, 1);
+    uint8_t *wq   = malloc(rb * n_out);
+    float   *wd   = malloc((size_t)n_in * n_out * sizeof(float));
+    float   *x    = rnd(s, (size_t)n_in * n_rows, -2, 2);
+    float   *b    = bias ? rnd(s, n_out, -1, 1) : NULL;
+    size_t   no   = (size_t)n_out * n_rows;
+    float   *got  = malloc(no * sizeof(float)), *want = malloc(no * sizeof(float));
+    for (int64_t o = 0; o < n_out; o++) {
+        coopt_quant_row(dt, wf + o * n_in, wq + o * rb, n_in);
+        coopt_dequant_row(dt, wq + o * rb, wd + o * n_in, n_in);
+    }
+    struct coopt_weight w = {.dtype = dt, .n_in = n_in, .n_out = n_out, .data = wq, .bias = b};
+    p->ref->ops->matmul(p->ref, want, x, &w, n_rows);
+    struct coopt_weight dw = w;
+    dw.data                = dev_copy(p->cu, wq, rb * n_out);
+    dw.bias                = b ? dev_copy(p->cu, b, (size_t)n_out * 4) : NULL;
+    float *dx = dev_copy(p->cu, x, (size_t)n_in * n_rows * 4), *dout = dev_copy(p->cu, NULL, no * 4);
+    p->cu->ops->matmul(p->cu, dout, dx, &dw, n_rows);
+    dev_read(p->cu, got, dout, no * 4);
+    bool   cublas = (dt == COOPT_DTYPE_F32 && n_rows > 8) || ((dt == COOPT_DTYPE_F16 || dt == COOPT_DTYPE_BF16) && n_rows > 2);
+    double xr     = !cublas ? 0 : dt == COOPT_DTYPE_F16 ? ldexp(1, -11) : dt == COOPT_DTYPE_BF16 ? ldexp(1, -8) : 0;
+    bool   ok     = true;
+    for (int32_t r = 0; r < n_rows && ok; r++) {
+        const float *xrow = x + (size_t)r * n_in;
+        for (int64_t o = 0; o < n_out && ok; o++) {
+            double mag = 0;
+            for (int64_t i = 0; i < n_in; i++) mag += fabs((double)wd[o * n_in + i] * xrow[i]);
+            double tol = (1e-5 + xr) * mag + 1e-6;
+            double g = got[(size_t)r * n_out + o], e = want[(size_t)r * n_out + o];
+            if (!(fabs(g - e) <= tol)) {
+                test_fail(t, __FILE__, __LINE__,
+                          "matmul %s n_in %lld n_out %lld n_rows %d bias %d: out[%d][%lld] = %.7g, ref %.7g, tol %.3g",
+                          coopt_dtype_name(dt), (long long)n_in, (long long)n_out, n_rows, bias, r, (long long)o, g,
+                          e, tol);
+                ok = false;
+            }
+        }
+    }
+    p->cu->ops->free(p->cu, (void *)dw.data), p->cu->ops->free(p->cu, (void *)dw.bias);
+    p->cu->ops->free(p->cu, dx), p->cu->ops->free(p->cu, dout);
+    free(wf), free(wq), free(wd), free(x), free(b), free(got), free(want);
+    return ok;
+}
+
+TEST(cuda_matmul) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t      s         = 42;
+    const int64_t n_ins[]   = {64, 172, 256, 4096, 4128}; // 256, 4096: the staged quantized path
+    const int64_t n_outs[]  = {1, 7, 173, 512};
+    const int32_t n_rowss[] = {1, 2, 3, 8, 17, 64};
+    bool          ok        = true;
+    int           i         = 0;
+    for (size_t d = 0; d < COOPT_ARRAY_LEN(k_wtypes) && ok; d++)
+        for (size_t a = 0; a < COOPT_ARRAY_LEN(n_ins) && ok; a++) {
+            if (is_quant(k_wtypes[d]) && n_ins[a] % 32) continue;
+            for (size_t bo = 0; bo < COOPT_ARRAY_LEN(n_outs) && ok; bo++)
+                for (size_t c = 0; c < COOPT_ARRAY_LEN(n_rowss) && ok; c++, i++)
+                    ok = check_matmul(t, &p, &s, k_wtypes[d], n_ins[a], n_outs[bo], n_rowss[c], i % 3 == 0);
+        }
+    if (!ok) return;
+    cu_pair_free(&p);
+}
+
+// ---- rope ----
+
+static float *make_inv_freq(int32_t hd, float theta) {
+    float *f = malloc((size_t)hd / 2 * sizeof(float));
+    for (int32_t i = 0; i < hd / 2; i++) f[i] = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+    return f;
+}
+
+TEST(cuda_rope) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t s = 11;
+    for (int layout = 0; layout < 2; layout++)
+        for (int32_t hd = 8; hd <= 128; hd *= 2) {
+            int32_t           nh = 5, n = 40;
+            size_t            nq = (size_t)n * nh * hd;
+            float            *inv  = make_inv_freq(hd, 10000.0f);
+            struct coopt_rope rope = {.layout = layout ? COOPT_ROPE_HALF : COOPT_ROPE_INTERLEAVED, .head_dim = hd,
+                                      .inv_freq = inv};
+            int32_t           pos[40];
+            for (int i = 0; i < n; i++) pos[i] = (int32_t)(test_rand_u64(&s) % 5000);
+            float   *q = rnd(&s, nq, -1, 1), *got = malloc(nq * 4);
+            float   *dq   = dev_copy(p.cu, q, nq * 4);
+            int32_t *dpos = dev_copy(p.cu, pos, sizeof(pos));
+            p.ref->ops->rope(p.ref, q, nh, pos, n, &rope);
+            p.cu->ops->rope(p.cu, dq, nh, dpos, n, &rope);
+            dev_read(p.cu, got, dq, nq * 4);
+            bool ok = test_near(t, __FILE__, __LINE__, got, q, nq, 2e-6, 2e-6);
+            p.cu->ops->free(p.cu, dq), p.cu->ops->free(p.cu, dpos);
+            free(inv), free(q), free(got);
+            if (!ok) return;
+        }
+    cu_pair_free(&p);
+}
+
+// ---- KV helpers ----
+
+// One cached row as f32 (scale applied), from a host copy of the pool.
+static void kv_read_row(const struct coopt_kv_layout *l, const uint8_t *pool, int64_t page, int32_t layer, int kvi,
+                        int32_t h, int32_t row, float *dst) {
+    coopt_dequant_row(l->dtype, pool + coopt_kv_offset(l, page, layer, kvi, h, row), dst, l->head_dim);
+    if (l->has_scales) {
+        float sc;
+        memcpy(&sc, pool + coopt_kv_scale_offset(l, page, layer, kvi, h, row), 4);
+        for (int32_t i = 0; i < l->head_dim; i++) dst[i] *= sc;
+    }
+}
+
+// Relative size of one ulp of the cache type (FP8: of the row's amax, which maps to the FP8 max).
+static double kv_ulp(enum coopt_dtype dt) {
+    switch (dt) {
+    case COOPT_DTYPE_F32: return ldexp(1, -23);
+    case COOPT_DTYPE_F16: return ldexp(1, -10);
+    case COOPT_DTYPE_BF16: return ldexp(1, -7);
+    case COOPT_DTYPE_FP8_E4M3: return ldexp(1, -3);
+    default: return ldexp(1, -2);
+    }
+}
+
+TEST(cuda_rope_store) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t      s     = 13;
+    const int32_t hds[] = {8, 16, 64, 80, 128};
+    for (size_t kt = 0; kt < COOPT_ARRAY_LEN(k_kvtypes); kt++)
+        for (size_t hi = 0; hi < COOPT_ARRAY_LEN(hds); hi++) {
+            enum coopt_dtype dt = k_kvtypes[kt];
+            int    layout = (int)(hi + kt) % 2;
+            int32_t hd = hds[hi], nh = 8, nkv = 2, ps = 7, n_layers = 3, layer = 1, n = 23, n_pages = 5;
+            struct coopt_kv_cache kv = {0};
+            CHECK(t, coopt_kv_layout_init(&kv.layout, dt, n_layers, nkv, hd, ps) == COOPT_OK);
+            const struct coopt_kv_layout *l          = &kv.layout;
+            size_t                        pool_bytes = l->page_bytes * n_pages;
+            uint8_t *ref_pool = calloc(1, pool_bytes), *cu_pool = malloc(pool_bytes);
+            void    *dpool;
+            CHECK(t, p.cu->ops->kv_pool_init(p.cu, pool_bytes, &dpool) == COOPT_OK);
+            float            *inv  = make_inv_freq(hd, 500000.0f);
+            struct coopt_rope rope = {.layout = layout ? COOPT_ROPE_HALF : COOPT_ROPE_INTERLEAVED, .head_dim = hd,
+                                      .inv_freq = inv};
+            int32_t bt[5] = {3, 0, 4, 1, 2}, pos[23], seq[23];
+            int64_t slots[23];
+            for (int i = 0; i < n; i++) {
+                pos[i]   = i * 37; // positions far apart: large angles
+                seq[i]   = 0;
+                slots[i] = (int64_t)bt[i / ps] * ps + i % ps;
+            }
+            size_t nq = (size_t)n * nh * hd, nk = (size_t)n * nkv * hd;
+            float *q = rnd(&s, nq, -1, 1), *k = rnd(&s, nk, -3, 3), *v = rnd(&s, nk, -3, 3);
+            for (int i = 0; i < hd; i++) v[i] = 0; // an all-zero row: scale 0, zeros
+            float *q_got = malloc(nq * 4), *k_got = malloc(nk * 4);
+            float *dq = dev_copy(p.cu, q, nq * 4), *dk = dev_copy(p.cu, k, nk * 4), *dv = dev_copy(p.cu, v, nk * 4);
+            int32_t *dpos = dev_copy(p.cu, pos, sizeof(pos)), *dseq = dev_copy(p.cu, seq, sizeof(seq));
+            int64_t *dslots = dev_copy(p.cu, slots, sizeof(slots));
+            struct coopt_batch b = {.n_tokens = n, .pos = pos, .tok_seq = seq, .slots = slots, .n_seqs = 1,
+                                    .max_blocks = 5, .block_tables = bt};
+            struct coopt_batch db = b;
+            db.pos = dpos, db.tok_seq = dseq, db.slots = dslots;
+
+            kv.pool = dpool;
+            p.cu->ops->rope_store(p.cu, dq, dk, dv, nh, &kv, layer, &db, &rope);
+            dev_read(p.cu, cu_pool, dpool, pool_bytes);
+            dev_read(p.cu, q_got, dq, nq * 4);
+            dev_read(p.cu, k_got, dk, nk * 4);
+            kv.pool = ref_pool;
+            p.ref->ops->rope_store(p.ref, q, k, v, nh, &kv, layer, &b, &rope);
+
+            char what[64];
+            snprintf(what, sizeof(what), "%s hd %d layout %d", coopt_dtype_name(dt), hd, layout);
+            bool ok = test_near(t, __FILE__, __LINE__, q_got, q, nq, 2e-6, 2e-6);
+            CHECKF(t, ok, "%s: q", what);
+            CHECKF(t, memcmp(k_got, k, nk * 4) == 0, "%s: k was modified", what);
+            size_t n_diff = 0, n_bytes = 0;
+            float  a[128], r[128];
+            for (int i = 0; i < n; i++)
+                for (int h = 0; h < nkv; h++)
+                    for (int kvi = 0; kvi < 2; kvi++) {
+                        int64_t pg = bt[i / ps];
+                        int32_t row = i % ps;
+                        size_t  off = coopt_kv_offset(l, pg, layer, kvi, h, row), rb = (size_t)hd * l->elem_bytes;
+                        if (l->has_scales) {
+                            CHECKF(t, kvi == 0 || memcmp(cu_pool + coopt_kv_scale_offset(l, pg, layer, kvi, h, row),
+                                                         ref_pool + coopt_kv_scale_offset(l, pg, layer, kvi, h, row), 4) == 0,
+                                   "%s: v scale token %d head %d", what, i, h);
+                        }
+                        if (kvi == 1) {
+                            CHECKF(t, memcmp(cu_pool + off, ref_pool + off, rb) == 0, "%s: v row token %d head %d", what,
+                                   i, h);
+                            continue;
+                        }
+                        if (dt != COOPT_DTYPE_F32) { // f32 values may all differ in the last bit
+                            for (size_t j = 0; j < rb; j++) n_diff += cu_pool[off + j] != ref_pool[off + j];
+                            n_bytes += rb;
+                        }
+                        kv_read_row(l, cu_pool, pg, layer, 0, h, row, a);
+                        kv_read_row(l, ref_pool, pg, layer, 0, h, row, r);
+                        double amax = 0;
+                        for (int j = 0; j < hd; j++) amax = fmax(amax, fabs(r[j]));
+                        for (int j = 0; j < hd; j++) {
+                            // one ulp of the cache type, plus the f32 rotation's own error
+                            // (cos/sin a few ulp apart, times inputs of the row's size)
+                            double tol = (l->has_scales ? amax : fabs(r[j])) * kv_ulp(dt) * 1.01 + 1e-6 * amax;
+                            CHECKF(t, fabs(a[j] - r[j]) <= tol, "%s: k token %d head %d [%d]: %.7g vs ref %.7g", what, i,
+                                   h, j, a[j], r[j]);
+                        }
+                    }
+            CHECKF(t, n_diff * 50 <= n_bytes, "%s: %zu of %zu K bytes differ", what, n_diff, n_bytes);
+            if (l->has_scales) {
+                float sc = 1;
+                memcpy(&sc, cu_pool + coopt_kv_scale_offset(l, bt[0], layer, 1, 0, 0), 4);
+                CHECK(t, sc == 0.0f);
+            }
+            p.cu->ops->kv_pool_free(p.cu, dpool, pool_bytes);
+            p.cu->ops->free(p.cu, dq), p.cu->ops->free(p.cu, dk), p.cu->ops->free(p.cu, dv);
+            p.cu->ops->free(p.cu, dpos), p.cu->ops->free(p.cu, dseq), p.cu->ops->free(p.cu, dslots);
+            free(ref_pool), free(cu_pool), free(inv), free(q), free(k), free(v), free(q_got), free(k_got);
+        }
+    cu_pair_free(&p);
+}
+
+// ---- attention ----
+
+struct attn_case {
+    int32_t          hd, nh, nkv, ps, window;
+    enum coopt_dtype dt;
+    int32_t          n_seqs;
+    const int32_t   *lens, *n_q; // [n_seqs] positions held, query tokens (the last n_q positions)
+};
+
+static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, const struct attn_case *c) {
+    int32_t max_len = 0, n_pages = 0, n_all = 0, n_tok = 0;
+    for (int i = 0; i < c->n_seqs; i++) {
+        max_len = COOPT_MAX(max_len, c->lens[i]);
+        n_pages += (c->lens[i] + c->ps - 1) / c->ps;
+        n_all += c->lens[i];
+        n_tok += c->n_q[i];
+    }
+    int32_t               max_blocks = (max_len + c->ps - 1) / c->ps;
+    struct coopt_kv_cache kv         = {0};
+    COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, c->dt, 2, c->nkv, c->hd, c->ps) == COOPT_OK);
+    size_t pool_bytes = kv.layout.page_bytes * (size_t)n_pages;
+    void  *dpool;
+    COOPT_ASSERT(p->cu->ops->kv_pool_init(p->cu, pool_bytes, &dpool) == COOPT_OK);
+    // block tables: pages handed out in a scrambled order
+    int32_t *bt = malloc(sizeof(int32_t) * c->n_seqs * max_blocks), *perm = malloc(sizeof(int32_t) * n_pages);
+    for (int i = 0; i < n_pages; i++) perm[i] = i;
+    for (int i = n_pages - 1; i > 0; i--) {
+        int j = (int)(test_rand_u64(s) % (uint64_t)(i + 1)), tmp = perm[i];
+        perm[i] = perm[j], perm[j] = tmp;
+    }
+    int next = 0;
+    for (int q = 0; q < c->n_seqs; q++)
+        for (int bl = 0; bl < max_blocks; bl++) bt[q * max_blocks + bl] = bl * c->ps < c->lens[q] ? perm[next++] : -1;
+    // fill every position of layer 1 through the CUDA write path
+    int32_t *pos = malloc(sizeof(int32_t) * n_all), *seq = malloc(sizeof(int32_t) * n_all);
+    int64_t *slots = malloc(sizeof(int64_t) * n_all);
+    for (int q = 0, k = 0; q < c->n_seqs; q++)
+        for (int i = 0; i < c->lens[q]; i++, k++) {
+            pos[k] = i, seq[k] = q;
+            slots[k] = (int64_t)bt[q * max_blocks + i / c->ps] * c->ps + i % c->ps;
+        }
+    float            *inv  = make_inv_freq(c->hd, 10000.0f);
+    struct coopt_rope rope = {.layout = COOPT_ROPE_HALF, .head_dim = c->hd, .inv_freq = inv};
+    size_t            nqa = (size_t)n_all * c->nh * c->hd, nka = (size_t)n_all * c->nkv * c->hd;
+    float            *qa = rnd(s, nqa, -1, 1), *ka = rnd(s, nka, -1, 1), *va = rnd(s, nka, -1, 1);
+    float   *dqa = dev_copy(p->cu, qa, nqa * 4), *dka = dev_copy(p->cu, ka, nka * 4), *dva = dev_copy(p->cu, va, nka * 4);
+    int32_t *dpos = dev_copy(p->cu, pos, sizeof(int32_t) * n_all), *dseq = dev_copy(p->cu, seq, sizeof(int32_t) * n_all);
+    int64_t *dslots = dev_copy(p->cu, slots, sizeof(int64_t) * n_all);
+    struct coopt_batch fill = {.n_tokens = n_all, .pos = dpos, .tok_seq = dseq, .slots = dslots, .n_seqs = c->n_seqs,
+                               .max_blocks = max_blocks, .block_tables = NULL};
+    kv.pool = dpool;
+    p->cu->ops->rope_store(p->cu, dqa, dka, dva, c->nh, &kv, 1, &fill, &rope);
+    uint8_t *host_pool = malloc(pool_bytes);
+    dev_read(p->cu, host_pool, dpool, pool_bytes);
+
+    // the query batch: the last n_q[q] positions of each sequence
+    int32_t *qpos = malloc(sizeof(int32_t) * n_tok), *qseq = malloc(sizeof(int32_t) * n_tok);
+    for (int q = 0, k = 0; q < c->n_seqs; q++)
+        for (int i = c->lens[q] - c->n_q[q]; i < c->lens[q]; i++, k++) qpos[k] = i, qseq[k] = q;
+    if (c->window > 0) {
+        // release pages wholly before every query's window: they must not be read
+        for (int q = 0; q < c->n_seqs; q++) {
+            int first = COOPT_MAX(0, c->lens[q] - c->n_q[q] - c->window + 1);
+            for (int bl = 0; (bl + 1) * c->ps <= first; bl++) bt[q * max_blocks + bl] = -1;
+        }
+    }
+    struct coopt_batch b = {.n_tokens = n_tok, .pos = qpos, .tok_seq = qseq, .n_seqs = c->n_seqs,
+                            .max_blocks = max_blocks, .block_tables = bt, .window = c->window};
+    size_t  n_o  = (size_t)n_tok * c->nh * c->hd;
+    float  *q    = rnd(s, n_o, -2, 2);
+    float  *got  = malloc(n_o * sizeof(float)), *want = malloc(n_o * sizeof(float));
+    float   scale = 1.0f / sqrtf((float)c->hd);
+    float  *dq = dev_copy(p->cu, q, n_o * 4), *dout = dev_copy(p->cu, NULL, n_o * 4);
+    int32_t *dqpos = dev_copy(p->cu, qpos, sizeof(int32_t) * n_tok), *dqseq = dev_copy(p->cu, qseq, sizeof(int32_t) * n_tok);
+    int32_t *dbt = dev_copy(p->cu, bt, sizeof(int32_t) * c->n_seqs * max_blocks);
+    struct coopt_batch db = b;
+    db.pos = dqpos, db.tok_seq = dqseq, db.block_tables = dbt;
+    p->cu->ops->attention(p->cu, dout, dq, c->nh, &kv, 1, &db, scale);
+    dev_read(p->cu, got, dout, n_o * 4);
+    kv.pool = host_pool;
+    p->ref->ops->attention(p->ref, want, q, c->nh, &kv, 1, &b, scale);
+    bool ok = test_near(t, __FILE__, __LINE__, got, want, n_o, 2e-5, 1e-4);
+    if (!ok) {
+        char extra[200];
+        snprintf(extra, sizeof(extra), " [hd %d heads %d/%d page %d window %d %s, %d seqs, max len %d]", c->hd, c->nh,
+                 c->nkv, c->ps, c->window, coopt_dtype_name(c->dt), c->n_seqs, max_len);
+        strncat(t->msg, extra, sizeof(t->msg) - strlen(t->msg) - 1);
+    }
+    p->cu->ops->kv_pool_free(p->cu, dpool, pool_bytes);
+    void *dev[] = {dqa, dka, dva, dpos, dseq, dslots, dq, dout, dqpos, dqseq, dbt};
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(dev); i++) p->cu->ops->free(p->cu, dev[i]);
+    free(bt), free(perm), free(pos), free(seq), free(slots), free(inv), free(qa), free(ka), free(va), free(q);
+    free(got), free(want), free(host_pool), free(qpos), free(qseq);
+    return ok;
+}
+
+TEST(cuda_attention) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t      s          = 17;
+    const int32_t hds[]      = {8, 16, 32, 64, 80, 96, 128};
+    const int32_t heads[][2] = {{8, 8}, {8, 4}, {8, 1}, {32, 8}, {32, 2}};
+    const int32_t pss[]      = {16, 32, 7};
+    // decode tokens, a prefill chunk of 5, decode at 1100 positions (split into 3 partitions),
+    // a chunk of 20
+    const int32_t lens[] = {1, 37, 1100, 130}, n_q[] = {1, 5, 1, 20};
+    int           i      = 0;
+    for (size_t a = 0; a < COOPT_ARRAY_LEN(hds); a++)
+        for (size_t h = 0; h < COOPT_ARRAY_LEN(heads); h++)
+            for (size_t d = 0; d < COOPT_ARRAY_LEN(k_kvtypes); d++, i++) {
+                if (i % 2 && hds[a] != 64 && hds[a] != 128) continue; // keep the run short: half of the odd dims
+                struct attn_case c = {.hd = hds[a], .nh = heads[h][0], .nkv = heads[h][1], .ps = pss[i % 3],
+                                      .window = (i / 3) % 2 ? 64 : 0, .dt = k_kvtypes[d], .n_seqs = 4,
+                                      .lens = lens, .n_q = n_q};
+                if (!check_attention(t, &p, &s, &c)) return;
+            }
+    // a long prefill chunk: enough CTAs that the key range is not split
+    const int32_t lens2[] = {700, 300}, n_q2[] = {300, 100};
+    for (size_t d = 0; d < COOPT_ARRAY_LEN(k_kvtypes); d++) {
+        struct attn_case c = {.hd = 64, .nh = 8, .nkv = 2, .ps = 16, .window = d == 2 ? 100 : 0, .dt = k_kvtypes[d],
+                              .n_seqs = 2, .lens = lens2, .n_q = n_q2};
+        if (!check_attention(t, &p, &s, &c)) return;
+    }
+    cu_pair_free(&p);
+}
+
+// ---- KV pool ----
+
+static int64_t gpu_free_bytes(void) {
+    size_t f = 0, tot = 0;
+    coopt_cuda_mem_info(&f, &tot);
+    return (int64_t)f;
+}
+
+TEST(cuda_kv_pool) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    struct coopt_backend *be = p.cu;
+    // a 4 GiB reservation commits (almost) nothing
+    size_t  page_bytes = (1u << 20) + 64 * 3, n_pages = 4096 - 16, bytes = page_bytes * n_pages;
+    int64_t f0 = gpu_free_bytes();
+    void   *pool;
+    CHECK(t, be->ops->kv_pool_init(be, bytes, &pool) == COOPT_OK);
+    int64_t f1 = gpu_free_bytes();
+    CHECKF(t, f0 - f1 < (64 << 20), "reserving %zu bytes used %lld bytes", bytes, (long long)(f0 - f1));
+    // commit 16 pages (~16 MiB): memory follows
+    CHECK(t, be->ops->kv_pool_commit != NULL);
+    for (int pg = 0; pg < 16; pg++) CHECK(t, be->ops->kv_pool_commit(be, pool, pg * page_bytes, page_bytes) == COOPT_OK);
+    int64_t f2 = gpu_free_bytes();
+    CHECKF(t, f1 - f2 >= (14 << 20) && f1 - f2 <= (40 << 20), "16 pages committed %lld bytes", (long long)(f1 - f2));
+    // write, copy-on-write copy into an uncommitted page, read back
+    uint8_t *pat = malloc(page_bytes), *back = malloc(page_bytes);
+    for (size_t i = 0; i < page_bytes; i++) pat[i] = (uint8_t)(i * 7 + 1);
+    be->ops->upload(be, (uint8_t *)pool + 3 * page_bytes, pat, page_bytes);
+    be->ops->kv_page_copy(be, pool, page_bytes, 2000, 3);
+    dev_read(be, back, (uint8_t *)pool + 2000 * page_bytes, page_bytes);
+    CHECK(t, memcmp(back, pat, page_bytes) == 0);
+    // release: chunks shared with live pages stay (page 4 shares a chunk with page 3)
+    be->ops->kv_pool_release(be, pool, 4 * page_bytes, page_bytes);
+    dev_read(be, back, (uint8_t *)pool + 3 * page_bytes, page_bytes);
+    CHECK(t, memcmp(back, pat, page_bytes) == 0);
+    for (int pg = 0; pg < 16; pg++) be->ops->kv_pool_release(be, pool, pg * page_bytes, page_bytes);
+    be->ops->kv_pool_release(be, pool, 2000 * page_bytes, page_bytes);
+    be->ops->kv_pool_release(be, pool, 2001 * page_bytes, page_bytes); // never committed: no-op
+    int64_t f3 = gpu_free_bytes();
+    CHECKF(t, f3 - f1 >= -(4 << 20), "after releasing every page %lld bytes are still held", (long long)(f1 - f3));
+    // commit again after release
+    CHECK(t, be->ops->kv_pool_commit(be, pool, 5 * page_bytes, page_bytes) == COOPT_OK);
+    be->ops->upload(be, (uint8_t *)pool + 5 * page_bytes, pat, page_bytes);
+    dev_read(be, back, (uint8_t *)pool + 5 * page_bytes, page_bytes);
+    CHECK(t, memcmp(back, pat, page_bytes) == 0);
+    be->ops->kv_pool_free(be, pool, bytes);
+    // an impossible reservation is a status
+    void *huge = NULL;
+    CHECK(t, be->ops->kv_pool_init(be, (size_t)1 << 60, &huge) == COOPT_ERR_NOMEM && huge == NULL);
+    free(pat), free(back);
+    cu_pair_free(&p);
+}
+
+// ---- whole forward pass on random models ----
+
+struct rnd_model {
+    struct coopt_model m;
+    void             **bufs;
+    int                n_bufs;
+};
+
+static void *rm_keep(struct rnd_model *r, void *p) {
+    r->bufs              = realloc(r->bufs, (size_t)(r->n_bufs + 1) * sizeof(void *));
+    r->bufs[r->n_bufs++] = p;
+    return p;
+}
+
+static struct coopt_weight rm_weight(struct rnd_model *r, uint64_t *s, enum coopt_dtype dt, int64_t n_out, int64_t n_in,
+                                     float amp) {
+    size_t   rb = coopt_dtype_row_bytes(dt, n_in);
+    float   *f  = rnd(s, (size_t)n_in * n_out, -amp, amp);
+    uint8_t *q  = rm_keep(r, malloc(rb * n_out));
+    for (int64_t o = 0; o < n_out; o++) coopt_quant_row(dt, f + o * n_in, q + o * rb, n_in);
+    free(f);
+    return (struct coopt_weight){.dtype = dt, .n_in = n_in, .n_out = n_out, .data = q};
+}
+
+static void rm_init(struct rnd_model *r, uint64_t *s, enum coopt_dtype dt, int32_t dim, int32_t nh, int32_t nkv,
+                    int32_t n_layers) {
+    memset(r, 0, sizeof(*r));
+    struct coopt_model_config *c = &r->m.config;
+    c->n_vocab = 300, c->dim = dim, c->n_layers = n_layers, c->n_heads = nh, c->n_kv_heads = nkv;
+    c->head_dim = dim / nh, c->ffn_dim = 2 * dim + 64, c->n_ctx_train = 512, c->norm_eps = 1e-5f;
+    c->rope_theta = 10000.0f, c->rope_layout = COOPT_ROPE_HALF;
+    int32_t hd = c->head_dim;
+    float   a  = 1.0f / sqrtf((float)dim);
+    r->m.tok_embd = rm_weight(r, s, dt, c->n_vocab, dim, 1.0f);
+    r->m.output   = rm_weight(r, s, dt, c->n_vocab, dim, a);
+    r->m.out_norm = rm_keep(r, rnd(s, dim, 0.8f, 1.2f));
+    r->m.layers   = rm_keep(r, calloc((size_t)n_layers, sizeof(struct coopt_layer)));
+    for (int l = 0; l < n_layers; l++) {
+        struct coopt_layer *L = &r->m.layers[l];
+        L->attn_norm          = rm_keep(r, rnd(s, dim, 0.8f, 1.2f));
+        L->ffn_norm           = rm_keep(r, rnd(s, dim, 0.8f, 1.2f));
+        L->wq                 = rm_weight(r, s, dt, (int64_t)nh * hd, dim, 2 * a);
+        L->wk                 = rm_weight(r, s, dt, (int64_t)nkv * hd, dim, 2 * a);
+        L->wv                 = rm_weight(r, s, dt, (int64_t)nkv * hd, dim, 2 * a);
+        L->wo                 = rm_weight(r, s, dt, dim, (int64_t)nh * hd, a);
+        L->w_gate             = rm_weight(r, s, dt, c->ffn_dim, dim, a);
+        L->w_up               = rm_weight(r, s, dt, c->ffn_dim, dim, a);
+        L->w_down             = rm_weight(r, s, dt, dim, c->ffn_dim, 1.0f / sqrtf((float)c->ffn_dim));
+    }
+}
+
+static void rm_free(struct rnd_model *r) {
+    for (int i = 0; i < r->n_bufs; i++) free(r->bufs[i]);
+    free(r->bufs);
+}
+
+// One side of the comparison: backend, cache, scratch, device copies of the batch.
+struct fw_side {
+    struct coopt_backend  *be;
+    struct coopt_model    *m;
+    struct coopt_kv_cache *kv;
+    struct coopt_scratch   s;
+    size_t                 pool_bytes;
+};
+
+static bool fw_side_init(struct test_ctx *t, struct fw_side *f, struct coopt_backend *be, struct coopt_model *host,
+                         enum coopt_dtype kv_type, int32_t n_seq, int32_t max_blocks) {
+    memset(f, 0, sizeof(*f));
+    f->be = be;
+    f->m  = host;
+    if (be->ops->model_upload && be->ops->model_upload(be, host, &f->m) != COOPT_OK) {
+        test_fail(t, __FILE__, __LINE__, "model_upload failed");
+        return false;
+    }
+    const struct coopt_model_config *c = &host->config;
+    struct coopt_kv_layout            l;
+    COOPT_ASSERT(coopt_kv_layout_init(&l, kv_type, c->n_layers, c->n_kv_heads, c->head_dim, 16) == COOPT_OK);
+    COOPT_ASSERT(coopt_kv_cache_init(&l, (int64_t)n_seq * max_blocks, n_seq, max_blocks, &f->kv) == COOPT_OK);
+    f->pool_bytes = l.page_bytes * (size_t)f->kv->n_pages;
+    void *pool;
+    COOPT_ASSERT(be->ops->kv_pool_init(be, f->pool_bytes, &pool) == COOPT_OK);
+    f->kv->pool = pool;
+    COOPT_ASSERT(coopt_scratch_init(be, c, 64, &f->s) == COOPT_OK);
+    return true;
+}
+
+static void fw_side_free(struct fw_side *f) {
+    coopt_scratch_free(f->be, &f->s);
+    f->be->ops->kv_pool_free(f->be, f->kv->pool, f->pool_bytes);
+    f->kv->pool = NULL;
+    coopt_kv_cache_free(f->kv);
+    if (f->be->ops->model_release) f->be->ops->model_release(f->be, f->m);
+}
+
+// Runs one step of n tokens (seq ids in seqs) on side f; logits of every token into logits.
+static void fw_step(struct fw_side *f, const struct coopt_rope *rope, const int32_t *tokens, const int32_t *seqs,
+                    int32_t n, float *logits) {
+    struct coopt_backend *be = f->be;
+    struct coopt_kv_cache *kv = f->kv;
+    int32_t mb = kv->max_pages_per_seq, n_seq = kv->n_seq_max;
+    int32_t pos[64], tok_seq[64], out_rows[64], cnt[8] = {0}, *bt = malloc(sizeof(int32_t) * n_seq * mb), lens[8] = {0};
+    int64_t slots[64];
+    for (int32_t i = 0; i < n; i++) cnt[seqs[i]]++;
+    for (int32_t s = 0; s < n_seq; s++) {
+        if (cnt[s]) {
+            COOPT_ASSERT(coopt_kv_seq_reserve(kv, s, cnt[s], NULL, NULL) == COOPT_OK);
+            // commit the reserved pages the clean way where the backend offers it
+            if (be->ops->kv_pool_commit && s % 2 == 0) {
+                for (int32_t bl = 0; bl < mb && kv->seqs[s].pages[bl] >= 0; bl++)
+                    COOPT_ASSERT(be->ops->kv_pool_commit(be, kv->pool, (size_t)kv->seqs[s].pages[bl] * kv->layout.page_bytes,
+                                                        kv->layout.page_bytes) == COOPT_OK);
+            }
+        }
+        memcpy(bt + (size_t)s * mb, kv->seqs[s].pages, sizeof(int32_t) * mb);
+        cnt[s] = 0;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        int32_t s   = seqs[i];
+        pos[i]      = (int32_t)kv->seqs[s].n_tokens + cnt[s]++;
+        tok_seq[i]  = s; // batch sequence index == cache sequence id here
+        slots[i]    = coopt_kv_slot(kv, s, pos[i]);
+        out_rows[i] = i;
+        lens[s]     = pos[i] + 1;
+    }
+    const void *src[] = {tokens, pos, tok_seq, slots, out_rows, bt, lens};
+    size_t      sz[]  = {4 * (size_t)n, 4 * (size_t)n, 4 * (size_t)n, 8 * (size_t)n, 4 * (size_t)n,
+                         4 * (size_t)n_seq * mb, 4 * (size_t)n_seq};
+    void       *dst[7];
+    for (int i = 0; i < 7; i++) {
+        if (be->ops->model_upload) {
+            dst[i] = dev_copy(be, src[i], sz[i]);
+        } else {
+            dst[i] = (void *)src[i];
+        }
+    }
+    struct coopt_batch b = {.n_tokens = n, .tokens = dst[0], .pos = dst[1], .tok_seq = dst[2], .slots = dst[3],
+                            .n_seqs = n_seq, .max_blocks = mb, .block_tables = dst[5], .seq_lens = dst[6],
+                            .window = 0, .n_out = n, .out_rows = dst[4]};
+    coopt_forward(f->m, be, kv, rope, &f->s, &b, NULL);
+    size_t nv = (size_t)f->m->config.n_vocab;
+    be->ops->download(be, logits, f->s.logits, (size_t)n * nv * 4);
+    be->ops->sync(be);
+    if (be->ops->model_upload)
+        for (int i = 0; i < 7; i++) be->ops->free(be, dst[i]);
+    for (int32_t s = 0; s < n_seq; s++)
+        if (cnt[s]) coopt_kv_seq_advance(kv, s, cnt[s]);
+    free(bt);
+}
+
+static bool check_forward(struct test_ctx *t, struct cu_pair *p, enum coopt_dtype wt, enum coopt_dtype kvt, int32_t dim,
+                          int32_t nh, int32_t nkv) {
+    uint64_t         s = 99 + (uint64_t)wt * 7 + (uint64_t)kvt;
+    struct rnd_model rm;
+    rm_init(&rm, &s, wt, dim, nh, nkv, 2);
+    const struct coopt_model_config *c   = &rm.m.config;
+    float                           *inv = malloc(sizeof(float) * c->head_dim / 2);
+    coopt_rope_init(c, inv);
+    struct coopt_rope rope = {.layout = c->rope_layout, .head_dim = c->head_dim, .inv_freq = inv};
+    struct fw_side    fc, fr;
+    if (!fw_side_init(t, &fc, p->cu, &rm.m, kvt, 3, 8)) return false;
+    fw_side_init(t, &fr, p->ref, &rm.m, kvt, 3, 8);
+    for (int sq = 0; sq < 3; sq++) {
+        COOPT_ASSERT(coopt_kv_seq_init(fc.kv, sq) == COOPT_OK && coopt_kv_seq_init(fr.kv, sq) == COOPT_OK);
+    }
+    // step 1: prefill 20 tokens of seq 0 and 9 of seq 1 interleaved (cuBLAS path: 29 rows);
+    // step 2: decode one token of each plus 3 prefill tokens of seq 2 (GEMV path: 6 rows)
+    int32_t toks[64], seqs[64], n1 = 29, n2 = 6;
+    for (int i = 0; i < n1; i++) toks[i] = (int32_t)(test_rand_u64(&s) % 300), seqs[i] = i % 3 == 2 && i < 27 ? 1 : 0;
+    bool   ok     = true;
+    size_t nv     = (size_t)c->n_vocab;
+    float *lc     = malloc(64 * nv * 4), *lr = malloc(64 * nv * 4);
+    bool   fp8    = kvt == COOPT_DTYPE_FP8_E4M3 || kvt == COOPT_DTYPE_FP8_E5M2;
+    double rel    = fp8 ? 0.1 : wt == COOPT_DTYPE_F16 || wt == COOPT_DTYPE_BF16 ? 2e-2 : 1e-3;
+    for (int step = 0; step < 2 && ok; step++) {
+        int32_t n = step ? n2 : n1;
+        if (step) {
+            const int32_t sq[6] = {0, 2, 2, 2, 1, 0}; // seq 0 gets two tokens, in order
+            for (int i = 0; i < n; i++) toks[i] = (int32_t)(test_rand_u64(&s) % 300), seqs[i] = sq[i];
+        }
+        fw_step(&fc, &rope, toks, seqs, n, lc);
+        fw_step(&fr, &rope, toks, seqs, n, lr);
+        double mx = 0;
+        for (size_t i = 0; i < (size_t)n * nv; i++) mx = fmax(mx, fabs(lr[i]));
+        ok = test_near(t, __FILE__, __LINE__, lc, lr, (size_t)n * nv, rel * mx, fp8 ? 0 : rel);
+        if (!ok) {
+            char extra[160];
+            snprintf(extra, sizeof(extra), " [forward %s weights, %s KV, dim %d heads %d/%d, step %d, max|logit| %.3g]",
+                     coopt_dtype_name(wt), coopt_dtype_name(kvt), dim, nh, nkv, step, mx);
+            strncat(t->msg, extra, sizeof(t->msg) - strlen(t->msg) - 1);
+        }
+    }
+    fw_side_free(&fc);
+    fw_side_free(&fr);
+    free(lc), free(lr), free(inv);
+    rm_free(&rm);
+    return ok;
+}
+
+TEST(cuda_forward) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    // head dims 16 (generic attention path) and 64 (templated), GQA and MHA, each weight type
+    if (!check_forward(t, &p, COOPT_DTYPE_F32, COOPT_DTYPE_F32, 128, 8, 2)) return;
+    if (!check_forward(t, &p, COOPT_DTYPE_F16, COOPT_DTYPE_F16, 256, 4, 4)) return;
+    if (!check_forward(t, &p, COOPT_DTYPE_BF16, COOPT_DTYPE_BF16, 256, 4, 2)) return;
+    if (!check_forward(t, &p, COOPT_DTYPE_Q8_0, COOPT_DTYPE_FP8_E4M3, 256, 4, 2)) return;
+    if (!check_forward(t, &p, COOPT_DTYPE_Q4_0, COOPT_DTYPE_F32, 128, 8, 2)) return;
+    cu_pair_free(&p);
+}
+
+// ---- real models through the public API ----
+
+static bool check_real_model(struct test_ctx *t, const char *name, enum coopt_dtype kvt) {
+    const char *path = test_model_path(name);
+    if (!coopt_path_exists(path)) {
+        test_skip(t, "test model not available");
+        return false;
+    }
+    struct coopt_model_params mp = coopt_model_default_params();
+    struct coopt_model       *mc = NULL, *mr = NULL;
+    mp.device = "cuda";
+    if (coopt_model_load(path, &mp, &mc) != COOPT_OK) {
+        test_fail(t, __FILE__, __LINE__, "%s: load on cuda", name);
+        return false;
+    }
+    mp.device = "cpu";
+    if (coopt_model_load(path, &mp, &mr) != COOPT_OK) {
+        coopt_model_free(mc);
+        test_fail(t, __FILE__, __LINE__, "%s: load on cpu", name);
+        return false;
+    }
+    struct coopt_ctx_params cp = coopt_ctx_default_params();
+    cp.n_ctx = 256, cp.n_seq_max = 2, cp.n_batch = 64, cp.kv_type = kvt;
+    struct coopt_ctx *cc = NULL, *cr = NULL;
+    bool              ok = coopt_ctx_init(mc, &cp, &cc) == COOPT_OK && coopt_ctx_init(mr, &cp, &cr) == COOPT_OK;
+    int32_t           nv = coopt_model_get_info(mr)->n_vocab;
+    int32_t           s0 = -1, s1 = -1;
+    ok = ok && coopt_seq_new(cc, &s0) == COOPT_OK && coopt_seq_new(cr, &s1) == COOPT_OK && s0 == s1;
+    // a 100-token prompt (two steps of 64: chunked prefill), then 20 greedy steps on the CPU's choice
+    int32_t toks[100], seqs[100];
+    for (int i = 0; i < 100; i++) toks[i] = 3 + (int32_t)((i * 2654435761u) % (uint32_t)(nv - 3)), seqs[i] = s0;
+    double worst = 0, mx = 0;
+    for (int step = 0; step <= 20 && ok; step++) {
+        struct coopt_batch_input in = {.n_tokens = step ? 1 : 100, .tokens = toks, .seq_ids = seqs};
+        ok = coopt_ctx_decode(cc, &in) == COOPT_OK && coopt_ctx_decode(cr, &in) == COOPT_OK;
+        if (!ok) break;
+        const float *lc = coopt_ctx_logits(cc, in.n_tokens - 1), *lr = coopt_ctx_logits(cr, in.n_tokens - 1);
+        int32_t      best = 0;
+        double       m    = 0;
+        for (int32_t i = 0; i < nv; i++) m = fmax(m, fabs(lr[i]));
+        for (int32_t i = 0; i < nv; i++) {
+            double tol = (kvt == COOPT_DTYPE_F32 || kvt == COOPT_DTYPE_F16 ? 1e-3 : 0.1) * m +
+                         (kvt == COOPT_DTYPE_F32 || kvt == COOPT_DTYPE_F16 ? 1e-3 * fabs(lr[i]) : 0);
+            worst = fmax(worst, fabs(lc[i] - lr[i]) / tol);
+            if (lr[i] > lr[best]) best = i;
+        }
+        mx      = fmax(mx, m);
+        toks[0] = best;
+    }
+    fprintf(stderr, "  %s %s KV: worst |cuda - cpu| / tol = %.3f (max |logit| %.2f)\n", name, coopt_dtype_name(kvt),
+            worst, mx);
+    coopt_ctx_free(cc);
+    coopt_ctx_free(cr);
+    coopt_model_free(mc);
+    coopt_model_free(mr);
+    if (!ok) {
+        test_fail(t, __FILE__, __LINE__, "%s %s KV: context or decode failed", name, coopt_dtype_name(kvt));
+        return false;
+    }
+    if (!(worst <= 1.0)) {
+        test_fail(t, __FILE__, __LINE__, "%s %s KV: CUDA logits differ from the CPU's (worst error %.2f x tolerance)",
+                  name, coopt_dtype_name(kvt), worst);
+        return false;
+    }
+    return true;
+}
+
+TEST(cuda_real_models) {
+    if (coopt_cuda_device_count() <= 0) SKIP(t, "no CUDA device");
+    coopt_log_set_quiet(1);
+    const char            *models[] = {"stories260K.gguf", "story-lmrs"};
+    const enum coopt_dtype kvs[]    = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COOPT_DTYPE_FP8_E4M3};
+    for (size_t m = 0; m < COOPT_ARRAY_LEN(models); m++)
+        for (size_t k = 0; k < COOPT_ARRAY_LEN(kvs); k++)
+            if (!check_real_model(t, models[m], kvs[k])) return;
+}
+
+// ---- kernel timings (not a check): COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_bench ----
+
+// Mean microseconds per call of fn over reps calls, after 3 warm-up calls.
+#define BENCH_US(be, reps, call)                                                                   \
+    ({                                                                                             \
+        for (int w_ = 0; w_ < 3; w_++) call;                                                       \
+        (be)->ops->sync(be);                                                                       \
+        int64_t t0_ = coopt_time_us();                                                             \
+        for (int r_ = 0; r_ < (reps); r_++) call;                                                  \
+        (be)->ops->sync(be);                                                                       \
+        (double)(coopt_time_us() - t0_) / (reps);                                                  \
+    })
+
+TEST(cuda_bench) {
+    if (!getenv("COOPT_CUDA_BENCH")) SKIP(t, "set COOPT_CUDA_BENCH=1 to time the kernels");
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    struct coopt_backend *be = p.cu;
+    uint64_t              s  = 1;
+    // matmul: W [32768][4096] (larger than L2), x [n_rows][4096]
+    const int64_t n_in = 4096, n_blk = 4096, n_rep = 8, n_out = n_blk * n_rep;
+    float        *wf   = rnd(&s, (size_t)n_in * n_blk, -1, 1);
+    float        *dx   = dev_copy(be, NULL, 512 * (size_t)n_in * 4), *dout = dev_copy(be, NULL, 512 * (size_t)n_out * 4);
+    float        *xh   = rnd(&s, 512 * (size_t)n_in, -1, 1);
+    be->ops->upload(be, dx, xh, 512 * (size_t)n_in * 4);
+    printf("bench: matmul W [%lld][%lld]\n", (long long)n_out, (long long)n_in);
+    printf("bench: %-6s %6s %10s %10s %10s\n", "type", "rows", "us/call", "GB/s(W)", "TFLOP/s");
+    for (size_t d = 0; d < COOPT_ARRAY_LEN(k_wtypes); d++) {
+        enum coopt_dtype dt = k_wtypes[d];
+        size_t           rb = coopt_dtype_row_bytes(dt, n_in), blk = rb * (size_t)n_blk;
+        uint8_t         *wq = malloc(blk);
+        for (int64_t o = 0; o < n_blk; o++) coopt_quant_row(dt, wf + o * n_in, wq + o * rb, n_in);
+        uint8_t *dw = dev_copy(be, NULL, blk * n_rep);
+        for (int64_t r = 0; r < n_rep; r++) be->ops->upload(be, dw + r * blk, wq, blk);
+        struct coopt_weight w = {.dtype = dt, .n_in = n_in, .n_out = n_out, .data = dw};
+        const int32_t       rows[] = {1, 2, 8, 64, 512};
+        for (size_t i = 0; i < COOPT_ARRAY_LEN(rows); i++) {
+            int    reps = rows[i] >= 64 ? 5 : 20;
+            double us   = BENCH_US(be, reps, be->ops->matmul(be, dout, dx, &w, rows[i]));
+            printf("bench: %-6s %6d %10.1f %10.1f %10.2f\n", coopt_dtype_name(dt), rows[i], us, blk * n_rep / us / 1e3,
+                   2.0 * n_in * n_out * rows[i] / us / 1e6);
+        }
+        be->ops->free(be, dw);
+        free(wq);
+    }
+    be->ops->free(be, dx), be->ops->free(be, dout);
+    free(wf), free(xh);
+
+    // attention: 32 query heads over 8 KV heads of 128, page 16, B decode tokens at context L
+    const int32_t nh = 32, nkv = 8, hd = 128, ps = 16, chunk = 4096;
+    printf("bench: attention %d/%d heads, head_dim %d, page %d (one layer)\n", nh, nkv, hd, ps);
+    printf("bench: %-9s %3s %6s %10s %10s\n", "kv", "B", "ctx", "us/call", "GB/s(KV)");
+    const enum coopt_dtype kts[] = {COOPT_DTYPE_F16, COOPT_DTYPE_FP8_E4M3};
+    float *kq = rnd(&s, (size_t)chunk * nh * hd, -1, 1), *kk = rnd(&s, (size_t)chunk * nkv * hd, -1, 1);
+    float *dq = dev_copy(be, kq, (size_t)chunk * nh * hd * 4), *dk = dev_copy(be, kk, (size_t)chunk * nkv * hd * 4);
+    float *dv = dev_copy(be, kk, (size_t)chunk * nkv * hd * 4), *dao = dev_copy(be, NULL, (size_t)chunk * nh * hd * 4);
+    float *inv = make_inv_freq(hd, 10000.0f);
+    struct coopt_rope rope = {.layout = COOPT_ROPE_HALF, .head_dim = hd, .inv_freq = inv};
+    for (size_t kt = 0; kt < COOPT_ARRAY_LEN(kts); kt++)
+        for (int32_t L = 4096; L <= 16384; L *= 4)
+            for (int32_t B = 1; B <= 32; B *= 8) {
+                struct coopt_kv_cache kv = {0};
+                COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], 1, nkv, hd, ps) == COOPT_OK);
+                int32_t mb = L / ps;
+                size_t  n_pages = (size_t)B * mb, pool_bytes = n_pages * kv.layout.page_bytes;
+                void   *pool;
+                COOPT_ASSERT(be->ops->kv_pool_init(be, pool_bytes, &pool) == COOPT_OK);
+                kv.pool = pool;
+                int32_t *bt = malloc(sizeof(int32_t) * n_pages), *pos = malloc(sizeof(int32_t) * chunk);
+                int32_t *sq = malloc(sizeof(int32_t) * chunk);
+                int64_t *sl = malloc(sizeof(int64_t) * chunk);
+                for (size_t i = 0; i < n_pages; i++) bt[i] = (int32_t)i;
+                int32_t *dpos = dev_copy(be, NULL, sizeof(int32_t) * chunk), *dsq = dev_copy(be, NULL, sizeof(int32_t) * chunk);
+                int64_t *dsl = dev_copy(be, NULL, sizeof(int64_t) * chunk);
+                int32_t *dbt = dev_copy(be, bt, sizeof(int32_t) * n_pages);
+                for (int32_t b = 0; b < B; b++)
+                    for (int32_t c0 = 0; c0 < L; c0 += chunk) {
+                        for (int32_t i = 0; i < chunk; i++)
+                            pos[i] = c0 + i, sq[i] = b, sl[i] = (int64_t)b * mb * ps + c0 + i;
+                        be->ops->upload(be, dpos, pos, sizeof(int32_t) * chunk);
+                        be->ops->upload(be, dsq, sq, sizeof(int32_t) * chunk);
+                        be->ops->upload(be, dsl, sl, sizeof(int64_t) * chunk);
+                        struct coopt_batch fb = {.n_tokens = chunk, .pos = dpos, .tok_seq = dsq, .slots = dsl};
+                        be->ops->rope_store(be, dq, dk, dv, nh, &kv, 0, &fb, &rope);
+                    }
+                for (int32_t b = 0; b < B; b++) pos[b] = L - 1, sq[b] = b;
+                be->ops->upload(be, dpos, pos, sizeof(int32_t) * B);
+                be->ops->upload(be, dsq, sq, sizeof(int32_t) * B);
+                struct coopt_batch ab = {.n_tokens = B, .pos = dpos, .tok_seq = dsq, .n_seqs = B, .max_blocks = mb,
+                                         .block_tables = dbt};
+                double us = BENCH_US(be, 20, be->ops->attention(be, dao, dq, nh, &kv, 0, &ab, 0.088f));
+                double kv_bytes = (double)B * L * 2 * nkv * (hd * kv.layout.elem_bytes + (kv.layout.has_scales ? 4 : 0));
+                printf("bench: %-9s %3d %6d %10.1f %10.1f\n", coopt_dtype_name(kts[kt]), B, L, us, kv_bytes / us / 1e3);
+                be->ops->kv_pool_free(be, pool, pool_bytes);
+                void *dd[] = {dpos, dsq, dsl, dbt};
+                for (size_t i = 0; i < 4; i++) be->ops->free(be, dd[i]);
+                free(bt), free(pos), free(sq), free(sl);
+            }
+    void *dd[] = {dq, dk, dv, dao};
+    for (size_t i = 0; i < 4; i++) be->ops->free(be, dd[i]);
+    free(kq), free(kk), free(inv);
+    cu_pair_free(&p);
+}
+
+#else // !COOPT_CUDA
+
+TEST(cuda_ops) { SKIP(t, "built without CUDA"); }
+
+#endif
