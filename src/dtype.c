@@ -288,11 +288,13 @@ float coopt_fp8_quant_row(enum coopt_dtype t, const float *x, uint8_t *q, int32_
         memset(q, 0, (size_t)n);
         return 0.0f;
     }
+    static const float steps[16] = COOPT_FP8_SCALE_STEPS_INIT;
+    COOPT_ASSERT(n_search == 1 || n_search == 16);
     float base = amax / (e4 ? 448.0f : 57344.0f), best_s = base;
     if (n_search > 1) {
         float best_err = INFINITY;
         for (int32_t k = 0; k < n_search; k++) {
-            float s = base * exp2f((float)k / (float)n_search), inv = 1.0f / s, err = 0.0f;
+            float s = base * steps[k], inv = 1.0f / s, err = 0.0f;
             for (int32_t i = 0; i < n; i++) {
                 uint8_t c = e4 ? coopt_fp8_e4m3_encode(x[i] * inv) : coopt_fp8_e5m2_encode(x[i] * inv);
                 float   d = tab[c] * s - x[i];

@@ -101,7 +101,15 @@ static inline uint8_t coopt_fp8_e5m2_encode(float f) {
 // error; n_search <= 1 keeps amax / fp8_max. Writes n codes to q and returns the scale (0 for an
 // all-zero row, whose codes are 0). See docs/BENCHMARKS.md "FP8 KV scaling" for the measurements
 // behind the choice (search for K, plain amax for V).
+// n_search is 1 or 16; candidate k's scale is base * COOPT_FP8_SCALE_STEPS[k] (2^(k/16) rounded
+// to f32, written out so every backend multiplies by the same constants), the error a plain
+// sequential f32 sum (no fused multiply-add); ties go to the smallest k.
 float coopt_fp8_quant_row(enum coopt_dtype t, const float *x, uint8_t *q, int32_t n, int32_t n_search);
+#define COOPT_FP8_SCALE_STEPS_INIT                                                                 \
+    {1.000000000e+00f, 1.044273734e+00f, 1.090507746e+00f, 1.138788581e+00f, 1.189207077e+00f,  \
+     1.241857767e+00f, 1.296839595e+00f, 1.354255557e+00f, 1.414213538e+00f, 1.476826191e+00f,  \
+     1.542210817e+00f, 1.610490322e+00f, 1.681792855e+00f, 1.756252170e+00f, 1.834008098e+00f,  \
+     1.915206552e+00f}
 
 // Decode table of an FP8 type (256 entries; NaN codes decode to NaN).
 const float *coopt_fp8_table(enum coopt_dtype t);

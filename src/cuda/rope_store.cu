@@ -5,8 +5,9 @@
  *
  * Semantics are those of the CPU reference (ops_cpu_ref.c): angle = (float)pos * inv_freq[i]
  * in f32, then cosf/sinf; rotation products rounded without FMA contraction (the CPU build is
- * ISO C, -ffp-contract=off); FP8 rows carry one f32 scale per (token, head) = amax / fp8_max,
- * values fp8(x / scale) rounded to nearest even and saturated, an all-zero row stores scale 0.
+ * ISO C, -ffp-contract=off); FP8 rows carry one f32 scale per (token, head) chosen exactly as
+ * coopt_fp8_quant_row (dtype.h) chooses it, values fp8(x * (1/scale)) rounded to nearest even and
+ * saturated; an all-zero row stores scale 0.
  *
  * Cache layout (kv_cache.h): page [n_layers][2][n_kv_heads][page_size][head_dim] of the cache
  * type, then FP8 scales [n_layers][2][n_kv_heads][page_size] f32; kv_offset/kv_scale_offset
@@ -87,6 +88,8 @@ void cuda_rope(struct coopt_backend *be, float *q, int32_t n_heads, const int32_
     CUDA_CHECK_LAUNCH();
 }
 
+__constant__ float c_fp8_scale_steps[16] = COOPT_FP8_SCALE_STEPS_INIT;
+
 template <int KT> __device__ __forceinline__ void store_elem(uint8_t *dst, int i, float v) {
     if constexpr (KT == COOPT_DTYPE_F32) {
         ((float *)dst)[i] = v;
@@ -136,9 +139,37 @@ __global__ void __launch_bounds__(128)
             float amax = 0.0f;
             for (int i = lane; i < hd; i += WARP_SIZE) amax = fmaxf(amax, fabsf(b[i]));
             amax    = warp_max(amax);
-            float s = amax / (KT == COOPT_DTYPE_FP8_E4M3 ? 448.0f : 57344.0f);
+            // coopt_fp8_quant_row (dtype.c) with 16 candidate scales: lane k < 16 sums candidate
+            // k's squared error sequentially (same order and rounding as the CPU, no FMA), then
+            // the warp takes the smallest error, ties to the smallest k.
+            const float base = amax / (KT == COOPT_DTYPE_FP8_E4M3 ? 448.0f : 57344.0f);
+            float       s    = base;
+            if (amax > 0.0f) {
+                float err = INFINITY;
+                if (lane < COOPT_KV_SCALE_SEARCH) {
+                    const float sc = __fmul_rn(base, c_fp8_scale_steps[lane]), inv = __frcp_rn(sc);
+                    err            = 0.0f;
+                    for (int i = 0; i < hd; i++) {
+                        uint8_t c = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(b[i], inv))
+                                                               : f32_to_fp8_e5m2(__fmul_rn(b[i], inv));
+                        float   d = __fsub_rn(__fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(c) : fp8_e5m2_to_f32(c), sc), b[i]);
+                        err       = __fadd_rn(err, __fmul_rn(d, d));
+                    }
+                }
+                int best = lane;
+                for (int o = 16; o > 0; o >>= 1) {
+                    float oe = __shfl_xor_sync(0xffffffffu, err, o);
+                    int   ob = __shfl_xor_sync(0xffffffffu, best, o);
+                    if (oe < err || (oe == err && ob < best)) {
+                        err  = oe;
+                        best = ob;
+                    }
+                }
+                s = __fmul_rn(base, c_fp8_scale_steps[best]);
+            }
             if (lane == 0) *(float *)(pool + kv_scale_offset(L, page, layer, kvi, h, row)) = s;
-            for (int i = lane; i < hd; i += WARP_SIZE) store_elem<KT>(dst, i, s == 0.0f ? 0.0f : b[i] / s);
+            const float inv = s == 0.0f ? 0.0f : __frcp_rn(s);
+            for (int i = lane; i < hd; i += WARP_SIZE) store_elem<KT>(dst, i, __fmul_rn(b[i], inv));
         } else {
             for (int i = lane; i < hd; i += WARP_SIZE) store_elem<KT>(dst, i, b[i]);
         }
