@@ -1696,3 +1696,39 @@ enum coopt_status coopt_tokenizer_load(const char *path, struct coopt_tokenizer 
     if (nh > 0 && head[0] == 0x0a) return coopt_tokenizer_load_spm(path, out);
     return coopt_tokenizer_load_llama2c(path, 0, out);
 }
+
+// ---- export ----
+
+void coopt_tokenizer_get_vocab(const struct coopt_tokenizer *tok, struct coopt_vocab_info *out) {
+    *out = (struct coopt_vocab_info){
+        .type = tok->type, .pretok = tok->pretok, .n_tokens = tok->n_vocab, .scores = tok->scores,
+        .attrs = tok->attrs, .bos_id = tok->bos, .eos_id = tok->eos, .unk_id = tok->unk, .pad_id = tok->pad,
+        .add_bos = tok->add_bos, .add_eos = tok->add_eos, .add_space_prefix = tok->add_space_prefix,
+    };
+    if (tok->merges)
+        for (uint32_t i = 0; i <= tok->merge_mask; i++) out->n_merges += tok->merges[i].key != 0;
+}
+
+static int cmp_merge_rank(const void *a, const void *b) {
+    const struct merge_entry *x = a, *y = b;
+    return (x->rank > y->rank) - (x->rank < y->rank);
+}
+
+enum coopt_status coopt_tokenizer_get_merges(const struct coopt_tokenizer *tok, int32_t *left, int32_t *right,
+                                             int32_t *merged) {
+    if (!tok->merges) return COOPT_OK;
+    int32_t n = 0;
+    for (uint32_t i = 0; i <= tok->merge_mask; i++) n += tok->merges[i].key != 0;
+    struct merge_entry *e = coopt_malloc((size_t)n * sizeof(*e) + 1);
+    if (!e) return COOPT_ERR_NOMEM;
+    for (uint32_t i = 0, k = 0; i <= tok->merge_mask; i++)
+        if (tok->merges[i].key != 0) e[k++] = tok->merges[i];
+    qsort(e, (size_t)n, sizeof(*e), cmp_merge_rank);
+    for (int32_t i = 0; i < n; i++) {
+        left[i]   = (int32_t)(e[i].key >> 32) - 1;
+        right[i]  = (int32_t)(uint32_t)e[i].key - 1;
+        merged[i] = e[i].id;
+    }
+    free(e);
+    return COOPT_OK;
+}

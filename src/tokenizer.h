@@ -66,4 +66,23 @@ enum coopt_status coopt_tokenizer_load_spm(const char *path, struct coopt_tokeni
 // llama2.c tokenizer.bin: header int32 max_token_length, then per token: f32 score, int32 len, bytes.
 enum coopt_status coopt_tokenizer_load_llama2c(const char *path, int32_t n_vocab, struct coopt_tokenizer **out);
 
+// ---- export (for writers such as coopt convert) ----
+
+// The vocabulary as the tokenizer holds it. Pointers borrow from tok (valid while it lives).
+struct coopt_vocab_info {
+    enum coopt_tok_type type;
+    enum coopt_pretok   pretok;
+    int32_t             n_tokens;
+    const float        *scores;  // [n_tokens]
+    const uint8_t      *attrs;   // [n_tokens] enum coopt_token_attr
+    int32_t             n_merges; // entries coopt_tokenizer_get_merges writes (0: score-based SPM)
+    int32_t             bos_id, eos_id, unk_id, pad_id; // -1 if absent
+    bool                add_bos, add_eos, add_space_prefix;
+};
+void coopt_tokenizer_get_vocab(const struct coopt_tokenizer *tok, struct coopt_vocab_info *out);
+// Writes the merges ordered by rank: merge i joins token left[i] and right[i] into merged[i].
+// Each array holds info.n_merges entries. COOPT_ERR_NOMEM if scratch memory runs out.
+enum coopt_status coopt_tokenizer_get_merges(const struct coopt_tokenizer *tok, int32_t *left, int32_t *right,
+                                             int32_t *merged);
+
 #endif // COOPT_TOKENIZER_H
