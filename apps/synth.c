@@ -36,8 +36,9 @@ static void synth_usage(void) {
             "Weights (mean, variance): embeddings N(0,1), q/k/v/gate/up N(0,1/n_in), o/down N(0,1/(2 L n_in)),\n"
             "norms 1, lm_head N(0,1/dim); GPTQ codes are quantized by construction (zero point 8).\n"
             "Tokenizer: the Llama 2 tokenizer.model (32000 ids) for every architecture. llama3-8b keeps\n"
-            "its real vocab_size 128256, so its embedding has more rows than the tokenizer has ids\n"
-            "(no real Llama 3 tokenizer is available here; the loader allows this).\n",
+            "its real vocab_size 128256 and bos/eos ids 128000/128001, so its embedding has more rows\n"
+            "than the tokenizer has ids (no real Llama 3 tokenizer is available here; the loader allows\n"
+            "this; the tokenizer itself adds BOS 1).\n",
             coopt_synth_arch_names());
 }
 

@@ -19,7 +19,7 @@ Checks:
     few tokens, printing the residual-stream RMS after every layer and the logits' statistics;
     fails if anything is non-finite, explodes (> 1e3) or vanishes (< 1e-3)
 
-usage: scripts/check_synth_hf.py DIR [--forward] [--tokens N] [--quiet]
+usage: scripts/check_synth_hf.py DIR [--forward [--tokens N | --ids 1,9038,...]] [--quiet]
 Exit status 0 iff every check passed.
 """
 import argparse
@@ -302,6 +302,7 @@ def main():
     ap.add_argument("dir")
     ap.add_argument("--forward", action="store_true", help="numpy reference forward pass")
     ap.add_argument("--tokens", type=int, default=8, help="tokens for --forward (default 8)")
+    ap.add_argument("--ids", help="comma-separated token ids for --forward (instead of random ones)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     verbose = not a.quiet
@@ -316,11 +317,15 @@ def main():
         rng = np.random.default_rng(0)
         tokens = [cfg["bos_token_id"] if cfg["bos_token_id"] < cfg["vocab_size"] else 1] + \
             list(rng.integers(3, 32000, a.tokens - 1))
+        if a.ids:
+            tokens = [int(t) for t in a.ids.split(",")]
         rms, logits = forward(W, cfg, tokens, verbose)
         if verbose:
             print("residual RMS after embedding, then each layer:", " ".join(f"{r:.3g}" for r in rms))
             print(f"logits: std {logits.std():.3g}, max |.| {np.abs(logits).max():.3g}, "
                   f"argmax {logits.argmax(-1).tolist()}")
+            top = np.argsort(-logits[-1])[:5]
+            print("last token top-5:", ", ".join(f"{int(i)}:{logits[-1][i]:.4f}" for i in top))
         check(np.all(np.isfinite(logits)) and all(math.isfinite(r) for r in rms), "non-finite activations")
         check(1e-3 < min(rms) and max(rms) < 1e3, f"residual RMS out of [1e-3, 1e3]: {min(rms):.3g}..{max(rms):.3g}")
         check(0.1 < logits.std() < 100, f"logits std {logits.std():.3g} out of (0.1, 100)")

@@ -593,8 +593,9 @@ static enum coopt_status write_configs(const struct synth_run *r) {
     sb_printf(&b,
               "  \"coopt_synth\": {\n    \"arch\": \"%s\",\n    \"layers_of_arch\": %d,\n    \"mirrors\": \"%s\",\n"
               "    \"note\": \"random weights written by coopt synth; shapes and format only\",\n"
-              "    \"seed\": %llu,\n    \"tokenizer\": \"llama2 tokenizer.model (%d tokens)\"\n  },\n",
-              a->name, (int)a->n_layers, a->hf_repo, (unsigned long long)p->seed, 32000);
+              "    \"seed\": %llu,\n    \"tokenizer\": \"%s\"\n  },\n",
+              a->name, (int)a->n_layers, a->hf_repo, (unsigned long long)p->seed,
+              p->tokenizer ? "tokenizer.model given to coopt synth" : "Llama 2 tokenizer.model (32000 tokens)");
     sb_printf(&b,
               "  \"eos_token_id\": %d,\n  \"hidden_act\": \"silu\",\n  \"hidden_size\": %d,\n"
               "  \"initializer_range\": 0.02,\n  \"intermediate_size\": %d,\n  \"max_position_embeddings\": %d,\n"
@@ -653,14 +654,17 @@ static enum coopt_status write_configs(const struct synth_run *r) {
                   "`coopt synth` for speed measurements. The weights carry no knowledge: never use this\n"
                   "model for accuracy numbers.\n\n"
                   "- layers: %d%s\n- dtype: %s%s\n- seed: %llu\n"
-                  "- tokenizer: the Llama 2 SentencePiece `tokenizer.model` (32000 tokens)%s\n",
+                  "- tokenizer: %s%s\n",
                   r->model_name, a->name, a->hf_repo, (int)r->n_layers,
                   r->n_layers != a->n_layers ? " (overridden; the real model has more)" : "",
                   coopt_dtype_name(p->dtype), q ? " (GPTQ v1 format, symmetric, zero point 8)" : "",
                   (unsigned long long)p->seed,
-                  a->n_vocab != 32000
-                      ? "; vocab_size is the real model's, so the embedding has more rows than the "
-                        "tokenizer has ids (no real tokenizer of this model is available here)"
+                  p->tokenizer ? "the `tokenizer.model` given to coopt synth"
+                               : "the Llama 2 SentencePiece `tokenizer.model` (32000 tokens)",
+                  !p->tokenizer && a->n_vocab != 32000
+                      ? ". vocab_size and bos/eos_token_id are the real model's, so the embedding has more\n"
+                        "  rows than the tokenizer has ids and the tokenizer's own BOS/EOS are 1/2 (no real\n"
+                        "  tokenizer of this model is available here)"
                       : "");
         rc = b.oom ? COOPT_ERR_NOMEM : write_text(p->out_dir, "README.md", b.s);
     }
@@ -693,8 +697,9 @@ static void shard_name(char *out, size_t cap, int shard, int n_shards) {
         snprintf(out, cap, "model-%05d-of-%05d.safetensors", shard + 1, n_shards);
 }
 
-// Removes model.safetensors, model.safetensors.index.json and model-*-of-*.safetensors (and
-// their .tmp) left by an earlier run, so the directory never mixes two models.
+// Removes model.safetensors, model.safetensors.index.json, model-*-of-*.safetensors (and their
+// .tmp) and quantize_config.json left by an earlier run, so the directory never mixes two models
+// (a stale quantize_config.json would make loaders read an f16 model as GPTQ).
 static enum coopt_status remove_stale(const char *dir) {
     DIR *d = opendir(dir);
     if (!d) return coopt_fail(COOPT_ERR_IO, "%s: cannot open directory: %s", dir, strerror(errno));
@@ -703,7 +708,7 @@ static enum coopt_status remove_stale(const char *dir) {
     while ((e = readdir(d)) != NULL) {
         const char *n     = e->d_name;
         bool        stale = !strcmp(n, COOPT_ST_SINGLE_NAME) || !strcmp(n, COOPT_ST_INDEX_NAME) ||
-                     !strcmp(n, COOPT_ST_SINGLE_NAME ".tmp");
+                     !strcmp(n, COOPT_ST_SINGLE_NAME ".tmp") || !strcmp(n, "quantize_config.json");
         unsigned a, b;
         char     tail[32] = "";
         if (!stale && sscanf(n, "model-%5u-of-%5u.safetensor%31s", &a, &b, tail) == 3)

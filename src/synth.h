@@ -89,9 +89,9 @@ struct coopt_synth_result {
 // COOPT_ERR_INVALID (one line naming the bad field; an unknown arch lists the known ones).
 enum coopt_status coopt_synth_plan(const struct coopt_synth_params *p, struct coopt_synth_result *out);
 
-// Writes the model directory. Files of a previous synth run in out_dir that this run does not
-// write (model*.safetensors*, a stale index) are removed so loaders never mix two runs; other
-// files are left alone. Every safetensors file is written as "<name>.tmp" and renamed.
+// Writes the model directory. Files of a previous run in out_dir that this run might not
+// overwrite (model.safetensors, model-*-of-*.safetensors, the index, quantize_config.json) are
+// removed first so loaders never mix two runs; other files are left alone. Every safetensors file is written as "<name>.tmp" and renamed.
 // Errors: COOPT_ERR_INVALID (parameters), COOPT_ERR_IO (directory not creatable/writable, short
 // write, tokenizer missing), COOPT_ERR_NOMEM. res may be NULL.
 enum coopt_status coopt_synth_write(const struct coopt_synth_params *p, struct coopt_synth_result *res);

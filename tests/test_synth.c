@@ -503,8 +503,21 @@ TEST(synth_tinyllama_bf16) {
     CHECK(t, st_test_mkdtemp(dir, sizeof(dir)));
     struct coopt_synth_params p = tiny_params(dir, COOPT_DTYPE_BF16);
     p.n_layers                  = 1;
+    // leftovers of an earlier GPTQ, sharded run into the same directory must go
+    CHECK(t, st_test_write_file(dir, "quantize_config.json", "{\"bits\": 4}", 11));
+    CHECK(t, st_test_write_file(dir, "model-00001-of-00002.safetensors", "x", 1));
+    CHECK(t, st_test_write_file(dir, "model.safetensors.index.json", "{}", 2));
+    CHECK(t, st_test_write_file(dir, "notes.txt", "keep", 4));
     const char *msg;
     CHECKF(t, synth_quiet(&p, NULL, &msg) == COOPT_OK, "%s", msg);
+    static const char *gone[] = {"quantize_config.json", "model-00001-of-00002.safetensors",
+                                 "model.safetensors.index.json"};
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(gone); i++) {
+        snprintf(path, sizeof(path), "%s/%s", dir, gone[i]);
+        CHECKF(t, !coopt_path_exists(path), "stale %s left", gone[i]);
+    }
+    snprintf(path, sizeof(path), "%s/notes.txt", dir);
+    CHECK(t, coopt_path_exists(path));
     struct coopt_safetensors *st = NULL;
     snprintf(path, sizeof(path), "%s/model.safetensors", dir);
     CHECK(t, coopt_safetensors_open(path, &st) == COOPT_OK);
