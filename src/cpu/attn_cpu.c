@@ -234,10 +234,12 @@ AI size_t elem_size(enum coopt_dtype dt) {
     return dt == COOPT_DTYPE_F32 ? 4 : (dt == COOPT_DTYPE_F16 || dt == COOPT_DTYPE_BF16) ? 2 : 1;
 }
 
-// 16 cached elements at p -> f32 lanes. E4M3 comes out times 2^-8 (folded into the row factor):
-// the sign-extended byte s.eeee.mmm shifted left by 7 is s.s.eeee.mmm.0000000, and clearing bit
-// 14 leaves the f16 s.0eeee.mmm0000000 (exponent bias 15 instead of 7; subnormals scale the same
-// way), which vcvtph2ps converts exactly.
+// 16 cached elements at p -> f32 lanes. FP8 is decoded with integer ops only: the sign-extended
+// byte shifted so that its exponent and mantissa bits land in the f32 exponent and mantissa
+// fields is exactly the value times 2^-FP8_BIAS_SHIFT (E4M3: s.eeee.mmm -> s.0000eeee.mmm0...,
+// bias 7 instead of 127, so 2^-120; E5M2: 2^-112). Subnormals come out as f32 denormals with the
+// same factor, so the decoding is exact. The factor is folded into the query and the V weights
+// (see fp8_pre), never into the rows.
 AI __m512 cvt16(enum coopt_dtype dt, const uint8_t *p) {
     switch (dt) {
     case COOPT_DTYPE_F16: return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
@@ -245,14 +247,25 @@ AI __m512 cvt16(enum coopt_dtype dt, const uint8_t *p) {
         return _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
     case COOPT_DTYPE_FP8_E4M3: {
-        __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
-        return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16((short)0xbfff)));
+        __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+        return _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(w, 20), _mm512_set1_epi32((int)0x87f00000u)));
     }
-    case COOPT_DTYPE_FP8_E5M2:
-        return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 8));
+    case COOPT_DTYPE_FP8_E5M2: {
+        __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+        return _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(w, 21), _mm512_set1_epi32((int)0x8fe00000u)));
+    }
     default: return _mm512_loadu_ps((const float *)p);
     }
 }
+
+// FP8 rows decode to value * 2^-shift (shift 120 for E4M3, 112 for E5M2). The query is scaled
+// by 2^FP8_PRE and the V weights by 2^FP8_PRE, so products q*k and p*v are the true ones times
+// 2^(FP8_PRE - shift) -- normal f32 unless |q k| or |p v| < 2^(-126 + shift - FP8_PRE) (< 2^-96:
+// terms far below the f32 resolution of any sum they enter); the K row factor and the final
+// accumulator multiply by 2^(shift - FP8_PRE). Needs |q| and the row scales below 2^(128 -
+// FP8_PRE) = 2^38, checked on q.
+#define FP8_PRE 90
+AI int fp8_shift(enum coopt_dtype dt) { return dt == COOPT_DTYPE_FP8_E4M3 ? 120 : 112; }
 
 // Lane i of the result = sum of the 16 lanes of v[i] (a transposing reduction tree).
 AI __m512 hsum16x16(const __m512 *v) {
@@ -274,15 +287,26 @@ AI __m512 hsum16x16(const __m512 *v) {
 }
 
 // Score partials of one K row for gb query heads: part[g] = 16-lane partial of q[g] . k.
+// Two chains per head (even and odd chunks) halve the FMA latency per row; the same order for
+// every gb, so grouped and per-head reads give bit-identical scores.
 AI void k_row(enum coopt_dtype dt, int gb, int32_t nc, const uint8_t *k, const float *q, int32_t hd,
               __m512 *part) {
-    __m512 acc[8];
-    for (int g = 0; g < gb; g++) acc[g] = _mm512_setzero_ps();
-    for (int32_t c = 0; c < nc; c++) {
-        __m512 kc = cvt16(dt, k + (size_t)c * 16 * elem_size(dt));
-        for (int g = 0; g < gb; g++) acc[g] = _mm512_fmadd_ps(kc, _mm512_loadu_ps(q + (size_t)g * hd + c * 16), acc[g]);
+    __m512 a0[8], a1[8];
+    for (int g = 0; g < gb; g++) a0[g] = a1[g] = _mm512_setzero_ps();
+    int32_t c = 0;
+    for (; c + 2 <= nc; c += 2) {
+        __m512 k0 = cvt16(dt, k + (size_t)c * 16 * elem_size(dt));
+        __m512 k1 = cvt16(dt, k + (size_t)(c + 1) * 16 * elem_size(dt));
+        for (int g = 0; g < gb; g++) {
+            a0[g] = _mm512_fmadd_ps(k0, _mm512_loadu_ps(q + (size_t)g * hd + c * 16), a0[g]);
+            a1[g] = _mm512_fmadd_ps(k1, _mm512_loadu_ps(q + (size_t)g * hd + c * 16 + 16), a1[g]);
+        }
     }
-    for (int g = 0; g < gb; g++) part[g * 16] = acc[g];
+    if (c < nc) {
+        __m512 k0 = cvt16(dt, k + (size_t)c * 16 * elem_size(dt));
+        for (int g = 0; g < gb; g++) a0[g] = _mm512_fmadd_ps(k0, _mm512_loadu_ps(q + (size_t)g * hd + c * 16), a0[g]);
+    }
+    for (int g = 0; g < gb; g++) part[g * 16] = _mm512_add_ps(a0[g], a1[g]);
 }
 
 // acc[g][c0*16 .. (c0+tw)*16) += sum_r p[g][r] * v_r, for gb heads and tw 16-column chunks.
@@ -322,9 +346,18 @@ AI void range_fast(enum coopt_dtype dt, const struct attn_ctx *a, int32_t t, int
     const uint8_t                *pool = a->kv->pool;
     const size_t                  rb   = (size_t)hd * elem_size(dt);
     const bool                    fp8  = dt == COOPT_DTYPE_FP8_E4M3 || dt == COOPT_DTYPE_FP8_E5M2;
-    const float                   kmul = dt == COOPT_DTYPE_FP8_E4M3 ? COOPT_FP8_E4M3_F16_FACTOR : 1.0f;
+    const float                   pre  = fp8 ? ldexpf(1.0f, FP8_PRE) : 1.0f;                 // q and V weights
+    const float                   post = fp8 ? ldexpf(1.0f, fp8_shift(dt) - FP8_PRE) : 1.0f; // K factor, acc
     const float                  *q    = a->q + ((size_t)t * a->n_heads + (size_t)kh * a->group + g0) * hd;
     const int32_t                 s    = b->tok_seq[t];
+
+    _Alignas(64) float qs[ATTN_MAX_ACC]; // FP8: q * 2^FP8_PRE
+    if (fp8) {
+        float qmax = 0;
+        for (int32_t i = 0; i < gn * hd; i++) qs[i] = q[i] * pre, qmax = fmaxf(qmax, fabsf(q[i]));
+        COOPT_ASSERT(!(qmax >= 0x1p37f)); // see FP8_PRE
+        q = qs;
+    }
 
     _Alignas(64) float   sc[ATTN_MAX_G][ATTN_BLOCK]; // scores, then probabilities times the V factor
     _Alignas(64) __m512  part[ATTN_MAX_G * 16];      // [g][16 rows] score partials
@@ -344,7 +377,7 @@ AI void range_fast(enum coopt_dtype dt, const struct attn_ctx *a, int32_t t, int
             if (fp8) {
                 const float *ks = (const float *)(pool + coopt_kv_scale_offset(l, page, a->layer, 0, kh, row));
                 const float *vs = (const float *)(pool + coopt_kv_scale_offset(l, page, a->layer, 1, kh, row));
-                for (int32_t i = 0; i < n; i++) kf[r + i] = ks[i] * kmul * a->scale, vf[r + i] = vs[i] * kmul;
+                for (int32_t i = 0; i < n; i++) kf[r + i] = ks[i] * post * a->scale, vf[r + i] = vs[i] * pre;
             } else {
                 for (int32_t i = 0; i < n; i++) kf[r + i] = a->scale, vf[r + i] = 1.0f;
             }
@@ -404,6 +437,7 @@ AI void range_fast(enum coopt_dtype dt, const struct attn_ctx *a, int32_t t, int
         if (gn - g >= 1) v_heads(dt, 1, nr, vrow, nc, (const float(*)[ATTN_BLOCK])(sc + g), acc + (size_t)g * hd, hd), g += 1;
         p += nr;
     }
+    if (fp8) scale_f32(acc, post, gn * hd);
 }
 
 #define RANGE_FAST(name, dt)                                                                                         \
