@@ -37,12 +37,15 @@ struct fixture {
     int32_t              *bt;
     int32_t               n_seqs, max_blocks;
     size_t                pool_bytes;
+    bool                  extremes; // set before fixture_init: rows span 2^-23..1 of their amax
 };
 
 static bool fixture_init(struct test_ctx *t, struct coopt_backend *be, uint64_t *s, struct fixture *f,
                          enum coopt_dtype dt, int32_t nkv, int32_t hd, int32_t ps, int32_t n_seqs,
                          const int32_t *lens) {
+    bool extremes = f->extremes;
     memset(f, 0, sizeof(*f));
+    f->extremes   = extremes;
     int32_t max_len = 0, n_pages = 0;
     for (int i = 0; i < n_seqs; i++) {
         max_len = COOPT_MAX(max_len, lens[i]);
@@ -80,6 +83,8 @@ static bool fixture_init(struct test_ctx *t, struct coopt_backend *be, uint64_t 
                     // rows of different magnitude, so FP8 scales differ from row to row
                     float amp = 0.25f + (float)((p * 7 + h * 3 + kvi) % 8) * 0.25f;
                     test_fill_uniform(s, x, (size_t)hd, -amp, amp);
+                    if (f->extremes) // magnitudes amp * 2^-k down to 2^-23: FP8 subnormals, zeros
+                        for (int32_t i = 0; i < hd; i++) x[i] = copysignf(amp * ldexpf(1.0f, -(i % 24)), x[i]);
                     void *sc = l->has_scales ? f->kv.pool + coopt_kv_scale_offset(l, page, 1, kvi, h, row) : NULL;
                     cpu_kv_store_row(l, x, f->kv.pool + coopt_kv_offset(l, page, 1, kvi, h, row), sc);
                 }
@@ -171,7 +176,8 @@ static float *rnd(uint64_t *s, size_t n, float lo, float hi) {
 }
 
 // Every KV type, head dims 64..128, GQA ratios 1, 4, 8; contexts 1..3000 decoded, plus a
-// prefill chunk of 6 tokens in the same batch (mixed batch).
+// prefill chunk of 6 tokens in the same batch (mixed batch). FP8 cases at GQA 4 store rows whose
+// values span 2^-23..1 of the row's amax, so the in-register decoding meets FP8 subnormals.
 TEST(attn_splitk_types) {
     struct backends bs;
     if (!backends_init(t, &bs)) goto done;
@@ -185,7 +191,7 @@ TEST(attn_splitk_types) {
                 const int32_t  lens[] = {1, 37, 100, 512, 513, longs[(d + h + r) % 3]};
                 const int32_t  n_seqs = (int32_t)COOPT_ARRAY_LEN(lens);
                 int32_t        nh = 8, nkv = nh / ratios[r], hd = hds[h], ps = (int32_t)(h % 2 ? 16 : 7);
-                struct fixture f;
+                struct fixture f = {.extremes = d >= 3 && r == 1}; // FP8 subnormals, GQA 4
                 if (!fixture_init(t, bs.ref, &s, &f, k_types[d], nkv, hd, ps, n_seqs, lens)) goto done;
                 struct qbatch qb = {0};
                 for (int i = 0; i < n_seqs; i++) qb_add(&qb, i, lens[i] - 1);
@@ -212,7 +218,7 @@ TEST(attn_splitk_window) {
     for (size_t d = 0; d < COOPT_ARRAY_LEN(dts); d++)
         for (size_t w = 0; w < COOPT_ARRAY_LEN(windows); w++) {
             int32_t        nh = 8, nkv = 2, hd = w % 2 ? 128 : 64, ps = 16, window = windows[w];
-            struct fixture f;
+            struct fixture f = {0};
             if (!fixture_init(t, bs.ref, &s, &f, dts[d], nkv, hd, ps, 3, lens)) goto done;
             struct qbatch qb = {0};
             for (int i = 0; i < 3; i++) qb_add(&qb, i, lens[i] - 1);
@@ -239,7 +245,7 @@ TEST(attn_splitk_sharp) {
     uint64_t       s      = 303;
     const int32_t  lens[] = {2000, 300};
     int32_t        nh = 32, nkv = 8, hd = 128;
-    struct fixture f;
+    struct fixture f = {0};
     if (!fixture_init(t, bs.ref, &s, &f, COOPT_DTYPE_F32, nkv, hd, 16, 2, lens)) goto done;
     struct qbatch qb = {0};
     qb_add(&qb, 0, 1999), qb_add(&qb, 1, 299), qb_add(&qb, 0, 1000);
@@ -261,7 +267,7 @@ TEST(attn_splitk_waves_scratch) {
     uint64_t       s      = 404;
     const int32_t  lens[] = {3000};
     int32_t        nh = 4, nkv = 1, hd = 64;
-    struct fixture f;
+    struct fixture f = {0};
     if (!fixture_init(t, bs.ref, &s, &f, COOPT_DTYPE_F16, nkv, hd, 16, 1, lens)) goto done;
     struct qbatch qb = {0};
     for (int i = 64; i >= 1; i--) qb_add(&qb, 0, 3000 - i);
@@ -302,7 +308,7 @@ TEST(attn_per_head_generic_hd) {
     const int32_t hds[]  = {8, 40};
     for (size_t h = 0; h < COOPT_ARRAY_LEN(hds); h++)
         for (size_t d = 0; d < COOPT_ARRAY_LEN(k_types); d++) {
-            struct fixture f;
+            struct fixture f = {0};
             if (!fixture_init(t, bs.ref, &s, &f, k_types[d], 1, hds[h], 16, 2, lens)) goto done;
             struct qbatch qb = {0};
             qb_add(&qb, 0, 699), qb_add(&qb, 1, 4), qb_add(&qb, 0, 600);
