@@ -27,13 +27,20 @@
  *
  * Kernel (AVX-512, head_dim a multiple of 16 up to 256). Positions are processed in blocks of up
  * to ATTN_BLOCK rows that may span pages. Scores: each K row is converted in registers (F16 by
- * vcvtph2ps from memory; FP8 via f16 bit tricks, see cvt16) and multiplied with the group's query
- * rows into one 16-lane partial per head; 16 such partials are reduced together by a transposing
+ * vcvtph2ps from memory; FP8 by three integer ops into an exactly scaled f32, see cvt16 and
+ * FP8_PRE -- the FP8 -> f16 -> f32 route made FP8 slower than F16) and multiplied with the
+ * group's query rows into one 16-lane partial per head; 16 such partials are reduced together by a transposing
  * tree (hsum16x16), so there is no horizontal sum per row. Then one online-softmax update per block
  * and head. Values: the accumulator tile (heads x columns) stays in registers across the block's V
  * rows, each V chunk converted once per tile. The FP8 per-row scales multiply the scores (K) and
- * the probabilities (V), never the rows. Other shapes and CPUs use the generic path (row buffer,
- * dot, axpy), which computes the same thing.
+ * the probabilities (V), never the rows. Every query head sees the same sequence of f32 operations
+ * whether it is processed with its group or alone, so grouped and per-head reads give bit-identical
+ * results. Other shapes and CPUs use the generic path (row buffer, dot, axpy), which computes the
+ * same thing.
+ *
+ * Work per (KV head, position) at group G: 2 * G * head_dim / 16 FMAs against 2 * head_dim *
+ * elem_bytes bytes, so on a CPU grouped attention with G >= 4 is bounded by FMA throughput before
+ * DRAM bandwidth for 1-byte (FP8) rows (see dev/bench_attn.c).
  */
 #include "cpu/ops_cpu.h"
 #include "cpu/simd.h"
