@@ -17,6 +17,8 @@ struct cpu_backend {
     struct coopt_threadpool *tp;            // NULL for the reference backend
     void                    *scratch;       // quantized activations of matmul (grown on demand)
     size_t                   scratch_bytes;
+    void                    *attn_scratch;  // attention split-K partials and work plan (attn_cpu.c)
+    size_t                   attn_scratch_bytes;
 };
 
 extern const struct coopt_ops coopt_cpu_ref_ops;

@@ -51,6 +51,7 @@ void cpu_destroy(struct coopt_backend *be) {
     if (cb) {
         coopt_threadpool_free(cb->tp);
         coopt_aligned_free(cb->scratch);
+        coopt_aligned_free(cb->attn_scratch);
         free(cb);
     }
     free(be);
