@@ -72,6 +72,13 @@ const char *test_data_path(const char *name);
 // Directory of committed golden files (tests/golden, relative to the repo root).
 const char *test_golden_path(const char *name);
 
+// Skips the test (returning from it) when a model or data file is absent.
+bool test_have_file(const char *path);
+#define NEED_FILE(t, path)                                                                         \
+    do {                                                                                           \
+        if (!test_have_file(path)) SKIP(t, "model/data file not found (set COOPT_MODELS / COOPT_DATA)"); \
+    } while (0)
+
 // Deterministic random numbers for tests.
 uint64_t test_rand_u64(uint64_t *state);
 float    test_rand_uniform(uint64_t *state, float lo, float hi);

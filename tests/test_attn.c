@@ -86,7 +86,7 @@ static bool fixture_init(struct test_ctx *t, struct coopt_backend *be, uint64_t 
                     if (f->extremes) // magnitudes amp * 2^-k down to 2^-23: FP8 subnormals, zeros
                         for (int32_t i = 0; i < hd; i++) x[i] = copysignf(amp * ldexpf(1.0f, -(i % 24)), x[i]);
                     void *sc = l->has_scales ? f->kv.pool + coopt_kv_scale_offset(l, page, 1, kvi, h, row) : NULL;
-                    cpu_kv_store_row(l, x, f->kv.pool + coopt_kv_offset(l, page, 1, kvi, h, row), sc);
+                    cpu_kv_store_row(l, kvi, x, f->kv.pool + coopt_kv_offset(l, page, 1, kvi, h, row), sc);
                 }
     free(x);
     return true;

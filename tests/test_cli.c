@@ -40,6 +40,9 @@ static int run_cli(const char *args, char *out, size_t cap) {
 #define NEED_BIN(t)                                                                                \
     do {                                                                                           \
         if (!coopt_bin()) SKIP(t, "coopt binary not built beside the test binary");              \
+        NEED_FILE(t, test_model_path("stories260K.gguf"));                                         \
+        NEED_FILE(t, test_model_path("stories260K.bin"));                                          \
+        NEED_FILE(t, test_model_path("llama2-tokenizer/tokenizer.model"));                         \
     } while (0)
 
 TEST(cli_run_stories_greedy) {

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 struct test_entry {
     const char *name;
@@ -84,6 +85,8 @@ static const char *rot_path(const char *dir, const char *name) {
 const char *test_model_path(const char *name) { return rot_path(test_models_dir(), name); }
 const char *test_data_path(const char *name) { return rot_path(test_data_dir(), name); }
 const char *test_golden_path(const char *name) { return rot_path("tests/golden", name); }
+
+bool test_have_file(const char *path) { return access(path, R_OK) == 0; }
 
 uint64_t test_rand_u64(uint64_t *s) {
     // splitmix64
