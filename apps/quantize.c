@@ -12,8 +12,11 @@
 
 static void quantize_usage(void) {
     fprintf(stderr,
-            "usage: coopt quantize -m HF_DIR -o OUT_DIR [options]\n"
-            "  -m, --model DIR        Hugging Face model directory (config.json, safetensors, tokenizer)\n"
+            "usage: coopt quantize -m MODEL -o OUT_DIR [options]\n"
+            "  -m, --model PATH       Hugging Face model directory (config.json, safetensors, tokenizer), or a\n"
+            "                         GGUF / llama2.c file together with --tokenizer-dir\n"
+            "  --tokenizer-dir DIR    Hugging Face directory whose tokenizer files ship with a GGUF / llama2.c\n"
+            "                         input (must encode like the model's vocabulary; checked)\n"
             "  -o, --output DIR       output GPTQ checkpoint directory (created if missing)\n"
             "  --method gptq|rtn      GPTQ with calibration (default) or round to nearest\n"
             "  --bits N               bits per weight (4)\n"
@@ -90,6 +93,8 @@ int cmd_quantize(int argc, char **argv) {
                 fprintf(stderr, "coopt: --sequential: '%s' is not none, layer or true\n", v);
                 return 1;
             }
+        } else if (!strcmp(a, "--tokenizer-dir")) {
+            if (!(o.tokenizer_dir = app_next_arg(argc, argv, &i))) return 1;
         } else if (!strcmp(a, "--dump-dequant")) {
             if (!(o.dump_dequant = app_next_arg(argc, argv, &i))) return 1;
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
@@ -102,7 +107,7 @@ int cmd_quantize(int argc, char **argv) {
         }
     }
     if (!model || !out) {
-        fprintf(stderr, "coopt: quantize needs -m HF_DIR and -o OUT_DIR\n");
+        fprintf(stderr, "coopt: quantize needs -m MODEL and -o OUT_DIR\n");
         quantize_usage();
         return 1;
     }

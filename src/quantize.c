@@ -598,6 +598,67 @@ static enum coopt_status calib_tokens(const struct coopt_tokenizer *tok, const s
     return COOPT_OK;
 }
 
+static int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// A GGUF / llama2.c model ships the tokenizer of o->tokenizer_dir: it must encode like the model's.
+static enum coopt_status check_tokenizer(const struct coopt_model *m, const struct coopt_quantize_opts *o) {
+    struct coopt_tokenizer       *tok;
+    const struct coopt_tokenizer *own = coopt_model_tokenizer(m);
+    enum coopt_status             st  = coopt_tokenizer_load(o->tokenizer_dir, &tok);
+    if (st != COOPT_OK) return st;
+    char  *text = NULL;
+    size_t len  = 0;
+    static const char sample[] = "Once upon a time, there was a little girl named Lily. She loved to play outside "
+                                 "in the park. \"Look!\" she said, 123 times.\n";
+    if (o->n_calib_files > 0 && coopt_read_file(o->calib_files[0], &text, &len) == COOPT_OK && len > 16384) len = 16384;
+    bool same = coopt_tokenizer_n_vocab(tok) == coopt_tokenizer_n_vocab(own) &&
+                coopt_tokenizer_bos(tok) == coopt_tokenizer_bos(own) &&
+                coopt_tokenizer_eos(tok) == coopt_tokenizer_eos(own);
+    for (int pass = 0; pass < 2 && same; pass++) {
+        const char *s = pass ? text : sample;
+        size_t      n = pass ? len : sizeof(sample) - 1;
+        if (!s) continue;
+        // stop at a line break so a cut UTF-8 character cannot matter
+        while (pass && n > 0 && s[n - 1] != '\n') n--;
+        int32_t *a = NULL, *b = NULL;
+        size_t   na = 0, nb = 0;
+        same = coopt_tokenize(tok, s, n, COOPT_TOKENIZE_ADD_BOS, &a, &na) == COOPT_OK &&
+               coopt_tokenize(own, s, n, COOPT_TOKENIZE_ADD_BOS, &b, &nb) == COOPT_OK && na == nb &&
+               !memcmp(a, b, na * sizeof(int32_t));
+        free(a), free(b);
+    }
+    free(text);
+    coopt_tokenizer_free(tok);
+    if (!same)
+        return coopt_fail(COOPT_ERR_INVALID, "%s: its tokenizer does not encode like the model's own vocabulary",
+                          o->tokenizer_dir);
+    return COOPT_OK;
+}
+
+// HF rotate-half row order from interleaved-pair rows, per head of hd rows:
+// HF row s*hd/2 + i = interleaved row 2i + s (the inverse of llama.cpp's HF -> GGUF permute).
+static enum coopt_status result_rows_to_half(const struct coopt_quant_result *r, int32_t hd,
+                                             struct coopt_quant_result *out) {
+    const int64_t in = r->n_in, n_out = r->n_out, G = r->n_groups;
+    *out = *r;
+    out->q = coopt_malloc((size_t)(n_out * in)), out->scale = coopt_malloc((size_t)(G * n_out) * 2);
+    out->zero = coopt_malloc((size_t)(G * n_out)), out->g_idx = coopt_malloc((size_t)in * 4);
+    if (!out->q || !out->scale || !out->zero || !out->g_idx) {
+        coopt_quant_result_free(out);
+        return COOPT_ERR_NOMEM;
+    }
+    memcpy(out->g_idx, r->g_idx, (size_t)in * 4);
+    for (int64_t o = 0; o < n_out; o++) {
+        int64_t h = o / hd, j = o % hd, s = j / (hd / 2), i = j % (hd / 2), src = h * hd + 2 * i + s;
+        memcpy(out->q + o * in, r->q + src * in, (size_t)in);
+        for (int64_t g = 0; g < G; g++) {
+            out->scale[g * n_out + o] = r->scale[g * n_out + src];
+            out->zero[g * n_out + o]  = r->zero[g * n_out + src];
+        }
+    }
+    return COOPT_OK;
+}
+
 // ---- checkpoint writing ----
 
 struct owned {
@@ -705,6 +766,49 @@ static cJSON *gptq_config_json(const struct coopt_quantize_opts *o, int32_t n_ca
     return q;
 }
 
+// config.json for a GGUF / llama2.c input, from the model's configuration.
+static cJSON *synth_config(const struct coopt_model *m) {
+    const struct coopt_model_config *c    = &m->config;
+    cJSON                           *root = cJSON_CreateObject();
+    if (!root) return NULL;
+    cJSON *arch = cJSON_AddArrayToObject(root, "architectures");
+    if (arch) cJSON_AddItemToArray(arch, cJSON_CreateString("LlamaForCausalLM"));
+    cJSON_AddStringToObject(root, "model_type", "llama");
+    cJSON_AddStringToObject(root, "hidden_act", "silu");
+    cJSON_AddNumberToObject(root, "hidden_size", c->dim);
+    cJSON_AddNumberToObject(root, "intermediate_size", c->ffn_dim);
+    cJSON_AddNumberToObject(root, "num_hidden_layers", c->n_layers);
+    cJSON_AddNumberToObject(root, "num_attention_heads", c->n_heads);
+    cJSON_AddNumberToObject(root, "num_key_value_heads", c->n_kv_heads);
+    cJSON_AddNumberToObject(root, "head_dim", c->head_dim);
+    cJSON_AddNumberToObject(root, "vocab_size", c->n_vocab);
+    cJSON_AddNumberToObject(root, "max_position_embeddings", c->n_ctx_train);
+    char num[32]; // f32 values printed as their shortest decimal (1e-05, not 9.99999974737875e-06)
+    snprintf(num, sizeof(num), "%.7g", c->norm_eps);
+    cJSON_AddNumberToObject(root, "rms_norm_eps", strtod(num, NULL));
+    snprintf(num, sizeof(num), "%.7g", c->rope_theta);
+    cJSON_AddNumberToObject(root, "rope_theta", strtod(num, NULL));
+    cJSON_AddBoolToObject(root, "attention_bias", false);
+    cJSON_AddBoolToObject(root, "mlp_bias", false);
+    int32_t bos = coopt_tokenizer_bos(m->tokenizer), eos = coopt_tokenizer_eos(m->tokenizer);
+    if (bos >= 0) cJSON_AddNumberToObject(root, "bos_token_id", bos);
+    if (eos >= 0) cJSON_AddNumberToObject(root, "eos_token_id", eos);
+    if (c->rope_scaling != COOPT_ROPE_SCALING_NONE) {
+        cJSON *rs = cJSON_AddObjectToObject(root, "rope_scaling");
+        if (rs) {
+            bool l3 = c->rope_scaling == COOPT_ROPE_SCALING_LLAMA3;
+            cJSON_AddStringToObject(rs, "rope_type", l3 ? "llama3" : "linear");
+            cJSON_AddNumberToObject(rs, "factor", c->rope_factor);
+            if (l3) {
+                cJSON_AddNumberToObject(rs, "low_freq_factor", c->rope_low_freq_factor);
+                cJSON_AddNumberToObject(rs, "high_freq_factor", c->rope_high_freq_factor);
+                cJSON_AddNumberToObject(rs, "original_max_position_embeddings", c->rope_orig_ctx);
+            }
+        }
+    }
+    return root;
+}
+
 static enum coopt_status write_configs(const char *in_dir, const char *out_dir, const struct coopt_model *m,
                                        const struct coopt_quantize_opts *o, int32_t n_calib) {
     char path[4096];
@@ -712,11 +816,15 @@ static enum coopt_status write_configs(const char *in_dir, const char *out_dir, 
     char             *text;
     size_t            len;
     cJSON            *root = NULL, *q = NULL, *qc = NULL;
-    enum coopt_status st   = coopt_read_file(path, &text, &len);
-    if (st != COOPT_OK) return st;
-    st = coopt_json_parse(text, len, path, &root);
-    free(text);
-    if (st != COOPT_OK) return st;
+    enum coopt_status st   = COOPT_OK;
+    if (o->tokenizer_dir && !coopt_path_exists(path)) {
+        if (!(root = synth_config(m))) return COOPT_ERR_NOMEM;
+    } else {
+        if ((st = coopt_read_file(path, &text, &len)) != COOPT_OK) return st;
+        st = coopt_json_parse(text, len, path, &root);
+        free(text);
+        if (st != COOPT_OK) return st;
+    }
     if (!cJSON_IsObject(root)) {
         st = coopt_fail(COOPT_ERR_FORMAT, "%s: not a JSON object", path);
         goto done;
@@ -732,6 +840,10 @@ static enum coopt_status write_configs(const char *in_dir, const char *out_dir, 
     q = NULL;
     cJSON_DeleteItemFromObjectCaseSensitive(root, "torch_dtype");
     cJSON_AddStringToObject(root, "torch_dtype", "float16");
+    if (m->config.ffn_dim % 8) {
+        cJSON_DeleteItemFromObjectCaseSensitive(root, "intermediate_size");
+        cJSON_AddNumberToObject(root, "intermediate_size", (double)pad8(m->config.ffn_dim));
+    }
     cJSON_DeleteItemFromObjectCaseSensitive(root, "tie_word_embeddings");
     cJSON_AddBoolToObject(root, "tie_word_embeddings", m->config.tied_embeddings);
     cJSON_AddStringToObject(qc, "model_file_base_name", "model");
@@ -797,7 +909,15 @@ static enum coopt_status write_checkpoint(const char *in_dir, const char *out_di
                 goto done;
             }
             snprintf(name, sizeof(name), "model.layers.%d.%s", l, k_lin[k].name);
-            if ((st = coopt_quant_pack(r, name, qw, qz, sc, gi)) != COOPT_OK) goto done;
+            if (k <= 1 && m->config.rope_layout == COOPT_ROPE_INTERLEAVED) {
+                struct coopt_quant_result half;
+                if ((st = result_rows_to_half(r, m->config.head_dim, &half)) != COOPT_OK) goto done;
+                st = coopt_quant_pack(&half, name, qw, qz, sc, gi);
+                coopt_quant_result_free(&half);
+            } else {
+                st = coopt_quant_pack(r, name, qw, qz, sc, gi);
+            }
+            if (st != COOPT_OK) goto done;
             struct {
                 const char      *suffix;
                 enum coopt_dtype t;
@@ -829,41 +949,55 @@ static enum coopt_status write_checkpoint(const char *in_dir, const char *out_di
     }
     if ((st = coopt_st_writer_write(w, path)) != COOPT_OK) goto done;
     if ((st = write_configs(in_dir, out_dir, m, o, n_calib)) != COOPT_OK) goto done;
-    st = copy_tokenizer_files(in_dir, out_dir);
+    st = copy_tokenizer_files(o->tokenizer_dir && !coopt_path_is_dir(in_dir) ? o->tokenizer_dir : in_dir, out_dir);
 done:
     coopt_st_writer_free(w);
     owned_free(&ow);
     return st;
 }
 
-// The dequantized f32 weights (what the sequential passes ran), for scripts/check_gptq_checkpoint.py.
-static enum coopt_status write_dequant(const char *path, const struct coopt_model *m) {
+// The dequantized f32 weights in the checkpoint's layout (rotate-half Q/K rows, padded
+// intermediate size), for scripts/check_gptq_checkpoint.py.
+static enum coopt_status write_dequant(const char *path, const struct coopt_model *m,
+                                       const struct coopt_quant_result *res) {
     struct coopt_st_writer *w;
+    struct owned            ow = {0};
     enum coopt_status       st = coopt_st_writer_init(&w);
     if (st != COOPT_OK) return st;
     for (int32_t l = 0; l < m->config.n_layers && st == COOPT_OK; l++) {
         for (int k = 0; k < N_LIN && st == COOPT_OK; k++) {
-            const struct coopt_weight *lw = lin_weight((struct coopt_model *)m, l, k);
-            char                       name[320];
+            const struct coopt_quant_result *r = &res[l * N_LIN + k];
+            struct coopt_quant_result        half = {0};
+            if (k <= 1 && m->config.rope_layout == COOPT_ROPE_INTERLEAVED) {
+                if ((st = result_rows_to_half(r, m->config.head_dim, &half)) != COOPT_OK) break;
+                r = &half;
+            }
+            float *d = own(&ow, coopt_malloc((size_t)(r->n_in * r->n_out) * sizeof(float)));
+            if (d) coopt_quant_dequant(r, d);
+            char    name[320];
+            int64_t shape[2] = {r->n_out, r->n_in};
             snprintf(name, sizeof(name), "model.layers.%d.%s.weight", l, k_lin[k].name);
-            int64_t shape[2] = {lw->n_out, lw->n_in};
-            st               = coopt_st_writer_add(w, name, COOPT_DTYPE_F32, 2, shape, lw->data);
+            st = d ? coopt_st_writer_add(w, name, COOPT_DTYPE_F32, 2, shape, d) : COOPT_ERR_NOMEM;
+            coopt_quant_result_free(&half);
         }
     }
     if (st == COOPT_OK) st = coopt_st_writer_write(w, path);
     coopt_st_writer_free(w);
+    owned_free(&ow);
     return st;
 }
 
 // ---- the driver ----
 
-static enum coopt_status check_opts(const char *in_dir, const struct coopt_quantize_opts *o) {
+static enum coopt_status check_opts(const char *in_dir, const struct coopt_quantize_opts *o, bool *hf) {
     char cfg[4096];
-    if (!coopt_path_is_dir(in_dir) || !coopt_path_join(cfg, sizeof(cfg), in_dir, "config.json") ||
-        !coopt_path_exists(cfg))
+    *hf = coopt_path_is_dir(in_dir) && coopt_path_join(cfg, sizeof(cfg), in_dir, "config.json") &&
+          coopt_path_exists(cfg);
+    if (!*hf && !o->tokenizer_dir)
         return coopt_fail(COOPT_ERR_UNSUPPORTED,
-                          "%s: quantize needs a Hugging Face model directory (config.json + safetensors + tokenizer "
-                          "files), which the GPTQ checkpoint is built from; GGUF and llama2.c inputs are not supported",
+                          "%s: not a Hugging Face model directory; a GGUF or llama2.c input needs --tokenizer-dir DIR "
+                          "(a Hugging Face directory whose tokenizer files match the model's vocabulary) so the "
+                          "checkpoint ships a tokenizer",
                           in_dir);
     if (o->qp.bits != 4)
         return coopt_fail(COOPT_ERR_UNSUPPORTED, "--bits %d: the GPTQ checkpoint writer supports 4 bits", o->qp.bits);
@@ -880,7 +1014,8 @@ static enum coopt_status check_opts(const char *in_dir, const struct coopt_quant
 }
 
 enum coopt_status coopt_quantize_model(const char *in_dir, const char *out_dir, const struct coopt_quantize_opts *o) {
-    enum coopt_status st = check_opts(in_dir, o);
+    bool              hf;
+    enum coopt_status st = check_opts(in_dir, o, &hf);
     if (st != COOPT_OK) return st;
     struct coopt_model      *m     = NULL;
     struct coopt_ctx        *ctx   = NULL;
@@ -901,15 +1036,25 @@ enum coopt_status coopt_quantize_model(const char *in_dir, const char *out_dir, 
                 st = coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: the model is already GPTQ-quantized", in_dir);
                 goto done;
             }
-            if (lw->n_in % 8 || lw->n_out % 8) {
+            // only the intermediate size can be padded (see quantize.h)
+            bool ffn_in = k == 6, ffn_out = k == 4 || k == 5;
+            if ((!ffn_in && lw->n_in % 8) || (!ffn_out && lw->n_out % 8)) {
                 st = coopt_fail(COOPT_ERR_UNSUPPORTED,
-                                "%s: model.layers.%d.%s has shape [%lld,%lld]; GPTQ packing needs in and out "
-                                "dims that are multiples of 8",
+                                "%s: model.layers.%d.%s has shape [%lld,%lld]; GPTQ packing needs hidden and "
+                                "attention sizes that are multiples of 8",
                                 in_dir, l, k_lin[k].name, (long long)lw->n_out, (long long)lw->n_in);
+                goto done;
+            }
+            if (lw->bias && m->config.rope_layout == COOPT_ROPE_INTERLEAVED) {
+                st = coopt_fail(COOPT_ERR_UNSUPPORTED, "%s: linear biases with interleaved RoPE rows", in_dir);
                 goto done;
             }
         }
     }
+    if (m->config.ffn_dim % 8)
+        coopt_log_info("intermediate size %d padded to %d with zero rows/columns (an exact transformation)",
+                       m->config.ffn_dim, (int)pad8(m->config.ffn_dim));
+    if (!hf && (st = check_tokenizer(m, o)) != COOPT_OK) goto done;
     if ((st = coopt_threadpool_init(o->n_threads > 0 ? o->n_threads : coopt_n_cores(), &tp)) != COOPT_OK) goto done;
     res = coopt_calloc((size_t)L * N_LIN, sizeof(*res));
     deq = coopt_calloc((size_t)L * N_LIN, sizeof(*deq));
@@ -971,32 +1116,41 @@ enum coopt_status coopt_quantize_model(const char *in_dir, const char *out_dir, 
                     }
                     h = cal.sum[idx];
                 }
-                float *wf = coopt_malloc((size_t)(in * out) * sizeof(float));
+                // padded to multiples of 8 (zero rows / columns; dead Hessian columns)
+                int64_t in_p = pad8(in), out_p = pad8(out);
+                float  *wf = coopt_calloc((size_t)(in_p * out_p), sizeof(float));
+                float  *dp = coopt_malloc((size_t)(in_p * out_p) * sizeof(float));
+                double *hp = h && in_p != in ? coopt_calloc((size_t)(in_p * in_p), sizeof(double)) : NULL;
                 deq[l * N_LIN + k] = coopt_aligned_alloc((size_t)(in * out) * sizeof(float));
-                if (!wf || !deq[l * N_LIN + k]) {
-                    free(wf);
+                if (!wf || !dp || !deq[l * N_LIN + k] || (h && in_p != in && !hp)) {
+                    free(wf), free(dp), free(hp);
                     st = COOPT_ERR_NOMEM;
                     goto done;
                 }
                 size_t rb = coopt_dtype_row_bytes(lw->dtype, in);
-                for (int64_t r = 0; r < out; r++) coopt_dequant_row(lw->dtype, (const char *)lw->data + r * rb, wf + r * in, in);
+                for (int64_t r = 0; r < out; r++)
+                    coopt_dequant_row(lw->dtype, (const char *)lw->data + r * rb, wf + r * in_p, in);
+                if (hp)
+                    for (int64_t i = 0; i < in; i++) memcpy(hp + i * in_p, h + i * in, (size_t)in * sizeof(double));
                 char name[320];
                 snprintf(name, sizeof(name), "model.layers.%d.%s", l, k_lin[k].name);
                 struct coopt_quant_params qp = o->qp;
                 qp.name                      = name;
-                st = coopt_quant_gptq(wf, h, out, in, &qp, tp, &res[l * N_LIN + k]);
+                st = coopt_quant_gptq(wf, hp ? hp : h, out_p, in_p, &qp, tp, &res[l * N_LIN + k]);
+                free(hp);
                 if (st != COOPT_OK) {
-                    free(wf);
+                    free(wf), free(dp);
                     goto done;
                 }
                 float *dq = deq[l * N_LIN + k];
-                coopt_quant_dequant(&res[l * N_LIN + k], dq);
-                for (int64_t i = 0; i < in * out; i++) {
-                    double d = (double)wf[i] - dq[i];
+                coopt_quant_dequant(&res[l * N_LIN + k], dp);
+                for (int64_t r = 0; r < out; r++) memcpy(dq + r * in, dp + r * in_p, (size_t)in * sizeof(float));
+                for (int64_t i = 0; i < in_p * out_p; i++) {
+                    double d = (double)wf[i] - dp[i];
                     err2 += d * d, w2 += (double)wf[i] * wf[i];
                 }
                 loss += res[l * N_LIN + k].loss, n_el += (double)(in * out);
-                free(wf);
+                free(wf), free(dp);
                 // later passes run this layer quantized
                 lw->dtype = COOPT_DTYPE_F32, lw->data = dq, lw->gptq = NULL;
             }
@@ -1012,7 +1166,7 @@ enum coopt_status coopt_quantize_model(const char *in_dir, const char *out_dir, 
         goto done;
     }
     if ((st = write_checkpoint(in_dir, out_dir, m, res, o, n_chunks)) != COOPT_OK) goto done;
-    if (o->dump_dequant && (st = write_dequant(o->dump_dequant, m)) != COOPT_OK) goto done;
+    if (o->dump_dequant && (st = write_dequant(o->dump_dequant, m, res)) != COOPT_OK) goto done;
 done:
     coopt_ctx_free(ctx);
     coopt_model_free(m); // weights pointing into deq[] are views; free the buffers after

@@ -115,20 +115,27 @@ struct coopt_quantize_opts {
     int32_t                   calib_len; // tokens per sequence, BOS included (512)
     int32_t                   n_threads; // 0 = all cores
     const char               *dump_dequant; // optional: safetensors of the dequantized f32 weights
+    const char               *tokenizer_dir; // tokenizer files to ship with a GGUF / llama2.c input
 };
 struct coopt_quantize_opts coopt_quantize_default_opts(void);
 
-// Quantizes every linear layer of the Hugging Face model directory `in_dir` and writes a GPTQ
-// checkpoint (v1 zeros, "checkpoint_format": "gptq") to `out_dir` (created if missing):
-// config.json (the input's, plus quantization_config, torch_dtype float16), quantize_config.json
+// Quantizes every linear layer of the model at `in_dir` and writes a GPTQ checkpoint (v1 zeros,
+// "checkpoint_format": "gptq") to `out_dir` (created if missing): config.json (a Hugging Face
+// input's own, plus quantization_config and torch_dtype float16), quantize_config.json
 // (AutoGPTQ), model.safetensors (qweight/qzeros/scales/g_idx per linear; embeddings, LM head
 // and norms in f16; "format": "pt" metadata) and the tokenizer files found in in_dir.
+// A GGUF or llama2.c input needs o->tokenizer_dir (a Hugging Face directory whose tokenizer
+// files encode exactly as the model's own vocabulary: checked on the calibration text); its
+// config.json is synthesized and its Q/K rows are permuted from interleaved to the rotate-half
+// RoPE layout. An intermediate size that is not a multiple of 8 (stories260K: 172) is padded
+// with zero rows of gate/up and zero columns of down: the padded model computes exactly the
+// same function, and its config.json says the padded size.
 // GPTQ calibration runs the model over the calibration text through the forward hook; with
 // sequential quantization the already quantized layers run with their dequantized weights.
 // Progress (one line per layer) goes to the info log. Errors: COOPT_ERR_UNSUPPORTED for a
-// non-HF input, an already quantized model, bits != 4 or a linear whose in/out dims are not
-// multiples of 8 (named); COOPT_ERR_INVALID for bad options or too little calibration text;
-// COOPT_ERR_IO for unwritable output.
+// non-HF input without tokenizer_dir, an already quantized model, bits != 4 or a hidden or
+// attention size that is not a multiple of 8 (named); COOPT_ERR_INVALID for bad options, too
+// little calibration text or a mismatching tokenizer; COOPT_ERR_IO for unwritable output.
 enum coopt_status coopt_quantize_model(const char *in_dir, const char *out_dir, const struct coopt_quantize_opts *o);
 
 #endif // COOPT_QUANTIZE_H

@@ -360,6 +360,41 @@ TEST(quantize_story_lmrs_end_to_end) {
     CHECKF(t, sqrt(num / den) < 0.25, "quantized logits differ from float by %.3f (relative)", sqrt(num / den));
 }
 
+// GGUF input: stories260K (interleaved Q/K rows, intermediate size 172 padded to 176) with the
+// matching HF tokenizer of tinystories-mha-25m. The checkpoint loads through the HF GPTQ path
+// (rotate-half RoPE) and must give logits close to the float GGUF model's.
+TEST(quantize_stories260k_gguf) {
+    const char *gguf = test_model_path("stories260K.gguf"), *tokdir = test_model_path("tinystories-mha-25m");
+    const char *calib = test_data_path("tinystories-sample.txt");
+    if (!coopt_path_exists(gguf) || !coopt_path_exists(tokdir) || !coopt_path_exists(calib))
+        SKIP(t, "stories260K.gguf, tinystories-mha-25m or calibration text missing");
+    char out[64];
+    snprintf(out, sizeof(out), "/tmp/coopt-test-quant260-%d", (int)getpid());
+    const char                *files[] = {calib};
+    struct coopt_quantize_opts o       = coopt_quantize_default_opts();
+    o.calib_files = files, o.n_calib_files = 1, o.n_calib = 4, o.calib_len = 128, o.n_threads = 2;
+    o.qp.group_size = 32, o.tokenizer_dir = tokdir;
+    coopt_log_set_quiet(1);
+    enum coopt_status st = coopt_quantize_model(gguf, out, &o);
+    coopt_log_set_quiet(0);
+    CHECKF(t, st == COOPT_OK, "quantize: %s", coopt_status_str(st));
+    struct coopt_model *qm = NULL, *fm = NULL;
+    st = coopt_model_load(out, NULL, &qm);
+    if (st == COOPT_OK) st = coopt_model_load(gguf, NULL, &fm);
+    bool ok = st == COOPT_OK && qm->config.ffn_dim == 176 && qm->config.rope_layout == COOPT_ROPE_HALF &&
+              coopt_model_get_info(qm)->weight_dtype == COOPT_DTYPE_Q4_GPTQ;
+    float   lq[512], lf[512], mq = NAN, mf = NAN;
+    int32_t toks[] = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376}; // "Once upon a time, there was a little"
+    if (ok) mq = ctx_last_logits(t, qm, toks, 10, lq), mf = ctx_last_logits(t, fm, toks, 10, lf);
+    double num = 0, den = 0;
+    for (int i = 0; ok && i < 512; i++) num += (lq[i] - lf[i]) * (double)(lq[i] - lf[i]), den += (double)lf[i] * lf[i];
+    coopt_model_free(qm), coopt_model_free(fm);
+    rm_dir(out);
+    CHECKF(t, ok, "checkpoint did not load as a padded rotate-half GPTQ model");
+    CHECK(t, isfinite(mq) && isfinite(mf));
+    CHECKF(t, sqrt(num / den) < 0.25, "quantized logits differ from float by %.3f (relative)", sqrt(num / den));
+}
+
 TEST(quantize_model_errors) {
     const char *model = test_model_path("story-lmrs"), *gguf = test_model_path("stories260K.gguf");
     const char *calib = test_data_path("tinystories-sample.txt");
@@ -368,7 +403,10 @@ TEST(quantize_model_errors) {
     struct coopt_quantize_opts o       = coopt_quantize_default_opts();
     o.calib_files = files, o.n_calib_files = 1, o.n_calib = 2, o.calib_len = 32, o.n_threads = 1;
     coopt_log_set_quiet(1);
-    CHECK(t, coopt_quantize_model(gguf, "/tmp/never-written", &o) == COOPT_ERR_UNSUPPORTED);
+    CHECK(t, coopt_quantize_model(gguf, "/tmp/never-written", &o) == COOPT_ERR_UNSUPPORTED); // no --tokenizer-dir
+    o.tokenizer_dir = model; // story-lmrs's 2048-piece tokenizer is not stories260K's
+    if (coopt_path_exists(gguf)) CHECK(t, coopt_quantize_model(gguf, "/tmp/never-written", &o) == COOPT_ERR_INVALID);
+    o.tokenizer_dir = NULL;
     o.qp.bits = 8;
     CHECK(t, coopt_quantize_model(model, "/tmp/never-written", &o) == COOPT_ERR_UNSUPPORTED);
     o.qp.bits = 4, o.gptq = false, o.qp.act_order = true;
