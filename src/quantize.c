@@ -1156,7 +1156,8 @@ enum coopt_status coopt_quantize_model(const char *in_dir, const char *out_dir, 
             }
         }
         for (int w = 0; w < 4; w++) free(cal.sum[l * 4 + w]), cal.sum[l * 4 + w] = NULL;
-        coopt_log_info("layer %d/%d: %.1f s (calibration %.1f s), rel. weight error %.4f, %s loss/weight %.3g", l + 1, L,
+        coopt_log_info("layer %d/%d: %.1f s (calibration %.1f s), rel. weight error %.4f, %s loss/weight %.3g",
+                       l + 1, L,
                        (double)(coopt_time_us() - t0) * 1e-6, (double)t_cal * 1e-6, sqrt(err2 / (w2 > 0 ? w2 : 1)),
                        o->gptq ? "GPTQ" : "RTN", loss / (n_el > 0 ? n_el : 1));
     }

@@ -351,7 +351,8 @@ TEST(quantize_story_lmrs_end_to_end) {
     if (loaded) mq = ctx_last_logits(t, qm, toks, 10, lq), mf = ctx_last_logits(t, fm, toks, 10, lf);
     // quantized logits stay close to the float model's (4-bit noise, not garbage)
     double num = 0, den = 0;
-    for (int i = 0; loaded && i < qi->n_vocab; i++) num += (lq[i] - lf[i]) * (double)(lq[i] - lf[i]), den += (double)lf[i] * lf[i];
+    for (int i = 0; loaded && i < qi->n_vocab; i++)
+        num += (lq[i] - lf[i]) * (double)(lq[i] - lf[i]), den += (double)lf[i] * lf[i];
     coopt_model_free(qm), coopt_model_free(fm);
     rm_dir(out);
     CHECKF(t, loaded, "quantized checkpoint did not load as GPTQ");
