@@ -286,7 +286,7 @@ int cmd_bench(int argc, char **argv) {
                        "\"threads\": %d, \"kv_type\": \"%s\", \"test\": \"%s\", \"n_prompt\": %lld, \"n_gen\": %lld, "
                        "\"n_depth\": %lld, \"avg_ts\": %.3f, \"stddev_ts\": %.3f, \"gbps\": %.3f}%s\n",
                        info->desc, (unsigned long long)info->weight_bytes, (unsigned long long)info->n_params, o.device,
-                       n_threads, coopt_dtype_name(o.kv_type), res[i].test, (long long)res[i].n_prompt,
+                       n_threads, coopt_dtype_name(kvs.kv_type), res[i].test, (long long)res[i].n_prompt,
                        (long long)res[i].n_gen, (long long)res[i].depth, res[i].mean_tps, res[i].std_tps, res[i].gbps,
                        i + 1 < n_res ? "," : "");
             }
@@ -301,7 +301,7 @@ int cmd_bench(int argc, char **argv) {
                 char gb[32] = "";
                 if (res[i].gbps > 0) snprintf(gb, sizeof(gb), "%.2f", res[i].gbps);
                 printf("| %s | %.2f MiB | %.2f M | %s | %d | %s | %s | %.2f ± %.2f | %s |\n", info->desc,
-                       model_gib * 1024, info->n_params / 1e6, o.device, n_threads, coopt_dtype_name(o.kv_type), test,
+                       model_gib * 1024, info->n_params / 1e6, o.device, n_threads, coopt_dtype_name(kvs.kv_type), test,
                        res[i].mean_tps, res[i].std_tps, gb);
             }
         }

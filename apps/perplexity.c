@@ -393,10 +393,12 @@ int cmd_perplexity(int argc, char **argv) {
     r.seqs    = malloc((size_t)r.n_par * sizeof(int32_t));
     if (!r.b_tok || !r.b_seq || !r.b_want || !r.seqs) goto nomem;
 
+    struct coopt_kv_stats kv_stats;
+    coopt_ctx_kv_stats(c, &kv_stats);
     fprintf(stderr,
             "perplexity: %d chunks of %d tokens, scoring the last %d of each, %d per decode call, BOS %s, kv %s%s%s\n",
             r.n_chunk, r.n_ctx, n_scored, r.n_par, r.add_bos ? "on" : "off",
-            coopt_dtype_name(o.kv_type_set ? o.kv_type : coopt_ctx_default_params().kv_type),
+            coopt_dtype_name(kv_stats.kv_type),
             r.compare ? ", baseline " : "", r.compare ? kld_path : "");
     if (r.compare)
         printf("chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS  "

@@ -149,7 +149,9 @@ struct coopt_ctx_params {
                                  // steps of this size (chunked prefill). Default 512.
     int32_t          page_size;  // tokens per KV page (default 16)
     int64_t          n_pages;    // KV pages in the pool (0 = enough for n_seq_max full sequences)
-    enum coopt_dtype kv_type;    // KV storage type (default F32 on CPU)
+    enum coopt_dtype kv_type;    // KV storage type; COOPT_DTYPE_COUNT (the default) = auto:
+                                 // FP8 E4M3 for head_dim >= 16, F16 below (docs/BENCHMARKS.md
+                                 // "KV cache accuracy" has the measurements behind the rule)
     int32_t          n_threads;  // 0 = all cores
     // Ablation switches (the defaults are the fast paths):
     int32_t          attn_partition; // split-K partition of long contexts in tokens (0 = 512, -1 = off)
@@ -194,6 +196,7 @@ struct coopt_kv_stats {
     int64_t n_pages, n_pages_used, page_size;
     size_t  page_bytes;    // bytes of one page (all layers, K and V)
     size_t  bytes_per_token;
+    enum coopt_dtype kv_type; // the storage type in use (auto resolved)
 };
 void coopt_ctx_kv_stats(const struct coopt_ctx *c, struct coopt_kv_stats *out);
 

@@ -51,7 +51,7 @@ struct coopt_ctx {
 struct coopt_ctx_params coopt_ctx_default_params(void) {
     return (struct coopt_ctx_params){
         .n_ctx = 0, .n_seq_max = 16, .n_batch = 512, .page_size = 16, .n_pages = 0,
-        .kv_type = COOPT_DTYPE_F32, .n_threads = 0,
+        .kv_type = COOPT_DTYPE_COUNT, .n_threads = 0,
     };
 }
 
@@ -97,6 +97,9 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
     if (p.n_batch <= 0) p.n_batch = def.n_batch;
     if (p.page_size <= 0) p.page_size = def.page_size;
     if (p.n_threads <= 0) p.n_threads = coopt_n_cores();
+    // auto KV type: FP8 E4M3 costs <= 0.08 % PPL at head dims 16 and 64 on our test models but
+    // 0.5 % at head dim 8 (stories260K), where F16 is exact to 0.01 %.
+    if (p.kv_type == COOPT_DTYPE_COUNT) p.kv_type = cfg->head_dim >= 16 ? COOPT_DTYPE_FP8_E4M3 : COOPT_DTYPE_F16;
     enum coopt_status st = COOPT_OK;
     if (p.n_ctx > (1 << 24) || p.n_seq_max > 4096 || p.n_batch > (1 << 20) || p.page_size > 4096) {
         st = coopt_fail(COOPT_ERR_INVALID, "context parameters out of range (n_ctx %d, n_seq_max %d, n_batch %d, page %d)",
@@ -216,6 +219,7 @@ void coopt_ctx_kv_stats(const struct coopt_ctx *c, struct coopt_kv_stats *out) {
     out->page_size       = l->page_size;
     out->page_bytes      = l->page_bytes;
     out->bytes_per_token = l->page_bytes / (size_t)l->page_size;
+    out->kv_type         = l->dtype;
 }
 
 const float *coopt_ctx_logits(const struct coopt_ctx *c, int32_t i) {

@@ -1070,6 +1070,7 @@ enum coopt_status coopt_quantize_model(const char *in_dir, const char *out_dir, 
         if ((st = calib_tokens(coopt_model_tokenizer(m), o, &chunks, &n_chunks)) != COOPT_OK) goto done;
         per_call                   = COOPT_MAX(1, COOPT_MIN(COOPT_MIN(n_chunks, 64), 512 / o->calib_len));
         struct coopt_ctx_params cp = coopt_ctx_default_params();
+        cp.kv_type                 = COOPT_DTYPE_F32; // calibrate on exact activations
         cp.n_ctx                   = o->calib_len;
         cp.n_seq_max               = per_call;
         cp.n_batch                 = per_call * o->calib_len;

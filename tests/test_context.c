@@ -185,10 +185,14 @@ static long rss_kib(void) {
 TEST(context_lazy_kv_rss) {
     struct coopt_model *m = load_260k(t);
     if (!m) SKIP(t, "stories260K.gguf not available");
-    // stories260K: 5 layers * 2 * 4 heads * 8 dims * 4 B = 1280 B per token (f32 KV);
-    // 64 sequences x 2048 tokens would be 160 MiB if committed up front.
-    struct coopt_ctx *c = make_ctx(m, 512, 64, 0, 2048);
-    CHECK(t, c);
+    // stories260K: 5 layers * 2 * 4 heads * 8 dims * 2 B = 640 B per token (f16 KV, the auto
+    // choice at head dim 8); 64 sequences x 2048 tokens would be 80 MiB if committed up front.
+    // 64-token pages (40 KiB in f16): a page is released to the OS in whole 4 KiB pages, so
+    // small KV pages would strand a larger share at their edges.
+    struct coopt_ctx_params p = coopt_ctx_default_params();
+    p.n_batch = 512, p.n_seq_max = 64, p.n_ctx = 2048, p.page_size = 64;
+    struct coopt_ctx *c = NULL;
+    CHECK(t, coopt_ctx_init(m, &p, &c) == COOPT_OK);
     long r0 = rss_kib();
     int32_t seqs[8], toks[2048];
     fill_tokens(toks, 2048, 6);
@@ -199,8 +203,11 @@ TEST(context_lazy_kv_rss) {
     long r1 = rss_kib();
     for (int i = 0; i < 8; i++) coopt_seq_free(c, seqs[i]);
     long r2 = rss_kib();
-    // 8 x 2048 tokens x 1280 B = 20 MiB held: RSS grows by about that, and falls back after free.
-    long held = 8L * 2048 * 1280 / 1024;
+    // 8 x 2048 tokens x bytes/token (1280 B in f32, 640 in f16) held: RSS grows by about that,
+    // and falls back after free.
+    struct coopt_kv_stats ks;
+    coopt_ctx_kv_stats(c, &ks);
+    long held = 8L * 2048 * (long)ks.bytes_per_token / 1024;
     CHECKF(t, r1 - r0 > held * 8 / 10, "rss grew %ld KiB, expected ~%ld", r1 - r0, held);
     CHECKF(t, r1 - r0 < held * 2, "rss grew %ld KiB, expected ~%ld (pool committed eagerly?)", r1 - r0, held);
     CHECKF(t, r1 - r2 > held * 8 / 10, "rss fell %ld KiB after free, expected ~%ld", r1 - r2, held);

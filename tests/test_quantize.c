@@ -294,6 +294,7 @@ static void rm_dir(const char *dir) {
 
 static float ctx_last_logits(struct test_ctx *t, struct coopt_model *m, const int32_t *toks, int32_t n, float *out) {
     struct coopt_ctx_params cp = coopt_ctx_default_params();
+    cp.kv_type                 = COOPT_DTYPE_F32; // isolate the weight quantization error
     cp.n_ctx = 64, cp.n_seq_max = 1, cp.n_threads = 2;
     struct coopt_ctx *c;
     if (coopt_ctx_init(m, &cp, &c) != COOPT_OK) return NAN;
