@@ -92,6 +92,14 @@ int app_opts_parse(struct app_opts *o, int argc, char **argv, int *i) {
         o->attn_partition = (int32_t)n;
         return 1;
     }
+    if (!strcmp(a, "--kv-scale-search")) {
+        if (!(v = app_next_arg(argc, argv, i)) || !app_parse_int(a, v, 1, 16, &n) || (n != 1 && n != 16)) {
+            if (v) fprintf(stderr, "coopt: --kv-scale-search: expected 1 (plain amax scale) or 16\n");
+            return -1;
+        }
+        o->kv_scale_search = (int32_t)n;
+        return 1;
+    }
     if (!strcmp(a, "--attn-per-head")) {
         o->attn_per_head = true;
         return 1;
@@ -116,7 +124,8 @@ void app_opts_usage(void) {
             "  --device D             cpu or cuda (default cpu)\n"
             "  --prefetch             read all weights at load instead of on first use\n"
             "  --attn-partition N     split-K partition of long contexts in tokens (default 512, -1 = off)\n"
-            "  --attn-per-head        ablation: read K/V once per query head, not once per KV group\n");
+            "  --attn-per-head        ablation: read K/V once per query head, not once per KV group\n"
+            "  --kv-scale-search N    FP8 KV: scale candidates per row, 16 (default) or 1 (plain amax)\n");
 }
 
 int app_load(const struct app_opts *o, struct coopt_model **m, struct coopt_ctx **c, int32_t n_ctx_min) {
@@ -145,6 +154,7 @@ int app_load(const struct app_opts *o, struct coopt_model **m, struct coopt_ctx 
     if (o->kv_type_set) cp.kv_type = o->kv_type;
     cp.attn_partition = o->attn_partition;
     cp.attn_per_head  = o->attn_per_head;
+    cp.kv_scale_search = o->kv_scale_search;
     st = coopt_ctx_init(*m, &cp, c);
     if (st != COOPT_OK) {
         fprintf(stderr, "coopt: failed to create context: %s\n", coopt_status_str(st));

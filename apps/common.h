@@ -24,6 +24,7 @@ struct app_opts {
     bool             prefetch;
     int32_t          attn_partition; // 0 = default (512), -1 = off
     bool             attn_per_head;
+    int32_t          kv_scale_search;
 };
 
 void app_opts_default(struct app_opts *o);

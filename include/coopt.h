@@ -156,6 +156,7 @@ struct coopt_ctx_params {
     // Ablation switches (the defaults are the fast paths):
     int32_t          attn_partition; // split-K partition of long contexts in tokens (0 = 512, -1 = off)
     bool             attn_per_head;  // read K/V once per query head instead of once per KV group
+    int32_t          kv_scale_search; // FP8 rows: scale candidates searched (0 = 16, 1 = plain amax)
 };
 struct coopt_ctx_params coopt_ctx_default_params(void);
 

@@ -124,6 +124,11 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
     struct coopt_kv_layout layout;
     if ((st = coopt_kv_layout_init(&layout, p.kv_type, cfg->n_layers, cfg->n_kv_heads, cfg->head_dim, p.page_size)))
         goto fail;
+    if (p.kv_scale_search == 1) layout.scale_search = 1;
+    else if (p.kv_scale_search != 0 && p.kv_scale_search != COOPT_KV_SCALE_SEARCH) {
+        st = coopt_fail(COOPT_ERR_INVALID, "kv_scale_search must be 1 or %d", COOPT_KV_SCALE_SEARCH);
+        goto fail;
+    }
     if ((st = coopt_kv_cache_init(&layout, p.n_pages, p.n_seq_max, c->max_blocks, &c->kv))) goto fail;
     if (!coopt_mul_ok((size_t)p.n_pages, layout.page_bytes, &c->pool_bytes)) {
         st = coopt_fail(COOPT_ERR_NOMEM, "KV pool size overflows");

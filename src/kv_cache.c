@@ -47,6 +47,7 @@ enum coopt_status coopt_kv_layout_init(struct coopt_kv_layout *l, enum coopt_dty
     l->head_dim   = head_dim;
     l->page_size  = page_size;
     l->elem_bytes = coopt_dtype_block_bytes(dtype);
+    l->scale_search = COOPT_KV_SCALE_SEARCH;
     l->head_bytes = (size_t)page_size * (size_t)head_dim * l->elem_bytes;
     l->data_bytes = (size_t)n_layers * 2 * (size_t)n_kv_heads * l->head_bytes;
     size_t scale_bytes = l->has_scales ? (size_t)n_layers * 2 * (size_t)n_kv_heads * (size_t)page_size * sizeof(float) : 0;

@@ -38,6 +38,7 @@ struct coopt_kv_layout {
     size_t           head_bytes;  // page_size * head_dim * elem_bytes: one (layer, kv, head) run
     size_t           data_bytes;  // n_layers * 2 * n_kv_heads * head_bytes
     bool             has_scales;  // FP8 types carry one f32 scale per (layer, kv, head, slot)
+    int32_t          scale_search; // FP8 scale candidates per row: COOPT_KV_SCALE_SEARCH or 1 (plain amax)
     size_t           page_bytes;  // data + scales, rounded up to 64
 };
 

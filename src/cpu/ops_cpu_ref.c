@@ -102,7 +102,7 @@ void cpu_kv_store_row(const struct coopt_kv_layout *l, int32_t kv, const float *
         coopt_quant_row(l->dtype, x, dst, n);
         return;
     }
-    float s = coopt_fp8_quant_row(l->dtype, x, dst, n, COOPT_KV_SCALE_SEARCH);
+    float s = coopt_fp8_quant_row(l->dtype, x, dst, n, l->scale_search);
     (void)kv;
     memcpy(scale, &s, sizeof(s));
 }

@@ -13,6 +13,7 @@ struct kv_dev_layout {
     int32_t  n_kv_heads, head_dim, page_size;
     uint64_t elem_bytes, head_bytes, data_bytes, page_bytes;
     int32_t  has_scales;
+    int32_t  scale_search; // FP8 scale candidates per row (1 or COOPT_KV_SCALE_SEARCH)
 };
 
 static inline struct kv_dev_layout kv_dev_layout_make(const struct coopt_kv_layout *l) {
@@ -26,6 +27,7 @@ static inline struct kv_dev_layout kv_dev_layout_make(const struct coopt_kv_layo
     d.data_bytes = l->data_bytes;
     d.page_bytes = l->page_bytes;
     d.has_scales = l->has_scales;
+    d.scale_search = l->scale_search;
     return d;
 }
 

@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(128)
             float       s    = base;
             if (amax > 0.0f) {
                 float err = INFINITY;
-                if (lane < COOPT_KV_SCALE_SEARCH) {
+                if (lane < L.scale_search) {
                     const float sc = __fmul_rn(base, c_fp8_scale_steps[lane]), inv = __frcp_rn(sc);
                     err            = 0.0f;
                     for (int i = 0; i < hd; i++) {
