@@ -8,7 +8,7 @@ M=${COOPT_MODELS:-../shared/models}
 D=${COOPT_DATA:-../shared/data}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-TYPES="f32 f16 bf16 fp8_e4m3 fp8_e5m2"
+TYPES="f32 f16 bf16 fp8_e4m3 fp8_e4m3:1 fp8_e5m2 fp8_e5m2:1"  # ":1" = --kv-scale-search 1 (plain amax scale)
 echo "| model | text | KV type | PPL | ΔPPL | mean KLD | top-1 agree | LAMBADA acc |"
 echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
 for model in stories260K.gguf story-lmrs tinystories-mha-25m; do
@@ -17,8 +17,12 @@ for model in stories260K.gguf story-lmrs tinystories-mha-25m; do
     [ "$text" = wiki.test.raw ] && args=(-c 512 --chunks 60)
     "$B" perplexity -m "$M/$model" -f "$D/$text" "${args[@]}" --kv-type f32 --save-logits "$TMP/base.bin" \
       > "$TMP/base.txt" 2>/dev/null
-    for kv in $TYPES; do
-      "$B" perplexity -m "$M/$model" --kl-divergence "$TMP/base.bin" -f "$D/$text" "${args[@]}" --kv-type "$kv" \
+    for spec in $TYPES; do
+      kv=${spec%%:*}
+      ss=16; [ "$spec" != "$kv" ] && ss=${spec#*:}
+      label=$kv; [ "$ss" = 1 ] && label="$kv (amax scale)"
+      sarg=(); case $kv in fp8*) sarg=(--kv-scale-search "$ss");; esac
+      "$B" perplexity -m "$M/$model" --kl-divergence "$TMP/base.bin" -f "$D/$text" "${args[@]}" --kv-type "$kv" "${sarg[@]}" \
         > "$TMP/kl.txt" 2>/dev/null
       ppl=$(grep -m1 -E '^Mean PPL\(Q\)' "$TMP/kl.txt" | sed -E 's/.*: *//')
       dppl=$(grep -m1 -E '^Relative ΔPPL' "$TMP/kl.txt" | sed -E 's/.*: *//')
@@ -26,10 +30,10 @@ for model in stories260K.gguf story-lmrs tinystories-mha-25m; do
       top=$(grep -m1 -E '^Same top p' "$TMP/kl.txt" | sed -E 's/.*: *//')
       lam=""
       if [ "$text" = tinystories-valid-excerpt.txt ]; then
-        lam=$("$B" lambada -m "$M/$model" -f "$D/lambada_test.jsonl" --limit 1000 --kv-type "$kv" 2>/dev/null \
+        lam=$("$B" lambada -m "$M/$model" -f "$D/lambada_test.jsonl" --limit 1000 --kv-type "$kv" "${sarg[@]}" 2>/dev/null \
               | grep -m1 '^acc' | sed -E 's/^acc = ([0-9.]+ ± [0-9.]+).*/\1/')
       fi
-      echo "| $model | $text | $kv | $ppl | $dppl | $kld | $top | $lam |"
+      echo "| $model | $text | $label | $ppl | $dppl | $kld | $top | $lam |"
     done
   done
 done
