@@ -278,7 +278,373 @@ ALWAYS_INLINE void tile_quant(enum coopt_dtype T, int R, int C, const struct q8x
 
 #endif
 
-// ---- job loop ----
+// ---- decode (n_rows <= MM_DEC_MAX) with AVX-512 ----
+//
+// Decode streams every weight byte once from DRAM, so the kernel only has to outrun memory
+// (~10 bytes/cycle/thread on the dev box). Each thread walks a contiguous chunk of weight rows,
+// one row at a time (one sequential stream for the hardware prefetcher, plus software prefetch),
+// and dots it with all n_rows rows of x, so a weight row is read once for the whole batch.
+// x is prepared once per call into the layout the inner loop wants:
+//   Q8_0: int8 x in natural order; per pair of blocks a vector of 16 int32 (lane 0 and 8:
+//         -128 * sum(x block), else 0) and one of 16 f32 (lanes 0-7: d_x of the first block,
+//         8-15: of the second). Weights are made unsigned (w ^ 0x80 = w + 128) for vpdpbusd;
+//         starting the dot from the -128 * sum(x) lanes makes the int32 sum exact again.
+//   Q4_0: per group of 4 blocks 64 int8 x that pair with the low nibbles (x[0..15] of each
+//         block), then 64 that pair with the high nibbles; int32 lane 4k: -8 * sum(x block k);
+//         f32 lanes 4k..4k+3: d_x of block k. Nibbles 0..15 are the unsigned operand.
+//   BF16: x in f32, each 32 elements reordered evens then odds, so that w << 16 and w & 0xffff0000
+//         of 32 loaded bf16 are the matching f32 weights (exact, no rounding of x).
+//   F32/F16: x as given.
+// Two blocks (Q8_0) or four (Q4_0) of weights come from two overlapping 64-byte loads and one
+// vpermt2b; their f16 scales from one vpermw of the first load and one vcvtph2ps.
+
+#define MM_DEC_MAX 8
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) &&          \
+    defined(__AVX512VBMI__)
+#define MM_DEC_AVX512 1
+
+#define MM_PF_DIST 1024 // software prefetch distance in bytes of the weight stream
+
+struct dec_ctx {
+    float                     *out;
+    const float               *x;      // F32/F16: the caller's x
+    const void                *xp;     // prepared x (Q8_0/Q4_0/BF16), x_stride bytes per row
+    const struct coopt_weight *w;
+    int32_t                    n_rows;
+    size_t                     row_bytes, x_stride;
+    int64_t                    chunk, n_chunks;
+    atomic_int_fast64_t        next;
+};
+
+// Q8_0/Q4_0 prepared row: [xq: nbp*32 int8][corr: nbp*32 bytes][dx: nbp*32 bytes], nbp = blocks
+// rounded up to 8 (padding is zero).
+static size_t dec_q_stride(int64_t n_in) { return (size_t)((n_in / COOPT_QK + 7) / 8 * 8) * COOPT_QK * 3; }
+
+// One block of 32 floats -> 32 int8 (round to nearest even), returns d and the sum of the int8.
+ALWAYS_INLINE __m256i dec_quant_block(const float *x, float *d_out, int32_t *sum_out) {
+    __m512  v0   = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    float   amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    float   d    = amax / 127.0f;
+    __m512  id   = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+    __m512i i0   = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)); // MXCSR default: round to nearest even
+    __m512i i1   = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+    *d_out       = d;
+    *sum_out     = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+    return _mm256_set_m128i(_mm512_cvtsepi32_epi8(i1), _mm512_cvtsepi32_epi8(i0));
+}
+
+static void dec_prep_q8(const float *x, int64_t n_in, uint8_t *dst) {
+    int64_t nb = n_in / COOPT_QK, nbp = (nb + 7) / 8 * 8;
+    int8_t  *xq   = (int8_t *)dst;
+    int32_t *corr = (int32_t *)(dst + nbp * 32);
+    float   *dx   = (float *)(dst + nbp * 64);
+    memset(dst, 0, (size_t)nbp * 96);
+    for (int64_t b = 0; b < nb; b++) {
+        float   d;
+        int32_t s;
+        _mm256_storeu_si256((__m256i *)(xq + b * 32), dec_quant_block(x + b * 32, &d, &s));
+        corr[(b / 2) * 16 + (b % 2) * 8] = -128 * s;
+        for (int j = 0; j < 8; j++) dx[(b / 2) * 16 + (b % 2) * 8 + j] = d;
+    }
+}
+
+static void dec_prep_q4(const float *x, int64_t n_in, uint8_t *dst) {
+    int64_t nb = n_in / COOPT_QK, nbp = (nb + 7) / 8 * 8;
+    int8_t  *xq   = (int8_t *)dst;
+    int32_t *corr = (int32_t *)(dst + nbp * 32);
+    float   *dx   = (float *)(dst + nbp * 64);
+    memset(dst, 0, (size_t)nbp * 96);
+    for (int64_t b = 0; b < nb; b++) {
+        float   d;
+        int32_t s;
+        __m256i q = dec_quant_block(x + b * 32, &d, &s);
+        int64_t g = b / 4, k = b % 4;
+        _mm_storeu_si128((__m128i *)(xq + g * 128 + k * 16), _mm256_castsi256_si128(q));
+        _mm_storeu_si128((__m128i *)(xq + g * 128 + 64 + k * 16), _mm256_extracti128_si256(q, 1));
+        corr[g * 16 + k * 4] = -8 * s;
+        for (int j = 0; j < 4; j++) dx[g * 16 + k * 4 + j] = d;
+    }
+}
+
+// BF16: rows padded to a multiple of 32 with zeros, each 32 reordered evens then odds.
+static size_t dec_bf16_stride(int64_t n_in) { return (size_t)((n_in + 31) / 32 * 32) * sizeof(float); }
+
+static void dec_prep_bf16(const float *x, int64_t n_in, uint8_t *dst) {
+    float  *xp = (float *)dst;
+    int64_t n  = (n_in + 31) / 32 * 32;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t g = i / 32, j = i % 32;
+        float   v = i < n_in ? x[i] : 0.0f;
+        xp[g * 32 + (j % 2) * 16 + j / 2] = v;
+    }
+}
+
+ALWAYS_INLINE void dec_prefetch(const uint8_t *p) { _mm_prefetch((const char *)p + MM_PF_DIST, _MM_HINT_T0); }
+
+// Byte mask of the first n (clamped to 0..64) bytes.
+ALWAYS_INLINE __mmask64 dec_mask64(int64_t n) {
+    return n >= 64 ? ~(__mmask64)0 : n <= 0 ? (__mmask64)0 : (((__mmask64)1 << n) - 1);
+}
+
+// Q8_0: two blocks at p (68 bytes; `valid` of them readable) -> 64 weights + 128 and their scales.
+ALWAYS_INLINE void dec_load_q8(const uint8_t *p, bool full, int64_t valid, __m512i *q, __m512 *dw) {
+    const __m512i qidx = _mm512_set_epi8(127, 126, 125, 124, 123, 122, 121, 120, 119, 118, 117, 116, 115, 114, 113,
+                                         112, 111, 110, 109, 108, 107, 106, 105, 104, 103, 102, 101, 100, 99, 98, 97,
+                                         96, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                         15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2);
+    const __m512i didx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 17, 17, 17, 17, 17, 17, 17,
+                                          17, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512i a, b;
+    if (full) {
+        a = _mm512_loadu_si512(p);
+        b = _mm512_loadu_si512(p + 4);
+    } else {
+        a = _mm512_maskz_loadu_epi8(dec_mask64(valid), p);
+        b = _mm512_maskz_loadu_epi8(dec_mask64(valid - 4), p + 4);
+    }
+    *q  = _mm512_xor_si512(_mm512_permutex2var_epi8(a, qidx, b), _mm512_set1_epi8((char)0x80));
+    *dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(didx, a)));
+}
+
+// Q4_0: four blocks at p (72 bytes) -> low and high nibbles (64 each) and the scales (lanes 4k..4k+3).
+ALWAYS_INLINE void dec_load_q4(const uint8_t *p, bool full, int64_t valid, __m512i *lo, __m512i *hi, __m512 *dw) {
+    const __m512i qidx = _mm512_set_epi8(127, 126, 125, 124, 123, 122, 121, 120, 119, 118, 117, 116, 115, 114, 113,
+                                         112, 53, 52, 51, 50, 49, 48, 47, 46, 45, 44, 43, 42, 41, 40, 39, 38, 35, 34,
+                                         33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 17, 16, 15, 14, 13,
+                                         12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2);
+    const __m512i didx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 27, 27, 27, 27, 18, 18, 18,
+                                          18, 9, 9, 9, 9, 0, 0, 0, 0);
+    __m512i a, b;
+    if (full) {
+        a = _mm512_loadu_si512(p);
+        b = _mm512_loadu_si512(p + 8);
+    } else {
+        a = _mm512_maskz_loadu_epi8(dec_mask64(valid), p);
+        b = _mm512_maskz_loadu_epi8(dec_mask64(valid - 8), p + 8);
+    }
+    __m512i q = _mm512_permutex2var_epi8(a, qidx, b);
+    *lo       = _mm512_and_si512(q, _mm512_set1_epi8(0x0f));
+    *hi       = _mm512_and_si512(_mm512_srli_epi16(q, 4), _mm512_set1_epi8(0x0f));
+    *dw       = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(didx, a)));
+}
+
+// One step of dec_row_quant: two weight vectors at p (4 Q8_0 or 8 Q4_0 blocks, `valid` bytes
+// readable when !full), x vectors v and v + 1, into acc[r][0] and acc[r][1].
+ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, const uint8_t *p, bool full, int64_t valid, int64_t v,
+                                  const uint8_t *xp, size_t xs, int64_t nbp, __m512 acc[][2]) {
+    const bool    q8 = T == COOPT_DTYPE_Q8_0;
+    const int64_t vb = q8 ? 68 : 72; // weight bytes per vector
+    dec_prefetch(p);
+    dec_prefetch(p + 64);
+    if (q8) dec_prefetch(p + 128);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) {
+        __m512i lo, hi = _mm512_setzero_si512();
+        __m512  dw;
+        if (q8) dec_load_q8(p + h * vb, full, valid - h * vb, &lo, &dw);
+        else dec_load_q4(p + h * vb, full, valid - h * vb, &lo, &hi, &dw);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const uint8_t *xr   = xp + r * xs;
+            __m512i        corr = _mm512_load_si512(xr + nbp * 32 + (v + h) * 64);
+            __m512i        dot;
+            if (q8) {
+                dot = _mm512_dpbusd_epi32(corr, lo, _mm512_load_si512(xr + (v + h) * 64));
+            } else {
+                dot = _mm512_dpbusd_epi32(corr, lo, _mm512_load_si512(xr + (v + h) * 128));
+                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(xr + (v + h) * 128 + 64));
+            }
+            __m512 s  = _mm512_mul_ps(dw, _mm512_load_ps((const float *)(xr + nbp * 64 + (v + h) * 64)));
+            acc[r][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[r][h]);
+        }
+    }
+}
+
+// out[r * ldo] = W row . x row r, r < R, for one quantized weight row of nb blocks.
+ALWAYS_INLINE void dec_row_quant(enum coopt_dtype T, int R, const uint8_t *w, int64_t nb, const uint8_t *xp,
+                                 size_t xs, float *out, int64_t ldo) {
+    const int64_t nbp = (nb + 7) / 8 * 8;
+    const int64_t bps = T == COOPT_DTYPE_Q8_0 ? 4 : 8;   // blocks per step
+    const int64_t sb  = T == COOPT_DTYPE_Q8_0 ? 136 : 144; // bytes per step
+    __m512        acc[MM_DEC_MAX][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t n_full = nb / bps, st = 0;
+    for (; st < n_full; st++) dec_step_quant(T, R, w + st * sb, true, 0, st * 2, xp, xs, nbp, acc);
+    if (st * bps < nb) {
+        int64_t valid = (nb - st * bps) * (T == COOPT_DTYPE_Q8_0 ? 34 : 18);
+        dec_step_quant(T, R, w + st * sb, false, valid, st * 2, xp, xs, nbp, acc);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) out[r * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+// One step of dec_row_float: weights [i, i + 32) of the row at w into acc[r][a] and acc[r][a + 1]
+// (masked to n_in when !full).
+ALWAYS_INLINE void dec_step_float(enum coopt_dtype T, int R, const uint8_t *w, int64_t i, bool full, int64_t n_in,
+                                  const float *x, size_t xs, __m512 acc[][4], int a) {
+    const int64_t  eb = T == COOPT_DTYPE_F32 ? 4 : 2; // bytes per weight
+    const uint8_t *p  = w + i * eb;
+    dec_prefetch(p);
+    if (eb == 4) dec_prefetch(p + 64);
+    __m512    w0, w1;
+    __mmask16 m0 = 0xffff, m1 = 0xffff;
+    if (!full) {
+        m0 = simd_mask16(n_in - i);
+        m1 = simd_mask16(n_in - i - 16 > 0 ? n_in - i - 16 : 0);
+    }
+    switch (T) {
+    case COOPT_DTYPE_F32:
+        w0 = full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m0, p);
+        w1 = full ? _mm512_loadu_ps(p + 64) : _mm512_maskz_loadu_ps(m1, p + 64);
+        break;
+    case COOPT_DTYPE_F16:
+        w0 = full ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : simd_load_f16((const uint16_t *)p, m0);
+        w1 = full ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)))
+                  : simd_load_f16((const uint16_t *)(p + 32), m1);
+        break;
+    default: {
+        __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(((__mmask32)m1 << 16) | m0, p);
+        w0        = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        w1        = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+    }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        const float *xr = (const float *)((const uint8_t *)x + r * xs) + i;
+        __m512       x0, x1;
+        if (full || T == COOPT_DTYPE_BF16) { // prepared BF16 x is zero-padded
+            x0 = _mm512_loadu_ps(xr);
+            x1 = _mm512_loadu_ps(xr + 16);
+        } else {
+            x0 = _mm512_maskz_loadu_ps(m0, xr);
+            x1 = _mm512_maskz_loadu_ps(m1, xr + 16);
+        }
+        acc[r][a]     = _mm512_fmadd_ps(w0, x0, acc[r][a]);
+        acc[r][a + 1] = _mm512_fmadd_ps(w1, x1, acc[r][a + 1]);
+    }
+}
+
+// Float weights: 4 independent accumulators per x row when R <= 2 (64 weights per iteration), else 2.
+ALWAYS_INLINE void dec_row_float(enum coopt_dtype T, int R, const uint8_t *w, int64_t n_in, const float *x,
+                                 size_t xs, float *out, int64_t ldo) {
+    __m512  acc[MM_DEC_MAX][4];
+    const int A = R <= 2 ? 4 : 2; // accumulators per row in use
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
+    int64_t i = 0;
+    if (A == 4) {
+        for (; i + 64 <= n_in; i += 64) {
+            dec_step_float(T, R, w, i, true, n_in, x, xs, acc, 0);
+            dec_step_float(T, R, w, i + 32, true, n_in, x, xs, acc, 2);
+        }
+    }
+    for (; i + 32 <= n_in; i += 32) dec_step_float(T, R, w, i, true, n_in, x, xs, acc, 0);
+    if (i < n_in) dec_step_float(T, R, w, i, false, n_in, x, xs, acc, 0);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        __m512 s = _mm512_add_ps(acc[r][0], acc[r][1]);
+        if (A == 4) s = _mm512_add_ps(s, _mm512_add_ps(acc[r][2], acc[r][3]));
+        out[r * ldo] = _mm512_reduce_add_ps(s);
+    }
+}
+
+ALWAYS_INLINE void dec_rows(enum coopt_dtype T, int R, const struct dec_ctx *dc, int64_t o0, int64_t o1) {
+    const struct coopt_weight *w    = dc->w;
+    const int64_t              ldo  = w->n_out;
+    const uint8_t             *base = (const uint8_t *)w->data;
+    for (int64_t o = o0; o < o1; o++) {
+        const uint8_t *wr = base + (size_t)o * dc->row_bytes;
+        if (T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0)
+            dec_row_quant(T, R, wr, w->n_in / COOPT_QK, dc->xp, dc->x_stride, dc->out + o, ldo);
+        else
+            dec_row_float(T, R, wr, w->n_in, T == COOPT_DTYPE_BF16 ? dc->xp : dc->x, dc->x_stride, dc->out + o, ldo);
+    }
+}
+
+#define DEC_FN(name, T)                                                                                            \
+    static void name(const struct dec_ctx *dc, int64_t o0, int64_t o1) {                                           \
+        switch (dc->n_rows) {                                                                                      \
+        case 1: dec_rows(T, 1, dc, o0, o1); break;                                                                 \
+        case 2: dec_rows(T, 2, dc, o0, o1); break;                                                                 \
+        case 3: dec_rows(T, 3, dc, o0, o1); break;                                                                 \
+        case 4: dec_rows(T, 4, dc, o0, o1); break;                                                                 \
+        case 5: dec_rows(T, 5, dc, o0, o1); break;                                                                 \
+        case 6: dec_rows(T, 6, dc, o0, o1); break;                                                                 \
+        case 7: dec_rows(T, 7, dc, o0, o1); break;                                                                 \
+        default: dec_rows(T, 8, dc, o0, o1); break;                                                                \
+        }                                                                                                          \
+    }
+DEC_FN(dec_f32, COOPT_DTYPE_F32)
+DEC_FN(dec_f16, COOPT_DTYPE_F16)
+DEC_FN(dec_bf16, COOPT_DTYPE_BF16)
+DEC_FN(dec_q8_0, COOPT_DTYPE_Q8_0)
+DEC_FN(dec_q4_0, COOPT_DTYPE_Q4_0)
+
+static void dec_task(void *ctx, int32_t ith, int32_t nth) {
+    struct dec_ctx *dc = ctx;
+    void (*fn)(const struct dec_ctx *, int64_t, int64_t);
+    switch (dc->w->dtype) {
+    case COOPT_DTYPE_F32: fn = dec_f32; break;
+    case COOPT_DTYPE_F16: fn = dec_f16; break;
+    case COOPT_DTYPE_BF16: fn = dec_bf16; break;
+    case COOPT_DTYPE_Q8_0: fn = dec_q8_0; break;
+    default: fn = dec_q4_0; break;
+    }
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&dc->next, 1, memory_order_relaxed);
+        if (c >= dc->n_chunks) break;
+        int64_t o0 = c * dc->chunk;
+        fn(dc, o0, COOPT_MIN(dc->w->n_out, o0 + dc->chunk));
+    }
+}
+
+static void cpu_matmul_decode(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                              int32_t n_rows) {
+    struct cpu_backend *cb = be->impl;
+    struct dec_ctx      dc = {.out = out, .x = x, .w = w, .n_rows = n_rows, .x_stride = (size_t)w->n_in * sizeof(float)};
+    dc.row_bytes           = coopt_dtype_row_bytes(w->dtype, w->n_in);
+    switch (w->dtype) {
+    case COOPT_DTYPE_Q8_0:
+    case COOPT_DTYPE_Q4_0: {
+        dc.x_stride  = dec_q_stride(w->n_in);
+        uint8_t *xp  = cpu_scratch(be, dc.x_stride * (size_t)n_rows);
+        for (int32_t r = 0; r < n_rows; r++) {
+            if (w->dtype == COOPT_DTYPE_Q8_0) dec_prep_q8(x + (size_t)r * w->n_in, w->n_in, xp + r * dc.x_stride);
+            else dec_prep_q4(x + (size_t)r * w->n_in, w->n_in, xp + r * dc.x_stride);
+        }
+        dc.xp = xp;
+        break;
+    }
+    case COOPT_DTYPE_BF16: {
+        dc.x_stride = dec_bf16_stride(w->n_in);
+        uint8_t *xp = cpu_scratch(be, dc.x_stride * (size_t)n_rows);
+        for (int32_t r = 0; r < n_rows; r++) dec_prep_bf16(x + (size_t)r * w->n_in, w->n_in, xp + r * dc.x_stride);
+        dc.xp = xp;
+        break;
+    }
+    default: break;
+    }
+    // Contiguous chunks, ~4 per thread: long sequential streams, yet a thread slowed by another
+    // process does not hold the call back by more than a quarter of its share.
+    int32_t nth = coopt_threadpool_n_threads(cb->tp);
+    dc.chunk    = COOPT_MAX((int64_t)16, (w->n_out + 4 * nth - 1) / (4 * nth));
+    dc.n_chunks = (w->n_out + dc.chunk - 1) / dc.chunk;
+    atomic_init(&dc.next, 0);
+    if (dc.n_chunks == 1 || nth == 1) dec_task(&dc, 0, 1);
+    else coopt_threadpool_run(cb->tp, dec_task, &dc);
+    if (w->bias) {
+        for (int32_t r = 0; r < n_rows; r++)
+            for (int64_t o = 0; o < w->n_out; o++) out[(size_t)r * (size_t)w->n_out + (size_t)o] += w->bias[o];
+    }
+}
+
+#endif // AVX-512 decode
+
+// ---- job loop (prefill, and decode without AVX-512) ----
 
 // One job: x rows [r0, r1) against weight rows [o0, o1), all of n_in, sliced by kb.
 ALWAYS_INLINE void mm_job(enum coopt_dtype T, const struct mm_ctx *mc, int64_t r0, int64_t r1, int64_t o0,
@@ -383,6 +749,12 @@ void cpu_matmul(struct coopt_backend *be, float *out, const float *x, const stru
                  w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0);
     COOPT_ASSERT(n_rows >= 0 && w->n_in > 0 && w->n_out > 0);
     if (n_rows == 0) return;
+#if defined(MM_DEC_AVX512)
+    if (n_rows <= MM_DEC_MAX) {
+        cpu_matmul_decode(be, out, x, w, n_rows);
+        return;
+    }
+#endif
     bool quant = w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0;
     COOPT_ASSERT(!quant || w->n_in % COOPT_QK == 0);
 
