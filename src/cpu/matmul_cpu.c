@@ -317,9 +317,9 @@ struct dec_ctx {
     atomic_int_fast64_t        next;
 };
 
-// Q8_0/Q4_0 prepared row: [xq: nbp*32 int8][corr: nbp*32 bytes][dx: nbp*32 bytes], nbp = blocks
-// rounded up to 8 (padding is zero).
-static size_t dec_q_stride(int64_t n_in) { return (size_t)((n_in / COOPT_QK + 7) / 8 * 8) * COOPT_QK * 3; }
+// Q8_0/Q4_0 prepared row: [xq: nbp*32 int8][dx: nbp f32][cx: nbp f32], nbp = blocks rounded up
+// to 8 (padding is zero); cx = -128 * sum(xq block) (Q8_0) or -8 * sum (Q4_0), exact in f32.
+static size_t dec_q_stride(int64_t n_in) { return (size_t)((n_in / COOPT_QK + 7) / 8 * 8) * (COOPT_QK + 8); }
 
 // One block of 32 floats -> 32 int8 (round to nearest even), returns d and the sum of the int8.
 ALWAYS_INLINE __m256i dec_quant_block(const float *x, float *d_out, int32_t *sum_out) {
@@ -334,36 +334,23 @@ ALWAYS_INLINE __m256i dec_quant_block(const float *x, float *d_out, int32_t *sum
     return _mm256_set_m128i(_mm512_cvtsepi32_epi8(i1), _mm512_cvtsepi32_epi8(i0));
 }
 
-static void dec_prep_q8(const float *x, int64_t n_in, uint8_t *dst) {
+static void dec_prep_quant(enum coopt_dtype T, const float *x, int64_t n_in, uint8_t *dst) {
     int64_t nb = n_in / COOPT_QK, nbp = (nb + 7) / 8 * 8;
-    int8_t  *xq   = (int8_t *)dst;
-    int32_t *corr = (int32_t *)(dst + nbp * 32);
-    float   *dx   = (float *)(dst + nbp * 64);
-    memset(dst, 0, (size_t)nbp * 96);
+    int8_t *xq = (int8_t *)dst;
+    float  *dx = (float *)(dst + nbp * 32), *cx = dx + nbp;
+    memset(dst, 0, (size_t)nbp * (COOPT_QK + 8));
     for (int64_t b = 0; b < nb; b++) {
-        float   d;
         int32_t s;
-        _mm256_storeu_si256((__m256i *)(xq + b * 32), dec_quant_block(x + b * 32, &d, &s));
-        corr[(b / 2) * 16 + (b % 2) * 8] = -128 * s;
-        for (int j = 0; j < 8; j++) dx[(b / 2) * 16 + (b % 2) * 8 + j] = d;
-    }
-}
-
-static void dec_prep_q4(const float *x, int64_t n_in, uint8_t *dst) {
-    int64_t nb = n_in / COOPT_QK, nbp = (nb + 7) / 8 * 8;
-    int8_t  *xq   = (int8_t *)dst;
-    int32_t *corr = (int32_t *)(dst + nbp * 32);
-    float   *dx   = (float *)(dst + nbp * 64);
-    memset(dst, 0, (size_t)nbp * 96);
-    for (int64_t b = 0; b < nb; b++) {
-        float   d;
-        int32_t s;
-        __m256i q = dec_quant_block(x + b * 32, &d, &s);
-        int64_t g = b / 4, k = b % 4;
-        _mm_storeu_si128((__m128i *)(xq + g * 128 + k * 16), _mm256_castsi256_si128(q));
-        _mm_storeu_si128((__m128i *)(xq + g * 128 + 64 + k * 16), _mm256_extracti128_si256(q, 1));
-        corr[g * 16 + k * 4] = -8 * s;
-        for (int j = 0; j < 4; j++) dx[g * 16 + k * 4 + j] = d;
+        __m256i q = dec_quant_block(x + b * 32, &dx[b], &s);
+        if (T == COOPT_DTYPE_Q8_0) {
+            _mm256_storeu_si256((__m256i *)(xq + b * 32), q);
+            cx[b] = (float)(-128 * s);
+        } else {
+            int64_t g = b / 4, k = b % 4;
+            _mm_storeu_si128((__m128i *)(xq + g * 128 + k * 16), _mm256_castsi256_si128(q));
+            _mm_storeu_si128((__m128i *)(xq + g * 128 + 64 + k * 16), _mm256_extracti128_si256(q, 1));
+            cx[b] = (float)(-8 * s);
+        }
     }
 }
 
@@ -371,92 +358,129 @@ static void dec_prep_q4(const float *x, int64_t n_in, uint8_t *dst) {
 static size_t dec_bf16_stride(int64_t n_in) { return (size_t)((n_in + 31) / 32 * 32) * sizeof(float); }
 
 static void dec_prep_bf16(const float *x, int64_t n_in, uint8_t *dst) {
-    float  *xp = (float *)dst;
-    int64_t n  = (n_in + 31) / 32 * 32;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t g = i / 32, j = i % 32;
-        float   v = i < n_in ? x[i] : 0.0f;
-        xp[g * 32 + (j % 2) * 16 + j / 2] = v;
+    float        *xp   = (float *)dst;
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd  = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int64_t i = 0; i < n_in; i += 32) {
+        __m512 v0 = _mm512_maskz_loadu_ps(simd_mask16(n_in - i), x + i);
+        __m512 v1 = _mm512_maskz_loadu_ps(simd_mask16(n_in - i - 16 > 0 ? n_in - i - 16 : 0), x + i + 16);
+        _mm512_storeu_ps(xp + i, _mm512_permutex2var_ps(v0, even, v1));
+        _mm512_storeu_ps(xp + i + 16, _mm512_permutex2var_ps(v0, odd, v1));
     }
 }
 
 ALWAYS_INLINE void dec_prefetch(const uint8_t *p) { _mm_prefetch((const char *)p + MM_PF_DIST, _MM_HINT_T0); }
+
+#define DEC_NACC 5 // accumulators per x row of dec_row_quant
 
 // Byte mask of the first n (clamped to 0..64) bytes.
 ALWAYS_INLINE __mmask64 dec_mask64(int64_t n) {
     return n >= 64 ? ~(__mmask64)0 : n <= 0 ? (__mmask64)0 : (((__mmask64)1 << n) - 1);
 }
 
-// Q8_0: two blocks at p (68 bytes; `valid` of them readable) -> 64 weights + 128 and their scales.
-ALWAYS_INLINE void dec_load_q8(const uint8_t *p, bool full, int64_t valid, __m512i *q, __m512 *dw) {
-    const __m512i qidx = _mm512_set_epi8(127, 126, 125, 124, 123, 122, 121, 120, 119, 118, 117, 116, 115, 114, 113,
-                                         112, 111, 110, 109, 108, 107, 106, 105, 104, 103, 102, 101, 100, 99, 98, 97,
-                                         96, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
-                                         15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2);
-    const __m512i didx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 17, 17, 17, 17, 17, 17, 17,
-                                          17, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512i a, b;
-    if (full) {
-        a = _mm512_loadu_si512(p);
-        b = _mm512_loadu_si512(p + 4);
-    } else {
-        a = _mm512_maskz_loadu_epi8(dec_mask64(valid), p);
-        b = _mm512_maskz_loadu_epi8(dec_mask64(valid - 4), p + 4);
-    }
-    *q  = _mm512_xor_si512(_mm512_permutex2var_epi8(a, qidx, b), _mm512_set1_epi8((char)0x80));
-    *dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(didx, a)));
+ALWAYS_INLINE __m512i dec_load64(const uint8_t *p, bool full, int64_t valid) {
+    return full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(dec_mask64(valid), p);
 }
 
-// Q4_0: four blocks at p (72 bytes) -> low and high nibbles (64 each) and the scales (lanes 4k..4k+3).
-ALWAYS_INLINE void dec_load_q4(const uint8_t *p, bool full, int64_t valid, __m512i *lo, __m512i *hi, __m512 *dw) {
-    const __m512i qidx = _mm512_set_epi8(127, 126, 125, 124, 123, 122, 121, 120, 119, 118, 117, 116, 115, 114, 113,
-                                         112, 53, 52, 51, 50, 49, 48, 47, 46, 45, 44, 43, 42, 41, 40, 39, 38, 35, 34,
-                                         33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 17, 16, 15, 14, 13,
-                                         12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2);
-    const __m512i didx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 27, 27, 27, 27, 18, 18, 18,
-                                          18, 9, 9, 9, 9, 0, 0, 0, 0);
-    __m512i a, b;
-    if (full) {
-        a = _mm512_loadu_si512(p);
-        b = _mm512_loadu_si512(p + 8);
-    } else {
-        a = _mm512_maskz_loadu_epi8(dec_mask64(valid), p);
-        b = _mm512_maskz_loadu_epi8(dec_mask64(valid - 8), p + 8);
-    }
-    __m512i q = _mm512_permutex2var_epi8(a, qidx, b);
-    *lo       = _mm512_and_si512(q, _mm512_set1_epi8(0x0f));
-    *hi       = _mm512_and_si512(_mm512_srli_epi16(q, 4), _mm512_set1_epi8(0x0f));
-    *dw       = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(didx, a)));
-}
+// vpermt2b index: result byte i (0..63) = byte off + i + (i >= 32 ? 2 : 0) of the 128 bytes of the
+// two tables (two Q8_0 blocks' qs, skipping the scale between them).
+#define Q8IDX(o)                                                                                                   \
+    _mm512_set_epi8(67 + o, 66 + o, 65 + o, 64 + o, 63 + o, 62 + o, 61 + o, 60 + o, 59 + o, 58 + o, 57 + o, 56 + o, \
+                    55 + o, 54 + o, 53 + o, 52 + o, 51 + o, 50 + o, 49 + o, 48 + o, 47 + o, 46 + o, 45 + o, 44 + o, \
+                    43 + o, 42 + o, 41 + o, 40 + o, 39 + o, 38 + o, 37 + o, 36 + o, 33 + o, 32 + o, 31 + o, 30 + o, \
+                    29 + o, 28 + o, 27 + o, 26 + o, 25 + o, 24 + o, 23 + o, 22 + o, 21 + o, 20 + o, 19 + o, 18 + o, \
+                    17 + o, 16 + o, 15 + o, 14 + o, 13 + o, 12 + o, 11 + o, 10 + o, 9 + o, 8 + o, 7 + o, 6 + o,    \
+                    5 + o, 4 + o, 3 + o, 2 + o)
+// Four Q4_0 blocks' qs (16 bytes each, 18 apart) starting at byte o + 2.
+#define Q4IDX(o)                                                                                                   \
+    _mm512_set_epi8(71 + o, 70 + o, 69 + o, 68 + o, 67 + o, 66 + o, 65 + o, 64 + o, 63 + o, 62 + o, 61 + o, 60 + o, \
+                    59 + o, 58 + o, 57 + o, 56 + o, 53 + o, 52 + o, 51 + o, 50 + o, 49 + o, 48 + o, 47 + o, 46 + o, \
+                    45 + o, 44 + o, 43 + o, 42 + o, 41 + o, 40 + o, 39 + o, 38 + o, 35 + o, 34 + o, 33 + o, 32 + o, \
+                    31 + o, 30 + o, 29 + o, 28 + o, 27 + o, 26 + o, 25 + o, 24 + o, 23 + o, 22 + o, 21 + o, 20 + o, \
+                    17 + o, 16 + o, 15 + o, 14 + o, 13 + o, 12 + o, 11 + o, 10 + o, 9 + o, 8 + o, 7 + o, 6 + o,    \
+                    5 + o, 4 + o, 3 + o, 2 + o)
 
-// One step of dec_row_quant: two weight vectors at p (4 Q8_0 or 8 Q4_0 blocks, `valid` bytes
-// readable when !full), x vectors v and v + 1, into acc[r][0] and acc[r][1].
-ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, const uint8_t *p, bool full, int64_t valid, int64_t v,
-                                  const uint8_t *xp, size_t xs, int64_t nbp, __m512 acc[][2]) {
-    const bool    q8 = T == COOPT_DTYPE_Q8_0;
-    const int64_t vb = q8 ? 68 : 72; // weight bytes per vector
+// One step of dec_row_quant: 8 blocks of weights at p (272 bytes for Q8_0, 144 for Q4_0; when
+// !full only `valid` bytes are readable, the rest reads as 0) against x blocks [b, b + 8).
+//   Q8_0: lines L0..L3 (+ 16 bytes L4) hold the 8 blocks; vector k (blocks 2k, 2k+1) is one
+//         vpermt2b of L_k and L_k+1, the 8 scales two vpermt2w.
+//   Q4_0: L0, L1 (+ 16 bytes L2); vector k (blocks 4k..4k+3) is one vpermt2b, the 8 scales one
+//         vpermt2w.
+// s = d_w * d_x for the 8 blocks (ymm) is expanded to the lanes of each dot vector with vpermps;
+// the zero-point correction (cx) is one 8-lane FMA.
+ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, const uint8_t *p, bool full, int64_t valid, int64_t b,
+                                  const uint8_t *xp, size_t xs, int64_t nbp, __m512 acc[][DEC_NACC]) {
+    // FMA chains per x row: 5 when R <= 2 (a step is shorter than 4 dependent FMAs), else 2.
+    const int na = R <= 2 ? DEC_NACC : 2, ac = na == DEC_NACC ? 4 : 1; // ac: the accumulator of the cx FMA
+    const bool q8 = T == COOPT_DTYPE_Q8_0;
     dec_prefetch(p);
     dec_prefetch(p + 64);
-    if (q8) dec_prefetch(p + 128);
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; h++) {
-        __m512i lo, hi = _mm512_setzero_si512();
-        __m512  dw;
-        if (q8) dec_load_q8(p + h * vb, full, valid - h * vb, &lo, &dw);
-        else dec_load_q4(p + h * vb, full, valid - h * vb, &lo, &hi, &dw);
+    dec_prefetch(p + 128);
+    if (q8) dec_prefetch(p + 192);
+    __m512i wv[4]; // unsigned weights: Q8_0 w + 128 (4 vectors); Q4_0 lo, hi nibbles of 2 vectors
+    __m256  dw;
+    if (q8) {
+        __m512i l0 = dec_load64(p, full, valid), l1 = dec_load64(p + 64, full, valid - 64);
+        __m512i l2 = dec_load64(p + 128, full, valid - 128), l3 = dec_load64(p + 192, full, valid - 192);
+        __m512i l4 = _mm512_castsi128_si512(full ? _mm_loadu_si128((const __m128i *)(p + 256))
+                                                 : _mm_maskz_loadu_epi8((__mmask16)dec_mask64(valid - 256), p + 256));
+        const __m512i x80 = _mm512_set1_epi8((char)0x80);
+        wv[0]             = _mm512_xor_si512(_mm512_permutex2var_epi8(l0, Q8IDX(0), l1), x80);
+        wv[1]             = _mm512_xor_si512(_mm512_permutex2var_epi8(l1, Q8IDX(4), l2), x80);
+        wv[2]             = _mm512_xor_si512(_mm512_permutex2var_epi8(l2, Q8IDX(8), l3), x80);
+        wv[3]             = _mm512_xor_si512(_mm512_permutex2var_epi8(l3, Q8IDX(12), l4), x80);
+        // scales at bytes 0, 34, 68, 102 (words 0, 17, 34, 51 of l0:l1) and 136.. (words 4, 21, 38, 55 of l2:l3)
+        __m512i d01 = _mm512_permutex2var_epi16(
+            l0, _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 51, 34, 17, 0),
+            l1);
+        __m512i d23 = _mm512_permutex2var_epi16(
+            l2, _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 55, 38, 21, 4, 0, 0, 0, 0),
+            l3);
+        dw = _mm256_cvtph_ps(_mm_mask_mov_epi16(_mm512_castsi512_si128(d01), 0xf0, _mm512_castsi512_si128(d23)));
+    } else {
+        __m512i l0 = dec_load64(p, full, valid), l1 = dec_load64(p + 64, full, valid - 64);
+        __m512i l2 = _mm512_castsi128_si512(full ? _mm_loadu_si128((const __m128i *)(p + 128))
+                                                 : _mm_maskz_loadu_epi8((__mmask16)dec_mask64(valid - 128), p + 128));
+        const __m512i m4 = _mm512_set1_epi8(0x0f);
+        __m512i       q0 = _mm512_permutex2var_epi8(l0, Q4IDX(0), l1);
+        __m512i       q1 = _mm512_permutex2var_epi8(l1, Q4IDX(8), l2);
+        wv[0]            = _mm512_and_si512(q0, m4);
+        wv[1]            = _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4);
+        wv[2]            = _mm512_and_si512(q1, m4);
+        wv[3]            = _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4);
+        // scales at bytes 0, 18, .., 126: words 0, 9, 18, 27 of l0 and 36, 45, 54, 63 of l0:l1
+        __m512i d = _mm512_permutex2var_epi16(
+            l0, _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 63, 54, 45, 36, 27, 18, 9, 0),
+            l1);
+        dw = _mm256_cvtph_ps(_mm512_castsi512_si128(d));
+    }
 #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            const uint8_t *xr   = xp + r * xs;
-            __m512i        corr = _mm512_load_si512(xr + nbp * 32 + (v + h) * 64);
-            __m512i        dot;
-            if (q8) {
-                dot = _mm512_dpbusd_epi32(corr, lo, _mm512_load_si512(xr + (v + h) * 64));
-            } else {
-                dot = _mm512_dpbusd_epi32(corr, lo, _mm512_load_si512(xr + (v + h) * 128));
-                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(xr + (v + h) * 128 + 64));
+    for (int r = 0; r < R; r++) {
+        const uint8_t *xr = xp + r * xs;
+        const int8_t  *xq = (const int8_t *)xr + b * 32;
+        const float   *dx = (const float *)(xr + nbp * 32) + b, *cx = dx + nbp;
+        __m512         s  = _mm512_zextps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps(dx)));
+        acc[r][ac] = _mm512_fmadd_ps(s, _mm512_zextps256_ps512(_mm256_loadu_ps(cx)), acc[r][ac]);
+        const __m512i z = _mm512_setzero_si512();
+        if (q8) {
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                __m512i dot = _mm512_dpbusd_epi32(z, wv[k], _mm512_load_si512(xq + k * 64));
+                __m512i e   = _mm512_set_epi32(2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1,
+                                               2 * k + 1, 2 * k + 1, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k);
+                const int a = k % na;
+                acc[r][a]   = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(e, s), acc[r][a]);
             }
-            __m512 s  = _mm512_mul_ps(dw, _mm512_load_ps((const float *)(xr + nbp * 64 + (v + h) * 64)));
-            acc[r][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[r][h]);
+        } else {
+#pragma GCC unroll 2
+            for (int k = 0; k < 2; k++) {
+                __m512i dot = _mm512_dpbusd_epi32(z, wv[2 * k], _mm512_load_si512(xq + k * 128));
+                dot         = _mm512_dpbusd_epi32(dot, wv[2 * k + 1], _mm512_load_si512(xq + k * 128 + 64));
+                const int c = 4 * k;
+                __m512i   e = _mm512_set_epi32(c + 3, c + 3, c + 3, c + 3, c + 2, c + 2, c + 2, c + 2, c + 1, c + 1,
+                                               c + 1, c + 1, c, c, c, c);
+                acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(e, s), acc[r][k]);
+            }
         }
     }
 }
@@ -465,19 +489,21 @@ ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, const uint8_t *p, b
 ALWAYS_INLINE void dec_row_quant(enum coopt_dtype T, int R, const uint8_t *w, int64_t nb, const uint8_t *xp,
                                  size_t xs, float *out, int64_t ldo) {
     const int64_t nbp = (nb + 7) / 8 * 8;
-    const int64_t bps = T == COOPT_DTYPE_Q8_0 ? 4 : 8;   // blocks per step
-    const int64_t sb  = T == COOPT_DTYPE_Q8_0 ? 136 : 144; // bytes per step
-    __m512        acc[MM_DEC_MAX][2];
+    const int64_t sb  = T == COOPT_DTYPE_Q8_0 ? 8 * 34 : 8 * 18; // bytes per step of 8 blocks
+    __m512        acc[MM_DEC_MAX][DEC_NACC];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    int64_t n_full = nb / bps, st = 0;
-    for (; st < n_full; st++) dec_step_quant(T, R, w + st * sb, true, 0, st * 2, xp, xs, nbp, acc);
-    if (st * bps < nb) {
-        int64_t valid = (nb - st * bps) * (T == COOPT_DTYPE_Q8_0 ? 34 : 18);
-        dec_step_quant(T, R, w + st * sb, false, valid, st * 2, xp, xs, nbp, acc);
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int a = 0; a < DEC_NACC; a++) acc[r][a] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) dec_step_quant(T, R, w + b / 8 * sb, true, 0, b, xp, xs, nbp, acc);
+    if (b < nb) dec_step_quant(T, R, w + b / 8 * sb, false, (nb - b) * (sb / 8), b, xp, xs, nbp, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        __m512 t = _mm512_add_ps(acc[r][0], acc[r][1]);
+        if (R <= 2) t = _mm512_add_ps(_mm512_add_ps(t, acc[r][2]), _mm512_add_ps(acc[r][3], acc[r][4]));
+        out[r * ldo] = _mm512_reduce_add_ps(t);
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) out[r * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
 // One step of dec_row_float: weights [i, i + 32) of the row at w into acc[r][a] and acc[r][a + 1]
@@ -613,8 +639,7 @@ static void cpu_matmul_decode(struct coopt_backend *be, float *out, const float 
         dc.x_stride  = dec_q_stride(w->n_in);
         uint8_t *xp  = cpu_scratch(be, dc.x_stride * (size_t)n_rows);
         for (int32_t r = 0; r < n_rows; r++) {
-            if (w->dtype == COOPT_DTYPE_Q8_0) dec_prep_q8(x + (size_t)r * w->n_in, w->n_in, xp + r * dc.x_stride);
-            else dec_prep_q4(x + (size_t)r * w->n_in, w->n_in, xp + r * dc.x_stride);
+            dec_prep_quant(w->dtype, x + (size_t)r * w->n_in, w->n_in, xp + r * dc.x_stride);
         }
         dc.xp = xp;
         break;
