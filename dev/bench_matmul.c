@@ -12,7 +12,8 @@
  *   make CUDA=0 build/libcoopt.a && cc -O3 -march=native -std=c11 -D_GNU_SOURCE -Iinclude -Isrc \
  *       dev/bench_matmul.c build/libcoopt.a -lm -lpthread -o build/bench_matmul && ./build/bench_matmul [threads] [reps] [type]
  *
- * [type] (e.g. q4_0) limits the run to one weight type; HOT_ONLY=1 prints only the in-cache speed.
+ * [type] (e.g. q4_0) limits the run to one weight type; HOT_ONLY=1 prints only the in-cache speed;
+ * ROWS=1,2,4 sets the three decode row counts (the column titles keep saying @1 @2 @4).
  */
 #include "backend.h"
 #include "cpu/threads.h"
@@ -134,7 +135,8 @@ int main(int argc, char **argv) {
     const enum coopt_dtype types[]     = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COOPT_DTYPE_BF16, COOPT_DTYPE_Q8_0,
                                           COOPT_DTYPE_Q4_0};
     const int64_t          shapes[][2] = {{4096, 4096}, {2048, 5632}, {5632, 2048}}; // n_in, n_out
-    const int              rowss[]     = {1, 2, 4};
+    int                    rowss[3]    = {1, 2, 4}; // ROWS=a,b,c overrides (each <= 64)
+    if (getenv("ROWS")) sscanf(getenv("ROWS"), "%d,%d,%d", &rowss[0], &rowss[1], &rowss[2]);
     const int64_t          max_in = 5632, max_rows = 64;
     float                 *x   = malloc(sizeof(float) * max_in * max_rows);
     float                 *out = malloc(sizeof(float) * 8192 * max_rows);

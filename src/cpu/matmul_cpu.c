@@ -578,32 +578,40 @@ ALWAYS_INLINE void dec_row_float(enum coopt_dtype T, int R, const uint8_t *w, in
     }
 }
 
-ALWAYS_INLINE void dec_rows(enum coopt_dtype T, int R, const struct dec_ctx *dc, int64_t o0, int64_t o1) {
-    const struct coopt_weight *w    = dc->w;
-    const int64_t              ldo  = w->n_out;
-    const uint8_t             *base = (const uint8_t *)w->data;
+// x rows [r0, r0 + R) against weight rows [o0, o1).
+ALWAYS_INLINE void dec_rows(enum coopt_dtype T, int R, const struct dec_ctx *dc, int64_t r0, int64_t o0, int64_t o1) {
+    const struct coopt_weight *w     = dc->w;
+    const int64_t              ldo   = w->n_out;
+    const uint8_t             *base  = (const uint8_t *)w->data;
+    const bool                 plain = T == COOPT_DTYPE_F32 || T == COOPT_DTYPE_F16; // x used as given
+    const uint8_t *xp  = (const uint8_t *)(plain ? (const void *)dc->x : dc->xp) + (size_t)r0 * dc->x_stride;
+    float         *out = dc->out + (size_t)r0 * (size_t)ldo;
     for (int64_t o = o0; o < o1; o++) {
         const uint8_t *wr = base + (size_t)o * dc->row_bytes;
         if (T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0)
-            dec_row_quant(T, R, wr, w->n_in / COOPT_QK, dc->xp, dc->x_stride, dc->out + o, ldo);
+            dec_row_quant(T, R, wr, w->n_in / COOPT_QK, xp, dc->x_stride, out + o, ldo);
         else
-            dec_row_float(T, R, wr, w->n_in, T == COOPT_DTYPE_BF16 ? dc->xp : dc->x, dc->x_stride, dc->out + o, ldo);
+            dec_row_float(T, R, wr, w->n_in, (const float *)xp, dc->x_stride, out + o, ldo);
     }
 }
 
+// All x rows, in groups of MM_DEC_MAX, against weight rows [o0, o1) (which stay in L2 between groups).
 #define DEC_FN(name, T)                                                                                            \
     static void name(const struct dec_ctx *dc, int64_t o0, int64_t o1) {                                           \
-        switch (dc->n_rows) {                                                                                      \
-        case 1: dec_rows(T, 1, dc, o0, o1); break;                                                                 \
-        case 2: dec_rows(T, 2, dc, o0, o1); break;                                                                 \
-        case 3: dec_rows(T, 3, dc, o0, o1); break;                                                                 \
-        case 4: dec_rows(T, 4, dc, o0, o1); break;                                                                 \
-        case 5: dec_rows(T, 5, dc, o0, o1); break;                                                                 \
-        case 6: dec_rows(T, 6, dc, o0, o1); break;                                                                 \
-        case 7: dec_rows(T, 7, dc, o0, o1); break;                                                                 \
-        default: dec_rows(T, 8, dc, o0, o1); break;                                                                \
+        for (int64_t r0 = 0; r0 < dc->n_rows; r0 += MM_DEC_MAX) {                                                  \
+            switch (COOPT_MIN(MM_DEC_MAX, dc->n_rows - r0)) {                                                      \
+            case 1: dec_rows(T, 1, dc, r0, o0, o1); break;                                                         \
+            case 2: dec_rows(T, 2, dc, r0, o0, o1); break;                                                         \
+            case 3: dec_rows(T, 3, dc, r0, o0, o1); break;                                                         \
+            case 4: dec_rows(T, 4, dc, r0, o0, o1); break;                                                         \
+            case 5: dec_rows(T, 5, dc, r0, o0, o1); break;                                                         \
+            case 6: dec_rows(T, 6, dc, r0, o0, o1); break;                                                         \
+            case 7: dec_rows(T, 7, dc, r0, o0, o1); break;                                                         \
+            default: dec_rows(T, 8, dc, r0, o0, o1); break;                                                        \
+            }                                                                                                      \
         }                                                                                                          \
     }
+_Static_assert(MM_DEC_MAX == 8, "DEC_FN dispatches 1..8 rows");
 DEC_FN(dec_f32, COOPT_DTYPE_F32)
 DEC_FN(dec_f16, COOPT_DTYPE_F16)
 DEC_FN(dec_bf16, COOPT_DTYPE_BF16)
@@ -628,35 +636,44 @@ static void dec_task(void *ctx, int32_t ith, int32_t nth) {
     }
 }
 
-static void cpu_matmul_decode(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+struct dec_prep_ctx {
+    const struct dec_ctx *dc;
+    uint8_t              *xp;
+};
+
+static void dec_prep_task(void *ctx, int32_t ith, int32_t nth) {
+    struct dec_prep_ctx       *pc = ctx;
+    const struct coopt_weight *w  = pc->dc->w;
+    int64_t                    lo, hi;
+    coopt_split_range(pc->dc->n_rows, ith, nth, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++) {
+        const float *xr = pc->dc->x + (size_t)r * (size_t)w->n_in;
+        uint8_t     *dr = pc->xp + (size_t)r * pc->dc->x_stride;
+        if (w->dtype == COOPT_DTYPE_BF16) dec_prep_bf16(xr, w->n_in, dr);
+        else dec_prep_quant(w->dtype, xr, w->n_in, dr);
+    }
+}
+
+// The AVX-512 matmul for any n_rows: x rows in groups of up to 8 share each weight row read.
+static void cpu_matmul_avx512(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
                               int32_t n_rows) {
-    struct cpu_backend *cb = be->impl;
-    struct dec_ctx      dc = {.out = out, .x = x, .w = w, .n_rows = n_rows, .x_stride = (size_t)w->n_in * sizeof(float)};
-    dc.row_bytes           = coopt_dtype_row_bytes(w->dtype, w->n_in);
-    switch (w->dtype) {
-    case COOPT_DTYPE_Q8_0:
-    case COOPT_DTYPE_Q4_0: {
-        dc.x_stride  = dec_q_stride(w->n_in);
-        uint8_t *xp  = cpu_scratch(be, dc.x_stride * (size_t)n_rows);
-        for (int32_t r = 0; r < n_rows; r++) {
-            dec_prep_quant(w->dtype, x + (size_t)r * w->n_in, w->n_in, xp + r * dc.x_stride);
-        }
-        dc.xp = xp;
-        break;
+    struct cpu_backend *cb  = be->impl;
+    int32_t             nth = coopt_threadpool_n_threads(cb->tp);
+    struct dec_ctx      dc  = {.out = out, .x = x, .w = w, .n_rows = n_rows, .x_stride = (size_t)w->n_in * sizeof(float)};
+    dc.row_bytes            = coopt_dtype_row_bytes(w->dtype, w->n_in);
+    if (w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0 || w->dtype == COOPT_DTYPE_BF16) {
+        dc.x_stride = w->dtype == COOPT_DTYPE_BF16 ? dec_bf16_stride(w->n_in) : dec_q_stride(w->n_in);
+        struct dec_prep_ctx pc = {.dc = &dc, .xp = cpu_scratch(be, dc.x_stride * (size_t)n_rows)};
+        if (n_rows >= 4 * nth) coopt_threadpool_run(cb->tp, dec_prep_task, &pc);
+        else dec_prep_task(&pc, 0, 1);
+        dc.xp = pc.xp;
     }
-    case COOPT_DTYPE_BF16: {
-        dc.x_stride = dec_bf16_stride(w->n_in);
-        uint8_t *xp = cpu_scratch(be, dc.x_stride * (size_t)n_rows);
-        for (int32_t r = 0; r < n_rows; r++) dec_prep_bf16(x + (size_t)r * w->n_in, w->n_in, xp + r * dc.x_stride);
-        dc.xp = xp;
-        break;
-    }
-    default: break;
-    }
-    // Contiguous chunks, ~4 per thread: long sequential streams, yet a thread slowed by another
-    // process does not hold the call back by more than a quarter of its share.
-    int32_t nth = coopt_threadpool_n_threads(cb->tp);
-    dc.chunk    = COOPT_MAX((int64_t)16, (w->n_out + 4 * nth - 1) / (4 * nth));
+    // Decode: contiguous chunks, ~4 per thread: long sequential streams, yet a thread slowed by
+    // another process does not hold the call back by more than a quarter of its share. More
+    // rows: chunks of <= 128 KiB of weights, which stay in L2 while every group of x rows passes.
+    int64_t per = (w->n_out + 4 * nth - 1) / (4 * nth);
+    if (n_rows > MM_DEC_MAX) per = COOPT_MIN(per, COOPT_MAX((int64_t)1, (int64_t)((128u << 10) / dc.row_bytes)));
+    dc.chunk    = COOPT_MAX((int64_t)(n_rows > MM_DEC_MAX ? 8 : 16), per);
     dc.n_chunks = (w->n_out + dc.chunk - 1) / dc.chunk;
     atomic_init(&dc.next, 0);
     if (dc.n_chunks == 1 || nth == 1) dec_task(&dc, 0, 1);
@@ -775,8 +792,10 @@ void cpu_matmul(struct coopt_backend *be, float *out, const float *x, const stru
     COOPT_ASSERT(n_rows >= 0 && w->n_in > 0 && w->n_out > 0);
     if (n_rows == 0) return;
 #if defined(MM_DEC_AVX512)
-    if (n_rows <= MM_DEC_MAX) {
-        cpu_matmul_decode(be, out, x, w, n_rows);
+    // Prefill of quantized weights also takes this path (int8 x of 8 rows fits L1); float x of 8
+    // rows does not, so float prefill stays with the k-sliced tiles below.
+    if (n_rows <= MM_DEC_MAX || w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0) {
+        cpu_matmul_avx512(be, out, x, w, n_rows);
         return;
     }
 #endif
