@@ -1,15 +1,21 @@
 /*
  * matmul_cpu.c -- the fast CPU matmul: out[r][o] = sum_i x[r][i] * W[o][i] (+ bias[o]).
  *
- * Decode (n_rows <= 4) is memory-bound: each thread streams 4 weight rows at a time, once, with
- * SIMD dot products against the whole of x (which sits in L1/L2). Prefill is blocked: the rows of
- * x are cut into panels of MM_PANEL rows and n_in into slices of MM_KB, and a register tile of
- * 4 x-rows by 4 weight rows (16 accumulators) reads each weight vector once per 4 x-rows. A
- * slice of an x panel (64 rows x 1024 f32 = 256 KiB) stays in L2 while a thread walks its
- * chunk of weight rows.
+ * With AVX-512 (F/BW/VL/VNNI/VBMI), decode (n_rows <= 8) and prefill of Q8_0/Q4_0 weights use
+ * one row kernel (section "row kernel" below): each thread walks contiguous chunks of weight
+ * rows, one row at a time, and dots each row with up to 8 rows of x, so a weight row is read
+ * once per 8 x rows. Decode is memory-bound and the kernel only has to outrun DRAM (~47 GB/s
+ * per thread, i.e. ~12 bytes/cycle at ~4 GHz); prefill of quantized weights cuts the weight rows
+ * into L2-sized chunks that every group of 8 x rows passes over.
  *
- * Work is split over (panel, chunk of output rows) jobs handed out through an atomic counter,
- * so a thread slowed by another process does not hold the others back.
+ * Otherwise (float prefill, or no AVX-512) the matmul is blocked: the rows of x are cut into
+ * panels of MM_PANEL rows and n_in into slices of MM_KB, and a register tile of 4 x-rows by 4
+ * weight rows (16 accumulators) reads each weight vector once per 4 x-rows. A slice of an x
+ * panel (64 rows x 1024 f32 = 256 KiB) stays in L2 while a thread walks its chunk of weight
+ * rows.
+ *
+ * Work is split into chunks of output rows (x panels too for the tiles) handed out through an
+ * atomic counter, so a thread slowed by another process does not hold the others back.
  *
  * Weight types:
  *   F32/F16/BF16: exact f32 math (F16 via vcvtph2ps, BF16 by a 16-bit shift), f32 accumulation.
@@ -22,6 +28,8 @@
  *   relative error of ~0.4% of sum|w*x| in the worst case and ~0.1-0.2% typically. This is
  *   well below the error of the 4-/8-bit weights themselves (llama.cpp makes the same trade).
  *   The reference (ops_cpu_ref.c) uses f32 math on dequantized weights; tests check that bound.
+ *   (The row kernel's zero-point correction adds f32 rounding of ~2^-24 * 128 * sum|x_q| * d_w
+ *   * d_x per block, < 1e-3 of that bound.)
  */
 #include "cpu/ops_cpu.h"
 #include "cpu/simd.h"
@@ -278,25 +286,25 @@ ALWAYS_INLINE void tile_quant(enum coopt_dtype T, int R, int C, const struct q8x
 
 #endif
 
-// ---- decode (n_rows <= MM_DEC_MAX) with AVX-512 ----
+// ---- row kernel (AVX-512): decode, and prefill of quantized weights ----
 //
-// Decode streams every weight byte once from DRAM, so the kernel only has to outrun memory
-// (~10 bytes/cycle/thread on the dev box). Each thread walks a contiguous chunk of weight rows,
-// one row at a time (one sequential stream for the hardware prefetcher, plus software prefetch),
-// and dots it with all n_rows rows of x, so a weight row is read once for the whole batch.
-// x is prepared once per call into the layout the inner loop wants:
-//   Q8_0: int8 x in natural order; per pair of blocks a vector of 16 int32 (lane 0 and 8:
-//         -128 * sum(x block), else 0) and one of 16 f32 (lanes 0-7: d_x of the first block,
-//         8-15: of the second). Weights are made unsigned (w ^ 0x80 = w + 128) for vpdpbusd;
-//         starting the dot from the -128 * sum(x) lanes makes the int32 sum exact again.
-//   Q4_0: per group of 4 blocks 64 int8 x that pair with the low nibbles (x[0..15] of each
-//         block), then 64 that pair with the high nibbles; int32 lane 4k: -8 * sum(x block k);
-//         f32 lanes 4k..4k+3: d_x of block k. Nibbles 0..15 are the unsigned operand.
-//   BF16: x in f32, each 32 elements reordered evens then odds, so that w << 16 and w & 0xffff0000
-//         of 32 loaded bf16 are the matching f32 weights (exact, no rounding of x).
+// One weight row at a time (one sequential stream for the hardware prefetcher, plus software
+// prefetch MM_PF_DIST ahead) against R <= 8 rows of x. x is prepared once per call into the
+// layout the inner loop wants:
+//   Q8_0/Q4_0: int8 x (for Q4_0, each group of 4 blocks as the 64 values that pair with the low
+//         nibbles, x[0..15] of each block, then the 64 that pair with the high nibbles), then
+//         d_x per block, then cx = -128 * sum(x_q block) (Q8_0) or -8 * sum (Q4_0) per block.
+//         vpdpbusd wants unsigned weights: Q8_0 uses w ^ 0x80 = w + 128, Q4_0 the raw nibbles
+//         (w + 8); adding s * cx (s = d_w * d_x) removes the offset exactly.
+//   BF16: x in f32, each 32 elements reordered evens then odds, so that w << 16 and
+//         w & 0xffff0000 of 32 loaded bf16 are the matching f32 weights (exact, no rounding).
 //   F32/F16: x as given.
-// Two blocks (Q8_0) or four (Q4_0) of weights come from two overlapping 64-byte loads and one
-// vpermt2b; their f16 scales from one vpermw of the first load and one vcvtph2ps.
+// A step is 8 blocks: their bytes come in 3 (Q4_0) or 5 (Q8_0) loads, vpermt2b picks the qs of
+// 2 (Q8_0) or 4 (Q4_0) blocks per vector, one or two vpermt2w the 8 f16 scales; the 8 products
+// d_w * d_x are one 8-lane multiply, spread to the lanes of each dot vector with vpermps.
+// Costs in the L2-resident benchmark (dev/bench_matmul.c, 1 thread, n_rows 1): ~1.1 cycles per
+// Q4_0 block (18 bytes) and ~1.5 per Q8_0 block (34 bytes), i.e. 16-23 bytes/cycle, about twice
+// what DRAM supplies per thread.
 
 #define MM_DEC_MAX 8
 
@@ -304,7 +312,9 @@ ALWAYS_INLINE void tile_quant(enum coopt_dtype T, int R, int C, const struct q8x
     defined(__AVX512VBMI__)
 #define MM_DEC_AVX512 1
 
+#ifndef MM_PF_DIST
 #define MM_PF_DIST 1024 // software prefetch distance in bytes of the weight stream
+#endif
 
 struct dec_ctx {
     float                     *out;
@@ -684,7 +694,7 @@ static void cpu_matmul_avx512(struct coopt_backend *be, float *out, const float 
     }
 }
 
-#endif // AVX-512 decode
+#endif // MM_DEC_AVX512
 
 // ---- job loop (prefill, and decode without AVX-512) ----
 
