@@ -516,35 +516,42 @@ ALWAYS_INLINE void dec_row_quant(enum coopt_dtype T, int R, const uint8_t *w, in
     }
 }
 
-// One step of dec_row_float: weights [i, i + 32) of the row at w into acc[r][a] and acc[r][a + 1]
-// (masked to n_in when !full).
-ALWAYS_INLINE void dec_step_float(enum coopt_dtype T, int R, const uint8_t *w, int64_t i, bool full, int64_t n_in,
-                                  const float *x, size_t xs, __m512 acc[][4], int a) {
-    const int64_t  eb = T == COOPT_DTYPE_F32 ? 4 : 2; // bytes per weight
-    const uint8_t *p  = w + i * eb;
-    dec_prefetch(p);
-    if (eb == 4) dec_prefetch(p + 64);
-    __m512    w0, w1;
-    __mmask16 m0 = 0xffff, m1 = 0xffff;
+// One step of dec_row_float: weights [i, i + 32) of C rows at w (ws bytes apart) into
+// acc[r][c][0..1] (masked to n_in when !full).
+ALWAYS_INLINE void dec_step_float(enum coopt_dtype T, int R, int C, const uint8_t *w, size_t ws, int64_t i,
+                                  bool full, int64_t n_in, const float *x, size_t xs, __m512 acc[][4][2]) {
+    const int64_t eb = T == COOPT_DTYPE_F32 ? 4 : 2; // bytes per weight
+    __mmask16     m0 = 0xffff, m1 = 0xffff;
     if (!full) {
         m0 = simd_mask16(n_in - i);
         m1 = simd_mask16(n_in - i - 16 > 0 ? n_in - i - 16 : 0);
     }
-    switch (T) {
-    case COOPT_DTYPE_F32:
-        w0 = full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m0, p);
-        w1 = full ? _mm512_loadu_ps(p + 64) : _mm512_maskz_loadu_ps(m1, p + 64);
-        break;
-    case COOPT_DTYPE_F16:
-        w0 = full ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : simd_load_f16((const uint16_t *)p, m0);
-        w1 = full ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)))
-                  : simd_load_f16((const uint16_t *)(p + 32), m1);
-        break;
-    default: {
-        __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(((__mmask32)m1 << 16) | m0, p);
-        w0        = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        w1        = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
-    }
+    __m512 w0[4], w1[4];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; c++) {
+        const uint8_t *p = w + c * ws + i * eb;
+        dec_prefetch(p);
+        if (eb == 4) dec_prefetch(p + 64);
+        switch (T) {
+        case COOPT_DTYPE_F32:
+            w0[c] = full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m0, p);
+            w1[c] = full ? _mm512_loadu_ps(p + 64) : _mm512_maskz_loadu_ps(m1, p + 64);
+            break;
+        case COOPT_DTYPE_F16:
+            w0[c] = full ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p))
+                         : simd_load_f16((const uint16_t *)p, m0);
+            w1[c] = full ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)))
+                         : simd_load_f16((const uint16_t *)(p + 32), m1);
+            break;
+        default: {
+            // two 32-byte loads: measured faster than one line-splitting 64-byte load when streaming from DRAM
+            __m512i v = full ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
+                                                  _mm256_loadu_si256((const __m256i *)(p + 32)), 1)
+                             : _mm512_maskz_loadu_epi16(((__mmask32)m1 << 16) | m0, p);
+            w0[c]     = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            w1[c]     = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+        }
+        }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
@@ -557,35 +564,30 @@ ALWAYS_INLINE void dec_step_float(enum coopt_dtype T, int R, const uint8_t *w, i
             x0 = _mm512_maskz_loadu_ps(m0, xr);
             x1 = _mm512_maskz_loadu_ps(m1, xr + 16);
         }
-        acc[r][a]     = _mm512_fmadd_ps(w0, x0, acc[r][a]);
-        acc[r][a + 1] = _mm512_fmadd_ps(w1, x1, acc[r][a + 1]);
+#pragma GCC unroll 4
+        for (int c = 0; c < C; c++) {
+            acc[r][c][0] = _mm512_fmadd_ps(w0[c], x0, acc[r][c][0]);
+            acc[r][c][1] = _mm512_fmadd_ps(w1[c], x1, acc[r][c][1]);
+        }
     }
 }
 
-// Float weights: 4 independent accumulators per x row when R <= 2 (64 weights per iteration), else 2.
-ALWAYS_INLINE void dec_row_float(enum coopt_dtype T, int R, const uint8_t *w, int64_t n_in, const float *x,
-                                 size_t xs, float *out, int64_t ldo) {
-    __m512  acc[MM_DEC_MAX][4];
-    const int A = R <= 2 ? 4 : 2; // accumulators per row in use
+// Float weights: C rows at w (ws bytes apart) at once -- C streams keep more DRAM requests in
+// flight than one -- with 2 accumulators per (x row, weight row).
+ALWAYS_INLINE void dec_row_float(enum coopt_dtype T, int R, int C, const uint8_t *w, size_t ws, int64_t n_in,
+                                 const float *x, size_t xs, float *out, int64_t ldo) {
+    __m512 acc[MM_DEC_MAX][4][2];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-        for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
+        for (int c = 0; c < C; c++) acc[r][c][0] = acc[r][c][1] = _mm512_setzero_ps();
     int64_t i = 0;
-    if (A == 4) {
-        for (; i + 64 <= n_in; i += 64) {
-            dec_step_float(T, R, w, i, true, n_in, x, xs, acc, 0);
-            dec_step_float(T, R, w, i + 32, true, n_in, x, xs, acc, 2);
-        }
-    }
-    for (; i + 32 <= n_in; i += 32) dec_step_float(T, R, w, i, true, n_in, x, xs, acc, 0);
-    if (i < n_in) dec_step_float(T, R, w, i, false, n_in, x, xs, acc, 0);
+    for (; i + 32 <= n_in; i += 32) dec_step_float(T, R, C, w, ws, i, true, n_in, x, xs, acc);
+    if (i < n_in) dec_step_float(T, R, C, w, ws, i, false, n_in, x, xs, acc);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-        __m512 s = _mm512_add_ps(acc[r][0], acc[r][1]);
-        if (A == 4) s = _mm512_add_ps(s, _mm512_add_ps(acc[r][2], acc[r][3]));
-        out[r * ldo] = _mm512_reduce_add_ps(s);
-    }
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < C; c++) out[r * ldo + c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1]));
 }
 
 // x rows [r0, r0 + R) against weight rows [o0, o1).
@@ -596,13 +598,18 @@ ALWAYS_INLINE void dec_rows(enum coopt_dtype T, int R, const struct dec_ctx *dc,
     const bool                 plain = T == COOPT_DTYPE_F32 || T == COOPT_DTYPE_F16; // x used as given
     const uint8_t *xp  = (const uint8_t *)(plain ? (const void *)dc->x : dc->xp) + (size_t)r0 * dc->x_stride;
     float         *out = dc->out + (size_t)r0 * (size_t)ldo;
-    for (int64_t o = o0; o < o1; o++) {
-        const uint8_t *wr = base + (size_t)o * dc->row_bytes;
-        if (T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0)
-            dec_row_quant(T, R, wr, w->n_in / COOPT_QK, xp, dc->x_stride, out + o, ldo);
-        else
-            dec_row_float(T, R, wr, w->n_in, (const float *)xp, dc->x_stride, out + o, ldo);
+    const size_t   rb  = dc->row_bytes;
+    if (T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0) {
+        for (int64_t o = o0; o < o1; o++)
+            dec_row_quant(T, R, base + (size_t)o * rb, w->n_in / COOPT_QK, xp, dc->x_stride, out + o, ldo);
+        return;
     }
+    const int C = R == 1 ? 4 : R <= 4 ? 2 : 1; // weight rows at once
+    int64_t   o = o0;
+    for (; o + C <= o1; o += C)
+        dec_row_float(T, R, C, base + (size_t)o * rb, rb, w->n_in, (const float *)xp, dc->x_stride, out + o, ldo);
+    for (; o < o1; o++)
+        dec_row_float(T, R, 1, base + (size_t)o * rb, rb, w->n_in, (const float *)xp, dc->x_stride, out + o, ldo);
 }
 
 // All x rows, in groups of MM_DEC_MAX, against weight rows [o0, o1) (which stay in L2 between groups).
