@@ -4,9 +4,10 @@
  * With AVX-512 (F/BW/VL/VNNI/VBMI), decode (n_rows <= 8; F32 weights only at n_rows 1) and
  * prefill of Q8_0/Q4_0 weights use one row kernel (section "row kernel" below): each thread
  * walks contiguous chunks of weight rows, one row at a time, and dots each row with up to 8
- * rows of x, so a weight row is read once per 8 x rows. Decode is memory-bound and the kernel only has to outrun DRAM (~47 GB/s
- * per thread, i.e. ~12 bytes/cycle at ~4 GHz); prefill of quantized weights cuts the weight rows
- * into L2-sized chunks that every group of 8 x rows passes over.
+ * rows of x, so a weight row is read once per 8 x rows. Decode is memory-bound and the kernel
+ * only has to outrun DRAM (~47 GB/s per thread, i.e. ~12 bytes/cycle at ~4 GHz); prefill of
+ * quantized weights cuts the weight rows into L2-sized chunks that every group of 8 x rows
+ * passes over.
  *
  * Otherwise (float prefill, or no AVX-512) the matmul is blocked: the rows of x are cut into
  * panels of MM_PANEL rows and n_in into slices of MM_KB, and a register tile of 4 x-rows by 4
