@@ -136,6 +136,25 @@ TEST(ops_matmul) {
     pair_free(&p);
 }
 
+TEST(ops_matmul_decode) {
+    // the decode path (n_rows <= 8): every row count, quantized rows of 1..17 blocks (partial last
+    // steps of 8 blocks), float rows with partial last vectors, and a 2-step row
+    struct be_pair p;
+    if (!pair_init(t, &p, 2)) return;
+    uint64_t      s            = 11;
+    const int64_t q_ins[]      = {32, 96, 160, 224, 256, 288, 544};
+    const int64_t f_ins[]      = {1, 17, 33, 100, 256, 300};
+    bool          ok           = true;
+    for (size_t d = 0; d < COOPT_ARRAY_LEN(k_wtypes) && ok; d++) {
+        const int64_t *ins = is_quant(k_wtypes[d]) ? q_ins : f_ins;
+        size_t         n   = is_quant(k_wtypes[d]) ? COOPT_ARRAY_LEN(q_ins) : COOPT_ARRAY_LEN(f_ins);
+        for (size_t a = 0; a < n && ok; a++)
+            for (int32_t rows = 1; rows <= 9 && ok; rows++)
+                ok = check_matmul(t, &p, &s, k_wtypes[d], ins[a], 37, rows, (a + (size_t)rows) % 2 == 0);
+    }
+    pair_free(&p);
+}
+
 TEST(ops_matmul_threads) {
     // 1 and 3 threads (uneven splits) give the same results as the reference
     for (int32_t n = 1; n <= 3; n += 2) {
