@@ -14,8 +14,9 @@
  * below are coopt_kv_offset/coopt_kv_scale_offset ported to device code.
  *
  * rope_kernel       Grid: (n_tokens); Block: 128 threads over the n_heads * head_dim/2 pairs.
- * rope_store_kernel Grid: (n_tokens); Block: 128 threads = 4 warps. All threads rotate q; then
- *                   warp w handles cache rows (kv head h, K/V) = w, w + 4, ... of the token:
+ * rope_store_kernel Grid: (n_tokens, ceil(2 * n_kv_heads / 4)); Block: 128 threads = 4 warps.
+ *                   Blocks with blockIdx.y == 0 rotate q; warp w of block y handles the cache
+ *                   row r = 4y + w (kv head r/2, K or V) of the token:
  *                   rotated row into shared memory, warp amax, quantized store.
  *                   Shared memory: 4 * head_dim floats (head_dim <= 256).
  */
@@ -114,12 +115,12 @@ __global__ void __launch_bounds__(128)
     const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
     const int        warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int32_t    ps = pos[t];
-    rope_row(q + (size_t)t * n_heads * hd, n_heads, ps, p);
+    if (blockIdx.y == 0) rope_row(q + (size_t)t * n_heads * hd, n_heads, ps, p);
 
     const int64_t page = slots[t] / L.page_size;
     const int32_t row  = (int32_t)(slots[t] % L.page_size);
     float        *b    = buf[warp];
-    for (int r = warp; r < 2 * nkv; r += 4) {
+    for (int r = blockIdx.y * 4 + warp; r < 2 * nkv; r += 4 * gridDim.y) {
         const int32_t h = r >> 1, kvi = r & 1;
         const float  *src = (kvi ? v : k) + ((size_t)t * nkv + h) * hd;
         if (kvi == 0) {
@@ -189,7 +190,9 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
     struct rope_params   p  = rope_params_make(rope);
     struct kv_dev_layout L  = kv_dev_layout_make(l);
     cudaStream_t         st = cuda_impl(be)->stream;
-    int32_t              n  = b->n_tokens;
+    // Grid (n_tokens, ceil(2 * n_kv_heads / 4)): one warp per K or V row, so the FP8 scale search
+    // of a token's rows runs in parallel; blocks with blockIdx.y == 0 also rotate q.
+    dim3 n(b->n_tokens, (2 * l->n_kv_heads + 3) / 4);
     switch (l->dtype) {
     case COOPT_DTYPE_F32:
         rope_store_kernel<COOPT_DTYPE_F32><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
