@@ -291,6 +291,7 @@ enum coopt_status coopt_cpu_backend_init(int32_t n_threads, bool ref, struct coo
     be->impl      = cb;
     be->ops       = ref ? &coopt_cpu_ref_ops : &coopt_cpu_fast_ops;
     be->n_threads = 1;
+    be->attn_partition = 512; // the context overrides it from its parameters
     if (!ref) {
         enum coopt_status st = coopt_threadpool_init(n_threads, &cb->tp);
         if (st != COOPT_OK) {

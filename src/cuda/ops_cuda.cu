@@ -466,6 +466,7 @@ extern "C" enum coopt_status coopt_cuda_backend_init(int32_t n_threads, struct c
     }
     be->ops       = &cuda_ops;
     be->n_threads = n_threads;
+    be->attn_partition = 512; // the context overrides it from its parameters
     be->impl      = cb;
     cb->device    = 0;
     enum coopt_status st = COOPT_ERR_NOMEM;

@@ -55,7 +55,7 @@ struct attn_args {
     const int32_t *pos, *tok_seq, *block_tables;
     float         *part_acc;      // workspace (split only)
     float         *part_ml;
-    int32_t        max_blocks, window, layer, n_heads, group, n_sub, n_parts, part_size;
+    int32_t        max_blocks, window, layer, n_heads, group, n_sub, sub_g, n_parts, part_size;
     float          scale;
 };
 
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_kernel(const struct attn_ar
     const int     tid = threadIdx.x;
     const int32_t t   = blockIdx.x;
     const int32_t kvh = blockIdx.y / a.n_sub, sub = blockIdx.y % a.n_sub;
-    const int32_t g0 = sub * ATTN_MAX_G, ng = min(ATTN_MAX_G, a.group - g0);
+    const int32_t g0 = sub * a.sub_g, ng = min(a.sub_g, a.group - g0);
     const int32_t hd  = HD > 0 ? HD : L.head_dim;
     const int32_t pos = a.pos[t];
     const int32_t lo  = a.window > 0 ? max(0, pos - a.window + 1) : 0;
@@ -294,7 +294,10 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
         coopt_log_error("cuda attention: head_dim %d is not supported (at most %d)", hd, ATTN_MAX_HD);
         COOPT_ASSERT(!"unsupported head_dim");
     }
-    const int32_t group = n_heads / nkv, n_sub = (group + ATTN_MAX_G - 1) / ATTN_MAX_G;
+    // Ablation switches (struct coopt_backend): per-head reads make every CTA serve one query
+    // head (no sharing of K/V reads inside the group); partition 0 turns split-K off.
+    const int32_t sub_g = be->attn_per_head ? 1 : ATTN_MAX_G;
+    const int32_t group = n_heads / nkv, n_sub = (group + sub_g - 1) / sub_g;
 
     // Longest key range any token of the step can have: positions held before the step plus
     // the step's tokens (when the page manager is there), the block table's span, the window.
@@ -312,7 +315,7 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
     int32_t part_size = ATTN_PART;
     while (part_size > ATTN_TILE && ctas * ((bound + part_size - 1) / part_size) < 2LL * cb->n_sm) part_size /= 2;
     int64_t n_parts = (bound + part_size - 1) / part_size;
-    if (ctas >= 2LL * cb->n_sm || n_parts <= 1) n_parts = 1;
+    if (ctas >= 2LL * cb->n_sm || n_parts <= 1 || be->attn_partition == 0) n_parts = 1;
     if (n_parts > 65535) { // grid.z limit: longer partitions
         part_size = (int32_t)((bound + 65534) / 65535 + ATTN_TILE - 1) / ATTN_TILE * ATTN_TILE;
         n_parts   = (bound + part_size - 1) / part_size;
@@ -333,6 +336,7 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
     a.n_heads      = n_heads;
     a.group        = group;
     a.n_sub        = n_sub;
+    a.sub_g        = sub_g;
     a.n_parts      = (int32_t)n_parts;
     a.part_size    = n_parts > 1 ? part_size : INT_MAX;
     a.scale        = scale;
