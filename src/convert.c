@@ -626,14 +626,6 @@ done:
 // ---- Hugging Face output ----
 
 // The shortest decimal that reads back as f (so config.json says 1e-05, not 9.99999975e-06).
-static double short_double(float f) {
-    char buf[32];
-    for (int p = 6; p <= 9; p++) {
-        snprintf(buf, sizeof(buf), "%.*g", p, (double)f);
-        if (strtof(buf, NULL) == f) break;
-    }
-    return strtod(buf, NULL);
-}
 
 static void json_set(cJSON *o, const char *key, cJSON *v) {
     if (cJSON_GetObjectItemCaseSensitive(o, key)) cJSON_ReplaceItemInObjectCaseSensitive(o, key, v);
@@ -649,10 +641,9 @@ static enum coopt_status write_text(const char *path, const char *text, size_t l
 }
 
 static enum coopt_status cv_write_config(struct cv *cv, enum coopt_dtype wt) {
-    const struct coopt_model_config *c    = &cv->m->config;
-    cJSON                           *root = NULL;
-    char                             path[4096];
-    enum coopt_status                st;
+    cJSON            *root = NULL;
+    char              path[4096];
+    enum coopt_status st;
     if (cv->in_fmt == FMT_HF) { // keep every field we do not change
         char  *text = NULL;
         size_t len  = 0;
@@ -666,38 +657,7 @@ static enum coopt_status cv_write_config(struct cv *cv, enum coopt_dtype wt) {
         }
         cJSON_DeleteItemFromObjectCaseSensitive(root, "quantization_config"); // weights are dequantized
     } else {
-        if (!(root = cJSON_CreateObject())) return COOPT_ERR_NOMEM;
-        cJSON *a = cJSON_AddArrayToObject(root, "architectures");
-        cJSON_AddItemToArray(a, cJSON_CreateString("LlamaForCausalLM"));
-        cJSON_AddStringToObject(root, "model_type", "llama");
-        cJSON_AddStringToObject(root, "hidden_act", "silu");
-        cJSON_AddNumberToObject(root, "hidden_size", c->dim);
-        cJSON_AddNumberToObject(root, "intermediate_size", c->ffn_dim);
-        cJSON_AddNumberToObject(root, "num_hidden_layers", c->n_layers);
-        cJSON_AddNumberToObject(root, "num_attention_heads", c->n_heads);
-        cJSON_AddNumberToObject(root, "head_dim", c->head_dim);
-        cJSON_AddNumberToObject(root, "vocab_size", c->n_vocab);
-        cJSON_AddNumberToObject(root, "max_position_embeddings", c->n_ctx_train);
-        cJSON_AddNumberToObject(root, "rms_norm_eps", short_double(c->norm_eps));
-        cJSON_AddNumberToObject(root, "rope_theta", short_double(c->rope_theta));
-        cJSON_AddBoolToObject(root, "tie_word_embeddings", c->tied_embeddings);
-        bool bias = cv->m->layers[0].wq.bias != NULL;
-        cJSON_AddBoolToObject(root, "attention_bias", bias);
-        int32_t bos = coopt_tokenizer_bos(cv->m->tokenizer), eos = coopt_tokenizer_eos(cv->m->tokenizer);
-        if (bos >= 0) cJSON_AddNumberToObject(root, "bos_token_id", bos);
-        if (eos >= 0) cJSON_AddNumberToObject(root, "eos_token_id", eos);
-        if (c->sliding_window > 0) cJSON_AddNumberToObject(root, "sliding_window", c->sliding_window);
-        if (c->rope_scaling != COOPT_ROPE_SCALING_NONE) {
-            cJSON *rs     = cJSON_AddObjectToObject(root, "rope_scaling");
-            bool   llama3 = c->rope_scaling == COOPT_ROPE_SCALING_LLAMA3;
-            cJSON_AddStringToObject(rs, "rope_type", llama3 ? "llama3" : "linear");
-            cJSON_AddNumberToObject(rs, "factor", short_double(c->rope_factor));
-            if (llama3) {
-                cJSON_AddNumberToObject(rs, "low_freq_factor", short_double(c->rope_low_freq_factor));
-                cJSON_AddNumberToObject(rs, "high_freq_factor", short_double(c->rope_high_freq_factor));
-                cJSON_AddNumberToObject(rs, "original_max_position_embeddings", c->rope_orig_ctx);
-            }
-        }
+        if (!(root = coopt_hf_config_from_model(cv->m))) return COOPT_ERR_NOMEM;
     }
     json_set(root, "num_key_value_heads", cJSON_CreateNumber(cv->kv_out));
     json_set(root, "torch_dtype", cJSON_CreateString(wt == COOPT_DTYPE_BF16  ? "bfloat16"

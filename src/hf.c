@@ -677,3 +677,56 @@ enum coopt_status coopt_hf_load_model(struct coopt_model *m, const char *dir) {
 
     return coopt_tokenizer_load(dir, &m->tokenizer);
 }
+
+// ---- config.json from a model (writers: convert, quantize) ----
+
+// The shortest decimal that reads back as the same f32 (1e-05, not 9.99999974737875e-06).
+static double f32_short_decimal(float f) {
+    char buf[32];
+    for (int p = 6; p <= 9; p++) {
+        snprintf(buf, sizeof(buf), "%.*g", p, (double)f);
+        if (strtof(buf, NULL) == f) break;
+    }
+    return strtod(buf, NULL);
+}
+
+cJSON *coopt_hf_config_from_model(const struct coopt_model *m) {
+    const struct coopt_model_config *c    = &m->config;
+    cJSON                           *root = cJSON_CreateObject();
+    if (!root) return NULL;
+    cJSON *arch = cJSON_AddArrayToObject(root, "architectures");
+    if (arch) cJSON_AddItemToArray(arch, cJSON_CreateString("LlamaForCausalLM"));
+    cJSON_AddStringToObject(root, "model_type", "llama");
+    cJSON_AddStringToObject(root, "hidden_act", "silu");
+    cJSON_AddNumberToObject(root, "hidden_size", c->dim);
+    cJSON_AddNumberToObject(root, "intermediate_size", c->ffn_dim);
+    cJSON_AddNumberToObject(root, "num_hidden_layers", c->n_layers);
+    cJSON_AddNumberToObject(root, "num_attention_heads", c->n_heads);
+    cJSON_AddNumberToObject(root, "num_key_value_heads", c->n_kv_heads);
+    cJSON_AddNumberToObject(root, "head_dim", c->head_dim);
+    cJSON_AddNumberToObject(root, "vocab_size", c->n_vocab);
+    cJSON_AddNumberToObject(root, "max_position_embeddings", c->n_ctx_train);
+    cJSON_AddNumberToObject(root, "rms_norm_eps", f32_short_decimal(c->norm_eps));
+    cJSON_AddNumberToObject(root, "rope_theta", f32_short_decimal(c->rope_theta));
+    cJSON_AddBoolToObject(root, "tie_word_embeddings", c->tied_embeddings);
+    cJSON_AddBoolToObject(root, "attention_bias", m->layers && m->layers[0].wq.bias != NULL);
+    cJSON_AddBoolToObject(root, "mlp_bias", false);
+    int32_t bos = coopt_tokenizer_bos(m->tokenizer), eos = coopt_tokenizer_eos(m->tokenizer);
+    if (bos >= 0) cJSON_AddNumberToObject(root, "bos_token_id", bos);
+    if (eos >= 0) cJSON_AddNumberToObject(root, "eos_token_id", eos);
+    if (c->sliding_window > 0) cJSON_AddNumberToObject(root, "sliding_window", c->sliding_window);
+    if (c->rope_scaling != COOPT_ROPE_SCALING_NONE) {
+        cJSON *rs = cJSON_AddObjectToObject(root, "rope_scaling");
+        if (rs) {
+            bool l3 = c->rope_scaling == COOPT_ROPE_SCALING_LLAMA3;
+            cJSON_AddStringToObject(rs, "rope_type", l3 ? "llama3" : "linear");
+            cJSON_AddNumberToObject(rs, "factor", f32_short_decimal(c->rope_factor));
+            if (l3) {
+                cJSON_AddNumberToObject(rs, "low_freq_factor", f32_short_decimal(c->rope_low_freq_factor));
+                cJSON_AddNumberToObject(rs, "high_freq_factor", f32_short_decimal(c->rope_high_freq_factor));
+                cJSON_AddNumberToObject(rs, "original_max_position_embeddings", c->rope_orig_ctx);
+            }
+        }
+    }
+    return root;
+}

@@ -766,48 +766,6 @@ static cJSON *gptq_config_json(const struct coopt_quantize_opts *o, int32_t n_ca
     return q;
 }
 
-// config.json for a GGUF / llama2.c input, from the model's configuration.
-static cJSON *synth_config(const struct coopt_model *m) {
-    const struct coopt_model_config *c    = &m->config;
-    cJSON                           *root = cJSON_CreateObject();
-    if (!root) return NULL;
-    cJSON *arch = cJSON_AddArrayToObject(root, "architectures");
-    if (arch) cJSON_AddItemToArray(arch, cJSON_CreateString("LlamaForCausalLM"));
-    cJSON_AddStringToObject(root, "model_type", "llama");
-    cJSON_AddStringToObject(root, "hidden_act", "silu");
-    cJSON_AddNumberToObject(root, "hidden_size", c->dim);
-    cJSON_AddNumberToObject(root, "intermediate_size", c->ffn_dim);
-    cJSON_AddNumberToObject(root, "num_hidden_layers", c->n_layers);
-    cJSON_AddNumberToObject(root, "num_attention_heads", c->n_heads);
-    cJSON_AddNumberToObject(root, "num_key_value_heads", c->n_kv_heads);
-    cJSON_AddNumberToObject(root, "head_dim", c->head_dim);
-    cJSON_AddNumberToObject(root, "vocab_size", c->n_vocab);
-    cJSON_AddNumberToObject(root, "max_position_embeddings", c->n_ctx_train);
-    char num[32]; // f32 values printed as their shortest decimal (1e-05, not 9.99999974737875e-06)
-    snprintf(num, sizeof(num), "%.7g", c->norm_eps);
-    cJSON_AddNumberToObject(root, "rms_norm_eps", strtod(num, NULL));
-    snprintf(num, sizeof(num), "%.7g", c->rope_theta);
-    cJSON_AddNumberToObject(root, "rope_theta", strtod(num, NULL));
-    cJSON_AddBoolToObject(root, "attention_bias", false);
-    cJSON_AddBoolToObject(root, "mlp_bias", false);
-    int32_t bos = coopt_tokenizer_bos(m->tokenizer), eos = coopt_tokenizer_eos(m->tokenizer);
-    if (bos >= 0) cJSON_AddNumberToObject(root, "bos_token_id", bos);
-    if (eos >= 0) cJSON_AddNumberToObject(root, "eos_token_id", eos);
-    if (c->rope_scaling != COOPT_ROPE_SCALING_NONE) {
-        cJSON *rs = cJSON_AddObjectToObject(root, "rope_scaling");
-        if (rs) {
-            bool l3 = c->rope_scaling == COOPT_ROPE_SCALING_LLAMA3;
-            cJSON_AddStringToObject(rs, "rope_type", l3 ? "llama3" : "linear");
-            cJSON_AddNumberToObject(rs, "factor", c->rope_factor);
-            if (l3) {
-                cJSON_AddNumberToObject(rs, "low_freq_factor", c->rope_low_freq_factor);
-                cJSON_AddNumberToObject(rs, "high_freq_factor", c->rope_high_freq_factor);
-                cJSON_AddNumberToObject(rs, "original_max_position_embeddings", c->rope_orig_ctx);
-            }
-        }
-    }
-    return root;
-}
 
 static enum coopt_status write_configs(const char *in_dir, const char *out_dir, const struct coopt_model *m,
                                        const struct coopt_quantize_opts *o, int32_t n_calib) {
@@ -818,7 +776,7 @@ static enum coopt_status write_configs(const char *in_dir, const char *out_dir, 
     cJSON            *root = NULL, *q = NULL, *qc = NULL;
     enum coopt_status st   = COOPT_OK;
     if (o->tokenizer_dir && !coopt_path_exists(path)) {
-        if (!(root = synth_config(m))) return COOPT_ERR_NOMEM;
+        if (!(root = coopt_hf_config_from_model(m))) return COOPT_ERR_NOMEM;
     } else {
         if ((st = coopt_read_file(path, &text, &len)) != COOPT_OK) return st;
         st = coopt_json_parse(text, len, path, &root);

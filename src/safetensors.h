@@ -131,6 +131,11 @@ struct coopt_hf_config_extra {
     bool    q_zeros_v2;       // checkpoint_format "gptq_v2": zeros stored as is (v1 stores zero - 1)
 };
 
+struct coopt_model;
+// A Hugging Face config.json object (LlamaForCausalLM) describing m's configuration, its
+// tokenizer's BOS/EOS and its attention biases; the caller owns it (cJSON_Delete). NULL on OOM.
+cJSON *coopt_hf_config_from_model(const struct coopt_model *m);
+
 // Parses GPTQ parameters from a quantization_config object or quantize_config.json root into x
 // (bits, group_size, desc_act, sym, checkpoint_format). `name` is used in messages.
 enum coopt_status coopt_hf_parse_gptq_config(const cJSON *q, const char *name, struct coopt_hf_config_extra *x);
