@@ -72,6 +72,11 @@ const char *test_data_path(const char *name);
 // Directory of committed golden files (tests/golden, relative to the repo root).
 const char *test_golden_path(const char *name);
 
+// Sends stderr to /dev/null while a test provokes expected error messages; returns the saved
+// descriptor for test_quiet_end. COOPT_TEST_VERBOSE=1 keeps stderr.
+int  test_quiet_begin(void);
+void test_quiet_end(int saved);
+
 // Skips the test (returning from it) when a model or data file is absent.
 bool test_have_file(const char *path);
 #define NEED_FILE(t, path)                                                                         \

@@ -19,26 +19,6 @@
 
 // ---- helpers ----
 
-// Error messages are expected in these tests; send them to /dev/null (restored by quiet_end).
-// COOPT_TEST_VERBOSE=1 shows them.
-static int quiet_begin(void) {
-    if (getenv("COOPT_TEST_VERBOSE")) return -1;
-    fflush(stderr);
-    int saved = dup(2);
-    int null  = open("/dev/null", O_WRONLY);
-    if (null >= 0) {
-        dup2(null, 2);
-        close(null);
-    }
-    return saved;
-}
-static void quiet_end(int saved) {
-    fflush(stderr);
-    if (saved >= 0) {
-        dup2(saved, 2);
-        close(saved);
-    }
-}
 
 // A fresh temp directory path; files go in it and are removed by the test.
 static bool make_tmpdir(char *dir, size_t cap) {
@@ -55,14 +35,14 @@ static enum coopt_status parse_copy(const uint8_t *data, size_t n) {
     enum coopt_status  st = coopt_gguf_parse(copy, n, "test.gguf", &g);
     if (st == COOPT_OK) {
         // exercise the getters on whatever parsed
-        int saved = quiet_begin();
+        int saved = test_quiet_begin();
         for (int64_t i = 0; i < g->n_kv; i++) {
             uint32_t u;
             float    f;
             coopt_gguf_get_u32(g, g->kv[i].key, false, &u);
             coopt_gguf_get_f32(g, g->kv[i].key, false, &f);
         }
-        quiet_end(saved);
+        test_quiet_end(saved);
     } else if (g != NULL) {
         st = COOPT_ERR_INVALID; // out-param must be NULL on failure
     }
@@ -166,11 +146,11 @@ TEST(gguf_parse_stories) {
     CHECK(t, coopt_gguf_get_str(g, "general.architecture", true, &s, &len) == COOPT_OK && len == 5 &&
                  memcmp(s, "llama", 5) == 0);
     // padding_token_id is 0xffffffff: out of int32 range
-    int saved = quiet_begin();
+    int saved = test_quiet_begin();
     enum coopt_status bad_i32 = coopt_gguf_get_i32(g, "tokenizer.ggml.padding_token_id", true, &i);
     enum coopt_status bad_str = coopt_gguf_get_str(g, "llama.block_count", true, &s, &len);
     enum coopt_status missing = coopt_gguf_get_u32(g, "llama.nope", true, &u);
-    quiet_end(saved);
+    test_quiet_end(saved);
     CHECK(t, bad_i32 == COOPT_ERR_FORMAT && bad_str == COOPT_ERR_FORMAT && missing == COOPT_ERR_FORMAT);
     u = 77;
     CHECK(t, coopt_gguf_get_u32(g, "llama.nope", false, &u) == COOPT_OK && u == 77); // default kept
@@ -249,10 +229,10 @@ TEST(gguf_writer_small) {
     CHECK(t, coopt_gguf_get_f32(g, "test.f32", true, &f) == COOPT_OK && f == 1.5f);
     CHECK(t, coopt_gguf_get_f32(g, "test.i32", true, &f) == COOPT_OK && f == -7.0f);
     CHECK(t, coopt_gguf_get_bool(g, "test.bool", true, &b) == COOPT_OK && b);
-    int saved = quiet_begin();
+    int saved = test_quiet_begin();
     enum coopt_status neg_u32 = coopt_gguf_get_u32(g, "test.i32", true, &u); // -7 is not a u32
     enum coopt_status big_i32 = coopt_gguf_get_i32(g, "test.u32", true, &i); // 4e9 is not an i32
-    quiet_end(saved);
+    test_quiet_end(saved);
     CHECK(t, neg_u32 == COOPT_ERR_FORMAT && big_i32 == COOPT_ERR_FORMAT);
 
     struct coopt_gguf_value a;
@@ -265,9 +245,9 @@ TEST(gguf_writer_small) {
     CHECK(t, coopt_gguf_get_arr(g, "test.arr_f64", true, &a) == COOPT_OK);
     CHECK(t, coopt_gguf_arr_f32(g, "test.arr_f64", &a, fv) == COOPT_OK && fv[0] == 0.25f && isinf(fv[1]));
     CHECK(t, coopt_gguf_get_arr(g, "test.arr_i64", true, &a) == COOPT_OK);
-    saved                     = quiet_begin();
+    saved                     = test_quiet_begin();
     enum coopt_status big_i64 = coopt_gguf_arr_i32(g, "test.arr_i64", &a, iv);
-    quiet_end(saved);
+    test_quiet_end(saved);
     CHECK(t, big_i64 == COOPT_ERR_FORMAT);
     const char *sp[3];
     uint32_t    sl[3];
@@ -303,7 +283,7 @@ TEST(gguf_writer_errors) {
     CHECK(t, coopt_gguf_writer_init(&w) == COOPT_OK);
     int64_t ne[2] = {2, 1}, ne_q[1] = {33};
     float   x[2]  = {1, 2};
-    int     saved = quiet_begin();
+    int     saved = test_quiet_begin();
     enum coopt_status s1 = coopt_gguf_writer_set_alignment(w, 48);
     enum coopt_status s2 = coopt_gguf_writer_add_tensor(w, "q", COOPT_GGML_Q8_0, 1, ne_q, x, NULL, NULL);
     enum coopt_status s3 = coopt_gguf_writer_add_tensor(w, "u", 99, 1, ne, x, NULL, NULL);
@@ -311,7 +291,7 @@ TEST(gguf_writer_errors) {
     enum coopt_status s5 = coopt_gguf_writer_add_tensor(w, "a", COOPT_GGML_F32, 2, ne, x, NULL, NULL);
     enum coopt_status s6 = coopt_gguf_writer_add_tensor(w, "b", COOPT_GGML_F32, 2, ne, NULL, fill_short, NULL);
     enum coopt_status s7 = coopt_gguf_writer_write(w, path);
-    quiet_end(saved);
+    test_quiet_end(saved);
     coopt_gguf_writer_free(w);
     bool left = coopt_path_exists(path);
     rmdir(dir);
@@ -388,13 +368,13 @@ TEST(gguf_corrupt_truncated_prefixes) {
     rmdir(dir);
     CHECK(t, data != NULL);
     CHECK(t, parse_copy(data, n) == COOPT_OK);
-    int    saved = quiet_begin();
+    int    saved = test_quiet_begin();
     size_t bad   = SIZE_MAX;
     for (size_t k = 0; k < n && bad == SIZE_MAX; k++) {
         enum coopt_status st = parse_copy(data, k);
         if (st != COOPT_ERR_FORMAT) bad = k;
     }
-    quiet_end(saved);
+    test_quiet_end(saved);
     free(data);
     CHECKF(t, bad == SIZE_MAX, "prefix of %zu bytes (of %zu) did not give COOPT_ERR_FORMAT", bad, n);
 }
@@ -434,7 +414,7 @@ TEST(gguf_corrupt_patched) {
         {"bad alignment", COOPT_ERR_FORMAT},
         {"NUL in key", COOPT_ERR_FORMAT},
     };
-    int saved = quiet_begin();
+    int saved = test_quiet_begin();
     int fail  = -1;
     enum coopt_status got = COOPT_OK;
     for (int c = 0; c < (int)COOPT_ARRAY_LEN(cases) && fail < 0; c++) {
@@ -474,7 +454,7 @@ TEST(gguf_corrupt_patched) {
         got = parse_copy(d, n);
         if (got != cases[c].want) fail = c;
     }
-    quiet_end(saved);
+    test_quiet_end(saved);
     free(d);
     free(orig);
     CHECKF(t, fail < 0, "case '%s': got %s, expected %s", fail >= 0 ? cases[fail].what : "",
@@ -511,9 +491,9 @@ TEST(gguf_load_model_errors) {
             break;
         }
         struct coopt_model *m     = new_model();
-        int                 saved = quiet_begin();
+        int                 saved = test_quiet_begin();
         got                       = coopt_gguf_load_model(m, path);
-        quiet_end(saved);
+        test_quiet_end(saved);
         if (c == 4) tied = m->config.tied_embeddings && m->output.data == m->tok_embd.data;
         coopt_model_free(m);
         unlink(path);
@@ -551,7 +531,7 @@ TEST(gguf_vocab_only) {
     // eos out of range; then a scores array of the wrong length; then an unsupported model
     ok = ok && coopt_gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 9) == COOPT_OK &&
          coopt_gguf_writer_write(w, path) == COOPT_OK;
-    int               saved = quiet_begin();
+    int               saved = test_quiet_begin();
     enum coopt_status st2   = coopt_gguf_load_tokenizer(path, &tok);
     ok = ok && coopt_gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2) == COOPT_OK &&
          coopt_gguf_writer_set_arr(w, "tokenizer.ggml.scores", COOPT_GGUF_F32, sc, 3) == COOPT_OK &&
@@ -561,7 +541,7 @@ TEST(gguf_vocab_only) {
          coopt_gguf_writer_set_str(w, "tokenizer.ggml.model", "bert") == COOPT_OK &&
          coopt_gguf_writer_write(w, path) == COOPT_OK;
     enum coopt_status st4 = coopt_gguf_load_tokenizer(path, &tok);
-    quiet_end(saved);
+    test_quiet_end(saved);
     coopt_gguf_writer_free(w);
     unlink(path);
     rmdir(dir);
@@ -602,9 +582,9 @@ TEST(gguf_rope_freqs_llama3) {
         coopt_gguf_writer_free(w);
         if (st != COOPT_OK) break;
         struct coopt_model *m     = new_model();
-        int                 saved = quiet_begin();
+        int                 saved = test_quiet_begin();
         got[c]                    = coopt_gguf_load_model(m, path);
-        quiet_end(saved);
+        test_quiet_end(saved);
         if (c == 0) cfg = m->config;
         coopt_model_free(m);
         unlink(path);

@@ -15,24 +15,6 @@
 #include <string.h>
 #include <unistd.h>
 
-static int quiet_begin(void) {
-    if (getenv("COOPT_TEST_VERBOSE")) return -1;
-    fflush(stderr);
-    int saved = dup(2);
-    int null  = open("/dev/null", O_WRONLY);
-    if (null >= 0) {
-        dup2(null, 2);
-        close(null);
-    }
-    return saved;
-}
-static void quiet_end(int saved) {
-    fflush(stderr);
-    if (saved >= 0) {
-        dup2(saved, 2);
-        close(saved);
-    }
-}
 
 static struct coopt_model *new_model(void) {
     struct coopt_model *m = calloc(1, sizeof(*m));
@@ -166,9 +148,9 @@ TEST(llama2c_v1_and_untied) {
     enum coopt_status   s0 = load(bin, NULL, &ref);
     enum coopt_status   s1 = load(p1, tokpath, &m1);
     enum coopt_status   s2 = load(p2, tokpath, &m2);
-    int                 q  = quiet_begin();
+    int                 q  = test_quiet_begin();
     enum coopt_status   s3 = load(p3, tokpath, &m3);
-    quiet_end(q);
+    test_quiet_end(q);
     const char *d1 = s0 == COOPT_OK && s1 == COOPT_OK ? compare_models(ref, m1) : "load";
     bool untied = s2 == COOPT_OK && !m2->config.tied_embeddings && m2->output.data != m2->tok_embd.data &&
                   ((const float *)m2->output.data)[777] == 2 * ((const float *)m2->tok_embd.data)[777] &&
@@ -199,7 +181,7 @@ TEST(llama2c_errors) {
     snprintf(missing, sizeof(missing), "%s/nope.bin", dir);
     // truncations (every size check), a header of zeros, an inconsistent header
     size_t cuts[] = {1, 3, 27, 28, 29, 1000, n / 2, n - 4, n - 1};
-    int    bad = -1, q = quiet_begin();
+    int    bad = -1, q = test_quiet_begin();
     enum coopt_status st = COOPT_OK;
     struct coopt_model *m = NULL;
     for (size_t i = 0; i < COOPT_ARRAY_LEN(cuts) && bad < 0; i++) {
@@ -240,7 +222,7 @@ TEST(llama2c_errors) {
         }
         unlink(tp);
     }
-    quiet_end(q);
+    test_quiet_end(q);
     unlink(p);
     rmdir(dir);
     free(data);

@@ -3,6 +3,7 @@
  */
 #include "test.h"
 
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -85,6 +86,26 @@ static const char *rot_path(const char *dir, const char *name) {
 const char *test_model_path(const char *name) { return rot_path(test_models_dir(), name); }
 const char *test_data_path(const char *name) { return rot_path(test_data_dir(), name); }
 const char *test_golden_path(const char *name) { return rot_path("tests/golden", name); }
+
+int test_quiet_begin(void) {
+    if (getenv("COOPT_TEST_VERBOSE")) return -1;
+    fflush(stderr);
+    int saved = dup(2);
+    int null  = open("/dev/null", O_WRONLY);
+    if (null >= 0) {
+        dup2(null, 2);
+        close(null);
+    }
+    return saved;
+}
+
+void test_quiet_end(int saved) {
+    fflush(stderr);
+    if (saved >= 0) {
+        dup2(saved, 2);
+        close(saved);
+    }
+}
 
 bool test_have_file(const char *path) { return access(path, R_OK) == 0; }
 
