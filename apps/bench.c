@@ -202,7 +202,7 @@ int cmd_bench(int argc, char **argv) {
     int32_t *toks = malloc((size_t)max_pp * sizeof(int32_t)), *seqs = malloc((size_t)max_pp * sizeof(int32_t));
     struct bench_result res[MAX_LIST * MAX_LIST * 2];
     int                 n_res = 0, rc = 0;
-    int                 n_threads = o.n_threads > 0 ? o.n_threads : coopt_n_cores();
+    int                 n_threads = coopt_ctx_n_threads(c);
     for (int d = 0; d < n_dp && !rc; d++) {
         for (int kind = 0; kind < 2 && !rc; kind++) {
             int      n_list = kind == 0 ? n_pp : n_tg;

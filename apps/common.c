@@ -115,7 +115,7 @@ void app_opts_usage(void) {
     fprintf(stderr,
             "model options:\n"
             "  -m, --model PATH       model: .gguf file, Hugging Face directory, or llama2.c .bin\n"
-            "  -t, --threads N        CPU threads (default: all cores)\n"
+            "  -t, --threads N        CPU threads (default: all cores; 1 for models under 16 MiB)\n"
             "  -c, --ctx-size N       max tokens per sequence (default: the model's context)\n"
             "  -b, --batch-size N     max tokens per forward step; longer prompts are chunked (default 512)\n"
             "  --kv-type T            KV cache type: f32, f16, bf16, fp8_e4m3, fp8_e5m2\n"

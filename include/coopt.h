@@ -152,7 +152,9 @@ struct coopt_ctx_params {
     enum coopt_dtype kv_type;    // KV storage type; COOPT_DTYPE_COUNT (the default) = auto:
                                  // FP8 E4M3 for head_dim >= 16, F16 below (docs/BENCHMARKS.md
                                  // "KV cache accuracy" has the measurements behind the rule)
-    int32_t          n_threads;  // 0 = all cores
+    int32_t          n_threads;  // 0 = auto: 1 for models whose weights fit in cache (< 16 MiB read
+                                 // per token, where thread hand-offs cost more than they save),
+                                 // else all cores
     // Ablation switches (the defaults are the fast paths):
     int32_t          attn_partition; // split-K partition of long contexts in tokens (0 = 512, -1 = off)
     bool             attn_per_head;  // read K/V once per query head instead of once per KV group
@@ -200,6 +202,8 @@ struct coopt_kv_stats {
     enum coopt_dtype kv_type; // the storage type in use (auto resolved)
 };
 void coopt_ctx_kv_stats(const struct coopt_ctx *c, struct coopt_kv_stats *out);
+// Threads the context's backend uses (n_threads after the auto rule).
+int32_t coopt_ctx_n_threads(const struct coopt_ctx *c);
 
 // ---- sampling ----
 

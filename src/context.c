@@ -96,7 +96,7 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
     if (p.n_seq_max <= 0) p.n_seq_max = def.n_seq_max;
     if (p.n_batch <= 0) p.n_batch = def.n_batch;
     if (p.page_size <= 0) p.page_size = def.page_size;
-    if (p.n_threads <= 0) p.n_threads = coopt_n_cores();
+    if (p.n_threads <= 0) p.n_threads = m->info.weight_bytes < ((uint64_t)16 << 20) ? 1 : coopt_n_cores();
     // auto KV type: FP8 E4M3 costs <= 0.08 % PPL at head dims 16 and 64 on our test models but
     // 0.5 % at head dim 8 (stories260K), where F16 is exact to 0.01 %.
     if (p.kv_type == COOPT_DTYPE_COUNT) p.kv_type = cfg->head_dim >= 16 ? COOPT_DTYPE_FP8_E4M3 : COOPT_DTYPE_F16;
@@ -226,6 +226,8 @@ void coopt_ctx_kv_stats(const struct coopt_ctx *c, struct coopt_kv_stats *out) {
     out->bytes_per_token = l->page_bytes / (size_t)l->page_size;
     out->kv_type         = l->dtype;
 }
+
+int32_t coopt_ctx_n_threads(const struct coopt_ctx *c) { return c->be->n_threads; }
 
 const float *coopt_ctx_logits(const struct coopt_ctx *c, int32_t i) {
     if (i < 0 || i >= c->n_index_cap || c->logit_row[i] < 0) return NULL;
