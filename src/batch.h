@@ -24,6 +24,7 @@ struct coopt_batch {
     int32_t        max_blocks;   // row length of block_tables
     const int32_t *block_tables; // [n_seqs][max_blocks] page ids, -1 = released / none
     const int32_t *seq_lens;     // [n_seqs] positions held after this step
+    const int32_t *seq_ids;      // [n_seqs] KV sequence id of each batch sequence; NULL = no K offsets
     int32_t        window;       // sliding window (0 = full)
     int32_t        n_out;        // tokens whose logits are computed
     const int32_t *out_rows;     // [n_out] token indices, ascending

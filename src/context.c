@@ -32,10 +32,13 @@ struct coopt_ctx {
     struct coopt_forward_hook hook; // fn NULL = none
     int32_t                  max_blocks;
     // host staging for one step ([n_batch] unless noted)
-    int32_t *h_tokens, *h_pos, *h_tok_seq, *h_out_rows, *h_block_tables /* [n_seq_max][max_blocks] */, *h_seq_lens;
+    int32_t *h_tokens, *h_pos, *h_tok_seq, *h_out_rows, *h_block_tables /* [n_seq_max][max_blocks] */, *h_seq_lens,
+        *h_seq_ids;
     int64_t *h_slots;
     // backend copies of the same arrays
-    int32_t *d_tokens, *d_pos, *d_tok_seq, *d_out_rows, *d_block_tables, *d_seq_lens;
+    int32_t *d_tokens, *d_pos, *d_tok_seq, *d_out_rows, *d_block_tables, *d_seq_lens, *d_seq_ids;
+    float   *d_k_offset; // K smoothing offsets of FP8 caches (kv_cache.h), NULL otherwise
+    size_t   k_offset_seq_bytes; // bytes of one sequence's offsets
     int64_t *d_slots;
     // per-sequence bookkeeping [n_seq_max]
     int32_t *seq_add;      // tokens of the current batch per sequence
@@ -70,7 +73,8 @@ void coopt_ctx_free(struct coopt_ctx *c) {
     struct coopt_backend *be = c->be;
     if (be) {
         coopt_scratch_free(be, &c->scratch);
-        void *d[] = {c->d_tokens, c->d_pos, c->d_tok_seq, c->d_out_rows, c->d_block_tables, c->d_seq_lens, c->d_slots};
+        void *d[] = {c->d_tokens, c->d_pos,      c->d_tok_seq, c->d_out_rows, c->d_block_tables,
+                     c->d_seq_lens, c->d_seq_ids, c->d_slots,   c->d_k_offset};
         for (size_t i = 0; i < COOPT_ARRAY_LEN(d); i++) be->ops->free(be, d[i]);
         if (c->kv && c->kv->pool) be->ops->kv_pool_free(be, c->kv->pool, c->pool_bytes);
         if (c->dev_model && c->dev_model != c->model && be->ops->model_release) be->ops->model_release(be, c->dev_model);
@@ -78,8 +82,8 @@ void coopt_ctx_free(struct coopt_ctx *c) {
     if (c->kv) c->kv->pool = NULL;
     coopt_kv_cache_free(c->kv);
     coopt_backend_free(be);
-    void *h[] = {c->inv_freq, c->h_tokens, c->h_pos, c->h_tok_seq, c->h_out_rows, c->h_block_tables, c->h_seq_lens,
-                 c->h_slots, c->seq_add, c->seq_bidx, c->seq_step_cnt, c->logits, c->logit_row};
+    void *h[] = {c->inv_freq,   c->h_tokens, c->h_pos,    c->h_tok_seq,     c->h_out_rows, c->h_block_tables, c->h_seq_lens,
+                 c->h_seq_ids,  c->h_slots,  c->seq_add,  c->seq_bidx,      c->seq_step_cnt, c->logits,     c->logit_row};
     for (size_t i = 0; i < COOPT_ARRAY_LEN(h); i++) free(h[i]);
     free(c);
 }
@@ -155,11 +159,12 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
     c->h_slots        = coopt_malloc((size_t)nb * sizeof(int64_t));
     c->h_block_tables = coopt_malloc(bt * sizeof(int32_t));
     c->h_seq_lens     = coopt_malloc((size_t)ns * sizeof(int32_t));
+    c->h_seq_ids      = coopt_malloc((size_t)ns * sizeof(int32_t));
     c->seq_add        = coopt_calloc((size_t)p.n_seq_max, sizeof(int32_t));
     c->seq_bidx       = coopt_malloc((size_t)p.n_seq_max * sizeof(int32_t));
     c->seq_step_cnt   = coopt_calloc((size_t)p.n_seq_max, sizeof(int32_t));
     if (!c->h_tokens || !c->h_pos || !c->h_tok_seq || !c->h_out_rows || !c->h_slots || !c->h_block_tables ||
-        !c->h_seq_lens || !c->seq_add || !c->seq_bidx || !c->seq_step_cnt)
+        !c->h_seq_lens || !c->h_seq_ids || !c->seq_add || !c->seq_bidx || !c->seq_step_cnt)
         goto nomem;
     for (int32_t i = 0; i < p.n_seq_max; i++) c->seq_bidx[i] = -1;
     struct coopt_backend *be = c->be;
@@ -169,8 +174,20 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
         (st = be->ops->alloc(be, (size_t)nb * sizeof(int32_t), (void **)&c->d_out_rows)) ||
         (st = be->ops->alloc(be, (size_t)nb * sizeof(int64_t), (void **)&c->d_slots)) ||
         (st = be->ops->alloc(be, bt * sizeof(int32_t), (void **)&c->d_block_tables)) ||
-        (st = be->ops->alloc(be, (size_t)ns * sizeof(int32_t), (void **)&c->d_seq_lens)))
+        (st = be->ops->alloc(be, (size_t)ns * sizeof(int32_t), (void **)&c->d_seq_lens)) ||
+        (st = be->ops->alloc(be, (size_t)ns * sizeof(int32_t), (void **)&c->d_seq_ids)))
         goto fail;
+    if (layout.has_scales) { // K smoothing for FP8 caches (kv_cache.h)
+        c->k_offset_seq_bytes = (size_t)cfg->n_layers * (size_t)cfg->n_kv_heads * (size_t)cfg->head_dim * sizeof(float);
+        size_t bytes          = c->k_offset_seq_bytes * (size_t)p.n_seq_max;
+        if ((st = be->ops->alloc(be, bytes, (void **)&c->d_k_offset))) goto fail;
+        float *zeros = coopt_calloc(1, bytes);
+        if (!zeros) goto nomem;
+        be->ops->upload(be, c->d_k_offset, zeros, bytes);
+        be->ops->sync(be);
+        free(zeros);
+        c->kv->k_offset = c->d_k_offset;
+    }
     if ((st = coopt_scratch_init(be, cfg, nb, &c->scratch))) goto fail;
     *out = c;
     return COOPT_OK;
@@ -200,6 +217,19 @@ enum coopt_status coopt_seq_fork(struct coopt_ctx *c, int32_t src, int32_t *seq_
     for (int32_t s = 0; s < c->params.n_seq_max; s++) {
         if (!c->kv->seqs[s].live) {
             enum coopt_status st = coopt_kv_seq_fork(c->kv, src, s);
+            if (st == COOPT_OK && c->d_k_offset) { // the shared pages were quantized with src's K offsets
+                float *tmp = coopt_malloc(c->k_offset_seq_bytes);
+                if (!tmp) {
+                    coopt_kv_seq_free(c->kv, s);
+                    return COOPT_ERR_NOMEM;
+                }
+                size_t per = c->k_offset_seq_bytes / sizeof(float);
+                c->be->ops->download(c->be, tmp, c->d_k_offset + (size_t)src * per, c->k_offset_seq_bytes);
+                c->be->ops->sync(c->be);
+                c->be->ops->upload(c->be, c->d_k_offset + (size_t)s * per, tmp, c->k_offset_seq_bytes);
+                c->be->ops->sync(c->be);
+                free(tmp);
+            }
             if (st == COOPT_OK) *seq_id = s;
             return st;
         }
@@ -259,6 +289,7 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
     for (int32_t i = 0; i < n; i++) {
         int32_t t = start + i, s = in->seq_ids[t];
         if (c->seq_bidx[s] < 0) {
+            c->h_seq_ids[n_seqs] = s;
             c->seq_bidx[s]     = n_seqs;
             c->seq_step_cnt[s] = 0;
             int32_t *row       = c->h_block_tables + (size_t)n_seqs * (size_t)c->max_blocks;
@@ -281,10 +312,11 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
     be->ops->upload(be, c->d_out_rows, c->h_out_rows, (size_t)n_out * sizeof(int32_t));
     be->ops->upload(be, c->d_block_tables, c->h_block_tables, (size_t)n_seqs * (size_t)c->max_blocks * sizeof(int32_t));
     be->ops->upload(be, c->d_seq_lens, c->h_seq_lens, (size_t)n_seqs * sizeof(int32_t));
+    be->ops->upload(be, c->d_seq_ids, c->h_seq_ids, (size_t)n_seqs * sizeof(int32_t));
     struct coopt_batch b = {
         .n_tokens = n, .tokens = c->d_tokens, .pos = c->d_pos, .tok_seq = c->d_tok_seq, .slots = c->d_slots,
         .n_seqs = n_seqs, .max_blocks = c->max_blocks, .block_tables = c->d_block_tables, .seq_lens = c->d_seq_lens,
-        .window = c->model->config.sliding_window, .n_out = n_out, .out_rows = c->d_out_rows,
+        .seq_ids = c->d_seq_ids, .window = c->model->config.sliding_window, .n_out = n_out, .out_rows = c->d_out_rows,
     };
     coopt_forward(c->dev_model, be, kv, &c->rope, &c->scratch, &b, c->hook.fn ? &c->hook : NULL);
     size_t nv = (size_t)c->model->config.n_vocab;

@@ -62,6 +62,18 @@ static inline size_t coopt_kv_scale_offset(const struct coopt_kv_layout *l, int6
             (size_t)row) * sizeof(float);
 }
 
+// K smoothing (FP8 caches only). Each sequence has a per-(layer, KV head) offset vector c that
+// is subtracted from every roped K row before quantization: q.(k - c) = q.k - q.c shifts all of a
+// query's scores by the same amount, so softmax and the attention output are unchanged, while
+// the rows to quantize lose their common component and FP8 rounds them more finely. c is the
+// mean roped K of the sequence's first forward step (the one that writes position 0) and stays
+// fixed for the sequence's life (forks inherit it). Layout, in backend memory:
+//     k_offset: [n_seq_max][n_layers][n_kv_heads][head_dim] f32
+static inline size_t coopt_kv_koff_index(const struct coopt_kv_layout *l, int32_t seq, int32_t layer, int32_t head) {
+    return (((size_t)seq * (size_t)l->n_layers + (size_t)layer) * (size_t)l->n_kv_heads + (size_t)head) *
+           (size_t)l->head_dim;
+}
+
 // ---- page manager ----
 
 struct coopt_kv_seq {
@@ -77,6 +89,7 @@ struct coopt_kv_cache {
     int32_t              n_seq_max;
     int32_t              max_pages_per_seq;
     uint8_t             *pool;      // [n_pages * page_bytes], owned by the backend that allocated it
+    float               *k_offset;  // K smoothing offsets (see above), backend memory; NULL = none
     int32_t             *free_list; // [n_pages] stack of free page ids
     int64_t              n_free;
     int32_t             *refcount;  // [n_pages] sequences referencing each page

@@ -134,6 +134,7 @@ struct rope_ctx {
     struct coopt_kv_cache        *kv; // NULL: rope only
     int32_t                       layer;
     const int64_t                *slots;
+    const struct coopt_batch     *b;
 };
 
 static void rope_task(void *ctx, int32_t ith, int32_t nth) {
@@ -155,6 +156,9 @@ static void rope_task(void *ctx, int32_t ith, int32_t nth) {
                 if (kvi == 0) {
                     memcpy(tmp, src, (size_t)hd * sizeof(float));
                     cpu_rope_apply(c->rope, cs, tmp);
+                    const float *koff = cpu_kv_offset_row(c->kv, c->layer, c->b, (int32_t)t, h);
+                    if (koff)
+                        for (int32_t i = 0; i < hd; i++) tmp[i] -= koff[i];
                     src = tmp;
                 }
                 uint8_t *pool  = c->kv->pool;
@@ -187,7 +191,9 @@ static void rope_store_fast(struct coopt_backend *be, float *q, const float *k, 
                          .rope    = rope,
                          .kv      = kv,
                          .layer   = layer,
-                         .slots   = b->slots};
+                         .slots   = b->slots,
+                         .b       = b};
+    cpu_kv_offsets_update(kv, layer, b, k, rope);
     par_run(be, rope_task, &c, b->n_tokens > 1 ? (int64_t)b->n_tokens * (n_heads + 2 * l->n_kv_heads) * l->head_dim : 0);
 }
 

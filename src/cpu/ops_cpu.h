@@ -40,6 +40,13 @@ float cpu_kv_fp8_max(enum coopt_dtype t);
 // Writes the f32 row x[head_dim] into the cache at `dst` (type l->dtype). For FP8 types the
 // row's scale is amax(x) / fp8_max, stored as an f32 at `scale` (any alignment), and the values are fp8(x / scale); an
 // all-zero row stores scale 0 and zeros. `scale` is unused for F32/F16/BF16.
+// K smoothing (kv_cache.h): sets the offsets of the batch sequences whose step writes position 0
+// (mean roped K of their tokens in the step). No-op unless the cache is FP8 and b->seq_ids is set.
+void cpu_kv_offsets_update(struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, const float *k,
+                           const struct coopt_rope *rope);
+// The offset to subtract from token t's roped K row of KV head h, or NULL (no smoothing).
+const float *cpu_kv_offset_row(const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, int32_t t,
+                               int32_t h);
 void cpu_kv_store_row(const struct coopt_kv_layout *l, int32_t kv, const float *x, void *dst, void *scale);
 
 // Angles of RoPE for one position: cs[2*i] = cos(pos * inv_freq[i]), cs[2*i+1] = sin(...),

@@ -107,6 +107,43 @@ void cpu_kv_store_row(const struct coopt_kv_layout *l, int32_t kv, const float *
     memcpy(scale, &s, sizeof(s));
 }
 
+void cpu_kv_offsets_update(struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, const float *k,
+                           const struct coopt_rope *rope) {
+    const struct coopt_kv_layout *l = &kv->layout;
+    if (!kv->k_offset || !b->seq_ids || !l->has_scales) return;
+    bool any_first = false;
+    for (int32_t t = 0; t < b->n_tokens && !any_first; t++) any_first = b->pos[t] == 0;
+    if (!any_first) return;
+    int32_t hd = l->head_dim, nkv = l->n_kv_heads;
+    float   cs[512], tmp[512];
+    COOPT_ASSERT(hd <= 512); // coopt_model_finish caps head_dim at 512
+    for (int32_t s = 0; s < b->n_seqs; s++) {
+        bool first = false;
+        for (int32_t t = 0; t < b->n_tokens && !first; t++) first = b->tok_seq[t] == s && b->pos[t] == 0;
+        if (!first) continue;
+        for (int32_t h = 0; h < nkv; h++) {
+            float  *c   = kv->k_offset + coopt_kv_koff_index(l, b->seq_ids[s], layer, h);
+            int32_t cnt = 0;
+            memset(c, 0, (size_t)hd * sizeof(float));
+            for (int32_t t = 0; t < b->n_tokens; t++) {
+                if (b->tok_seq[t] != s) continue;
+                memcpy(tmp, k + ((size_t)t * nkv + h) * hd, (size_t)hd * sizeof(float));
+                cpu_rope_angles(rope, b->pos[t], cs);
+                cpu_rope_apply(rope, cs, tmp);
+                for (int32_t i = 0; i < hd; i++) c[i] += tmp[i];
+                cnt++;
+            }
+            for (int32_t i = 0; i < hd; i++) c[i] /= (float)cnt;
+        }
+    }
+}
+
+const float *cpu_kv_offset_row(const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, int32_t t,
+                               int32_t h) {
+    if (!kv->k_offset || !b->seq_ids || !kv->layout.has_scales) return NULL;
+    return kv->k_offset + coopt_kv_koff_index(&kv->layout, b->seq_ids[b->tok_seq[t]], layer, h);
+}
+
 void cpu_rope_angles(const struct coopt_rope *rope, int32_t pos, float *cs) {
     for (int32_t i = 0; i < rope->head_dim / 2; i++) {
         float a       = (float)pos * rope->inv_freq[i]; // f32, as HF computes position * inv_freq
@@ -206,6 +243,7 @@ static void rope_store_ref(struct coopt_backend *be, float *q, const float *k, c
     int32_t                       nkv = l->n_kv_heads;
     COOPT_ASSERT(rope->head_dim == hd && layer >= 0 && layer < l->n_layers);
     rope_ref(be, q, n_heads, b->pos, b->n_tokens, rope);
+    cpu_kv_offsets_update(kv, layer, b, k, rope);
     float *cs  = xmalloc((size_t)hd * sizeof(float));
     float *tmp = xmalloc((size_t)hd * sizeof(float));
     for (int32_t t = 0; t < b->n_tokens; t++) {
@@ -216,7 +254,12 @@ static void rope_store_ref(struct coopt_backend *be, float *q, const float *k, c
             for (int kvi = 0; kvi < 2; kvi++) {
                 const float *src = (kvi == 0 ? k : v) + ((size_t)t * nkv + h) * hd;
                 memcpy(tmp, src, (size_t)hd * sizeof(float));
-                if (kvi == 0) cpu_rope_apply(rope, cs, tmp);
+                if (kvi == 0) {
+                    cpu_rope_apply(rope, cs, tmp);
+                    const float *c = cpu_kv_offset_row(kv, layer, b, t, h);
+                    if (c)
+                        for (int32_t i = 0; i < hd; i++) tmp[i] -= c[i];
+                }
                 void *scale = l->has_scales ? kv->pool + coopt_kv_scale_offset(l, page, layer, kvi, h, row) : NULL;
                 cpu_kv_store_row(l, kvi, tmp, kv->pool + coopt_kv_offset(l, page, layer, kvi, h, row), scale);
             }
