@@ -91,6 +91,42 @@ void cuda_rope(struct coopt_backend *be, float *q, int32_t n_heads, const int32_
 
 __constant__ float c_fp8_scale_steps[16] = COOPT_FP8_SCALE_STEPS_INIT;
 
+// K smoothing (kv_cache.h): for each batch sequence whose step writes position 0, its offset for
+// this layer becomes the mean roped K of its tokens in the step (same order of summation as the
+// CPU: tokens in batch order, one f32 accumulator per channel).
+// Grid: (n_seqs, n_kv_heads); Block: 128 threads over the head_dim/2 rotation pairs.
+__global__ void kv_offsets_kernel(const float *__restrict__ k, int32_t n_tokens, int32_t nkv,
+                                  const int32_t *__restrict__ pos, const int32_t *__restrict__ tok_seq,
+                                  const int32_t *__restrict__ seq_ids, float *__restrict__ koff,
+                                  const struct kv_dev_layout L, int32_t n_layers, int32_t layer, const struct rope_params p) {
+    const int32_t s = blockIdx.x, h = blockIdx.y, hd = p.head_dim, half = hd / 2;
+    __shared__ int first;
+    if (threadIdx.x == 0) first = 0;
+    __syncthreads();
+    for (int32_t t = threadIdx.x; t < n_tokens; t += blockDim.x)
+        if (tok_seq[t] == s && pos[t] == 0) first = 1;
+    __syncthreads();
+    if (!first) return;
+    float *c = koff + (((size_t)seq_ids[s] * (size_t)n_layers + (size_t)layer) * (size_t)nkv + (size_t)h) * (size_t)hd;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        int i0, i1;
+        rope_pair(p, i, &i0, &i1);
+        float   s0 = 0.0f, s1 = 0.0f;
+        int32_t cnt = 0;
+        for (int32_t t = 0; t < n_tokens; t++) {
+            if (tok_seq[t] != s) continue;
+            const float *kr = k + ((size_t)t * nkv + h) * hd;
+            float        a = (float)pos[t] * p.inv_freq[i], y0, y1;
+            rope_rotate(kr[i0], kr[i1], cosf(a), sinf(a), &y0, &y1);
+            s0 = __fadd_rn(s0, y0);
+            s1 = __fadd_rn(s1, y1);
+            cnt++;
+        }
+        c[i0] = __fdiv_rn(s0, (float)cnt);
+        c[i1] = __fdiv_rn(s1, (float)cnt);
+    }
+}
+
 template <int KT> __device__ __forceinline__ void store_elem(uint8_t *dst, int i, float v) {
     if constexpr (KT == COOPT_DTYPE_F32) {
         ((float *)dst)[i] = v;
@@ -110,7 +146,9 @@ template <int KT>
 __global__ void __launch_bounds__(128)
     rope_store_kernel(float *q, const float *__restrict__ k, const float *__restrict__ v, int32_t n_heads,
                       uint8_t *__restrict__ pool, const struct kv_dev_layout L, int32_t layer,
-                      const int32_t *__restrict__ pos, const int64_t *__restrict__ slots, const struct rope_params p) {
+                      const int32_t *__restrict__ pos, const int64_t *__restrict__ slots, const struct rope_params p,
+                      const float *__restrict__ koff, const int32_t *__restrict__ tok_seq,
+                      const int32_t *__restrict__ seq_ids, int32_t n_layers) {
     __shared__ float buf[4][2 * ROPE_MAX_HALF];
     const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
     const int        warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -135,6 +173,12 @@ __global__ void __launch_bounds__(128)
             for (int i = lane; i < hd; i += WARP_SIZE) b[i] = src[i];
         }
         __syncwarp();
+        if (kvi == 0 && koff) { // K smoothing: subtract the sequence's offset (kv_offsets_kernel)
+            const float *c =
+                koff + (((size_t)seq_ids[tok_seq[t]] * (size_t)n_layers + (size_t)layer) * (size_t)nkv + (size_t)h) * (size_t)hd;
+            for (int i = lane; i < hd; i += WARP_SIZE) b[i] = __fsub_rn(b[i], c[i]);
+            __syncwarp();
+        }
         uint8_t *dst = pool + kv_offset(L, page, layer, kvi, h, row);
         if constexpr (KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2) {
             float amax = 0.0f;
@@ -193,23 +237,29 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
     // Grid (n_tokens, ceil(2 * n_kv_heads / 4)): one warp per K or V row, so the FP8 scale search
     // of a token's rows runs in parallel; blocks with blockIdx.y == 0 also rotate q.
     dim3 n(b->n_tokens, (2 * l->n_kv_heads + 3) / 4);
+    const float *koff = (l->has_scales && kv->k_offset && b->seq_ids) ? kv->k_offset : NULL;
+    if (koff) {
+        kv_offsets_kernel<<<dim3(b->n_seqs, l->n_kv_heads), 128, 0, st>>>(
+            k, b->n_tokens, l->n_kv_heads, b->pos, b->tok_seq, b->seq_ids, kv->k_offset, L, l->n_layers, layer, p);
+        CUDA_CHECK_LAUNCH();
+    }
     switch (l->dtype) {
     case COOPT_DTYPE_F32:
-        rope_store_kernel<COOPT_DTYPE_F32><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+        rope_store_kernel<COOPT_DTYPE_F32><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
         break;
     case COOPT_DTYPE_F16:
-        rope_store_kernel<COOPT_DTYPE_F16><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+        rope_store_kernel<COOPT_DTYPE_F16><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
         break;
     case COOPT_DTYPE_BF16:
-        rope_store_kernel<COOPT_DTYPE_BF16><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+        rope_store_kernel<COOPT_DTYPE_BF16><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
         break;
     case COOPT_DTYPE_FP8_E4M3:
         rope_store_kernel<COOPT_DTYPE_FP8_E4M3>
-            <<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+            <<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
         break;
     case COOPT_DTYPE_FP8_E5M2:
         rope_store_kernel<COOPT_DTYPE_FP8_E5M2>
-            <<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p);
+            <<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
         break;
     default:
         coopt_log_error("cuda rope_store: KV type %s is not supported", coopt_dtype_name(l->dtype));
