@@ -4,6 +4,7 @@
  *   make build/libcoopt.a && gcc -O3 -march=native -std=c11 -D_GNU_SOURCE -Iinclude -Isrc \
  *       dev/bench_gptq.c build/libcoopt.a -lcjson -lm -lpthread -o build/bench_gptq
  *   ./build/bench_gptq [threads=2] [prefill_rows=64]
+ *   HOT=1 ./build/bench_gptq ...   one copy per shape: the kernel's in-cache (L2/L3) speed
  *
  * Decode: each shape is replicated until the copies exceed 384 MiB (12x the L3; at 96 MiB part of the set
  * stayed cached on the dev VM and the figures were inflated), and the GEMVs
@@ -112,7 +113,7 @@ int main(int argc, char **argv) {
         struct coopt_gptq_weight *w0 = make(in, out, 128, 0, &rp);
         coopt_gptq_weight_free(make(in, out, 128, 1, &rpa));
         int64_t bytes = coopt_gptq_weight_bytes(w0);
-        int     nc = (int)((384ll << 20) / bytes) + 1;
+        int     nc = getenv("HOT") ? 1 : (int)((384ll << 20) / bytes) + 1; // HOT=1: cache-resident speed
         struct coopt_gptq_weight **ws = malloc(sizeof(*ws) * nc);
         ws[0] = w0;
         for (int c = 1; c < nc; c++) ws[c] = make(in, out, 128, 0, NULL);

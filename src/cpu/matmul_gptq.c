@@ -29,6 +29,7 @@
 #include "util.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -86,6 +87,48 @@ static void quantize_row(const struct coopt_gptq_weight *w, const float *x, int8
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// quantize_row with AVX-512, bit-identical: the same id = 127 / amax, product and round to
+// nearest even (cvtps_epi32 under the default MXCSR), same clamp, same f32 order for S.
+static void quantize_row_avx512(const struct coopt_gptq_weight *w, const float *x, int8_t *xq, float *xd, float *S) {
+    // within each octet: rows 0,2,4,6 then 1,3,5,7
+    const __m256i oct = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15, 0, 2, 4, 6, 1, 3, 5, 7,
+                                         8, 10, 12, 14, 9, 11, 13, 15);
+    const __m512i m127 = _mm512_set1_epi32(-127);
+    for (int32_t g = 0; g < w->n_groups; g++) {
+        float sg = 0.0f;
+        for (int64_t b = w->grp_blk[g]; b < w->grp_blk[g + 1]; b++) {
+            __m512 v0, v1;
+            if (w->perm) {
+                const __m512i p0 = _mm512_loadu_si512(w->perm + b * BLK), p1 = _mm512_loadu_si512(w->perm + b * BLK + 16);
+                const __mmask16 k0 = _mm512_cmpge_epi32_mask(p0, _mm512_setzero_si512());
+                const __mmask16 k1 = _mm512_cmpge_epi32_mask(p1, _mm512_setzero_si512());
+                v0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k0, p0, x, 4);
+                v1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k1, p1, x, 4);
+            } else {
+                int64_t   k  = b * BLK, left = w->n_in - k;
+                __mmask16 k0 = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                __mmask16 k1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+                v0 = _mm512_maskz_loadu_ps(k0, x + k);
+                v1 = _mm512_maskz_loadu_ps(k1, x + k + 16);
+            }
+            float   amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            float   d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            __m512  vid = _mm512_set1_ps(id);
+            __m512i i0 = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), m127);
+            __m512i i1 = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid)), m127);
+            // no lane exceeds 127 (|v * id| <= 127 (1 + 2^-22) rounds to 127), so the sum is of the stored values
+            int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+            __m256i q   = _mm256_set_m128i(_mm512_cvtsepi32_epi8(i1), _mm512_cvtsepi32_epi8(i0));
+            _mm256_storeu_si256((__m256i *)(xq + b * BLK), _mm256_shuffle_epi8(q, oct));
+            xd[b] = d;
+            sg    = fmaf(d, (float)sum, sg);
+        }
+        S[g] = sg;
+    }
+}
+#endif
+
 // ---- scalar path ----
 
 static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t nr,
@@ -125,6 +168,8 @@ static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_a
 
 // ---- AVX-512 VNNI path ----
 
+#define GPTQ_PF_DIST 1024 // software prefetch distance (bytes) in each decode weight stream
+
 #if GPTQ_HAVE_AVX512
 // NC subtiles x R rows starting at subtile t0 and row r0. NC * R <= 8 keeps everything in the
 // 32 zmm registers (R*NC int + R*NC f32 accumulators, NC scales, 2*NC unpacked weights).
@@ -149,6 +194,7 @@ static inline __attribute__((always_inline)) void k512(const struct coopt_gptq_w
             for (int oc = 0; oc < 4; oc++) {
                 __m512i lo[4], hi[4];
                 for (int c = 0; c < NC; c++) {
+                    if (R <= 2) _mm_prefetch((const char *)(qw[c] + (b * 4 + oc) * SUB) + GPTQ_PF_DIST, _MM_HINT_T0);
                     __m512i v = _mm512_loadu_si512(qw[c] + (b * 4 + oc) * SUB);
                     lo[c] = _mm512_and_si512(v, m4);
                     hi[c] = _mm512_and_si512(_mm512_srli_epi32(v, 4), m4);
@@ -325,15 +371,14 @@ struct gptq_task {
     float                          *out;
     int64_t                         n_rows;
     enum coopt_gptq_isa             isa;
+    int64_t                         chunk, n_chunks; // subtiles per claimed chunk, chunk count
+    atomic_int_fast64_t             next;            // next chunk to claim
 };
 
 #define ROW_BLOCK 8 // rows per weight-tile pass in prefill
 
-static void gptq_task_fn(void *ctx, int32_t ith, int32_t nth) {
-    const struct gptq_task *k = ctx;
-    int64_t                 t_lo, t_hi;
-    coopt_split_range(k->w->n_sub, ith, nth, &t_lo, &t_hi);
-    if (t_lo >= t_hi) return;
+// Subtiles [t_lo, t_hi) for all rows.
+static void gptq_run_range(const struct gptq_task *k, int64_t t_lo, int64_t t_hi) {
     // Subtile panels of a few subtiles outermost so their weights stay in L2 over all row blocks.
     const int64_t panel = k->n_rows > ROW_BLOCK ? 4 : t_hi - t_lo;
     for (int64_t p = t_lo; p < t_hi; p += panel) {
@@ -350,6 +395,19 @@ static void gptq_task_fn(void *ctx, int32_t ith, int32_t nth) {
             default: kernel_scalar(k->w, k->a, r0, nr, p, p_hi, k->out); break;
             }
         }
+    }
+}
+
+// Threads claim contiguous chunks of subtiles from an atomic counter, so a thread slowed by
+// another process does not hold the call back by more than one chunk.
+static void gptq_task_fn(void *ctx, int32_t ith, int32_t nth) {
+    (void)ith, (void)nth;
+    struct gptq_task *k = ctx;
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&k->next, 1, memory_order_relaxed);
+        if (c >= k->n_chunks) break;
+        int64_t t0 = c * k->chunk;
+        gptq_run_range(k, t0, COOPT_MIN(k->w->n_sub, t0 + k->chunk));
     }
 }
 
@@ -372,11 +430,20 @@ enum coopt_status coopt_gptq_matmul_cpu_isa(struct coopt_threadpool *tp, float *
     a.xq = (int8_t *)buf;
     a.xd = (float *)(buf + (size_t)n_rows * (size_t)w->k_pad);
     a.S = a.xd + (size_t)n_rows * (size_t)a.nblk;
+    void (*quant)(const struct coopt_gptq_weight *, const float *, int8_t *, float *, float *) = quantize_row;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (isa != COOPT_GPTQ_ISA_SCALAR) quant = quantize_row_avx512; // the scalar isa keeps checking quantize_row
+#endif
     for (int32_t r = 0; r < n_rows; r++)
-        quantize_row(w, x + (int64_t)r * w->n_in, a.xq + (int64_t)r * w->k_pad, a.xd + (int64_t)r * a.nblk,
+        quant(w, x + (int64_t)r * w->n_in, a.xq + (int64_t)r * w->k_pad, a.xd + (int64_t)r * a.nblk,
                      a.S + (int64_t)r * w->n_groups);
-    struct gptq_task task = {w, &a, out, n_rows, isa};
-    if (tp)
+    struct gptq_task task = {w, &a, out, n_rows, isa, 0, 0, 0};
+    // ~4 chunks per thread, each a multiple of 4 subtiles (the decode kernel's width).
+    int32_t nth = tp ? coopt_threadpool_n_threads(tp) : 1;
+    task.chunk    = COOPT_MAX((int64_t)4, (w->n_sub + 4 * nth - 1) / (4 * nth) + 3) / 4 * 4;
+    task.n_chunks = (w->n_sub + task.chunk - 1) / task.chunk;
+    atomic_init(&task.next, 0);
+    if (tp && nth > 1 && task.n_chunks > 1)
         coopt_threadpool_run(tp, gptq_task_fn, &task);
     else
         gptq_task_fn(&task, 0, 1);
