@@ -16,9 +16,13 @@
  * Why this layout is fast: qw is [n_sub][k_pad/8][16] dwords, so one 64-byte load gives 8 rows
  * of 16 columns, two AND/shift ops split it into two vpdpbusd operands (rows 0,2,4,6 and
  * 1,3,5,7 -- the activations are stored in that order), and every activation dword is a
- * broadcast memory operand. Decode (1 row) walks 4 subtiles at once (4 independent streams and
- * accumulators); prefill walks blocks of up to 8 rows per subtile, so each weight tile is read
- * once per 8 rows and stays in L2 across row blocks. Columns are split over threads by subtile.
+ * broadcast memory operand. Decode (1 row) walks its subtiles one after another, so each thread
+ * reads ONE sequential weight stream (subtiles are contiguous), software-prefetched 8 KiB ahead:
+ * measured at 2 threads from DRAM that streams faster than 4 interleaved subtile streams (as
+ * the Q4_0 kernel found too). Prefill walks blocks of up to 8 rows per subtile, so each weight
+ * tile is read once per 8 rows and stays in L2 across row blocks. Threads claim contiguous
+ * chunks of subtiles from an atomic counter (~4 per thread). The activation row is quantized
+ * with AVX-512 when compiled in (bit-identical to quantize_row, which the scalar isa uses).
  *
  * The scalar path does the identical arithmetic in the identical order (explicit fmaf), so the
  * SIMD paths are checked against it to f32 rounding; coopt_gptq_matmul_ref is the exact product.
@@ -168,7 +172,13 @@ static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_a
 
 // ---- AVX-512 VNNI path ----
 
-#define GPTQ_PF_DIST 1024 // software prefetch distance (bytes) in each decode weight stream
+// Software prefetch distance (bytes) of the single decode weight stream of k512_dec1, and of
+// each of the 4 streams of the 2-row kernel. Measured at 2 threads from DRAM (dev/bench_gptq.c):
+// 2 KiB 65-73 GB/s, 4 KiB 70-84, 8 KiB 73-83, 12 KiB 68-78.
+#ifndef GPTQ_PF_DIST
+#define GPTQ_PF_DIST 8192
+#endif
+#define GPTQ_PF_DIST4 1024
 
 #if GPTQ_HAVE_AVX512
 // NC subtiles x R rows starting at subtile t0 and row r0. NC * R <= 8 keeps everything in the
@@ -194,7 +204,7 @@ static inline __attribute__((always_inline)) void k512(const struct coopt_gptq_w
             for (int oc = 0; oc < 4; oc++) {
                 __m512i lo[4], hi[4];
                 for (int c = 0; c < NC; c++) {
-                    if (R <= 2) _mm_prefetch((const char *)(qw[c] + (b * 4 + oc) * SUB) + GPTQ_PF_DIST, _MM_HINT_T0);
+                    if (R <= 2) _mm_prefetch((const char *)(qw[c] + (b * 4 + oc) * SUB) + GPTQ_PF_DIST4, _MM_HINT_T0);
                     __m512i v = _mm512_loadu_si512(qw[c] + (b * 4 + oc) * SUB);
                     lo[c] = _mm512_and_si512(v, m4);
                     hi[c] = _mm512_and_si512(_mm512_srli_epi32(v, 4), m4);
@@ -236,12 +246,61 @@ static inline __attribute__((always_inline)) void k512(const struct coopt_gptq_w
     }
 }
 
+// Decode, one x row: subtiles [t_lo, t_hi) one after another, i.e. a single sequential stream of
+// weights per thread (plus the scale and zero streams, 1/32 and 1/64 of its rate at group 128),
+// prefetched GPTQ_PF_DIST ahead. Two int32 chains per block (low and high nibbles).
+static void k512_dec1(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r, int64_t t_lo,
+                      int64_t t_hi, float *out) {
+    const int64_t n_oct = w->k_pad / 8, G = w->n_groups;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const int8_t *xq = a->xq + r * w->k_pad;
+    const float  *xd = a->xd + r * a->nblk, *S = a->S + r * G;
+    out += r * w->n_out;
+    for (int64_t t = t_lo; t < t_hi; t++) {
+        const uint32_t *qw = w->qw + t * n_oct * SUB;
+        const uint16_t *sc = w->scale + t * G * SUB;
+        const uint8_t  *zp = w->zero + t * G * SUB;
+        __m512          acc = _mm512_setzero_ps(), accz = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            _mm_prefetch((const char *)(sc + g * SUB) + 256, _MM_HINT_T0);
+            _mm_prefetch((const char *)(zp + g * SUB) + 256, _MM_HINT_T0);
+            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * SUB)));
+            for (int64_t b = w->grp_blk[g]; b < w->grp_blk[g + 1]; b++) {
+                const uint32_t *q  = qw + b * 4 * SUB;
+                const int8_t   *xb = xq + b * BLK;
+                __m512i         i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int oc = 0; oc < 4; oc++) {
+                    _mm_prefetch((const char *)(q + oc * SUB) + GPTQ_PF_DIST, _MM_HINT_T0);
+                    __m512i v = _mm512_loadu_si512(q + oc * SUB);
+                    int32_t xl, xh;
+                    memcpy(&xl, xb + oc * 8, 4);
+                    memcpy(&xh, xb + oc * 8 + 4, 4);
+                    i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(v, m4), _mm512_set1_epi32(xl));
+                    i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi32(v, 4), m4), _mm512_set1_epi32(xh));
+                }
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)),
+                                      _mm512_mul_ps(s, _mm512_set1_ps(xd[b])), acc);
+            }
+            __m128i zb = _mm_loadu_si128((const __m128i *)(zp + g * SUB));
+            __m512  sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)));
+            accz = _mm512_fmadd_ps(sz, _mm512_set1_ps(S[g]), accz);
+        }
+        acc = _mm512_sub_ps(acc, accz);
+        int64_t o = t * SUB, left = w->n_out - o;
+        if (left >= SUB)
+            _mm512_storeu_ps(out + o, acc);
+        else
+            _mm512_mask_storeu_ps(out + o, (__mmask16)((1u << left) - 1), acc);
+    }
+}
+
 #define K512_FN(R, NC)                                                                             \
     static void k512_##R##_##NC(const struct coopt_gptq_weight *w, const struct gptq_act *a,      \
                                 int64_t r0, int64_t t0, float *out) {                              \
         k512(w, a, r0, t0, out, R, NC);                                                            \
     }
-K512_FN(1, 1) K512_FN(1, 4) K512_FN(2, 1) K512_FN(2, 4) K512_FN(3, 1) K512_FN(3, 2)
+K512_FN(1, 1) K512_FN(2, 1) K512_FN(2, 4) K512_FN(3, 1) K512_FN(3, 2)
 K512_FN(4, 1) K512_FN(4, 2) K512_FN(5, 1) K512_FN(6, 1) K512_FN(7, 1) K512_FN(8, 1)
 
 typedef void k_fn(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t t0, float *out);
@@ -249,9 +308,13 @@ typedef void k_fn(const struct coopt_gptq_weight *w, const struct gptq_act *a, i
 // Rows [r0, r0+nr) (nr <= 8) over subtiles [t_lo, t_hi): the widest kernel, then single subtiles.
 static void run512(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int nr,
                    int64_t t_lo, int64_t t_hi, float *out) {
-    static k_fn *const wide[9] = {NULL, k512_1_4, k512_2_4, k512_3_2, k512_4_2, k512_5_1, k512_6_1, k512_7_1, k512_8_1};
+    if (nr == 1) {
+        k512_dec1(w, a, r0, t_lo, t_hi, out);
+        return;
+    }
+    static k_fn *const wide[9] = {NULL, k512_1_1, k512_2_4, k512_3_2, k512_4_2, k512_5_1, k512_6_1, k512_7_1, k512_8_1};
     static k_fn *const one[9] = {NULL, k512_1_1, k512_2_1, k512_3_1, k512_4_1, k512_5_1, k512_6_1, k512_7_1, k512_8_1};
-    static const int   nc[9] = {0, 4, 4, 2, 2, 1, 1, 1, 1};
+    static const int   nc[9] = {0, 1, 4, 2, 2, 1, 1, 1, 1};
     int64_t            t = t_lo;
     for (; t + nc[nr] <= t_hi; t += nc[nr]) wide[nr](w, a, r0, t, out);
     for (; t < t_hi; t++) one[nr](w, a, r0, t, out);
