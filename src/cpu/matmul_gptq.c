@@ -256,6 +256,20 @@ static void k512_dec1(const struct coopt_gptq_weight *w, const struct gptq_act *
     const int8_t *xq = a->xq + r * w->k_pad;
     const float  *xd = a->xd + r * a->nblk, *S = a->S + r * G;
     out += r * w->n_out;
+    {
+        // The first GPTQ_PF_DIST bytes of the run are not covered by the in-loop prefetch: request
+        // them all at once instead of letting the hardware prefetcher ramp up (a chunk is short).
+        const char *p0 = (const char *)(w->qw + t_lo * n_oct * SUB), *p1 = (const char *)(w->qw + t_hi * n_oct * SUB);
+        for (const char *p = p0; p < p1 && p < p0 + GPTQ_PF_DIST; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->scale + t_lo * G * SUB), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->scale + t_lo * G * SUB) + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->scale + t_lo * G * SUB) + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->scale + t_lo * G * SUB) + 192, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->zero + t_lo * G * SUB), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->zero + t_lo * G * SUB) + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->zero + t_lo * G * SUB) + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->zero + t_lo * G * SUB) + 192, _MM_HINT_T0);
+    }
     for (int64_t t = t_lo; t < t_hi; t++) {
         const uint32_t *qw = w->qw + t * n_oct * SUB;
         const uint16_t *sc = w->scale + t * G * SUB;
