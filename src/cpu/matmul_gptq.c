@@ -174,11 +174,16 @@ static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_a
 
 // Software prefetch distance (bytes) of the single decode weight stream of k512_dec1, and of
 // each of the 4 streams of the 2-row kernel. Measured at 2 threads from DRAM (dev/bench_gptq.c):
-// 2 KiB 65-73 GB/s, 4 KiB 70-84, 8 KiB 73-83, 12 KiB 68-78.
+// 2 KiB 65-73 GB/s, 4 KiB 70-84, 8 KiB 73-83, 12 KiB 68-78 (with T0 hints; NTA keeps 8 KiB best).
 #ifndef GPTQ_PF_DIST
 #define GPTQ_PF_DIST 8192
 #endif
 #define GPTQ_PF_DIST4 1024
+// Decode weights are read once per call: prefetching them non-temporally measured 5-10% faster
+// at 2 threads from DRAM than into all cache levels (T0), and T1 was no better than T0.
+#ifndef GPTQ_HINT
+#define GPTQ_HINT _MM_HINT_NTA
+#endif
 
 #if GPTQ_HAVE_AVX512
 // NC subtiles x R rows starting at subtile t0 and row r0. NC * R <= 8 keeps everything in the
@@ -260,7 +265,7 @@ static void k512_dec1(const struct coopt_gptq_weight *w, const struct gptq_act *
         // The first GPTQ_PF_DIST bytes of the run are not covered by the in-loop prefetch: request
         // them all at once instead of letting the hardware prefetcher ramp up (a chunk is short).
         const char *p0 = (const char *)(w->qw + t_lo * n_oct * SUB), *p1 = (const char *)(w->qw + t_hi * n_oct * SUB);
-        for (const char *p = p0; p < p1 && p < p0 + GPTQ_PF_DIST; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+        for (const char *p = p0; p < p1 && p < p0 + GPTQ_PF_DIST; p += 64) _mm_prefetch(p, GPTQ_HINT);
         _mm_prefetch((const char *)(w->scale + t_lo * G * SUB), _MM_HINT_T0);
         _mm_prefetch((const char *)(w->scale + t_lo * G * SUB) + 64, _MM_HINT_T0);
         _mm_prefetch((const char *)(w->scale + t_lo * G * SUB) + 128, _MM_HINT_T0);
@@ -285,7 +290,7 @@ static void k512_dec1(const struct coopt_gptq_weight *w, const struct gptq_act *
                 __m512i         i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
 #pragma GCC unroll 4
                 for (int oc = 0; oc < 4; oc++) {
-                    _mm_prefetch((const char *)(q + oc * SUB) + GPTQ_PF_DIST, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(q + oc * SUB) + GPTQ_PF_DIST, GPTQ_HINT);
                     __m512i v = _mm512_loadu_si512(q + oc * SUB);
                     int32_t xl, xh;
                     memcpy(&xl, xb + oc * 8, 4);
