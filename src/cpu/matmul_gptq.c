@@ -172,8 +172,8 @@ static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_a
 
 // ---- AVX-512 VNNI path ----
 
-// Software prefetch distance (bytes) of the single decode weight stream of k512_dec1, and of
-// each of the 4 streams of the 2-row kernel. Measured at 2 threads from DRAM (dev/bench_gptq.c):
+// Software prefetch distance (bytes) of the single decode weight stream of k512_dec1 (PF_DIST4:
+// each of the 4 streams of the 2-row kernel). Measured at 2 threads from DRAM (dev/bench_gptq.c):
 // 2 KiB 65-73 GB/s, 4 KiB 70-84, 8 KiB 73-83, 12 KiB 68-78 (with T0 hints; NTA keeps 8 KiB best).
 #ifndef GPTQ_PF_DIST
 #define GPTQ_PF_DIST 8192
