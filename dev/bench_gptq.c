@@ -4,11 +4,15 @@
  *   make build/libcoopt.a && gcc -O3 -march=native -std=c11 -D_GNU_SOURCE -Iinclude -Isrc \
  *       dev/bench_gptq.c build/libcoopt.a -lcjson -lm -lpthread -o build/bench_gptq
  *   ./build/bench_gptq [threads=2] [prefill_rows=64]
+ *   HOT=1 ./build/bench_gptq ...   one copy per shape: the kernel's in-cache (L2/L3) speed
  *
  * Decode: each shape is replicated until the copies exceed 384 MiB (12x the L3; at 96 MiB part of the set
  * stayed cached on the dev VM and the figures were inflated), and the GEMVs
  * cycle over the copies, so every call streams its weights from DRAM. GB/s counts the bytes the
- * kernel reads (4-bit weights + f16 scales + u8 zeros). Prefill: GFLOP/s = 2*rows*in*out / t.
+ * kernel reads (4-bit weights + f16 scales + u8 zeros); "of bw" is its fraction of the machine's read
+ * bandwidth as dev/membw.c measures it (BW_GBS, default 90: Zen 5 dev box, 2 threads; give ~47 for
+ * 1 thread), "of read" of the plain sum below, run right before (the machine is shared, it varies).
+ * Prefill: GFLOP/s = 2*rows*in*out / t.
  * Also reports the repack (load) time per matrix, with and without act-order.
  */
 #include "cpu/threads.h"
@@ -102,17 +106,17 @@ int main(int argc, char **argv) {
     static const struct { int64_t in, out; const char *name; } shapes[] = {
         {2048, 2048, "q/o 2048x2048"}, {2048, 256, "k/v 2048->256"}, {2048, 5632, "gate/up 2048->5632"},
         {5632, 2048, "down 5632->2048"}};
-    double peak = read_bw(tp);
+    double peak = read_bw(tp), bw = getenv("BW_GBS") ? atof(getenv("BW_GBS")) : 90.0;
     printf("threads %d, group 128; decode GEMV from DRAM; prefill %d rows; plain read bandwidth %.1f GB/s\n", nth,
            prows, peak);
-    printf("%-20s %9s %9s %8s %8s %10s %12s %12s\n", "shape", "us/call", "GB/s", "of 37", "of read", "prefill", "repack ms", "act-order ms");
+    printf("%-20s %9s %9s %8s %8s %10s %12s %12s\n", "shape", "us/call", "GB/s", "of bw", "of read", "prefill", "repack ms", "act-order ms");
     for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
         int64_t in = shapes[si].in, out = shapes[si].out;
         double  rp, rpa;
         struct coopt_gptq_weight *w0 = make(in, out, 128, 0, &rp);
         coopt_gptq_weight_free(make(in, out, 128, 1, &rpa));
         int64_t bytes = coopt_gptq_weight_bytes(w0);
-        int     nc = (int)((384ll << 20) / bytes) + 1;
+        int     nc = getenv("HOT") ? 1 : (int)((384ll << 20) / bytes) + 1; // HOT=1: cache-resident speed
         struct coopt_gptq_weight **ws = malloc(sizeof(*ws) * nc);
         ws[0] = w0;
         for (int c = 1; c < nc; c++) ws[c] = make(in, out, 128, 0, NULL);
@@ -135,7 +139,7 @@ int main(int argc, char **argv) {
         }
         double gbs = bytes / best / 1e9;
         printf("%-20s %9.1f %9.2f %7.0f%% %7.0f%% %6.0f GF/s %10.2f %12.2f\n", shapes[si].name, best * 1e6, gbs,
-               gbs / 37 * 100, gbs / peak * 100,
+               gbs / bw * 100, gbs / peak * 100,
                2.0 * prows * in * out / pbest / 1e9, rp * 1e3, rpa * 1e3);
         for (int c = 0; c < nc; c++) coopt_gptq_weight_free(ws[c]);
         free(ws), free(x), free(y);

@@ -16,9 +16,13 @@
  * Why this layout is fast: qw is [n_sub][k_pad/8][16] dwords, so one 64-byte load gives 8 rows
  * of 16 columns, two AND/shift ops split it into two vpdpbusd operands (rows 0,2,4,6 and
  * 1,3,5,7 -- the activations are stored in that order), and every activation dword is a
- * broadcast memory operand. Decode (1 row) walks 4 subtiles at once (4 independent streams and
- * accumulators); prefill walks blocks of up to 8 rows per subtile, so each weight tile is read
- * once per 8 rows and stays in L2 across row blocks. Columns are split over threads by subtile.
+ * broadcast memory operand. Decode (1 row) walks its subtiles one after another, so each thread
+ * reads ONE sequential weight stream (subtiles are contiguous), software-prefetched 8 KiB ahead:
+ * measured at 2 threads from DRAM that streams faster than 4 interleaved subtile streams (as
+ * the Q4_0 kernel found too). Prefill walks blocks of up to 8 rows per subtile, so each weight
+ * tile is read once per 8 rows and stays in L2 across row blocks. Threads claim contiguous
+ * chunks of subtiles from an atomic counter (~4 per thread). The activation row is quantized
+ * with AVX-512 when compiled in (bit-identical to quantize_row, which the scalar isa uses).
  *
  * The scalar path does the identical arithmetic in the identical order (explicit fmaf), so the
  * SIMD paths are checked against it to f32 rounding; coopt_gptq_matmul_ref is the exact product.
@@ -29,6 +33,7 @@
 #include "util.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -86,6 +91,48 @@ static void quantize_row(const struct coopt_gptq_weight *w, const float *x, int8
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// quantize_row with AVX-512, bit-identical: the same id = 127 / amax, product and round to
+// nearest even (cvtps_epi32 under the default MXCSR), same clamp, same f32 order for S.
+static void quantize_row_avx512(const struct coopt_gptq_weight *w, const float *x, int8_t *xq, float *xd, float *S) {
+    // within each octet: rows 0,2,4,6 then 1,3,5,7
+    const __m256i oct = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15, 0, 2, 4, 6, 1, 3, 5, 7,
+                                         8, 10, 12, 14, 9, 11, 13, 15);
+    const __m512i m127 = _mm512_set1_epi32(-127);
+    for (int32_t g = 0; g < w->n_groups; g++) {
+        float sg = 0.0f;
+        for (int64_t b = w->grp_blk[g]; b < w->grp_blk[g + 1]; b++) {
+            __m512 v0, v1;
+            if (w->perm) {
+                const __m512i p0 = _mm512_loadu_si512(w->perm + b * BLK), p1 = _mm512_loadu_si512(w->perm + b * BLK + 16);
+                const __mmask16 k0 = _mm512_cmpge_epi32_mask(p0, _mm512_setzero_si512());
+                const __mmask16 k1 = _mm512_cmpge_epi32_mask(p1, _mm512_setzero_si512());
+                v0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k0, p0, x, 4);
+                v1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k1, p1, x, 4);
+            } else {
+                int64_t   k  = b * BLK, left = w->n_in - k;
+                __mmask16 k0 = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                __mmask16 k1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+                v0 = _mm512_maskz_loadu_ps(k0, x + k);
+                v1 = _mm512_maskz_loadu_ps(k1, x + k + 16);
+            }
+            float   amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            float   d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            __m512  vid = _mm512_set1_ps(id);
+            __m512i i0 = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), m127);
+            __m512i i1 = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid)), m127);
+            // no lane exceeds 127 (|v * id| <= 127 (1 + 2^-22) rounds to 127), so the sum is of the stored values
+            int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+            __m256i q   = _mm256_set_m128i(_mm512_cvtsepi32_epi8(i1), _mm512_cvtsepi32_epi8(i0));
+            _mm256_storeu_si256((__m256i *)(xq + b * BLK), _mm256_shuffle_epi8(q, oct));
+            xd[b] = d;
+            sg    = fmaf(d, (float)sum, sg);
+        }
+        S[g] = sg;
+    }
+}
+#endif
+
 // ---- scalar path ----
 
 static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t nr,
@@ -125,6 +172,19 @@ static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_a
 
 // ---- AVX-512 VNNI path ----
 
+// Software prefetch distance (bytes) of the single decode weight stream of k512_dec1 (PF_DIST4:
+// each of the 4 streams of the 2-row kernel). Measured at 2 threads from DRAM (dev/bench_gptq.c):
+// 2 KiB 65-73 GB/s, 4 KiB 70-84, 8 KiB 73-83, 12 KiB 68-78 (with T0 hints; NTA keeps 8 KiB best).
+#ifndef GPTQ_PF_DIST
+#define GPTQ_PF_DIST 8192
+#endif
+#define GPTQ_PF_DIST4 1024
+// Decode weights are read once per call: prefetching them non-temporally measured 5-10% faster
+// at 2 threads from DRAM than into all cache levels (T0), and T1 was no better than T0.
+#ifndef GPTQ_HINT
+#define GPTQ_HINT _MM_HINT_NTA
+#endif
+
 #if GPTQ_HAVE_AVX512
 // NC subtiles x R rows starting at subtile t0 and row r0. NC * R <= 8 keeps everything in the
 // 32 zmm registers (R*NC int + R*NC f32 accumulators, NC scales, 2*NC unpacked weights).
@@ -149,6 +209,7 @@ static inline __attribute__((always_inline)) void k512(const struct coopt_gptq_w
             for (int oc = 0; oc < 4; oc++) {
                 __m512i lo[4], hi[4];
                 for (int c = 0; c < NC; c++) {
+                    if (R <= 2) _mm_prefetch((const char *)(qw[c] + (b * 4 + oc) * SUB) + GPTQ_PF_DIST4, _MM_HINT_T0);
                     __m512i v = _mm512_loadu_si512(qw[c] + (b * 4 + oc) * SUB);
                     lo[c] = _mm512_and_si512(v, m4);
                     hi[c] = _mm512_and_si512(_mm512_srli_epi32(v, 4), m4);
@@ -190,12 +251,75 @@ static inline __attribute__((always_inline)) void k512(const struct coopt_gptq_w
     }
 }
 
+// Decode, one x row: subtiles [t_lo, t_hi) one after another, i.e. a single sequential stream of
+// weights per thread (plus the scale and zero streams, 1/32 and 1/64 of its rate at group 128),
+// prefetched GPTQ_PF_DIST ahead. Two int32 chains per block (low and high nibbles).
+static void k512_dec1(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r, int64_t t_lo,
+                      int64_t t_hi, float *out) {
+    const int64_t n_oct = w->k_pad / 8, G = w->n_groups;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const int8_t *xq = a->xq + r * w->k_pad;
+    const float  *xd = a->xd + r * a->nblk, *S = a->S + r * G;
+    out += r * w->n_out;
+    {
+        // The first GPTQ_PF_DIST bytes of the run are not covered by the in-loop prefetch: request
+        // them all at once instead of letting the hardware prefetcher ramp up (a chunk is short).
+        const char *p0 = (const char *)(w->qw + t_lo * n_oct * SUB), *p1 = (const char *)(w->qw + t_hi * n_oct * SUB);
+        for (const char *p = p0; p < p1 && p < p0 + GPTQ_PF_DIST; p += 64) _mm_prefetch(p, GPTQ_HINT);
+        _mm_prefetch((const char *)(w->scale + t_lo * G * SUB), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->scale + t_lo * G * SUB) + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->scale + t_lo * G * SUB) + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->scale + t_lo * G * SUB) + 192, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->zero + t_lo * G * SUB), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->zero + t_lo * G * SUB) + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->zero + t_lo * G * SUB) + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w->zero + t_lo * G * SUB) + 192, _MM_HINT_T0);
+    }
+    for (int64_t t = t_lo; t < t_hi; t++) {
+        const uint32_t *qw = w->qw + t * n_oct * SUB;
+        const uint16_t *sc = w->scale + t * G * SUB;
+        const uint8_t  *zp = w->zero + t * G * SUB;
+        __m512          acc = _mm512_setzero_ps(), accz = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            _mm_prefetch((const char *)(sc + g * SUB) + 256, _MM_HINT_T0);
+            _mm_prefetch((const char *)(zp + g * SUB) + 256, _MM_HINT_T0);
+            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * SUB)));
+            for (int64_t b = w->grp_blk[g]; b < w->grp_blk[g + 1]; b++) {
+                const uint32_t *q  = qw + b * 4 * SUB;
+                const int8_t   *xb = xq + b * BLK;
+                __m512i         i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int oc = 0; oc < 4; oc++) {
+                    _mm_prefetch((const char *)(q + oc * SUB) + GPTQ_PF_DIST, GPTQ_HINT);
+                    __m512i v = _mm512_loadu_si512(q + oc * SUB);
+                    int32_t xl, xh;
+                    memcpy(&xl, xb + oc * 8, 4);
+                    memcpy(&xh, xb + oc * 8 + 4, 4);
+                    i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(v, m4), _mm512_set1_epi32(xl));
+                    i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi32(v, 4), m4), _mm512_set1_epi32(xh));
+                }
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)),
+                                      _mm512_mul_ps(s, _mm512_set1_ps(xd[b])), acc);
+            }
+            __m128i zb = _mm_loadu_si128((const __m128i *)(zp + g * SUB));
+            __m512  sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)));
+            accz = _mm512_fmadd_ps(sz, _mm512_set1_ps(S[g]), accz);
+        }
+        acc = _mm512_sub_ps(acc, accz);
+        int64_t o = t * SUB, left = w->n_out - o;
+        if (left >= SUB)
+            _mm512_storeu_ps(out + o, acc);
+        else
+            _mm512_mask_storeu_ps(out + o, (__mmask16)((1u << left) - 1), acc);
+    }
+}
+
 #define K512_FN(R, NC)                                                                             \
     static void k512_##R##_##NC(const struct coopt_gptq_weight *w, const struct gptq_act *a,      \
                                 int64_t r0, int64_t t0, float *out) {                              \
         k512(w, a, r0, t0, out, R, NC);                                                            \
     }
-K512_FN(1, 1) K512_FN(1, 4) K512_FN(2, 1) K512_FN(2, 4) K512_FN(3, 1) K512_FN(3, 2)
+K512_FN(1, 1) K512_FN(2, 1) K512_FN(2, 4) K512_FN(3, 1) K512_FN(3, 2)
 K512_FN(4, 1) K512_FN(4, 2) K512_FN(5, 1) K512_FN(6, 1) K512_FN(7, 1) K512_FN(8, 1)
 
 typedef void k_fn(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int64_t t0, float *out);
@@ -203,9 +327,13 @@ typedef void k_fn(const struct coopt_gptq_weight *w, const struct gptq_act *a, i
 // Rows [r0, r0+nr) (nr <= 8) over subtiles [t_lo, t_hi): the widest kernel, then single subtiles.
 static void run512(const struct coopt_gptq_weight *w, const struct gptq_act *a, int64_t r0, int nr,
                    int64_t t_lo, int64_t t_hi, float *out) {
-    static k_fn *const wide[9] = {NULL, k512_1_4, k512_2_4, k512_3_2, k512_4_2, k512_5_1, k512_6_1, k512_7_1, k512_8_1};
+    if (nr == 1) {
+        k512_dec1(w, a, r0, t_lo, t_hi, out);
+        return;
+    }
+    static k_fn *const wide[9] = {NULL, k512_1_1, k512_2_4, k512_3_2, k512_4_2, k512_5_1, k512_6_1, k512_7_1, k512_8_1};
     static k_fn *const one[9] = {NULL, k512_1_1, k512_2_1, k512_3_1, k512_4_1, k512_5_1, k512_6_1, k512_7_1, k512_8_1};
-    static const int   nc[9] = {0, 4, 4, 2, 2, 1, 1, 1, 1};
+    static const int   nc[9] = {0, 1, 4, 2, 2, 1, 1, 1, 1};
     int64_t            t = t_lo;
     for (; t + nc[nr] <= t_hi; t += nc[nr]) wide[nr](w, a, r0, t, out);
     for (; t < t_hi; t++) one[nr](w, a, r0, t, out);
@@ -325,15 +453,14 @@ struct gptq_task {
     float                          *out;
     int64_t                         n_rows;
     enum coopt_gptq_isa             isa;
+    int64_t                         chunk, n_chunks; // subtiles per claimed chunk, chunk count
+    atomic_int_fast64_t             next;            // next chunk to claim
 };
 
 #define ROW_BLOCK 8 // rows per weight-tile pass in prefill
 
-static void gptq_task_fn(void *ctx, int32_t ith, int32_t nth) {
-    const struct gptq_task *k = ctx;
-    int64_t                 t_lo, t_hi;
-    coopt_split_range(k->w->n_sub, ith, nth, &t_lo, &t_hi);
-    if (t_lo >= t_hi) return;
+// Subtiles [t_lo, t_hi) for all rows.
+static void gptq_run_range(const struct gptq_task *k, int64_t t_lo, int64_t t_hi) {
     // Subtile panels of a few subtiles outermost so their weights stay in L2 over all row blocks.
     const int64_t panel = k->n_rows > ROW_BLOCK ? 4 : t_hi - t_lo;
     for (int64_t p = t_lo; p < t_hi; p += panel) {
@@ -350,6 +477,19 @@ static void gptq_task_fn(void *ctx, int32_t ith, int32_t nth) {
             default: kernel_scalar(k->w, k->a, r0, nr, p, p_hi, k->out); break;
             }
         }
+    }
+}
+
+// Threads claim contiguous chunks of subtiles from an atomic counter, so a thread slowed by
+// another process does not hold the call back by more than one chunk.
+static void gptq_task_fn(void *ctx, int32_t ith, int32_t nth) {
+    (void)ith, (void)nth;
+    struct gptq_task *k = ctx;
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&k->next, 1, memory_order_relaxed);
+        if (c >= k->n_chunks) break;
+        int64_t t0 = c * k->chunk;
+        gptq_run_range(k, t0, COOPT_MIN(k->w->n_sub, t0 + k->chunk));
     }
 }
 
@@ -372,11 +512,20 @@ enum coopt_status coopt_gptq_matmul_cpu_isa(struct coopt_threadpool *tp, float *
     a.xq = (int8_t *)buf;
     a.xd = (float *)(buf + (size_t)n_rows * (size_t)w->k_pad);
     a.S = a.xd + (size_t)n_rows * (size_t)a.nblk;
+    void (*quant)(const struct coopt_gptq_weight *, const float *, int8_t *, float *, float *) = quantize_row;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (isa != COOPT_GPTQ_ISA_SCALAR) quant = quantize_row_avx512; // the scalar isa keeps checking quantize_row
+#endif
     for (int32_t r = 0; r < n_rows; r++)
-        quantize_row(w, x + (int64_t)r * w->n_in, a.xq + (int64_t)r * w->k_pad, a.xd + (int64_t)r * a.nblk,
+        quant(w, x + (int64_t)r * w->n_in, a.xq + (int64_t)r * w->k_pad, a.xd + (int64_t)r * a.nblk,
                      a.S + (int64_t)r * w->n_groups);
-    struct gptq_task task = {w, &a, out, n_rows, isa};
-    if (tp)
+    struct gptq_task task = {w, &a, out, n_rows, isa, 0, 0, 0};
+    // ~4 chunks per thread, each a multiple of 4 subtiles (the decode kernel's width).
+    int32_t nth = tp ? coopt_threadpool_n_threads(tp) : 1;
+    task.chunk    = COOPT_MAX((int64_t)4, (w->n_sub + 4 * nth - 1) / (4 * nth) + 3) / 4 * 4;
+    task.n_chunks = (w->n_sub + task.chunk - 1) / task.chunk;
+    atomic_init(&task.next, 0);
+    if (tp && nth > 1 && task.n_chunks > 1)
         coopt_threadpool_run(tp, gptq_task_fn, &task);
     else
         gptq_task_fn(&task, 0, 1);
