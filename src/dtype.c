@@ -278,7 +278,55 @@ const float *coopt_fp8_table(enum coopt_dtype t) {
     return t == COOPT_DTYPE_FP8_E4M3 ? g_e4m3_table : g_e5m2_table;
 }
 
+// Squared error of the row for each of the 16 candidate scales (candidate k in lane k), computed
+// with the same operations in the same order as the scalar loop below, so the choice is identical:
+// per lane, v = x[i] * inv_k rounded to the FP8 grid (the decoded value of its code), then
+// d = dq * s_k - x[i], err += d * d; no fused multiply-adds.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static void fp8_search_errors_avx512(bool e4, const float *x, int32_t n, const float *s16, float *err16) {
+    const __m512  s      = _mm512_loadu_ps(s16);
+    const __m512  inv    = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
+    const __m512i absm   = _mm512_set1_epi32(0x7fffffff);
+    const __m512i sat_t  = _mm512_set1_epi32(e4 ? 0x43e00000 : 0x47600000);
+    const __m512  sat_v  = _mm512_set1_ps(e4 ? 448.0f : 57344.0f);
+    const __m512i sub_t  = _mm512_set1_epi32(e4 ? 0x3c800000 : 0x38800000);
+    const __m512  sub_sc = _mm512_set1_ps(e4 ? 512.0f : 65536.0f);
+    const __m512  sub_iv = _mm512_set1_ps(e4 ? 1.0f / 512.0f : 1.0f / 65536.0f);
+    const __m512  magic  = _mm512_set1_ps(8388608.0f);
+    const int     msh    = e4 ? 20 : 21; // first dropped mantissa bit
+    const __m512i half   = _mm512_set1_epi32((1 << (msh - 1)) - 1);
+    const __m512i keep   = _mm512_set1_epi32((int)(0xffffffffu << msh));
+    const __m512i one    = _mm512_set1_epi32(1);
+    __m512        err    = _mm512_setzero_ps();
+    for (int32_t i = 0; i < n; i++) {
+        const __m512 xi = _mm512_set1_ps(x[i]);
+        __m512       v  = _mm512_mul_ps(xi, inv);
+        __m512i      u  = _mm512_castps_si512(v);
+        __m512i      a  = _mm512_and_si512(u, absm);
+        __m512i      sg = _mm512_andnot_si512(absm, u);
+        // normal: round the mantissa to nearest even, keep the top bits
+        __m512i a2 = _mm512_add_epi32(a, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(a, msh), one)));
+        __m512  dq = _mm512_castsi512_ps(_mm512_and_si512(a2, keep));
+        // subnormal: multiples of the smallest step
+        __m512 m  = _mm512_mul_ps(_mm512_castsi512_ps(a), sub_sc);
+        __m512 r  = _mm512_sub_ps(_mm512_add_ps(m, magic), magic);
+        dq        = _mm512_mask_mov_ps(dq, _mm512_cmplt_epi32_mask(a, sub_t), _mm512_mul_ps(r, sub_iv));
+        dq        = _mm512_mask_mov_ps(dq, _mm512_cmpge_epi32_mask(a, sat_t), sat_v);
+        dq        = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(dq), sg));
+        __m512 d  = _mm512_sub_ps(_mm512_mul_ps(dq, s), xi);
+        err       = _mm512_add_ps(err, _mm512_mul_ps(d, d));
+    }
+    _mm512_storeu_ps(err16, err);
+}
+#endif
+
 float coopt_fp8_quant_row(enum coopt_dtype t, const float *x, uint8_t *q, int32_t n, int32_t n_search) {
+    return coopt_fp8_quant_row_isa(t, x, q, n, n_search, true);
+}
+
+float coopt_fp8_quant_row_isa(enum coopt_dtype t, const float *x, uint8_t *q, int32_t n, int32_t n_search,
+                              bool simd) {
     COOPT_ASSERT(t == COOPT_DTYPE_FP8_E4M3 || t == COOPT_DTYPE_FP8_E5M2);
     bool         e4   = t == COOPT_DTYPE_FP8_E4M3;
     const float *tab  = coopt_fp8_table(t);
@@ -292,17 +340,31 @@ float coopt_fp8_quant_row(enum coopt_dtype t, const float *x, uint8_t *q, int32_
     COOPT_ASSERT(n_search == 1 || n_search == 16);
     float base = amax / (e4 ? 448.0f : 57344.0f), best_s = base;
     if (n_search > 1) {
-        float best_err = INFINITY;
-        for (int32_t k = 0; k < n_search; k++) {
-            float s = base * steps[k], inv = 1.0f / s, err = 0.0f;
-            for (int32_t i = 0; i < n; i++) {
-                uint8_t c = e4 ? coopt_fp8_e4m3_encode(x[i] * inv) : coopt_fp8_e5m2_encode(x[i] * inv);
-                float   d = tab[c] * s - x[i];
-                err += d * d;
+        float s16[16], err16[16];
+        for (int32_t k = 0; k < 16; k++) s16[k] = base * steps[k];
+        bool done = false;
+#if defined(__AVX512F__)
+        if (simd) {
+            fp8_search_errors_avx512(e4, x, n, s16, err16);
+            done = true;
+        }
+#endif
+        if (!done) {
+            for (int32_t k = 0; k < 16; k++) {
+                float s = s16[k], inv = 1.0f / s, err = 0.0f;
+                for (int32_t i = 0; i < n; i++) {
+                    uint8_t c = e4 ? coopt_fp8_e4m3_encode(x[i] * inv) : coopt_fp8_e5m2_encode(x[i] * inv);
+                    float   d = tab[c] * s - x[i];
+                    err += d * d;
+                }
+                err16[k] = err;
             }
-            if (err < best_err) {
-                best_err = err;
-                best_s   = s;
+        }
+        float best_err = INFINITY;
+        for (int32_t k = 0; k < 16; k++) {
+            if (err16[k] < best_err) {
+                best_err = err16[k];
+                best_s   = s16[k];
             }
         }
     }

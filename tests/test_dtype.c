@@ -105,3 +105,25 @@ TEST(dtype_fp8_quant_row_search) {
     float zero[16] = {0};
     CHECK(t, coopt_fp8_quant_row(COOPT_DTYPE_FP8_E5M2, zero, q, 16, 16) == 0.0f && q[0] == 0 && q[15] == 0);
 }
+
+TEST(dtype_fp8_quant_row_simd_matches_scalar) {
+    uint64_t s = 11;
+    float    x[256];
+    uint8_t  qa[256], qb[256];
+    for (int rep = 0; rep < 3000; rep++) {
+        int   n     = (int[]){8, 16, 64, 80, 128, 256}[rep % 6];
+        float scale = (float[]){1e-6f, 1e-3f, 0.3f, 5.0f, 300.0f, 1e5f}[(rep / 6) % 6];
+        for (int i = 0; i < n; i++) {
+            x[i] = test_rand_normal(&s) * scale;
+            if (rep % 5 == 0 && i % 7 == 0) x[i] = 0.0f;                 // zeros
+            if (rep % 9 == 0 && i % 5 == 0) x[i] *= 1e-4f;               // subnormal range
+        }
+        for (int e = 0; e < 2; e++) {
+            enum coopt_dtype ty = e ? COOPT_DTYPE_FP8_E5M2 : COOPT_DTYPE_FP8_E4M3;
+            float            sa = coopt_fp8_quant_row_isa(ty, x, qa, n, 16, true);
+            float            sb = coopt_fp8_quant_row_isa(ty, x, qb, n, 16, false);
+            CHECKF(t, sa == sb && memcmp(qa, qb, (size_t)n) == 0, "rep %d n %d type %d: scale %g vs %g", rep, n, e,
+                   (double)sa, (double)sb);
+        }
+    }
+}
