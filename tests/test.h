@@ -89,5 +89,7 @@ uint64_t test_rand_u64(uint64_t *state);
 float    test_rand_uniform(uint64_t *state, float lo, float hi);
 float    test_rand_normal(uint64_t *state);
 void     test_fill_uniform(uint64_t *state, float *x, size_t n, float lo, float hi);
+// malloc'd array of n uniform values in [lo, hi) (free with free()); aborts the binary if out of memory.
+float   *test_rand_array(uint64_t *state, size_t n, float lo, float hi);
 
 #endif // COOPT_TEST_H

@@ -169,12 +169,6 @@ static bool check_variants(struct test_ctx *t, struct backends *bs, const float 
     return ok;
 }
 
-static float *rnd(uint64_t *s, size_t n, float lo, float hi) {
-    float *x = malloc(n * sizeof(float));
-    test_fill_uniform(s, x, n, lo, hi);
-    return x;
-}
-
 // Every KV type, head dims 64..128, GQA ratios 1, 4, 8; contexts 1..3000 decoded, plus a
 // prefill chunk of 6 tokens in the same batch (mixed batch). FP8 cases at GQA 4 store rows whose
 // values span 2^-23..1 of the row's amax, so the in-register decoding meets FP8 subnormals.
@@ -196,7 +190,7 @@ TEST(attn_splitk_types) {
                 struct qbatch qb = {0};
                 for (int i = 0; i < n_seqs; i++) qb_add(&qb, i, lens[i] - 1);
                 for (int i = 6; i > 1; i--) qb_add(&qb, 4, lens[4] - i); // prefill chunk, causal inside
-                float *q  = rnd(&s, (size_t)qb.n * nh * hd, -2, 2);
+                float *q  = test_rand_array(&s, (size_t)qb.n * nh * hd, -2, 2);
                 bool   ok = check_variants(t, &bs, q, nh, &f, &qb, 0, "types");
                 free(q);
                 fixture_free(bs.ref, &f);
@@ -227,7 +221,7 @@ TEST(attn_splitk_window) {
                 int32_t first = COOPT_MAX(0, lens[q] - 10 - window + 1);
                 for (int bl = 0; (bl + 1) * ps <= first; bl++) f.bt[q * f.max_blocks + bl] = -1;
             }
-            float *q  = rnd(&s, (size_t)qb.n * nh * hd, -2, 2);
+            float *q  = test_rand_array(&s, (size_t)qb.n * nh * hd, -2, 2);
             bool   ok = check_variants(t, &bs, q, nh, &f, &qb, window, "window");
             free(q);
             fixture_free(bs.ref, &f);
@@ -249,7 +243,7 @@ TEST(attn_splitk_sharp) {
     if (!fixture_init(t, bs.ref, &s, &f, COOPT_DTYPE_F32, nkv, hd, 16, 2, lens)) goto done;
     struct qbatch qb = {0};
     qb_add(&qb, 0, 1999), qb_add(&qb, 1, 299), qb_add(&qb, 0, 1000);
-    float *q  = rnd(&s, (size_t)qb.n * nh * hd, -6, 6);
+    float *q  = test_rand_array(&s, (size_t)qb.n * nh * hd, -6, 6);
     bool   ok = check_variants(t, &bs, q, nh, &f, &qb, 0, "sharp");
     free(q);
     fixture_free(bs.ref, &f);
@@ -272,7 +266,7 @@ TEST(attn_splitk_waves_scratch) {
     struct qbatch qb = {0};
     for (int i = 64; i >= 1; i--) qb_add(&qb, 0, 3000 - i);
     size_t n    = (size_t)qb.n * nh * hd;
-    float *q    = rnd(&s, n, -2, 2);
+    float *q    = test_rand_array(&s, n, -2, 2);
     float *want = malloc(n * sizeof(float)), *got = malloc(n * sizeof(float)), *single = malloc(n * sizeof(float));
     run_attn(bs.ref, 0, false, want, q, nh, &f, &qb, 0);
     run_attn(bs.fast2, 0, false, single, q, nh, &f, &qb, 0);
@@ -312,7 +306,7 @@ TEST(attn_per_head_generic_hd) {
             if (!fixture_init(t, bs.ref, &s, &f, k_types[d], 1, hds[h], 16, 2, lens)) goto done;
             struct qbatch qb = {0};
             qb_add(&qb, 0, 699), qb_add(&qb, 1, 4), qb_add(&qb, 0, 600);
-            float *q  = rnd(&s, (size_t)qb.n * 8 * hds[h], -2, 2);
+            float *q  = test_rand_array(&s, (size_t)qb.n * 8 * hds[h], -2, 2);
             bool   ok = check_variants(t, &bs, q, 8, &f, &qb, 0, "generic");
             free(q);
             fixture_free(bs.ref, &f);

@@ -66,12 +66,6 @@ static void cu_pair_free(struct cu_pair *p) {
     if (p->ref) p->ref->ops->destroy(p->ref);
 }
 
-static float *rnd(uint64_t *s, size_t n, float lo, float hi) {
-    float *x = malloc(n * sizeof(float) + 4);
-    test_fill_uniform(s, x, n, lo, hi);
-    return x;
-}
-
 // Device copy of n bytes of host memory (aborts the test binary on allocation failure: a GPU
 // that cannot hold a few MiB is broken).
 static void *dev_copy(struct coopt_backend *be, const void *src, size_t n) {
@@ -130,7 +124,7 @@ TEST(cuda_embed) {
         int64_t  n_in = is_quant(k_wtypes[d]) ? 96 : 77, n_vocab = 50;
         int32_t  n    = 600;
         size_t   rb   = coopt_dtype_row_bytes(k_wtypes[d], n_in);
-        float   *tf   = rnd(&s, (size_t)n_in * n_vocab, -1, 1);
+        float   *tf   = test_rand_array(&s, (size_t)n_in * n_vocab, -1, 1);
         uint8_t *tq   = malloc(rb * n_vocab);
         for (int64_t r = 0; r < n_vocab; r++) coopt_quant_row(k_wtypes[d], tf + r * n_in, tq + r * rb, n_in);
         int32_t tokens[600];
@@ -160,7 +154,7 @@ TEST(cuda_rmsnorm) {
     for (size_t d = 0; d < COOPT_ARRAY_LEN(dims); d++) {
         int32_t dim = dims[d], n_rows = 37;
         size_t  n   = (size_t)dim * n_rows;
-        float  *x = rnd(&s, n, -3, 3), *w = rnd(&s, dim, 0.5f, 1.5f);
+        float  *x = test_rand_array(&s, n, -3, 3), *w = test_rand_array(&s, dim, 0.5f, 1.5f);
         float  *got = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float));
         float  *dx = dev_copy(p.cu, x, n * 4), *dw = dev_copy(p.cu, w, (size_t)dim * 4), *dout = dev_copy(p.cu, NULL, n * 4);
         p.ref->ops->rmsnorm(p.ref, want, x, w, n_rows, dim, 1e-5f);
@@ -184,7 +178,7 @@ TEST(cuda_elementwise) {
     const int64_t ns[] = {1, 17, 1000, 100003, 3000000};
     for (size_t k = 0; k < COOPT_ARRAY_LEN(ns); k++) {
         int64_t n = ns[k];
-        float  *a = rnd(&s, n, -20, 20), *b = rnd(&s, n, -2, 2);
+        float  *a = test_rand_array(&s, n, -20, 20), *b = test_rand_array(&s, n, -2, 2);
         float  *got = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float));
         float  *da = dev_copy(p.cu, a, n * 4), *db = dev_copy(p.cu, b, n * 4), *dout = dev_copy(p.cu, NULL, n * 4);
         p.ref->ops->silu_mul(p.ref, want, a, b, n);
@@ -201,7 +195,7 @@ TEST(cuda_elementwise) {
     }
     // get_rows: to another buffer, and in place with ascending rows (what the LM head does)
     int32_t dim = 1000, n_rows = 9, rows[4] = {1, 3, 4, 8};
-    float  *x   = rnd(&s, (size_t)dim * n_rows, -1, 1);
+    float  *x   = test_rand_array(&s, (size_t)dim * n_rows, -1, 1);
     float  *want = malloc(4 * (size_t)dim * 4), *got = malloc(4 * (size_t)dim * 4);
     p.ref->ops->get_rows(p.ref, want, x, rows, 4, dim);
     float   *dx = dev_copy(p.cu, x, (size_t)dim * n_rows * 4), *dout = dev_copy(p.cu, NULL, 4 * (size_t)dim * 4);
@@ -223,11 +217,11 @@ TEST(cuda_elementwise) {
 static bool check_matmul(struct test_ctx *t, struct cu_pair *p, uint64_t *s, enum coopt_dtype dt, int64_t n_in,
                          int64_t n_out, int32_t n_rows, bool bias) {
     size_t   rb   = coopt_dtype_row_bytes(dt, n_in);
-    float   *wf   = rnd(s, (size_t)n_in * n_out, -1, 1);
+    float   *wf   = test_rand_array(s, (size_t)n_in * n_out, -1, 1);
     uint8_t *wq   = malloc(rb * n_out);
     float   *wd   = malloc((size_t)n_in * n_out * sizeof(float));
-    float   *x    = rnd(s, (size_t)n_in * n_rows, -2, 2);
-    float   *b    = bias ? rnd(s, n_out, -1, 1) : NULL;
+    float   *x    = test_rand_array(s, (size_t)n_in * n_rows, -2, 2);
+    float   *b    = bias ? test_rand_array(s, n_out, -1, 1) : NULL;
     size_t   no   = (size_t)n_out * n_rows;
     float   *got  = malloc(no * sizeof(float)), *want = malloc(no * sizeof(float));
     for (int64_t o = 0; o < n_out; o++) {
@@ -308,7 +302,7 @@ TEST(cuda_rope) {
                                       .inv_freq = inv};
             int32_t           pos[40];
             for (int i = 0; i < n; i++) pos[i] = (int32_t)(test_rand_u64(&s) % 5000);
-            float   *q = rnd(&s, nq, -1, 1), *got = malloc(nq * 4);
+            float   *q = test_rand_array(&s, nq, -1, 1), *got = malloc(nq * 4);
             float   *dq   = dev_copy(p.cu, q, nq * 4);
             int32_t *dpos = dev_copy(p.cu, pos, sizeof(pos));
             p.ref->ops->rope(p.ref, q, nh, pos, n, &rope);
@@ -374,7 +368,7 @@ TEST(cuda_rope_store) {
                 slots[i] = (int64_t)bt[i / ps] * ps + i % ps;
             }
             size_t nq = (size_t)n * nh * hd, nk = (size_t)n * nkv * hd;
-            float *q = rnd(&s, nq, -1, 1), *k = rnd(&s, nk, -3, 3), *v = rnd(&s, nk, -3, 3);
+            float *q = test_rand_array(&s, nq, -1, 1), *k = test_rand_array(&s, nk, -3, 3), *v = test_rand_array(&s, nk, -3, 3);
             for (int i = 0; i < hd; i++) v[i] = 0; // an all-zero row: scale 0, zeros
             float *q_got = malloc(nq * 4), *k_got = malloc(nk * 4);
             float *dq = dev_copy(p.cu, q, nq * 4), *dk = dev_copy(p.cu, k, nk * 4), *dv = dev_copy(p.cu, v, nk * 4);
@@ -490,7 +484,7 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
     float            *inv  = make_inv_freq(c->hd, 10000.0f);
     struct coopt_rope rope = {.layout = COOPT_ROPE_HALF, .head_dim = c->hd, .inv_freq = inv};
     size_t            nqa = (size_t)n_all * c->nh * c->hd, nka = (size_t)n_all * c->nkv * c->hd;
-    float            *qa = rnd(s, nqa, -1, 1), *ka = rnd(s, nka, -1, 1), *va = rnd(s, nka, -1, 1);
+    float            *qa = test_rand_array(s, nqa, -1, 1), *ka = test_rand_array(s, nka, -1, 1), *va = test_rand_array(s, nka, -1, 1);
     float   *dqa = dev_copy(p->cu, qa, nqa * 4), *dka = dev_copy(p->cu, ka, nka * 4), *dva = dev_copy(p->cu, va, nka * 4);
     int32_t *dpos = dev_copy(p->cu, pos, sizeof(int32_t) * n_all), *dseq = dev_copy(p->cu, seq, sizeof(int32_t) * n_all);
     int64_t *dslots = dev_copy(p->cu, slots, sizeof(int64_t) * n_all);
@@ -515,7 +509,7 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
     struct coopt_batch b = {.n_tokens = n_tok, .pos = qpos, .tok_seq = qseq, .n_seqs = c->n_seqs,
                             .max_blocks = max_blocks, .block_tables = bt, .window = c->window};
     size_t  n_o  = (size_t)n_tok * c->nh * c->hd;
-    float  *q    = rnd(s, n_o, -2, 2);
+    float  *q    = test_rand_array(s, n_o, -2, 2);
     float  *got  = malloc(n_o * sizeof(float)), *want = malloc(n_o * sizeof(float));
     float   scale = 1.0f / sqrtf((float)c->hd);
     float  *dq = dev_copy(p->cu, q, n_o * 4), *dout = dev_copy(p->cu, NULL, n_o * 4);
@@ -642,7 +636,7 @@ static void *rm_keep(struct rnd_model *r, void *p) {
 static struct coopt_weight rm_weight(struct rnd_model *r, uint64_t *s, enum coopt_dtype dt, int64_t n_out, int64_t n_in,
                                      float amp) {
     size_t   rb = coopt_dtype_row_bytes(dt, n_in);
-    float   *f  = rnd(s, (size_t)n_in * n_out, -amp, amp);
+    float   *f  = test_rand_array(s, (size_t)n_in * n_out, -amp, amp);
     uint8_t *q  = rm_keep(r, malloc(rb * n_out));
     for (int64_t o = 0; o < n_out; o++) coopt_quant_row(dt, f + o * n_in, q + o * rb, n_in);
     free(f);
@@ -660,12 +654,12 @@ static void rm_init(struct rnd_model *r, uint64_t *s, enum coopt_dtype dt, int32
     float   a  = 1.0f / sqrtf((float)dim);
     r->m.tok_embd = rm_weight(r, s, dt, c->n_vocab, dim, 1.0f);
     r->m.output   = rm_weight(r, s, dt, c->n_vocab, dim, a);
-    r->m.out_norm = rm_keep(r, rnd(s, dim, 0.8f, 1.2f));
+    r->m.out_norm = rm_keep(r, test_rand_array(s, dim, 0.8f, 1.2f));
     r->m.layers   = rm_keep(r, calloc((size_t)n_layers, sizeof(struct coopt_layer)));
     for (int l = 0; l < n_layers; l++) {
         struct coopt_layer *L = &r->m.layers[l];
-        L->attn_norm          = rm_keep(r, rnd(s, dim, 0.8f, 1.2f));
-        L->ffn_norm           = rm_keep(r, rnd(s, dim, 0.8f, 1.2f));
+        L->attn_norm          = rm_keep(r, test_rand_array(s, dim, 0.8f, 1.2f));
+        L->ffn_norm           = rm_keep(r, test_rand_array(s, dim, 0.8f, 1.2f));
         L->wq                 = rm_weight(r, s, dt, (int64_t)nh * hd, dim, 2 * a);
         L->wk                 = rm_weight(r, s, dt, (int64_t)nkv * hd, dim, 2 * a);
         L->wv                 = rm_weight(r, s, dt, (int64_t)nkv * hd, dim, 2 * a);
@@ -933,9 +927,9 @@ TEST(cuda_bench) {
     uint64_t              s  = 1;
     // matmul: W [32768][4096] (larger than L2), x [n_rows][4096]
     const int64_t n_in = 4096, n_blk = 4096, n_rep = 8, n_out = n_blk * n_rep;
-    float        *wf   = rnd(&s, (size_t)n_in * n_blk, -1, 1);
+    float        *wf   = test_rand_array(&s, (size_t)n_in * n_blk, -1, 1);
     float        *dx   = dev_copy(be, NULL, 512 * (size_t)n_in * 4), *dout = dev_copy(be, NULL, 512 * (size_t)n_out * 4);
-    float        *xh   = rnd(&s, 512 * (size_t)n_in, -1, 1);
+    float        *xh   = test_rand_array(&s, 512 * (size_t)n_in, -1, 1);
     be->ops->upload(be, dx, xh, 512 * (size_t)n_in * 4);
     printf("bench: matmul W [%lld][%lld]\n", (long long)n_out, (long long)n_in);
     printf("bench: %-6s %6s %10s %10s %10s\n", "type", "rows", "us/call", "GB/s(W)", "TFLOP/s");
@@ -965,7 +959,7 @@ TEST(cuda_bench) {
     printf("bench: attention %d/%d heads, head_dim %d, page %d (one layer)\n", nh, nkv, hd, ps);
     printf("bench: %-9s %3s %6s %10s %10s\n", "kv", "B", "ctx", "us/call", "GB/s(KV)");
     const enum coopt_dtype kts[] = {COOPT_DTYPE_F16, COOPT_DTYPE_FP8_E4M3};
-    float *kq = rnd(&s, (size_t)chunk * nh * hd, -1, 1), *kk = rnd(&s, (size_t)chunk * nkv * hd, -1, 1);
+    float *kq = test_rand_array(&s, (size_t)chunk * nh * hd, -1, 1), *kk = test_rand_array(&s, (size_t)chunk * nkv * hd, -1, 1);
     float *dq = dev_copy(be, kq, (size_t)chunk * nh * hd * 4), *dk = dev_copy(be, kk, (size_t)chunk * nkv * hd * 4);
     float *dv = dev_copy(be, kk, (size_t)chunk * nkv * hd * 4), *dao = dev_copy(be, NULL, (size_t)chunk * nh * hd * 4);
     float *inv = make_inv_freq(hd, 10000.0f);

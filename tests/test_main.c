@@ -131,6 +131,16 @@ void test_fill_uniform(uint64_t *s, float *x, size_t n, float lo, float hi) {
     for (size_t i = 0; i < n; i++) x[i] = test_rand_uniform(s, lo, hi);
 }
 
+float *test_rand_array(uint64_t *s, size_t n, float lo, float hi) {
+    float *x = malloc(n * sizeof(float) + 4);
+    if (!x) {
+        fprintf(stderr, "test_rand_array: out of memory (%zu floats)\n", n);
+        abort();
+    }
+    test_fill_uniform(s, x, n, lo, hi);
+    return x;
+}
+
 static int cmp_entry(const void *a, const void *b) {
     return strcmp(((const struct test_entry *)a)->name, ((const struct test_entry *)b)->name);
 }

@@ -49,12 +49,6 @@ static void pair_free(struct be_pair *p) {
     if (p->ref) p->ref->ops->destroy(p->ref);
 }
 
-static float *rnd(uint64_t *s, size_t n, float lo, float hi) {
-    float *x = malloc(n * sizeof(float) + 4);
-    test_fill_uniform(s, x, n, lo, hi);
-    return x;
-}
-
 // ---- matmul ----
 
 static const enum coopt_dtype k_wtypes[] = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COOPT_DTYPE_BF16, COOPT_DTYPE_Q8_0,
@@ -66,11 +60,11 @@ static bool is_quant(enum coopt_dtype d) { return d == COOPT_DTYPE_Q8_0 || d == 
 static bool check_matmul(struct test_ctx *t, struct be_pair *p, uint64_t *s, enum coopt_dtype dt, int64_t n_in,
                          int64_t n_out, int32_t n_rows, bool bias) {
     size_t   rb   = coopt_dtype_row_bytes(dt, n_in);
-    float   *wf   = rnd(s, (size_t)n_in * n_out, -1, 1);
+    float   *wf   = test_rand_array(s, (size_t)n_in * n_out, -1, 1);
     uint8_t *wq   = malloc(rb * n_out);
     float   *wd   = malloc((size_t)n_in * n_out * sizeof(float)); // dequantized weights, for bounds
-    float   *x    = rnd(s, (size_t)n_in * n_rows, -2, 2);
-    float   *b    = bias ? rnd(s, n_out, -1, 1) : NULL;
+    float   *x    = test_rand_array(s, (size_t)n_in * n_rows, -2, 2);
+    float   *b    = bias ? test_rand_array(s, n_out, -1, 1) : NULL;
     float   *got  = malloc((size_t)n_out * n_rows * sizeof(float));
     float   *want = malloc((size_t)n_out * n_rows * sizeof(float));
     for (int64_t o = 0; o < n_out; o++) {
@@ -180,7 +174,7 @@ TEST(ops_embed) {
     for (size_t d = 0; d < COOPT_ARRAY_LEN(k_wtypes); d++) {
         int64_t  n_in = is_quant(k_wtypes[d]) ? 96 : 77, n_vocab = 50;
         size_t   rb   = coopt_dtype_row_bytes(k_wtypes[d], n_in);
-        float   *tf   = rnd(&s, (size_t)n_in * n_vocab, -1, 1);
+        float   *tf   = test_rand_array(&s, (size_t)n_in * n_vocab, -1, 1);
         uint8_t *tq   = malloc(rb * n_vocab);
         for (int64_t r = 0; r < n_vocab; r++) coopt_quant_row(k_wtypes[d], tf + r * n_in, tq + r * rb, n_in);
         struct coopt_weight w = {.dtype = k_wtypes[d], .n_in = n_in, .n_out = n_vocab, .data = tq};
@@ -203,7 +197,7 @@ TEST(ops_rmsnorm) {
     const int32_t dims[] = {1, 15, 64, 100, 4096};
     for (size_t d = 0; d < COOPT_ARRAY_LEN(dims); d++) {
         int32_t dim = dims[d], n_rows = 37;
-        float  *x = rnd(&s, (size_t)dim * n_rows, -3, 3), *w = rnd(&s, dim, 0.5f, 1.5f);
+        float  *x = test_rand_array(&s, (size_t)dim * n_rows, -3, 3), *w = test_rand_array(&s, dim, 0.5f, 1.5f);
         float  *got = malloc((size_t)dim * n_rows * sizeof(float)), *want = malloc((size_t)dim * n_rows * sizeof(float));
         p.ref->ops->rmsnorm(p.ref, want, x, w, n_rows, dim, 1e-5f);
         p.fast->ops->rmsnorm(p.fast, got, x, w, n_rows, dim, 1e-5f);
@@ -229,7 +223,7 @@ TEST(ops_elementwise) {
     const int64_t ns[] = {1, 17, 1000, 100003};
     for (size_t k = 0; k < COOPT_ARRAY_LEN(ns); k++) {
         int64_t n = ns[k];
-        float  *a = rnd(&s, n, -20, 20), *b = rnd(&s, n, -2, 2);
+        float  *a = test_rand_array(&s, n, -20, 20), *b = test_rand_array(&s, n, -2, 2);
         float  *got = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float));
         p.ref->ops->silu_mul(p.ref, want, a, b, n);
         p.fast->ops->silu_mul(p.fast, got, a, b, n);
@@ -273,7 +267,7 @@ TEST(ops_rope) {
                                   .inv_freq = inv};
         int32_t          pos[40];
         for (int i = 0; i < n; i++) pos[i] = (int32_t)(test_rand_u64(&s) % 5000);
-        float *q = rnd(&s, (size_t)n * nh * hd, -1, 1);
+        float *q = test_rand_array(&s, (size_t)n * nh * hd, -1, 1);
         float *a = malloc((size_t)n * nh * hd * sizeof(float)), *b = malloc((size_t)n * nh * hd * sizeof(float));
         float *indep = malloc((size_t)n * nh * hd * sizeof(float));
         memcpy(a, q, (size_t)n * nh * hd * sizeof(float));
@@ -346,8 +340,8 @@ TEST(ops_rope_store_roundtrip) {
             }
             struct coopt_batch b = {.n_tokens = n, .pos = pos, .tok_seq = seq, .slots = slots, .n_seqs = 1,
                                     .max_blocks = 5, .block_tables = bt};
-            float *q = rnd(&s, (size_t)n * nh * hd, -1, 1), *k = rnd(&s, (size_t)n * nkv * hd, -3, 3),
-                  *v = rnd(&s, (size_t)n * nkv * hd, -3, 3);
+            float *q = test_rand_array(&s, (size_t)n * nh * hd, -1, 1), *k = test_rand_array(&s, (size_t)n * nkv * hd, -3, 3),
+                  *v = test_rand_array(&s, (size_t)n * nkv * hd, -3, 3);
             for (int i = 0; i < hd; i++) v[i] = 0; // an all-zero row: scale 0, zeros
             float *k0 = malloc((size_t)n * nkv * hd * 4), *q_ref = malloc((size_t)n * nh * hd * 4);
             float *q_rope = malloc((size_t)n * nh * hd * 4), *k_rope = malloc((size_t)n * nkv * hd * 4);
@@ -451,8 +445,8 @@ static bool check_attention(struct test_ctx *t, struct be_pair *p, uint64_t *s, 
         }
     float            *inv  = make_inv_freq(c->hd, 10000.0f);
     struct coopt_rope rope = {.layout = COOPT_ROPE_HALF, .head_dim = c->hd, .inv_freq = inv};
-    float *qa = rnd(s, (size_t)n_all * c->nh * c->hd, -1, 1), *ka = rnd(s, (size_t)n_all * c->nkv * c->hd, -1, 1),
-          *va = rnd(s, (size_t)n_all * c->nkv * c->hd, -1, 1);
+    float *qa = test_rand_array(s, (size_t)n_all * c->nh * c->hd, -1, 1), *ka = test_rand_array(s, (size_t)n_all * c->nkv * c->hd, -1, 1),
+          *va = test_rand_array(s, (size_t)n_all * c->nkv * c->hd, -1, 1);
     struct coopt_batch fill = {.n_tokens = n_all, .pos = pos, .tok_seq = seq, .slots = slots, .n_seqs = N_SEQS,
                                .max_blocks = max_blocks, .block_tables = bt};
     p->ref->ops->rope_store(p->ref, qa, ka, va, c->nh, &kv, 1, &fill, &rope);
@@ -470,7 +464,7 @@ static bool check_attention(struct test_ctx *t, struct be_pair *p, uint64_t *s, 
     }
     struct coopt_batch b = {.n_tokens = n_tok, .pos = qpos, .tok_seq = qseq, .n_seqs = N_SEQS,
                             .max_blocks = max_blocks, .block_tables = bt, .window = c->window};
-    float *q    = rnd(s, (size_t)n_tok * c->nh * c->hd, -2, 2);
+    float *q    = test_rand_array(s, (size_t)n_tok * c->nh * c->hd, -2, 2);
     size_t n_o  = (size_t)n_tok * c->nh * c->hd;
     float *got  = malloc(n_o * sizeof(float)), *want = malloc(n_o * sizeof(float));
     float  scale = 1.0f / sqrtf((float)c->hd);
