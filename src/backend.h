@@ -73,6 +73,19 @@ struct coopt_ops {
     void (*get_rows)(struct coopt_backend *be, float *out, const float *x, const int32_t *rows, int32_t n,
                      int32_t dim);
 
+    // ---- fused ops (optional: NULL = the forward pass composes them from the ops above) ----
+    // outs[j][r][:] = x[r] · ws[j] for j < n (1 <= n <= 4): several projections of one input in
+    // one call (q/k/v), so a backend prepares x once and dispatches once.
+    void (*matmul_multi)(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
+                         const struct coopt_weight *const *ws, int32_t n_rows);
+    // out[r][o] = silu(x[r]·Wg[o]) * (x[r]·Wu[o]).  out, tmp: [n_rows][wg->n_out]; tmp is scratch the
+    // backend may use (its contents are undefined afterwards); out may not alias x or tmp.
+    void (*matmul_swiglu)(struct coopt_backend *be, float *out, float *tmp, const float *x,
+                          const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows);
+    // out[r][o] += x[r]·W[o] (+ bias[o]): the residual add fused into the projection.
+    void (*matmul_add)(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                       int32_t n_rows);
+
     // ---- KV pool ----
     // Reserves address space for the pool; memory is committed on first write (lazy mapping).
     enum coopt_status (*kv_pool_init)(struct coopt_backend *be, size_t n_bytes, void **out);

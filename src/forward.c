@@ -69,6 +69,17 @@ void coopt_rope_init(const struct coopt_model_config *c, float *inv_freq) {
     }
 }
 
+// x += in·W, fused when the backend can (tmp: [n][w->n_out] scratch otherwise).
+static void project_add(struct coopt_backend *be, float *x, float *tmp, const float *in, const struct coopt_weight *w,
+                        int32_t n) {
+    if (be->ops->matmul_add) {
+        be->ops->matmul_add(be, x, in, w, n);
+    } else {
+        be->ops->matmul(be, tmp, in, w, n);
+        be->ops->add(be, x, x, tmp, (int64_t)n * w->n_out);
+    }
+}
+
 void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct coopt_kv_cache *kv,
                    const struct coopt_rope *rope, struct coopt_scratch *s, const struct coopt_batch *b,
                    const struct coopt_forward_hook *hook) {
@@ -85,23 +96,31 @@ void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct
         // attention block
         op->rmsnorm(be, s->xb, s->x, L->attn_norm, n, (int32_t)dim, c->norm_eps);
         if (hook) hook->fn(hook->ud, l, 0, s->xb, n, (int32_t)dim);
-        op->matmul(be, s->q, s->xb, &L->wq, n);
-        op->matmul(be, s->k, s->xb, &L->wk, n);
-        op->matmul(be, s->v, s->xb, &L->wv, n);
+        if (op->matmul_multi) {
+            float                     *outs[3] = {s->q, s->k, s->v};
+            const struct coopt_weight *ws[3]   = {&L->wq, &L->wk, &L->wv};
+            op->matmul_multi(be, 3, outs, s->xb, ws, n);
+        } else {
+            op->matmul(be, s->q, s->xb, &L->wq, n);
+            op->matmul(be, s->k, s->xb, &L->wk, n);
+            op->matmul(be, s->v, s->xb, &L->wv, n);
+        }
         op->rope_store(be, s->q, s->k, s->v, c->n_heads, kv, l, b, rope);
         op->attention(be, s->att, s->q, c->n_heads, kv, l, b, scale);
         if (hook) hook->fn(hook->ud, l, 1, s->att, n, (int32_t)q_dim);
-        op->matmul(be, s->xb, s->att, &L->wo, n);
-        op->add(be, s->x, s->x, s->xb, (int64_t)n * dim);
+        project_add(be, s->x, s->xb, s->att, &L->wo, n);
         // MLP block
         op->rmsnorm(be, s->xb, s->x, L->ffn_norm, n, (int32_t)dim, c->norm_eps);
         if (hook) hook->fn(hook->ud, l, 2, s->xb, n, (int32_t)dim);
-        op->matmul(be, s->hb, s->xb, &L->w_gate, n);
-        op->matmul(be, s->hb2, s->xb, &L->w_up, n);
-        op->silu_mul(be, s->hb, s->hb, s->hb2, (int64_t)n * ffn);
+        if (op->matmul_swiglu) {
+            op->matmul_swiglu(be, s->hb, s->hb2, s->xb, &L->w_gate, &L->w_up, n);
+        } else {
+            op->matmul(be, s->hb, s->xb, &L->w_gate, n);
+            op->matmul(be, s->hb2, s->xb, &L->w_up, n);
+            op->silu_mul(be, s->hb, s->hb, s->hb2, (int64_t)n * ffn);
+        }
         if (hook) hook->fn(hook->ud, l, 3, s->hb, n, (int32_t)ffn);
-        op->matmul(be, s->xb, s->hb, &L->w_down, n);
-        op->add(be, s->x, s->x, s->xb, (int64_t)n * dim);
+        project_add(be, s->x, s->xb, s->hb, &L->w_down, n);
     }
     if (b->n_out == 0) return;
     op->get_rows(be, s->xo, s->x, b->out_rows, b->n_out, (int32_t)dim);

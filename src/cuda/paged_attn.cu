@@ -283,6 +283,16 @@ static void attn_launch_hd(dim3 grid, cudaStream_t st, const struct attn_args &a
     CUDA_CHECK_LAUNCH();
 }
 
+// The launch geometry below depends on the key-range bound only through this bucket (a power
+// of two, at least one tile), so a step recorded into a CUDA graph replays correctly for every
+// later step whose bound falls in the same bucket: the kernels read the real positions from
+// device memory, and partitions past a token's range exit at once.
+int64_t cuda_attn_bound_bucket(int64_t bound) {
+    int64_t b = ATTN_TILE;
+    while (b < bound) b *= 2;
+    return b;
+}
+
 void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                     const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale) {
     const struct coopt_kv_layout *l  = &kv->layout;
@@ -309,6 +319,7 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
         bound = COOPT_MIN(bound, mx + b->n_tokens);
     }
     if (b->window > 0) bound = COOPT_MIN(bound, (int64_t)b->window);
+    bound = cuda_attn_bound_bucket(bound);
     // Split the keys only when the batch alone leaves SMs idle (decode, small batches): 512
     // positions per partition, halved (down to one tile) while the grid would still be small.
     int64_t ctas      = (int64_t)b->n_tokens * nkv * n_sub;
