@@ -28,7 +28,10 @@ static void bench_usage(void) {
             "  -r, --repetitions N     (default 5)\n"
             "  -o, --output md|json    (default md)\n"
             "  -B, --batch-seqs B[,B..] batched mode: B sequences, each prefilled with the first -p length,\n"
-            "                          then decoded together for the first -n length; total tokens/s\n");
+            "                          then decoded together for the first -n length; total tokens/s\n"
+            "  --capacity N            how many sequences of N tokens the KV memory holds: prefill one\n"
+            "                          sequence after another (up to --parallel, default 512) until the\n"
+            "                          device runs out of KV memory, then print the count\n");
     app_opts_usage();
 }
 
@@ -141,6 +144,42 @@ out:
     return rc;
 }
 
+// Capacity mode: sequences of n tokens are prefilled one after another into one context until a
+// decode fails (the KV pool cannot commit another page: out of device or host memory). Prints
+// how many fit and the KV bytes they hold.
+static int run_capacity(struct coopt_ctx *c, int64_t n, int32_t n_seq_max, int32_t n_vocab) {
+    int32_t              *toks = malloc((size_t)n * sizeof(int32_t)), *sids = malloc((size_t)n * sizeof(int32_t));
+    int32_t               fit = 0, seq;
+    enum coopt_status     st  = COOPT_OK;
+    struct coopt_kv_stats kvs;
+    if (!toks || !sids) {
+        free(toks);
+        free(sids);
+        fprintf(stderr, "coopt bench: out of memory\n");
+        return 1;
+    }
+    int64_t t0 = coopt_time_us();
+    for (; fit < n_seq_max; fit++) {
+        if ((st = coopt_seq_new(c, &seq)) != COOPT_OK) break;
+        for (int64_t i = 0; i < n; i++) {
+            toks[i] = rand_token(n_vocab);
+            sids[i] = seq;
+        }
+        struct coopt_batch_input b = {.n_tokens = (int32_t)n, .tokens = toks, .seq_ids = sids};
+        if ((st = coopt_ctx_decode(c, &b)) != COOPT_OK) break;
+    }
+    coopt_ctx_kv_stats(c, &kvs);
+    printf("capacity: %d sequences of %lld tokens (kv %s, %.2f GiB of KV held, %llu bytes per token; stopped by: %s) "
+           "in %.1f s\n",
+           fit, (long long)n, coopt_dtype_name(kvs.kv_type),
+           (double)fit * (double)n * (double)kvs.bytes_per_token / (1024.0 * 1024.0 * 1024.0),
+           (unsigned long long)kvs.bytes_per_token, fit == n_seq_max ? "--parallel limit" : coopt_status_str(st),
+           (coopt_time_us() - t0) / 1e6);
+    free(toks);
+    free(sids);
+    return 0;
+}
+
 int cmd_bench(int argc, char **argv) {
     struct app_opts o;
     app_opts_default(&o);
@@ -148,7 +187,7 @@ int cmd_bench(int argc, char **argv) {
     int64_t pp[MAX_LIST] = {512}, tg[MAX_LIST] = {128}, dp[MAX_LIST] = {0};
     int64_t bs[MAX_LIST] = {0};
     int     n_pp = 1, n_tg = 1, n_dp = 1, n_bs = 0;
-    int64_t reps = 5;
+    int64_t reps = 5, capacity = 0;
     bool    json = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -166,6 +205,8 @@ int cmd_bench(int argc, char **argv) {
             if (!(v = app_next_arg(argc, argv, &i)) || parse_list(a, v, dp, &n_dp)) return 1;
         } else if (!strcmp(a, "-B") || !strcmp(a, "--batch-seqs")) {
             if (!(v = app_next_arg(argc, argv, &i)) || parse_list(a, v, bs, &n_bs)) return 1;
+        } else if (!strcmp(a, "--capacity")) {
+            if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 1, 1 << 24, &capacity)) return 1;
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
             if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 1, 1000, &reps)) return 1;
         } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
@@ -192,10 +233,25 @@ int cmd_bench(int argc, char **argv) {
         max_tokens  = MAX(max_tokens, pp[0] + tg[0]);
         o.n_seq_max = (int32_t)MAX(o.n_seq_max, bs[i]);
     }
+    if (capacity > 0) {
+        if (strcmp(o.device, "cuda")) {
+            fprintf(stderr, "coopt bench: --capacity needs --device cuda (host memory is committed on first touch, "
+                            "so running out would end the process instead of failing a page commit)\n");
+            return 1;
+        }
+        max_tokens = capacity;
+        if (o.n_seq_max == 1) o.n_seq_max = 512;
+    }
     if (o.n_ctx == 0) o.n_ctx = (int32_t)max_tokens;
     struct coopt_model *m;
     struct coopt_ctx   *c;
     if (app_load(&o, &m, &c, (int32_t)max_tokens)) return 1;
+    if (capacity > 0) {
+        int rc = run_capacity(c, capacity, o.n_seq_max, coopt_model_get_info(m)->n_vocab);
+        coopt_ctx_free(c);
+        coopt_model_free(m);
+        return rc;
+    }
     const struct coopt_model_info *info = coopt_model_get_info(m);
     struct coopt_kv_stats          kvs;
     coopt_ctx_kv_stats(c, &kvs);
