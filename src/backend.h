@@ -85,6 +85,13 @@ struct coopt_ops {
     // out[r][o] += x[r]·W[o] (+ bias[o]): the residual add fused into the projection.
     void (*matmul_add)(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
                        int32_t n_rows);
+    // The same two with the block's input RMS norm fused in: x [n_rows][n_in] is the un-normed
+    // residual stream (not modified) and the projections read rmsnorm(x, norm, eps) -- as rmsnorm
+    // into a scratch buffer followed by matmul_multi / matmul_swiglu, without the buffer.
+    void (*norm_matmul_multi)(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
+                              const float *norm, float eps, const struct coopt_weight *const *ws, int32_t n_rows);
+    void (*norm_matmul_swiglu)(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                               float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows);
 
     // ---- KV pool ----
     // Reserves address space for the pool; memory is committed on first write (lazy mapping).

@@ -5,6 +5,8 @@
  * without CUDA or a GPU.
  *
  * Tolerances, per output (and why):
+ *   norm_matmul_*: as below with x replaced by rmsnorm_ref(x) (the fused kernels scale the dot
+ *     product by 1/rms instead of each element: f32 rounding, inside the 1e-5 term).
  *   matmul / matmul_multi / matmul_add: as tests/test_cuda.c: (1e-5 + r16) * sum_i |w_i x_i| +
  *     q8 + 1e-6, where r16 = 2^-11 (F16) / 2^-8 (BF16) on the cuBLAS path (x rounded to 16 bits)
  *     and q8 = sum_blocks amax(x block)/254 * sum_block |w| for Q8_0/Q4_0 (x rounded to int8).
@@ -121,98 +123,132 @@ static double mm_tol(const struct tw *w, const float *x, int32_t r, int64_t o, i
 
 static float silu(float g) { return g / (1.0f + expf(-g)); }
 
-// One shape: matmul_multi (3 weights), matmul_swiglu (gate = w0, up = w1 when their n_out match),
-// matmul_add (w0 onto a random base) and plain matmul (w2), all against the reference matmul.
+// Reference products of x with the 3 weights and their bounds (mm_tol), per output.
+struct fref {
+    float  *want[3];
+    double *tol[3];
+};
+
+static void fref_make(struct fref *f, struct coopt_backend *ref, const struct tw *w, const float *x, int32_t n_rows) {
+    for (int i = 0; i < 3; i++) {
+        int64_t no = w[i].host.n_out;
+        f->want[i] = malloc((size_t)no * n_rows * sizeof(float));
+        f->tol[i]  = malloc((size_t)no * n_rows * sizeof(double));
+        ref->ops->matmul(ref, f->want[i], x, &w[i].host, n_rows);
+        for (int32_t r = 0; r < n_rows; r++)
+            for (int64_t o = 0; o < no; o++) f->tol[i][(size_t)r * no + o] = mm_tol(&w[i], x, r, o, n_rows);
+    }
+}
+
+static void fref_free(struct fref *f) {
+    for (int i = 0; i < 3; i++) free(f->want[i]), free(f->tol[i]);
+}
+
+// got (device, [n_rows][n_out]) against want within tol.
+static bool near_rows(struct test_ctx *t, struct coopt_backend *cu, const float *dgot, const float *want,
+                      const double *tol, int64_t n_out, int32_t n_rows, const char *op, const char *what) {
+    size_t n   = (size_t)n_out * n_rows;
+    float *got = malloc(n * sizeof(float));
+    dread(cu, got, dgot, n * sizeof(float));
+    bool ok = true;
+    for (size_t k = 0; k < n && ok; k++) {
+        if (!(fabs((double)got[k] - want[k]) <= tol[k])) {
+            test_fail(t, __FILE__, __LINE__, "%s %s: out[%lld][%lld] = %.7g, ref %.7g, tol %.3g", op, what,
+                      (long long)(k / (size_t)n_out), (long long)(k % (size_t)n_out), got[k], want[k], tol[k]);
+            ok = false;
+        }
+    }
+    free(got);
+    return ok;
+}
+
+// silu(g) * u of two reference products, and its bound (see the header).
+static void swiglu_ref(const struct fref *f, size_t n, float *want, double *tol) {
+    for (size_t k = 0; k < n; k++) {
+        float g = f->want[0][k], u = f->want[1][k], e = silu(g) * u;
+        want[k] = e;
+        tol[k]  = 1.5 * (1.1 * fabs(u) * f->tol[0][k] + fabs(silu(g)) * f->tol[1][k]) + 1e-6 * fabs(e) + 1e-6;
+    }
+}
+
+// One shape: matmul_multi (3 weights), plain matmul (w2), matmul_swiglu (gate = w0, up = w1 when
+// their n_out match) and matmul_add (w0 onto a random base), all against the reference matmul;
+// with_norm adds norm_matmul_multi / norm_matmul_swiglu against rmsnorm_ref then matmul_ref.
 static bool check_fused(struct test_ctx *t, struct dec_pair *p, uint64_t *s, enum coopt_dtype dt, int64_t n_in,
-                        const int64_t n_out[3], int32_t n_rows, bool bias) {
+                        const int64_t n_out[3], int32_t n_rows, bool bias, bool with_norm) {
     struct coopt_backend *cu = p->cu, *ref = p->ref;
     struct tw             w[3];
     for (int i = 0; i < 3; i++) tw_make(&w[i], cu, s, dt, n_in, n_out[i], bias);
     float *x  = test_rand_array(s, (size_t)n_in * n_rows, -2, 2);
     float *dx = dcopy(cu, x, (size_t)n_in * n_rows * 4);
     size_t no_max = (size_t)fmax(fmax(n_out[0], n_out[1]), n_out[2]) * n_rows;
-    float *want[3], *got = malloc(no_max * 4), *dout[3], *dtmp = dcopy(cu, NULL, no_max * 4);
-    for (int i = 0; i < 3; i++) {
-        want[i] = malloc((size_t)n_out[i] * n_rows * 4);
-        ref->ops->matmul(ref, want[i], x, &w[i].host, n_rows);
-        dout[i] = dcopy(cu, NULL, (size_t)n_out[i] * n_rows * 4);
-    }
+    float *dout[3], *dtmp = dcopy(cu, NULL, no_max * 4), *sw = malloc(no_max * 4);
+    double *swt = malloc(no_max * sizeof(double));
+    for (int i = 0; i < 3; i++) dout[i] = dcopy(cu, NULL, (size_t)n_out[i] * n_rows * 4);
+    struct fref f;
+    fref_make(&f, ref, w, x, n_rows);
     char what[160];
     snprintf(what, sizeof(what), "%s n_in %lld n_out %lld/%lld/%lld n_rows %d bias %d", coopt_dtype_name(dt),
              (long long)n_in, (long long)n_out[0], (long long)n_out[1], (long long)n_out[2], n_rows, bias);
-    bool ok = true;
-    // matmul_multi
+    bool                       ok    = true;
     const struct coopt_weight *ws[3] = {&w[0].dev, &w[1].dev, &w[2].dev};
     cu->ops->matmul_multi(cu, 3, dout, dx, ws, n_rows);
-    for (int i = 0; i < 3 && ok; i++) {
-        dread(cu, got, dout[i], (size_t)n_out[i] * n_rows * 4);
-        for (int32_t r = 0; r < n_rows && ok; r++)
-            for (int64_t o = 0; o < n_out[i] && ok; o++) {
-                size_t k   = (size_t)r * n_out[i] + o;
-                double tol = mm_tol(&w[i], x, r, o, n_rows);
-                if (!(fabs((double)got[k] - want[i][k]) <= tol)) {
-                    test_fail(t, __FILE__, __LINE__, "matmul_multi %s: out%d[%d][%lld] = %.7g, ref %.7g, tol %.3g", what, i,
-                              r, (long long)o, got[k], want[i][k], tol);
-                    ok = false;
-                }
-            }
-    }
-    // plain matmul of w2 (the single-segment launch)
-    cu->ops->matmul(cu, dout[2], dx, &w[2].dev, n_rows);
-    dread(cu, got, dout[2], (size_t)n_out[2] * n_rows * 4);
-    for (int32_t r = 0; r < n_rows && ok; r++)
-        for (int64_t o = 0; o < n_out[2] && ok; o++) {
-            size_t k   = (size_t)r * n_out[2] + o;
-            double tol = mm_tol(&w[2], x, r, o, n_rows);
-            if (!(fabs((double)got[k] - want[2][k]) <= tol)) {
-                test_fail(t, __FILE__, __LINE__, "matmul %s: out[%d][%lld] = %.7g, ref %.7g, tol %.3g", what, r,
-                          (long long)o, got[k], want[2][k], tol);
-                ok = false;
-            }
-        }
-    // matmul_swiglu: out = silu(x·w0) * (x·w1)
-    if (ok && n_out[0] == n_out[1]) {
-        cu->ops->matmul_swiglu(cu, dout[0], dtmp, dx, &w[0].dev, &w[1].dev, n_rows);
-        dread(cu, got, dout[0], (size_t)n_out[0] * n_rows * 4);
-        for (int32_t r = 0; r < n_rows && ok; r++)
-            for (int64_t o = 0; o < n_out[0] && ok; o++) {
-                size_t k  = (size_t)r * n_out[0] + o;
-                float  g  = want[0][k], u = want[1][k], e = silu(g) * u;
-                double tg = mm_tol(&w[0], x, r, o, n_rows), tu = mm_tol(&w[1], x, r, o, n_rows);
-                double tol = 1.5 * (1.1 * fabs(u) * tg + fabs(silu(g)) * tu) + 1e-6 * fabs(e) + 1e-6;
-                if (!(fabs((double)got[k] - e) <= tol)) {
-                    test_fail(t, __FILE__, __LINE__, "matmul_swiglu %s: out[%d][%lld] = %.7g, ref %.7g, tol %.3g", what, r,
-                              (long long)o, got[k], e, tol);
-                    ok = false;
-                }
-            }
-    }
-    // matmul_add: base + x·w0
+    for (int i = 0; i < 3 && ok; i++)
+        ok = near_rows(t, cu, dout[i], f.want[i], f.tol[i], n_out[i], n_rows, "matmul_multi", what);
     if (ok) {
-        float *base = test_rand_array(s, (size_t)n_out[0] * n_rows, -3, 3);
-        cu->ops->upload(cu, dout[0], base, (size_t)n_out[0] * n_rows * 4);
+        cu->ops->matmul(cu, dout[2], dx, &w[2].dev, n_rows);
+        ok = near_rows(t, cu, dout[2], f.want[2], f.tol[2], n_out[2], n_rows, "matmul", what);
+    }
+    if (ok && n_out[0] == n_out[1]) {
+        swiglu_ref(&f, (size_t)n_out[0] * n_rows, sw, swt);
+        cu->ops->matmul_swiglu(cu, dout[0], dtmp, dx, &w[0].dev, &w[1].dev, n_rows);
+        ok = near_rows(t, cu, dout[0], sw, swt, n_out[0], n_rows, "matmul_swiglu", what);
+    }
+    if (ok) { // base + x·w0
+        size_t n    = (size_t)n_out[0] * n_rows;
+        float *base = test_rand_array(s, n, -3, 3);
+        cu->ops->upload(cu, dout[0], base, n * 4);
         cu->ops->matmul_add(cu, dout[0], dx, &w[0].dev, n_rows);
-        dread(cu, got, dout[0], (size_t)n_out[0] * n_rows * 4);
-        for (int32_t r = 0; r < n_rows && ok; r++)
-            for (int64_t o = 0; o < n_out[0] && ok; o++) {
-                size_t k   = (size_t)r * n_out[0] + o;
-                double e   = (double)base[k] + want[0][k];
-                double tol = mm_tol(&w[0], x, r, o, n_rows) + 1e-6 * fabs(e);
-                if (!(fabs((double)got[k] - e) <= tol)) {
-                    test_fail(t, __FILE__, __LINE__, "matmul_add %s: out[%d][%lld] = %.7g, ref %.7g, tol %.3g", what, r,
-                              (long long)o, got[k], e, tol);
-                    ok = false;
-                }
-            }
+        for (size_t k = 0; k < n; k++) {
+            sw[k]  = base[k] + f.want[0][k];
+            swt[k] = f.tol[0][k] + 1e-6 * fabs(sw[k]);
+        }
+        ok = near_rows(t, cu, dout[0], sw, swt, n_out[0], n_rows, "matmul_add", what);
         free(base);
     }
+    if (ok && with_norm) { // the same products of rmsnorm(x, g)
+        float *g  = test_rand_array(s, (size_t)n_in, 0.5f, 1.5f), *xn = malloc((size_t)n_in * n_rows * 4);
+        float *dg = dcopy(cu, g, (size_t)n_in * 4), eps = 1e-5f;
+        ref->ops->rmsnorm(ref, xn, x, g, n_rows, (int32_t)n_in, eps);
+        struct fref fn;
+        fref_make(&fn, ref, w, xn, n_rows);
+        cu->ops->norm_matmul_multi(cu, 3, dout, dx, dg, eps, ws, n_rows);
+        for (int i = 0; i < 3 && ok; i++)
+            ok = near_rows(t, cu, dout[i], fn.want[i], fn.tol[i], n_out[i], n_rows, "norm_matmul_multi", what);
+        if (ok && n_out[0] == n_out[1]) {
+            swiglu_ref(&fn, (size_t)n_out[0] * n_rows, sw, swt);
+            cu->ops->norm_matmul_swiglu(cu, dout[0], dtmp, dx, dg, eps, &w[0].dev, &w[1].dev, n_rows);
+            ok = near_rows(t, cu, dout[0], sw, swt, n_out[0], n_rows, "norm_matmul_swiglu", what);
+        }
+        // x itself is left alone
+        float *xb = malloc((size_t)n_in * n_rows * 4);
+        dread(cu, xb, dx, (size_t)n_in * n_rows * 4);
+        if (ok && memcmp(xb, x, (size_t)n_in * n_rows * 4) != 0) {
+            test_fail(t, __FILE__, __LINE__, "norm_matmul %s: x was modified", what);
+            ok = false;
+        }
+        free(xb);
+        fref_free(&fn);
+        cu->ops->free(cu, dg);
+        free(g), free(xn);
+    }
+    fref_free(&f);
     for (int i = 0; i < 3; i++) {
         tw_free(&w[i], cu);
         cu->ops->free(cu, dout[i]);
-        free(want[i]);
     }
     cu->ops->free(cu, dx), cu->ops->free(cu, dtmp);
-    free(x), free(got);
+    free(x), free(sw), free(swt);
     return ok;
 }
 
@@ -236,7 +272,7 @@ TEST(cuda_fused_ops) {
     for (size_t d = 0; d < COOPT_ARRAY_LEN(k_types); d++)
         for (size_t k = 0; k < COOPT_ARRAY_LEN(shapes); k++, i++) {
             if (is_q(k_types[d]) && shapes[k].n_in % 32) continue;
-            if (!check_fused(t, &p, &s, k_types[d], shapes[k].n_in, shapes[k].n_out, shapes[k].n_rows, i % 2 == 0)) {
+            if (!check_fused(t, &p, &s, k_types[d], shapes[k].n_in, shapes[k].n_out, shapes[k].n_rows, i % 2 == 0, true)) {
                 dec_free(&p);
                 return;
             }
@@ -268,7 +304,7 @@ TEST(cuda_gemv_shapes) {
         for (size_t k = 0; k < COOPT_ARRAY_LEN(shapes); k++) {
             enum coopt_dtype dt = k_types[d];
             if (!shapes[k].all_types && (dt == COOPT_DTYPE_F32 || dt == COOPT_DTYPE_BF16)) continue;
-            if (!check_fused(t, &p, &s, dt, shapes[k].n_in, shapes[k].n_out, shapes[k].n_rows, k == 0)) {
+            if (!check_fused(t, &p, &s, dt, shapes[k].n_in, shapes[k].n_out, shapes[k].n_rows, k == 0, k % 2 == 0)) {
                 dec_free(&p);
                 return;
             }
@@ -405,25 +441,27 @@ TEST(cuda_decode_bench) {
     const enum coopt_dtype types[] = {COOPT_DTYPE_F16, COOPT_DTYPE_Q8_0, COOPT_DTYPE_Q4_0};
     struct {
         const char *name;
-        int         op; // 0 matmul, 1 multi3 (q,k,v), 2 swiglu, 3 matmul_add
+        int         op; // 0 matmul, 1 multi3 (q,k,v), 2 swiglu, 3 matmul_add, 4 / 5 1 / 2 with the RMS norm
         int64_t     n_in, n_out, n_out_kv;
     } cases[] = {
         {"qkv 7b", 1, 4096, 4096, 4096},   {"qkv 8b", 1, 4096, 4096, 1024},   {"o 7b (add)", 3, 4096, 4096, 0},
         {"gate/up 7b", 2, 4096, 11008, 0}, {"down 7b (add)", 3, 11008, 4096, 0}, {"lm head 7b", 0, 4096, 32000, 0},
         {"gate/up 13b", 2, 5120, 13824, 0}, {"down 13b (add)", 3, 13824, 5120, 0},
+        {"norm+qkv 7b", 4, 4096, 4096, 4096}, {"norm+gate/up 7b", 5, 4096, 11008, 0},
     };
     float *xh = test_rand_array(&s, 2 * 16384, -1, 1);
     float *dx = dcopy(be, xh, 2 * 16384 * 4), *o1 = dcopy(be, NULL, 2 * 32000 * 4), *o2 = dcopy(be, NULL, 2 * 32000 * 4);
-    float *o3 = dcopy(be, NULL, 2 * 32000 * 4);
+    float *o3 = dcopy(be, NULL, 2 * 32000 * 4), *dg = dcopy(be, xh, 16384 * 4);
     printf("bench: %-16s %-5s %4s %10s %10s\n", "decode GEMV", "type", "rows", "us/call", "GB/s");
     for (size_t d = 0; d < COOPT_ARRAY_LEN(types); d++)
         for (size_t c = 0; c < COOPT_ARRAY_LEN(cases); c++) {
             enum coopt_dtype dt = types[d];
             int64_t          n_in = cases[c].n_in, n_out = cases[c].n_out, n_kv = cases[c].n_out_kv;
             size_t           rb = coopt_dtype_row_bytes(dt, n_in);
-            int              nw = cases[c].op == 1 ? 3 : cases[c].op == 2 ? 2 : 1;
-            size_t           bytes = rb * (size_t)n_out * (cases[c].op == 1 ? 1 : (size_t)nw);
-            if (cases[c].op == 1) bytes += 2 * rb * (size_t)n_kv;
+            int              op = cases[c].op, multi = op == 1 || op == 4;
+            int              nw = multi ? 3 : op == 2 || op == 5 ? 2 : 1;
+            size_t           bytes = rb * (size_t)n_out * (multi ? 1 : (size_t)nw);
+            if (multi) bytes += 2 * rb * (size_t)n_kv;
             int      n_copies = (int)(400e6 / (double)bytes) + 1; // > 8x the 50 MB L2
             float   *wf       = test_rand_array(&s, (size_t)n_in * 64, -1, 1);
             uint8_t *row      = malloc(rb * 64);
@@ -431,7 +469,7 @@ TEST(cuda_decode_bench) {
             struct coopt_weight(*w)[3] = calloc((size_t)n_copies, sizeof(*w));
             for (int k = 0; k < n_copies; k++)
                 for (int i = 0; i < nw; i++) {
-                    int64_t no = cases[c].op == 1 && i > 0 ? n_kv : n_out;
+                    int64_t no = multi && i > 0 ? n_kv : n_out;
                     uint8_t *dw = dcopy(be, NULL, rb * (size_t)no);
                     for (int64_t r = 0; r < no; r += 64) be->ops->upload(be, dw + (size_t)r * rb, row, rb * (size_t)(no - r < 64 ? no - r : 64));
                     w[k][i] = (struct coopt_weight){.dtype = dt, .n_in = n_in, .n_out = no, .data = dw};
@@ -452,6 +490,13 @@ TEST(cuda_decode_bench) {
                             break;
                         }
                         case 2: be->ops->matmul_swiglu(be, o1, o2, dx, &ww[0], &ww[1], rows); break;
+                        case 4: {
+                            float                     *outs[3] = {o1, o2, o3};
+                            const struct coopt_weight *ws[3]   = {&ww[0], &ww[1], &ww[2]};
+                            be->ops->norm_matmul_multi(be, 3, outs, dx, dg, 1e-5f, ws, rows);
+                            break;
+                        }
+                        case 5: be->ops->norm_matmul_swiglu(be, o1, o2, dx, dg, 1e-5f, &ww[0], &ww[1], rows); break;
                         default: be->ops->matmul_add(be, o1, dx, &ww[0], rows); break;
                         }
                     }
@@ -466,7 +511,7 @@ TEST(cuda_decode_bench) {
                 for (int i = 0; i < nw; i++) be->ops->free(be, (void *)w[k][i].data);
             free(w), free(wf), free(row);
         }
-    be->ops->free(be, dx), be->ops->free(be, o1), be->ops->free(be, o2), be->ops->free(be, o3);
+    be->ops->free(be, dx), be->ops->free(be, o1), be->ops->free(be, o2), be->ops->free(be, o3), be->ops->free(be, dg);
     free(xh);
     dec_free(&p);
 }

@@ -118,6 +118,7 @@ struct cuda_backend {
     void                *cublas_work; // fixed cuBLAS workspace (graph capture must not allocate)
     struct cuda_kv_pool *pools; // linked list of live KV pools
     struct cuda_driver   drv;
+    bool                 pdl;  // GEMVs launch with programmatic dependent launch (sm_90+, step.cu)
     struct cuda_step    *step; // recorded decode steps (CUDA graphs) and op profiling, step.cu
     struct coopt_ops     ops;  // this backend's table: cuda_ops, possibly wrapped (step.cu)
 };
@@ -208,6 +209,10 @@ void cuda_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, 
 void cuda_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const struct coopt_weight *wg,
                         const struct coopt_weight *wu, int32_t n_rows);
 void cuda_matmul_add(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows);
+void cuda_norm_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x, const float *norm,
+                            float eps, const struct coopt_weight *const *ws, int32_t n_rows);
+void cuda_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                             float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows);
 // step.cu: fills cb->ops from the base table (environment: COOPT_CUDA_GRAPHS=0 no step replay,
 // COOPT_CUDA_FUSED=0 no fused ops, COOPT_CUDA_PROFILE=1 per-op GPU time table on stderr at exit).
 enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_ops *base);

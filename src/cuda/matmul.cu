@@ -64,9 +64,11 @@ struct gemv_args {
     int32_t         n_rows;
     int64_t         n_in;
     size_t          row_bytes;
-    const float    *x;   // [n_rows][n_in] f32 (F32/F16/BF16 weights)
-    const int8_t   *xq;  // [n_rows][n_in] int8 (Q8_0/Q4_0 weights)
-    const float2   *xds; // [n_rows][n_in / 32] (d, sum of the block's int8 values)
+    const float    *x;    // [n_rows][n_in] f32 (F32/F16/BF16 weights)
+    const float    *norm; // [n_in] RMS norm weights applied to x on the fly (NORM kernels), else NULL
+    float           eps;
+    const int8_t   *xq;   // [n_rows][n_in] int8 (Q8_0/Q4_0 weights; any norm already applied)
+    const float2   *xds;  // [n_rows][n_in / 32] (d, sum of the block's int8 values)
 };
 
 // ---- loads ----
@@ -108,11 +110,13 @@ template <int T> __device__ __forceinline__ void unpack16(uint4 u, float *w) {
 
 // ---- dense rows (F32/F16/BF16) ----
 
-// acc[0][j] += wa · x[j], acc[1][j] += wb · x[j] for the NR rows xr[j].
-template <int T, int NR, bool VEC>
+// acc[0][j] += wa · x[j], acc[1][j] += wb · x[j] for the NR rows xr[j]. NORM: x[j] is taken
+// times g elementwise, and ss[j] accumulates this lane's share of sum x[j]^2 (the RMS norm's
+// 1/rms is applied to the finished dot products).
+template <int T, int NR, bool VEC, bool NORM>
 __device__ __forceinline__ void dot2_dense(const uint8_t *__restrict__ wa, const uint8_t *__restrict__ wb,
-                                           const float *const (&xr)[NR], int64_t n_in, int lane,
-                                           float (&acc)[2][NR]) {
+                                           const float *const (&xr)[NR], const float *__restrict__ g, int64_t n_in,
+                                           int lane, float (&acc)[2][NR], float (&ss)[NR]) {
     if constexpr (VEC) {
         constexpr int E = T == COOPT_DTYPE_F32 ? 4 : 8; // elements per 16 bytes
         constexpr int U = NR <= 2 ? 4 : 2;              // 16-byte loads per row in flight per lane
@@ -135,10 +139,16 @@ __device__ __forceinline__ void dot2_dense(const uint8_t *__restrict__ wa, const
                     unpack16<T>(ua[u], fa);
                     unpack16<T>(ub[u], fb);
 #pragma unroll
-                    for (int j = 0; j < NR; j++) {
+                    for (int q = 0; q < E; q += 4) {
+                        float4 gv = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+                        if constexpr (NORM) gv = __ldg((const float4 *)(g + e + q));
 #pragma unroll
-                        for (int q = 0; q < E; q += 4) {
+                        for (int j = 0; j < NR; j++) {
                             float4 xv = __ldg((const float4 *)(xr[j] + e + q));
+                            if constexpr (NORM) {
+                                ss[j] += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
+                                xv = make_float4(xv.x * gv.x, xv.y * gv.y, xv.z * gv.z, xv.w * gv.w);
+                            }
                             acc[0][j] += fa[q] * xv.x + fa[q + 1] * xv.y + fa[q + 2] * xv.z + fa[q + 3] * xv.w;
                             acc[1][j] += fb[q] * xv.x + fb[q + 1] * xv.y + fb[q + 2] * xv.z + fb[q + 3] * xv.w;
                         }
@@ -152,6 +162,10 @@ __device__ __forceinline__ void dot2_dense(const uint8_t *__restrict__ wa, const
 #pragma unroll
             for (int j = 0; j < NR; j++) {
                 float xv = xr[j][i];
+                if constexpr (NORM) {
+                    ss[j] += xv * xv;
+                    xv *= g[i];
+                }
                 acc[0][j] += a * xv;
                 acc[1][j] += b * xv;
             }
@@ -254,13 +268,32 @@ __device__ __forceinline__ void dot2_quant(const uint8_t *__restrict__ wa, const
 
 // ---- the kernel ----
 
-template <int T, int NR, bool VEC>
+// Programmatic dependent launch (sm_90): let the next kernel of the stream launch now (it waits
+// for this grid's completion itself before reading what this one writes), and wait here for the
+// previous grid before touching x or out. Both are no-ops for launches without the attribute.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+template <int T, int NR, bool VEC, bool NORM>
 __global__ void __launch_bounds__(GEMV_WARPS * WARP_SIZE) gemv_kernel(const struct gemv_args a) {
     constexpr bool QUANT = T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0;
     __shared__ __align__(16) uint8_t stage[QUANT ? GEMV_WARPS : 1][2][2][QUANT ? qblock<T>::STAGE : 16];
     const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int32_t task = blockIdx.x * GEMV_WARPS + warp;
-    if (task >= a.n_tasks) return;
+    pdl_launch_dependents();
+    if (task >= a.n_tasks) {
+        pdl_wait();
+        return;
+    }
     // which rows: swiglu pairs gate row o with up row o; otherwise rows o, o + 1 of one segment
     int32_t s = 0, o;
     bool    has_b;
@@ -277,21 +310,33 @@ __global__ void __launch_bounds__(GEMV_WARPS * WARP_SIZE) gemv_kernel(const stru
         wa    = a.seg[s].w + (size_t)o * a.row_bytes;
         wb    = has_b ? wa + a.row_bytes : wa; // odd n_out: the last row is read twice, stored once
     }
+    // The weights do not depend on the previous kernel: start pulling the first 2 KiB of both
+    // rows into L2 while it finishes.
+    for (int64_t off = (int64_t)lane * 64; off < (int64_t)min(a.row_bytes, (size_t)2048); off += WARP_SIZE * 64) {
+        prefetch_l2(wa + off);
+        prefetch_l2(wb + off);
+    }
+    pdl_wait();
     for (int32_t r0 = 0; r0 < a.n_rows; r0 += NR) {
-        float acc[2][NR];
+        float acc[2][NR], ss[NR];
 #pragma unroll
-        for (int j = 0; j < NR; j++) acc[0][j] = acc[1][j] = 0.0f;
+        for (int j = 0; j < NR; j++) acc[0][j] = acc[1][j] = ss[j] = 0.0f;
         if constexpr (QUANT) {
             dot2_quant<T, NR, VEC>(wa, wb, a, r0, lane, stage[warp], acc);
         } else {
             const float *xr[NR];
 #pragma unroll
             for (int j = 0; j < NR; j++) xr[j] = a.x + (size_t)min(r0 + j, a.n_rows - 1) * (size_t)a.n_in;
-            dot2_dense<T, NR, VEC>(wa, wb, xr, a.n_in, lane, acc);
+            dot2_dense<T, NR, VEC, NORM>(wa, wb, xr, a.norm, a.n_in, lane, acc, ss);
         }
 #pragma unroll
         for (int j = 0; j < NR; j++) {
             float va = warp_sum(acc[0][j]), vb = warp_sum(acc[1][j]);
+            if constexpr (NORM) { // as rmsnorm_kernel: 1 / sqrt(mean(x^2) + eps), here after the dot
+                const float inv = 1.0f / sqrtf(warp_sum(ss[j]) / (float)a.n_in + a.eps);
+                va *= inv;
+                vb *= inv;
+            }
             if (lane != 0 || r0 + j >= a.n_rows) continue;
             if (a.mode == GEMV_SWIGLU) {
                 const struct gemv_seg &g = a.seg[0], &u = a.seg[1];
@@ -332,6 +377,40 @@ __global__ void quant_x_kernel(const float *__restrict__ x, int8_t *__restrict__
     if (lane == 0) xds[blk] = make_float2(d, (float)sum);
 }
 
+// The same with the RMS norm first: x [n_rows][n_in] -> xn = (x * 1/rms(x)) * g (as
+// rmsnorm_kernel), quantized as above. Grid: (n_rows); Block: 1024 threads (sum of squares over
+// the row, block-reduced; then warp w quantizes blocks w, w + 32, ...).
+__global__ void quant_norm_x_kernel(const float *__restrict__ x, const float *__restrict__ g, float eps, int64_t n_in,
+                                    int8_t *__restrict__ xq, float2 *__restrict__ xds) {
+    __shared__ float part[32];
+    const float     *xr   = x + (size_t)blockIdx.x * (size_t)n_in;
+    const int        lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    float            ss   = 0.0f;
+    for (int64_t i = threadIdx.x; i < n_in; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    if (lane == 0) part[warp] = ss;
+    __syncthreads();
+    if (warp == 0) {
+        float v = lane < n_warps ? part[lane] : 0.0f;
+        v       = warp_sum(v);
+        if (lane == 0) part[0] = v;
+    }
+    __syncthreads();
+    const float   inv = 1.0f / sqrtf(part[0] / (float)n_in + eps);
+    const int64_t nb = n_in / COOPT_QK, blk0 = (int64_t)blockIdx.x * nb;
+    for (int64_t b = warp; b < nb; b += n_warps) {
+        const int64_t i    = b * COOPT_QK + lane;
+        const float   v    = (xr[i] * inv) * g[i];
+        const float   amax = warp_max(fabsf(v));
+        const float   d    = amax / 127.0f;
+        const float   id   = d != 0.0f ? 1.0f / d : 0.0f;
+        const int     q    = __float2int_rn(v * id);
+        xq[(blk0 + b) * COOPT_QK + lane] = (int8_t)q;
+        const int sum = __reduce_add_sync(0xffffffffu, q);
+        if (lane == 0) xds[blk0 + b] = make_float2(d, (float)sum);
+    }
+}
+
 // ---- GEMV launch ----
 
 static bool gemv_type(enum coopt_dtype t) {
@@ -339,24 +418,47 @@ static bool gemv_type(enum coopt_dtype t) {
            t == COOPT_DTYPE_Q4_0;
 }
 
-template <int T, bool VEC> static void gemv_launch_t(cudaStream_t st, const struct gemv_args &a, int nr) {
-    unsigned grid = (unsigned)((a.n_tasks + GEMV_WARPS - 1) / GEMV_WARPS);
+// One launch; with cb->pdl as a programmatic dependent launch (the kernel's prologue overlaps the
+// previous kernel's tail, see pdl_wait).
+template <int T, int NR, bool VEC, bool NORM> static void gemv_launch_k(struct cuda_backend *cb, const struct gemv_args &a) {
+    cudaLaunchConfig_t  cfg     = {};
+    cudaLaunchAttribute attr[1] = {};
+    cfg.gridDim                                        = dim3((unsigned)((a.n_tasks + GEMV_WARPS - 1) / GEMV_WARPS));
+    cfg.blockDim                                       = dim3(GEMV_WARPS * WARP_SIZE);
+    cfg.stream                                         = cb->stream;
+    attr[0].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs                                          = attr;
+    cfg.numAttrs                                       = cb->pdl ? 1 : 0;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<T, NR, VEC, NORM>, a));
+}
+
+template <int T, bool VEC, bool NORM> static void gemv_launch_t(struct cuda_backend *cb, const struct gemv_args &a, int nr) {
     constexpr bool HALF = T == COOPT_DTYPE_F16 || T == COOPT_DTYPE_BF16; // cuBLAS above 2 rows: no wider NR
-    if (nr == 1) gemv_kernel<T, 1, VEC><<<grid, GEMV_WARPS * WARP_SIZE, 0, st>>>(a);
-    else if (nr == 2 || HALF) gemv_kernel<T, 2, VEC><<<grid, GEMV_WARPS * WARP_SIZE, 0, st>>>(a);
+    if (nr == 1) gemv_launch_k<T, 1, VEC, NORM>(cb, a);
+    else if (nr == 2 || HALF) gemv_launch_k<T, 2, VEC, NORM>(cb, a);
     else if constexpr (!HALF) {
-        if (nr <= 4) gemv_kernel<T, 4, VEC><<<grid, GEMV_WARPS * WARP_SIZE, 0, st>>>(a);
-        else gemv_kernel<T, 8, VEC><<<grid, GEMV_WARPS * WARP_SIZE, 0, st>>>(a);
+        if (nr <= 4) gemv_launch_k<T, 4, VEC, NORM>(cb, a);
+        else gemv_launch_k<T, 8, VEC, NORM>(cb, a);
     }
-    CUDA_CHECK_LAUNCH();
+}
+
+template <int T, bool VEC> static void gemv_launch_n(struct cuda_backend *cb, const struct gemv_args &a, int nr) {
+    constexpr bool QUANT = T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0; // norm applied when quantizing x
+    if (a.norm && !QUANT) gemv_launch_t<T, VEC, !QUANT>(cb, a, nr);
+    else gemv_launch_t<T, VEC, false>(cb, a, nr);
 }
 
 // Runs one GEMV launch over a's segments (all of type dt, n_in a.n_in); fills the x fields.
-static void gemv_run(struct cuda_backend *cb, enum coopt_dtype dt, struct gemv_args &a, const float *x) {
+// norm (NULL = none): x is RMS-normed with these weights on the way in.
+static void gemv_run(struct cuda_backend *cb, enum coopt_dtype dt, struct gemv_args &a, const float *x,
+                     const float *norm, float eps) {
     cudaStream_t st = cb->stream;
     int64_t      n_in = a.n_in;
     a.row_bytes       = coopt_dtype_row_bytes(dt, n_in);
     a.x               = x;
+    a.norm            = norm;
+    a.eps             = eps;
     a.xq              = NULL;
     a.xds             = NULL;
     int nr            = a.n_rows;
@@ -367,29 +469,32 @@ static void gemv_run(struct cuda_backend *cb, enum coopt_dtype dt, struct gemv_a
         uint8_t *w   = (uint8_t *)cuda_workspace(cb, qb + (size_t)nblk * sizeof(float2));
         a.xq         = (const int8_t *)w;
         a.xds        = (const float2 *)(w + qb);
-        quant_x_kernel<<<(unsigned)((nblk + 7) / 8), 256, 0, st>>>(x, (int8_t *)w, (float2 *)(w + qb), nblk);
+        if (norm)
+            quant_norm_x_kernel<<<(unsigned)a.n_rows, 1024, 0, st>>>(x, norm, eps, n_in, (int8_t *)w, (float2 *)(w + qb));
+        else
+            quant_x_kernel<<<(unsigned)((nblk + 7) / 8), 256, 0, st>>>(x, (int8_t *)w, (float2 *)(w + qb), nblk);
         CUDA_CHECK_LAUNCH();
     }
     switch (dt) {
     case COOPT_DTYPE_F32:
-        if (n_in % 4 == 0) gemv_launch_t<COOPT_DTYPE_F32, true>(st, a, nr);
-        else gemv_launch_t<COOPT_DTYPE_F32, false>(st, a, nr);
+        if (n_in % 4 == 0) gemv_launch_n<COOPT_DTYPE_F32, true>(cb, a, nr);
+        else gemv_launch_n<COOPT_DTYPE_F32, false>(cb, a, nr);
         break;
     case COOPT_DTYPE_F16:
-        if (n_in % 8 == 0) gemv_launch_t<COOPT_DTYPE_F16, true>(st, a, nr);
-        else gemv_launch_t<COOPT_DTYPE_F16, false>(st, a, nr);
+        if (n_in % 8 == 0) gemv_launch_n<COOPT_DTYPE_F16, true>(cb, a, nr);
+        else gemv_launch_n<COOPT_DTYPE_F16, false>(cb, a, nr);
         break;
     case COOPT_DTYPE_BF16:
-        if (n_in % 8 == 0) gemv_launch_t<COOPT_DTYPE_BF16, true>(st, a, nr);
-        else gemv_launch_t<COOPT_DTYPE_BF16, false>(st, a, nr);
+        if (n_in % 8 == 0) gemv_launch_n<COOPT_DTYPE_BF16, true>(cb, a, nr);
+        else gemv_launch_n<COOPT_DTYPE_BF16, false>(cb, a, nr);
         break;
     case COOPT_DTYPE_Q8_0: // rows of 16n bytes when n_in % 256 == 0
-        if (n_in % 256 == 0) gemv_launch_t<COOPT_DTYPE_Q8_0, true>(st, a, nr);
-        else gemv_launch_t<COOPT_DTYPE_Q8_0, false>(st, a, nr);
+        if (n_in % 256 == 0) gemv_launch_n<COOPT_DTYPE_Q8_0, true>(cb, a, nr);
+        else gemv_launch_n<COOPT_DTYPE_Q8_0, false>(cb, a, nr);
         break;
     case COOPT_DTYPE_Q4_0:
-        if (n_in % 256 == 0) gemv_launch_t<COOPT_DTYPE_Q4_0, true>(st, a, nr);
-        else gemv_launch_t<COOPT_DTYPE_Q4_0, false>(st, a, nr);
+        if (n_in % 256 == 0) gemv_launch_n<COOPT_DTYPE_Q4_0, true>(cb, a, nr);
+        else gemv_launch_n<COOPT_DTYPE_Q4_0, false>(cb, a, nr);
         break;
     default: COOPT_ASSERT(!"gemv: unsupported weight type");
     }
@@ -397,7 +502,7 @@ static void gemv_run(struct cuda_backend *cb, enum coopt_dtype dt, struct gemv_a
 
 // Store / accumulate GEMV over n weights sharing x (1 <= n <= GEMV_MAX_SEG).
 static void gemv_segments(struct cuda_backend *cb, int mode, int32_t n, float *const *outs, const float *x,
-                          const struct coopt_weight *const *ws, int32_t n_rows) {
+                          const float *norm, float eps, const struct coopt_weight *const *ws, int32_t n_rows) {
     struct gemv_args a;
     memset(&a, 0, sizeof(a));
     a.mode   = mode;
@@ -408,7 +513,7 @@ static void gemv_segments(struct cuda_backend *cb, int mode, int32_t n, float *c
         a.seg[i] = {(const uint8_t *)ws[i]->data, ws[i]->bias, outs[i], (int32_t)ws[i]->n_out, a.n_tasks};
         a.n_tasks += (int32_t)((ws[i]->n_out + 1) / 2);
     }
-    gemv_run(cb, ws[0]->dtype, a, x);
+    gemv_run(cb, ws[0]->dtype, a, x, norm, eps);
 }
 
 // ---- cuBLAS path ----
@@ -491,44 +596,88 @@ void cuda_matmul(struct coopt_backend *be, float *out, const float *x, const str
         COOPT_ASSERT(!"unsupported matmul weight type");
     }
     if (w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0) COOPT_ASSERT(w->n_in % COOPT_QK == 0);
-    gemv_segments(cb, GEMV_STORE, 1, &out, x, &w, n_rows);
+    gemv_segments(cb, GEMV_STORE, 1, &out, x, NULL, 0.0f, &w, n_rows);
+}
+
+// The multi/swiglu GEMV of one launch applies to these weights at this batch size.
+static bool multi_one_launch(int32_t n, const struct coopt_weight *const *ws, int32_t n_rows) {
+    bool one = true;
+    for (int32_t i = 0; i < n; i++)
+        one = one && gemv_ok(ws[i], n_rows) && ws[i]->dtype == ws[0]->dtype && ws[i]->n_in == ws[0]->n_in &&
+              ws[i]->n_out > 0;
+    return one;
+}
+
+// x normed into the second workspace (for the paths that need it materialized).
+static const float *normed_copy(struct coopt_backend *be, const float *x, const float *norm, float eps, int64_t n_in,
+                                int32_t n_rows) {
+    float *xn = (float *)cuda_workspace2(cuda_impl(be), (size_t)n_rows * (size_t)n_in * sizeof(float));
+    be->ops->rmsnorm(be, xn, x, norm, n_rows, (int32_t)n_in, eps);
+    return xn;
 }
 
 void cuda_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
                        const struct coopt_weight *const *ws, int32_t n_rows) {
     COOPT_ASSERT(n >= 1 && n <= GEMV_MAX_SEG);
     if (n_rows <= 0) return;
-    bool one = true;
-    for (int32_t i = 0; i < n; i++)
-        one = one && gemv_ok(ws[i], n_rows) && ws[i]->dtype == ws[0]->dtype && ws[i]->n_in == ws[0]->n_in &&
-              ws[i]->n_out > 0;
-    if (one) {
-        gemv_segments(cuda_impl(be), GEMV_STORE, n, outs, x, ws, n_rows);
+    if (multi_one_launch(n, ws, n_rows)) {
+        gemv_segments(cuda_impl(be), GEMV_STORE, n, outs, x, NULL, 0.0f, ws, n_rows);
         return;
     }
     for (int32_t i = 0; i < n; i++) cuda_matmul(be, outs[i], x, ws[i], n_rows);
+}
+
+void cuda_norm_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x, const float *norm,
+                            float eps, const struct coopt_weight *const *ws, int32_t n_rows) {
+    COOPT_ASSERT(n >= 1 && n <= GEMV_MAX_SEG);
+    if (n_rows <= 0) return;
+    if (multi_one_launch(n, ws, n_rows)) {
+        gemv_segments(cuda_impl(be), GEMV_STORE, n, outs, x, norm, eps, ws, n_rows);
+        return;
+    }
+    cuda_matmul_multi(be, n, outs, normed_copy(be, x, norm, eps, ws[0]->n_in, n_rows), ws, n_rows);
+}
+
+static void swiglu_launch(struct coopt_backend *be, float *out, const float *x, const float *norm, float eps,
+                          const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows) {
+    struct gemv_args a;
+    memset(&a, 0, sizeof(a));
+    a.mode    = GEMV_SWIGLU;
+    a.n_rows  = n_rows;
+    a.n_in    = wg->n_in;
+    a.n_seg   = 2;
+    a.n_tasks = (int32_t)wg->n_out;
+    a.seg[0]  = {(const uint8_t *)wg->data, wg->bias, out, (int32_t)wg->n_out, 0};
+    a.seg[1]  = {(const uint8_t *)wu->data, wu->bias, NULL, (int32_t)wu->n_out, 0};
+    gemv_run(cuda_impl(be), wg->dtype, a, x, norm, eps);
+}
+
+static bool swiglu_one_launch(const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows) {
+    return gemv_ok(wg, n_rows) && gemv_ok(wu, n_rows) && wg->dtype == wu->dtype;
 }
 
 void cuda_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const struct coopt_weight *wg,
                         const struct coopt_weight *wu, int32_t n_rows) {
     COOPT_ASSERT(wg->n_out == wu->n_out && wg->n_in == wu->n_in);
     if (n_rows <= 0 || wg->n_out <= 0) return;
-    if (gemv_ok(wg, n_rows) && gemv_ok(wu, n_rows) && wg->dtype == wu->dtype) {
-        struct gemv_args a;
-        memset(&a, 0, sizeof(a));
-        a.mode    = GEMV_SWIGLU;
-        a.n_rows  = n_rows;
-        a.n_in    = wg->n_in;
-        a.n_seg   = 2;
-        a.n_tasks = (int32_t)wg->n_out;
-        a.seg[0]  = {(const uint8_t *)wg->data, wg->bias, out, (int32_t)wg->n_out, 0};
-        a.seg[1]  = {(const uint8_t *)wu->data, wu->bias, NULL, (int32_t)wu->n_out, 0};
-        gemv_run(cuda_impl(be), wg->dtype, a, x);
+    if (swiglu_one_launch(wg, wu, n_rows)) {
+        swiglu_launch(be, out, x, NULL, 0.0f, wg, wu, n_rows);
         return;
     }
     cuda_matmul(be, out, x, wg, n_rows);
     cuda_matmul(be, tmp, x, wu, n_rows);
     be->ops->silu_mul(be, out, out, tmp, (int64_t)n_rows * wg->n_out);
+}
+
+void cuda_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                             float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows) {
+    COOPT_ASSERT(wg->n_out == wu->n_out && wg->n_in == wu->n_in);
+    if (n_rows <= 0 || wg->n_out <= 0) return;
+    if (swiglu_one_launch(wg, wu, n_rows)) {
+        swiglu_launch(be, out, x, norm, eps, wg, wu, n_rows);
+        return;
+    }
+    cuda_matmul_swiglu(be, out, tmp, normed_copy(be, x, norm, eps, wg->n_in, n_rows), wg, wu, n_rows);
 }
 
 void cuda_matmul_add(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows) {
@@ -537,7 +686,7 @@ void cuda_matmul_add(struct coopt_backend *be, float *out, const float *x, const
     if (use_cublas(w, n_rows)) {
         gemm_cublas(cb, out, x, w, n_rows, true);
     } else if (gemv_ok(w, n_rows)) {
-        gemv_segments(cb, GEMV_ACCUMULATE, 1, &out, x, &w, n_rows);
+        gemv_segments(cb, GEMV_ACCUMULATE, 1, &out, x, NULL, 0.0f, &w, n_rows);
     } else { // another file's matmul (it may use the workspace): the product goes to the second one
         float *tmp = (float *)cuda_workspace2(cb, (size_t)n_rows * (size_t)w->n_out * sizeof(float));
         cuda_matmul(be, tmp, x, w, n_rows);

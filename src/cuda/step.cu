@@ -20,6 +20,10 @@
  * the least recently used is dropped first. COOPT_CUDA_GRAPHS=0 (or the context's
  * no_step_graphs) turns this off; COOPT_CUDA_GRAPH_MAX_TOKENS changes the batch limit.
  *
+ * Other switches read here: COOPT_CUDA_FUSED=0 (no fused ops: the forward pass composes them),
+ * COOPT_CUDA_FUSED_NORM=0 (no RMS norm inside the GEMVs), COOPT_CUDA_PDL=0 (GEMVs launch without
+ * programmatic dependent launch).
+ *
  * Profile (COOPT_CUDA_PROFILE=1, implies no graphs): every op of the table is wrapped; after each
  * op an event is recorded, and at each sync the time between consecutive events is charged to
  * the op that ended it (op name with weight type and shape for the matmuls). Since the host
@@ -310,6 +314,24 @@ static void p_matmul_add(struct coopt_backend *be, float *out, const float *x, c
               (long long)w->n_in, rows);
 }
 
+static void p_norm_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x, const float *norm,
+                                float eps, const struct coopt_weight *const *ws, int32_t rows) {
+    prof_pre(be);
+    BASE(be)->norm_matmul_multi(be, n, outs, x, norm, eps, ws, rows);
+    double  bytes = 0;
+    int64_t n_out = 0;
+    for (int32_t i = 0; i < n; i++) bytes += wbytes(ws[i]), n_out += ws[i]->n_out;
+    prof_post(be, bytes, "norm_matmul_multi%d %s %lldx%lld r%d", n, coopt_dtype_name(ws[0]->dtype), (long long)n_out,
+              (long long)ws[0]->n_in, rows);
+}
+static void p_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                                 float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t rows) {
+    prof_pre(be);
+    BASE(be)->norm_matmul_swiglu(be, out, tmp, x, norm, eps, wg, wu, rows);
+    prof_post(be, wbytes(wg) + wbytes(wu), "norm_matmul_swiglu %s 2x%lldx%lld r%d", coopt_dtype_name(wg->dtype),
+              (long long)wg->n_out, (long long)wg->n_in, rows);
+}
+
 static int prof_cmp(const void *a, const void *b) {
     double x = ((const struct prof_entry *)a)->ms, y = ((const struct prof_entry *)b)->ms;
     return x < y ? 1 : x > y ? -1 : 0;
@@ -350,6 +372,13 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         cb->ops.matmul_swiglu = NULL;
         cb->ops.matmul_add    = NULL;
     }
+    if (!env_flag("COOPT_CUDA_FUSED", true) || !env_flag("COOPT_CUDA_FUSED_NORM", true)) {
+        cb->ops.norm_matmul_multi  = NULL;
+        cb->ops.norm_matmul_swiglu = NULL;
+    }
+    int cc = 0;
+    CUDA_TRY(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device), COOPT_ERR_UNSUPPORTED);
+    cb->pdl = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
     if (S->profile) {
         CUDA_TRY(cudaEventCreate(&S->ev_start), COOPT_ERR_NOMEM);
         for (int i = 0; i < PROF_MAX_PENDING; i++) CUDA_TRY(cudaEventCreate(&S->ev[i]), COOPT_ERR_NOMEM);
@@ -360,6 +389,8 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         if (o->matmul_multi) o->matmul_multi = p_matmul_multi;
         if (o->matmul_swiglu) o->matmul_swiglu = p_matmul_swiglu;
         if (o->matmul_add) o->matmul_add = p_matmul_add;
+        if (o->norm_matmul_multi) o->norm_matmul_multi = p_norm_matmul_multi;
+        if (o->norm_matmul_swiglu) o->norm_matmul_swiglu = p_norm_matmul_swiglu;
     }
     be->ops = &cb->ops;
     return COOPT_OK;
