@@ -6,7 +6,8 @@
 # For each architecture: synth f16 weights into $SYNTH_DIR (default /tmp), then
 #   - the per-op GPU time profile of 32 decode steps (COOPT_CUDA_PROFILE=1, op by op),
 #   - pp512 / tg128 with f16 KV: default (CUDA graphs + fused ops), --no-graphs, and
-#     --no-graphs with COOPT_CUDA_FUSED=0 (the forward pass composes the fused ops),
+#     --no-graphs with COOPT_CUDA_FUSED=0 (the forward pass composes the fused ops), and (mode
+#     no-pdl) graphs with COOPT_CUDA_PDL=0,
 # writing ${OUT:-out}/decode_<arch>.md and profile_<arch>.txt. REPS (default 2), KV (default f16),
 # MODES (default "graphs no-graphs unfused"), PROFILE=0 skips the profile.
 set -uo pipefail
@@ -33,8 +34,9 @@ for arch in "$@"; do
     for mode in $MODES; do
         args=""
         envs=""
-        [ "$mode" != graphs ] && args="--no-graphs"
+        [ "$mode" = no-graphs ] || [ "$mode" = unfused ] && args="--no-graphs"
         [ "$mode" = unfused ] && envs="COOPT_CUDA_FUSED=0"
+        [ "$mode" = no-pdl ] && envs="COOPT_CUDA_PDL=0"
         env $envs COOPT_CUDA_STEP_STATS=1 timeout 150 $B bench -m "$dir" --device cuda --kv-type "$KV" -p 512 -n 128 \
             -r "$REPS" $args 2>>"$OUT/bench.err" | grep -E '^\| llama' | sed "s/^/$mode /" >>"$f"
     done

@@ -428,6 +428,7 @@ TEST(cuda_step_graphs) {
 
 // Device bandwidth (copy and read-only kernel), then the decode GEMVs of llama2-7b (and 13b's
 // shapes) per weight type, each weight rotated among enough copies that it cannot sit in L2.
+// COOPT_CUDA_BENCH_ROWS2=1 adds batch 2, COOPT_CUDA_BENCH_F16=1 times F16 only.
 TEST(cuda_decode_bench) {
     if (!getenv("COOPT_CUDA_BENCH")) SKIP(t, "set COOPT_CUDA_BENCH=1 to time the kernels");
     struct dec_pair p;
@@ -453,7 +454,8 @@ TEST(cuda_decode_bench) {
     float *dx = dcopy(be, xh, 2 * 16384 * 4), *o1 = dcopy(be, NULL, 2 * 32000 * 4), *o2 = dcopy(be, NULL, 2 * 32000 * 4);
     float *o3 = dcopy(be, NULL, 2 * 32000 * 4), *dg = dcopy(be, xh, 16384 * 4);
     printf("bench: %-16s %-5s %4s %10s %10s\n", "decode GEMV", "type", "rows", "us/call", "GB/s");
-    for (size_t d = 0; d < COOPT_ARRAY_LEN(types); d++)
+    size_t n_types = getenv("COOPT_CUDA_BENCH_F16") ? 1 : COOPT_ARRAY_LEN(types);
+    for (size_t d = 0; d < n_types; d++)
         for (size_t c = 0; c < COOPT_ARRAY_LEN(cases); c++) {
             enum coopt_dtype dt = types[d];
             int64_t          n_in = cases[c].n_in, n_out = cases[c].n_out, n_kv = cases[c].n_out_kv;
@@ -474,7 +476,7 @@ TEST(cuda_decode_bench) {
                     for (int64_t r = 0; r < no; r += 64) be->ops->upload(be, dw + (size_t)r * rb, row, rb * (size_t)(no - r < 64 ? no - r : 64));
                     w[k][i] = (struct coopt_weight){.dtype = dt, .n_in = n_in, .n_out = no, .data = dw};
                 }
-            for (int rows = 1; rows <= 2; rows++) {
+            for (int rows = 1; rows <= (getenv("COOPT_CUDA_BENCH_ROWS2") ? 2 : 1); rows++) {
                 int reps = 4 * n_copies;
                 for (int pass = 0; pass < 2; pass++) { // warm-up, then timed
                     be->ops->sync(be);

@@ -119,6 +119,7 @@ struct cuda_backend {
     struct cuda_kv_pool *pools; // linked list of live KV pools
     struct cuda_driver   drv;
     bool                 pdl;  // GEMVs launch with programmatic dependent launch (sm_90+, step.cu)
+    int                  gemv_rows_per_task; // 0 = auto (matmul.cu), 1 or 2 forced (COOPT_CUDA_GEMV_ROWS)
     struct cuda_step    *step; // recorded decode steps (CUDA graphs) and op profiling, step.cu
     struct coopt_ops     ops;  // this backend's table: cuda_ops, possibly wrapped (step.cu)
 };

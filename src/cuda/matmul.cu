@@ -61,6 +61,7 @@ struct gemv_seg {
 struct gemv_args {
     struct gemv_seg seg[GEMV_MAX_SEG]; // swiglu: seg[0] gate (its out receives the result), seg[1] up
     int32_t         n_seg, n_tasks, mode;
+    int32_t         rows_per_task; // store / accumulate: 1 or 2 rows of a segment per warp
     int32_t         n_rows;
     int64_t         n_in;
     size_t          row_bytes;
@@ -110,10 +111,10 @@ template <int T> __device__ __forceinline__ void unpack16(uint4 u, float *w) {
 
 // ---- dense rows (F32/F16/BF16) ----
 
-// acc[0][j] += wa · x[j], acc[1][j] += wb · x[j] for the NR rows xr[j]. NORM: x[j] is taken
-// times g elementwise, and ss[j] accumulates this lane's share of sum x[j]^2 (the RMS norm's
-// 1/rms is applied to the finished dot products).
-template <int T, int NR, bool VEC, bool NORM>
+// acc[0][j] += wa · x[j], and with TWO acc[1][j] += wb · x[j], for the NR rows xr[j]. NORM: x[j]
+// is taken times g elementwise, and ss[j] accumulates this lane's share of sum x[j]^2 (the RMS
+// norm's 1/rms is applied to the finished dot products).
+template <int T, int NR, bool VEC, bool NORM, bool TWO>
 __device__ __forceinline__ void dot2_dense(const uint8_t *__restrict__ wa, const uint8_t *__restrict__ wb,
                                            const float *const (&xr)[NR], const float *__restrict__ g, int64_t n_in,
                                            int lane, float (&acc)[2][NR], float (&ss)[NR]) {
@@ -128,7 +129,7 @@ __device__ __forceinline__ void dot2_dense(const uint8_t *__restrict__ wa, const
                 int64_t e = e0 + (int64_t)u * WARP_SIZE * E;
                 if (e < n_in) {
                     ua[u] = ldg_stream16(wa + e * S);
-                    ub[u] = ldg_stream16(wb + e * S);
+                    if constexpr (TWO) ub[u] = ldg_stream16(wb + e * S);
                 }
             }
 #pragma unroll
@@ -137,7 +138,7 @@ __device__ __forceinline__ void dot2_dense(const uint8_t *__restrict__ wa, const
                 if (e < n_in) {
                     float fa[E], fb[E];
                     unpack16<T>(ua[u], fa);
-                    unpack16<T>(ub[u], fb);
+                    if constexpr (TWO) unpack16<T>(ub[u], fb);
 #pragma unroll
                     for (int q = 0; q < E; q += 4) {
                         float4 gv = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
@@ -150,7 +151,8 @@ __device__ __forceinline__ void dot2_dense(const uint8_t *__restrict__ wa, const
                                 xv = make_float4(xv.x * gv.x, xv.y * gv.y, xv.z * gv.z, xv.w * gv.w);
                             }
                             acc[0][j] += fa[q] * xv.x + fa[q + 1] * xv.y + fa[q + 2] * xv.z + fa[q + 3] * xv.w;
-                            acc[1][j] += fb[q] * xv.x + fb[q + 1] * xv.y + fb[q + 2] * xv.z + fb[q + 3] * xv.w;
+                            if constexpr (TWO)
+                                acc[1][j] += fb[q] * xv.x + fb[q + 1] * xv.y + fb[q + 2] * xv.z + fb[q + 3] * xv.w;
                         }
                     }
                 }
@@ -158,7 +160,7 @@ __device__ __forceinline__ void dot2_dense(const uint8_t *__restrict__ wa, const
         }
     } else { // any row length: one element per lane per step
         for (int64_t i = lane; i < n_in; i += WARP_SIZE) {
-            float a = load_elem<T>(wa, i), b = load_elem<T>(wb, i);
+            float a = load_elem<T>(wa, i), b = TWO ? load_elem<T>(wb, i) : 0.0f;
 #pragma unroll
             for (int j = 0; j < NR; j++) {
                 float xv = xr[j][i];
@@ -167,7 +169,7 @@ __device__ __forceinline__ void dot2_dense(const uint8_t *__restrict__ wa, const
                     xv *= g[i];
                 }
                 acc[0][j] += a * xv;
-                acc[1][j] += b * xv;
+                if constexpr (TWO) acc[1][j] += b * xv;
             }
         }
     }
@@ -196,8 +198,9 @@ __device__ __forceinline__ float qblock_read(const uint8_t *stage, int lane, uin
     return f16_bits_to_f32((uint16_t)((v[0] >> (8 * s)) & 0xffff));
 }
 
-// acc[0][j] += wa · x[j], acc[1][j] += wb · x[j] over nb blocks, x rows r0.. (clamped to n_rows).
-template <int T, int NR, bool VEC>
+// acc[0][j] += wa · x[j] (and with TWO acc[1][j] += wb · x[j]) over nb blocks, x rows r0..
+// (clamped to n_rows).
+template <int T, int NR, bool VEC, bool TWO>
 __device__ __forceinline__ void dot2_quant(const uint8_t *__restrict__ wa, const uint8_t *__restrict__ wb,
                                            const struct gemv_args &a, int32_t r0, int lane,
                                            uint8_t (*stage)[2][qblock<T>::STAGE], float (&acc)[2][NR]) {
@@ -216,7 +219,7 @@ __device__ __forceinline__ void dot2_quant(const uint8_t *__restrict__ wa, const
         const int      nbytes = (int)min((int64_t)32, nb - 32 * c) * B;
         const uint8_t *src[2] = {wa + 32 * c * B, wb + 32 * c * B};
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
+        for (int r = 0; r < (TWO ? 2 : 1); r++) {
             if constexpr (VEC) { // rows of 16n bytes: 32 blocks are 68 (Q8_0) / 36 (Q4_0) 16-byte pieces
                 for (int off = lane * 16; off < nbytes; off += WARP_SIZE * 16) cp_async16(stage[buf][r] + off, src[r] + off);
             } else {
@@ -237,7 +240,7 @@ __device__ __forceinline__ void dot2_quant(const uint8_t *__restrict__ wa, const
             float    dw[2];
             uint32_t qs[2][T == COOPT_DTYPE_Q8_0 ? 8 : 4];
 #pragma unroll
-            for (int r = 0; r < 2; r++) dw[r] = qblock_read<T>(stage[c & 1][r], lane, qs[r]);
+            for (int r = 0; r < (TWO ? 2 : 1); r++) dw[r] = qblock_read<T>(stage[c & 1][r], lane, qs[r]);
 #pragma unroll
             for (int j = 0; j < NR; j++) {
                 const int4 x0 = __ldg((const int4 *)(xq[j] + blk * COOPT_QK));
@@ -245,7 +248,7 @@ __device__ __forceinline__ void dot2_quant(const uint8_t *__restrict__ wa, const
                 const float2 ds = __ldg(xd[j] + blk);
                 const int  xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
-                for (int r = 0; r < 2; r++) {
+                for (int r = 0; r < (TWO ? 2 : 1); r++) {
                     int sumi = 0;
                     if constexpr (T == COOPT_DTYPE_Q8_0) {
 #pragma unroll
@@ -289,12 +292,9 @@ __global__ void __launch_bounds__(GEMV_WARPS * WARP_SIZE) gemv_kernel(const stru
     __shared__ __align__(16) uint8_t stage[QUANT ? GEMV_WARPS : 1][2][2][QUANT ? qblock<T>::STAGE : 16];
     const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int32_t task = blockIdx.x * GEMV_WARPS + warp;
-    pdl_launch_dependents();
-    if (task >= a.n_tasks) {
-        pdl_wait();
-        return;
-    }
-    // which rows: swiglu pairs gate row o with up row o; otherwise rows o, o + 1 of one segment
+    if (task >= a.n_tasks) return;
+    // which rows: swiglu pairs gate row o with up row o; otherwise row o (and o + 1 with two rows
+    // per task) of one segment
     int32_t s = 0, o;
     bool    has_b;
     const uint8_t *wa, *wb;
@@ -305,16 +305,16 @@ __global__ void __launch_bounds__(GEMV_WARPS * WARP_SIZE) gemv_kernel(const stru
         wb    = a.seg[1].w + (size_t)o * a.row_bytes;
     } else {
         while (s + 1 < a.n_seg && task >= a.seg[s + 1].task0) s++;
-        o     = 2 * (task - a.seg[s].task0);
-        has_b = o + 1 < a.seg[s].n_out;
+        o     = a.rows_per_task * (task - a.seg[s].task0);
+        has_b = a.rows_per_task == 2 && o + 1 < a.seg[s].n_out;
         wa    = a.seg[s].w + (size_t)o * a.row_bytes;
-        wb    = has_b ? wa + a.row_bytes : wa; // odd n_out: the last row is read twice, stored once
+        wb    = has_b ? wa + a.row_bytes : wa;
     }
     // The weights do not depend on the previous kernel: start pulling the first 2 KiB of both
     // rows into L2 while it finishes.
     for (int64_t off = (int64_t)lane * 64; off < (int64_t)min(a.row_bytes, (size_t)2048); off += WARP_SIZE * 64) {
         prefetch_l2(wa + off);
-        prefetch_l2(wb + off);
+        if (has_b) prefetch_l2(wb + off);
     }
     pdl_wait();
     for (int32_t r0 = 0; r0 < a.n_rows; r0 += NR) {
@@ -322,13 +322,19 @@ __global__ void __launch_bounds__(GEMV_WARPS * WARP_SIZE) gemv_kernel(const stru
 #pragma unroll
         for (int j = 0; j < NR; j++) acc[0][j] = acc[1][j] = ss[j] = 0.0f;
         if constexpr (QUANT) {
-            dot2_quant<T, NR, VEC>(wa, wb, a, r0, lane, stage[warp], acc);
+            if (has_b) dot2_quant<T, NR, VEC, true>(wa, wb, a, r0, lane, stage[warp], acc);
+            else dot2_quant<T, NR, VEC, false>(wa, wb, a, r0, lane, stage[warp], acc);
         } else {
             const float *xr[NR];
 #pragma unroll
             for (int j = 0; j < NR; j++) xr[j] = a.x + (size_t)min(r0 + j, a.n_rows - 1) * (size_t)a.n_in;
-            dot2_dense<T, NR, VEC, NORM>(wa, wb, xr, a.norm, a.n_in, lane, acc, ss);
+            if (has_b) dot2_dense<T, NR, VEC, NORM, true>(wa, wb, xr, a.norm, a.n_in, lane, acc, ss);
+            else dot2_dense<T, NR, VEC, NORM, false>(wa, wb, xr, a.norm, a.n_in, lane, acc, ss);
         }
+        // The next kernel may launch once every block got here (its weight prefetch then
+        // overlaps this kernel's tail; triggered any earlier, it pulled rows into L2 that this
+        // kernel's stream evicted again before use).
+        if (r0 + NR >= a.n_rows) pdl_launch_dependents();
 #pragma unroll
         for (int j = 0; j < NR; j++) {
             float va = warp_sum(acc[0][j]), vb = warp_sum(acc[1][j]);
@@ -509,9 +515,15 @@ static void gemv_segments(struct cuda_backend *cb, int mode, int32_t n, float *c
     a.n_rows = n_rows;
     a.n_in   = ws[0]->n_in;
     a.n_seg  = n;
+    // Two rows per warp share the x loads and keep two weight streams in flight; but when that
+    // leaves fewer warps than the GPU holds at once (q/k/v of GQA models, o and down projections),
+    // one row per warp gives twice the warps and so more bytes in flight per SM.
+    int64_t rows = 0;
+    for (int32_t i = 0; i < n; i++) rows += ws[i]->n_out;
+    a.rows_per_task = cb->gemv_rows_per_task ? cb->gemv_rows_per_task : rows / 2 < (int64_t)cb->n_sm * 32 ? 1 : 2;
     for (int32_t i = 0; i < n; i++) {
         a.seg[i] = {(const uint8_t *)ws[i]->data, ws[i]->bias, outs[i], (int32_t)ws[i]->n_out, a.n_tasks};
-        a.n_tasks += (int32_t)((ws[i]->n_out + 1) / 2);
+        a.n_tasks += (int32_t)((ws[i]->n_out + a.rows_per_task - 1) / a.rows_per_task);
     }
     gemv_run(cb, ws[0]->dtype, a, x, norm, eps);
 }
@@ -643,6 +655,7 @@ static void swiglu_launch(struct coopt_backend *be, float *out, const float *x, 
     struct gemv_args a;
     memset(&a, 0, sizeof(a));
     a.mode    = GEMV_SWIGLU;
+    a.rows_per_task = 2; // gate row o and up row o
     a.n_rows  = n_rows;
     a.n_in    = wg->n_in;
     a.n_seg   = 2;

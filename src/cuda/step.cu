@@ -22,7 +22,8 @@
  *
  * Other switches read here: COOPT_CUDA_FUSED=0 (no fused ops: the forward pass composes them),
  * COOPT_CUDA_FUSED_NORM=0 (no RMS norm inside the GEMVs), COOPT_CUDA_PDL=0 (GEMVs launch without
- * programmatic dependent launch).
+ * programmatic dependent launch), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
+ * the automatic choice).
  *
  * Profile (COOPT_CUDA_PROFILE=1, implies no graphs): every op of the table is wrapped; after each
  * op an event is recorded, and at each sync the time between consecutive events is charged to
@@ -379,6 +380,8 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     int cc = 0;
     CUDA_TRY(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device), COOPT_ERR_UNSUPPORTED);
     cb->pdl = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
+    const char *rows = getenv("COOPT_CUDA_GEMV_ROWS");
+    if (rows && (!strcmp(rows, "1") || !strcmp(rows, "2"))) cb->gemv_rows_per_task = atoi(rows);
     if (S->profile) {
         CUDA_TRY(cudaEventCreate(&S->ev_start), COOPT_ERR_NOMEM);
         for (int i = 0; i < PROF_MAX_PENDING; i++) CUDA_TRY(cudaEventCreate(&S->ev[i]), COOPT_ERR_NOMEM);
