@@ -3,10 +3,11 @@
  * upload, the ops table, and the small ops (embed, rmsnorm, silu_mul, add, get_rows).
  *
  * Everything runs in order on the backend's one stream; upload/download are cudaMemcpyAsync on
- * it (the host arrays of context.c are pageable, so the copies are staged by the driver and the
- * host buffer can be reused when the call returns) and sync waits for the stream. Matmul lives
- * in matmul.cu, RoPE + KV store in rope_store.cu, attention in paged_attn.cu, the lazily mapped
- * KV pool in kv_pool.cu.
+ * it (from pageable memory the driver stages the copy and the host buffer can be reused when the
+ * call returns; the context's batch arrays are page-locked (host_alloc) and stay untouched until
+ * the next sync) and sync waits for the stream. Matmul and the fused projections live in
+ * matmul.cu, RoPE + KV store in rope_store.cu, attention in paged_attn.cu, the lazily mapped KV
+ * pool in kv_pool.cu, CUDA-graph replay of decode steps and the op profile in step.cu.
  */
 #include "cuda/common.cuh"
 
