@@ -104,6 +104,10 @@ int app_opts_parse(struct app_opts *o, int argc, char **argv, int *i) {
         o->attn_per_head = true;
         return 1;
     }
+    if (!strcmp(a, "--no-graphs")) {
+        o->no_graphs = true;
+        return 1;
+    }
     if (!strcmp(a, "--prefetch")) {
         o->prefetch = true;
         return 1;
@@ -125,6 +129,7 @@ void app_opts_usage(void) {
             "  --prefetch             read all weights at load instead of on first use\n"
             "  --attn-partition N     split-K partition of long contexts in tokens (default 512, -1 = off)\n"
             "  --attn-per-head        ablation: read K/V once per query head, not once per KV group\n"
+            "  --no-graphs            ablation: run decode steps op by op (no CUDA graph replay)\n"
             "  --kv-scale-search N    FP8 KV: scale candidates per row, 16 (default) or 1 (plain amax)\n");
 }
 
@@ -154,6 +159,7 @@ int app_load(const struct app_opts *o, struct coopt_model **m, struct coopt_ctx 
     if (o->kv_type_set) cp.kv_type = o->kv_type;
     cp.attn_partition = o->attn_partition;
     cp.attn_per_head  = o->attn_per_head;
+    cp.no_step_graphs = o->no_graphs;
     cp.kv_scale_search = o->kv_scale_search;
     st = coopt_ctx_init(*m, &cp, c);
     if (st != COOPT_OK) {

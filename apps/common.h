@@ -24,6 +24,7 @@ struct app_opts {
     bool             prefetch;
     int32_t          attn_partition; // 0 = default (512), -1 = off
     bool             attn_per_head;
+    bool             no_graphs;      // ablation: no CUDA graph replay of decode steps
     int32_t          kv_scale_search;
 };
 

@@ -159,6 +159,8 @@ struct coopt_ctx_params {
     int32_t          attn_partition; // split-K partition of long contexts in tokens (0 = 512, -1 = off)
     bool             attn_per_head;  // read K/V once per query head instead of once per KV group
     int32_t          kv_scale_search; // FP8 rows: scale candidates searched (0 = 16, 1 = plain amax)
+    bool             no_step_graphs;  // run every step op by op (CUDA: no graph replay of decode steps;
+                                      // COOPT_CUDA_GRAPHS=0 in the environment does the same)
 };
 struct coopt_ctx_params coopt_ctx_default_params(void);
 

@@ -85,6 +85,13 @@ struct coopt_ops {
     // out[r][o] += x[r]·W[o] (+ bias[o]): the residual add fused into the projection.
     void (*matmul_add)(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
                        int32_t n_rows);
+    // The same two with the block's input RMS norm fused in: x [n_rows][n_in] is the un-normed
+    // residual stream (not modified) and the projections read rmsnorm(x, norm, eps) -- as rmsnorm
+    // into a scratch buffer followed by matmul_multi / matmul_swiglu, without the buffer.
+    void (*norm_matmul_multi)(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
+                              const float *norm, float eps, const struct coopt_weight *const *ws, int32_t n_rows);
+    void (*norm_matmul_swiglu)(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                               float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows);
 
     // ---- KV pool ----
     // Reserves address space for the pool; memory is committed on first write (lazy mapping).
@@ -100,6 +107,22 @@ struct coopt_ops {
     // device is out of memory, so running out is a status rather than a failure inside an op.
     // NULL for backends whose pool commits on first touch.
     enum coopt_status (*kv_pool_commit)(struct coopt_backend *be, void *pool, size_t off, size_t n_bytes);
+
+    // ---- step recording (optional; NULL = every forward step runs op by op) ----
+    // The context brackets each forward step with these. step_begin returns true when the backend
+    // has launched a recorded copy of an earlier step of the same launch geometry (a CUDA graph);
+    // the caller then skips coopt_forward. Otherwise the caller runs coopt_forward and then calls
+    // step_end, which finishes a recording begun by step_begin (if any) and launches it. The
+    // backend derives the geometry from b's sizes and kv (key-range bucket); the caller promises
+    // that steps of equal sizes use the same model, scratch, cache and batch-array addresses, and
+    // that every KV page the step writes is committed (kv_pool_commit) before step_begin, since
+    // nothing host-side runs at replay.
+    bool (*step_begin)(struct coopt_backend *be, const struct coopt_kv_cache *kv, const struct coopt_batch *b);
+    void (*step_end)(struct coopt_backend *be);
+    // (optional) Host memory the backend copies from fastest (page-locked). Uploads from it are
+    // asynchronous: the caller must not rewrite it before the next sync. NULL = malloc/free.
+    enum coopt_status (*host_alloc)(struct coopt_backend *be, size_t n_bytes, void **out);
+    void (*host_free)(struct coopt_backend *be, void *p); // NULL ok
 
     // (optional) Makes a copy of the model whose weight pointers the backend can read (device
     // memory), with progress on stderr. NULL for host-memory backends (the model is used as is).

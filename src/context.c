@@ -31,15 +31,15 @@ struct coopt_ctx {
     struct coopt_scratch     scratch;
     struct coopt_forward_hook hook; // fn NULL = none
     int32_t                  max_blocks;
-    // host staging for one step ([n_batch] unless noted)
-    int32_t *h_tokens, *h_pos, *h_tok_seq, *h_out_rows, *h_block_tables /* [n_seq_max][max_blocks] */, *h_seq_lens,
-        *h_seq_ids;
-    int64_t *h_slots;
-    // backend copies of the same arrays
-    int32_t *d_tokens, *d_pos, *d_tok_seq, *d_out_rows, *d_block_tables, *d_seq_lens, *d_seq_ids;
+    // One step's batch arrays, packed into one block (struct step_layout) so they go up in one
+    // copy: h_step in host memory (page-locked where the backend offers it), d_step its backend
+    // copy. Offsets depend only on the step's token count, so a recorded step (CUDA graph) finds
+    // its arrays at the same addresses whenever the count repeats.
+    uint8_t *h_step, *d_step;
+    size_t   step_bytes;
+    bool     h_step_backend; // h_step came from be->ops->host_alloc
     float   *d_k_offset; // K smoothing offsets of FP8 caches (kv_cache.h), NULL otherwise
     size_t   k_offset_seq_bytes; // bytes of one sequence's offsets
-    int64_t *d_slots;
     // per-sequence bookkeeping [n_seq_max]
     int32_t *seq_add;      // tokens of the current batch per sequence
     int32_t *seq_bidx;     // index of the sequence in the current step, -1 if absent
@@ -58,6 +58,28 @@ struct coopt_ctx_params coopt_ctx_default_params(void) {
     };
 }
 
+// Where the arrays of a step of n tokens live inside h_step / d_step: the per-token arrays, then
+// the per-sequence arrays sized for min(n, n_seq_max) sequences, the block tables last so one
+// copy of [0, block_tables + n_seqs * max_blocks) carries everything the step uses.
+struct step_layout {
+    size_t slots, tokens, pos, tok_seq, out_rows, seq_lens, seq_ids, block_tables, end;
+};
+
+static struct step_layout step_layout_make(int32_t n, int32_t n_seq_max, int32_t max_blocks) {
+    struct step_layout L;
+    size_t             nt = (size_t)n, ns = (size_t)COOPT_MIN(n, n_seq_max);
+    L.slots        = 0; // int64_t first: 8-byte aligned
+    L.tokens       = L.slots + nt * sizeof(int64_t);
+    L.pos          = L.tokens + nt * sizeof(int32_t);
+    L.tok_seq      = L.pos + nt * sizeof(int32_t);
+    L.out_rows     = L.tok_seq + nt * sizeof(int32_t);
+    L.seq_lens     = L.out_rows + nt * sizeof(int32_t);
+    L.seq_ids      = L.seq_lens + ns * sizeof(int32_t);
+    L.block_tables = L.seq_ids + ns * sizeof(int32_t);
+    L.end          = L.block_tables + ns * (size_t)max_blocks * sizeof(int32_t);
+    return L;
+}
+
 static void on_page_free(void *ud, int32_t page) {
     struct coopt_ctx *c = ud;
     c->be->ops->kv_pool_release(c->be, c->kv->pool, (size_t)page * c->kv->layout.page_bytes, c->kv->layout.page_bytes);
@@ -73,17 +95,17 @@ void coopt_ctx_free(struct coopt_ctx *c) {
     struct coopt_backend *be = c->be;
     if (be) {
         coopt_scratch_free(be, &c->scratch);
-        void *d[] = {c->d_tokens, c->d_pos,      c->d_tok_seq, c->d_out_rows, c->d_block_tables,
-                     c->d_seq_lens, c->d_seq_ids, c->d_slots,   c->d_k_offset};
-        for (size_t i = 0; i < COOPT_ARRAY_LEN(d); i++) be->ops->free(be, d[i]);
+        be->ops->free(be, c->d_step);
+        be->ops->free(be, c->d_k_offset);
+        if (c->h_step_backend) be->ops->host_free(be, c->h_step);
+        else free(c->h_step);
         if (c->kv && c->kv->pool) be->ops->kv_pool_free(be, c->kv->pool, c->pool_bytes);
         if (c->dev_model && c->dev_model != c->model && be->ops->model_release) be->ops->model_release(be, c->dev_model);
     }
     if (c->kv) c->kv->pool = NULL;
     coopt_kv_cache_free(c->kv);
     coopt_backend_free(be);
-    void *h[] = {c->inv_freq,   c->h_tokens, c->h_pos,    c->h_tok_seq,     c->h_out_rows, c->h_block_tables, c->h_seq_lens,
-                 c->h_seq_ids,  c->h_slots,  c->seq_add,  c->seq_bidx,      c->seq_step_cnt, c->logits,     c->logit_row};
+    void *h[] = {c->inv_freq, c->seq_add, c->seq_bidx, c->seq_step_cnt, c->logits, c->logit_row};
     for (size_t i = 0; i < COOPT_ARRAY_LEN(h); i++) free(h[i]);
     free(c);
 }
@@ -150,33 +172,20 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
     c->rope = (struct coopt_rope){.layout = cfg->rope_layout, .head_dim = cfg->head_dim, .inv_freq = c->inv_freq};
 
     int32_t nb = p.n_batch;
-    int32_t ns = COOPT_MIN(p.n_seq_max, nb);
-    size_t  bt = (size_t)ns * (size_t)c->max_blocks;
-    c->h_tokens       = coopt_malloc((size_t)nb * sizeof(int32_t));
-    c->h_pos          = coopt_malloc((size_t)nb * sizeof(int32_t));
-    c->h_tok_seq      = coopt_malloc((size_t)nb * sizeof(int32_t));
-    c->h_out_rows     = coopt_malloc((size_t)nb * sizeof(int32_t));
-    c->h_slots        = coopt_malloc((size_t)nb * sizeof(int64_t));
-    c->h_block_tables = coopt_malloc(bt * sizeof(int32_t));
-    c->h_seq_lens     = coopt_malloc((size_t)ns * sizeof(int32_t));
-    c->h_seq_ids      = coopt_malloc((size_t)ns * sizeof(int32_t));
     c->seq_add        = coopt_calloc((size_t)p.n_seq_max, sizeof(int32_t));
     c->seq_bidx       = coopt_malloc((size_t)p.n_seq_max * sizeof(int32_t));
     c->seq_step_cnt   = coopt_calloc((size_t)p.n_seq_max, sizeof(int32_t));
-    if (!c->h_tokens || !c->h_pos || !c->h_tok_seq || !c->h_out_rows || !c->h_slots || !c->h_block_tables ||
-        !c->h_seq_lens || !c->h_seq_ids || !c->seq_add || !c->seq_bidx || !c->seq_step_cnt)
-        goto nomem;
+    if (!c->seq_add || !c->seq_bidx || !c->seq_step_cnt) goto nomem;
     for (int32_t i = 0; i < p.n_seq_max; i++) c->seq_bidx[i] = -1;
     struct coopt_backend *be = c->be;
-    if ((st = be->ops->alloc(be, (size_t)nb * sizeof(int32_t), (void **)&c->d_tokens)) ||
-        (st = be->ops->alloc(be, (size_t)nb * sizeof(int32_t), (void **)&c->d_pos)) ||
-        (st = be->ops->alloc(be, (size_t)nb * sizeof(int32_t), (void **)&c->d_tok_seq)) ||
-        (st = be->ops->alloc(be, (size_t)nb * sizeof(int32_t), (void **)&c->d_out_rows)) ||
-        (st = be->ops->alloc(be, (size_t)nb * sizeof(int64_t), (void **)&c->d_slots)) ||
-        (st = be->ops->alloc(be, bt * sizeof(int32_t), (void **)&c->d_block_tables)) ||
-        (st = be->ops->alloc(be, (size_t)ns * sizeof(int32_t), (void **)&c->d_seq_lens)) ||
-        (st = be->ops->alloc(be, (size_t)ns * sizeof(int32_t), (void **)&c->d_seq_ids)))
-        goto fail;
+    c->step_bytes = step_layout_make(nb, p.n_seq_max, c->max_blocks).end;
+    if (be->ops->host_alloc && be->ops->host_alloc(be, c->step_bytes, (void **)&c->h_step) == COOPT_OK) {
+        c->h_step_backend = true;
+    } else if (!(c->h_step = coopt_malloc(c->step_bytes))) {
+        goto nomem;
+    }
+    memset(c->h_step, 0, c->step_bytes); // gaps of a packed step are copied too: keep them defined
+    if ((st = be->ops->alloc(be, c->step_bytes, (void **)&c->d_step))) goto fail;
     if (layout.has_scales) { // K smoothing for FP8 caches (kv_cache.h)
         c->k_offset_seq_bytes = (size_t)cfg->n_layers * (size_t)cfg->n_kv_heads * (size_t)cfg->head_dim * sizeof(float);
         size_t bytes          = c->k_offset_seq_bytes * (size_t)p.n_seq_max;
@@ -258,6 +267,7 @@ void coopt_ctx_kv_stats(const struct coopt_ctx *c, struct coopt_kv_stats *out) {
 }
 
 int32_t coopt_ctx_n_threads(const struct coopt_ctx *c) { return c->be->n_threads; }
+struct coopt_backend *coopt_ctx_backend(const struct coopt_ctx *c) { return c->be; }
 
 const float *coopt_ctx_logits(const struct coopt_ctx *c, int32_t i) {
     if (i < 0 || i >= c->n_index_cap || c->logit_row[i] < 0) return NULL;
@@ -286,39 +296,48 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
                      int64_t *logits_row) {
     struct coopt_kv_cache *kv = c->kv;
     int32_t                n_seqs = 0, n_out = 0;
+    struct step_layout     L  = step_layout_make(n, c->params.n_seq_max, c->max_blocks);
+    uint8_t               *h  = c->h_step;
+    int64_t               *h_slots        = (int64_t *)(h + L.slots);
+    int32_t               *h_tokens       = (int32_t *)(h + L.tokens), *h_pos = (int32_t *)(h + L.pos);
+    int32_t               *h_tok_seq      = (int32_t *)(h + L.tok_seq), *h_out_rows = (int32_t *)(h + L.out_rows);
+    int32_t               *h_seq_lens     = (int32_t *)(h + L.seq_lens), *h_seq_ids = (int32_t *)(h + L.seq_ids);
+    int32_t               *h_block_tables = (int32_t *)(h + L.block_tables);
     for (int32_t i = 0; i < n; i++) {
         int32_t t = start + i, s = in->seq_ids[t];
         if (c->seq_bidx[s] < 0) {
-            c->h_seq_ids[n_seqs] = s;
+            h_seq_ids[n_seqs]  = s;
             c->seq_bidx[s]     = n_seqs;
             c->seq_step_cnt[s] = 0;
-            int32_t *row       = c->h_block_tables + (size_t)n_seqs * (size_t)c->max_blocks;
+            int32_t *row       = h_block_tables + (size_t)n_seqs * (size_t)c->max_blocks;
             memcpy(row, kv->seqs[s].pages, (size_t)c->max_blocks * sizeof(int32_t)); // pages were reserved up front
             n_seqs++;
         }
-        int64_t pos       = kv->seqs[s].n_tokens + c->seq_step_cnt[s]++;
-        c->h_tokens[i]    = in->tokens[t];
-        c->h_pos[i]       = (int32_t)pos;
-        c->h_tok_seq[i]   = c->seq_bidx[s];
-        c->h_slots[i]     = coopt_kv_slot(kv, s, pos);
-        c->h_seq_lens[c->seq_bidx[s]] = (int32_t)(pos + 1);
-        if (c->logit_row[t] >= 0) c->h_out_rows[n_out++] = i;
+        int64_t pos     = kv->seqs[s].n_tokens + c->seq_step_cnt[s]++;
+        h_tokens[i]     = in->tokens[t];
+        h_pos[i]        = (int32_t)pos;
+        h_tok_seq[i]    = c->seq_bidx[s];
+        h_slots[i]      = coopt_kv_slot(kv, s, pos);
+        h_seq_lens[c->seq_bidx[s]] = (int32_t)(pos + 1);
+        if (c->logit_row[t] >= 0) h_out_rows[n_out++] = i;
     }
     struct coopt_backend *be = c->be;
-    be->ops->upload(be, c->d_tokens, c->h_tokens, (size_t)n * sizeof(int32_t));
-    be->ops->upload(be, c->d_pos, c->h_pos, (size_t)n * sizeof(int32_t));
-    be->ops->upload(be, c->d_tok_seq, c->h_tok_seq, (size_t)n * sizeof(int32_t));
-    be->ops->upload(be, c->d_slots, c->h_slots, (size_t)n * sizeof(int64_t));
-    be->ops->upload(be, c->d_out_rows, c->h_out_rows, (size_t)n_out * sizeof(int32_t));
-    be->ops->upload(be, c->d_block_tables, c->h_block_tables, (size_t)n_seqs * (size_t)c->max_blocks * sizeof(int32_t));
-    be->ops->upload(be, c->d_seq_lens, c->h_seq_lens, (size_t)n_seqs * sizeof(int32_t));
-    be->ops->upload(be, c->d_seq_ids, c->h_seq_ids, (size_t)n_seqs * sizeof(int32_t));
+    uint8_t              *d  = c->d_step;
+    be->ops->upload(be, d, h, L.block_tables + (size_t)n_seqs * (size_t)c->max_blocks * sizeof(int32_t)); // one copy
     struct coopt_batch b = {
-        .n_tokens = n, .tokens = c->d_tokens, .pos = c->d_pos, .tok_seq = c->d_tok_seq, .slots = c->d_slots,
-        .n_seqs = n_seqs, .max_blocks = c->max_blocks, .block_tables = c->d_block_tables, .seq_lens = c->d_seq_lens,
-        .seq_ids = c->d_seq_ids, .window = c->model->config.sliding_window, .n_out = n_out, .out_rows = c->d_out_rows,
+        .n_tokens = n, .tokens = (const int32_t *)(d + L.tokens), .pos = (const int32_t *)(d + L.pos),
+        .tok_seq = (const int32_t *)(d + L.tok_seq), .slots = (const int64_t *)(d + L.slots), .n_seqs = n_seqs,
+        .max_blocks = c->max_blocks, .block_tables = (const int32_t *)(d + L.block_tables),
+        .seq_lens = (const int32_t *)(d + L.seq_lens), .seq_ids = (const int32_t *)(d + L.seq_ids),
+        .window = c->model->config.sliding_window, .n_out = n_out, .out_rows = (const int32_t *)(d + L.out_rows),
     };
-    coopt_forward(c->dev_model, be, kv, &c->rope, &c->scratch, &b, c->hook.fn ? &c->hook : NULL);
+    // A recorded step (CUDA graph) replaces the op-by-op forward pass where the backend has one
+    // for this geometry; hooks observe ops as they run, so they force the op-by-op path.
+    bool record = !c->hook.fn && !c->params.no_step_graphs && be->ops->step_begin;
+    if (!record || !be->ops->step_begin(be, kv, &b)) {
+        coopt_forward(c->dev_model, be, kv, &c->rope, &c->scratch, &b, c->hook.fn ? &c->hook : NULL);
+        if (record) be->ops->step_end(be);
+    }
     size_t nv = (size_t)c->model->config.n_vocab;
     if (n_out > 0) be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
     be->ops->sync(be);

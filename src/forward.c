@@ -80,6 +80,47 @@ static void project_add(struct coopt_backend *be, float *x, float *tmp, const fl
     }
 }
 
+// q, k, v = rmsnorm(x)·Wq, Wk, Wv, fused as far as the backend offers (hooks observe the normed
+// input xb, so with a hook the norm is materialized).
+static void qkv_in(struct coopt_backend *be, struct coopt_scratch *s, const float *norm, float eps,
+                   const struct coopt_weight *wq, const struct coopt_weight *wk, const struct coopt_weight *wv,
+                   int32_t n, const struct coopt_forward_hook *hook, int32_t l) {
+    const struct coopt_ops    *op      = be->ops;
+    float                     *outs[3] = {s->q, s->k, s->v};
+    const struct coopt_weight *ws[3]   = {wq, wk, wv};
+    if (op->norm_matmul_multi && !hook) {
+        op->norm_matmul_multi(be, 3, outs, s->x, norm, eps, ws, n);
+        return;
+    }
+    op->rmsnorm(be, s->xb, s->x, norm, n, (int32_t)wq->n_in, eps);
+    if (hook) hook->fn(hook->ud, l, 0, s->xb, n, (int32_t)wq->n_in);
+    if (op->matmul_multi) {
+        op->matmul_multi(be, 3, outs, s->xb, ws, n);
+    } else {
+        for (int i = 0; i < 3; i++) op->matmul(be, outs[i], s->xb, ws[i], n);
+    }
+}
+
+// hb = silu(rmsnorm(x)·Wgate) * (rmsnorm(x)·Wup), fused as far as the backend offers.
+static void swiglu_in(struct coopt_backend *be, struct coopt_scratch *s, const float *norm, float eps,
+                      const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n,
+                      const struct coopt_forward_hook *hook, int32_t l) {
+    const struct coopt_ops *op = be->ops;
+    if (op->norm_matmul_swiglu && !hook) {
+        op->norm_matmul_swiglu(be, s->hb, s->hb2, s->x, norm, eps, wg, wu, n);
+        return;
+    }
+    op->rmsnorm(be, s->xb, s->x, norm, n, (int32_t)wg->n_in, eps);
+    if (hook) hook->fn(hook->ud, l, 2, s->xb, n, (int32_t)wg->n_in);
+    if (op->matmul_swiglu) {
+        op->matmul_swiglu(be, s->hb, s->hb2, s->xb, wg, wu, n);
+    } else {
+        op->matmul(be, s->hb, s->xb, wg, n);
+        op->matmul(be, s->hb2, s->xb, wu, n);
+        op->silu_mul(be, s->hb, s->hb, s->hb2, (int64_t)n * wg->n_out);
+    }
+}
+
 void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct coopt_kv_cache *kv,
                    const struct coopt_rope *rope, struct coopt_scratch *s, const struct coopt_batch *b,
                    const struct coopt_forward_hook *hook) {
@@ -94,31 +135,13 @@ void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct
     for (int32_t l = 0; l < c->n_layers; l++) {
         const struct coopt_layer *L = &m->layers[l];
         // attention block
-        op->rmsnorm(be, s->xb, s->x, L->attn_norm, n, (int32_t)dim, c->norm_eps);
-        if (hook) hook->fn(hook->ud, l, 0, s->xb, n, (int32_t)dim);
-        if (op->matmul_multi) {
-            float                     *outs[3] = {s->q, s->k, s->v};
-            const struct coopt_weight *ws[3]   = {&L->wq, &L->wk, &L->wv};
-            op->matmul_multi(be, 3, outs, s->xb, ws, n);
-        } else {
-            op->matmul(be, s->q, s->xb, &L->wq, n);
-            op->matmul(be, s->k, s->xb, &L->wk, n);
-            op->matmul(be, s->v, s->xb, &L->wv, n);
-        }
+        qkv_in(be, s, L->attn_norm, c->norm_eps, &L->wq, &L->wk, &L->wv, n, hook, l);
         op->rope_store(be, s->q, s->k, s->v, c->n_heads, kv, l, b, rope);
         op->attention(be, s->att, s->q, c->n_heads, kv, l, b, scale);
         if (hook) hook->fn(hook->ud, l, 1, s->att, n, (int32_t)q_dim);
         project_add(be, s->x, s->xb, s->att, &L->wo, n);
         // MLP block
-        op->rmsnorm(be, s->xb, s->x, L->ffn_norm, n, (int32_t)dim, c->norm_eps);
-        if (hook) hook->fn(hook->ud, l, 2, s->xb, n, (int32_t)dim);
-        if (op->matmul_swiglu) {
-            op->matmul_swiglu(be, s->hb, s->hb2, s->xb, &L->w_gate, &L->w_up, n);
-        } else {
-            op->matmul(be, s->hb, s->xb, &L->w_gate, n);
-            op->matmul(be, s->hb2, s->xb, &L->w_up, n);
-            op->silu_mul(be, s->hb, s->hb, s->hb2, (int64_t)n * ffn);
-        }
+        swiglu_in(be, s, L->ffn_norm, c->norm_eps, &L->w_gate, &L->w_up, n, hook, l);
         if (hook) hook->fn(hook->ud, l, 3, s->hb, n, (int32_t)ffn);
         project_add(be, s->x, s->xb, s->hb, &L->w_down, n);
     }

@@ -86,6 +86,7 @@ const char *cu_error_name(const struct cuda_backend *cb, CUresult r);
 // ---- backend state ----
 
 struct cuda_kv_pool; // kv_pool.cu
+struct cuda_step;    // step.cu
 
 // The driver API functions of the lazily mapped KV pool, fetched through the runtime
 // (cudaGetDriverEntryPointByVersion) so the binary does not link libcuda.so: a build with CUDA
@@ -111,15 +112,26 @@ struct cuda_backend {
     // attention partials). Ops run in stream order, so one op's use never overlaps another's.
     void                *work;
     size_t               work_bytes;
+    void                *work2; // second workspace, for an op's result while another op uses `work`
+    size_t               work2_bytes;
+    uint64_t             work_epoch;  // bumped when work/work2 move: recorded steps hold their addresses
+    void                *cublas_work; // fixed cuBLAS workspace (graph capture must not allocate)
     struct cuda_kv_pool *pools; // linked list of live KV pools
     struct cuda_driver   drv;
+    bool                 pdl;  // GEMVs launch with programmatic dependent launch (sm_90+, step.cu)
+    int                  gemv_rows_per_task; // 0 = auto (matmul.cu), 1 or 2 forced (COOPT_CUDA_GEMV_ROWS)
+    struct cuda_step    *step; // recorded decode steps (CUDA graphs) and op profiling, step.cu
+    struct coopt_ops     ops;  // this backend's table: cuda_ops, possibly wrapped (step.cu)
 };
 
 static inline struct cuda_backend *cuda_impl(struct coopt_backend *be) { return (struct cuda_backend *)be->impl; }
 
 // Returns a workspace of at least n_bytes (grows it; the old contents are lost). Aborts with a
 // message if the device is out of memory: ops cannot return a status.
+// The buffers move only between steps: growing one while a step is being recorded is a bug
+// (recording starts only after a step of the same geometry ran op by op) and aborts.
 void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes);
+void *cuda_workspace2(struct cuda_backend *cb, size_t n_bytes);
 
 // Grid size for a grid-stride loop over n elements with `threads` per block.
 static inline unsigned cuda_grid_1d(int64_t n, int threads) {
@@ -193,6 +205,23 @@ template <int T> __device__ __forceinline__ float load_elem(const uint8_t *row, 
 
 // matmul.cu
 void cuda_matmul(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows);
+void cuda_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
+                       const struct coopt_weight *const *ws, int32_t n_rows);
+void cuda_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const struct coopt_weight *wg,
+                        const struct coopt_weight *wu, int32_t n_rows);
+void cuda_matmul_add(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows);
+void cuda_norm_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x, const float *norm,
+                            float eps, const struct coopt_weight *const *ws, int32_t n_rows);
+void cuda_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                             float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows);
+// step.cu: fills cb->ops from the base table (environment: COOPT_CUDA_GRAPHS=0 no step replay,
+// COOPT_CUDA_FUSED=0 no fused ops, COOPT_CUDA_PROFILE=1 per-op GPU time table on stderr at exit).
+enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_ops *base);
+void cuda_step_free(struct cuda_backend *cb);
+bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, const struct coopt_batch *b);
+void cuda_step_end(struct coopt_backend *be);
+enum coopt_status cuda_host_alloc(struct coopt_backend *be, size_t n_bytes, void **out);
+void cuda_host_free(struct coopt_backend *be, void *p);
 // rope_store.cu
 void cuda_rope(struct coopt_backend *be, float *q, int32_t n_heads, const int32_t *pos, int32_t n,
                const struct coopt_rope *rope);
@@ -201,6 +230,7 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
                      const struct coopt_rope *rope);
 // paged_attn.cu
 int64_t cuda_attn_bound_bucket(int64_t bound); // the key-range bucket that fixes the launch geometry
+int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batch *b); // bucketed bound of a step
 void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                     const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale);
 // kv_pool.cu

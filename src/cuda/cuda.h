@@ -28,6 +28,14 @@ int coopt_cuda_device_count(void);
 // an error (both set to 0).
 int coopt_cuda_mem_info(size_t *free_bytes, size_t *total_bytes);
 
+// Step recording counters of a CUDA backend (step.cu): steps run op by op, recorded into a CUDA
+// graph, and replayed from one. Returns -1 (all 0) when be is not a CUDA backend.
+int coopt_cuda_step_stats(struct coopt_backend *be, int64_t *eager, int64_t *captures, int64_t *replays);
+
+// Device memory bandwidth of GPU 0 over n_bytes buffers, best of reps: a device-to-device
+// cudaMemcpy (bytes read + written) and a read-only kernel. Returns 0, or -1 after a CUDA error.
+int coopt_cuda_membw(size_t n_bytes, int reps, double *copy_gbs, double *read_gbs);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,10 +3,11 @@
  * upload, the ops table, and the small ops (embed, rmsnorm, silu_mul, add, get_rows).
  *
  * Everything runs in order on the backend's one stream; upload/download are cudaMemcpyAsync on
- * it (the host arrays of context.c are pageable, so the copies are staged by the driver and the
- * host buffer can be reused when the call returns) and sync waits for the stream. Matmul lives
- * in matmul.cu, RoPE + KV store in rope_store.cu, attention in paged_attn.cu, the lazily mapped
- * KV pool in kv_pool.cu.
+ * it (from pageable memory the driver stages the copy and the host buffer can be reused when the
+ * call returns; the context's batch arrays are page-locked (host_alloc) and stay untouched until
+ * the next sync) and sync waits for the stream. Matmul and the fused projections live in
+ * matmul.cu, RoPE + KV store in rope_store.cu, attention in paged_attn.cu, the lazily mapped KV
+ * pool in kv_pool.cu, CUDA-graph replay of decode steps and the op profile in step.cu.
  */
 #include "cuda/common.cuh"
 
@@ -55,21 +56,33 @@ static bool driver_load(struct cuda_backend *cb) {
     return true;
 }
 
-void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes) {
-    if (n_bytes <= cb->work_bytes) return cb->work;
+static void *workspace_grow(struct cuda_backend *cb, void **buf, size_t *bytes, size_t n_bytes) {
+    if (n_bytes <= *bytes) return *buf;
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    CUDA_CHECK(cudaStreamIsCapturing(cb->stream, &cs));
+    if (cs != cudaStreamCaptureStatusNone) {
+        coopt_log_error("CUDA workspace: must grow to %zu bytes while a step is recorded", n_bytes);
+        coopt_abort(__FILE__, __LINE__, "workspace growth during CUDA graph capture");
+    }
     // Grows geometrically so a slowly growing context does not reallocate every step.
     size_t want = n_bytes + n_bytes / 4;
     CUDA_CHECK(cudaStreamSynchronize(cb->stream));
-    CUDA_CHECK(cudaFree(cb->work));
-    cb->work       = NULL;
-    cb->work_bytes = 0;
-    cudaError_t e  = cudaMalloc(&cb->work, want);
+    CUDA_CHECK(cudaFree(*buf));
+    *buf          = NULL;
+    *bytes        = 0;
+    cb->work_epoch++;
+    cudaError_t e = cudaMalloc(buf, want);
     if (e != cudaSuccess) {
         coopt_log_error("CUDA workspace: cannot allocate %zu bytes of device memory (%s)", want, cudaGetErrorName(e));
         coopt_abort(__FILE__, __LINE__, "out of GPU memory inside an op");
     }
-    cb->work_bytes = want;
-    return cb->work;
+    *bytes = want;
+    return *buf;
+}
+
+void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes) { return workspace_grow(cb, &cb->work, &cb->work_bytes, n_bytes); }
+void *cuda_workspace2(struct cuda_backend *cb, size_t n_bytes) {
+    return workspace_grow(cb, &cb->work2, &cb->work2_bytes, n_bytes);
 }
 
 // ---- memory ----
@@ -395,8 +408,11 @@ static void cuda_destroy(struct coopt_backend *be) {
     struct cuda_backend *cb = cuda_impl(be);
     if (cb) {
         if (cb->stream) cudaStreamSynchronize(cb->stream);
+        cuda_step_free(cb);
         cuda_kv_pools_free_all(cb);
         if (cb->work) cudaFree(cb->work);
+        if (cb->work2) cudaFree(cb->work2);
+        if (cb->cublas_work) cudaFree(cb->cublas_work);
         if (cb->cublas) cublasDestroy(cb->cublas);
         if (cb->stream) cudaStreamDestroy(cb->stream);
         free(cb);
@@ -420,14 +436,20 @@ static const struct coopt_ops cuda_ops = {
     .silu_mul        = cuda_silu_mul,
     .add             = cuda_add,
     .get_rows        = cuda_get_rows,
-    .matmul_multi    = NULL, // fused ops: not yet (the forward pass composes them)
-    .matmul_swiglu   = NULL,
-    .matmul_add      = NULL,
+    .matmul_multi    = cuda_matmul_multi,
+    .matmul_swiglu   = cuda_matmul_swiglu,
+    .matmul_add      = cuda_matmul_add,
+    .norm_matmul_multi  = cuda_norm_matmul_multi,
+    .norm_matmul_swiglu = cuda_norm_matmul_swiglu,
     .kv_pool_init    = cuda_kv_pool_init,
     .kv_pool_free    = cuda_kv_pool_free,
     .kv_pool_release = cuda_kv_pool_release,
     .kv_page_copy    = cuda_kv_page_copy,
     .kv_pool_commit  = cuda_kv_pool_commit,
+    .step_begin      = cuda_step_begin,
+    .step_end        = cuda_step_end,
+    .host_alloc      = cuda_host_alloc,
+    .host_free       = cuda_host_free,
     .model_upload    = cuda_model_upload,
     .model_release   = cuda_model_release,
     .destroy         = cuda_destroy,
@@ -467,7 +489,7 @@ extern "C" enum coopt_status coopt_cuda_backend_init(int32_t n_threads, struct c
         free(cb);
         return COOPT_ERR_NOMEM;
     }
-    be->ops       = &cuda_ops;
+    be->ops       = &cuda_ops; // cuda_step_init points it at cb->ops
     be->n_threads = n_threads;
     be->attn_partition = 512; // the context overrides it from its parameters
     be->impl      = cb;
@@ -501,6 +523,15 @@ extern "C" enum coopt_status coopt_cuda_backend_init(int32_t n_threads, struct c
     // Default math: no TF32 for f32 GEMMs (the CPU reference is f32/double).
     CUBLAS_CHECK(cublasSetStream(cb->cublas, cb->stream));
     CUBLAS_CHECK(cublasSetMathMode(cb->cublas, CUBLAS_DEFAULT_MATH));
+    // A fixed workspace (32 MiB, NVIDIA's advice for Hopper) so GEMMs recorded into a CUDA graph
+    // never allocate; cuBLAS then also keeps its algorithm choice stable between eager and replay.
+    if ((e = cudaMalloc(&cb->cublas_work, (size_t)32 << 20)) != cudaSuccess) {
+        cb->cublas_work = NULL;
+        st = coopt_fail(COOPT_ERR_NOMEM, "device 'cuda': cannot allocate the cuBLAS workspace (%s)", cudaGetErrorName(e));
+        goto fail;
+    }
+    CUBLAS_CHECK(cublasSetWorkspace(cb->cublas, cb->cublas_work, (size_t)32 << 20));
+    if ((st = cuda_step_init(be, &cuda_ops)) != COOPT_OK) goto fail;
     coopt_log_info("cuda: %s, %d SMs, %.1f GiB", prop.name, prop.multiProcessorCount,
                    prop.totalGlobalMem / 1073741824.0);
     *out = be;

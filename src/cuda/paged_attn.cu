@@ -293,6 +293,21 @@ int64_t cuda_attn_bound_bucket(int64_t bound) {
     return b;
 }
 
+// Longest key range any token of the step can have, bucketed: positions held before the step
+// plus the step's tokens (when the page manager is there), the block table's span, the window.
+// Host-side only; step recording (step.cu) keys CUDA graphs on it.
+int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batch *b) {
+    int64_t bound = (int64_t)b->max_blocks * kv->layout.page_size;
+    if (kv->seqs) {
+        int64_t mx = 0;
+        for (int32_t s = 0; s < kv->n_seq_max; s++)
+            if (kv->seqs[s].live) mx = COOPT_MAX(mx, kv->seqs[s].n_tokens);
+        bound = COOPT_MIN(bound, mx + b->n_tokens);
+    }
+    if (b->window > 0) bound = COOPT_MIN(bound, (int64_t)b->window);
+    return cuda_attn_bound_bucket(bound);
+}
+
 void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                     const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale) {
     const struct coopt_kv_layout *l  = &kv->layout;
@@ -309,17 +324,7 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
     const int32_t sub_g = be->attn_per_head ? 1 : ATTN_MAX_G;
     const int32_t group = n_heads / nkv, n_sub = (group + sub_g - 1) / sub_g;
 
-    // Longest key range any token of the step can have: positions held before the step plus
-    // the step's tokens (when the page manager is there), the block table's span, the window.
-    int64_t bound = (int64_t)b->max_blocks * l->page_size;
-    if (kv->seqs) {
-        int64_t mx = 0;
-        for (int32_t s = 0; s < kv->n_seq_max; s++)
-            if (kv->seqs[s].live) mx = COOPT_MAX(mx, kv->seqs[s].n_tokens);
-        bound = COOPT_MIN(bound, mx + b->n_tokens);
-    }
-    if (b->window > 0) bound = COOPT_MIN(bound, (int64_t)b->window);
-    bound = cuda_attn_bound_bucket(bound);
+    int64_t bound = cuda_attn_bound(kv, b);
     // Split the keys only when the batch alone leaves SMs idle (decode, small batches): 512
     // positions per partition, halved (down to one tile) while the grid would still be small.
     int64_t ctas      = (int64_t)b->n_tokens * nkv * n_sub;
