@@ -24,6 +24,7 @@
 #include "cuda/kv_dev.cuh"
 
 #define ROPE_MAX_HALF 128 // head_dim <= 256
+#define ROPE_ERR_CHUNK 128 // elements per round of the FP8 scale search (shared: 4 warps x 16 x 128 f32)
 
 struct rope_params {
     int32_t layout; // enum coopt_rope_layout
@@ -150,6 +151,7 @@ __global__ void __launch_bounds__(128)
                       const float *__restrict__ koff, const int32_t *__restrict__ tok_seq,
                       const int32_t *__restrict__ seq_ids, int32_t n_layers) {
     __shared__ float buf[4][2 * ROPE_MAX_HALF];
+    __shared__ float err_s[(KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2) ? 4 : 1][16][ROPE_ERR_CHUNK];
     const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
     const int        warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int32_t    ps = pos[t];
@@ -184,22 +186,32 @@ __global__ void __launch_bounds__(128)
             float amax = 0.0f;
             for (int i = lane; i < hd; i += WARP_SIZE) amax = fmaxf(amax, fabsf(b[i]));
             amax    = warp_max(amax);
-            // coopt_fp8_quant_row (dtype.c) with 16 candidate scales: lane k < 16 sums candidate
-            // k's squared error sequentially (same order and rounding as the CPU, no FMA), then
-            // the warp takes the smallest error, ties to the smallest k.
+            // coopt_fp8_quant_row (dtype.c) with 16 candidate scales. The squared errors of all
+            // (candidate, element) pairs are independent: the warp computes them in parallel, a
+            // chunk of ROPE_ERR_CHUNK elements at a time, into shared memory; then lane k < 16
+            // adds candidate k's errors in element order (same operations, order and rounding
+            // as the CPU, no FMA, so the chosen scale is bit-identical), and the warp takes the
+            // smallest error, ties to the smallest k. (A lane walking all head_dim elements
+            // itself made this a ~5000-instruction dependent chain: ~15 us per layer at decode.)
             const float base = amax / (KT == COOPT_DTYPE_FP8_E4M3 ? 448.0f : 57344.0f);
             float       s    = base;
             if (amax > 0.0f) {
-                float err = INFINITY;
-                if (lane < L.scale_search) {
-                    const float sc = __fmul_rn(base, c_fp8_scale_steps[lane]), inv = __frcp_rn(sc);
-                    err            = 0.0f;
-                    for (int i = 0; i < hd; i++) {
-                        uint8_t c = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(b[i], inv))
-                                                               : f32_to_fp8_e5m2(__fmul_rn(b[i], inv));
-                        float   d = __fsub_rn(__fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(c) : fp8_e5m2_to_f32(c), sc), b[i]);
-                        err       = __fadd_rn(err, __fmul_rn(d, d));
+                float        err = lane < L.scale_search ? 0.0f : INFINITY;
+                float(*e)[ROPE_ERR_CHUNK] = err_s[warp];
+                for (int c0 = 0; c0 < hd; c0 += ROPE_ERR_CHUNK) {
+                    const int n = min(ROPE_ERR_CHUNK, hd - c0);
+                    for (int idx = lane; idx < L.scale_search * n; idx += WARP_SIZE) {
+                        const int   k = idx / n, i = c0 + idx % n;
+                        const float sc = __fmul_rn(base, c_fp8_scale_steps[k]), inv = __frcp_rn(sc);
+                        uint8_t     c = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(b[i], inv))
+                                                                   : f32_to_fp8_e5m2(__fmul_rn(b[i], inv));
+                        float d = __fsub_rn(__fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(c) : fp8_e5m2_to_f32(c), sc), b[i]);
+                        e[k][i - c0] = __fmul_rn(d, d);
                     }
+                    __syncwarp();
+                    if (lane < L.scale_search)
+                        for (int i = 0; i < n; i++) err = __fadd_rn(err, e[lane][i]);
+                    __syncwarp();
                 }
                 int best = lane;
                 for (int o = 16; o > 0; o >>= 1) {
