@@ -12,6 +12,7 @@
 #ifndef COOPT_BATCH_H
 #define COOPT_BATCH_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 struct coopt_batch {
@@ -26,6 +27,7 @@ struct coopt_batch {
     const int32_t *seq_lens;     // [n_seqs] positions held after this step
     const int32_t *seq_ids;      // [n_seqs] KV sequence id of each batch sequence; NULL = no K offsets
     int32_t        window;       // sliding window (0 = full)
+    bool           no_seq_start; // true: no token of the step is at position 0 (K offsets stay as they are)
     int32_t        n_out;        // tokens whose logits are computed
     const int32_t *out_rows;     // [n_out] token indices, ascending
 };

@@ -296,6 +296,7 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
                      int64_t *logits_row) {
     struct coopt_kv_cache *kv = c->kv;
     int32_t                n_seqs = 0, n_out = 0;
+    bool                   seq_start = false;
     struct step_layout     L  = step_layout_make(n, c->params.n_seq_max, c->max_blocks);
     uint8_t               *h  = c->h_step;
     int64_t               *h_slots        = (int64_t *)(h + L.slots);
@@ -316,6 +317,7 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
         int64_t pos     = kv->seqs[s].n_tokens + c->seq_step_cnt[s]++;
         h_tokens[i]     = in->tokens[t];
         h_pos[i]        = (int32_t)pos;
+        seq_start      |= pos == 0;
         h_tok_seq[i]    = c->seq_bidx[s];
         h_slots[i]      = coopt_kv_slot(kv, s, pos);
         h_seq_lens[c->seq_bidx[s]] = (int32_t)(pos + 1);
@@ -329,7 +331,8 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
         .tok_seq = (const int32_t *)(d + L.tok_seq), .slots = (const int64_t *)(d + L.slots), .n_seqs = n_seqs,
         .max_blocks = c->max_blocks, .block_tables = (const int32_t *)(d + L.block_tables),
         .seq_lens = (const int32_t *)(d + L.seq_lens), .seq_ids = (const int32_t *)(d + L.seq_ids),
-        .window = c->model->config.sliding_window, .n_out = n_out, .out_rows = (const int32_t *)(d + L.out_rows),
+        .window = c->model->config.sliding_window, .no_seq_start = !seq_start, .n_out = n_out,
+        .out_rows = (const int32_t *)(d + L.out_rows),
     };
     // A recorded step (CUDA graph) replaces the op-by-op forward pass where the backend has one
     // for this geometry; hooks observe ops as they run, so they force the op-by-op path.

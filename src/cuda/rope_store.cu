@@ -250,7 +250,7 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
     // of a token's rows runs in parallel; blocks with blockIdx.y == 0 also rotate q.
     dim3 n(b->n_tokens, (2 * l->n_kv_heads + 3) / 4);
     const float *koff = (l->has_scales && kv->k_offset && b->seq_ids) ? kv->k_offset : NULL;
-    if (koff) {
+    if (koff && !b->no_seq_start) { // (skipped when the host knows no sequence starts here: decode)
         kv_offsets_kernel<<<dim3(b->n_seqs, l->n_kv_heads), 128, 0, st>>>(
             k, b->n_tokens, l->n_kv_heads, b->pos, b->tok_seq, b->seq_ids, kv->k_offset, L, l->n_layers, layer, p);
         CUDA_CHECK_LAUNCH();

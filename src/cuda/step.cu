@@ -46,7 +46,7 @@
 struct step_key {
     const void *pool, *tokens;
     int64_t     attn_bound;
-    int32_t     n_tokens, n_seqs, n_out, max_blocks, window, kv_dtype;
+    int32_t     n_tokens, n_seqs, n_out, max_blocks, window, kv_dtype, no_seq_start;
 };
 
 struct step_graph {
@@ -100,6 +100,7 @@ static struct step_key step_key_make(const struct coopt_kv_cache *kv, const stru
     k.max_blocks = b->max_blocks;
     k.window     = b->window;
     k.kv_dtype   = (int32_t)kv->layout.dtype;
+    k.no_seq_start = b->no_seq_start;
     return k;
 }
 
