@@ -112,6 +112,7 @@ struct cuda_backend {
     void                *work;
     size_t               work_bytes;
     struct cuda_kv_pool *pools; // linked list of live KV pools
+    int                  attn_route; // attention routing (cuda_attn_set_route): 0 auto, 1 tensor cores wherever compiled, 2 never
     struct cuda_driver   drv;
 };
 

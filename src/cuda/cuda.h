@@ -28,6 +28,11 @@ int coopt_cuda_device_count(void);
 // an error (both set to 0).
 int coopt_cuda_mem_info(size_t *free_bytes, size_t *total_bytes);
 
+// Test hook: how attention routes prefill tiles. 0 (default) = the tensor-core kernel for steps
+// that carry prefill chunks, 1 = the tensor-core kernel wherever it is compiled (head dims 64, 80,
+// 96, 128 with F16/FP8 KV), even for one-token tiles, 2 = always the decode kernel.
+void cuda_attn_set_route(struct coopt_backend *be, int route);
+
 #ifdef __cplusplus
 }
 #endif
