@@ -667,12 +667,23 @@ TEST(cuda_attention) {
                                   .lens = lens3, .n_q = n_q3, .route = (a + d) % 2 ? 0 : 2};
             if (!check_attention(t, &p, &s, &c)) return;
         }
-    // a long prefill chunk on the decode kernel: enough CTAs that the key range is not split
+    // a long prefill chunk on the decode kernel: enough CTAs that the key range is not split;
+    // then the ablation switches: one query head per CTA, no split-K (decode batch)
     const int32_t lens2[] = {700, 300}, n_q2[] = {300, 100};
     for (size_t d = 0; d < COOPT_ARRAY_LEN(k_kvtypes); d++) {
         struct attn_case c = {.hd = 64, .nh = 8, .nkv = 2, .ps = 16, .window = d == 2 ? 100 : 0, .dt = k_kvtypes[d],
                               .n_seqs = 2, .lens = lens2, .n_q = n_q2, .route = 2};
         if (!check_attention(t, &p, &s, &c)) return;
+    }
+    for (int ab = 0; ab < 2; ab++) {
+        p.cu->attn_per_head  = ab == 0;
+        p.cu->attn_partition = ab == 0 ? 512 : 0;
+        struct attn_case c = {.hd = 128, .nh = 32, .nkv = 8, .ps = 16, .dt = COOPT_DTYPE_FP8_E4M3, .n_seqs = 6,
+                              .lens = lens3, .n_q = n_q3, .route = 2};
+        bool ok = check_attention(t, &p, &s, &c);
+        p.cu->attn_per_head  = false;
+        p.cu->attn_partition = 512;
+        if (!ok) return;
     }
     cu_pair_free(&p);
 }
