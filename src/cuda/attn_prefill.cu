@@ -52,7 +52,7 @@ template <int HD, int KT, int GS> struct pf_cfg {
     static constexpr int  CPR = HD * EB / 16; // 16-byte chunks per cache row
     static constexpr int  TILE_H = PF_BN * LDS * 2;              // one f16 K or V tile
     static constexpr int  KSZ    = F8 ? PF_BN * HD : TILE_H;     // K (or V) part of a stage
-    // stage: [K KSZ][V KSZ][valid BN i32][K scale BN f32][V scale BN f32]
+    // stage: [K KSZ][V KSZ][valid mask, 64 bits (BN * 4 reserved)][K scale BN f32][V scale BN f32]
     static constexpr int  ST_V   = KSZ;
     static constexpr int  ST_OK  = 2 * KSZ;
     static constexpr int  ST_KS  = ST_OK + PF_BN * 4;
@@ -142,8 +142,10 @@ __global__ void __launch_bounds__(PF_THREADS) attn_prefill_kernel(const struct a
     const int     gq = lane >> 2, cq = lane & 3;
     const int     r0 = warp * 16 + gq, r1 = r0 + 8;
     const int32_t p0 = rpos[r0], p1 = rpos[r1], lo0 = rlo[r0], lo1 = rlo[r1];
-    const int32_t w_hi = __reduce_max_sync(0xffffffffu, max(p0, p1));
+    const int32_t w_hi = __reduce_max_sync(0xffffffffu, max(p0, p1));   // the warp's rows see keys in [w_lo, w_hi]
     const int32_t w_lo = __reduce_min_sync(0xffffffffu, min(lo0, lo1));
+    const int32_t w_pmin  = __reduce_min_sync(0xffffffffu, min(p0, p1)); // ... and all of them see [w_lomax, w_pmin]
+    const int32_t w_lomax = __reduce_max_sync(0xffffffffu, max(lo0, lo1));
 
     uint32_t qa[HD / 16][4];
 #pragma unroll
@@ -186,9 +188,10 @@ __global__ void __launch_bounds__(PF_THREADS) attn_prefill_kernel(const struct a
             cp_async16(st + dst, a.pool + (v ? o + ch * 16 : 0), v);
             cp_async16(st + C::ST_V + dst, a.pool + (v ? o + vdelta + ch * 16 : 0), v);
         }
-        if (tid < PF_BN) {
-            const bool v = of[tid] != PF_NO_ROW;
-            ((int32_t *)(st + C::ST_OK))[tid] = v;
+        if (tid < PF_BN) { // warps 0 and 1: the tile's validity mask, one bit per key
+            const bool     v   = of[tid] != PF_NO_ROW;
+            const uint32_t bal = __ballot_sync(0xffffffffu, v);
+            if (lane == 0) ((uint32_t *)(st + C::ST_OK))[warp] = bal;
             if (C::F8) {
                 const uint64_t so = offs[2 * PF_BN + (i & 1) * PF_BN + tid];
                 cp_async4(st + C::ST_KS + tid * 4, a.pool + (v ? so : 0), v);
@@ -240,7 +243,7 @@ __global__ void __launch_bounds__(PF_THREADS) attn_prefill_kernel(const struct a
         }
         const int32_t k0 = kmin + i * PF_BN;
         if (k0 <= w_hi && k0 + PF_BN - 1 >= w_lo) { // some row of the warp sees a key of the tile
-            const int32_t *kok = (const int32_t *)(st + C::ST_OK);
+            const uint64_t vm  = *(const uint64_t *)(st + C::ST_OK);
             const float   *ksc = (const float *)(st + C::ST_KS);
             float          S[PF_BN / 8][4];
 #pragma unroll
@@ -254,16 +257,27 @@ __global__ void __launch_bounds__(PF_THREADS) attn_prefill_kernel(const struct a
                     mma_16816(S[j], qa[kk], b0, b1);
                     mma_16816(S[j + 1], qa[kk], b2, b3);
                 }
-            // scale, mask, online softmax (row 0: elements 0, 1; row 1: elements 2, 3)
+            // scale (and the FP8 K scale of each key column), mask; a tile inside every row's
+            // range with no released page (most tiles of a long context) needs no mask
+            const bool interior = vm == ~0ull && k0 + PF_BN - 1 <= w_pmin && k0 >= w_lomax;
 #pragma unroll
-            for (int j = 0; j < PF_BN / 8; j++)
+            for (int j = 0; j < PF_BN / 8; j++) {
+                float2 f = make_float2(qk, qk);
+                if (C::F8) {
+                    const float2 ks = *(const float2 *)(ksc + 8 * j + 2 * cq);
+                    f               = make_float2(qk * ks.x, qk * ks.y);
+                }
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const int     key = 8 * j + 2 * cq + (e & 1);
-                    const int32_t kp  = k0 + key, rp = e < 2 ? p0 : p1, rl = e < 2 ? lo0 : lo1;
-                    const bool    ok  = kok[key] && kp <= rp && kp >= rl;
-                    S[j][e]           = ok ? S[j][e] * (C::F8 ? qk * ksc[key] : qk) : -INFINITY;
+                    const int key = 8 * j + 2 * cq + (e & 1);
+                    bool      ok  = true;
+                    if (!interior) {
+                        const int32_t kp = k0 + key, rp = e < 2 ? p0 : p1, rl = e < 2 ? lo0 : lo1;
+                        ok               = ((vm >> key) & 1) && kp <= rp && kp >= rl;
+                    }
+                    S[j][e] = ok ? S[j][e] * ((e & 1) ? f.y : f.x) : -INFINITY;
                 }
+            }
 #pragma unroll
             for (int rr = 0; rr < 2; rr++) {
                 float mx = -INFINITY;
@@ -326,6 +340,8 @@ static void pf_launch(cudaStream_t st, const struct attn_args &a, const struct k
     static bool attr_set = false; // a function attribute (same value everywhere): set once
     if (!attr_set) {
         CUDA_CHECK(cudaFuncSetAttribute(attn_prefill_kernel<HD, KT, GS>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
+        CUDA_CHECK(cudaFuncSetAttribute(attn_prefill_kernel<HD, KT, GS>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
         attr_set = true;
     }
     dim3 grid((unsigned)((a.n_tokens + C::TT - 1) / C::TT), (unsigned)(L.n_kv_heads * a.n_sub));

@@ -105,6 +105,7 @@ struct cuda_driver {
 struct cuda_backend {
     int            device;
     int            n_sm;
+    int            attn_route; // attention routing (cuda_attn_set_route): 0 auto, 1 tensor cores wherever compiled, 2 never
     cudaStream_t   stream;
     cublasHandle_t cublas;
     // One growable device workspace shared by ops (x converted to f16/bf16 for cuBLAS, split-K
@@ -112,7 +113,6 @@ struct cuda_backend {
     void                *work;
     size_t               work_bytes;
     struct cuda_kv_pool *pools; // linked list of live KV pools
-    int                  attn_route; // attention routing (cuda_attn_set_route): 0 auto, 1 tensor cores wherever compiled, 2 never
     struct cuda_driver   drv;
 };
 
@@ -202,6 +202,7 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
                      const struct coopt_rope *rope);
 // paged_attn.cu
 int64_t cuda_attn_bound_bucket(int64_t bound); // the key-range bucket that fixes the launch geometry
+int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batch *b); // bucketed bound of a step
 void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                     const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale);
 // kv_pool.cu

@@ -37,9 +37,11 @@
  *   Shared memory (dynamic): NST stages of [K SK rows][V SK rows][K scales][V scales][mask] per
  *   warp; reused at the end for the cross-warp merge. F16 hd 128: 65 KiB, FP8: 50 KiB.
  *
- * attn_merge_kernel: Grid (n_tokens, n_heads); Block 128 threads over head_dim. Skips tokens
- *   whose range fits in one partition (the decode kernel wrote them directly) and tokens of
- *   tensor-core tiles.
+ * attn_merge_kernel: Grid (n_tokens, n_heads); Block 128 threads. Skips tokens whose range fits
+ *   in one partition (the decode kernel wrote them directly) and tokens of tensor-core tiles.
+ *   Threads over partitions reduce the maxima and denominators; then warp w sums partitions w,
+ *   w + 4, ... with lanes over dims (independent loads in flight), and shared memory adds the
+ *   four warps' sums.
  *
  * Numerics: f32 throughout; q is pre-multiplied by scale * log2(e) so probabilities are ex2 of
  * score differences. Same cache bytes as the CPU reference, different summation order.
@@ -164,18 +166,21 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     const int32_t *bt      = a.block_tables + (size_t)a.tok_seq[t] * (size_t)a.max_blocks;
     const int      kg = lane / C::LPK, lig = lane % C::LPK;
 
-    // q of the CTA's heads at this lane's 8 dims, in log2 units
-    const float qs = a.scale * ATTN_LOG2E;
-    float       qr[G][8];
+    // q of the CTA's heads at this lane's 8 dims, in log2 units (loaded after the first K/V
+    // copies are issued, so the two latencies overlap)
+    float qr[G][8];
+    auto  load_q = [&]() {
+        const float qs = a.scale * ATTN_LOG2E;
 #pragma unroll
-    for (int g = 0; g < G; g++) {
-        const float *qh = a.q + ((size_t)t * a.n_heads + h0 + min(g, ng - 1)) * hd;
+        for (int g = 0; g < G; g++) {
+            const float *qh = a.q + ((size_t)t * a.n_heads + h0 + min(g, ng - 1)) * hd;
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const int d = dec_dim<HD>(lig, e);
-            qr[g][e]    = (g < ng && d < hd) ? qh[d] * qs : 0.0f;
+            for (int e = 0; e < 8; e++) {
+                const int d = dec_dim<HD>(lig, e);
+                qr[g][e]    = (g < ng && d < hd) ? qh[d] * qs : 0.0f;
+            }
         }
-    }
+    };
     float m[G], l[G], acc[G][8];
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -255,6 +260,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             if (k < my_n) load(k);
             cp_async_commit();
         }
+        load_q();
         const bool lane_dims = lig * 8 < (HD > 0 ? HD : 1); // lanes past head_dim (hd 80, 96) hold zeros
         for (int32_t k = 0; k < my_n; k++) {
             if (k + C::NST - 1 < my_n) load(k + C::NST - 1); // into the stage computed at k - 1
@@ -316,6 +322,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         }
     } else {
         // generic head_dim: one key at a time for the whole warp, rows read from global memory
+        load_q();
         for (int32_t k = 0; k < my_n; k++) {
             uint64_t       off, soff;
             const bool     valid = key_loc(k, &off, &soff);
@@ -414,21 +421,44 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     }
 }
 
-__global__ void attn_merge_kernel(const struct attn_args a, int32_t hd) {
-    const int32_t t = blockIdx.x, h = blockIdx.y;
+__global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct attn_args a, int32_t hd) {
+    __shared__ float red[ATTN_WARPS][ATTN_MAX_HD];
+    __shared__ float wred[2][ATTN_WARPS];
+    const int        tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int32_t    t = blockIdx.x, h = blockIdx.y;
     if (a.tc_tokens > 0 && attn_tile_is_tc(a, t / a.tc_tokens)) return;
     const int32_t parts_t = attn_parts_of(a, a.pos[t]);
-    if (parts_t <= 1) return;
+    if (parts_t <= 1) return; // written by the decode kernel directly
     const size_t th = (size_t)t * a.n_heads + h;
     const float *ml = a.part_ml + th * a.n_parts * 2;
+    const float *pa = a.part_acc + th * a.n_parts * hd;
     float        M  = -INFINITY;
-    for (int i = 0; i < parts_t; i++) M = fmaxf(M, ml[2 * i]);
+    for (int i = tid; i < parts_t; i += ATTN_THREADS) M = fmaxf(M, ml[2 * i]);
+    M = warp_max(M);
+    if (lane == 0) wred[0][warp] = M;
+    __syncthreads();
+    M = fmaxf(fmaxf(wred[0][0], wred[0][1]), fmaxf(wred[0][2], wred[0][3]));
     const float base = M == -INFINITY ? 0.0f : M;
     float       den  = 0.0f;
-    for (int i = 0; i < parts_t; i++) den += ml[2 * i + 1] * fast_exp2(ml[2 * i] - base);
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float num = 0.0f;
-        for (int i = 0; i < parts_t; i++) num += a.part_acc[(th * a.n_parts + i) * hd + d] * fast_exp2(ml[2 * i] - base);
+    for (int i = tid; i < parts_t; i += ATTN_THREADS) den += ml[2 * i + 1] * fast_exp2(ml[2 * i] - base);
+    den = warp_sum(den);
+    if (lane == 0) wred[1][warp] = den;
+    // warp w sums partitions w, w + 4, ...; lane l dims 2l, 2l + 1 (+ 64, ...): the partitions'
+    // loads are independent, so they overlap instead of forming one latency chain
+    for (int d0 = 2 * lane; d0 < hd; d0 += 2 * WARP_SIZE) {
+        float sx = 0.0f, sy = 0.0f;
+#pragma unroll 4
+        for (int i = warp; i < parts_t; i += ATTN_WARPS) {
+            const float  w = fast_exp2(ml[2 * i] - base);
+            const float2 v = *(const float2 *)(pa + (size_t)i * hd + d0);
+            sx += w * v.x, sy += w * v.y;
+        }
+        red[warp][d0] = sx, red[warp][d0 + 1] = sy;
+    }
+    __syncthreads();
+    den = wred[1][0] + wred[1][1] + wred[1][2] + wred[1][3];
+    for (int d = tid; d < hd; d += ATTN_THREADS) {
+        const float num    = red[0][d] + red[1][d] + red[2][d] + red[3][d];
         a.out[th * hd + d] = den > 0.0f ? num / den : 0.0f;
     }
 }
@@ -441,6 +471,8 @@ static void attn_decode_launch(dim3 grid, cudaStream_t st, const struct attn_arg
     static bool attr_set = false;
     if (!attr_set) {
         CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<HD, KT, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
+        CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<HD, KT, G>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
         attr_set = true;
     }
     attn_decode_kernel<HD, KT, G><<<grid, ATTN_THREADS, C::SMEM, st>>>(a, L);
@@ -483,6 +515,21 @@ int64_t cuda_attn_bound_bucket(int64_t bound) {
     return b;
 }
 
+// Longest key range any token of the step can have, bucketed: positions held before the step
+// plus the step's tokens (when the page manager is there), the block table's span, the window.
+// Host-side only.
+int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batch *b) {
+    int64_t bound = (int64_t)b->max_blocks * kv->layout.page_size;
+    if (kv->seqs) {
+        int64_t mx = 0;
+        for (int32_t s = 0; s < kv->n_seq_max; s++)
+            if (kv->seqs[s].live) mx = COOPT_MAX(mx, kv->seqs[s].n_tokens);
+        bound = COOPT_MIN(bound, mx + b->n_tokens);
+    }
+    if (b->window > 0) bound = COOPT_MIN(bound, (int64_t)b->window);
+    return cuda_attn_bound_bucket(bound);
+}
+
 void cuda_attn_set_route(struct coopt_backend *be, int route) { cuda_impl(be)->attn_route = route; }
 
 void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
@@ -504,20 +551,10 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
         while (sub_g < group && sub_g < ATTN_MAX_G) sub_g *= 2;
     const int32_t n_sub = (group + sub_g - 1) / sub_g;
 
-    // Longest key range any token of the step can have: positions held before the step plus
-    // the step's tokens (when the page manager is there), the block table's span, the window.
-    int64_t bound = (int64_t)b->max_blocks * l->page_size;
-    if (kv->seqs) {
-        int64_t mx = 0;
-        for (int32_t s = 0; s < kv->n_seq_max; s++)
-            if (kv->seqs[s].live) mx = COOPT_MAX(mx, kv->seqs[s].n_tokens);
-        bound = COOPT_MIN(bound, mx + b->n_tokens);
-    }
-    if (b->window > 0) bound = COOPT_MIN(bound, (int64_t)b->window);
-    bound = cuda_attn_bound_bucket(bound);
+    const int64_t bound = cuda_attn_bound(kv, b);
 
     // Split-K (flash-decoding): partitions of ATTN_PART keys (or the context's attn_partition),
-    // halved while the grid would have fewer than 4 CTAs per SM, doubled while it would have more
+    // halved while the grid would have fewer than 3 CTAs per SM, doubled while it would have more
     // than 16 per SM (keeps the partial workspace small for big batches). attn_partition 0 (the
     // ablation) walks each range in one CTA.
     const int64_t ctas      = (int64_t)b->n_tokens * nkv * n_sub;
@@ -526,7 +563,7 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
         part_size = ATTN_PART_MIN;
         while (part_size * 2 <= be->attn_partition) part_size *= 2;
     }
-    while (part_size > ATTN_PART_MIN && ctas * ((bound + part_size - 1) / part_size) < 4LL * cb->n_sm) part_size /= 2;
+    while (part_size > ATTN_PART_MIN && ctas * ((bound + part_size - 1) / part_size) < 3LL * cb->n_sm) part_size /= 2;
     while (part_size < bound && ctas * ((bound + part_size - 1) / part_size) > 16LL * cb->n_sm) part_size *= 2;
     int64_t n_parts = (bound + part_size - 1) / part_size;
     if (n_parts <= 1 || be->attn_partition == 0) n_parts = 1;
