@@ -517,7 +517,7 @@ int64_t cuda_attn_bound_bucket(int64_t bound) {
 
 // Longest key range any token of the step can have, bucketed: positions held before the step
 // plus the step's tokens (when the page manager is there), the block table's span, the window.
-// Host-side only.
+// Host-side only; step recording (step.cu) keys CUDA graphs on it.
 int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batch *b) {
     int64_t bound = (int64_t)b->max_blocks * kv->layout.page_size;
     if (kv->seqs) {
