@@ -448,6 +448,73 @@ TEST(cuda_rope_store) {
     cu_pair_free(&p);
 }
 
+// K smoothing offsets (kv_cache.h): the mean roped K of each sequence's first step, written by
+// rope_store's offsets kernel. Three sequences interleaved in one step of 90 tokens (more than one
+// chunk of the kernel): two start at position 0, one does not and must keep its offsets. Tolerance
+// as rope (cos/sin a few ulp from glibc's), on means of |k| <= 3: 1e-5 abs + 1e-5 rel.
+TEST(cuda_kv_offsets) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t s = 29;
+    for (int32_t hd = 16; hd <= 128; hd *= 8) {
+        const int32_t nh = 4, nkv = 2, ps = 16, n_layers = 2, layer = 1, n_seq_max = 3;
+        // batch sequences 0, 1, 2 are KV sequences 2, 0, 1; sequence 1 continues at position 10
+        const int32_t seq_ids[3] = {2, 0, 1}, start[3] = {0, 10, 0}, count[3] = {40, 20, 30};
+        int32_t       pos[90], seq[90], n = 0, next[3] = {0, 0, 0};
+        while (n < 90)
+            for (int q = 0; q < 3; q++)
+                if (next[q] < count[q]) pos[n] = start[q] + next[q]++, seq[n++] = q;
+        struct coopt_kv_cache kv = {0};
+        CHECK(t, coopt_kv_layout_init(&kv.layout, COOPT_DTYPE_FP8_E4M3, n_layers, nkv, hd, ps) == COOPT_OK);
+        const int32_t max_blocks = 4, n_pages = 12;
+        int32_t       bt[12];
+        int64_t       slots[90];
+        for (int i = 0; i < 12; i++) bt[i] = (i * 5) % 12; // sequence q owns bt[4q .. 4q + 3]
+        for (int i = 0; i < n; i++) slots[i] = (int64_t)bt[seq[i] * max_blocks + pos[i] / ps] * ps + pos[i] % ps;
+        size_t   pool_bytes = kv.layout.page_bytes * n_pages, n_off = (size_t)n_seq_max * n_layers * nkv * hd;
+        uint8_t *ref_pool   = calloc(1, pool_bytes);
+        float   *off_ref = malloc(n_off * 4), *off_got = malloc(n_off * 4);
+        for (size_t i = 0; i < n_off; i++) off_ref[i] = 7.0f; // sentinel: rows that must not change
+        void *dpool;
+        CHECK(t, p.cu->ops->kv_pool_init(p.cu, pool_bytes, &dpool) == COOPT_OK);
+        float            *inv  = make_inv_freq(hd, 10000.0f);
+        struct coopt_rope rope = {.layout = hd == 16 ? COOPT_ROPE_INTERLEAVED : COOPT_ROPE_HALF, .head_dim = hd,
+                                  .inv_freq = inv};
+        size_t nq = (size_t)n * nh * hd, nk = (size_t)n * nkv * hd;
+        float *q = test_rand_array(&s, nq, -1, 1), *k = test_rand_array(&s, nk, -3, 3), *v = test_rand_array(&s, nk, -3, 3);
+        float *dq = dev_copy(p.cu, q, nq * 4), *dk = dev_copy(p.cu, k, nk * 4), *dv = dev_copy(p.cu, v, nk * 4);
+        float *doff = dev_copy(p.cu, off_ref, n_off * 4);
+        int32_t *dpos = dev_copy(p.cu, pos, sizeof(pos)), *dseq = dev_copy(p.cu, seq, sizeof(seq));
+        int32_t *dids = dev_copy(p.cu, seq_ids, sizeof(seq_ids));
+        int64_t *dslots = dev_copy(p.cu, slots, sizeof(slots));
+        struct coopt_batch b = {.n_tokens = n, .pos = pos, .tok_seq = seq, .slots = slots, .n_seqs = 3,
+                                .max_blocks = max_blocks, .block_tables = bt, .seq_ids = seq_ids};
+        struct coopt_batch db = b;
+        db.pos = dpos, db.tok_seq = dseq, db.slots = dslots, db.seq_ids = dids;
+        kv.pool = dpool, kv.k_offset = doff;
+        p.cu->ops->rope_store(p.cu, dq, dk, dv, nh, &kv, layer, &db, &rope);
+        dev_read(p.cu, off_got, doff, n_off * 4);
+        kv.pool = ref_pool, kv.k_offset = off_ref;
+        p.ref->ops->rope_store(p.ref, q, k, v, nh, &kv, layer, &b, &rope);
+        bool ok = test_near(t, __FILE__, __LINE__, off_got, off_ref, n_off, 1e-5, 1e-5);
+        for (size_t i = 0; i < n_off && ok; i++) {
+            size_t seq_id = i / ((size_t)n_layers * nkv * hd), lay = i / ((size_t)nkv * hd) % n_layers;
+            bool   kept   = seq_id == 0 || lay != (size_t)layer; // KV sequence 0 = batch sequence 1
+            if (kept != (off_ref[i] == 7.0f) || kept != (off_got[i] == 7.0f)) {
+                test_fail(t, __FILE__, __LINE__, "hd %d: offset %zu: %g (ref %g), sequence %zu layer %zu", hd, i,
+                          off_got[i], off_ref[i], seq_id, lay);
+                ok = false;
+            }
+        }
+        p.cu->ops->kv_pool_free(p.cu, dpool, pool_bytes);
+        void *dev[] = {dq, dk, dv, doff, dpos, dseq, dids, dslots};
+        for (size_t i = 0; i < COOPT_ARRAY_LEN(dev); i++) p.cu->ops->free(p.cu, dev[i]);
+        free(ref_pool), free(off_ref), free(off_got), free(inv), free(q), free(k), free(v);
+        if (!ok) return;
+    }
+    cu_pair_free(&p);
+}
+
 // ---- attention ----
 
 struct attn_case {
@@ -455,8 +522,23 @@ struct attn_case {
     enum coopt_dtype dt;
     int32_t          n_seqs;
     const int32_t   *lens, *n_q; // [n_seqs] positions held, query tokens (the last n_q positions)
+    int              route;      // cuda_attn_set_route: 0 auto, 1 tensor cores wherever compiled, 2 never
 };
 
+// Tolerances (|got - ref| <= atol + rtol*|ref|; the reference is double math over the same
+// cache bytes):
+//   decode kernel only (route 2, auto for decode-like steps, shapes the tensor-core kernel is not
+//     compiled for): 2e-5 + 1e-4 rel, f32 online softmax
+//     (ex2.approx, ~2^-22 relative) summed in another order.
+//   tensor-core kernel possible (route 1, auto for chunked steps): q is made f16-representable, so the
+//     f16 query tile is exact, and K is exact in f16 (F16 cache, or FP8 values). The probabilities
+//     are rounded to f16 before P.V while the denominator sums them in f32: each term is off by at
+//     most 2^-11 relative (2^-25 absolute when p is subnormal), so the output is within
+//     (2^-11 + n_keys * 2^-25) * max|v| = 6.4e-4 here (|v| <= ~1, n_keys <= 5000): atol 1e-3.
+//     FP8 V rows are also rounded to f16 after their scale: another 2^-11 * max|v| (max|v| of the
+//     dequantized rows <= 1.07): atol 1.5e-3. A key wrongly inside or outside a row's range moves
+//     that row by ~|v| / (keys in range), which the short ranges of every case (prefill from
+//     position 0, window edges) expose.
 static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, const struct attn_case *c) {
     int32_t max_len = 0, n_pages = 0, n_all = 0, n_tok = 0;
     for (int i = 0; i < c->n_seqs; i++) {
@@ -518,6 +600,12 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
                             .max_blocks = max_blocks, .block_tables = bt, .window = c->window};
     size_t  n_o  = (size_t)n_tok * c->nh * c->hd;
     float  *q    = test_rand_array(s, n_o, -2, 2);
+    // whether the tensor-core kernel can take part (the launcher's rule, paged_attn.cu)
+    bool tc_shape = (c->hd == 64 || c->hd == 80 || c->hd == 96 || c->hd == 128) &&
+                    (c->dt == COOPT_DTYPE_F16 || c->dt == COOPT_DTYPE_FP8_E4M3 || c->dt == COOPT_DTYPE_FP8_E5M2);
+    bool tc       = tc_shape && (c->route == 1 || (c->route == 0 && n_tok >= 16 && n_tok >= 4 * c->n_seqs));
+    if (tc)
+        for (size_t i = 0; i < n_o; i++) q[i] = coopt_f16_to_f32(coopt_f32_to_f16(q[i])); // see the tolerances
     float  *got  = malloc(n_o * sizeof(float)), *want = malloc(n_o * sizeof(float));
     float   scale = 1.0f / sqrtf((float)c->hd);
     float  *dq = dev_copy(p->cu, q, n_o * 4), *dout = dev_copy(p->cu, NULL, n_o * 4);
@@ -525,34 +613,46 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
     int32_t *dbt = dev_copy(p->cu, bt, sizeof(int32_t) * c->n_seqs * max_blocks);
     struct coopt_batch db = b;
     db.pos = dqpos, db.tok_seq = dqseq, db.block_tables = dbt;
+    // poison the output: every element must be written by exactly one of the kernels
+    float *nan = malloc(n_o * sizeof(float));
+    for (size_t i = 0; i < n_o; i++) nan[i] = NAN;
+    p->cu->ops->upload(p->cu, dout, nan, n_o * 4);
+    cuda_attn_set_route(p->cu, c->route);
     p->cu->ops->attention(p->cu, dout, dq, c->nh, &kv, 1, &db, scale);
+    cuda_attn_set_route(p->cu, 0);
     dev_read(p->cu, got, dout, n_o * 4);
     kv.pool = host_pool;
     p->ref->ops->attention(p->ref, want, q, c->nh, &kv, 1, &b, scale);
-    bool ok = test_near(t, __FILE__, __LINE__, got, want, n_o, 2e-5, 1e-4);
+    bool ok = tc ? test_near(t, __FILE__, __LINE__, got, want, n_o, c->dt == COOPT_DTYPE_F16 ? 1e-3 : 1.5e-3, 0)
+                 : test_near(t, __FILE__, __LINE__, got, want, n_o, 2e-5, 1e-4);
     if (!ok) {
         char extra[200];
-        snprintf(extra, sizeof(extra), " [hd %d heads %d/%d page %d window %d %s, %d seqs, max len %d]", c->hd, c->nh,
-                 c->nkv, c->ps, c->window, coopt_dtype_name(c->dt), c->n_seqs, max_len);
+        snprintf(extra, sizeof(extra), " [hd %d heads %d/%d page %d window %d %s, %d seqs, max len %d, route %d]", c->hd,
+                 c->nh, c->nkv, c->ps, c->window, coopt_dtype_name(c->dt), c->n_seqs, max_len, c->route);
         strncat(t->msg, extra, sizeof(t->msg) - strlen(t->msg) - 1);
     }
     p->cu->ops->kv_pool_free(p->cu, dpool, pool_bytes);
     void *dev[] = {dqa, dka, dva, dpos, dseq, dslots, dq, dout, dqpos, dqseq, dbt};
     for (size_t i = 0; i < COOPT_ARRAY_LEN(dev); i++) p->cu->ops->free(p->cu, dev[i]);
     free(bt), free(perm), free(pos), free(seq), free(slots), free(inv), free(qa), free(ka), free(va), free(q);
-    free(got), free(want), free(host_pool), free(qpos), free(qseq);
+    free(got), free(want), free(host_pool), free(qpos), free(qseq), free(nan);
     return ok;
 }
 
+// The decode kernel (and its split-K merge) on ragged batches: route 2 keeps the tensor-core
+// kernel out; every third case uses route 1, where tiles of one sequence's tokens (the 20-token
+// chunk, for 4 or more heads per KV head) go to tensor cores and the rest stays on the decode
+// kernel in the same step.
 TEST(cuda_attention) {
     struct cu_pair p;
     if (!cu_pair_init(t, &p)) return;
     uint64_t      s          = 17;
     const int32_t hds[]      = {8, 16, 32, 64, 80, 96, 128};
-    const int32_t heads[][2] = {{8, 8}, {8, 4}, {8, 1}, {32, 8}, {32, 2}};
+    // GQA groups 1, 2, 4, 5 (not a power of two), 8 and 16 (two subgroups per KV head)
+    const int32_t heads[][2] = {{8, 8}, {8, 4}, {8, 2}, {40, 8}, {64, 8}, {32, 2}};
     const int32_t pss[]      = {16, 32, 7};
-    // decode tokens, a prefill chunk of 5, decode at 1100 positions (split into 3 partitions),
-    // a chunk of 20
+    // decode tokens, a prefill chunk of 5, decode at 1100 positions (split into partitions), a
+    // chunk of 20
     const int32_t lens[] = {1, 37, 1100, 130}, n_q[] = {1, 5, 1, 20};
     int           i      = 0;
     for (size_t a = 0; a < COOPT_ARRAY_LEN(hds); a++)
@@ -561,16 +661,66 @@ TEST(cuda_attention) {
                 if (i % 2 && hds[a] != 64 && hds[a] != 128) continue; // keep the run short: half of the odd dims
                 struct attn_case c = {.hd = hds[a], .nh = heads[h][0], .nkv = heads[h][1], .ps = pss[i % 3],
                                       .window = (i / 3) % 2 ? 64 : 0, .dt = k_kvtypes[d], .n_seqs = 4,
-                                      .lens = lens, .n_q = n_q};
+                                      .lens = lens, .n_q = n_q, .route = i % 3 == 0 ? 1 : 2};
                 if (!check_attention(t, &p, &s, &c)) return;
             }
-    // a long prefill chunk: enough CTAs that the key range is not split
+    // decode batches at lengths around partition and tile edges, up to 5000 positions; windows
+    // with released pages
+    const int32_t lens3[] = {511, 513, 1500, 5000, 17, 1}, n_q3[] = {1, 1, 1, 1, 1, 1};
+    const int32_t hds3[] = {128, 64, 80, 128, 16};
+    for (size_t a = 0; a < COOPT_ARRAY_LEN(hds3); a++)
+        for (size_t d = 0; d < COOPT_ARRAY_LEN(k_kvtypes); d++) {
+            struct attn_case c = {.hd = hds3[a], .nh = a % 2 ? 32 : 16, .nkv = a % 2 ? 8 : 16, .ps = d % 2 ? 16 : 32,
+                                  .window = (a + d) % 3 == 0 ? 1000 : 0, .dt = k_kvtypes[d], .n_seqs = 6,
+                                  .lens = lens3, .n_q = n_q3, .route = (a + d) % 2 ? 0 : 2};
+            if (!check_attention(t, &p, &s, &c)) return;
+        }
+    // a long prefill chunk on the decode kernel: enough CTAs that the key range is not split;
+    // then the ablation switches: one query head per CTA, no split-K (decode batch)
     const int32_t lens2[] = {700, 300}, n_q2[] = {300, 100};
     for (size_t d = 0; d < COOPT_ARRAY_LEN(k_kvtypes); d++) {
         struct attn_case c = {.hd = 64, .nh = 8, .nkv = 2, .ps = 16, .window = d == 2 ? 100 : 0, .dt = k_kvtypes[d],
-                              .n_seqs = 2, .lens = lens2, .n_q = n_q2};
+                              .n_seqs = 2, .lens = lens2, .n_q = n_q2, .route = 2};
         if (!check_attention(t, &p, &s, &c)) return;
     }
+    for (int ab = 0; ab < 2; ab++) {
+        p.cu->attn_per_head  = ab == 0;
+        p.cu->attn_partition = ab == 0 ? 512 : 0;
+        struct attn_case c = {.hd = 128, .nh = 32, .nkv = 8, .ps = 16, .dt = COOPT_DTYPE_FP8_E4M3, .n_seqs = 6,
+                              .lens = lens3, .n_q = n_q3, .route = 2};
+        bool ok = check_attention(t, &p, &s, &c);
+        p.cu->attn_per_head  = false;
+        p.cu->attn_partition = 512;
+        if (!ok) return;
+    }
+    cu_pair_free(&p);
+}
+
+// The tensor-core prefill kernel: F16 and FP8 caches, head dims 64/80/96/128, 1 to 16 query heads
+// per KV head, a chunk at depth, a prompt from position 0, and a mixed step (chunks next to decode
+// tokens: tiles that mix sequences go to the decode kernel), windows with released pages.
+TEST(cuda_attention_prefill) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t               s          = 23;
+    const int32_t          hds[]      = {64, 80, 96, 128};
+    const enum coopt_dtype kts[]      = {COOPT_DTYPE_F16, COOPT_DTYPE_FP8_E4M3, COOPT_DTYPE_FP8_E5M2};
+    const int32_t          heads[][2] = {{8, 8}, {8, 2}, {10, 2}, {16, 1}, {8, 4}};
+    const int32_t          pss[]      = {16, 7, 32};
+    const int32_t          l_chunk[] = {500}, q_chunk[] = {200};
+    const int32_t          l_zero[] = {130}, q_zero[] = {130};
+    const int32_t          l_mix[] = {300, 40, 1100, 5}, q_mix[] = {130, 1, 70, 5};
+    int                    i = 0;
+    for (size_t a = 0; a < COOPT_ARRAY_LEN(hds); a++)
+        for (size_t d = 0; d < COOPT_ARRAY_LEN(kts); d++)
+            for (int bi = 0; bi < 3; bi++, i++) {
+                struct attn_case c = {.hd = hds[a], .nh = heads[i % 5][0], .nkv = heads[i % 5][1], .ps = pss[i % 3],
+                                      .window = i % 4 == 1 ? 100 : 0, .dt = kts[d], .route = i % 6 == 5 ? 0 : 1};
+                c.n_seqs = bi == 2 ? 4 : 1;
+                c.lens   = bi == 0 ? l_chunk : bi == 1 ? l_zero : l_mix;
+                c.n_q    = bi == 0 ? q_chunk : bi == 1 ? q_zero : q_mix;
+                if (!check_attention(t, &p, &s, &c)) return;
+            }
     cu_pair_free(&p);
 }
 
@@ -962,56 +1112,82 @@ TEST(cuda_bench) {
     be->ops->free(be, dx), be->ops->free(be, dout);
     free(wf), free(xh);
 
-    // attention: 32 query heads over 8 KV heads of 128, page 16, B decode tokens at context L
-    const int32_t nh = 32, nkv = 8, hd = 128, ps = 16, chunk = 4096;
-    printf("bench: attention %d/%d heads, head_dim %d, page %d (one layer)\n", nh, nkv, hd, ps);
-    printf("bench: %-9s %3s %6s %10s %10s\n", "kv", "B", "ctx", "us/call", "GB/s(KV)");
+    // attention, one layer, head_dim 128, page 16: MHA (32/32 heads, llama2-7b) and GQA (32/8,
+    // llama3-8b). Decode: B tokens at context L, GB/s of K/V (+ FP8 scales) read. Prefill: one
+    // 512-token chunk at positions [L - 512, L) of one sequence, tensor cores (auto route) and,
+    // at 4k, the decode kernel (route 2); TFLOP/s counts 4 * hd flops per (query, key, head).
+    const int32_t hd = 128, ps = 16, chunk = 4096, n_pf = 512;
+    const int32_t hcfg[][2] = {{32, 32}, {32, 8}};
+    printf("bench: attention head_dim %d, page %d (one layer)\n", hd, ps);
+    printf("bench: %-5s %-9s %-7s %3s %6s %10s %10s\n", "heads", "kv", "step", "B", "ctx", "us/call", "GB/s|TF/s");
     const enum coopt_dtype kts[] = {COOPT_DTYPE_F16, COOPT_DTYPE_FP8_E4M3};
-    float *kq = test_rand_array(&s, (size_t)chunk * nh * hd, -1, 1), *kk = test_rand_array(&s, (size_t)chunk * nkv * hd, -1, 1);
-    float *dq = dev_copy(be, kq, (size_t)chunk * nh * hd * 4), *dk = dev_copy(be, kk, (size_t)chunk * nkv * hd * 4);
-    float *dv = dev_copy(be, kk, (size_t)chunk * nkv * hd * 4), *dao = dev_copy(be, NULL, (size_t)chunk * nh * hd * 4);
+    const int32_t          nh_max = 32;
+    float *kq = test_rand_array(&s, (size_t)chunk * nh_max * hd, -1, 1), *kk = test_rand_array(&s, (size_t)chunk * nh_max * hd, -1, 1);
+    float *dq = dev_copy(be, kq, (size_t)chunk * nh_max * hd * 4), *dk = dev_copy(be, kk, (size_t)chunk * nh_max * hd * 4);
+    float *dv = dev_copy(be, kk, (size_t)chunk * nh_max * hd * 4), *dao = dev_copy(be, NULL, (size_t)chunk * nh_max * hd * 4);
     float *inv = make_inv_freq(hd, 10000.0f);
     struct coopt_rope rope = {.layout = COOPT_ROPE_HALF, .head_dim = hd, .inv_freq = inv};
-    for (size_t kt = 0; kt < COOPT_ARRAY_LEN(kts); kt++)
-        for (int32_t L = 4096; L <= 16384; L *= 4)
-            for (int32_t B = 1; B <= 32; B *= 8) {
-                struct coopt_kv_cache kv = {0};
-                COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], 1, nkv, hd, ps) == COOPT_OK);
-                int32_t mb = L / ps;
-                size_t  n_pages = (size_t)B * mb, pool_bytes = n_pages * kv.layout.page_bytes;
-                void   *pool;
-                COOPT_ASSERT(be->ops->kv_pool_init(be, pool_bytes, &pool) == COOPT_OK);
-                kv.pool = pool;
-                int32_t *bt = malloc(sizeof(int32_t) * n_pages), *pos = malloc(sizeof(int32_t) * chunk);
-                int32_t *sq = malloc(sizeof(int32_t) * chunk);
-                int64_t *sl = malloc(sizeof(int64_t) * chunk);
-                for (size_t i = 0; i < n_pages; i++) bt[i] = (int32_t)i;
-                int32_t *dpos = dev_copy(be, NULL, sizeof(int32_t) * chunk), *dsq = dev_copy(be, NULL, sizeof(int32_t) * chunk);
-                int64_t *dsl = dev_copy(be, NULL, sizeof(int64_t) * chunk);
-                int32_t *dbt = dev_copy(be, bt, sizeof(int32_t) * n_pages);
-                for (int32_t b = 0; b < B; b++)
-                    for (int32_t c0 = 0; c0 < L; c0 += chunk) {
-                        for (int32_t i = 0; i < chunk; i++)
-                            pos[i] = c0 + i, sq[i] = b, sl[i] = (int64_t)b * mb * ps + c0 + i;
-                        be->ops->upload(be, dpos, pos, sizeof(int32_t) * chunk);
-                        be->ops->upload(be, dsq, sq, sizeof(int32_t) * chunk);
-                        be->ops->upload(be, dsl, sl, sizeof(int64_t) * chunk);
-                        struct coopt_batch fb = {.n_tokens = chunk, .pos = dpos, .tok_seq = dsq, .slots = dsl};
-                        be->ops->rope_store(be, dq, dk, dv, nh, &kv, 0, &fb, &rope);
+    for (size_t hc = 0; hc < COOPT_ARRAY_LEN(hcfg); hc++)
+        for (size_t kt = 0; kt < COOPT_ARRAY_LEN(kts); kt++)
+            for (int32_t L = 4096; L <= 16384; L *= 4)
+                for (int32_t B = 1; B <= 8; B *= 8) {
+                    const int32_t         nh = hcfg[hc][0], nkv = hcfg[hc][1];
+                    struct coopt_kv_cache kv = {0};
+                    COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], 1, nkv, hd, ps) == COOPT_OK);
+                    int32_t mb = L / ps;
+                    size_t  n_pages = (size_t)B * mb, pool_bytes = n_pages * kv.layout.page_bytes;
+                    void   *pool;
+                    COOPT_ASSERT(be->ops->kv_pool_init(be, pool_bytes, &pool) == COOPT_OK);
+                    kv.pool      = pool;
+                    int32_t *bt  = malloc(sizeof(int32_t) * n_pages), *pos = malloc(sizeof(int32_t) * chunk);
+                    int32_t *sq  = malloc(sizeof(int32_t) * chunk);
+                    int64_t *sl  = malloc(sizeof(int64_t) * chunk);
+                    for (size_t i = 0; i < n_pages; i++) bt[i] = (int32_t)i;
+                    int32_t *dpos = dev_copy(be, NULL, sizeof(int32_t) * chunk), *dsq = dev_copy(be, NULL, sizeof(int32_t) * chunk);
+                    int64_t *dsl = dev_copy(be, NULL, sizeof(int64_t) * chunk);
+                    int32_t *dbt = dev_copy(be, bt, sizeof(int32_t) * n_pages);
+                    for (int32_t b = 0; b < B; b++)
+                        for (int32_t c0 = 0; c0 < L; c0 += chunk) {
+                            for (int32_t i = 0; i < chunk; i++)
+                                pos[i] = c0 + i, sq[i] = b, sl[i] = (int64_t)b * mb * ps + c0 + i;
+                            be->ops->upload(be, dpos, pos, sizeof(int32_t) * chunk);
+                            be->ops->upload(be, dsq, sq, sizeof(int32_t) * chunk);
+                            be->ops->upload(be, dsl, sl, sizeof(int64_t) * chunk);
+                            struct coopt_batch fb = {.n_tokens = chunk, .pos = dpos, .tok_seq = dsq, .slots = dsl};
+                            be->ops->rope_store(be, dq, dk, dv, nh, &kv, 0, &fb, &rope);
+                        }
+                    const char *hname = nkv == nh ? "MHA" : "GQA";
+                    // decode: the last position of each of the B sequences
+                    for (int32_t b = 0; b < B; b++) pos[b] = L - 1, sq[b] = b;
+                    be->ops->upload(be, dpos, pos, sizeof(int32_t) * B);
+                    be->ops->upload(be, dsq, sq, sizeof(int32_t) * B);
+                    struct coopt_batch ab = {.n_tokens = B, .pos = dpos, .tok_seq = dsq, .n_seqs = B, .max_blocks = mb,
+                                             .block_tables = dbt};
+                    double us = BENCH_US(be, 20, be->ops->attention(be, dao, dq, nh, &kv, 0, &ab, 0.088f));
+                    double kv_bytes = (double)B * L * 2 * nkv * (hd * kv.layout.elem_bytes + (kv.layout.has_scales ? 4 : 0));
+                    printf("bench: %-5s %-9s %-7s %3d %6d %10.1f %10.1f\n", hname, coopt_dtype_name(kts[kt]), "decode", B, L,
+                           us, kv_bytes / us / 1e3);
+                    if (B == 1) { // prefill: a 512-token chunk ending at L
+                        for (int32_t i = 0; i < n_pf; i++) pos[i] = L - n_pf + i, sq[i] = 0;
+                        be->ops->upload(be, dpos, pos, sizeof(int32_t) * n_pf);
+                        be->ops->upload(be, dsq, sq, sizeof(int32_t) * n_pf);
+                        struct coopt_batch pb = {.n_tokens = n_pf, .pos = dpos, .tok_seq = dsq, .n_seqs = 1,
+                                                 .max_blocks = mb, .block_tables = dbt};
+                        double flops = 4.0 * hd * nh * ((double)n_pf * (L - n_pf) + (double)n_pf * (n_pf + 1) / 2);
+                        for (int route = 0; route <= 2; route += 2) {
+                            if (route == 2 && L > 4096) continue; // the decode kernel: minutes at 16k
+                            cuda_attn_set_route(be, route);
+                            double pus = BENCH_US(be, 5, be->ops->attention(be, dao, dq, nh, &kv, 0, &pb, 0.088f));
+                            printf("bench: %-5s %-9s %-7s %3d %6d %10.1f %10.2f\n", hname, coopt_dtype_name(kts[kt]),
+                                   route ? "pf-dec" : "pf-tc", n_pf, L, pus, flops / pus / 1e6);
+                        }
+                        cuda_attn_set_route(be, 0);
                     }
-                for (int32_t b = 0; b < B; b++) pos[b] = L - 1, sq[b] = b;
-                be->ops->upload(be, dpos, pos, sizeof(int32_t) * B);
-                be->ops->upload(be, dsq, sq, sizeof(int32_t) * B);
-                struct coopt_batch ab = {.n_tokens = B, .pos = dpos, .tok_seq = dsq, .n_seqs = B, .max_blocks = mb,
-                                         .block_tables = dbt};
-                double us = BENCH_US(be, 20, be->ops->attention(be, dao, dq, nh, &kv, 0, &ab, 0.088f));
-                double kv_bytes = (double)B * L * 2 * nkv * (hd * kv.layout.elem_bytes + (kv.layout.has_scales ? 4 : 0));
-                printf("bench: %-9s %3d %6d %10.1f %10.1f\n", coopt_dtype_name(kts[kt]), B, L, us, kv_bytes / us / 1e3);
-                be->ops->kv_pool_free(be, pool, pool_bytes);
-                void *dd[] = {dpos, dsq, dsl, dbt};
-                for (size_t i = 0; i < 4; i++) be->ops->free(be, dd[i]);
-                free(bt), free(pos), free(sq), free(sl);
-            }
+                    be->ops->kv_pool_free(be, pool, pool_bytes);
+                    void *dd[] = {dpos, dsq, dsl, dbt};
+                    for (size_t i = 0; i < 4; i++) be->ops->free(be, dd[i]);
+                    free(bt), free(pos), free(sq), free(sl);
+                }
     void *dd[] = {dq, dk, dv, dao};
     for (size_t i = 0; i < 4; i++) be->ops->free(be, dd[i]);
     free(kq), free(kk), free(inv);

@@ -106,6 +106,7 @@ struct cuda_driver {
 struct cuda_backend {
     int            device;
     int            n_sm;
+    int            attn_route; // attention routing (cuda_attn_set_route): 0 auto, 1 tensor cores wherever compiled, 2 never
     cudaStream_t   stream;
     cublasHandle_t cublas;
     // One growable device workspace shared by ops (x converted to f16/bf16 for cuBLAS, split-K

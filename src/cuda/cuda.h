@@ -36,6 +36,11 @@ int coopt_cuda_step_stats(struct coopt_backend *be, int64_t *eager, int64_t *cap
 // cudaMemcpy (bytes read + written) and a read-only kernel. Returns 0, or -1 after a CUDA error.
 int coopt_cuda_membw(size_t n_bytes, int reps, double *copy_gbs, double *read_gbs);
 
+// Test hook: how attention routes prefill tiles. 0 (default) = the tensor-core kernel for steps
+// that carry prefill chunks, 1 = the tensor-core kernel wherever it is compiled (head dims 64, 80,
+// 96, 128 with F16/FP8 KV), even for one-token tiles, 2 = always the decode kernel.
+void cuda_attn_set_route(struct coopt_backend *be, int route);
+
 #ifdef __cplusplus
 }
 #endif

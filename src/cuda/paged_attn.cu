@@ -1,294 +1,516 @@
 /*
  * paged_attn.cu -- paged grouped-query attention over the KV cache (Opt-KV read, Opt-GQA,
- * Opt-Pa), for ragged batches mixing decode tokens and prefill chunks.
+ * Opt-Pa) for ragged batches mixing decode tokens and prefill chunks: the decode / split-K kernel
+ * on CUDA cores, its merge, and the launcher that also routes prefill tiles to the tensor-core
+ * kernel of attn_prefill.cu (routing rule in attn.cuh).
  *
  * Token t (sequence s = tok_seq[t], position pos[t]) attends to positions
  * [lo, pos] with lo = max(0, pos - window + 1) (window 0: lo = 0), whose rows live in pages
  * block_tables[s][p / page_size] (batch.h). All tokens of the step were stored by rope_store
  * before this runs, so causality inside a prefill chunk needs no special case.
  *
- * attn_kernel: one CTA per (token, KV head, query-head subgroup, partition).
- *   Grid: (n_tokens, n_kv_heads * n_sub, n_parts); Block: 128 threads.
- *   Opt-GQA: the CTA serves the (up to ATTN_MAX_G = 8) query heads of its KV group that share
- *   the KV head from ONE read of each K and V row; groups larger than 8 are split into n_sub
- *   subgroups (each reads the rows once).
- *   Opt-Pa (flash-decoding): the key range is cut into partitions of ATTN_PART = 512 positions
- *   when the batch alone cannot fill the GPU (halved down to one 128-key tile while the grid
- *   would still have fewer than 2 CTAs per SM); each CTA writes an unnormalized partial (acc, max,
- *   sum) to the workspace and attn_merge_kernel combines them with log-sum-exp weights. When the
- *   batch has enough (token, head) CTAs the split is skipped and each CTA walks its whole range.
- *   Inside a partition keys go in tiles of 128:
- *     1. thread j takes key j of the tile: finds its page through the block table, reads the K
- *        row with 16-byte loads (head dims 64/80/96/128; element loads for the generic path),
- *        dequantizes in registers (FP8 rows times their f32 scale) and forms the scores of all
- *        the CTA's query heads against q in shared memory (broadcast reads);
- *     2. one warp per query head updates the running max and sum (online softmax, expf);
- *     3. thread d accumulates output dim d of every query head over the tile's V rows
- *        (coalesced: consecutive threads read consecutive elements of a row).
- *   Shared memory: q [8][256] f32 + probabilities [8][128] f32 + per-key V offsets and scales,
- *   about 14 KiB static.
- *   Head dims 64, 80, 96, 128 are compiled as template parameters; any other even head_dim up
- *   to 256 (the test models' 8 and 16 included) runs the generic path (runtime head_dim).
+ * attn_decode_kernel<HD, KT, G>: one CTA per (token, KV head, query-head subgroup, partition).
+ *   Grid: (n_tokens, n_kv_heads * n_sub, n_parts); Block: 128 threads = 4 warps.
+ *   Opt-GQA: the CTA serves G (1, 2, 4 or 8) query heads of its KV group from ONE read of each K
+ *   and V row; larger groups are split into n_sub = ceil(group / G) subgroups (each reads the rows
+ *   once); groups that are not a power of two leave the last heads of a subgroup idle.
+ *   Opt-Pa (flash-decoding): the key range is cut into partitions (512 positions by default,
+ *   fewer while the grid would leave SMs idle, more while it would be very large; see
+ *   cuda_attention); each CTA writes an unnormalized partial (acc, max, sum) to the workspace and
+ *   attn_merge_kernel combines them with log-sum-exp weights.
+ *   Inside a partition, warp w takes sub-tiles w, w+4, w+8, ... of SK keys and runs its own
+ *   online softmax over them (no block-wide barrier in the key loop):
+ *     load:    cp.async copies the sub-tile's K and V rows (16-byte chunks, coalesced: a row is
+ *              contiguous) and, for FP8, their f32 scales into the warp's ring of NST shared-memory
+ *              stages, NST - 1 sub-tiles ahead of the one being computed; keys past the range or
+ *              on released pages (-1 in the block table) are zero-filled and masked.
+ *     compute: the warp is cut into KG key groups of LPK lanes; lane i of a group holds dims
+ *              [8i, 8i + 8) of q (all G heads, in registers) and reads the same 8 dims of K and V
+ *              (16 bytes of F16, 8 of FP8: dequantized in registers; FP8 scales multiply the
+ *              score and the probability, not the elements). Scores are reduced over the LPK
+ *              lanes with shuffles; each key group keeps its own running max / sum / acc.
+ *   At the end the key groups (shuffles) and the 4 warps (shared memory) are merged.
+ *   Head dims 64, 80, 96, 128 are template parameters (LPK = 8 or 16 lanes per key); any other
+ *   even head_dim up to 256 (the test models' 8 and 16 included) runs the generic path HD = 0:
+ *   one key per warp, lane i holds dims {2i, 2i+1, 2i+64, ...}, rows read straight from global
+ *   memory (no staging; slow but exact).
+ *   Shared memory (dynamic): NST stages of [K SK rows][V SK rows][K scales][V scales][mask] per
+ *   warp; reused at the end for the cross-warp merge. F16 hd 128: 65 KiB, FP8: 50 KiB.
  *
- * attn_merge_kernel: Grid (n_tokens, n_heads); Block 128 threads over head_dim. Skips tokens
- *   whose range fits in one partition (attn_kernel wrote them directly).
+ * attn_merge_kernel: Grid (n_tokens, n_heads); Block 128 threads. Skips tokens whose range fits
+ *   in one partition (the decode kernel wrote them directly) and tokens of tensor-core tiles.
+ *   Threads over partitions reduce the maxima and denominators; then warp w sums partitions w,
+ *   w + 4, ... with lanes over dims (independent loads in flight), and shared memory adds the
+ *   four warps' sums.
  *
- * Workspace layout (split only): acc [n_tokens][n_heads][n_parts][head_dim] f32, then
- * (max, sum) [n_tokens][n_heads][n_parts][2] f32.
+ * Numerics: f32 throughout; q is pre-multiplied by scale * log2(e) so probabilities are ex2 of
+ * score differences. Same cache bytes as the CPU reference, different summation order.
  */
-#include "cuda/common.cuh"
-#include "cuda/kv_dev.cuh"
+#include "cuda/attn.cuh"
 
 #include <limits.h>
 #include <math.h>
 
-#define ATTN_THREADS 128
-#define ATTN_TILE    128
+#define ATTN_WARPS   4
+#define ATTN_THREADS (ATTN_WARPS * WARP_SIZE)
 #define ATTN_MAX_G   8
 #define ATTN_MAX_HD  256
-#define ATTN_PART    512
+#define ATTN_PART    512 // default keys per split-K partition
+#define ATTN_PART_MIN 64
+#define ATTN_BUCKET_MIN 128
 
-struct attn_args {
-    float         *out;           // [n_tokens][n_heads][hd]
-    const float   *q;             // [n_tokens][n_heads][hd]
-    const uint8_t *pool;
-    const int32_t *pos, *tok_seq, *block_tables;
-    float         *part_acc;      // workspace (split only)
-    float         *part_ml;
-    int32_t        max_blocks, window, layer, n_heads, group, n_sub, sub_g, n_parts, part_size;
-    float          scale;
+static constexpr int pow2ceil_c(int x) { return x <= 1 ? 1 : 2 * pow2ceil_c((x + 1) / 2); }
+
+// Compile-time geometry of one decode kernel instance.
+template <int HD, int KT, int G> struct dec_cfg {
+    static constexpr bool FAST   = HD > 0;
+    static constexpr int  EB     = kv_type_info<KT>::EB;
+    static constexpr bool SCALED = kv_type_info<KT>::SCALED;
+    static constexpr int  LPK    = FAST ? pow2ceil_c(HD / 8) : WARP_SIZE; // lanes per key
+    static constexpr int  KG     = WARP_SIZE / LPK;                       // key groups per warp
+    static constexpr int  NKB    = G <= 4 ? 8 : 4;                        // keys per group per sub-tile
+    static constexpr int  SK     = KG * NKB;                              // keys per sub-tile
+    static constexpr int  RB     = FAST ? HD * EB : 0;                    // bytes per cache row
+    static constexpr int  CPR    = RB / 16;                               // 16-byte chunks per row
+    // stage: [K SK*RB][V SK*RB][K scales SK*4][V scales SK*4][valid mask 16]
+    static constexpr int  OFF_V  = SK * RB;
+    static constexpr int  OFF_KS = 2 * SK * RB;
+    static constexpr int  OFF_VS = OFF_KS + SK * 4;
+    static constexpr int  OFF_M  = OFF_VS + SK * 4;
+    static constexpr int  STAGE  = FAST ? OFF_M + 16 : 0;
+    static constexpr int  NST    = STAGE <= 6144 ? 3 : 2;
+    static constexpr int  HDP    = FAST ? HD : ATTN_MAX_HD;
+    static constexpr int  RED    = ATTN_WARPS * G * (HDP + 2) * 4; // cross-warp merge buffers
+    static constexpr int  SMEM   = ATTN_WARPS * NST * STAGE > RED ? ATTN_WARPS * NST * STAGE : RED;
+    static_assert(!FAST || (HD % 8 == 0 && RB % 16 == 0), "fast path needs 16-byte rows of 8-dim chunks");
+    static_assert(SK <= WARP_SIZE, "one lane per key of a sub-tile");
 };
 
-// Reads 16 bytes of a cache row starting at element e and converts them to f32.
-template <int KT> struct kv_chunk {
-    static constexpr int N = KT == COOPT_DTYPE_F32 ? 4 : (KT == COOPT_DTYPE_F16 || KT == COOPT_DTYPE_BF16) ? 8 : 16;
-    __device__ __forceinline__ static void load(const uint8_t *row, int e, float *f) {
-        uint4    u    = *(const uint4 *)(row + (size_t)e * (16 / N));
+// The 8 elements at p (8-dim chunk of a row in shared memory) as f32.
+template <int KT> __device__ __forceinline__ void kv_load8(const uint8_t *p, float f[8]) {
+    if constexpr (KT == COOPT_DTYPE_F32) {
+        float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
+        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+    } else if constexpr (KT == COOPT_DTYPE_F16) {
+        uint4    u    = *(const uint4 *)p;
         uint32_t w[4] = {u.x, u.y, u.z, u.w};
-        if constexpr (KT == COOPT_DTYPE_F32) {
 #pragma unroll
-            for (int i = 0; i < 4; i++) f[i] = __uint_as_float(w[i]);
-        } else if constexpr (KT == COOPT_DTYPE_F16) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                f[2 * i]     = f16_bits_to_f32((uint16_t)(w[i] & 0xffff));
-                f[2 * i + 1] = f16_bits_to_f32((uint16_t)(w[i] >> 16));
-            }
-        } else if constexpr (KT == COOPT_DTYPE_BF16) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                f[2 * i]     = __uint_as_float(w[i] << 16);
-                f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                uint8_t b = (uint8_t)(w[i / 4] >> (8 * (i % 4)));
-                f[i]      = KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(b) : fp8_e5m2_to_f32(b);
-            }
+        for (int i = 0; i < 4; i++) {
+            float2 x     = __half22float2(*(const __half2 *)&w[i]);
+            f[2 * i]     = x.x;
+            f[2 * i + 1] = x.y;
         }
-    }
-};
-
-template <int HD, int KT>
-__global__ void __launch_bounds__(ATTN_THREADS) attn_kernel(const struct attn_args a, const struct kv_dev_layout L) {
-    constexpr int DPT = ATTN_MAX_HD / ATTN_THREADS; // output dims per thread (upper bound)
-    __shared__ float    q_s[ATTN_MAX_G][ATTN_MAX_HD];
-    __shared__ float    p_s[ATTN_MAX_G][ATTN_TILE];
-    __shared__ uint64_t vofs_s[ATTN_TILE];
-    __shared__ float    vsc_s[ATTN_TILE];
-    __shared__ float    m_s[ATTN_MAX_G], l_s[ATTN_MAX_G], corr_s[ATTN_MAX_G];
-
-    const int     tid = threadIdx.x;
-    const int32_t t   = blockIdx.x;
-    const int32_t kvh = blockIdx.y / a.n_sub, sub = blockIdx.y % a.n_sub;
-    const int32_t g0 = sub * a.sub_g, ng = min(a.sub_g, a.group - g0);
-    const int32_t hd  = HD > 0 ? HD : L.head_dim;
-    const int32_t pos = a.pos[t];
-    const int32_t lo  = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-    const int32_t n_keys  = pos - lo + 1;
-    const int32_t parts_t = (int32_t)(((int64_t)n_keys + a.part_size - 1) / a.part_size);
-    const int32_t part    = blockIdx.z;
-    if (part >= parts_t) return;
-    const int32_t  k_begin = lo + part * a.part_size;
-    const int32_t  k_end   = (int32_t)min((int64_t)pos + 1, (int64_t)k_begin + a.part_size);
-    const int32_t  h0      = kvh * a.group + g0; // first query head of the CTA
-    const int32_t *bt      = a.block_tables + (size_t)a.tok_seq[t] * (size_t)a.max_blocks;
-
-    for (int i = tid; i < ng * hd; i += ATTN_THREADS)
-        q_s[i / hd][i % hd] = a.q[((size_t)t * a.n_heads + h0) * hd + i];
-    if (tid < ATTN_MAX_G) {
-        m_s[tid] = -INFINITY;
-        l_s[tid] = 0.0f;
-    }
-    float acc[ATTN_MAX_G][DPT];
+    } else if constexpr (KT == COOPT_DTYPE_BF16) {
+        uint4    u    = *(const uint4 *)p;
+        uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-    for (int g = 0; g < ATTN_MAX_G; g++)
-#pragma unroll
-        for (int j = 0; j < DPT; j++) acc[g][j] = 0.0f;
-    __syncthreads();
-
-    for (int32_t t0 = k_begin; t0 < k_end; t0 += ATTN_TILE) {
-        // 1. scores: thread tid <-> key t0 + tid
-        const int32_t p     = t0 + tid;
-        bool          valid = p < k_end;
-        int32_t       page  = valid ? bt[p / L.page_size] : -1;
-        valid               = valid && page >= 0; // never read a released page
-        float dot[ATTN_MAX_G];
-#pragma unroll
-        for (int g = 0; g < ATTN_MAX_G; g++) dot[g] = 0.0f;
-        if (valid) {
-            const int32_t  row  = p % L.page_size;
-            const uint8_t *krow = a.pool + kv_offset(L, page, a.layer, 0, kvh, row);
-            vofs_s[tid]         = kv_offset(L, page, a.layer, 1, kvh, row);
-            float ksc = 1.0f, vsc = 1.0f;
-            if (L.has_scales) {
-                ksc = *(const float *)(a.pool + kv_scale_offset(L, page, a.layer, 0, kvh, row));
-                vsc = *(const float *)(a.pool + kv_scale_offset(L, page, a.layer, 1, kvh, row));
-            }
-            vsc_s[tid] = vsc;
-            if constexpr (HD > 0) {
-                constexpr int N = kv_chunk<KT>::N;
-#pragma unroll 2
-                for (int e = 0; e < HD; e += N) {
-                    float kf[N];
-                    kv_chunk<KT>::load(krow, e, kf);
-#pragma unroll
-                    for (int g = 0; g < ATTN_MAX_G; g++) {
-                        if (g < ng) {
-#pragma unroll
-                            for (int i = 0; i < N; i++) dot[g] += q_s[g][e + i] * kf[i];
-                        }
-                    }
-                }
-            } else {
-                for (int e = 0; e < hd; e++) {
-                    float kf = load_elem<KT>(krow, e);
-#pragma unroll
-                    for (int g = 0; g < ATTN_MAX_G; g++)
-                        if (g < ng) dot[g] += q_s[g][e] * kf;
-                }
-            }
-#pragma unroll
-            for (int g = 0; g < ATTN_MAX_G; g++) dot[g] *= ksc * a.scale;
-        } else {
-            vofs_s[tid] = 0;
-            vsc_s[tid]  = 0.0f;
+        for (int i = 0; i < 4; i++) {
+            f[2 * i]     = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
         }
+    } else {
+        uint2    u    = *(const uint2 *)p;
+        uint32_t w[2] = {u.x, u.y};
 #pragma unroll
-        for (int g = 0; g < ATTN_MAX_G; g++)
-            if (g < ng) p_s[g][tid] = valid ? dot[g] : -INFINITY;
-        __syncthreads();
-
-        // 2. online softmax: warp w updates query heads w, w + 4
-        const int warp = tid >> 5, lane = tid & 31;
-        for (int g = warp; g < ng; g += ATTN_THREADS / 32) {
-            float mx = -INFINITY;
-            for (int j = lane; j < ATTN_TILE; j += 32) mx = fmaxf(mx, p_s[g][j]);
-            mx            = warp_max(mx);
-            float m_old   = m_s[g];
-            float m_new   = fmaxf(m_old, mx);
-            float sum     = 0.0f;
-            for (int j = lane; j < ATTN_TILE; j += 32) {
-                float e     = m_new == -INFINITY ? 0.0f : expf(p_s[g][j] - m_new);
-                p_s[g][j]   = e;
-                sum        += e;
-            }
-            sum = warp_sum(sum);
-            if (lane == 0) {
-                float corr = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-                corr_s[g]  = corr;
-                l_s[g]     = l_s[g] * corr + sum;
-                m_s[g]     = m_new;
-            }
+        for (int i = 0; i < 4; i++) {
+            float2 x     = __half22float2(fp8x2_to_half2<KT>((uint16_t)(w[i / 2] >> (16 * (i % 2)))));
+            f[2 * i]     = x.x;
+            f[2 * i + 1] = x.y;
         }
-        __syncthreads();
-
-        // 3. acc[g][d] = acc * corr + sum_j p[g][j] * scale_v[j] * V[j][d]
-        const int n_tile = min(ATTN_TILE, k_end - t0);
-#pragma unroll
-        for (int jd = 0; jd < DPT; jd++) {
-            const int d = tid + jd * ATTN_THREADS;
-            if (d >= hd) break;
-#pragma unroll
-            for (int g = 0; g < ATTN_MAX_G; g++)
-                if (g < ng) acc[g][jd] *= corr_s[g];
-            for (int j = 0; j < n_tile; j++) {
-                float w = vsc_s[j];
-                if (w == 0.0f) continue; // masked key (or an all-zero FP8 row: contributes 0 anyway)
-                float v = load_elem<KT>(a.pool + vofs_s[j], d) * w;
-#pragma unroll
-                for (int g = 0; g < ATTN_MAX_G; g++)
-                    if (g < ng) acc[g][jd] += p_s[g][j] * v;
-            }
-        }
-        __syncthreads(); // p_s, vofs_s, vsc_s are rewritten by the next tile
-    }
-
-    // 4. write: normalized output, or the partial for the merge
-#pragma unroll
-    for (int jd = 0; jd < DPT; jd++) {
-        const int d = tid + jd * ATTN_THREADS;
-        if (d >= hd) break;
-#pragma unroll
-        for (int g = 0; g < ATTN_MAX_G; g++) {
-            if (g >= ng) continue;
-            size_t th = (size_t)t * a.n_heads + h0 + g;
-            if (parts_t == 1)
-                a.out[th * hd + d] = l_s[g] > 0.0f ? acc[g][jd] / l_s[g] : 0.0f;
-            else
-                a.part_acc[(th * a.n_parts + part) * hd + d] = acc[g][jd];
-        }
-    }
-    if (parts_t > 1 && tid < ng) {
-        size_t th = (size_t)t * a.n_heads + h0 + tid;
-        a.part_ml[(th * a.n_parts + part) * 2]     = m_s[tid];
-        a.part_ml[(th * a.n_parts + part) * 2 + 1] = l_s[tid];
     }
 }
 
-__global__ void attn_merge_kernel(const struct attn_args a, int32_t hd) {
-    const int32_t t = blockIdx.x, h = blockIdx.y;
+// Elements d and d + 1 of a cache row in global memory (generic path; d even).
+template <int KT> __device__ __forceinline__ float2 kv_load2(const uint8_t *row, int d) {
+    if constexpr (KT == COOPT_DTYPE_F32) {
+        return *(const float2 *)(row + (size_t)d * 4);
+    } else if constexpr (KT == COOPT_DTYPE_F16) {
+        return __half22float2(*(const __half2 *)(row + (size_t)d * 2));
+    } else if constexpr (KT == COOPT_DTYPE_BF16) {
+        uint32_t w = *(const uint32_t *)(row + (size_t)d * 2);
+        return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+    } else {
+        return __half22float2(fp8x2_to_half2<KT>(*(const uint16_t *)(row + d)));
+    }
+}
+
+__device__ __forceinline__ uint64_t shfl_u64(uint64_t v, int src) {
+    uint32_t lo = __shfl_sync(0xffffffffu, (uint32_t)v, src), hi = __shfl_sync(0xffffffffu, (uint32_t)(v >> 32), src);
+    return ((uint64_t)hi << 32) | lo;
+}
+
+// Dim held by element e (0..7) of lane `lig` in its key group.
+template <int HD> __device__ __forceinline__ int dec_dim(int lig, int e) {
+    if constexpr (HD > 0) return lig * 8 + e;
+    else return 2 * lig + 64 * (e / 2) + (e % 2);
+}
+
+template <int HD, int KT, int G>
+__global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct attn_args a, const struct kv_dev_layout L) {
+    using C = dec_cfg<HD, KT, G>;
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int     tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int32_t t   = blockIdx.x;
+    if (a.tc_tokens > 0 && attn_tile_is_tc(a, t / a.tc_tokens)) return; // computed by the tensor-core kernel
+    const int32_t kvh = blockIdx.y / a.n_sub, sub = blockIdx.y % a.n_sub;
+    const int32_t g0 = sub * G, ng = min(G, a.group - g0);
+    const int32_t hd  = HD > 0 ? HD : L.head_dim;
     const int32_t pos = a.pos[t];
-    const int32_t lo  = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-    const int32_t parts_t = (int32_t)(((int64_t)(pos - lo + 1) + a.part_size - 1) / a.part_size);
-    if (parts_t <= 1) return;
+    const int32_t lo  = attn_lo(a, pos);
+    const int32_t parts_t = attn_parts_of(a, pos);
+    const int32_t part    = blockIdx.z;
+    if (part >= parts_t) return; // a partition past this token's range (bucketed grid)
+    const int32_t  k_begin = (int32_t)((int64_t)lo + (int64_t)part * a.part_size);
+    const int32_t  k_end   = (int32_t)min((int64_t)pos + 1, (int64_t)k_begin + a.part_size);
+    const int32_t  h0      = kvh * a.group + g0; // first query head of the CTA
+    const int32_t *bt      = a.block_tables + (size_t)a.tok_seq[t] * (size_t)a.max_blocks;
+    const int      kg = lane / C::LPK, lig = lane % C::LPK;
+
+    // q of the CTA's heads at this lane's 8 dims, in log2 units (loaded after the first K/V
+    // copies are issued, so the two latencies overlap)
+    float qr[G][8];
+    auto  load_q = [&]() {
+        const float qs = a.scale * ATTN_LOG2E;
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            const float *qh = a.q + ((size_t)t * a.n_heads + h0 + min(g, ng - 1)) * hd;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const int d = dec_dim<HD>(lig, e);
+                qr[g][e]    = (g < ng && d < hd) ? qh[d] * qs : 0.0f;
+            }
+        }
+    };
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY, l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+    }
+
+    const uint64_t vdelta = (uint64_t)L.n_kv_heads * L.head_bytes;              // K row -> V row
+    const uint64_t sdelta = (uint64_t)L.n_kv_heads * (uint64_t)L.page_size * 4; // K scale -> V scale
+    const int32_t  n_st   = (k_end - k_begin + C::SK - 1) / C::SK;             // sub-tiles of the partition
+    const int32_t  my_n   = warp < n_st ? (n_st - 1 - warp) / ATTN_WARPS + 1 : 0;
+
+    // Lane j < SK: where key j of sub-tile k (the warp's k-th) lives; false if masked.
+    auto key_loc = [&](int32_t k, uint64_t *off, uint64_t *soff) -> bool {
+        const int32_t p = k_begin + (warp + k * ATTN_WARPS) * C::SK + lane;
+        *off = 0, *soff = 0;
+        if (lane >= C::SK || p >= k_end) return false;
+        const int32_t page = bt[p / L.page_size];
+        if (page < 0) return false; // released page: never read
+        const int32_t row = p % L.page_size;
+        *off              = kv_offset(L, page, a.layer, 0, kvh, row);
+        if (C::SCALED) *soff = kv_scale_offset(L, page, a.layer, 0, kvh, row);
+        return true;
+    };
+
+    // The online-softmax update of one sub-tile: s[g][i] holds the scores (log2 units, -inf for
+    // masked keys) of key kg + KG*i; returns them as probabilities (times the V scale, vs).
+    auto softmax_update = [&](float (&s)[G][C::NKB]) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float mb = s[g][0];
+#pragma unroll
+            for (int i = 1; i < C::NKB; i++) mb = fmaxf(mb, s[g][i]);
+            const float mn = fmaxf(m[g], mb), base = mn == -INFINITY ? 0.0f : mn;
+            const float corr = fast_exp2(m[g] - base);
+            m[g]             = mn;
+            l[g] *= corr;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[g][e] *= corr;
+#pragma unroll
+            for (int i = 0; i < C::NKB; i++) {
+                s[g][i] = fast_exp2(s[g][i] - base);
+                l[g] += s[g][i];
+            }
+        }
+    };
+
+    if constexpr (C::FAST) {
+        uint8_t *wsm = smem + (size_t)warp * C::NST * C::STAGE;
+        auto     load = [&](int32_t k) {
+            uint8_t       *st = wsm + (k % C::NST) * C::STAGE;
+            uint64_t       off, soff;
+            const bool     valid = key_loc(k, &off, &soff);
+            const uint32_t vm    = __ballot_sync(0xffffffffu, valid);
+            if (lane == 0) *(uint32_t *)(st + C::OFF_M) = vm;
+            // K and V rows of the sub-tile, 16-byte chunks (uniform trip count: shuffles inside)
+#pragma unroll
+            for (int c0 = 0; c0 < C::SK * C::CPR; c0 += WARP_SIZE) {
+                const int      c  = c0 + lane;
+                const int      j  = min(c / C::CPR, C::SK - 1), ch = c % C::CPR;
+                const uint64_t o  = shfl_u64(off, j);
+                const bool     v  = c < C::SK * C::CPR && ((vm >> j) & 1);
+                if (c < C::SK * C::CPR) {
+                    cp_async16(st + j * C::RB + ch * 16, a.pool + (v ? o + ch * 16 : 0), v);
+                    cp_async16(st + C::OFF_V + j * C::RB + ch * 16, a.pool + (v ? o + vdelta + ch * 16 : 0), v);
+                }
+            }
+            if (C::SCALED && lane < C::SK) {
+                cp_async4(st + C::OFF_KS + lane * 4, a.pool + (valid ? soff : 0), valid);
+                cp_async4(st + C::OFF_VS + lane * 4, a.pool + (valid ? soff + sdelta : 0), valid);
+            }
+        };
+        // prologue: NST - 1 sub-tiles in flight (empty groups keep the group count uniform)
+#pragma unroll
+        for (int k = 0; k < C::NST - 1; k++) {
+            if (k < my_n) load(k);
+            cp_async_commit();
+        }
+        load_q();
+        const bool lane_dims = lig * 8 < (HD > 0 ? HD : 1); // lanes past head_dim (hd 80, 96) hold zeros
+        for (int32_t k = 0; k < my_n; k++) {
+            if (k + C::NST - 1 < my_n) load(k + C::NST - 1); // into the stage computed at k - 1
+            cp_async_commit();
+            cp_async_wait<C::NST - 1>();
+            __syncwarp();
+            const uint8_t *st = wsm + (k % C::NST) * C::STAGE;
+            const uint32_t vm = *(const uint32_t *)(st + C::OFF_M);
+            float          s[G][C::NKB];
+#pragma unroll
+            for (int i = 0; i < C::NKB; i++) {
+                const int j = kg + C::KG * i;
+                float     kf[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+                if (lane_dims) kv_load8<KT>(st + j * C::RB + lig * 8 * C::EB, kf);
+#pragma unroll
+                for (int g = 0; g < G; g++) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) d = fmaf(qr[g][e], kf[e], d);
+#pragma unroll
+                    for (int o = C::LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                    s[g][i] = d;
+                }
+                const float ks = C::SCALED ? *(const float *)(st + C::OFF_KS + j * 4) : 1.0f;
+                const bool  ok = (vm >> j) & 1;
+#pragma unroll
+                for (int g = 0; g < G; g++) s[g][i] = ok ? s[g][i] * ks : -INFINITY;
+            }
+            softmax_update(s);
+#pragma unroll
+            for (int i = 0; i < C::NKB; i++) {
+                const int j = kg + C::KG * i;
+                float     vf[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+                if (lane_dims) kv_load8<KT>(st + C::OFF_V + j * C::RB + lig * 8 * C::EB, vf);
+                const float vs = C::SCALED ? *(const float *)(st + C::OFF_VS + j * 4) : 1.0f;
+#pragma unroll
+                for (int g = 0; g < G; g++) {
+                    const float p = s[g][i] * vs;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+                }
+            }
+            __syncwarp(); // the stage is overwritten by the load issued next iteration
+        }
+        cp_async_wait<0>();
+        // merge the key groups of the warp (lanes lig, lig + LPK, ... hold the same dims)
+#pragma unroll
+        for (int o = C::LPK; o < WARP_SIZE; o <<= 1) {
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                const float mo = __shfl_xor_sync(0xffffffffu, m[g], o), lo_ = __shfl_xor_sync(0xffffffffu, l[g], o);
+                const float mn = fmaxf(m[g], mo), base = mn == -INFINITY ? 0.0f : mn;
+                const float fa = fast_exp2(m[g] - base), fb = fast_exp2(mo - base);
+                l[g]           = l[g] * fa + lo_ * fb;
+                m[g]           = mn;
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[g][e] = acc[g][e] * fa + __shfl_xor_sync(0xffffffffu, acc[g][e], o) * fb;
+            }
+        }
+    } else {
+        // generic head_dim: one key at a time for the whole warp, rows read from global memory
+        load_q();
+        for (int32_t k = 0; k < my_n; k++) {
+            uint64_t       off, soff;
+            const bool     valid = key_loc(k, &off, &soff);
+            const uint32_t vm    = __ballot_sync(0xffffffffu, valid);
+            float          ksc = 1.0f, vsc = 1.0f;
+            if (C::SCALED && valid) {
+                ksc = *(const float *)(a.pool + soff);
+                vsc = *(const float *)(a.pool + soff + sdelta);
+            }
+            float s[G][C::NKB];
+#pragma unroll
+            for (int i = 0; i < C::NKB; i++) {
+                const uint64_t o  = shfl_u64(off, i);
+                const float    ks = __shfl_sync(0xffffffffu, ksc, i);
+                const bool     ok = (vm >> i) & 1;
+                float          kf[8];
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) {
+                    const int d = dec_dim<HD>(lane, e);
+                    float2    x = ok && d < hd ? kv_load2<KT>(a.pool + o, d) : make_float2(0.0f, 0.0f);
+                    kf[e] = x.x, kf[e + 1] = x.y;
+                }
+#pragma unroll
+                for (int g = 0; g < G; g++) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) d = fmaf(qr[g][e], kf[e], d);
+                    d       = warp_sum(d);
+                    s[g][i] = ok ? d * ks : -INFINITY;
+                }
+            }
+            softmax_update(s);
+#pragma unroll
+            for (int i = 0; i < C::NKB; i++) {
+                const uint64_t o  = shfl_u64(off, i);
+                const float    vs = __shfl_sync(0xffffffffu, vsc, i);
+                const bool     ok = (vm >> i) & 1;
+                float          vf[8];
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) {
+                    const int d = dec_dim<HD>(lane, e);
+                    float2    x = ok && d < hd ? kv_load2<KT>(a.pool + o + vdelta, d) : make_float2(0.0f, 0.0f);
+                    vf[e] = x.x, vf[e + 1] = x.y;
+                }
+#pragma unroll
+                for (int g = 0; g < G; g++) {
+                    const float p = s[g][i] * vs;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+                }
+            }
+        }
+    }
+
+    // merge the 4 warps through shared memory (the stages are dead: every copy has landed)
+    __syncthreads();
+    float *red_acc = (float *)smem;                            // [W][G][HDP]
+    float *red_m   = red_acc + ATTN_WARPS * G * C::HDP;        // [W][G]
+    float *red_l   = red_m + ATTN_WARPS * G;                   // [W][G]
+    if (kg == 0) {
+#pragma unroll
+        for (int g = 0; g < G; g++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const int d = dec_dim<HD>(lig, e);
+                if (d < hd) red_acc[(warp * G + g) * C::HDP + d] = acc[g][e];
+            }
+    }
+    if (lane == 0)
+#pragma unroll
+        for (int g = 0; g < G; g++) red_m[warp * G + g] = m[g], red_l[warp * G + g] = l[g];
+    __syncthreads();
+    for (int idx = tid; idx < ng * hd; idx += ATTN_THREADS) {
+        const int g = idx / hd, d = idx % hd;
+        float     M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, red_m[w * G + g]);
+        const float base = M == -INFINITY ? 0.0f : M;
+        float       S = 0.0f, A = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            const float f = fast_exp2(red_m[w * G + g] - base);
+            S += red_l[w * G + g] * f;
+            A += red_acc[(w * G + g) * C::HDP + d] * f;
+        }
+        const size_t th = (size_t)t * a.n_heads + h0 + g;
+        if (parts_t == 1) {
+            a.out[th * hd + d] = S > 0.0f ? A / S : 0.0f;
+        } else {
+            a.part_acc[(th * a.n_parts + part) * hd + d] = A;
+            if (d == 0) {
+                a.part_ml[(th * a.n_parts + part) * 2]     = M;
+                a.part_ml[(th * a.n_parts + part) * 2 + 1] = S;
+            }
+        }
+    }
+}
+
+__global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct attn_args a, int32_t hd) {
+    __shared__ float red[ATTN_WARPS][ATTN_MAX_HD];
+    __shared__ float wred[2][ATTN_WARPS];
+    const int        tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int32_t    t = blockIdx.x, h = blockIdx.y;
+    if (a.tc_tokens > 0 && attn_tile_is_tc(a, t / a.tc_tokens)) return;
+    const int32_t parts_t = attn_parts_of(a, a.pos[t]);
+    if (parts_t <= 1) return; // written by the decode kernel directly
     const size_t th = (size_t)t * a.n_heads + h;
     const float *ml = a.part_ml + th * a.n_parts * 2;
+    const float *pa = a.part_acc + th * a.n_parts * hd;
     float        M  = -INFINITY;
-    for (int i = 0; i < parts_t; i++) M = fmaxf(M, ml[2 * i]);
-    float den = 0.0f;
-    for (int i = 0; i < parts_t; i++)
-        if (ml[2 * i] != -INFINITY) den += ml[2 * i + 1] * expf(ml[2 * i] - M);
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float num = 0.0f;
-        for (int i = 0; i < parts_t; i++)
-            if (ml[2 * i] != -INFINITY) num += a.part_acc[(th * a.n_parts + i) * hd + d] * expf(ml[2 * i] - M);
+    for (int i = tid; i < parts_t; i += ATTN_THREADS) M = fmaxf(M, ml[2 * i]);
+    M = warp_max(M);
+    if (lane == 0) wred[0][warp] = M;
+    __syncthreads();
+    M = fmaxf(fmaxf(wred[0][0], wred[0][1]), fmaxf(wred[0][2], wred[0][3]));
+    const float base = M == -INFINITY ? 0.0f : M;
+    float       den  = 0.0f;
+    for (int i = tid; i < parts_t; i += ATTN_THREADS) den += ml[2 * i + 1] * fast_exp2(ml[2 * i] - base);
+    den = warp_sum(den);
+    if (lane == 0) wred[1][warp] = den;
+    // warp w sums partitions w, w + 4, ...; lane l dims 2l, 2l + 1 (+ 64, ...): the partitions'
+    // loads are independent, so they overlap instead of forming one latency chain
+    for (int d0 = 2 * lane; d0 < hd; d0 += 2 * WARP_SIZE) {
+        float sx = 0.0f, sy = 0.0f;
+#pragma unroll 4
+        for (int i = warp; i < parts_t; i += ATTN_WARPS) {
+            const float  w = fast_exp2(ml[2 * i] - base);
+            const float2 v = *(const float2 *)(pa + (size_t)i * hd + d0);
+            sx += w * v.x, sy += w * v.y;
+        }
+        red[warp][d0] = sx, red[warp][d0 + 1] = sy;
+    }
+    __syncthreads();
+    den = wred[1][0] + wred[1][1] + wred[1][2] + wred[1][3];
+    for (int d = tid; d < hd; d += ATTN_THREADS) {
+        const float num    = red[0][d] + red[1][d] + red[2][d] + red[3][d];
         a.out[th * hd + d] = den > 0.0f ? num / den : 0.0f;
     }
 }
 
+template <int HD, int KT, int G>
+static void attn_decode_launch(dim3 grid, cudaStream_t st, const struct attn_args &a, const struct kv_dev_layout &L) {
+    using C = dec_cfg<HD, KT, G>;
+    // NOTE: a function attribute, set once per kernel instance (the same value for every device
+    // and context); allowed while a stream is being captured into a CUDA graph.
+    static bool attr_set = false;
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<HD, KT, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
+        CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<HD, KT, G>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
+        attr_set = true;
+    }
+    attn_decode_kernel<HD, KT, G><<<grid, ATTN_THREADS, C::SMEM, st>>>(a, L);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <int HD, int KT>
+static void attn_decode_launch_g(int32_t g, dim3 grid, cudaStream_t st, const struct attn_args &a,
+                                 const struct kv_dev_layout &L) {
+    switch (g) {
+    case 1: attn_decode_launch<HD, KT, 1>(grid, st, a, L); break;
+    case 2: attn_decode_launch<HD, KT, 2>(grid, st, a, L); break;
+    case 4: attn_decode_launch<HD, KT, 4>(grid, st, a, L); break;
+    default: attn_decode_launch<HD, KT, 8>(grid, st, a, L); break;
+    }
+}
+
 template <int HD>
-static void attn_launch_hd(dim3 grid, cudaStream_t st, const struct attn_args &a, const struct kv_dev_layout &L) {
+static void attn_decode_launch_hd(int32_t g, dim3 grid, cudaStream_t st, const struct attn_args &a,
+                                  const struct kv_dev_layout &L) {
     switch (L.dtype) {
-    case COOPT_DTYPE_F32: attn_kernel<HD, COOPT_DTYPE_F32><<<grid, ATTN_THREADS, 0, st>>>(a, L); break;
-    case COOPT_DTYPE_F16: attn_kernel<HD, COOPT_DTYPE_F16><<<grid, ATTN_THREADS, 0, st>>>(a, L); break;
-    case COOPT_DTYPE_BF16: attn_kernel<HD, COOPT_DTYPE_BF16><<<grid, ATTN_THREADS, 0, st>>>(a, L); break;
-    case COOPT_DTYPE_FP8_E4M3: attn_kernel<HD, COOPT_DTYPE_FP8_E4M3><<<grid, ATTN_THREADS, 0, st>>>(a, L); break;
-    case COOPT_DTYPE_FP8_E5M2: attn_kernel<HD, COOPT_DTYPE_FP8_E5M2><<<grid, ATTN_THREADS, 0, st>>>(a, L); break;
+    case COOPT_DTYPE_F32: attn_decode_launch_g<HD, COOPT_DTYPE_F32>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_F16: attn_decode_launch_g<HD, COOPT_DTYPE_F16>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_BF16: attn_decode_launch_g<HD, COOPT_DTYPE_BF16>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_FP8_E4M3: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E4M3>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_FP8_E5M2: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E5M2>(g, grid, st, a, L); break;
     default:
         coopt_log_error("cuda attention: KV type %s is not supported", coopt_dtype_name((enum coopt_dtype)L.dtype));
         COOPT_ASSERT(!"unsupported KV type");
     }
-    CUDA_CHECK_LAUNCH();
 }
 
 // The launch geometry below depends on the key-range bound only through this bucket (a power
-// of two, at least one tile), so a step recorded into a CUDA graph replays correctly for every
-// later step whose bound falls in the same bucket: the kernels read the real positions from
-// device memory, and partitions past a token's range exit at once.
+// of two, at least 128), so a step recorded into a CUDA graph replays correctly for every later
+// step whose bound falls in the same bucket: the kernels read the real positions from device
+// memory, and partitions past a token's range exit at once.
 int64_t cuda_attn_bound_bucket(int64_t bound) {
-    int64_t b = ATTN_TILE;
+    int64_t b = ATTN_BUCKET_MIN;
     while (b < bound) b *= 2;
     return b;
 }
@@ -308,6 +530,8 @@ int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batc
     return cuda_attn_bound_bucket(bound);
 }
 
+void cuda_attn_set_route(struct coopt_backend *be, int route) { cuda_impl(be)->attn_route = route; }
+
 void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                     const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale) {
     const struct coopt_kv_layout *l  = &kv->layout;
@@ -315,26 +539,37 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
     const int32_t                 nkv = l->n_kv_heads, hd = l->head_dim;
     COOPT_ASSERT(n_heads % nkv == 0 && layer >= 0 && layer < l->n_layers);
     if (b->n_tokens <= 0) return;
-    if (hd <= 0 || hd > ATTN_MAX_HD) {
-        coopt_log_error("cuda attention: head_dim %d is not supported (at most %d)", hd, ATTN_MAX_HD);
+    if (hd <= 0 || hd > ATTN_MAX_HD || hd % 2) {
+        coopt_log_error("cuda attention: head_dim %d is not supported (even, at most %d)", hd, ATTN_MAX_HD);
         COOPT_ASSERT(!"unsupported head_dim");
     }
-    // Ablation switches (struct coopt_backend): per-head reads make every CTA serve one query
-    // head (no sharing of K/V reads inside the group); partition 0 turns split-K off.
-    const int32_t sub_g = be->attn_per_head ? 1 : ATTN_MAX_G;
-    const int32_t group = n_heads / nkv, n_sub = (group + sub_g - 1) / sub_g;
+    // Heads per CTA: the whole KV group up to 8 (Opt-GQA), rounded up to a power of two; the
+    // per-head ablation (struct coopt_backend) makes every CTA serve one query head.
+    const int32_t group = n_heads / nkv;
+    int32_t       sub_g = 1;
+    if (!be->attn_per_head)
+        while (sub_g < group && sub_g < ATTN_MAX_G) sub_g *= 2;
+    const int32_t n_sub = (group + sub_g - 1) / sub_g;
 
-    int64_t bound = cuda_attn_bound(kv, b);
-    // Split the keys only when the batch alone leaves SMs idle (decode, small batches): 512
-    // positions per partition, halved (down to one tile) while the grid would still be small.
-    int64_t ctas      = (int64_t)b->n_tokens * nkv * n_sub;
-    int32_t part_size = ATTN_PART;
-    while (part_size > ATTN_TILE && ctas * ((bound + part_size - 1) / part_size) < 2LL * cb->n_sm) part_size /= 2;
+    const int64_t bound = cuda_attn_bound(kv, b);
+
+    // Split-K (flash-decoding): partitions of ATTN_PART keys (or the context's attn_partition),
+    // halved while the grid would have fewer than 3 CTAs per SM, doubled while it would have more
+    // than 16 per SM (keeps the partial workspace small for big batches). attn_partition 0 (the
+    // ablation) walks each range in one CTA.
+    const int64_t ctas      = (int64_t)b->n_tokens * nkv * n_sub;
+    int64_t       part_size = ATTN_PART;
+    if (be->attn_partition > 0) {
+        part_size = ATTN_PART_MIN;
+        while (part_size * 2 <= be->attn_partition) part_size *= 2;
+    }
+    while (part_size > ATTN_PART_MIN && ctas * ((bound + part_size - 1) / part_size) < 3LL * cb->n_sm) part_size /= 2;
+    while (part_size < bound && ctas * ((bound + part_size - 1) / part_size) > 16LL * cb->n_sm) part_size *= 2;
     int64_t n_parts = (bound + part_size - 1) / part_size;
-    if (ctas >= 2LL * cb->n_sm || n_parts <= 1 || be->attn_partition == 0) n_parts = 1;
-    if (n_parts > 65535) { // grid.z limit: longer partitions
-        part_size = (int32_t)((bound + 65534) / 65535 + ATTN_TILE - 1) / ATTN_TILE * ATTN_TILE;
-        n_parts   = (bound + part_size - 1) / part_size;
+    if (n_parts <= 1 || be->attn_partition == 0) n_parts = 1;
+    while (n_parts > 65535) { // grid.z limit (only for tiny grids over enormous bounds)
+        part_size *= 2;
+        n_parts = (bound + part_size - 1) / part_size;
     }
 
     struct attn_args a;
@@ -346,15 +581,16 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
     a.block_tables = b->block_tables;
     a.part_acc     = NULL;
     a.part_ml      = NULL;
+    a.n_tokens     = b->n_tokens;
     a.max_blocks   = b->max_blocks;
     a.window       = b->window;
     a.layer        = layer;
     a.n_heads      = n_heads;
     a.group        = group;
     a.n_sub        = n_sub;
-    a.sub_g        = sub_g;
     a.n_parts      = (int32_t)n_parts;
-    a.part_size    = n_parts > 1 ? part_size : INT_MAX;
+    a.part_size    = n_parts > 1 ? (int32_t)part_size : INT_MAX;
+    a.tc_tokens    = 0;
     a.scale        = scale;
     if (n_parts > 1) {
         size_t n_th = (size_t)b->n_tokens * (size_t)n_heads * (size_t)n_parts;
@@ -363,13 +599,24 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
         a.part_ml   = w + n_th * (size_t)hd;
     }
     struct kv_dev_layout L = kv_dev_layout_make(l);
-    dim3                 grid((unsigned)b->n_tokens, (unsigned)(nkv * n_sub), (unsigned)n_parts);
+
+    // Tensor cores for prefill: when the step carries chunks (on average at least 4 tokens per
+    // sequence, 16 in all) and the kernel is compiled for the shape; tiles mixing sequences still
+    // go to the decode kernel (attn.cuh). Route 1 forces it wherever compiled, 2 never (tests).
+    const bool tc_shape = cuda_attn_prefill_supported(hd, l->dtype);
+    const bool tc_auto  = b->n_tokens >= 16 && b->n_tokens >= 4LL * b->n_seqs;
+    if (tc_shape && cb->attn_route != 2 && (cb->attn_route == 1 || tc_auto)) {
+        a.tc_tokens = 64 / sub_g;
+        cuda_attn_prefill_launch(cb->stream, a, L, sub_g);
+    }
+
+    dim3 grid((unsigned)b->n_tokens, (unsigned)(nkv * n_sub), (unsigned)n_parts);
     switch (hd) {
-    case 64: attn_launch_hd<64>(grid, cb->stream, a, L); break;
-    case 80: attn_launch_hd<80>(grid, cb->stream, a, L); break;
-    case 96: attn_launch_hd<96>(grid, cb->stream, a, L); break;
-    case 128: attn_launch_hd<128>(grid, cb->stream, a, L); break;
-    default: attn_launch_hd<0>(grid, cb->stream, a, L); break; // generic path: any head_dim <= 256
+    case 64: attn_decode_launch_hd<64>(sub_g, grid, cb->stream, a, L); break;
+    case 80: attn_decode_launch_hd<80>(sub_g, grid, cb->stream, a, L); break;
+    case 96: attn_decode_launch_hd<96>(sub_g, grid, cb->stream, a, L); break;
+    case 128: attn_decode_launch_hd<128>(sub_g, grid, cb->stream, a, L); break;
+    default: attn_decode_launch_hd<0>(sub_g, grid, cb->stream, a, L); break; // generic: any even head_dim <= 256
     }
     if (n_parts > 1) {
         attn_merge_kernel<<<dim3((unsigned)b->n_tokens, (unsigned)n_heads), 128, 0, cb->stream>>>(a, hd);

@@ -1,0 +1,112 @@
+/*
+ * attn.cuh -- what the two attention kernels share: paged_attn.cu (decode and split-K, on CUDA
+ * cores, every KV type and head_dim) and attn_prefill.cu (chunked prefill on tensor cores, F16 and
+ * FP8 KV, head dims 64/80/96/128). The argument block, the rule that splits one step's tokens
+ * between the two kernels, and the cp.async / FP8 / ex2 helpers.
+ *
+ * Routing. When the launcher runs the tensor-core kernel (tc_tokens > 0), the step's tokens are
+ * cut into query tiles of tc_tokens consecutive batch tokens. A tile whose tokens all belong to one
+ * sequence is computed by the tensor-core kernel; every other tile (a tile that mixes sequences,
+ * e.g. decode tokens of several sequences next to the end of a prefill chunk) by the decode kernel.
+ * Both kernels evaluate the same predicate (attn_tile_is_tc) on device memory, so the split needs
+ * no host knowledge of the batch and every token is written exactly once.
+ *
+ * Scores are kept in log2 units (q . k * scale * log2(e)) so softmax uses ex2 directly; the
+ * split-K partials (max, sum) are in the same units.
+ */
+#ifndef COOPT_CUDA_ATTN_CUH
+#define COOPT_CUDA_ATTN_CUH
+
+#include "cuda/common.cuh"
+#include "cuda/kv_dev.cuh"
+
+#define ATTN_LOG2E 1.4426950408889634f
+
+struct attn_args {
+    float         *out;     // [n_tokens][n_heads][hd]
+    const float   *q;       // [n_tokens][n_heads][hd]
+    const uint8_t *pool;    // the paged KV pool (kv_cache.h layout)
+    const int32_t *pos;     // [n_tokens]
+    const int32_t *tok_seq; // [n_tokens]
+    const int32_t *block_tables; // [n_seqs][max_blocks], -1 = released
+    float         *part_acc;     // split-K workspace: [n_tokens][n_heads][n_parts][hd] f32
+    float         *part_ml;      //                    [n_tokens][n_heads][n_parts][2] (max, sum), log2 units
+    int32_t        n_tokens, max_blocks, window, layer, n_heads;
+    int32_t        group;     // query heads per KV head
+    int32_t        n_sub;     // CTAs per KV head: ceil(group / heads per CTA)
+    int32_t        n_parts;   // split-K partitions per token (grid.z of the decode kernel)
+    int32_t        part_size; // keys per partition (INT_MAX: no split)
+    int32_t        tc_tokens; // tokens per tensor-core query tile; 0 = no tensor-core kernel this step
+    float          scale;
+};
+
+// True when query tile `tile` (tokens [tile*tc_tokens, ...)) is computed by the tensor-core
+// kernel: all its tokens belong to one sequence. Every thread of the (1-D) block must call it.
+__device__ __forceinline__ bool attn_tile_is_tc(const struct attn_args &a, int32_t tile) {
+    const int32_t t0 = tile * a.tc_tokens, t1 = min(a.n_tokens, t0 + a.tc_tokens);
+    const int32_t s0   = a.tok_seq[t0];
+    int           diff = 0;
+    for (int32_t t = t0 + (int32_t)threadIdx.x; t < t1; t += (int32_t)blockDim.x) diff |= a.tok_seq[t] != s0;
+    return !__syncthreads_or(diff);
+}
+
+// First key position of token t's range (sliding window).
+__device__ __forceinline__ int32_t attn_lo(const struct attn_args &a, int32_t pos) {
+    return a.window > 0 ? max(0, pos - a.window + 1) : 0;
+}
+
+// Number of split-K partitions token t's range [lo, pos] occupies.
+__device__ __forceinline__ int32_t attn_parts_of(const struct attn_args &a, int32_t pos) {
+    const int64_t n_keys = (int64_t)pos - attn_lo(a, pos) + 1;
+    return (int32_t)((n_keys + a.part_size - 1) / a.part_size);
+}
+
+// 2^x (ex2.approx: relative error ~2^-22; ex2(-inf) = +0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// ---- cp.async (sm_80+) ----
+
+// Copies 16 bytes global -> shared; with pred false writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pred) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 16 : 0) : "memory");
+}
+// Copies 4 bytes global -> shared (zero-fills when pred is false).
+__device__ __forceinline__ void cp_async4(void *smem, const void *gmem, bool pred) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ---- FP8 -> f16 / f32 in pairs ----
+
+template <int KT> __device__ __forceinline__ __half2 fp8x2_to_half2(uint16_t v) {
+    static_assert(KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2, "fp8x2_to_half2: not an FP8 type");
+    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)v, KT == COOPT_DTYPE_FP8_E4M3 ? __NV_E4M3 : __NV_E5M2);
+    return __half2(h);
+}
+
+// Bytes per element of a KV type.
+template <int KT> struct kv_type_info {
+    static constexpr int  EB     = KT == COOPT_DTYPE_F32 ? 4 : (KT == COOPT_DTYPE_F16 || KT == COOPT_DTYPE_BF16) ? 2 : 1;
+    static constexpr bool SCALED = KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2;
+};
+
+// ---- launchers (attn_prefill.cu) ----
+
+// True when the tensor-core kernel is compiled for this head_dim and KV type.
+bool cuda_attn_prefill_supported(int32_t head_dim, enum coopt_dtype kv_type);
+// Launches the tensor-core kernel for the uniform tiles of the step (see Routing above): grid
+// (ceil(n_tokens / a.tc_tokens), n_kv_heads * a.n_sub), heads_per_cta = 64 / a.tc_tokens.
+void cuda_attn_prefill_launch(cudaStream_t st, const struct attn_args &a, const struct kv_dev_layout &L,
+                              int32_t heads_per_cta);
+
+#endif // COOPT_CUDA_ATTN_CUH
