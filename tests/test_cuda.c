@@ -449,7 +449,7 @@ TEST(cuda_rope_store) {
 }
 
 // K smoothing offsets (kv_cache.h): the mean roped K of each sequence's first step, written by
-// rope_store's offsets kernel. Three sequences interleaved in one step of 90 tokens (more than one
+// rope_store's offsets kernel. Three sequences interleaved in one step of 650 tokens (more than one
 // chunk of the kernel): two start at position 0, one does not and must keep its offsets. Tolerance
 // as rope (cos/sin a few ulp from glibc's), on means of |k| <= 3: 1e-5 abs + 1e-5 rel.
 TEST(cuda_kv_offsets) {
@@ -459,17 +459,18 @@ TEST(cuda_kv_offsets) {
     for (int32_t hd = 16; hd <= 128; hd *= 8) {
         const int32_t nh = 4, nkv = 2, ps = 16, n_layers = 2, layer = 1, n_seq_max = 3;
         // batch sequences 0, 1, 2 are KV sequences 2, 0, 1; sequence 1 continues at position 10
-        const int32_t seq_ids[3] = {2, 0, 1}, start[3] = {0, 10, 0}, count[3] = {40, 20, 30};
-        int32_t       pos[90], seq[90], n = 0, next[3] = {0, 0, 0};
-        while (n < 90)
+        enum { N_TOK = 650, MB = 20 };
+        const int32_t seq_ids[3] = {2, 0, 1}, start[3] = {0, 10, 0}, count[3] = {300, 150, 200};
+        int32_t       pos[N_TOK], seq[N_TOK], n = 0, next[3] = {0, 0, 0};
+        while (n < N_TOK)
             for (int q = 0; q < 3; q++)
                 if (next[q] < count[q]) pos[n] = start[q] + next[q]++, seq[n++] = q;
         struct coopt_kv_cache kv = {0};
         CHECK(t, coopt_kv_layout_init(&kv.layout, COOPT_DTYPE_FP8_E4M3, n_layers, nkv, hd, ps) == COOPT_OK);
-        const int32_t max_blocks = 4, n_pages = 12;
-        int32_t       bt[12];
-        int64_t       slots[90];
-        for (int i = 0; i < 12; i++) bt[i] = (i * 5) % 12; // sequence q owns bt[4q .. 4q + 3]
+        const int32_t max_blocks = MB, n_pages = 3 * MB;
+        int32_t       bt[3 * MB];
+        int64_t       slots[N_TOK];
+        for (int i = 0; i < n_pages; i++) bt[i] = (i * 7) % n_pages; // sequence q owns bt[MB q .. MB q + MB - 1]
         for (int i = 0; i < n; i++) slots[i] = (int64_t)bt[seq[i] * max_blocks + pos[i] / ps] * ps + pos[i] % ps;
         size_t   pool_bytes = kv.layout.page_bytes * n_pages, n_off = (size_t)n_seq_max * n_layers * nkv * hd;
         uint8_t *ref_pool   = calloc(1, pool_bytes);

@@ -14,9 +14,10 @@
  *   Opt-GQA: the CTA serves G (1, 2, 4 or 8) query heads of its KV group from ONE read of each K
  *   and V row; larger groups are split into n_sub = ceil(group / G) subgroups (each reads the rows
  *   once); groups that are not a power of two leave the last heads of a subgroup idle.
- *   Opt-Pa (flash-decoding): the key range is cut into partitions (512 positions by default,
- *   fewer while the grid would leave SMs idle, more while it would be very large; see
- *   cuda_attention); each CTA writes an unnormalized partial (acc, max, sum) to the workspace and
+ *   Opt-Pa (flash-decoding): the key range is cut into partitions (512 positions of an F16
+ *   cache by default, the same bytes for other types; fewer while the grid would leave SMs idle,
+ *   more while it would be very large; see cuda_attention); each CTA writes an unnormalized
+ *   partial (acc, max, sum) to the workspace and
  *   attn_merge_kernel combines them with log-sum-exp weights.
  *   Inside a partition, warp w takes sub-tiles w, w+4, w+8, ... of SK keys and runs its own
  *   online softmax over them (no block-wide barrier in the key loop):
@@ -553,17 +554,21 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
 
     const int64_t bound = cuda_attn_bound(kv, b);
 
-    // Split-K (flash-decoding): partitions of ATTN_PART keys (or the context's attn_partition),
-    // halved while the grid would have fewer than 3 CTAs per SM, doubled while it would have more
-    // than 16 per SM (keeps the partial workspace small for big batches). attn_partition 0 (the
-    // ablation) walks each range in one CTA.
+    // Split-K (flash-decoding): partitions of ATTN_PART positions of an F16 cache (or the
+    // context's attn_partition), i.e. a fixed number of bytes: twice the positions for FP8, half
+    // for F32. Halved while the live CTAs would be fewer than 3 per SM (live: the bucket is up to
+    // twice the real ranges, so half of it is what the grid is sure to cover), doubled while the
+    // grid would have more than 16 CTAs per SM (keeps the partial workspace small for big
+    // batches). attn_partition 0 (the ablation) walks each range in one CTA.
     const int64_t ctas      = (int64_t)b->n_tokens * nkv * n_sub;
     int64_t       part_size = ATTN_PART;
     if (be->attn_partition > 0) {
         part_size = ATTN_PART_MIN;
         while (part_size * 2 <= be->attn_partition) part_size *= 2;
     }
-    while (part_size > ATTN_PART_MIN && ctas * ((bound + part_size - 1) / part_size) < 3LL * cb->n_sm) part_size /= 2;
+    part_size       = part_size * 2 / (int64_t)l->elem_bytes;
+    const int64_t live = bound / 2;
+    while (part_size > ATTN_PART_MIN && ctas * ((live + part_size - 1) / part_size) < 3LL * cb->n_sm) part_size /= 2;
     while (part_size < bound && ctas * ((bound + part_size - 1) / part_size) > 16LL * cb->n_sm) part_size *= 2;
     int64_t n_parts = (bound + part_size - 1) / part_size;
     if (n_parts <= 1 || be->attn_partition == 0) n_parts = 1;

@@ -95,55 +95,58 @@ __constant__ float c_fp8_scale_steps[16] = COOPT_FP8_SCALE_STEPS_INIT;
 // K smoothing (kv_cache.h): for each batch sequence whose step writes position 0, its offset for
 // this layer becomes the mean roped K of its tokens in the step (same order of summation as the
 // CPU: tokens in batch order, one f32 accumulator per channel).
-// Grid: (n_seqs, n_kv_heads); Block: KO_THREADS. The step's tokens go in chunks of KO_CHUNK: all
-// threads rotate the chunk's (token, pair) rows of the sequence in parallel into shared memory,
-// then thread i adds channel pair i of the chunk's rows in token order (the sums stay sequential,
-// so the result is the same as one thread walking all tokens, but the loads and cos/sin no longer
-// sit on that chain). Shared memory: KO_CHUNK x head_dim f32 = 32 KiB.
+// Grid: (n_seqs, n_kv_heads, ceil(head_dim / 2 / KO_PAIRS)); Block: KO_THREADS. A CTA owns
+// KO_PAIRS rotation pairs (2 * KO_PAIRS channels) of one (sequence, KV head). The step's tokens go
+// in chunks of KO_CHUNK: all threads rotate the chunk's rows of the sequence at the CTA's pairs in
+// parallel into shared memory (independent loads and cos/sin), then thread i < KO_PAIRS adds pair
+// i of the chunk's rows in token order: the sums stay sequential, so the result is bit-identical
+// to one thread walking all tokens, but nothing slow sits on that chain. Shared memory:
+// KO_CHUNK x 2 * KO_PAIRS f32 = 32 KiB.
 #define KO_THREADS 256
-#define KO_CHUNK   32
+#define KO_PAIRS   8
+#define KO_CHUNK   512
 __global__ void __launch_bounds__(KO_THREADS)
     kv_offsets_kernel(const float *__restrict__ k, int32_t n_tokens, int32_t nkv, const int32_t *__restrict__ pos,
                       const int32_t *__restrict__ tok_seq, const int32_t *__restrict__ seq_ids,
                       float *__restrict__ koff, const struct kv_dev_layout L, int32_t n_layers, int32_t layer,
                       const struct rope_params p) {
-    const int32_t    s = blockIdx.x, h = blockIdx.y, hd = p.head_dim, half = hd / 2;
-    __shared__ float buf[KO_CHUNK][2 * ROPE_MAX_HALF];
+    const int32_t    s = blockIdx.x, h = blockIdx.y, hd = p.head_dim, half = hd / 2, pair0 = blockIdx.z * KO_PAIRS;
+    __shared__ float buf[KO_CHUNK][2 * KO_PAIRS];
     __shared__ int   mine[KO_CHUNK];
     int              first = 0;
     for (int32_t t = threadIdx.x; t < n_tokens; t += blockDim.x) first |= tok_seq[t] == s && pos[t] == 0;
     if (!__syncthreads_or(first)) return;
-    const int i = threadIdx.x; // the channel pair this thread sums
+    const int i = threadIdx.x; // the pair (pair0 + i) this thread sums, i < KO_PAIRS
     int       i0 = 0, i1 = 0;
-    if (i < half) rope_pair(p, i, &i0, &i1);
+    if (i < KO_PAIRS && pair0 + i < half) rope_pair(p, pair0 + i, &i0, &i1);
     float   s0 = 0.0f, s1 = 0.0f;
     int32_t cnt = 0;
     for (int32_t c0 = 0; c0 < n_tokens; c0 += KO_CHUNK) {
         const int n = min(KO_CHUNK, n_tokens - c0);
-        if (threadIdx.x < n) mine[threadIdx.x] = tok_seq[c0 + threadIdx.x] == s;
-        for (int idx = threadIdx.x; idx < n * half; idx += blockDim.x) {
-            const int32_t t = c0 + idx / half;
-            const int     j = idx % half;
-            if (tok_seq[t] != s) continue;
+        for (int tt = threadIdx.x; tt < n; tt += blockDim.x) mine[tt] = tok_seq[c0 + tt] == s;
+        for (int idx = threadIdx.x; idx < n * KO_PAIRS; idx += blockDim.x) {
+            const int32_t t = c0 + idx / KO_PAIRS;
+            const int     j = pair0 + idx % KO_PAIRS;
+            if (j >= half || tok_seq[t] != s) continue;
             int j0, j1;
             rope_pair(p, j, &j0, &j1);
             const float *kr = k + ((size_t)t * nkv + h) * hd;
             float        a = (float)pos[t] * p.inv_freq[j], y0, y1;
             rope_rotate(kr[j0], kr[j1], cosf(a), sinf(a), &y0, &y1);
-            buf[idx / half][j0] = y0;
-            buf[idx / half][j1] = y1;
+            buf[idx / KO_PAIRS][2 * (idx % KO_PAIRS)]     = y0;
+            buf[idx / KO_PAIRS][2 * (idx % KO_PAIRS) + 1] = y1;
         }
         __syncthreads();
-        if (i < half)
+        if (i < KO_PAIRS && pair0 + i < half)
             for (int tt = 0; tt < n; tt++) {
                 if (!mine[tt]) continue;
-                s0 = __fadd_rn(s0, buf[tt][i0]);
-                s1 = __fadd_rn(s1, buf[tt][i1]);
+                s0 = __fadd_rn(s0, buf[tt][2 * i]);
+                s1 = __fadd_rn(s1, buf[tt][2 * i + 1]);
                 cnt++;
             }
         __syncthreads(); // buf and mine are rewritten by the next chunk
     }
-    if (i < half) {
+    if (i < KO_PAIRS && pair0 + i < half) {
         float *c = koff + (((size_t)seq_ids[s] * (size_t)n_layers + (size_t)layer) * (size_t)nkv + (size_t)h) * (size_t)hd;
         c[i0]    = __fdiv_rn(s0, (float)cnt);
         c[i1]    = __fdiv_rn(s1, (float)cnt);
@@ -273,7 +276,7 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
     dim3 n(b->n_tokens, (2 * l->n_kv_heads + 3) / 4);
     const float *koff = (l->has_scales && kv->k_offset && b->seq_ids) ? kv->k_offset : NULL;
     if (koff && !b->no_seq_start) { // (skipped when the host knows no sequence starts here: decode)
-        kv_offsets_kernel<<<dim3(b->n_seqs, l->n_kv_heads), KO_THREADS, 0, st>>>(
+        kv_offsets_kernel<<<dim3(b->n_seqs, l->n_kv_heads, (l->head_dim / 2 + KO_PAIRS - 1) / KO_PAIRS), KO_THREADS, 0, st>>>(
             k, b->n_tokens, l->n_kv_heads, b->pos, b->tok_seq, b->seq_ids, kv->k_offset, L, l->n_layers, layer, p);
         CUDA_CHECK_LAUNCH();
     }
