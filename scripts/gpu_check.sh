@@ -54,7 +54,8 @@ if [ "$SANITIZE" = 1 ] && command -v compute-sanitizer >/dev/null; then
     # API errors are not reported: the tests provoke failed allocations on purpose
     compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
         ./build/coopt-test cuda_memory cuda_embed cuda_rmsnorm cuda_elementwise cuda_matmul cuda_rope \
-        cuda_rope_store cuda_attention cuda_kv_pool cuda_forward >"$OUT/memcheck.log" 2>&1
+        cuda_rope_store cuda_attention cuda_kv_pool cuda_forward cuda_gptq_matmul cuda_gptq_multi \
+        cuda_gptq_fixtures >"$OUT/memcheck.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && status=1
     log "compute-sanitizer memcheck: exit $rc, $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) in $(($(date +%s) - t0)) s"

@@ -29,6 +29,7 @@
  * blockIdx.x * 4 + w for every row of x.
  */
 #include "cuda/common.cuh"
+#include "cuda/gptq_dev.h"
 
 #define GEMV_WARPS 4
 
@@ -259,6 +260,10 @@ static void gemm_cublas(struct cuda_backend *cb, float *out, const float *x, con
 
 void cuda_matmul(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows) {
     if (n_rows <= 0 || w->n_out <= 0) return;
+    if (w->dtype == COOPT_DTYPE_Q4_GPTQ) { // gptq.cu; w->gptq is the device form (gptq_dev.h)
+        cuda_gptq_matmul(be, out, x, (const struct cuda_gptq_weight *)w->gptq, w->bias, n_rows);
+        return;
+    }
     struct cuda_backend *cb = cuda_impl(be);
     cudaStream_t         st = cb->stream;
     bool half  = w->dtype == COOPT_DTYPE_F16 || w->dtype == COOPT_DTYPE_BF16;
