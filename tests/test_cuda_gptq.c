@@ -210,9 +210,17 @@ struct gq_run {
     const char         *name;
 };
 
+// MMA param: tokens per block | K splits << 8 (0 = automatic)
 static const struct gq_run k_runs[] = {
-    {CUDA_GPTQ_AUTO, 0, 1 << 30, "auto"},    {CUDA_GPTQ_GEMV, 0, 64, "gemv"},       {CUDA_GPTQ_GEMV, 4, 8, "gemv4"},
-    {CUDA_GPTQ_GEMV, 16, 8, "gemv16"},       {CUDA_GPTQ_MMA, 64, 1 << 30, "mma64"}, {CUDA_GPTQ_MMA, 128, 1 << 30, "mma128"},
+    {CUDA_GPTQ_AUTO, 0, 1 << 30, "auto"},
+    {CUDA_GPTQ_GEMV, 0, 64, "gemv"},
+    {CUDA_GPTQ_GEMV, 4, 8, "gemv4"},
+    {CUDA_GPTQ_GEMV, 16, 8, "gemv16"},
+    {CUDA_GPTQ_MMA, 0, 1 << 30, "mma"},
+    {CUDA_GPTQ_MMA, 16 | 3 << 8, 64, "mma16s3"},
+    {CUDA_GPTQ_MMA, 32, 1 << 30, "mma32"},
+    {CUDA_GPTQ_MMA, 64 | 1 << 8, 1 << 30, "mma64s1"},
+    {CUDA_GPTQ_MMA, 128, 1 << 30, "mma128"},
     {CUDA_GPTQ_CUBLAS, 0, 1 << 30, "cublas"},
 };
 
@@ -253,8 +261,8 @@ static bool run_case(struct test_ctx *t, struct coopt_backend *be, const struct 
             cuda_gptq_matmul_path(be, dout, dx, &dw, db, n_rows, k_runs[p].path, k_runs[p].param);
             be->ops->download(be, got, dout, no * 4);
             be->ops->sync(be);
-            bool f16 = k_runs[p].path == CUDA_GPTQ_MMA || k_runs[p].path == CUDA_GPTQ_CUBLAS ||
-                       (k_runs[p].path == CUDA_GPTQ_AUTO && n_rows > 8);
+            enum cuda_gptq_path path = k_runs[p].path ? k_runs[p].path : cuda_gptq_auto_path(&dw, n_rows);
+            bool                f16  = path != CUDA_GPTQ_GEMV;
             snprintf(what, sizeof(what), "%s rows %d path %s", base, n_rows, k_runs[p].name);
             ok = gq_check(t, what, got, c->n_out, n_rows, &ref, f16);
         }
@@ -334,7 +342,7 @@ TEST(cuda_gptq_multi) {
             gq_ref_make(&g[j].src, x, j == 1 ? b1 : NULL, n_rows, &ref);
             char what[96];
             snprintf(what, sizeof(what), "multi weight %d rows %d", j, n_rows);
-            ok = gq_check(t, what, got[j], cs[j].n_out, n_rows, &ref, n_rows > 8);
+            ok = gq_check(t, what, got[j], cs[j].n_out, n_rows, &ref, cuda_gptq_auto_path(&dw[j], n_rows) != CUDA_GPTQ_GEMV);
             gq_ref_free(&ref);
         }
         for (int j = 0; j < 3; j++) be->ops->free(be, douts[j]), free(got[j]);
@@ -441,8 +449,8 @@ TEST(cuda_gptq_fixtures) {
                 cuda_gptq_matmul_path(be, dout, dx, &dw, NULL, n_rows, k_runs[pi].path, k_runs[pi].param);
                 be->ops->download(be, got, dout, no * 4);
                 be->ops->sync(be);
-                bool f16 = k_runs[pi].path == CUDA_GPTQ_MMA || k_runs[pi].path == CUDA_GPTQ_CUBLAS ||
-                           (k_runs[pi].path == CUDA_GPTQ_AUTO && n_rows > 8);
+                enum cuda_gptq_path path = k_runs[pi].path ? k_runs[pi].path : cuda_gptq_auto_path(&dw, n_rows);
+                bool                f16  = path != CUDA_GPTQ_GEMV;
                 char what[160];
                 snprintf(what, sizeof(what), "%s rows %d path %s", k_fixtures[f], n_rows, k_runs[pi].name);
                 ok = gq_check(t, what, got, out, n_rows, &ref, f16);
@@ -598,16 +606,19 @@ TEST(cuda_gptq_bench) {
         double wbytes = (double)ws[0].n_ot * 16 * (double)ws[0].k_pad / 2 + (double)ws[0].n_ot * 16 * ws[0].n_groups * 4;
         char   shape[32];
         snprintf(shape, sizeof(shape), "%lldx%lld%s", (long long)c->n_out, (long long)c->n_in, c->act ? "a" : "");
+        printf("bench: %-12s GEMV blocks per SM with 4/8/16 warps: %d/%d/%d, %d copies\n", shape, ws[0].gemv_occ[0],
+               ws[0].gemv_occ[1], ws[0].gemv_occ[2], copies);
         struct {
             enum cuda_gptq_path path;
             int                 param;
             int32_t             rows;
             const char         *name;
-        } runs[] = {{CUDA_GPTQ_GEMV, 0, 1, "gemv"},     {CUDA_GPTQ_GEMV, 4, 1, "gemv4"},     {CUDA_GPTQ_GEMV, 8, 1, "gemv8"},
-                    {CUDA_GPTQ_GEMV, 16, 1, "gemv16"},  {CUDA_GPTQ_GEMV, 0, 2, "gemv"},      {CUDA_GPTQ_GEMV, 0, 4, "gemv"},
-                    {CUDA_GPTQ_GEMV, 0, 8, "gemv"},     {CUDA_GPTQ_GEMV, 0, 16, "gemv"},     {CUDA_GPTQ_MMA, 64, 8, "mma64"},
-                    {CUDA_GPTQ_MMA, 64, 16, "mma64"},   {CUDA_GPTQ_MMA, 64, 64, "mma64"},    {CUDA_GPTQ_MMA, 128, 128, "mma128"},
-                    {CUDA_GPTQ_MMA, 64, 512, "mma64"},  {CUDA_GPTQ_MMA, 128, 512, "mma128"}, {CUDA_GPTQ_CUBLAS, 0, 16, "cublas"},
+        } runs[] = {{CUDA_GPTQ_GEMV, 0, 1, "gemv"},    {CUDA_GPTQ_GEMV, 4, 1, "gemv4"},    {CUDA_GPTQ_GEMV, 8, 1, "gemv8"},
+                    {CUDA_GPTQ_GEMV, 16, 1, "gemv16"}, {CUDA_GPTQ_MMA, 0, 1, "mma"},       {CUDA_GPTQ_GEMV, 0, 2, "gemv"},
+                    {CUDA_GPTQ_MMA, 0, 2, "mma"},      {CUDA_GPTQ_GEMV, 0, 4, "gemv"},     {CUDA_GPTQ_MMA, 0, 4, "mma"},
+                    {CUDA_GPTQ_GEMV, 0, 8, "gemv"},    {CUDA_GPTQ_MMA, 0, 8, "mma"},       {CUDA_GPTQ_MMA, 0, 16, "mma"},
+                    {CUDA_GPTQ_MMA, 0, 32, "mma"},     {CUDA_GPTQ_MMA, 0, 64, "mma"},      {CUDA_GPTQ_MMA, 0, 128, "mma"},
+                    {CUDA_GPTQ_MMA, 0, 512, "mma"},    {CUDA_GPTQ_CUBLAS, 0, 16, "cublas"}, {CUDA_GPTQ_CUBLAS, 0, 64, "cublas"},
                     {CUDA_GPTQ_CUBLAS, 0, 128, "cublas"}, {CUDA_GPTQ_CUBLAS, 0, 512, "cublas"}};
         for (size_t ri = 0; ri < COOPT_ARRAY_LEN(runs); ri++) {
             if (c->act && runs[ri].rows > 1 && runs[ri].path == CUDA_GPTQ_GEMV) continue;

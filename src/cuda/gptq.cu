@@ -20,8 +20,9 @@
  * rows): (dw & 0x000f000f), (dw & 0x00f000f0) and the same of dw >> 8, OR'ed into the f16
  * magic 0x6400 (1024), are its registers a0..a3. One 16-byte load per lane covers 64 rows of
  * 16 columns, and a warp reads 512 contiguous bytes. Scales and zeros: sz[t][g][16] = f16 scale
- * bits | real zero point << 16 (4 bytes per column and group); kb_grp[k / 32] = group of each
- * 32-row block (a group can change at any 32-row boundary: act-order groups, group size 32).
+ * bits | real zero point << 16 (4 bytes per column and group); kc_grp[c] = the groups of the two
+ * 32-row halves of chunk c, lo | hi << 16 (a group can change at any 32-row boundary: act-order
+ * groups, group size 32).
  *
  * Paths (cuda_gptq_matmul picks by n_rows; thresholds measured on an H100, docs/BENCHMARKS.md):
  *  - GEMV (n_rows <= 8): f32 throughout. A nibble becomes an exact f32 without a conversion
@@ -31,15 +32,20 @@
  *    FFMA per row; W = s (q - z) is applied as y += s * sum_group (q - z) x, i.e. every product
  *    is exact and the only rounding is f32 accumulation (the same error as the F32 GEMV).
  *    Grid: one block per 16-column tile (of all weights of a multi call); Block: NW warps that
- *    split the 64-row chunks into contiguous ranges, each lane streaming 4 chunks (64 bytes)
- *    ahead with L1-bypassing loads; x (L1-resident) is read as float2 pairs. The 4 lanes of a
- *    column pair reduce with shuffles, the warps through shared memory, in a fixed order.
- *  - MMA (tensor cores): x is gathered/converted to f16 once per call; Grid: (ceil(n_tiles/4),
- *    ceil(n_rows/BN)); Block: 4 warps, warp w owns column tile 4 blockIdx.x + w, all share a
- *    BN-token x tile in shared memory (double-buffered, rows padded to 72 halves so ldmatrix is
- *    conflict-free). A lane's dword is dequantized in registers to f16 s (q - z) (exact q - z via
- *    the magic, one rounding in the scale multiply) and fed straight to mma.sync as A.
- *  - cuBLAS: the same f16 weights written to a scratch matrix, then cublasGemmEx (f32 compute).
+ *    split the 64-row chunks into contiguous ranges; each lane streams runs of 4 chunks (64
+ *    bytes) with L1-bypassing loads, the next run in flight while the current one is multiplied
+ *    (rows <= 2), with the scale/zero words of each chunk fetched alongside; x (L1-resident) is
+ *    read as float2 pairs. The 4 lanes of a column pair reduce with shuffles, the warps through
+ *    shared memory, in a fixed order (deterministic).
+ *  - MMA (tensor cores, f16 x): x is gathered/converted to f16 once per call; Grid:
+ *    (ceil(n_tiles/4), ceil(n_rows/BN), K splits); Block: 4 warps, warp w owns column tile
+ *    4 blockIdx.x + w, all share a BN-token x tile in shared memory (double-buffered, rows padded
+ *    to 72 halves so ldmatrix is conflict-free). A lane's dword is dequantized in registers to
+ *    f16 s (q - z) (exact q - z via the magic, one rounding in the scale multiply) and fed
+ *    straight to mma.sync as A. K is split over enough blocks for ~3 per SM; the splits' partial
+ *    sums go to the workspace and one small kernel adds them in a fixed order.
+ *  - cuBLAS (prefill): the same f16 weights written to a scratch matrix (a shared-memory
+ *    transpose of the fragment order into rows), then cublasGemmEx with f32 compute.
  * Accuracy of the f16 paths: x and s (q - z) are each rounded to f16 once (2^-11 relative,
  * 2^-25 absolute below the f16 normal range), products and sums in f32: |error| <= (2^-10 +
  * 2^-22) sum_i |W x| + 2^-25 sum_i |W| + the f32 accumulation error.
@@ -61,7 +67,7 @@
 #define GPTQ_MMA_MIN_ROWS 9 // n_rows below: GEMV
 #endif
 #ifndef GPTQ_CUBLAS_MIN_ROWS
-#define GPTQ_CUBLAS_MIN_ROWS (1 << 30) // n_rows from here: dequantize + cuBLAS
+#define GPTQ_CUBLAS_MIN_ROWS 128 // n_rows from here: dequantize + cuBLAS
 #endif
 
 // ---- device helpers ----
@@ -162,7 +168,7 @@ __global__ void gptq_gather_kernel(T *__restrict__ xp, const float *__restrict__
 struct gemv_args {
     const uint4    *qw[GPTQ_MAX_MULTI];
     const uint32_t *sz[GPTQ_MAX_MULTI];
-    const int32_t  *kb_grp[GPTQ_MAX_MULTI];
+    const uint32_t *kc_grp[GPTQ_MAX_MULTI];
     const float    *x[GPTQ_MAX_MULTI];    // [n_rows][ldx]: x in place or the gathered copy
     const float    *bias[GPTQ_MAX_MULTI]; // [n_out] or NULL
     float          *out[GPTQ_MAX_MULTI];  // [n_rows][n_out]
@@ -175,24 +181,34 @@ struct gemv_args {
     int32_t         n_rows; // <= R
 };
 
+// One run of GPTQ_U chunks of a lane: codes, group pairs and the scale/zero words of each
+// chunk's second-half group (prefetched with the codes, so a group change rarely waits).
+struct gemv_run {
+    uint4    w[GPTQ_U];
+    uint32_t g[GPTQ_U];
+    uint32_t pa[GPTQ_U], pb[GPTQ_U];
+};
+
 // out[r][o] for the 16 columns of one tile and R rows; see the file comment for the mapping.
 // Lane (gid, tq) accumulates columns o0+gid (A) and o0+gid+8 (B) over rows 2tq, 2tq+1, 2tq+8,
-// 2tq+9 of every 16-row step of its warp's chunks.
+// 2tq+9 of every 16-row step of its warp's chunks. Runs are double-buffered for R <= 2 (decode):
+// the codes of run i+1 are in flight while run i is multiplied. Dynamic shared memory: the
+// weight's kc_grp.
 template <int R, int NW>
 __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_args a) {
-    __shared__ float red[NW][R][16];
+    extern __shared__ uint32_t kcg_s[]; // [n_kc]
+    __shared__ float           red[NW][R][16];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
     // which weight (unrolled selects: no dynamic indexing of the parameter arrays)
     const uint4    *qw = a.qw[0];
-    const uint32_t *sz = a.sz[0];
-    const int32_t  *kb_grp = a.kb_grp[0];
+    const uint32_t *sz = a.sz[0], *kc_grp = a.kc_grp[0];
     const float    *x = a.x[0], *bias = a.bias[0];
     float          *out = a.out[0];
     int32_t         n_out = a.n_out[0], n_groups = a.n_groups[0], ot = (int32_t)blockIdx.x;
 #pragma unroll
     for (int j = 1; j < GPTQ_MAX_MULTI; j++) {
         if (j < a.n && (int32_t)blockIdx.x >= a.ot_end[j - 1]) {
-            qw = a.qw[j], sz = a.sz[j], kb_grp = a.kb_grp[j], x = a.x[j], bias = a.bias[j], out = a.out[j];
+            qw = a.qw[j], sz = a.sz[j], kc_grp = a.kc_grp[j], x = a.x[j], bias = a.bias[j], out = a.out[j];
             n_out = a.n_out[j], n_groups = a.n_groups[j], ot = (int32_t)blockIdx.x - a.ot_end[j - 1];
         }
     }
@@ -204,40 +220,58 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
     const uint4    *wp  = qw + (int64_t)ot * n_kc * 32 + lane;
     const uint32_t *szp = sz + (int64_t)ot * n_groups * 16;
 
-    float yA[R], yB[R], aA[R], aB[R];
+    gemv_run ra, rb;
+    // the first run's codes go out before the group table is staged
 #pragma unroll
-    for (int r = 0; r < R; r++) yA[r] = yB[r] = aA[r] = aB[r] = 0.0f;
+    for (int u = 0; u < GPTQ_U; u++)
+        if (kc0 + u < kc1) ra.w[u] = ld_stream(wp + (int64_t)(kc0 + u) * 32);
+    for (int32_t i = threadIdx.x; i < n_kc; i += NW * WARP_SIZE) kcg_s[i] = __ldg(kc_grp + i);
+    __syncthreads();
+    auto load_groups = [&](gemv_run &rn, int32_t kcb) {
+#pragma unroll
+        for (int u = 0; u < GPTQ_U; u++) {
+            if (kcb + u < kc1) {
+                rn.g[u]     = kcg_s[kcb + u];
+                const int g = (int)(rn.g[u] >> 16);
+                rn.pa[u]    = __ldg(szp + g * 16 + gid);
+                rn.pb[u]    = __ldg(szp + g * 16 + gid + 8);
+            }
+        }
+    };
+    auto load = [&](gemv_run &rn, int32_t kcb) {
+#pragma unroll
+        for (int u = 0; u < GPTQ_U; u++)
+            if (kcb + u < kc1) rn.w[u] = ld_stream(wp + (int64_t)(kcb + u) * 32);
+        load_groups(rn, kcb);
+    };
+
+    // two accumulator chains per column (even / odd 16-row steps), flushed at group changes
+    float yA[R], yB[R], aA[2][R], aB[2][R];
+#pragma unroll
+    for (int r = 0; r < R; r++) yA[r] = yB[r] = aA[0][r] = aA[1][r] = aB[0][r] = aB[1][r] = 0.0f;
     float sA = 0.0f, sB = 0.0f;
     float cA0 = 0.0f, cA2 = 0.0f, cA4 = 0.0f, cA6 = 0.0f, cB1 = 0.0f, cB3 = 0.0f, cB5 = 0.0f, cB7 = 0.0f;
     int   gcur = -1;
 
-    for (int32_t kc = kc0; kc < kc1; kc += GPTQ_U) {
-        uint4 w[GPTQ_U];
-#pragma unroll
-        for (int u = 0; u < GPTQ_U; u++)
-            if (kc + u < kc1) w[u] = ld_stream(wp + (int64_t)(kc + u) * 32);
-        // scales/zeros of the chunk run's last group, fetched with the codes: a run of 4 chunks
-        // (256 rows) rarely spans more than two groups, so a group change seldom waits
-        const int      gpf = __ldg(kb_grp + 2 * min(kc + GPTQ_U, kc1) - 1);
-        const uint32_t pfA = __ldg(szp + gpf * 16 + gid), pfB = __ldg(szp + gpf * 16 + gid + 8);
+    auto compute = [&](const gemv_run &rn, int32_t kcb) {
 #pragma unroll
         for (int u = 0; u < GPTQ_U; u++) {
-            if (kc + u < kc1) {
-                const int32_t  kcu    = kc + u;
-                const uint32_t dws[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+            if (kcb + u < kc1) {
+                const int32_t  kcu    = kcb + u;
+                const uint32_t dws[4] = {rn.w[u].x, rn.w[u].y, rn.w[u].z, rn.w[u].w};
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     if ((j & 1) == 0) {
-                        const int g = __ldg(kb_grp + 2 * kcu + (j >> 1));
+                        const int g = j == 0 ? (int)(rn.g[u] & 0xffffu) : (int)(rn.g[u] >> 16);
                         if (g != gcur) {
 #pragma unroll
                             for (int r = 0; r < R; r++) {
-                                yA[r] = fmaf(sA, aA[r], yA[r]);
-                                yB[r] = fmaf(sB, aB[r], yB[r]);
-                                aA[r] = aB[r] = 0.0f;
+                                yA[r]    = fmaf(sA, aA[0][r] + aA[1][r], yA[r]);
+                                yB[r]    = fmaf(sB, aB[0][r] + aB[1][r], yB[r]);
+                                aA[0][r] = aA[1][r] = aB[0][r] = aB[1][r] = 0.0f;
                             }
-                            uint32_t va = pfA, vb = pfB;
-                            if (g != gpf) va = __ldg(szp + g * 16 + gid), vb = __ldg(szp + g * 16 + gid + 8);
+                            uint32_t va = rn.pa[u], vb = rn.pb[u];
+                            if (g != (int)(rn.g[u] >> 16)) va = __ldg(szp + g * 16 + gid), vb = __ldg(szp + g * 16 + gid + 8);
                             sA = f16_bits_to_f32((uint16_t)(va & 0xffffu));
                             sB = f16_bits_to_f32((uint16_t)(vb & 0xffffu));
                             const float zA = (float)(va >> 16), zB = (float)(vb >> 16);
@@ -260,16 +294,32 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
 #pragma unroll
                     for (int r = 0; r < R; r++) {
                         const float2 xa = __ldg((const float2 *)(xr[r] + k)), xb = __ldg((const float2 *)(xr[r] + k + 8));
-                        aA[r] = fmaf(w6, xb.y, fmaf(w2, xb.x, fmaf(w4, xa.y, fmaf(w0, xa.x, aA[r]))));
-                        aB[r] = fmaf(w7, xb.y, fmaf(w3, xb.x, fmaf(w5, xa.y, fmaf(w1, xa.x, aB[r]))));
+                        float       &cA = aA[j & 1][r], &cB = aB[j & 1][r];
+                        cA = fmaf(w6, xb.y, fmaf(w2, xb.x, fmaf(w4, xa.y, fmaf(w0, xa.x, cA))));
+                        cB = fmaf(w7, xb.y, fmaf(w3, xb.x, fmaf(w5, xa.y, fmaf(w1, xa.x, cB))));
                     }
                 }
             }
         }
+    };
+
+    load_groups(ra, kc0);
+    if constexpr (R <= 2) {
+        for (int32_t kc = kc0; kc < kc1; kc += 2 * GPTQ_U) {
+            if (kc + GPTQ_U < kc1) load(rb, kc + GPTQ_U);
+            compute(ra, kc);
+            if (kc + 2 * GPTQ_U < kc1) load(ra, kc + 2 * GPTQ_U);
+            if (kc + GPTQ_U < kc1) compute(rb, kc + GPTQ_U);
+        }
+    } else { // more rows: their accumulators take the second buffer's registers
+        for (int32_t kc = kc0; kc < kc1; kc += GPTQ_U) {
+            if (kc > kc0) load(ra, kc);
+            compute(ra, kc);
+        }
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        float va = fmaf(sA, aA[r], yA[r]), vb = fmaf(sB, aB[r], yB[r]);
+        float va = fmaf(sA, aA[0][r] + aA[1][r], yA[r]), vb = fmaf(sB, aB[0][r] + aB[1][r], yB[r]);
         va += __shfl_xor_sync(0xffffffffu, va, 1);
         vb += __shfl_xor_sync(0xffffffffu, vb, 1);
         va += __shfl_xor_sync(0xffffffffu, va, 2);
@@ -306,22 +356,27 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 
 #define MMA_LDS 72 // halves per shared x row: 64 + 8 of padding (conflict-free ldmatrix)
 
-// out[n0 + n][o] for the BN tokens of blockIdx.y and the 16-column tile of each warp. xp is the
-// f16 x [n_rows][k_pad] of the call. The next chunk's x tile (registers), codes and group words
-// are loaded while the current one is multiplied.
+// out[n0 + n][o] for the BN tokens of blockIdx.y and the 16-column tile of each warp, over the
+// 64-row chunks [z kc_per, (z+1) kc_per) of split z = blockIdx.z. xp is the f16 x [n_rows][k_pad]
+// of the call. With one split the block writes out (+ bias); with several it writes its partial
+// sums to part[z][n][o] and gptq_splitk_reduce_kernel adds them up. The next chunk's x tile
+// (registers), codes and group words are loaded while the current one is multiplied.
 template <int BN>
 __global__ void __launch_bounds__(GPTQ_MMA_WARPS *WARP_SIZE)
-    gptq_mma_kernel(float *__restrict__ out, const __half *__restrict__ xp, const uint4 *__restrict__ qw,
-                    const uint32_t *__restrict__ sz, const int32_t *__restrict__ kb_grp, const float *__restrict__ bias,
-                    int32_t n_out, int32_t n_ot, int32_t n_kc, int32_t n_groups, int32_t n_rows) {
-    constexpr int NT = BN / 8;                             // n-tiles of 8 tokens per warp
+    gptq_mma_kernel(float *__restrict__ out, float *__restrict__ part, const __half *__restrict__ xp,
+                    const uint4 *__restrict__ qw, const uint32_t *__restrict__ sz, const uint32_t *__restrict__ kc_grp,
+                    const float *__restrict__ bias, int32_t n_out, int32_t n_ot, int32_t n_kc, int32_t n_groups,
+                    int32_t n_rows, int32_t kc_per) {
+    constexpr int NT = BN / 8;                                // n-tiles of 8 tokens per warp
     constexpr int XL = BN * 8 / (GPTQ_MMA_WARPS * WARP_SIZE); // 16-byte x pieces per thread per chunk
+    static_assert(NT % 2 == 0 && XL >= 1, "BN: 16, 32, 64 or 128");
     __shared__ __align__(16) __half xs[2][BN][MMA_LDS];
     const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
     const int32_t ot = (int32_t)blockIdx.x * GPTQ_MMA_WARPS + warp;
     const bool    active = ot < n_ot;
     const int32_t n0 = (int32_t)blockIdx.y * BN;
     const int64_t k_pad = (int64_t)n_kc * 64;
+    const int32_t kb = (int32_t)blockIdx.z * kc_per, ke = min(n_kc, kb + kc_per);
 
     uint4 xr[XL];
     auto  load_x = [&](int32_t kc) {
@@ -343,9 +398,10 @@ __global__ void __launch_bounds__(GPTQ_MMA_WARPS *WARP_SIZE)
     const uint4    *wp  = qw + (int64_t)(active ? ot : 0) * n_kc * 32 + lane;
     const uint32_t *szp = sz + (int64_t)(active ? ot : 0) * n_groups * 16;
     auto            load_g = [&](int32_t kc, uint32_t (&v)[2][2]) {
+        const uint32_t gp = __ldg(kc_grp + kc);
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const int g = __ldg(kb_grp + 2 * kc + h);
+            const int g = h ? (int)(gp >> 16) : (int)(gp & 0xffffu);
             v[h][0]     = __ldg(szp + g * 16 + gid);
             v[h][1]     = __ldg(szp + g * 16 + gid + 8);
         }
@@ -354,15 +410,18 @@ __global__ void __launch_bounds__(GPTQ_MMA_WARPS *WARP_SIZE)
     float acc[NT][4];
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
-    uint32_t gv[2][2];
-    load_x(0);
-    store_x(0);
-    uint4 wcur = ld_stream(wp);
-    load_g(0, gv);
+    uint32_t gv[2][2] = {{0, 0}, {0, 0}};
+    uint4    wcur     = make_uint4(0, 0, 0, 0);
+    if (kb < ke) {
+        load_x(kb);
+        store_x(0);
+        wcur = ld_stream(wp + (int64_t)kb * 32);
+        load_g(kb, gv);
+    }
     __syncthreads();
-    for (int32_t kc = 0; kc < n_kc; kc++) {
-        const int  b    = kc & 1;
-        const bool more = kc + 1 < n_kc;
+    for (int32_t kc = kb; kc < ke; kc++) {
+        const int  b    = (kc - kb) & 1;
+        const bool more = kc + 1 < ke;
         uint4      wnext = wcur;
         uint32_t   gn[2][2] = {{gv[0][0], gv[0][1]}, {gv[1][0], gv[1][1]}};
         if (more) {
@@ -392,7 +451,7 @@ __global__ void __launch_bounds__(GPTQ_MMA_WARPS *WARP_SIZE)
                 }
             }
         }
-        if (more) store_x(b ^ 1); // buffer b^1 was last read in iteration kc-1, before its barrier
+        if (more) store_x(b ^ 1); // buffer b^1 was last read in the previous iteration, before its barrier
         __syncthreads();
         wcur = wnext;
 #pragma unroll
@@ -401,44 +460,75 @@ __global__ void __launch_bounds__(GPTQ_MMA_WARPS *WARP_SIZE)
     if (!active) return;
     // C fragment: c0, c1 = (column gid, tokens 2tq, 2tq+1), c2, c3 = (column gid+8, same tokens)
     const int32_t oA = ot * 16 + gid, oB = oA + 8;
-    const float   bA = bias && oA < n_out ? bias[oA] : 0.0f, bB = bias && oB < n_out ? bias[oB] : 0.0f;
+    float        *dst = part ? part + (int64_t)blockIdx.z * n_rows * n_out : out;
+    const float   bA = !part && bias && oA < n_out ? bias[oA] : 0.0f, bB = !part && bias && oB < n_out ? bias[oB] : 0.0f;
 #pragma unroll
     for (int t = 0; t < NT; t++) {
         const int32_t t0 = n0 + t * 8 + 2 * tq;
         if (t0 < n_rows) {
-            if (oA < n_out) out[(int64_t)t0 * n_out + oA] = acc[t][0] + bA;
-            if (oB < n_out) out[(int64_t)t0 * n_out + oB] = acc[t][2] + bB;
+            if (oA < n_out) dst[(int64_t)t0 * n_out + oA] = acc[t][0] + bA;
+            if (oB < n_out) dst[(int64_t)t0 * n_out + oB] = acc[t][2] + bB;
         }
         if (t0 + 1 < n_rows) {
-            if (oA < n_out) out[(int64_t)(t0 + 1) * n_out + oA] = acc[t][1] + bA;
-            if (oB < n_out) out[(int64_t)(t0 + 1) * n_out + oB] = acc[t][3] + bB;
+            if (oA < n_out) dst[(int64_t)(t0 + 1) * n_out + oA] = acc[t][1] + bA;
+            if (oB < n_out) dst[(int64_t)(t0 + 1) * n_out + oB] = acc[t][3] + bB;
         }
+    }
+}
+
+// out[i] = sum_z part[z][i] (+ bias[i % n_out]), in split order. Grid-stride over n = n_rows * n_out.
+__global__ void gptq_splitk_reduce_kernel(float *__restrict__ out, const float *__restrict__ part,
+                                          const float *__restrict__ bias, int64_t n_out, int64_t n, int32_t n_split) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int32_t z = 0; z < n_split; z++) s += part[(int64_t)z * n + i];
+        out[i] = s + (bias ? bias[i % n_out] : 0.0f);
     }
 }
 
 // ---- dequantize for cuBLAS ----
 
+#define DQ_LDS (256 + 8) // halves per shared row of the dequant tile (conflict-free 4-byte stores)
+
 // wd [n_ot * 16][k_pad] f16 = s (q - z), the same values the MMA kernel feeds the tensor cores.
-// One thread per code dword (8 weights: 4 f16 pairs of 2 rows).
-__global__ void gptq_dequant_kernel(__half *__restrict__ wd, const uint32_t *__restrict__ qw,
-                                    const uint32_t *__restrict__ sz, const int32_t *__restrict__ kb_grp, int32_t n_kc,
-                                    int32_t n_groups, int64_t n_dw) {
-    const int64_t k_pad = (int64_t)n_kc * 64;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n_dw; i += (int64_t)gridDim.x * blockDim.x) {
-        const int     j = (int)(i & 3), lane = (int)((i >> 2) & 31), gid = lane >> 2, tq = lane & 3;
-        const int64_t rest = i >> 7, kc = rest % n_kc, ot = rest / n_kc;
-        const int     g  = __ldg(kb_grp + 2 * kc + (j >> 1));
-        const uint32_t *s = sz + (ot * n_groups + g) * 16;
-        __half2       sA, zA, sB, zBn;
-        frag_consts(__ldg(s + gid), __ldg(s + gid + 8), sA, zA, sB, zBn);
-        uint32_t af[4];
-        dequant_frag(qw[i], sA, zA, sB, zBn, af);
-        const int64_t k = kc * 64 + 16 * j + 2 * tq;
-        __half       *rA = wd + (ot * 16 + gid) * k_pad + k, *rB = rA + 8 * k_pad;
-        *(uint32_t *)rA       = af[0];
-        *(uint32_t *)rB       = af[1];
-        *(uint32_t *)(rA + 8) = af[2];
-        *(uint32_t *)(rB + 8) = af[3];
+// Grid: (n_ot, ceil(n_kc / 4)); Block: 4 warps, warp w dequantizes chunk 4 blockIdx.y + w of tile
+// blockIdx.x into a shared 16 x 256 tile (fragment order), which the block then writes out as
+// contiguous 512-byte row pieces with 16-byte stores.
+__global__ void __launch_bounds__(128)
+    gptq_dequant_kernel(__half *__restrict__ wd, const uint4 *__restrict__ qw, const uint32_t *__restrict__ sz,
+                        const uint32_t *__restrict__ kc_grp, int32_t n_kc, int32_t n_groups) {
+    __shared__ __align__(16) __half tile[16][DQ_LDS];
+    const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
+    const int64_t ot = blockIdx.x, k_pad = (int64_t)n_kc * 64;
+    const int32_t kc = (int32_t)blockIdx.y * 4 + warp;
+    if (kc < n_kc) {
+        const uint4     q4     = ld_stream(qw + (ot * n_kc + kc) * 32 + lane);
+        const uint32_t  dws[4] = {q4.x, q4.y, q4.z, q4.w};
+        const uint32_t  gp     = __ldg(kc_grp + kc);
+        const uint32_t *s      = sz + ot * n_groups * 16;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int g = h ? (int)(gp >> 16) : (int)(gp & 0xffffu);
+            __half2   sA, zA, sB, zBn;
+            frag_consts(__ldg(s + g * 16 + gid), __ldg(s + g * 16 + gid + 8), sA, zA, sB, zBn);
+#pragma unroll
+            for (int jj = 0; jj < 2; jj++) {
+                const int j = 2 * h + jj, k = warp * 64 + 16 * j + 2 * tq;
+                uint32_t  af[4];
+                dequant_frag(dws[j], sA, zA, sB, zBn, af);
+                *(uint32_t *)&tile[gid][k]         = af[0];
+                *(uint32_t *)&tile[gid + 8][k]     = af[1];
+                *(uint32_t *)&tile[gid][k + 8]     = af[2];
+                *(uint32_t *)&tile[gid + 8][k + 8] = af[3];
+            }
+        }
+    }
+    __syncthreads();
+    const int32_t nk = min(4, n_kc - (int32_t)blockIdx.y * 4) * 64; // valid columns of the tile
+    for (int i = threadIdx.x; i < 16 * 32; i += 128) {
+        const int row = i >> 5, c = i & 31;
+        if (c * 8 < nk)
+            *(uint4 *)(wd + (ot * 16 + row) * k_pad + (int64_t)blockIdx.y * 256 + c * 8) = *(const uint4 *)&tile[row][c * 8];
     }
 }
 
@@ -452,7 +542,7 @@ __global__ void gptq_bias_kernel(float *out, const float *__restrict__ bias, int
 
 struct dev_plan {
     int64_t k_pad, n_kc, n_ot;
-    size_t  off_sz, off_kbg, off_perm, total;
+    size_t  off_sz, off_kcg, off_perm, total;
 };
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -464,11 +554,11 @@ static struct dev_plan plan_of(const struct coopt_gptq_weight *hw) {
     p.n_ot      = hw->n_sub;
     size_t qw   = (size_t)p.n_ot * (size_t)p.n_kc * 512;
     size_t szb  = (size_t)p.n_ot * (size_t)hw->n_groups * 16 * 4;
-    size_t kbg  = (size_t)(p.k_pad / 32) * 4;
+    size_t kcg  = (size_t)p.n_kc * 4;
     size_t perm = hw->perm ? (size_t)p.k_pad * 4 : 0;
     p.off_sz    = align256(qw);
-    p.off_kbg   = p.off_sz + align256(szb);
-    p.off_perm  = p.off_kbg + align256(kbg);
+    p.off_kcg   = p.off_sz + align256(szb);
+    p.off_perm  = p.off_kcg + align256(kcg);
     p.total     = p.off_perm + align256(perm);
     return p;
 }
@@ -487,18 +577,20 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     struct cuda_backend *cb = cuda_impl(be);
     cudaStream_t         st = cb->stream;
     struct dev_plan      p  = plan_of(hw);
-    if (p.n_ot > INT32_MAX / 2 || p.n_kc > INT32_MAX / 4 || hw->n_out > INT32_MAX || hw->n_groups <= 0)
+    // n_kc: the GEMV stages its group table (4 bytes a chunk) in 48 KiB of shared memory
+    if (p.n_ot > INT32_MAX / 2 || p.n_kc > 12288 || hw->n_out > INT32_MAX || hw->n_groups <= 0 || hw->n_groups > 65535)
         return coopt_fail(COOPT_ERR_UNSUPPORTED, "cuda: GPTQ weight [%lld,%lld] is too large for the kernels",
                           (long long)hw->n_out, (long long)hw->n_in);
     // staging: the host codes, scales and zeros as they are
     const size_t n_src_dw = (size_t)p.n_ot * (size_t)(hw->k_pad / 8) * 16;
     const size_t n_gs     = (size_t)p.n_ot * (size_t)hw->n_groups * 16;
     const size_t o_sc = align256(n_src_dw * 4), o_z = o_sc + align256(n_gs * 2), stage_bytes = o_z + align256(n_gs);
+    uint32_t    *kcg  = (uint32_t *)coopt_malloc((size_t)p.n_kc * 4);
     int32_t     *kbg  = (int32_t *)coopt_malloc((size_t)(p.k_pad / 32) * 4);
     int32_t     *perm = hw->perm ? (int32_t *)coopt_malloc((size_t)p.k_pad * 4) : NULL;
     uint8_t     *stage = NULL, *buf = NULL;
-    if (!kbg || (hw->perm && !perm)) {
-        free(kbg), free(perm);
+    if (!kcg || !kbg || (hw->perm && !perm)) {
+        free(kcg), free(kbg), free(perm);
         return coopt_fail(COOPT_ERR_NOMEM, "cuda: out of host memory repacking a GPTQ weight");
     }
     cudaError_t e = cudaMalloc((void **)&buf, p.total);
@@ -506,7 +598,7 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
         if (buf) cudaFree(buf);
-        free(kbg), free(perm);
+        free(kcg), free(kbg), free(perm);
         return coopt_fail(COOPT_ERR_NOMEM, "cuda: out of GPU memory uploading a GPTQ weight [%lld,%lld] (%.1f MiB)",
                           (long long)hw->n_out, (long long)hw->n_in, (p.total + stage_bytes) / 1048576.0);
     }
@@ -515,6 +607,7 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     for (int32_t g = 0; g < hw->n_groups; g++)
         for (int64_t b = hw->grp_blk[g]; b < hw->grp_blk[g + 1]; b++) kbg[b] = g;
     for (int64_t b = nb_host; b < nb; b++) kbg[b] = nb_host > 0 ? kbg[nb_host - 1] : 0;
+    for (int64_t c = 0; c < p.n_kc; c++) kcg[c] = (uint32_t)kbg[2 * c] | (uint32_t)kbg[2 * c + 1] << 16;
     uint64_t hash = 0;
     if (perm) {
         hash = 1469598103934665603ull; // FNV-1a over the padded order
@@ -530,7 +623,7 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     if (cudaMemcpyAsync(stage, hw->qw, n_src_dw * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
         cudaMemcpyAsync(stage + o_sc, hw->scale, n_gs * 2, cudaMemcpyHostToDevice, st) != cudaSuccess ||
         cudaMemcpyAsync(stage + o_z, hw->zero, n_gs, cudaMemcpyHostToDevice, st) != cudaSuccess ||
-        cudaMemcpyAsync(buf + p.off_kbg, kbg, (size_t)nb * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
+        cudaMemcpyAsync(buf + p.off_kcg, kcg, (size_t)p.n_kc * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
         (perm && cudaMemcpyAsync(buf + p.off_perm, perm, (size_t)p.k_pad * 4, cudaMemcpyHostToDevice, st) != cudaSuccess)) {
         rc = coopt_fail(COOPT_ERR_NOMEM, "cuda: copying a GPTQ weight to the GPU failed (%s)",
                         cudaGetErrorName(cudaGetLastError()));
@@ -545,7 +638,7 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
         CUDA_CHECK(cudaStreamSynchronize(st));
     }
     CUDA_CHECK(cudaFree(stage));
-    free(kbg), free(perm);
+    free(kcg), free(kbg), free(perm);
     if (rc != COOPT_OK) {
         CUDA_CHECK(cudaFree(buf));
         return rc;
@@ -558,9 +651,18 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     dw->n_groups  = hw->n_groups;
     dw->direct    = !hw->perm && p.k_pad == hw->n_in;
     dw->perm_hash = hash;
+    {
+        const size_t smem = (size_t)p.n_kc * 4;
+        int          occ[3] = {0, 0, 0};
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[0], gptq_gemv_kernel<1, 4>, 4 * WARP_SIZE, smem) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[1], gptq_gemv_kernel<1, 8>, 8 * WARP_SIZE, smem) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[2], gptq_gemv_kernel<1, 16>, 16 * WARP_SIZE, smem) != cudaSuccess)
+            (void)cudaGetLastError(); // keep the zeros: gemv_pick_warps assumes one block per SM
+        for (int i = 0; i < 3; i++) dw->gemv_occ[i] = (int16_t)occ[i];
+    }
     dw->qw        = buf;
     dw->sz        = (const uint32_t *)(buf + p.off_sz);
-    dw->kb_grp    = (const int32_t *)(buf + p.off_kbg);
+    dw->kc_grp    = (const uint32_t *)(buf + p.off_kcg);
     dw->perm      = hw->perm ? (const int32_t *)(buf + p.off_perm) : NULL;
     dw->buf       = buf;
     dw->bytes     = p.total;
@@ -571,10 +673,11 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
 
 template <int R>
 static void gemv_launch_r(cudaStream_t st, const gemv_args &a, unsigned blocks, int nw) {
+    const size_t smem = (size_t)a.n_kc * 4; // the group table; 65535 * 4 chunks at most (upload)
     switch (nw) {
-    case 4: gptq_gemv_kernel<R, 4><<<blocks, 4 * WARP_SIZE, 0, st>>>(a); break;
-    case 8: gptq_gemv_kernel<R, 8><<<blocks, 8 * WARP_SIZE, 0, st>>>(a); break;
-    default: gptq_gemv_kernel<R, 16><<<blocks, 16 * WARP_SIZE, 0, st>>>(a); break;
+    case 4: gptq_gemv_kernel<R, 4><<<blocks, 4 * WARP_SIZE, smem, st>>>(a); break;
+    case 8: gptq_gemv_kernel<R, 8><<<blocks, 8 * WARP_SIZE, smem, st>>>(a); break;
+    default: gptq_gemv_kernel<R, 16><<<blocks, 16 * WARP_SIZE, smem, st>>>(a); break;
     }
     CUDA_CHECK_LAUNCH();
 }
@@ -590,14 +693,23 @@ static void gemv_launch(cudaStream_t st, const gemv_args &a, unsigned blocks, in
         gemv_launch_r<8>(st, a, blocks, nw);
 }
 
-// Warps per GEMV block: enough warps in flight for the tile count (measured, gptq bench).
-static int gemv_auto_warps(const struct cuda_backend *cb, int64_t n_tiles) {
-    if (n_tiles >= 4 * (int64_t)cb->n_sm) return 4;
-    if (n_tiles >= 2 * (int64_t)cb->n_sm) return 8;
-    return 16;
+// Warps per GEMV block for n_tiles blocks: the most warps per SM (up to 24) with the least
+// wave quantization (a last partial wave of equal blocks idles the other SMs), from the
+// occupancies measured at upload. Ties go to fewer warps (longer runs per warp).
+static int gemv_pick_warps(const struct cuda_backend *cb, const struct cuda_gptq_weight *w, int64_t n_tiles) {
+    int    best = 16;
+    double best_score = -1.0;
+    for (int i = 0; i < 3; i++) {
+        const int    nw = 4 << i, bps = w->gemv_occ[i] > 0 ? w->gemv_occ[i] : 1;
+        const double waves = (double)n_tiles / ((double)cb->n_sm * bps);
+        const double eff = waves <= 1.0 ? 1.0 : waves / ceil(waves);
+        const double per_sm = fmin((double)bps, (double)n_tiles / cb->n_sm) * nw; // warps per SM
+        const double score = eff * fmin(per_sm, 24.0) / 24.0;
+        if (score > best_score + 1e-3) best = nw, best_score = score;
+    }
+    return best;
 }
 
-// Workspace layout of one call: gathered x copies, then (cuBLAS) the f16 weight matrix.
 static void gather(cudaStream_t st, void *dst, bool half, const float *x, const struct cuda_gptq_weight *w,
                    int32_t n_rows) {
     int64_t n = (int64_t)n_rows * w->k_pad;
@@ -613,9 +725,9 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
     const int64_t k_pad = ws[0]->k_pad, n_in = ws[0]->n_in;
     // distinct row orders that need a gathered copy of x (x read in place needs 8-byte pairs)
     const bool direct_ok = ((uintptr_t)x & 7) == 0;
-    uint64_t hashes[GPTQ_MAX_MULTI];
-    int      n_h = 0, slot[GPTQ_MAX_MULTI];
-    int64_t  tiles = 0;
+    uint64_t   hashes[GPTQ_MAX_MULTI];
+    int        n_h = 0, slot[GPTQ_MAX_MULTI];
+    int64_t    tiles = 0;
     for (int32_t j = 0; j < n; j++) {
         COOPT_ASSERT(ws[j]->n_in == n_in && ws[j]->k_pad == k_pad);
         tiles += ws[j]->n_ot;
@@ -633,7 +745,7 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
                 gather(cb->stream, wsp + h * xp_bytes, false, x, ws[j], n_rows);
                 break;
             }
-    if (nw <= 0) nw = gemv_auto_warps(cb, tiles);
+    if (nw <= 0) nw = gemv_pick_warps(cb, ws[0], tiles);
     for (int32_t r0 = 0; r0 < n_rows; r0 += GPTQ_GEMV_MAX_ROWS) {
         gemv_args a;
         memset(&a, 0, sizeof(a));
@@ -646,7 +758,7 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
             const float *xj = slot[j] < 0 ? x + (int64_t)r0 * n_in : (const float *)(wsp + slot[j] * xp_bytes) + (int64_t)r0 * k_pad;
             a.qw[j]       = (const uint4 *)w->qw;
             a.sz[j]       = w->sz;
-            a.kb_grp[j]   = w->kb_grp;
+            a.kc_grp[j]   = w->kc_grp;
             a.x[j]        = xj;
             a.bias[j]     = biases ? biases[j] : NULL;
             a.out[j]      = outs[j] + (int64_t)r0 * w->n_out;
@@ -661,19 +773,44 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
     }
 }
 
-static void mma_launch(struct cuda_backend *cb, float *out, const float *x, const struct cuda_gptq_weight *w,
-                       const float *bias, int32_t n_rows, int bn) {
-    __half *xp = (__half *)cuda_workspace(cb, (size_t)n_rows * (size_t)w->k_pad * 2);
-    gather(cb->stream, xp, true, x, w, n_rows);
-    if (bn <= 0) bn = n_rows <= 64 ? 64 : 128;
-    dim3 grid((unsigned)((w->n_ot + GPTQ_MMA_WARPS - 1) / GPTQ_MMA_WARPS), (unsigned)((n_rows + bn - 1) / bn));
-    if (bn == 64)
-        gptq_mma_kernel<64><<<grid, GPTQ_MMA_WARPS * WARP_SIZE, 0, cb->stream>>>(
-            out, xp, (const uint4 *)w->qw, w->sz, w->kb_grp, bias, (int32_t)w->n_out, w->n_ot, w->n_kc, w->n_groups, n_rows);
-    else
-        gptq_mma_kernel<128><<<grid, GPTQ_MMA_WARPS * WARP_SIZE, 0, cb->stream>>>(
-            out, xp, (const uint4 *)w->qw, w->sz, w->kb_grp, bias, (int32_t)w->n_out, w->n_ot, w->n_kc, w->n_groups, n_rows);
+template <int BN>
+static void mma_launch_bn(cudaStream_t st, dim3 grid, float *out, float *part, const __half *xp,
+                          const struct cuda_gptq_weight *w, const float *bias, int32_t n_rows, int32_t kc_per) {
+    gptq_mma_kernel<BN><<<grid, GPTQ_MMA_WARPS * WARP_SIZE, 0, st>>>(out, part, xp, (const uint4 *)w->qw, w->sz, w->kc_grp,
+                                                                      bias, (int32_t)w->n_out, w->n_ot, w->n_kc,
+                                                                      w->n_groups, n_rows, kc_per);
     CUDA_CHECK_LAUNCH();
+}
+
+// param: tokens per block in the low byte (16, 32, 64, 128; 0 = the smallest that covers n_rows,
+// at most 128), K splits above it (0 = enough blocks for ~3 per SM, each split >= 2 chunks).
+static void mma_launch(struct cuda_backend *cb, float *out, const float *x, const struct cuda_gptq_weight *w,
+                       const float *bias, int32_t n_rows, int param) {
+    int bn = param & 0xff, n_split = param >> 8;
+    if (bn <= 0) bn = n_rows <= 16 ? 16 : n_rows <= 32 ? 32 : n_rows <= 64 ? 64 : 128;
+    const int64_t col_blocks = (w->n_ot + GPTQ_MMA_WARPS - 1) / GPTQ_MMA_WARPS, row_blocks = (n_rows + bn - 1) / bn;
+    if (n_split <= 0) n_split = (int)COOPT_MIN((int64_t)32, (3 * (int64_t)cb->n_sm + col_blocks * row_blocks - 1) / (col_blocks * row_blocks));
+    n_split = (int)COOPT_MAX(1, COOPT_MIN((int64_t)n_split, (int64_t)w->n_kc / 2));
+    const int32_t kc_per = (w->n_kc + n_split - 1) / n_split;
+    n_split = (w->n_kc + kc_per - 1) / kc_per; // no empty split
+    const size_t xp_bytes = align256((size_t)n_rows * (size_t)w->k_pad * 2);
+    const size_t pt_bytes = n_split > 1 ? (size_t)n_split * (size_t)n_rows * (size_t)w->n_out * 4 : 0;
+    uint8_t     *wsp      = (uint8_t *)cuda_workspace(cb, xp_bytes + pt_bytes);
+    __half      *xp = (__half *)wsp;
+    float       *part = n_split > 1 ? (float *)(wsp + xp_bytes) : NULL;
+    gather(cb->stream, xp, true, x, w, n_rows);
+    dim3 grid((unsigned)col_blocks, (unsigned)row_blocks, (unsigned)n_split);
+    switch (bn) {
+    case 16: mma_launch_bn<16>(cb->stream, grid, out, part, xp, w, bias, n_rows, kc_per); break;
+    case 32: mma_launch_bn<32>(cb->stream, grid, out, part, xp, w, bias, n_rows, kc_per); break;
+    case 64: mma_launch_bn<64>(cb->stream, grid, out, part, xp, w, bias, n_rows, kc_per); break;
+    default: mma_launch_bn<128>(cb->stream, grid, out, part, xp, w, bias, n_rows, kc_per); break;
+    }
+    if (part) {
+        int64_t n = (int64_t)n_rows * w->n_out;
+        gptq_splitk_reduce_kernel<<<cuda_grid_1d(n, 256), 256, 0, cb->stream>>>(out, part, bias, w->n_out, n, n_split);
+        CUDA_CHECK_LAUNCH();
+    }
 }
 
 static void cublas_launch(struct cuda_backend *cb, float *out, const float *x, const struct cuda_gptq_weight *w,
@@ -683,9 +820,8 @@ static void cublas_launch(struct cuda_backend *cb, float *out, const float *x, c
     uint8_t     *wsp      = (uint8_t *)cuda_workspace(cb, xp_bytes + wd_bytes);
     __half      *xp = (__half *)wsp, *wd = (__half *)(wsp + xp_bytes);
     gather(cb->stream, xp, true, x, w, n_rows);
-    const int64_t n_dw = (int64_t)w->n_ot * w->n_kc * 128;
-    gptq_dequant_kernel<<<cuda_grid_1d(n_dw, 256), 256, 0, cb->stream>>>(wd, (const uint32_t *)w->qw, w->sz, w->kb_grp,
-                                                                         w->n_kc, w->n_groups, n_dw);
+    dim3 grid((unsigned)w->n_ot, (unsigned)((w->n_kc + 3) / 4));
+    gptq_dequant_kernel<<<grid, 128, 0, cb->stream>>>(wd, (const uint4 *)w->qw, w->sz, w->kc_grp, w->n_kc, w->n_groups);
     CUDA_CHECK_LAUNCH();
     const float one = 1.0f, zero = 0.0f;
     // Column-major view as in matmul.cu: out^T [n_out x n_rows] = wd (row-major [o][k], OP_T) x xp^T
@@ -699,16 +835,19 @@ static void cublas_launch(struct cuda_backend *cb, float *out, const float *x, c
     }
 }
 
+enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows) {
+    if (n_rows < GPTQ_MMA_MIN_ROWS) return CUDA_GPTQ_GEMV;
+    // cuBLAS takes int dimensions, and the f16 scratch matrix stays under 16 GiB
+    if (n_rows < GPTQ_CUBLAS_MIN_ROWS || w->k_pad > INT32_MAX || (int64_t)w->n_ot * 16 * w->k_pad > ((int64_t)1 << 33))
+        return CUDA_GPTQ_MMA;
+    return CUDA_GPTQ_CUBLAS;
+}
+
 void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
                            const float *bias, int32_t n_rows, enum cuda_gptq_path path, int param) {
     if (n_rows <= 0 || w->n_out <= 0) return;
     struct cuda_backend *cb = cuda_impl(be);
-    if (path == CUDA_GPTQ_AUTO)
-        path = n_rows < GPTQ_MMA_MIN_ROWS      ? CUDA_GPTQ_GEMV
-               : n_rows < GPTQ_CUBLAS_MIN_ROWS ? CUDA_GPTQ_MMA
-                                               : CUDA_GPTQ_CUBLAS;
-    if (path == CUDA_GPTQ_CUBLAS && (w->k_pad > INT32_MAX || (int64_t)w->n_ot * 16 * w->k_pad > ((int64_t)1 << 34)))
-        path = CUDA_GPTQ_MMA; // cuBLAS takes int dimensions; keep the scratch matrix sane
+    if (path == CUDA_GPTQ_AUTO) path = cuda_gptq_auto_path(w, n_rows);
     switch (path) {
     case CUDA_GPTQ_GEMV: {
         float *outs[1] = {out};
@@ -718,9 +857,9 @@ void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x,
         break;
     }
     case CUDA_GPTQ_MMA:
-        for (int32_t r0 = 0; r0 < n_rows; r0 += 65535 * 64) // grid.y limit
+        for (int32_t r0 = 0; r0 < n_rows; r0 += 65535 * 16) // grid.y limit at 16 tokens per block
             mma_launch(cb, out + (int64_t)r0 * w->n_out, x + (int64_t)r0 * w->n_in, w, bias,
-                       COOPT_MIN(65535 * 64, n_rows - r0), param);
+                       COOPT_MIN(65535 * 16, n_rows - r0), param);
         break;
     default: cublas_launch(cb, out, x, w, bias, n_rows); break;
     }

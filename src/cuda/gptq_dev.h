@@ -30,9 +30,10 @@ struct cuda_gptq_weight {
     int32_t         n_groups;
     bool            direct;    // no permutation and k_pad == n_in: the kernels read x in place
     uint64_t        perm_hash; // 0 for the identity; equal hashes = equal row orders (x gathered once)
+    int16_t         gemv_occ[3]; // resident GEMV blocks per SM with 4, 8, 16 warps (one row; picks the size)
     const void     *qw;        // uint32 [n_ot][n_kc][32 lanes][4]: the mma fragment layout (gptq.cu)
     const uint32_t *sz;        // [n_ot][n_groups][16] f16 scale bits | zero point << 16
-    const int32_t  *kb_grp;    // [k_pad / 32] group of each 32-row block
+    const uint32_t *kc_grp;    // [k_pad / 64] groups of the two 32-row halves of a chunk: lo | hi << 16
     const int32_t  *perm;      // [k_pad] input row of each padded row, -1 = zero row; NULL = identity
     void           *buf;       // the device allocation holding the arrays above (cudaFree)
     size_t          bytes;     // its size
@@ -65,9 +66,12 @@ void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *o
 enum cuda_gptq_path {
     CUDA_GPTQ_AUTO = 0,
     CUDA_GPTQ_GEMV,   // f32 GEMV, rows in groups of up to 8; `param` = warps per block (4, 8, 16; 0 = auto)
-    CUDA_GPTQ_MMA,    // int4 -> f16 in registers + mma.sync m16n8k16; `param` = tokens per block (64, 128; 0 = auto)
+    CUDA_GPTQ_MMA,    // int4 -> f16 in registers + mma.sync m16n8k16; `param` = tokens per block (16, 32, 64,
+                      // 128; 0 = auto) | K splits << 8 (0 = auto)
     CUDA_GPTQ_CUBLAS, // dequantize to an f16 scratch matrix + cublasGemmEx
 };
+// The path cuda_gptq_matmul takes for n_rows (never CUDA_GPTQ_AUTO).
+enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows);
 void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
                            const float *bias, int32_t n_rows, enum cuda_gptq_path path, int param);
 
