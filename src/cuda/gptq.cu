@@ -20,32 +20,37 @@
  * rows): (dw & 0x000f000f), (dw & 0x00f000f0) and the same of dw >> 8, OR'ed into the f16
  * magic 0x6400 (1024), are its registers a0..a3. One 16-byte load per lane covers 64 rows of
  * 16 columns, and a warp reads 512 contiguous bytes. Scales and zeros: sz[t][g][16] = f16 scale
- * bits | real zero point << 16 (4 bytes per column and group); kc_grp[c] = the groups of the two
- * 32-row halves of chunk c, lo | hi << 16 (a group can change at any 32-row boundary: act-order
- * groups, group size 32).
+ * bits | real zero point << 16 (4 bytes per column and group). A group can change at any 32-row
+ * boundary (act-order groups, group size 32): kb_grp[k / 32] is the group of each 32-row block
+ * (GEMV), kc_grp[c] the groups of the two halves of 64-row chunk c, lo | hi << 16 (MMA).
  *
  * Paths (cuda_gptq_matmul picks by n_rows; thresholds measured on an H100, docs/BENCHMARKS.md):
- *  - GEMV (n_rows <= 8): f32 throughout. A nibble becomes an exact f32 without a conversion
- *    instruction: OR'ed into the exponent of 2^e (e = 23, 19, 15, 11, 7 for the nibbles at bits
- *    0, 4, 8, 12, 16; dw >> 20 brings nibbles 5..7 to bits 0..8) it reads 2^e + q, and one FADD
- *    of the per-group constant 2^e + z gives q - z exactly. So per weight: LOP3, FADD and one
+ *  - GEMV (decode, 1 row; up to 8 rows a launch when asked for): f32 throughout. A nibble
+ *    becomes an exact f32 without a conversion instruction: OR'ed into the exponent of 2^e
+ *    (e = 23, 19, 15, 11, 7 for the nibbles at bits 0, 4, 8, 12, 16; dw >> 20 brings nibbles
+ *    5..7 to bits 0..8) it reads 2^e + q, and one FADD of the per-group constant 2^e + z gives
+ *    q - z exactly. So per weight: LOP3, FADD and one
  *    FFMA per row; W = s (q - z) is applied as y += s * sum_group (q - z) x, i.e. every product
  *    is exact and the only rounding is f32 accumulation (the same error as the F32 GEMV).
  *    Grid: one block per 16-column tile (of all weights of a multi call); Block: NW warps that
- *    split the 64-row chunks into contiguous ranges; each lane streams runs of 4 chunks (64
- *    bytes) with L1-bypassing loads, the next run in flight while the current one is multiplied
- *    (rows <= 2), with the scale/zero words of each chunk fetched alongside; x (L1-resident) is
- *    read as float2 pairs. The 4 lanes of a column pair reduce with shuffles, the warps through
- *    shared memory, in a fixed order (deterministic).
- *  - MMA (tensor cores, f16 x): x is gathered/converted to f16 once per call; Grid:
+ *    split the 64-row chunks into contiguous ranges; each lane loads runs of 4 chunks (64 bytes)
+ *    with L1-bypassing loads, then multiplies them, with the scale/zero words of the run's last
+ *    group fetched alongside; x (L1-resident) is read as float2 pairs. The 4 lanes of a column
+ *    pair reduce with shuffles, the warps through shared memory, in a fixed order
+ *    (deterministic). Measured: ~1.4 TB/s in steady state (time against bytes over the real
+ *    shapes), so it is not memory-bound; our reading is instruction issue (~30 instructions per
+ *    8 weights: LOP3 + FADD + FFMA each, the x loads, addressing) with too few warps to hide the
+ *    L1 latency of x. A double-buffered variant with twice the registers measured 10-25 %
+ *    slower (lower occupancy); the MMA kernel below is as fast at 1 row, faster from 2 rows.
+ *  - MMA (tensor cores, f16 x; 2-159 rows): x is gathered/converted to f16 once per call; Grid:
  *    (ceil(n_tiles/4), ceil(n_rows/BN), K splits); Block: 4 warps, warp w owns column tile
  *    4 blockIdx.x + w, all share a BN-token x tile in shared memory (double-buffered, rows padded
  *    to 72 halves so ldmatrix is conflict-free). A lane's dword is dequantized in registers to
  *    f16 s (q - z) (exact q - z via the magic, one rounding in the scale multiply) and fed
  *    straight to mma.sync as A. K is split over enough blocks for ~3 per SM; the splits' partial
  *    sums go to the workspace and one small kernel adds them in a fixed order.
- *  - cuBLAS (prefill): the same f16 weights written to a scratch matrix (a shared-memory
- *    transpose of the fragment order into rows), then cublasGemmEx with f32 compute.
+ *  - cuBLAS (prefill, >= 160 rows): the same f16 weights written to a scratch matrix (a
+ *    shared-memory transpose of the fragment order into rows), then cublasGemmEx (f32 compute).
  * Accuracy of the f16 paths: x and s (q - z) are each rounded to f16 once (2^-11 relative,
  * 2^-25 absolute below the f16 normal range), products and sums in f32: |error| <= (2^-10 +
  * 2^-22) sum_i |W x| + 2^-25 sum_i |W| + the f32 accumulation error.
@@ -62,20 +67,24 @@
 #define GPTQ_MAX_MULTI     4
 #define GPTQ_MMA_WARPS     4
 
-// Row thresholds of the automatic choice (see cuda_gptq_matmul_path).
+// Row thresholds of the automatic choice, from the kernel timings on an H100 (docs/BENCHMARKS.md):
+// at 1 row the GEMV is as fast as the MMA kernel and exact in f32; from 2 rows the MMA kernel
+// costs about the same as at 1 row while the GEMV grows with every row; dequantize + cuBLAS wins
+// at 512 rows and loses at 128 on every real shape (crossover interpolated at 170-330).
 #ifndef GPTQ_MMA_MIN_ROWS
-#define GPTQ_MMA_MIN_ROWS 9 // n_rows below: GEMV
+#define GPTQ_MMA_MIN_ROWS 2 // n_rows below: GEMV
 #endif
 #ifndef GPTQ_CUBLAS_MIN_ROWS
-#define GPTQ_CUBLAS_MIN_ROWS 128 // n_rows from here: dequantize + cuBLAS
+#define GPTQ_CUBLAS_MIN_ROWS 160 // n_rows from here: dequantize + cuBLAS
 #endif
 
 // ---- device helpers ----
 
-// 16-byte load that does not allocate in L1 (weights are read once; x stays in L1).
+// 16-byte load that does not allocate in L1 (weights are read once; x stays in L1). volatile:
+// issued where it is written, so a prefetch is not sunk next to its use.
 __device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
     uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
         : "l"(p));
     return v;
@@ -168,7 +177,7 @@ __global__ void gptq_gather_kernel(T *__restrict__ xp, const float *__restrict__
 struct gemv_args {
     const uint4    *qw[GPTQ_MAX_MULTI];
     const uint32_t *sz[GPTQ_MAX_MULTI];
-    const uint32_t *kc_grp[GPTQ_MAX_MULTI];
+    const int32_t  *kb_grp[GPTQ_MAX_MULTI];
     const float    *x[GPTQ_MAX_MULTI];    // [n_rows][ldx]: x in place or the gathered copy
     const float    *bias[GPTQ_MAX_MULTI]; // [n_out] or NULL
     float          *out[GPTQ_MAX_MULTI];  // [n_rows][n_out]
@@ -181,34 +190,24 @@ struct gemv_args {
     int32_t         n_rows; // <= R
 };
 
-// One run of GPTQ_U chunks of a lane: codes, group pairs and the scale/zero words of each
-// chunk's second-half group (prefetched with the codes, so a group change rarely waits).
-struct gemv_run {
-    uint4    w[GPTQ_U];
-    uint32_t g[GPTQ_U];
-    uint32_t pa[GPTQ_U], pb[GPTQ_U];
-};
-
 // out[r][o] for the 16 columns of one tile and R rows; see the file comment for the mapping.
 // Lane (gid, tq) accumulates columns o0+gid (A) and o0+gid+8 (B) over rows 2tq, 2tq+1, 2tq+8,
-// 2tq+9 of every 16-row step of its warp's chunks. Runs are double-buffered for R <= 2 (decode):
-// the codes of run i+1 are in flight while run i is multiplied. Dynamic shared memory: the
-// weight's kc_grp.
+// 2tq+9 of every 16-row step of its warp's chunks.
 template <int R, int NW>
 __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_args a) {
-    extern __shared__ uint32_t kcg_s[]; // [n_kc]
-    __shared__ float           red[NW][R][16];
+    __shared__ float red[NW][R][16];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
     // which weight (unrolled selects: no dynamic indexing of the parameter arrays)
     const uint4    *qw = a.qw[0];
-    const uint32_t *sz = a.sz[0], *kc_grp = a.kc_grp[0];
+    const uint32_t *sz = a.sz[0];
+    const int32_t  *kb_grp = a.kb_grp[0];
     const float    *x = a.x[0], *bias = a.bias[0];
     float          *out = a.out[0];
     int32_t         n_out = a.n_out[0], n_groups = a.n_groups[0], ot = (int32_t)blockIdx.x;
 #pragma unroll
     for (int j = 1; j < GPTQ_MAX_MULTI; j++) {
         if (j < a.n && (int32_t)blockIdx.x >= a.ot_end[j - 1]) {
-            qw = a.qw[j], sz = a.sz[j], kc_grp = a.kc_grp[j], x = a.x[j], bias = a.bias[j], out = a.out[j];
+            qw = a.qw[j], sz = a.sz[j], kb_grp = a.kb_grp[j], x = a.x[j], bias = a.bias[j], out = a.out[j];
             n_out = a.n_out[j], n_groups = a.n_groups[j], ot = (int32_t)blockIdx.x - a.ot_end[j - 1];
         }
     }
@@ -220,58 +219,40 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
     const uint4    *wp  = qw + (int64_t)ot * n_kc * 32 + lane;
     const uint32_t *szp = sz + (int64_t)ot * n_groups * 16;
 
-    gemv_run ra, rb;
-    // the first run's codes go out before the group table is staged
+    float yA[R], yB[R], aA[R], aB[R];
 #pragma unroll
-    for (int u = 0; u < GPTQ_U; u++)
-        if (kc0 + u < kc1) ra.w[u] = ld_stream(wp + (int64_t)(kc0 + u) * 32);
-    for (int32_t i = threadIdx.x; i < n_kc; i += NW * WARP_SIZE) kcg_s[i] = __ldg(kc_grp + i);
-    __syncthreads();
-    auto load_groups = [&](gemv_run &rn, int32_t kcb) {
-#pragma unroll
-        for (int u = 0; u < GPTQ_U; u++) {
-            if (kcb + u < kc1) {
-                rn.g[u]     = kcg_s[kcb + u];
-                const int g = (int)(rn.g[u] >> 16);
-                rn.pa[u]    = __ldg(szp + g * 16 + gid);
-                rn.pb[u]    = __ldg(szp + g * 16 + gid + 8);
-            }
-        }
-    };
-    auto load = [&](gemv_run &rn, int32_t kcb) {
-#pragma unroll
-        for (int u = 0; u < GPTQ_U; u++)
-            if (kcb + u < kc1) rn.w[u] = ld_stream(wp + (int64_t)(kcb + u) * 32);
-        load_groups(rn, kcb);
-    };
-
-    // two accumulator chains per column (even / odd 16-row steps), flushed at group changes
-    float yA[R], yB[R], aA[2][R], aB[2][R];
-#pragma unroll
-    for (int r = 0; r < R; r++) yA[r] = yB[r] = aA[0][r] = aA[1][r] = aB[0][r] = aB[1][r] = 0.0f;
+    for (int r = 0; r < R; r++) yA[r] = yB[r] = aA[r] = aB[r] = 0.0f;
     float sA = 0.0f, sB = 0.0f;
     float cA0 = 0.0f, cA2 = 0.0f, cA4 = 0.0f, cA6 = 0.0f, cB1 = 0.0f, cB3 = 0.0f, cB5 = 0.0f, cB7 = 0.0f;
     int   gcur = -1;
 
-    auto compute = [&](const gemv_run &rn, int32_t kcb) {
+    for (int32_t kc = kc0; kc < kc1; kc += GPTQ_U) {
+        uint4 w[GPTQ_U];
+#pragma unroll
+        for (int u = 0; u < GPTQ_U; u++)
+            if (kc + u < kc1) w[u] = ld_stream(wp + (int64_t)(kc + u) * 32);
+        // scales/zeros of the chunk run's last group, fetched with the codes: a run of 4 chunks
+        // (256 rows) rarely spans more than two groups, so a group change seldom waits
+        const int      gpf = __ldg(kb_grp + 2 * min(kc + GPTQ_U, kc1) - 1);
+        const uint32_t pfA = __ldg(szp + gpf * 16 + gid), pfB = __ldg(szp + gpf * 16 + gid + 8);
 #pragma unroll
         for (int u = 0; u < GPTQ_U; u++) {
-            if (kcb + u < kc1) {
-                const int32_t  kcu    = kcb + u;
-                const uint32_t dws[4] = {rn.w[u].x, rn.w[u].y, rn.w[u].z, rn.w[u].w};
+            if (kc + u < kc1) {
+                const int32_t  kcu    = kc + u;
+                const uint32_t dws[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     if ((j & 1) == 0) {
-                        const int g = j == 0 ? (int)(rn.g[u] & 0xffffu) : (int)(rn.g[u] >> 16);
+                        const int g = __ldg(kb_grp + 2 * kcu + (j >> 1));
                         if (g != gcur) {
 #pragma unroll
                             for (int r = 0; r < R; r++) {
-                                yA[r]    = fmaf(sA, aA[0][r] + aA[1][r], yA[r]);
-                                yB[r]    = fmaf(sB, aB[0][r] + aB[1][r], yB[r]);
-                                aA[0][r] = aA[1][r] = aB[0][r] = aB[1][r] = 0.0f;
+                                yA[r] = fmaf(sA, aA[r], yA[r]);
+                                yB[r] = fmaf(sB, aB[r], yB[r]);
+                                aA[r] = aB[r] = 0.0f;
                             }
-                            uint32_t va = rn.pa[u], vb = rn.pb[u];
-                            if (g != (int)(rn.g[u] >> 16)) va = __ldg(szp + g * 16 + gid), vb = __ldg(szp + g * 16 + gid + 8);
+                            uint32_t va = pfA, vb = pfB;
+                            if (g != gpf) va = __ldg(szp + g * 16 + gid), vb = __ldg(szp + g * 16 + gid + 8);
                             sA = f16_bits_to_f32((uint16_t)(va & 0xffffu));
                             sB = f16_bits_to_f32((uint16_t)(vb & 0xffffu));
                             const float zA = (float)(va >> 16), zB = (float)(vb >> 16);
@@ -294,32 +275,16 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
 #pragma unroll
                     for (int r = 0; r < R; r++) {
                         const float2 xa = __ldg((const float2 *)(xr[r] + k)), xb = __ldg((const float2 *)(xr[r] + k + 8));
-                        float       &cA = aA[j & 1][r], &cB = aB[j & 1][r];
-                        cA = fmaf(w6, xb.y, fmaf(w2, xb.x, fmaf(w4, xa.y, fmaf(w0, xa.x, cA))));
-                        cB = fmaf(w7, xb.y, fmaf(w3, xb.x, fmaf(w5, xa.y, fmaf(w1, xa.x, cB))));
+                        aA[r] = fmaf(w6, xb.y, fmaf(w2, xb.x, fmaf(w4, xa.y, fmaf(w0, xa.x, aA[r]))));
+                        aB[r] = fmaf(w7, xb.y, fmaf(w3, xb.x, fmaf(w5, xa.y, fmaf(w1, xa.x, aB[r]))));
                     }
                 }
             }
         }
-    };
-
-    load_groups(ra, kc0);
-    if constexpr (R <= 2) {
-        for (int32_t kc = kc0; kc < kc1; kc += 2 * GPTQ_U) {
-            if (kc + GPTQ_U < kc1) load(rb, kc + GPTQ_U);
-            compute(ra, kc);
-            if (kc + 2 * GPTQ_U < kc1) load(ra, kc + 2 * GPTQ_U);
-            if (kc + GPTQ_U < kc1) compute(rb, kc + GPTQ_U);
-        }
-    } else { // more rows: their accumulators take the second buffer's registers
-        for (int32_t kc = kc0; kc < kc1; kc += GPTQ_U) {
-            if (kc > kc0) load(ra, kc);
-            compute(ra, kc);
-        }
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        float va = fmaf(sA, aA[0][r] + aA[1][r], yA[r]), vb = fmaf(sB, aB[0][r] + aB[1][r], yB[r]);
+        float va = fmaf(sA, aA[r], yA[r]), vb = fmaf(sB, aB[r], yB[r]);
         va += __shfl_xor_sync(0xffffffffu, va, 1);
         vb += __shfl_xor_sync(0xffffffffu, vb, 1);
         va += __shfl_xor_sync(0xffffffffu, va, 2);
@@ -542,7 +507,7 @@ __global__ void gptq_bias_kernel(float *out, const float *__restrict__ bias, int
 
 struct dev_plan {
     int64_t k_pad, n_kc, n_ot;
-    size_t  off_sz, off_kcg, off_perm, total;
+    size_t  off_sz, off_kbg, off_kcg, off_perm, total;
 };
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -554,10 +519,12 @@ static struct dev_plan plan_of(const struct coopt_gptq_weight *hw) {
     p.n_ot      = hw->n_sub;
     size_t qw   = (size_t)p.n_ot * (size_t)p.n_kc * 512;
     size_t szb  = (size_t)p.n_ot * (size_t)hw->n_groups * 16 * 4;
+    size_t kbg  = (size_t)(p.k_pad / 32) * 4;
     size_t kcg  = (size_t)p.n_kc * 4;
     size_t perm = hw->perm ? (size_t)p.k_pad * 4 : 0;
     p.off_sz    = align256(qw);
-    p.off_kcg   = p.off_sz + align256(szb);
+    p.off_kbg   = p.off_sz + align256(szb);
+    p.off_kcg   = p.off_kbg + align256(kbg);
     p.off_perm  = p.off_kcg + align256(kcg);
     p.total     = p.off_perm + align256(perm);
     return p;
@@ -577,8 +544,8 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     struct cuda_backend *cb = cuda_impl(be);
     cudaStream_t         st = cb->stream;
     struct dev_plan      p  = plan_of(hw);
-    // n_kc: the GEMV stages its group table (4 bytes a chunk) in 48 KiB of shared memory
-    if (p.n_ot > INT32_MAX / 2 || p.n_kc > 12288 || hw->n_out > INT32_MAX || hw->n_groups <= 0 || hw->n_groups > 65535)
+    // n_kc: grid.y of the dequantize kernel; n_groups: 16-bit fields of kc_grp
+    if (p.n_ot > INT32_MAX / 2 || p.n_kc > 65535 * 4 || hw->n_out > INT32_MAX || hw->n_groups <= 0 || hw->n_groups > 65535)
         return coopt_fail(COOPT_ERR_UNSUPPORTED, "cuda: GPTQ weight [%lld,%lld] is too large for the kernels",
                           (long long)hw->n_out, (long long)hw->n_in);
     // staging: the host codes, scales and zeros as they are
@@ -623,6 +590,7 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     if (cudaMemcpyAsync(stage, hw->qw, n_src_dw * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
         cudaMemcpyAsync(stage + o_sc, hw->scale, n_gs * 2, cudaMemcpyHostToDevice, st) != cudaSuccess ||
         cudaMemcpyAsync(stage + o_z, hw->zero, n_gs, cudaMemcpyHostToDevice, st) != cudaSuccess ||
+        cudaMemcpyAsync(buf + p.off_kbg, kbg, (size_t)nb * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
         cudaMemcpyAsync(buf + p.off_kcg, kcg, (size_t)p.n_kc * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
         (perm && cudaMemcpyAsync(buf + p.off_perm, perm, (size_t)p.k_pad * 4, cudaMemcpyHostToDevice, st) != cudaSuccess)) {
         rc = coopt_fail(COOPT_ERR_NOMEM, "cuda: copying a GPTQ weight to the GPU failed (%s)",
@@ -651,17 +619,9 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     dw->n_groups  = hw->n_groups;
     dw->direct    = !hw->perm && p.k_pad == hw->n_in;
     dw->perm_hash = hash;
-    {
-        const size_t smem = (size_t)p.n_kc * 4;
-        int          occ[3] = {0, 0, 0};
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[0], gptq_gemv_kernel<1, 4>, 4 * WARP_SIZE, smem) != cudaSuccess ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[1], gptq_gemv_kernel<1, 8>, 8 * WARP_SIZE, smem) != cudaSuccess ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[2], gptq_gemv_kernel<1, 16>, 16 * WARP_SIZE, smem) != cudaSuccess)
-            (void)cudaGetLastError(); // keep the zeros: gemv_pick_warps assumes one block per SM
-        for (int i = 0; i < 3; i++) dw->gemv_occ[i] = (int16_t)occ[i];
-    }
     dw->qw        = buf;
     dw->sz        = (const uint32_t *)(buf + p.off_sz);
+    dw->kb_grp    = (const int32_t *)(buf + p.off_kbg);
     dw->kc_grp    = (const uint32_t *)(buf + p.off_kcg);
     dw->perm      = hw->perm ? (const int32_t *)(buf + p.off_perm) : NULL;
     dw->buf       = buf;
@@ -673,11 +633,10 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
 
 template <int R>
 static void gemv_launch_r(cudaStream_t st, const gemv_args &a, unsigned blocks, int nw) {
-    const size_t smem = (size_t)a.n_kc * 4; // the group table; 65535 * 4 chunks at most (upload)
     switch (nw) {
-    case 4: gptq_gemv_kernel<R, 4><<<blocks, 4 * WARP_SIZE, smem, st>>>(a); break;
-    case 8: gptq_gemv_kernel<R, 8><<<blocks, 8 * WARP_SIZE, smem, st>>>(a); break;
-    default: gptq_gemv_kernel<R, 16><<<blocks, 16 * WARP_SIZE, smem, st>>>(a); break;
+    case 4: gptq_gemv_kernel<R, 4><<<blocks, 4 * WARP_SIZE, 0, st>>>(a); break;
+    case 8: gptq_gemv_kernel<R, 8><<<blocks, 8 * WARP_SIZE, 0, st>>>(a); break;
+    default: gptq_gemv_kernel<R, 16><<<blocks, 16 * WARP_SIZE, 0, st>>>(a); break;
     }
     CUDA_CHECK_LAUNCH();
 }
@@ -693,21 +652,12 @@ static void gemv_launch(cudaStream_t st, const gemv_args &a, unsigned blocks, in
         gemv_launch_r<8>(st, a, blocks, nw);
 }
 
-// Warps per GEMV block for n_tiles blocks: the most warps per SM (up to 24) with the least
-// wave quantization (a last partial wave of equal blocks idles the other SMs), from the
-// occupancies measured at upload. Ties go to fewer warps (longer runs per warp).
-static int gemv_pick_warps(const struct cuda_backend *cb, const struct cuda_gptq_weight *w, int64_t n_tiles) {
-    int    best = 16;
-    double best_score = -1.0;
-    for (int i = 0; i < 3; i++) {
-        const int    nw = 4 << i, bps = w->gemv_occ[i] > 0 ? w->gemv_occ[i] : 1;
-        const double waves = (double)n_tiles / ((double)cb->n_sm * bps);
-        const double eff = waves <= 1.0 ? 1.0 : waves / ceil(waves);
-        const double per_sm = fmin((double)bps, (double)n_tiles / cb->n_sm) * nw; // warps per SM
-        const double score = eff * fmin(per_sm, 24.0) / 24.0;
-        if (score > best_score + 1e-3) best = nw, best_score = score;
-    }
-    return best;
+// Warps per GEMV block: more warps per tile when there are few tiles. Measured on an H100
+// (docs/BENCHMARKS.md): with these choices every real shape ran within 2 % of its best block size.
+static int gemv_auto_warps(const struct cuda_backend *cb, int64_t n_tiles) {
+    if (n_tiles >= 4 * (int64_t)cb->n_sm) return 4;
+    if (n_tiles >= 2 * (int64_t)cb->n_sm) return 8;
+    return 16;
 }
 
 static void gather(cudaStream_t st, void *dst, bool half, const float *x, const struct cuda_gptq_weight *w,
@@ -745,7 +695,7 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
                 gather(cb->stream, wsp + h * xp_bytes, false, x, ws[j], n_rows);
                 break;
             }
-    if (nw <= 0) nw = gemv_pick_warps(cb, ws[0], tiles);
+    if (nw <= 0) nw = gemv_auto_warps(cb, tiles);
     for (int32_t r0 = 0; r0 < n_rows; r0 += GPTQ_GEMV_MAX_ROWS) {
         gemv_args a;
         memset(&a, 0, sizeof(a));
@@ -758,7 +708,7 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
             const float *xj = slot[j] < 0 ? x + (int64_t)r0 * n_in : (const float *)(wsp + slot[j] * xp_bytes) + (int64_t)r0 * k_pad;
             a.qw[j]       = (const uint4 *)w->qw;
             a.sz[j]       = w->sz;
-            a.kc_grp[j]   = w->kc_grp;
+            a.kb_grp[j]   = w->kb_grp;
             a.x[j]        = xj;
             a.bias[j]     = biases ? biases[j] : NULL;
             a.out[j]      = outs[j] + (int64_t)r0 * w->n_out;

@@ -30,9 +30,9 @@ struct cuda_gptq_weight {
     int32_t         n_groups;
     bool            direct;    // no permutation and k_pad == n_in: the kernels read x in place
     uint64_t        perm_hash; // 0 for the identity; equal hashes = equal row orders (x gathered once)
-    int16_t         gemv_occ[3]; // resident GEMV blocks per SM with 4, 8, 16 warps (one row; picks the size)
     const void     *qw;        // uint32 [n_ot][n_kc][32 lanes][4]: the mma fragment layout (gptq.cu)
     const uint32_t *sz;        // [n_ot][n_groups][16] f16 scale bits | zero point << 16
+    const int32_t  *kb_grp;    // [k_pad / 32] group of each 32-row block (GEMV)
     const uint32_t *kc_grp;    // [k_pad / 64] groups of the two 32-row halves of a chunk: lo | hi << 16
     const int32_t  *perm;      // [k_pad] input row of each padded row, -1 = zero row; NULL = identity
     void           *buf;       // the device allocation holding the arrays above (cudaFree)
@@ -50,14 +50,15 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
 void cuda_gptq_release(struct cuda_gptq_weight *dw); // NULL / empty ok
 
 // out [n_rows][n_out] = x [n_rows][n_in] @ W^T (+ bias [n_out]); x, out, bias device memory.
-// Picks the GEMV (n_rows <= 8), the tensor-core kernel or dequantize + cuBLAS (see gptq.cu).
+// Picks the f32 GEMV (1 row), the tensor-core kernel (2-159 rows) or dequantize + cuBLAS
+// (see gptq.cu).
 void cuda_gptq_matmul(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
                       const float *bias, int32_t n_rows);
 
 // n (1..4) projections of one input, outs[j] = x @ Wj^T (+ biases[j], NULL entries ok): every
-// weight must have the same n_in. For n_rows <= 8 one GEMV launch covers all of them and x is
-// gathered once per distinct act-order permutation; larger n_rows run them one by one. For the
-// fused q/k/v of helper ops (backend.h matmul_multi).
+// weight must have the same n_in. For one row (decode) one GEMV launch covers all of them and x
+// is gathered once per distinct act-order permutation; more rows run them one by one. For the
+// fused q/k/v of backend.h's matmul_multi.
 void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
                             const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows);
 
