@@ -41,7 +41,8 @@
  *    shapes), so it is not memory-bound; our reading is instruction issue (~30 instructions per
  *    8 weights: LOP3 + FADD + FFMA each, the x loads, addressing) with too few warps to hide the
  *    L1 latency of x. A double-buffered variant with twice the registers measured 10-25 %
- *    slower (lower occupancy); the MMA kernel below is as fast at 1 row, faster from 2 rows.
+ *    slower (lower occupancy). The MMA kernel below is 5-35 % slower at 1 row, about as fast or
+ *    faster at 2 rows and 1.4-3.5x faster at 8.
  *  - MMA (tensor cores, f16 x; 2-159 rows): x is gathered/converted to f16 once per call; Grid:
  *    (ceil(n_tiles/4), ceil(n_rows/BN), K splits); Block: 4 warps, warp w owns column tile
  *    4 blockIdx.x + w, all share a BN-token x tile in shared memory (double-buffered, rows padded
@@ -68,8 +69,9 @@
 #define GPTQ_MMA_WARPS     4
 
 // Row thresholds of the automatic choice, from the kernel timings on an H100 (docs/BENCHMARKS.md):
-// at 1 row the GEMV is as fast as the MMA kernel and exact in f32; from 2 rows the MMA kernel
-// costs about the same as at 1 row while the GEMV grows with every row; dequantize + cuBLAS wins
+// at 1 row the GEMV is 5-35 % faster than the MMA kernel and exact in f32; the MMA kernel costs
+// about the same from 1 to 16 rows while the GEMV grows with every row (equal or slower from 2
+// rows on the real shapes but 1024x4096, 1.4-3.5x slower at 8); dequantize + cuBLAS wins
 // at 512 rows and loses at 128 on every real shape (crossover interpolated at 170-330).
 #ifndef GPTQ_MMA_MIN_ROWS
 #define GPTQ_MMA_MIN_ROWS 2 // n_rows below: GEMV
