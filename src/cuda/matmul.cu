@@ -42,6 +42,7 @@
  * docs/BENCHMARKS.md.
  */
 #include "cuda/common.cuh"
+#include "cuda/gptq_dev.h"
 
 #include <string.h>
 
@@ -598,6 +599,10 @@ static bool gemv_ok(const struct coopt_weight *w, int32_t n_rows) {
 
 void cuda_matmul(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows) {
     if (n_rows <= 0 || w->n_out <= 0) return;
+    if (w->dtype == COOPT_DTYPE_Q4_GPTQ) { // gptq.cu; w->gptq is the device form (gptq_dev.h)
+        cuda_gptq_matmul(be, out, x, (const struct cuda_gptq_weight *)w->gptq, w->bias, n_rows);
+        return;
+    }
     struct cuda_backend *cb = cuda_impl(be);
     if (use_cublas(w, n_rows)) {
         gemm_cublas(cb, out, x, w, n_rows, false);

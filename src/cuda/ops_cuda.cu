@@ -10,6 +10,7 @@
  * pool in kv_pool.cu, CUDA-graph replay of decode steps and the op profile in step.cu.
  */
 #include "cuda/common.cuh"
+#include "cuda/gptq_dev.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -260,6 +261,9 @@ struct cuda_model {
     void             **ptrs;
     int                n_ptrs, cap_ptrs;
     size_t             bytes;
+    // GPTQ weights: the device form each Q4_GPTQ weight's `gptq` points to (gptq_dev.h)
+    struct cuda_gptq_weight *gq;
+    int                      n_gq, cap_gq;
 };
 
 static enum coopt_status model_copy(struct coopt_backend *be, struct cuda_model *cm, const void *src, size_t n,
@@ -286,6 +290,8 @@ static enum coopt_status model_copy(struct coopt_backend *be, struct cuda_model 
 }
 
 static size_t weight_bytes(const struct coopt_weight *w) {
+    if (w->dtype == COOPT_DTYPE_Q4_GPTQ)
+        return w->gptq ? cuda_gptq_dev_bytes((const struct coopt_gptq_weight *)w->gptq) : 0;
     return w->data ? coopt_dtype_row_bytes(w->dtype, w->n_in) * (size_t)w->n_out : 0;
 }
 
@@ -296,6 +302,9 @@ static enum coopt_status weight_check(const struct coopt_weight *w, const char *
     case COOPT_DTYPE_BF16:
     case COOPT_DTYPE_Q8_0:
     case COOPT_DTYPE_Q4_0: return COOPT_OK;
+    case COOPT_DTYPE_Q4_GPTQ:
+        if (w->gptq) return COOPT_OK;
+        return coopt_fail(COOPT_ERR_FORMAT, "cuda: GPTQ weight %s (layer %d) has no repacked data", name, layer);
     default:
         return coopt_fail(COOPT_ERR_UNSUPPORTED, "cuda: weight %s (layer %d) has type %s, not supported on the GPU yet",
                           name, layer, coopt_dtype_name(w->dtype));
@@ -305,6 +314,18 @@ static enum coopt_status weight_check(const struct coopt_weight *w, const char *
 static enum coopt_status weight_upload(struct coopt_backend *be, struct cuda_model *cm, struct coopt_weight *w) {
     enum coopt_status st;
     const void       *d = NULL, *bias = NULL;
+    if (w->dtype == COOPT_DTYPE_Q4_GPTQ) { // repacked for the kernels (gptq.cu)
+        COOPT_ASSERT(cm->n_gq < cm->cap_gq);
+        struct cuda_gptq_weight *g = &cm->gq[cm->n_gq];
+        if ((st = cuda_gptq_upload(be, (const struct coopt_gptq_weight *)w->gptq, g))) return st;
+        cm->n_gq++;
+        cm->bytes += g->bytes;
+        if ((st = model_copy(be, cm, w->bias, (size_t)w->n_out * sizeof(float), &bias))) return st;
+        w->data = g->qw;
+        w->gptq = g;
+        w->bias = (const float *)bias;
+        return COOPT_OK;
+    }
     if ((st = model_copy(be, cm, w->data, weight_bytes(w), &d))) return st;
     if ((st = model_copy(be, cm, w->bias, (size_t)w->n_out * sizeof(float), &bias))) return st;
     w->data = d;
@@ -317,6 +338,8 @@ static void cuda_model_release(struct coopt_backend *be, struct coopt_model *dev
     if (!dev) return;
     struct cuda_model *cm = (struct cuda_model *)dev;
     for (int i = 0; i < cm->n_ptrs; i++) cudaFree(cm->ptrs[i]);
+    for (int i = 0; i < cm->n_gq; i++) cuda_gptq_release(&cm->gq[i]);
+    free(cm->gq);
     free(cm->ptrs);
     free(cm->m.layers);
     free(cm);
@@ -329,15 +352,19 @@ static enum coopt_status cuda_model_upload(struct coopt_backend *be, const struc
     static const char               *nm[] = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"};
     enum coopt_status                st   = COOPT_OK;
     size_t                           total = weight_bytes(&host->tok_embd);
+    int                              n_gq  = 0;
     if ((st = weight_check(&host->tok_embd, "token_embd", -1))) return st;
     if (!host->config.tied_embeddings && (st = weight_check(&host->output, "output", -1))) return st;
     if (!host->config.tied_embeddings) total += weight_bytes(&host->output);
+    n_gq += host->tok_embd.dtype == COOPT_DTYPE_Q4_GPTQ;
+    n_gq += !host->config.tied_embeddings && host->output.dtype == COOPT_DTYPE_Q4_GPTQ;
     for (int32_t l = 0; l < c->n_layers; l++) {
         const struct coopt_layer *L    = &host->layers[l];
         const struct coopt_weight *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
         for (int i = 0; i < 7; i++) {
             if ((st = weight_check(ws[i], nm[i], l))) return st;
             total += weight_bytes(ws[i]);
+            n_gq += ws[i]->dtype == COOPT_DTYPE_Q4_GPTQ;
         }
     }
     size_t free_b = 0, total_b = 0;
@@ -354,8 +381,14 @@ static enum coopt_status cuda_model_upload(struct coopt_backend *be, const struc
     cm->m.n_files   = 0;
     cm->m.allocs    = NULL;
     cm->m.n_allocs  = cm->m.cap_allocs = 0;
+    cm->m.gptq      = NULL;
+    cm->m.n_gptq    = cm->m.cap_gptq = 0;
     cm->m.layers    = (struct coopt_layer *)coopt_calloc((size_t)(c->n_layers > 0 ? c->n_layers : 1), sizeof(struct coopt_layer));
-    if (!cm->m.layers) {
+    cm->gq          = n_gq ? (struct cuda_gptq_weight *)coopt_calloc((size_t)n_gq, sizeof(*cm->gq)) : NULL;
+    cm->cap_gq      = n_gq;
+    if (!cm->m.layers || (n_gq && !cm->gq)) {
+        free(cm->m.layers);
+        free(cm->gq);
         free(cm);
         return COOPT_ERR_NOMEM;
     }

@@ -1,0 +1,877 @@
+/*
+ * gptq.cu -- GPTQ int4 weights on the GPU: the upload (repack into the kernels' layout), a GEMV
+ * for decode and small batches, a tensor-core kernel and dequantize + cuBLAS for prefill.
+ *
+ * Rows. The host weight (src/gptq.h) already has its input rows in "padded order": act-order
+ * rows sorted by group, every group a run of whole 32-row blocks, so no kernel ever gathers a
+ * weight. Here the rows are padded further to a multiple of 64 (zero codes). x is read in place
+ * when the order is the identity and n_in == k_pad ("direct", every non-act-order checkpoint of
+ * a real model); otherwise one gather kernel per call writes x_p[r][k] = x[r][perm[k]] (0 for
+ * padding rows) into the workspace first -- the only gather, once per call, as the CPU does.
+ *
+ * Codes: the mma fragment layout. Output columns come in tiles of 16 (the host's subtiles), rows
+ * in chunks of 64. For tile t, chunk c, lane l = 4 gid + tq (gid 0..7, tq 0..3) and dword j
+ * (0..3), with o0 = 16 t and k0 = 64 c + 16 j, the dword qw[t][c][l][j] holds
+ *     nibble 0: W[o0+gid  ][k0+2tq]    nibble 4: W[o0+gid  ][k0+2tq+1]
+ *     nibble 1: W[o0+gid+8][k0+2tq]    nibble 5: W[o0+gid+8][k0+2tq+1]
+ *     nibble 2: W[o0+gid  ][k0+2tq+8]  nibble 6: W[o0+gid  ][k0+2tq+9]
+ *     nibble 3: W[o0+gid+8][k0+2tq+8]  nibble 7: W[o0+gid+8][k0+2tq+9]
+ * which is exactly that lane's A fragment of mma.m16n8k16 (rows = output columns, k = input
+ * rows): (dw & 0x000f000f), (dw & 0x00f000f0) and the same of dw >> 8, OR'ed into the f16
+ * magic 0x6400 (1024), are its registers a0..a3. One 16-byte load per lane covers 64 rows of
+ * 16 columns, and a warp reads 512 contiguous bytes. Scales and zeros: sz[t][g][16] = f16 scale
+ * bits | real zero point << 16 (4 bytes per column and group). A group can change at any 32-row
+ * boundary (act-order groups, group size 32): kb_grp[k / 32] is the group of each 32-row block
+ * (GEMV), kc_grp[c] the groups of the two halves of 64-row chunk c, lo | hi << 16 (MMA).
+ *
+ * Paths (cuda_gptq_matmul picks by n_rows; thresholds measured on an H100, docs/BENCHMARKS.md):
+ *  - GEMV (decode, 1 row; up to 8 rows a launch when asked for): f32 throughout. A nibble
+ *    becomes an exact f32 without a conversion instruction: OR'ed into the exponent of 2^e
+ *    (e = 23, 19, 15, 11, 7 for the nibbles at bits 0, 4, 8, 12, 16; dw >> 20 brings nibbles
+ *    5..7 to bits 0..8) it reads 2^e + q, and one FADD of the per-group constant 2^e + z gives
+ *    q - z exactly. So per weight: LOP3, FADD and one
+ *    FFMA per row; W = s (q - z) is applied as y += s * sum_group (q - z) x, i.e. every product
+ *    is exact and the only rounding is f32 accumulation (the same error as the F32 GEMV).
+ *    Grid: one block per 16-column tile (of all weights of a multi call); Block: NW warps that
+ *    split the 64-row chunks into contiguous ranges; each lane loads runs of 4 chunks (64 bytes)
+ *    with L1-bypassing loads, then multiplies them, with the scale/zero words of the run's last
+ *    group fetched alongside; x (L1-resident) is read as float2 pairs. The 4 lanes of a column
+ *    pair reduce with shuffles, the warps through shared memory, in a fixed order
+ *    (deterministic). Measured: ~1.4 TB/s in steady state (time against bytes over the real
+ *    shapes), so it is not memory-bound; our reading is instruction issue (~30 instructions per
+ *    8 weights: LOP3 + FADD + FFMA each, the x loads, addressing) with too few warps to hide the
+ *    L1 latency of x. A double-buffered variant with twice the registers measured 10-25 %
+ *    slower (lower occupancy). The MMA kernel below is 5-35 % slower at 1 row, about as fast or
+ *    faster at 2 rows and 1.4-3.5x faster at 8.
+ *  - MMA (tensor cores, f16 x; 2-159 rows): x is gathered/converted to f16 once per call; Grid:
+ *    (ceil(n_tiles/4), ceil(n_rows/BN), K splits); Block: 4 warps, warp w owns column tile
+ *    4 blockIdx.x + w, all share a BN-token x tile in shared memory (double-buffered, rows padded
+ *    to 72 halves so ldmatrix is conflict-free). A lane's dword is dequantized in registers to
+ *    f16 s (q - z) (exact q - z via the magic, one rounding in the scale multiply) and fed
+ *    straight to mma.sync as A. K is split over enough blocks for ~3 per SM; the splits' partial
+ *    sums go to the workspace and one small kernel adds them in a fixed order.
+ *  - cuBLAS (prefill, >= 160 rows): the same f16 weights written to a scratch matrix (a
+ *    shared-memory transpose of the fragment order into rows), then cublasGemmEx (f32 compute).
+ * Accuracy of the f16 paths: x and s (q - z) are each rounded to f16 once (2^-11 relative,
+ * 2^-25 absolute below the f16 normal range), products and sums in f32: |error| <= (2^-10 +
+ * 2^-22) sum_i |W x| + 2^-25 sum_i |W| + the f32 accumulation error.
+ */
+#include "cuda/common.cuh"
+
+#include "cuda/gptq_dev.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define GPTQ_GEMV_MAX_ROWS 8   // rows per GEMV launch (template R = 1, 2, 4, 8)
+#define GPTQ_U             4   // 64-row chunks each GEMV lane loads before using them
+#define GPTQ_MAX_MULTI     4
+#define GPTQ_MMA_WARPS     4
+
+// Row thresholds of the automatic choice, from the kernel timings on an H100 (docs/BENCHMARKS.md):
+// at 1 row the GEMV is 5-35 % faster than the MMA kernel and exact in f32; the MMA kernel costs
+// about the same from 1 to 16 rows while the GEMV grows with every row (equal or slower from 2
+// rows on the real shapes but 1024x4096, 1.4-3.5x slower at 8); dequantize + cuBLAS wins
+// at 512 rows and loses at 128 on every real shape (crossover interpolated at 170-330).
+#ifndef GPTQ_MMA_MIN_ROWS
+#define GPTQ_MMA_MIN_ROWS 2 // n_rows below: GEMV
+#endif
+#ifndef GPTQ_CUBLAS_MIN_ROWS
+#define GPTQ_CUBLAS_MIN_ROWS 160 // n_rows from here: dequantize + cuBLAS
+#endif
+
+// ---- device helpers ----
+
+// 16-byte load that does not allocate in L1 (weights are read once; x stays in L1). volatile:
+// issued where it is written, so a prefetch is not sunk next to its use.
+__device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ __half2 u32_as_h2(uint32_t u) {
+    __half2 h;
+    memcpy(&h, &u, 4);
+    return h;
+}
+__device__ __forceinline__ uint32_t h2_as_u32(__half2 h) {
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+}
+
+// The four f16x2 A-fragment registers s (q - z) of one code dword (see the file comment). Row
+// gid uses (scale sA, 1024 + zA), row gid+8 (scale sB, -(64 + zB)): the 0x00f0 nibbles read
+// 1024 + 16 q, so (v / 16) - (64 + z) = q - z, exact in one HFMA2; 1024 + q - (1024 + z) too.
+__device__ __forceinline__ void dequant_frag(uint32_t q, __half2 sA, __half2 zA, __half2 sB, __half2 zBn,
+                                             uint32_t (&a)[4]) {
+    const __half2 sixteenth = __float2half2_rn(0.0625f);
+    const uint32_t h = q >> 8;
+    a[0] = h2_as_u32(__hmul2(__hsub2(u32_as_h2((q & 0x000f000fu) | 0x64006400u), zA), sA));
+    a[1] = h2_as_u32(__hmul2(__hfma2(u32_as_h2((q & 0x00f000f0u) | 0x64006400u), sixteenth, zBn), sB));
+    a[2] = h2_as_u32(__hmul2(__hsub2(u32_as_h2((h & 0x000f000fu) | 0x64006400u), zA), sA));
+    a[3] = h2_as_u32(__hmul2(__hfma2(u32_as_h2((h & 0x00f000f0u) | 0x64006400u), sixteenth, zBn), sB));
+}
+
+// f16x2 constants of a column pair from its two sz words.
+__device__ __forceinline__ void frag_consts(uint32_t va, uint32_t vb, __half2 &sA, __half2 &zA, __half2 &sB,
+                                            __half2 &zBn) {
+    sA  = __half2half2(__ushort_as_half((unsigned short)(va & 0xffffu)));
+    sB  = __half2half2(__ushort_as_half((unsigned short)(vb & 0xffffu)));
+    zA  = __float2half2_rn(1024.0f + (float)(va >> 16));
+    zBn = __float2half2_rn(-64.0f - (float)(vb >> 16));
+}
+
+// ---- upload: repack kernels ----
+
+// dst: the fragment layout [n_ot][n_kc][32][4] dwords; src: the host layout [n_ot][k_src/8][16]
+// (nibble n of a dword = row 8r + n). One thread per destination dword.
+__global__ void gptq_repack_kernel(uint32_t *__restrict__ dst, const uint32_t *__restrict__ src, int64_t k_src,
+                                   int32_t n_kc, int64_t n_dw) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n_dw; i += (int64_t)gridDim.x * blockDim.x) {
+        const int     j = (int)(i & 3), lane = (int)((i >> 2) & 31);
+        const int64_t rest = i >> 7, kc = rest % n_kc, ot = rest / n_kc;
+        const int     gid = lane >> 2, tq = lane & 3;
+        const int64_t k0 = kc * 64 + 16 * j + 2 * tq; // rows k0, k0+1 share an octet; k0+8, k0+9 the next
+        const uint32_t *s = src + ot * (k_src / 8) * 16;
+        const uint32_t a0 = k0 < k_src ? s[(k0 >> 3) * 16 + gid] : 0u, b0 = k0 < k_src ? s[(k0 >> 3) * 16 + gid + 8] : 0u;
+        const uint32_t a1 = k0 + 8 < k_src ? s[((k0 + 8) >> 3) * 16 + gid] : 0u;
+        const uint32_t b1 = k0 + 8 < k_src ? s[((k0 + 8) >> 3) * 16 + gid + 8] : 0u;
+        const int      sh = 4 * (int)(k0 & 7), sh1 = sh + 4;
+        dst[i] = ((a0 >> sh) & 15u) | ((b0 >> sh) & 15u) << 4 | ((a1 >> sh) & 15u) << 8 | ((b1 >> sh) & 15u) << 12 |
+                 ((a0 >> sh1) & 15u) << 16 | ((b0 >> sh1) & 15u) << 20 | ((a1 >> sh1) & 15u) << 24 |
+                 ((b1 >> sh1) & 15u) << 28;
+    }
+}
+
+// sz[i] = scale[i] | zero[i] << 16 (same [n_ot][n_groups][16] indexing as the host arrays).
+__global__ void gptq_sz_kernel(uint32_t *__restrict__ sz, const uint16_t *__restrict__ scale,
+                               const uint8_t *__restrict__ zero, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        sz[i] = (uint32_t)scale[i] | (uint32_t)zero[i] << 16;
+}
+
+// ---- per-call x preparation ----
+
+// xp[r][k] = x[r][perm[k]] (perm NULL: x[r][k] for k < n_in), 0 for padding rows; T = float or
+// __half (round to nearest). Grid-stride over n_rows * k_pad.
+template <typename T>
+__global__ void gptq_gather_kernel(T *__restrict__ xp, const float *__restrict__ x, const int32_t *__restrict__ perm,
+                                   int64_t n_in, int64_t k_pad, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t r = i / k_pad, k = i - r * k_pad;
+        const int64_t s = perm ? (int64_t)perm[k] : (k < n_in ? k : -1);
+        const float   v = s >= 0 ? x[r * n_in + s] : 0.0f;
+        if constexpr (sizeof(T) == 4)
+            xp[i] = v;
+        else
+            xp[i] = __float2half_rn(v);
+    }
+}
+
+// ---- GEMV ----
+
+// Up to GPTQ_MAX_MULTI weights of one input; block b belongs to weight j when
+// ot_end[j-1] <= b < ot_end[j]. Passed by value (kernel parameter space).
+struct gemv_args {
+    const uint4    *qw[GPTQ_MAX_MULTI];
+    const uint32_t *sz[GPTQ_MAX_MULTI];
+    const int32_t  *kb_grp[GPTQ_MAX_MULTI];
+    const float    *x[GPTQ_MAX_MULTI];    // [n_rows][ldx]: x in place or the gathered copy
+    const float    *bias[GPTQ_MAX_MULTI]; // [n_out] or NULL
+    float          *out[GPTQ_MAX_MULTI];  // [n_rows][n_out]
+    int32_t         n_out[GPTQ_MAX_MULTI];
+    int32_t         n_groups[GPTQ_MAX_MULTI];
+    int32_t         ot_end[GPTQ_MAX_MULTI];
+    int32_t         n;
+    int32_t         n_kc; // common to all weights
+    int64_t         ldx;
+    int32_t         n_rows; // <= R
+};
+
+// out[r][o] for the 16 columns of one tile and R rows; see the file comment for the mapping.
+// Lane (gid, tq) accumulates columns o0+gid (A) and o0+gid+8 (B) over rows 2tq, 2tq+1, 2tq+8,
+// 2tq+9 of every 16-row step of its warp's chunks.
+template <int R, int NW>
+__global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_args a) {
+    __shared__ float red[NW][R][16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
+    // which weight (unrolled selects: no dynamic indexing of the parameter arrays)
+    const uint4    *qw = a.qw[0];
+    const uint32_t *sz = a.sz[0];
+    const int32_t  *kb_grp = a.kb_grp[0];
+    const float    *x = a.x[0], *bias = a.bias[0];
+    float          *out = a.out[0];
+    int32_t         n_out = a.n_out[0], n_groups = a.n_groups[0], ot = (int32_t)blockIdx.x;
+#pragma unroll
+    for (int j = 1; j < GPTQ_MAX_MULTI; j++) {
+        if (j < a.n && (int32_t)blockIdx.x >= a.ot_end[j - 1]) {
+            qw = a.qw[j], sz = a.sz[j], kb_grp = a.kb_grp[j], x = a.x[j], bias = a.bias[j], out = a.out[j];
+            n_out = a.n_out[j], n_groups = a.n_groups[j], ot = (int32_t)blockIdx.x - a.ot_end[j - 1];
+        }
+    }
+    const int32_t n_kc = a.n_kc, per = (n_kc + NW - 1) / NW;
+    const int32_t kc0 = min(n_kc, warp * per), kc1 = min(n_kc, kc0 + per);
+    const float  *xr[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) xr[r] = x + (int64_t)min(r, a.n_rows - 1) * a.ldx + 2 * tq;
+    const uint4    *wp  = qw + (int64_t)ot * n_kc * 32 + lane;
+    const uint32_t *szp = sz + (int64_t)ot * n_groups * 16;
+
+    float yA[R], yB[R], aA[R], aB[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) yA[r] = yB[r] = aA[r] = aB[r] = 0.0f;
+    float sA = 0.0f, sB = 0.0f;
+    float cA0 = 0.0f, cA2 = 0.0f, cA4 = 0.0f, cA6 = 0.0f, cB1 = 0.0f, cB3 = 0.0f, cB5 = 0.0f, cB7 = 0.0f;
+    int   gcur = -1;
+
+    for (int32_t kc = kc0; kc < kc1; kc += GPTQ_U) {
+        uint4 w[GPTQ_U];
+#pragma unroll
+        for (int u = 0; u < GPTQ_U; u++)
+            if (kc + u < kc1) w[u] = ld_stream(wp + (int64_t)(kc + u) * 32);
+        // scales/zeros of the chunk run's last group, fetched with the codes: a run of 4 chunks
+        // (256 rows) rarely spans more than two groups, so a group change seldom waits
+        const int      gpf = __ldg(kb_grp + 2 * min(kc + GPTQ_U, kc1) - 1);
+        const uint32_t pfA = __ldg(szp + gpf * 16 + gid), pfB = __ldg(szp + gpf * 16 + gid + 8);
+#pragma unroll
+        for (int u = 0; u < GPTQ_U; u++) {
+            if (kc + u < kc1) {
+                const int32_t  kcu    = kc + u;
+                const uint32_t dws[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    if ((j & 1) == 0) {
+                        const int g = __ldg(kb_grp + 2 * kcu + (j >> 1));
+                        if (g != gcur) {
+#pragma unroll
+                            for (int r = 0; r < R; r++) {
+                                yA[r] = fmaf(sA, aA[r], yA[r]);
+                                yB[r] = fmaf(sB, aB[r], yB[r]);
+                                aA[r] = aB[r] = 0.0f;
+                            }
+                            uint32_t va = pfA, vb = pfB;
+                            if (g != gpf) va = __ldg(szp + g * 16 + gid), vb = __ldg(szp + g * 16 + gid + 8);
+                            sA = f16_bits_to_f32((uint16_t)(va & 0xffffu));
+                            sB = f16_bits_to_f32((uint16_t)(vb & 0xffffu));
+                            const float zA = (float)(va >> 16), zB = (float)(vb >> 16);
+                            cA0 = 8388608.0f + zA, cA6 = 524288.0f + zA, cA2 = 32768.0f + zA, cA4 = 128.0f + zA;
+                            cB5 = 8388608.0f + zB, cB1 = 524288.0f + zB, cB7 = 32768.0f + zB, cB3 = 2048.0f + zB;
+                            gcur = g;
+                        }
+                    }
+                    const uint32_t dw = dws[j], hi = dw >> 20;
+                    // q - z of the 8 nibbles, exact (see the file comment)
+                    const float w0 = __uint_as_float((dw & 0xfu) | 0x4b000000u) - cA0;     // A, row 2tq
+                    const float w1 = __uint_as_float((dw & 0xf0u) | 0x49000000u) - cB1;    // B, row 2tq
+                    const float w2 = __uint_as_float((dw & 0xf00u) | 0x47000000u) - cA2;   // A, row 2tq+8
+                    const float w3 = __uint_as_float((dw & 0xf000u) | 0x45000000u) - cB3;  // B, row 2tq+8
+                    const float w4 = __uint_as_float((dw & 0xf0000u) | 0x43000000u) - cA4; // A, row 2tq+1
+                    const float w5 = __uint_as_float((hi & 0xfu) | 0x4b000000u) - cB5;     // B, row 2tq+1
+                    const float w6 = __uint_as_float((hi & 0xf0u) | 0x49000000u) - cA6;    // A, row 2tq+9
+                    const float w7 = __uint_as_float((hi & 0xf00u) | 0x47000000u) - cB7;   // B, row 2tq+9
+                    const int32_t k = kcu * 64 + j * 16;
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        const float2 xa = __ldg((const float2 *)(xr[r] + k)), xb = __ldg((const float2 *)(xr[r] + k + 8));
+                        aA[r] = fmaf(w6, xb.y, fmaf(w2, xb.x, fmaf(w4, xa.y, fmaf(w0, xa.x, aA[r]))));
+                        aB[r] = fmaf(w7, xb.y, fmaf(w3, xb.x, fmaf(w5, xa.y, fmaf(w1, xa.x, aB[r]))));
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float va = fmaf(sA, aA[r], yA[r]), vb = fmaf(sB, aB[r], yB[r]);
+        va += __shfl_xor_sync(0xffffffffu, va, 1);
+        vb += __shfl_xor_sync(0xffffffffu, vb, 1);
+        va += __shfl_xor_sync(0xffffffffu, va, 2);
+        vb += __shfl_xor_sync(0xffffffffu, vb, 2);
+        if (tq == 0) red[warp][r][gid] = va, red[warp][r][gid + 8] = vb;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < R * 16; i += NW * WARP_SIZE) {
+        const int r = i >> 4, c = i & 15;
+        float     s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) s += red[w][r][c];
+        const int32_t o = ot * 16 + c;
+        if (r < a.n_rows && o < n_out) out[(int64_t)r * n_out + o] = s + (bias ? bias[o] : 0.0f);
+    }
+}
+
+// ---- tensor cores ----
+
+__device__ __forceinline__ void ldmatrix_x4(const void *smem, uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(a)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#define MMA_LDS 72 // halves per shared x row: 64 + 8 of padding (conflict-free ldmatrix)
+
+// out[n0 + n][o] for the BN tokens of blockIdx.y and the 16-column tile of each warp, over the
+// 64-row chunks [z kc_per, (z+1) kc_per) of split z = blockIdx.z. xp is the f16 x [n_rows][k_pad]
+// of the call. With one split the block writes out (+ bias); with several it writes its partial
+// sums to part[z][n][o] and gptq_splitk_reduce_kernel adds them up. The next chunk's x tile
+// (registers), codes and group words are loaded while the current one is multiplied.
+template <int BN>
+__global__ void __launch_bounds__(GPTQ_MMA_WARPS *WARP_SIZE)
+    gptq_mma_kernel(float *__restrict__ out, float *__restrict__ part, const __half *__restrict__ xp,
+                    const uint4 *__restrict__ qw, const uint32_t *__restrict__ sz, const uint32_t *__restrict__ kc_grp,
+                    const float *__restrict__ bias, int32_t n_out, int32_t n_ot, int32_t n_kc, int32_t n_groups,
+                    int32_t n_rows, int32_t kc_per) {
+    constexpr int NT = BN / 8;                                // n-tiles of 8 tokens per warp
+    constexpr int XL = BN * 8 / (GPTQ_MMA_WARPS * WARP_SIZE); // 16-byte x pieces per thread per chunk
+    static_assert(NT % 2 == 0 && XL >= 1, "BN: 16, 32, 64 or 128");
+    __shared__ __align__(16) __half xs[2][BN][MMA_LDS];
+    const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
+    const int32_t ot = (int32_t)blockIdx.x * GPTQ_MMA_WARPS + warp;
+    const bool    active = ot < n_ot;
+    const int32_t n0 = (int32_t)blockIdx.y * BN;
+    const int64_t k_pad = (int64_t)n_kc * 64;
+    const int32_t kb = (int32_t)blockIdx.z * kc_per, ke = min(n_kc, kb + kc_per);
+
+    uint4 xr[XL];
+    auto  load_x = [&](int32_t kc) {
+#pragma unroll
+        for (int i = 0; i < XL; i++) {
+            const int     idx = threadIdx.x + i * GPTQ_MMA_WARPS * WARP_SIZE, row = idx >> 3, c = idx & 7;
+            const int32_t tok = n0 + row;
+            xr[i] = tok < n_rows ? __ldg((const uint4 *)(xp + (int64_t)tok * k_pad + (int64_t)kc * 64 + c * 8))
+                                 : make_uint4(0, 0, 0, 0);
+        }
+    };
+    auto store_x = [&](int b) {
+#pragma unroll
+        for (int i = 0; i < XL; i++) {
+            const int idx = threadIdx.x + i * GPTQ_MMA_WARPS * WARP_SIZE, row = idx >> 3, c = idx & 7;
+            *(uint4 *)&xs[b][row][c * 8] = xr[i];
+        }
+    };
+    const uint4    *wp  = qw + (int64_t)(active ? ot : 0) * n_kc * 32 + lane;
+    const uint32_t *szp = sz + (int64_t)(active ? ot : 0) * n_groups * 16;
+    auto            load_g = [&](int32_t kc, uint32_t (&v)[2][2]) {
+        const uint32_t gp = __ldg(kc_grp + kc);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int g = h ? (int)(gp >> 16) : (int)(gp & 0xffffu);
+            v[h][0]     = __ldg(szp + g * 16 + gid);
+            v[h][1]     = __ldg(szp + g * 16 + gid + 8);
+        }
+    };
+
+    float acc[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+    uint32_t gv[2][2] = {{0, 0}, {0, 0}};
+    uint4    wcur     = make_uint4(0, 0, 0, 0);
+    if (kb < ke) {
+        load_x(kb);
+        store_x(0);
+        wcur = ld_stream(wp + (int64_t)kb * 32);
+        load_g(kb, gv);
+    }
+    __syncthreads();
+    for (int32_t kc = kb; kc < ke; kc++) {
+        const int  b    = (kc - kb) & 1;
+        const bool more = kc + 1 < ke;
+        uint4      wnext = wcur;
+        uint32_t   gn[2][2] = {{gv[0][0], gv[0][1]}, {gv[1][0], gv[1][1]}};
+        if (more) {
+            load_x(kc + 1);
+            wnext = ld_stream(wp + (int64_t)(kc + 1) * 32);
+            load_g(kc + 1, gn);
+        }
+        if (active) {
+            const uint32_t dws[4] = {wcur.x, wcur.y, wcur.z, wcur.w};
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                __half2 sA, zA, sB, zBn;
+                frag_consts(gv[h][0], gv[h][1], sA, zA, sB, zBn);
+#pragma unroll
+                for (int jj = 0; jj < 2; jj++) {
+                    const int j = 2 * h + jj;
+                    uint32_t  af[4];
+                    dequant_frag(dws[j], sA, zA, sB, zBn, af);
+#pragma unroll
+                    for (int p = 0; p < NT / 2; p++) {
+                        const int mi = lane >> 3, r = lane & 7;
+                        uint32_t  b0, b1, b2, b3;
+                        ldmatrix_x4(&xs[b][(2 * p + (mi >> 1)) * 8 + r][j * 16 + (mi & 1) * 8], b0, b1, b2, b3);
+                        mma_16816(acc[2 * p], af, b0, b1);
+                        mma_16816(acc[2 * p + 1], af, b2, b3);
+                    }
+                }
+            }
+        }
+        if (more) store_x(b ^ 1); // buffer b^1 was last read in the previous iteration, before its barrier
+        __syncthreads();
+        wcur = wnext;
+#pragma unroll
+        for (int h = 0; h < 2; h++) gv[h][0] = gn[h][0], gv[h][1] = gn[h][1];
+    }
+    if (!active) return;
+    // C fragment: c0, c1 = (column gid, tokens 2tq, 2tq+1), c2, c3 = (column gid+8, same tokens)
+    const int32_t oA = ot * 16 + gid, oB = oA + 8;
+    float        *dst = part ? part + (int64_t)blockIdx.z * n_rows * n_out : out;
+    const float   bA = !part && bias && oA < n_out ? bias[oA] : 0.0f, bB = !part && bias && oB < n_out ? bias[oB] : 0.0f;
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const int32_t t0 = n0 + t * 8 + 2 * tq;
+        if (t0 < n_rows) {
+            if (oA < n_out) dst[(int64_t)t0 * n_out + oA] = acc[t][0] + bA;
+            if (oB < n_out) dst[(int64_t)t0 * n_out + oB] = acc[t][2] + bB;
+        }
+        if (t0 + 1 < n_rows) {
+            if (oA < n_out) dst[(int64_t)(t0 + 1) * n_out + oA] = acc[t][1] + bA;
+            if (oB < n_out) dst[(int64_t)(t0 + 1) * n_out + oB] = acc[t][3] + bB;
+        }
+    }
+}
+
+// out[i] = sum_z part[z][i] (+ bias[i % n_out]), in split order. Grid-stride over n = n_rows * n_out.
+__global__ void gptq_splitk_reduce_kernel(float *__restrict__ out, const float *__restrict__ part,
+                                          const float *__restrict__ bias, int64_t n_out, int64_t n, int32_t n_split) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int32_t z = 0; z < n_split; z++) s += part[(int64_t)z * n + i];
+        out[i] = s + (bias ? bias[i % n_out] : 0.0f);
+    }
+}
+
+// ---- dequantize for cuBLAS ----
+
+#define DQ_LDS (256 + 8) // halves per shared row of the dequant tile (conflict-free 4-byte stores)
+
+// wd [n_ot * 16][k_pad] f16 = s (q - z), the same values the MMA kernel feeds the tensor cores.
+// Grid: (n_ot, ceil(n_kc / 4)); Block: 4 warps, warp w dequantizes chunk 4 blockIdx.y + w of tile
+// blockIdx.x into a shared 16 x 256 tile (fragment order), which the block then writes out as
+// contiguous 512-byte row pieces with 16-byte stores.
+__global__ void __launch_bounds__(128)
+    gptq_dequant_kernel(__half *__restrict__ wd, const uint4 *__restrict__ qw, const uint32_t *__restrict__ sz,
+                        const uint32_t *__restrict__ kc_grp, int32_t n_kc, int32_t n_groups) {
+    __shared__ __align__(16) __half tile[16][DQ_LDS];
+    const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
+    const int64_t ot = blockIdx.x, k_pad = (int64_t)n_kc * 64;
+    const int32_t kc = (int32_t)blockIdx.y * 4 + warp;
+    if (kc < n_kc) {
+        const uint4     q4     = ld_stream(qw + (ot * n_kc + kc) * 32 + lane);
+        const uint32_t  dws[4] = {q4.x, q4.y, q4.z, q4.w};
+        const uint32_t  gp     = __ldg(kc_grp + kc);
+        const uint32_t *s      = sz + ot * n_groups * 16;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int g = h ? (int)(gp >> 16) : (int)(gp & 0xffffu);
+            __half2   sA, zA, sB, zBn;
+            frag_consts(__ldg(s + g * 16 + gid), __ldg(s + g * 16 + gid + 8), sA, zA, sB, zBn);
+#pragma unroll
+            for (int jj = 0; jj < 2; jj++) {
+                const int j = 2 * h + jj, k = warp * 64 + 16 * j + 2 * tq;
+                uint32_t  af[4];
+                dequant_frag(dws[j], sA, zA, sB, zBn, af);
+                *(uint32_t *)&tile[gid][k]         = af[0];
+                *(uint32_t *)&tile[gid + 8][k]     = af[1];
+                *(uint32_t *)&tile[gid][k + 8]     = af[2];
+                *(uint32_t *)&tile[gid + 8][k + 8] = af[3];
+            }
+        }
+    }
+    __syncthreads();
+    const int32_t nk = min(4, n_kc - (int32_t)blockIdx.y * 4) * 64; // valid columns of the tile
+    for (int i = threadIdx.x; i < 16 * 32; i += 128) {
+        const int row = i >> 5, c = i & 31;
+        if (c * 8 < nk)
+            *(uint4 *)(wd + (ot * 16 + row) * k_pad + (int64_t)blockIdx.y * 256 + c * 8) = *(const uint4 *)&tile[row][c * 8];
+    }
+}
+
+// out[r][o] += bias[o]. Grid-stride over n_rows * n_out.
+__global__ void gptq_bias_kernel(float *out, const float *__restrict__ bias, int64_t n_out, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        out[i] += bias[i % n_out];
+}
+
+// ---- upload ----
+
+struct dev_plan {
+    int64_t k_pad, n_kc, n_ot;
+    size_t  off_sz, off_kbg, off_kcg, off_perm, total;
+};
+
+static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+static struct dev_plan plan_of(const struct coopt_gptq_weight *hw) {
+    struct dev_plan p;
+    p.k_pad     = (hw->k_pad + 63) / 64 * 64;
+    p.n_kc      = p.k_pad / 64;
+    p.n_ot      = hw->n_sub;
+    size_t qw   = (size_t)p.n_ot * (size_t)p.n_kc * 512;
+    size_t szb  = (size_t)p.n_ot * (size_t)hw->n_groups * 16 * 4;
+    size_t kbg  = (size_t)(p.k_pad / 32) * 4;
+    size_t kcg  = (size_t)p.n_kc * 4;
+    size_t perm = hw->perm ? (size_t)p.k_pad * 4 : 0;
+    p.off_sz    = align256(qw);
+    p.off_kbg   = p.off_sz + align256(szb);
+    p.off_kcg   = p.off_kbg + align256(kbg);
+    p.off_perm  = p.off_kcg + align256(kcg);
+    p.total     = p.off_perm + align256(perm);
+    return p;
+}
+
+size_t cuda_gptq_dev_bytes(const struct coopt_gptq_weight *hw) { return plan_of(hw).total; }
+
+void cuda_gptq_release(struct cuda_gptq_weight *dw) {
+    if (!dw) return;
+    if (dw->buf) CUDA_CHECK(cudaFree(dw->buf));
+    memset(dw, 0, sizeof(*dw));
+}
+
+enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_gptq_weight *hw,
+                                   struct cuda_gptq_weight *dw) {
+    memset(dw, 0, sizeof(*dw));
+    struct cuda_backend *cb = cuda_impl(be);
+    cudaStream_t         st = cb->stream;
+    struct dev_plan      p  = plan_of(hw);
+    // n_kc: grid.y of the dequantize kernel; n_groups: 16-bit fields of kc_grp
+    if (p.n_ot > INT32_MAX / 2 || p.n_kc > 65535 * 4 || hw->n_out > INT32_MAX || hw->n_groups <= 0 || hw->n_groups > 65535)
+        return coopt_fail(COOPT_ERR_UNSUPPORTED, "cuda: GPTQ weight [%lld,%lld] is too large for the kernels",
+                          (long long)hw->n_out, (long long)hw->n_in);
+    // staging: the host codes, scales and zeros as they are
+    const size_t n_src_dw = (size_t)p.n_ot * (size_t)(hw->k_pad / 8) * 16;
+    const size_t n_gs     = (size_t)p.n_ot * (size_t)hw->n_groups * 16;
+    const size_t o_sc = align256(n_src_dw * 4), o_z = o_sc + align256(n_gs * 2), stage_bytes = o_z + align256(n_gs);
+    uint32_t    *kcg  = (uint32_t *)coopt_malloc((size_t)p.n_kc * 4);
+    int32_t     *kbg  = (int32_t *)coopt_malloc((size_t)(p.k_pad / 32) * 4);
+    int32_t     *perm = hw->perm ? (int32_t *)coopt_malloc((size_t)p.k_pad * 4) : NULL;
+    uint8_t     *stage = NULL, *buf = NULL;
+    if (!kcg || !kbg || (hw->perm && !perm)) {
+        free(kcg), free(kbg), free(perm);
+        return coopt_fail(COOPT_ERR_NOMEM, "cuda: out of host memory repacking a GPTQ weight");
+    }
+    cudaError_t e = cudaMalloc((void **)&buf, p.total);
+    if (e == cudaSuccess) e = cudaMalloc((void **)&stage, stage_bytes);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        if (buf) cudaFree(buf);
+        free(kcg), free(kbg), free(perm);
+        return coopt_fail(COOPT_ERR_NOMEM, "cuda: out of GPU memory uploading a GPTQ weight [%lld,%lld] (%.1f MiB)",
+                          (long long)hw->n_out, (long long)hw->n_in, (p.total + stage_bytes) / 1048576.0);
+    }
+    // group of every 32-row block; the blocks added here (rows k_pad_host .. k_pad) repeat the last
+    int64_t nb_host = hw->k_pad / 32, nb = p.k_pad / 32;
+    for (int32_t g = 0; g < hw->n_groups; g++)
+        for (int64_t b = hw->grp_blk[g]; b < hw->grp_blk[g + 1]; b++) kbg[b] = g;
+    for (int64_t b = nb_host; b < nb; b++) kbg[b] = nb_host > 0 ? kbg[nb_host - 1] : 0;
+    for (int64_t c = 0; c < p.n_kc; c++) kcg[c] = (uint32_t)kbg[2 * c] | (uint32_t)kbg[2 * c + 1] << 16;
+    uint64_t hash = 0;
+    if (perm) {
+        hash = 1469598103934665603ull; // FNV-1a over the padded order
+        for (int64_t k = 0; k < p.k_pad; k++) {
+            perm[k] = k < hw->k_pad ? hw->perm[k] : -1;
+            hash    = (hash ^ (uint32_t)perm[k]) * 1099511628211ull;
+        }
+        hash = (hash ^ (uint64_t)p.k_pad) * 1099511628211ull;
+        hash |= 1; // never 0 (the identity's)
+    }
+    enum coopt_status rc = COOPT_OK;
+    // Pageable host sources: each copy is staged by the driver and done when the call returns.
+    if (cudaMemcpyAsync(stage, hw->qw, n_src_dw * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
+        cudaMemcpyAsync(stage + o_sc, hw->scale, n_gs * 2, cudaMemcpyHostToDevice, st) != cudaSuccess ||
+        cudaMemcpyAsync(stage + o_z, hw->zero, n_gs, cudaMemcpyHostToDevice, st) != cudaSuccess ||
+        cudaMemcpyAsync(buf + p.off_kbg, kbg, (size_t)nb * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
+        cudaMemcpyAsync(buf + p.off_kcg, kcg, (size_t)p.n_kc * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
+        (perm && cudaMemcpyAsync(buf + p.off_perm, perm, (size_t)p.k_pad * 4, cudaMemcpyHostToDevice, st) != cudaSuccess)) {
+        rc = coopt_fail(COOPT_ERR_NOMEM, "cuda: copying a GPTQ weight to the GPU failed (%s)",
+                        cudaGetErrorName(cudaGetLastError()));
+    } else {
+        int64_t n_dw = p.n_ot * p.n_kc * 128;
+        gptq_repack_kernel<<<cuda_grid_1d(n_dw, 256), 256, 0, st>>>((uint32_t *)buf, (const uint32_t *)stage,
+                                                                     hw->k_pad, (int32_t)p.n_kc, n_dw);
+        CUDA_CHECK_LAUNCH();
+        gptq_sz_kernel<<<cuda_grid_1d((int64_t)n_gs, 256), 256, 0, st>>>(
+            (uint32_t *)(buf + p.off_sz), (const uint16_t *)(stage + o_sc), stage + o_z, (int64_t)n_gs);
+        CUDA_CHECK_LAUNCH();
+        CUDA_CHECK(cudaStreamSynchronize(st));
+    }
+    CUDA_CHECK(cudaFree(stage));
+    free(kcg), free(kbg), free(perm);
+    if (rc != COOPT_OK) {
+        CUDA_CHECK(cudaFree(buf));
+        return rc;
+    }
+    dw->n_in      = hw->n_in;
+    dw->n_out     = hw->n_out;
+    dw->k_pad     = p.k_pad;
+    dw->n_ot      = (int32_t)p.n_ot;
+    dw->n_kc      = (int32_t)p.n_kc;
+    dw->n_groups  = hw->n_groups;
+    dw->direct    = !hw->perm && p.k_pad == hw->n_in;
+    dw->perm_hash = hash;
+    dw->qw        = buf;
+    dw->sz        = (const uint32_t *)(buf + p.off_sz);
+    dw->kb_grp    = (const int32_t *)(buf + p.off_kbg);
+    dw->kc_grp    = (const uint32_t *)(buf + p.off_kcg);
+    dw->perm      = hw->perm ? (const int32_t *)(buf + p.off_perm) : NULL;
+    dw->buf       = buf;
+    dw->bytes     = p.total;
+    return COOPT_OK;
+}
+
+// ---- launchers ----
+
+template <int R>
+static void gemv_launch_r(cudaStream_t st, const gemv_args &a, unsigned blocks, int nw) {
+    switch (nw) {
+    case 4: gptq_gemv_kernel<R, 4><<<blocks, 4 * WARP_SIZE, 0, st>>>(a); break;
+    case 8: gptq_gemv_kernel<R, 8><<<blocks, 8 * WARP_SIZE, 0, st>>>(a); break;
+    default: gptq_gemv_kernel<R, 16><<<blocks, 16 * WARP_SIZE, 0, st>>>(a); break;
+    }
+    CUDA_CHECK_LAUNCH();
+}
+
+static void gemv_launch(cudaStream_t st, const gemv_args &a, unsigned blocks, int nw) {
+    if (a.n_rows <= 1)
+        gemv_launch_r<1>(st, a, blocks, nw);
+    else if (a.n_rows <= 2)
+        gemv_launch_r<2>(st, a, blocks, nw);
+    else if (a.n_rows <= 4)
+        gemv_launch_r<4>(st, a, blocks, nw);
+    else
+        gemv_launch_r<8>(st, a, blocks, nw);
+}
+
+// Warps per GEMV block: more warps per tile when there are few tiles. Measured on an H100
+// (docs/BENCHMARKS.md): with these choices every real shape ran within 2 % of its best block size.
+static int gemv_auto_warps(const struct cuda_backend *cb, int64_t n_tiles) {
+    if (n_tiles >= 4 * (int64_t)cb->n_sm) return 4;
+    if (n_tiles >= 2 * (int64_t)cb->n_sm) return 8;
+    return 16;
+}
+
+static void gather(cudaStream_t st, void *dst, bool half, const float *x, const struct cuda_gptq_weight *w,
+                   int32_t n_rows) {
+    int64_t n = (int64_t)n_rows * w->k_pad;
+    if (half)
+        gptq_gather_kernel<__half><<<cuda_grid_1d(n, 256), 256, 0, st>>>((__half *)dst, x, w->perm, w->n_in, w->k_pad, n);
+    else
+        gptq_gather_kernel<float><<<cuda_grid_1d(n, 256), 256, 0, st>>>((float *)dst, x, w->perm, w->n_in, w->k_pad, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, const float *x,
+                       const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows, int nw) {
+    const int64_t k_pad = ws[0]->k_pad, n_in = ws[0]->n_in;
+    // distinct row orders that need a gathered copy of x (x read in place needs 8-byte pairs)
+    const bool direct_ok = ((uintptr_t)x & 7) == 0;
+    uint64_t   hashes[GPTQ_MAX_MULTI];
+    int        n_h = 0, slot[GPTQ_MAX_MULTI];
+    int64_t    tiles = 0;
+    for (int32_t j = 0; j < n; j++) {
+        COOPT_ASSERT(ws[j]->n_in == n_in && ws[j]->k_pad == k_pad);
+        tiles += ws[j]->n_ot;
+        slot[j] = -1;
+        if (direct_ok && ws[j]->direct) continue;
+        for (int h = 0; h < n_h; h++)
+            if (hashes[h] == ws[j]->perm_hash) slot[j] = h;
+        if (slot[j] < 0) hashes[n_h] = ws[j]->perm_hash, slot[j] = n_h++;
+    }
+    const size_t xp_bytes = align256((size_t)n_rows * (size_t)k_pad * 4);
+    uint8_t     *wsp      = n_h ? (uint8_t *)cuda_workspace(cb, xp_bytes * n_h) : NULL;
+    for (int h = 0; h < n_h; h++)
+        for (int32_t j = 0; j < n; j++)
+            if (slot[j] == h) {
+                gather(cb->stream, wsp + h * xp_bytes, false, x, ws[j], n_rows);
+                break;
+            }
+    if (nw <= 0) nw = gemv_auto_warps(cb, tiles);
+    for (int32_t r0 = 0; r0 < n_rows; r0 += GPTQ_GEMV_MAX_ROWS) {
+        gemv_args a;
+        memset(&a, 0, sizeof(a));
+        a.n      = n;
+        a.n_kc   = ws[0]->n_kc;
+        a.n_rows = COOPT_MIN(GPTQ_GEMV_MAX_ROWS, n_rows - r0);
+        int32_t end = 0;
+        for (int32_t j = 0; j < n; j++) {
+            const struct cuda_gptq_weight *w = ws[j];
+            const float *xj = slot[j] < 0 ? x + (int64_t)r0 * n_in : (const float *)(wsp + slot[j] * xp_bytes) + (int64_t)r0 * k_pad;
+            a.qw[j]       = (const uint4 *)w->qw;
+            a.sz[j]       = w->sz;
+            a.kb_grp[j]   = w->kb_grp;
+            a.x[j]        = xj;
+            a.bias[j]     = biases ? biases[j] : NULL;
+            a.out[j]      = outs[j] + (int64_t)r0 * w->n_out;
+            a.n_out[j]    = (int32_t)w->n_out;
+            a.n_groups[j] = w->n_groups;
+            end += w->n_ot;
+            a.ot_end[j] = end;
+        }
+        // one stride for all: gathered copies are k_pad wide, and a direct weight has k_pad == n_in
+        a.ldx = n_h ? k_pad : n_in;
+        gemv_launch(cb->stream, a, (unsigned)end, nw);
+    }
+}
+
+template <int BN>
+static void mma_launch_bn(cudaStream_t st, dim3 grid, float *out, float *part, const __half *xp,
+                          const struct cuda_gptq_weight *w, const float *bias, int32_t n_rows, int32_t kc_per) {
+    gptq_mma_kernel<BN><<<grid, GPTQ_MMA_WARPS * WARP_SIZE, 0, st>>>(out, part, xp, (const uint4 *)w->qw, w->sz, w->kc_grp,
+                                                                      bias, (int32_t)w->n_out, w->n_ot, w->n_kc,
+                                                                      w->n_groups, n_rows, kc_per);
+    CUDA_CHECK_LAUNCH();
+}
+
+// param: tokens per block in the low byte (16, 32, 64, 128; 0 = the smallest that covers n_rows,
+// at most 128), K splits above it (0 = enough blocks for ~3 per SM, each split >= 2 chunks).
+static void mma_launch(struct cuda_backend *cb, float *out, const float *x, const struct cuda_gptq_weight *w,
+                       const float *bias, int32_t n_rows, int param) {
+    int bn = param & 0xff, n_split = param >> 8;
+    if (bn <= 0) bn = n_rows <= 16 ? 16 : n_rows <= 32 ? 32 : n_rows <= 64 ? 64 : 128;
+    const int64_t col_blocks = (w->n_ot + GPTQ_MMA_WARPS - 1) / GPTQ_MMA_WARPS, row_blocks = (n_rows + bn - 1) / bn;
+    if (n_split <= 0) n_split = (int)COOPT_MIN((int64_t)32, (3 * (int64_t)cb->n_sm + col_blocks * row_blocks - 1) / (col_blocks * row_blocks));
+    n_split = (int)COOPT_MAX(1, COOPT_MIN((int64_t)n_split, (int64_t)w->n_kc / 2));
+    const int32_t kc_per = (w->n_kc + n_split - 1) / n_split;
+    n_split = (w->n_kc + kc_per - 1) / kc_per; // no empty split
+    const size_t xp_bytes = align256((size_t)n_rows * (size_t)w->k_pad * 2);
+    const size_t pt_bytes = n_split > 1 ? (size_t)n_split * (size_t)n_rows * (size_t)w->n_out * 4 : 0;
+    uint8_t     *wsp      = (uint8_t *)cuda_workspace(cb, xp_bytes + pt_bytes);
+    __half      *xp = (__half *)wsp;
+    float       *part = n_split > 1 ? (float *)(wsp + xp_bytes) : NULL;
+    gather(cb->stream, xp, true, x, w, n_rows);
+    dim3 grid((unsigned)col_blocks, (unsigned)row_blocks, (unsigned)n_split);
+    switch (bn) {
+    case 16: mma_launch_bn<16>(cb->stream, grid, out, part, xp, w, bias, n_rows, kc_per); break;
+    case 32: mma_launch_bn<32>(cb->stream, grid, out, part, xp, w, bias, n_rows, kc_per); break;
+    case 64: mma_launch_bn<64>(cb->stream, grid, out, part, xp, w, bias, n_rows, kc_per); break;
+    default: mma_launch_bn<128>(cb->stream, grid, out, part, xp, w, bias, n_rows, kc_per); break;
+    }
+    if (part) {
+        int64_t n = (int64_t)n_rows * w->n_out;
+        gptq_splitk_reduce_kernel<<<cuda_grid_1d(n, 256), 256, 0, cb->stream>>>(out, part, bias, w->n_out, n, n_split);
+        CUDA_CHECK_LAUNCH();
+    }
+}
+
+static void cublas_launch(struct cuda_backend *cb, float *out, const float *x, const struct cuda_gptq_weight *w,
+                          const float *bias, int32_t n_rows) {
+    const size_t xp_bytes = align256((size_t)n_rows * (size_t)w->k_pad * 2);
+    const size_t wd_bytes = (size_t)w->n_ot * 16 * (size_t)w->k_pad * 2;
+    uint8_t     *wsp      = (uint8_t *)cuda_workspace(cb, xp_bytes + wd_bytes);
+    __half      *xp = (__half *)wsp, *wd = (__half *)(wsp + xp_bytes);
+    gather(cb->stream, xp, true, x, w, n_rows);
+    dim3 grid((unsigned)w->n_ot, (unsigned)((w->n_kc + 3) / 4));
+    gptq_dequant_kernel<<<grid, 128, 0, cb->stream>>>(wd, (const uint4 *)w->qw, w->sz, w->kc_grp, w->n_kc, w->n_groups);
+    CUDA_CHECK_LAUNCH();
+    const float one = 1.0f, zero = 0.0f;
+    // Column-major view as in matmul.cu: out^T [n_out x n_rows] = wd (row-major [o][k], OP_T) x xp^T
+    CUBLAS_CHECK(cublasGemmEx(cb->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w->n_out, n_rows, (int)w->k_pad, &one, wd,
+                              CUDA_R_16F, (int)w->k_pad, xp, CUDA_R_16F, (int)w->k_pad, &zero, out, CUDA_R_32F,
+                              (int)w->n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (bias) {
+        int64_t nt = (int64_t)n_rows * w->n_out;
+        gptq_bias_kernel<<<cuda_grid_1d(nt, 256), 256, 0, cb->stream>>>(out, bias, w->n_out, nt);
+        CUDA_CHECK_LAUNCH();
+    }
+}
+
+enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows) {
+    if (n_rows < GPTQ_MMA_MIN_ROWS) return CUDA_GPTQ_GEMV;
+    // cuBLAS takes int dimensions, and the f16 scratch matrix stays under 16 GiB
+    if (n_rows < GPTQ_CUBLAS_MIN_ROWS || w->k_pad > INT32_MAX || (int64_t)w->n_ot * 16 * w->k_pad > ((int64_t)1 << 33))
+        return CUDA_GPTQ_MMA;
+    return CUDA_GPTQ_CUBLAS;
+}
+
+void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
+                           const float *bias, int32_t n_rows, enum cuda_gptq_path path, int param) {
+    if (n_rows <= 0 || w->n_out <= 0) return;
+    struct cuda_backend *cb = cuda_impl(be);
+    if (path == CUDA_GPTQ_AUTO) path = cuda_gptq_auto_path(w, n_rows);
+    switch (path) {
+    case CUDA_GPTQ_GEMV: {
+        float *outs[1] = {out};
+        const struct cuda_gptq_weight *ws[1] = {w};
+        const float *bs[1] = {bias};
+        gemv_multi(cb, 1, outs, x, ws, bs, n_rows, param);
+        break;
+    }
+    case CUDA_GPTQ_MMA:
+        for (int32_t r0 = 0; r0 < n_rows; r0 += 65535 * 16) // grid.y limit at 16 tokens per block
+            mma_launch(cb, out + (int64_t)r0 * w->n_out, x + (int64_t)r0 * w->n_in, w, bias,
+                       COOPT_MIN(65535 * 16, n_rows - r0), param);
+        break;
+    default: cublas_launch(cb, out, x, w, bias, n_rows); break;
+    }
+}
+
+void cuda_gptq_matmul(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
+                      const float *bias, int32_t n_rows) {
+    cuda_gptq_matmul_path(be, out, x, w, bias, n_rows, CUDA_GPTQ_AUTO, 0);
+}
+
+void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
+                            const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows) {
+    COOPT_ASSERT(n >= 1 && n <= GPTQ_MAX_MULTI);
+    if (n_rows <= 0) return;
+    bool same = true;
+    for (int32_t j = 1; j < n; j++) same = same && ws[j]->n_in == ws[0]->n_in && ws[j]->k_pad == ws[0]->k_pad;
+    COOPT_ASSERT(same);
+    if (n_rows < GPTQ_MMA_MIN_ROWS) {
+        gemv_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0);
+        return;
+    }
+    for (int32_t j = 0; j < n; j++) cuda_gptq_matmul(be, outs[j], x, ws[j], biases ? biases[j] : NULL, n_rows);
+}
+
+// ---- bench helper ----
+
+double cuda_bench_graph(struct coopt_backend *be, void (*fn)(void *arg, int i), void *arg, int reps) {
+    struct cuda_backend *cb = cuda_impl(be);
+    cudaStream_t         st = cb->stream;
+    cudaGraph_t          g  = NULL;
+    cudaGraphExec_t      ge = NULL;
+    cudaEvent_t          e0 = NULL, e1 = NULL;
+    double               us = -1.0;
+    fn(arg, 0); // grows workspaces outside the capture
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed);
+    if (e == cudaSuccess) {
+        for (int i = 0; i < reps; i++) fn(arg, i);
+        e = cudaStreamEndCapture(st, &g);
+    }
+    if (e == cudaSuccess) e = cudaGraphInstantiate(&ge, g, 0);
+    if (e == cudaSuccess) e = cudaGraphLaunch(ge, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+    if (e == cudaSuccess) e = cudaEventCreate(&e0);
+    if (e == cudaSuccess) e = cudaEventCreate(&e1);
+    const int launches = 3;
+    if (e == cudaSuccess) e = cudaEventRecord(e0, st);
+    for (int i = 0; i < launches && e == cudaSuccess; i++) e = cudaGraphLaunch(ge, st);
+    if (e == cudaSuccess) e = cudaEventRecord(e1, st);
+    if (e == cudaSuccess) e = cudaEventSynchronize(e1);
+    float ms = 0.0f;
+    if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, e0, e1);
+    if (e == cudaSuccess)
+        us = 1000.0 * ms / (launches * reps);
+    else
+        coopt_log_error("cuda_bench_graph: %s", cudaGetErrorName(e));
+    (void)cudaGetLastError();
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (ge) cudaGraphExecDestroy(ge);
+    if (g) cudaGraphDestroy(g);
+    return us;
+}

@@ -1,0 +1,88 @@
+/*
+ * gptq_dev.h -- GPTQ int4 weights on the CUDA backend (src/cuda/gptq.cu): the device form of a
+ * repacked weight and the plain-C entry points (model upload, matmul dispatch, tests, benches).
+ *
+ * A Q4_GPTQ struct coopt_weight of a CUDA device model has `data` = the packed int4 codes on the
+ * device and `gptq` = a host struct cuda_gptq_weight (below) describing them; the host model's
+ * struct coopt_gptq_weight (src/gptq.h) is the source, repacked once at upload into the layout
+ * the kernels want (file comment of gptq.cu).
+ */
+#ifndef COOPT_CUDA_GPTQ_DEV_H
+#define COOPT_CUDA_GPTQ_DEV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" { // the C headers below too (C linkage when a .cu file includes this first)
+#endif
+
+#include "backend.h"
+#include "gptq.h"
+
+// One GPTQ weight on the device. Host struct, device arrays (one allocation, `buf`).
+struct cuda_gptq_weight {
+    int64_t         n_in, n_out;
+    int64_t         k_pad;     // padded input rows, a multiple of 64 (>= the host weight's k_pad)
+    int32_t         n_ot;      // column tiles of 16: ceil(n_out / 16)
+    int32_t         n_kc;      // 64-row chunks: k_pad / 64
+    int32_t         n_groups;
+    bool            direct;    // no permutation and k_pad == n_in: the kernels read x in place
+    uint64_t        perm_hash; // 0 for the identity; equal hashes = equal row orders (x gathered once)
+    const void     *qw;        // uint32 [n_ot][n_kc][32 lanes][4]: the mma fragment layout (gptq.cu)
+    const uint32_t *sz;        // [n_ot][n_groups][16] f16 scale bits | zero point << 16
+    const int32_t  *kb_grp;    // [k_pad / 32] group of each 32-row block (GEMV)
+    const uint32_t *kc_grp;    // [k_pad / 64] groups of the two 32-row halves of a chunk: lo | hi << 16
+    const int32_t  *perm;      // [k_pad] input row of each padded row, -1 = zero row; NULL = identity
+    void           *buf;       // the device allocation holding the arrays above (cudaFree)
+    size_t          bytes;     // its size
+};
+
+// Device bytes cuda_gptq_upload will allocate for hw.
+size_t cuda_gptq_dev_bytes(const struct coopt_gptq_weight *hw);
+
+// Repacks hw onto the device (the backend's stream; returns after the copy is done). Fills *dw;
+// the caller owns dw->buf and frees it with cuda_gptq_release. Errors: COOPT_ERR_NOMEM (device
+// memory, logged), COOPT_ERR_UNSUPPORTED (shapes beyond int32 tile counts).
+enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_gptq_weight *hw,
+                                   struct cuda_gptq_weight *dw);
+void cuda_gptq_release(struct cuda_gptq_weight *dw); // NULL / empty ok
+
+// out [n_rows][n_out] = x [n_rows][n_in] @ W^T (+ bias [n_out]); x, out, bias device memory.
+// Picks the f32 GEMV (1 row), the tensor-core kernel (2-159 rows) or dequantize + cuBLAS
+// (see gptq.cu).
+void cuda_gptq_matmul(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
+                      const float *bias, int32_t n_rows);
+
+// n (1..4) projections of one input, outs[j] = x @ Wj^T (+ biases[j], NULL entries ok): every
+// weight must have the same n_in. For one row (decode) one GEMV launch covers all of them and x
+// is gathered once per distinct act-order permutation; more rows run them one by one. For the
+// fused q/k/v of backend.h's matmul_multi.
+void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
+                            const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows);
+
+// ---- for tests and benches ----
+
+enum cuda_gptq_path {
+    CUDA_GPTQ_AUTO = 0,
+    CUDA_GPTQ_GEMV,   // f32 GEMV, rows in groups of up to 8; `param` = warps per block (4, 8, 16; 0 = auto)
+    CUDA_GPTQ_MMA,    // int4 -> f16 in registers + mma.sync m16n8k16; `param` = tokens per block (16, 32, 64,
+                      // 128; 0 = auto) | K splits << 8 (0 = auto)
+    CUDA_GPTQ_CUBLAS, // dequantize to an f16 scratch matrix + cublasGemmEx
+};
+// The path cuda_gptq_matmul takes for n_rows (never CUDA_GPTQ_AUTO).
+enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows);
+void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
+                           const float *bias, int32_t n_rows, enum cuda_gptq_path path, int param);
+
+// Times fn(arg, i) for i = 0..reps-1, captured once into a CUDA graph on the backend's stream and
+// replayed (warm-up replay first): mean microseconds of device time per call, or -1 if capture or
+// replay failed (then it falls back to nothing; the error is logged). fn must only enqueue work.
+double cuda_bench_graph(struct coopt_backend *be, void (*fn)(void *arg, int i), void *arg, int reps);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // COOPT_CUDA_GPTQ_DEV_H

@@ -1,0 +1,654 @@
+/*
+ * test_cuda_gptq.c -- GPTQ int4 on the CUDA backend (src/cuda/gptq.cu) against exact references:
+ * every path (GEMV, tensor-core MMA with 64 and 128 tokens per block, dequantize + cuBLAS, the
+ * automatic choice, the multi-weight GEMV) on random GPTQ checkpoints at odd and real shapes,
+ * the committed fixtures of the independent Python packer, and whole models (`coopt synth`
+ * GPTQ checkpoints loaded on cuda against the CPU scalar reference backend). Skips without a GPU.
+ *
+ * References are independent of the repacking: W[o][i] is dequantized straight from the
+ * checkpoint tensors (qweight/qzeros/scales/g_idx by the format's definition), products summed
+ * in double. Tolerances, with mag = sum_i |W[o][i] x[i]| and sw = sum_i |W[o][i]|:
+ *   GEMV: 1e-5 mag + 1e-6. Every weight is exactly s (q - z) and every product is formed in
+ *     f32 (q - z exact, scale applied per group sum), so only f32 accumulation differs from the
+ *     double reference (as for the F32 GEMV in test_cuda.c).
+ *   MMA and cuBLAS: (2^-10 + 2^-22 + 1e-5) mag + 2^-25 sw + 1e-6. x and s (q - z) are each
+ *     rounded to f16 once (half an ulp: 2^-11 relative each, the product's error at most
+ *     2^-10 + 2^-22 of |W x|; x below the f16 normal range loses at most 2^-25 absolute), then
+ *     f32 accumulation as above.
+ *   whole models: logits within 1e-3 max|ref| + 1e-3 |ref| when every GPTQ matmul is the GEMV
+ *     (one token per step: f32 end to end, as test_cuda.c's f32 models), 2e-2 after a prompt
+ *     (tensor-core path, as test_cuda.c's F16 model, whose prefill rounds activations to f16).
+ * Outputs are poisoned (NaN) before every run, so an unwritten element fails.
+ * COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_gptq_bench times the kernels (not a check).
+ */
+#include "coopt.h"
+#include "dtype.h"
+#include "gptq.h"
+#include "model.h"
+#include "synth.h"
+#include "test.h"
+#include "util.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef COOPT_CUDA
+#include "backend.h"
+#include "cuda/cuda.h"
+#include "cuda/gptq_dev.h"
+
+// helpers defined in test_safetensors.c
+bool        st_test_mkdtemp(char *buf, size_t cap);
+void        st_test_rmtree(const char *dir);
+void        st_test_capture_begin(void);
+const char *st_test_capture_end(void);
+
+// ---- random checkpoint tensors (as test_gptq.c builds them) ----
+
+struct gq_case {
+    int64_t n_in, n_out;
+    int32_t gs;  // group size or -1
+    int     act; // 0 none, 1 act-order permutation (equal groups), 2 arbitrary random g_idx
+    int     sym, v1;
+};
+
+struct gq_tensors {
+    int32_t              *qweight, *qzeros, *g_idx;
+    uint16_t             *scales;
+    int32_t               n_groups;
+    struct coopt_gptq_src src;
+};
+
+static void gq_free(struct gq_tensors *g) { free(g->qweight), free(g->qzeros), free(g->g_idx), free(g->scales); }
+
+// g_idx_from: reuse another tensor set's g_idx (q/k/v projections of one input share theirs).
+static void gq_make(uint64_t *rs, const struct gq_case *c, const int32_t *g_idx_from, struct gq_tensors *g) {
+    int64_t in = c->n_in, out = c->n_out;
+    int32_t G = c->gs == -1 ? 1 : (int32_t)((in + c->gs - 1) / c->gs);
+    g->n_groups = G;
+    g->qweight  = malloc((size_t)(in / 8 * out) * 4);
+    g->qzeros   = malloc((size_t)(G * out / 8) * 4);
+    g->scales   = malloc((size_t)(G * out) * 2);
+    g->g_idx    = NULL;
+    COOPT_ASSERT(g->qweight && g->qzeros && g->scales);
+    for (int64_t i = 0; i < in / 8 * out; i++) g->qweight[i] = (int32_t)(uint32_t)test_rand_u64(rs);
+    for (int64_t i = 0; i < G * out / 8; i++) {
+        uint32_t v = 0;
+        for (int n = 0; n < 8; n++) {
+            uint32_t z = c->sym ? 8 : (uint32_t)(test_rand_u64(rs) % 16); // real zero
+            if (c->v1) z = c->sym ? 7 : (uint32_t)(test_rand_u64(rs) % 16); // stored = real - 1
+            v |= z << (4 * n);
+        }
+        g->qzeros[i] = (int32_t)v;
+    }
+    for (int64_t i = 0; i < G * out; i++) g->scales[i] = coopt_f32_to_f16(test_rand_uniform(rs, 0.002f, 0.03f));
+    if (c->act) {
+        g->g_idx = malloc((size_t)in * 4);
+        if (g_idx_from) {
+            memcpy(g->g_idx, g_idx_from, (size_t)in * 4);
+        } else {
+            int32_t *perm = malloc((size_t)in * 4);
+            for (int64_t i = 0; i < in; i++) perm[i] = (int32_t)i;
+            for (int64_t i = in - 1; i > 0; i--) { // Fisher-Yates
+                int64_t j = (int64_t)(test_rand_u64(rs) % (uint64_t)(i + 1));
+                int32_t tmp = perm[i];
+                perm[i] = perm[j], perm[j] = tmp;
+            }
+            for (int64_t j = 0; j < in; j++) {
+                int32_t gj = c->gs == -1 ? 0 : (int32_t)(j / c->gs);
+                if (c->act == 2) gj = (int32_t)(test_rand_u64(rs) % (uint64_t)G);
+                g->g_idx[perm[j]] = gj;
+            }
+            free(perm);
+        }
+    }
+    g->src = (struct coopt_gptq_src){
+        .name = "test.proj", .n_in = in, .n_out = out, .bits = 4, .group_size = c->gs, .zeros_v1 = c->v1 != 0,
+        .qweight = g->qweight, .qweight_shape = {in / 8, out}, .qweight_dtype = COOPT_DTYPE_I32,
+        .qzeros = g->qzeros, .qzeros_shape = {G, out / 8}, .qzeros_dtype = COOPT_DTYPE_I32, .scales = g->scales,
+        .scales_shape = {G, out}, .scales_dtype = COOPT_DTYPE_F16, .g_idx = g->g_idx, .g_idx_len = g->g_idx ? in : 0,
+        .g_idx_dtype = COOPT_DTYPE_I32};
+}
+
+// Row o of W [n_out][n_in] from the checkpoint tensors alone.
+static void gq_row(const struct coopt_gptq_src *s, int64_t o, float *w) {
+    int64_t in = s->n_in, out = s->n_out;
+    for (int64_t i = 0; i < in; i++) {
+        int32_t grp = s->g_idx ? s->g_idx[i] : (s->group_size == -1 ? 0 : (int32_t)(i / s->group_size));
+        int     q   = (int)(((uint32_t)s->qweight[(i / 8) * out + o] >> (4 * (i % 8))) & 15u);
+        int     z = (int)(((uint32_t)s->qzeros[grp * (out / 8) + o / 8] >> (4 * (o % 8))) & 15u) + (s->zeros_v1 ? 1 : 0);
+        w[i]      = coopt_f16_to_f32(s->scales[grp * out + o]) * (float)(q - z);
+    }
+}
+
+// ---- reference and comparison ----
+
+// Exact products for the checked columns cols[0..n_cols): ref/mag/sw [n_rows][n_cols].
+struct gq_ref {
+    int64_t *cols;
+    int64_t  n_cols;
+    double  *ref, *mag, *sw;
+};
+
+static void gq_ref_free(struct gq_ref *r) { free(r->cols), free(r->ref), free(r->mag), free(r->sw); }
+
+// Every column when n_out is small, else the first and last 24 and every 61st (all tiles and
+// lanes are hit: 61 is odd, so o % 16 cycles).
+static void gq_ref_make(const struct coopt_gptq_src *s, const float *x, const float *bias, int32_t n_rows,
+                        struct gq_ref *r) {
+    int64_t out = s->n_out, in = s->n_in;
+    r->cols     = malloc(sizeof(int64_t) * (size_t)out);
+    r->n_cols   = 0;
+    for (int64_t o = 0; o < out; o++)
+        if (out <= 1100 || o < 24 || o >= out - 24 || o % 61 == 0) r->cols[r->n_cols++] = o;
+    size_t n = (size_t)r->n_cols * (size_t)n_rows;
+    r->ref = malloc(n * 8), r->mag = malloc(n * 8), r->sw = malloc(n * 8);
+    float *w = malloc((size_t)in * 4);
+    for (int64_t c = 0; c < r->n_cols; c++) {
+        gq_row(s, r->cols[c], w);
+        double sw = 0;
+        for (int64_t i = 0; i < in; i++) sw += fabs(w[i]);
+        for (int32_t row = 0; row < n_rows; row++) {
+            const float *xr = x + (size_t)row * (size_t)in;
+            double       acc = 0, mag = 0;
+            for (int64_t i = 0; i < in; i++) acc += (double)w[i] * xr[i], mag += fabs((double)w[i] * xr[i]);
+            size_t k  = (size_t)row * (size_t)r->n_cols + (size_t)c;
+            r->ref[k] = acc + (bias ? bias[r->cols[c]] : 0.0);
+            r->mag[k] = mag, r->sw[k] = sw;
+        }
+    }
+    free(w);
+}
+
+static bool gq_check(struct test_ctx *t, const char *what, const float *got, int64_t n_out, int32_t n_rows,
+                     const struct gq_ref *r, bool f16) {
+    for (int32_t row = 0; row < n_rows; row++) {
+        for (int64_t c = 0; c < r->n_cols; c++) {
+            size_t k   = (size_t)row * (size_t)r->n_cols + (size_t)c;
+            double tol = (f16 ? ldexp(1, -10) + ldexp(1, -22) + 1e-5 : 1e-5) * r->mag[k] +
+                         (f16 ? ldexp(1, -25) * r->sw[k] : 0) + 1e-6;
+            double g   = got[(size_t)row * (size_t)n_out + (size_t)r->cols[c]];
+            if (!(fabs(g - r->ref[k]) <= tol)) {
+                test_fail(t, __FILE__, __LINE__, "%s: out[%d][%lld] = %.7g, exact %.7g, tol %.3g", what, row,
+                          (long long)r->cols[c], g, r->ref[k], tol);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+// ---- device helpers ----
+
+static void *dev_alloc_copy(struct coopt_backend *be, const void *src, size_t n) {
+    void *d = NULL;
+    COOPT_ASSERT(be->ops->alloc(be, n, &d) == COOPT_OK);
+    if (src) be->ops->upload(be, d, src, n);
+    return d;
+}
+
+static bool init_cuda(struct test_ctx *t, struct coopt_backend **be) {
+    *be = NULL;
+    if (coopt_cuda_device_count() <= 0) {
+        test_skip(t, "no CUDA device");
+        return false;
+    }
+    coopt_log_set_quiet(1);
+    if (coopt_cuda_backend_init(0, be) != COOPT_OK) {
+        test_fail(t, __FILE__, __LINE__, "cuda backend init failed");
+        return false;
+    }
+    return true;
+}
+
+struct gq_run {
+    enum cuda_gptq_path path;
+    int                 param;
+    int32_t             max_rows; // skip above (the GEMV at hundreds of rows is slow, not wrong)
+    const char         *name;
+};
+
+// MMA param: tokens per block | K splits << 8 (0 = automatic)
+static const struct gq_run k_runs[] = {
+    {CUDA_GPTQ_AUTO, 0, 1 << 30, "auto"},
+    {CUDA_GPTQ_GEMV, 0, 64, "gemv"},
+    {CUDA_GPTQ_GEMV, 4, 8, "gemv4"},
+    {CUDA_GPTQ_GEMV, 16, 8, "gemv16"},
+    {CUDA_GPTQ_MMA, 0, 1 << 30, "mma"},
+    {CUDA_GPTQ_MMA, 16 | 3 << 8, 64, "mma16s3"},
+    {CUDA_GPTQ_MMA, 32, 1 << 30, "mma32"},
+    {CUDA_GPTQ_MMA, 64 | 1 << 8, 1 << 30, "mma64s1"},
+    {CUDA_GPTQ_MMA, 128, 1 << 30, "mma128"},
+    {CUDA_GPTQ_CUBLAS, 0, 1 << 30, "cublas"},
+};
+
+// Uploads the weight of case c and checks every path at every row count. Returns false after FAIL.
+static bool run_case(struct test_ctx *t, struct coopt_backend *be, const struct gq_case *c, const int32_t *rows,
+                     int n_rows_list, uint64_t seed, bool bias) {
+    uint64_t          rs = seed;
+    struct gq_tensors g;
+    gq_make(&rs, c, NULL, &g);
+    char base[160], what[240];
+    snprintf(base, sizeof(base), "in %lld out %lld gs %d act %d sym %d v1 %d bias %d", (long long)c->n_in,
+             (long long)c->n_out, c->gs, c->act, c->sym, c->v1, bias);
+    struct coopt_gptq_weight *hw = NULL;
+    struct cuda_gptq_weight   dw;
+    memset(&dw, 0, sizeof(dw));
+    bool ok = coopt_gptq_repack(&g.src, 2, &hw) == COOPT_OK;
+    if (!ok) test_fail(t, __FILE__, __LINE__, "%s: repack failed", base);
+    if (ok && cuda_gptq_upload(be, hw, &dw) != COOPT_OK) {
+        test_fail(t, __FILE__, __LINE__, "%s: upload failed", base);
+        ok = false;
+    }
+    float *b = bias ? test_rand_array(&rs, (size_t)c->n_out, -1, 1) : NULL;
+    float *db = b ? dev_alloc_copy(be, b, (size_t)c->n_out * 4) : NULL;
+    for (int k = 0; k < n_rows_list && ok; k++) {
+        int32_t n_rows = rows[k];
+        size_t  nx = (size_t)n_rows * (size_t)c->n_in, no = (size_t)n_rows * (size_t)c->n_out;
+        float  *x = malloc(nx * 4), *got = malloc(no * 4);
+        for (size_t i = 0; i < nx; i++) x[i] = test_rand_normal(&rs);
+        x[0] = 6.0f; // an outlier
+        if (nx > 7) x[7] = 3e-6f; // below the f16 normal range
+        struct gq_ref ref;
+        gq_ref_make(&g.src, x, b, n_rows, &ref);
+        float *dx = dev_alloc_copy(be, x, nx * 4), *dout = dev_alloc_copy(be, NULL, no * 4);
+        for (size_t p = 0; p < COOPT_ARRAY_LEN(k_runs) && ok; p++) {
+            if (n_rows > k_runs[p].max_rows) continue;
+            memset(got, 0xff, no * 4); // NaN
+            be->ops->upload(be, dout, got, no * 4);
+            cuda_gptq_matmul_path(be, dout, dx, &dw, db, n_rows, k_runs[p].path, k_runs[p].param);
+            be->ops->download(be, got, dout, no * 4);
+            be->ops->sync(be);
+            enum cuda_gptq_path path = k_runs[p].path ? k_runs[p].path : cuda_gptq_auto_path(&dw, n_rows);
+            bool                f16  = path != CUDA_GPTQ_GEMV;
+            snprintf(what, sizeof(what), "%s rows %d path %s", base, n_rows, k_runs[p].name);
+            ok = gq_check(t, what, got, c->n_out, n_rows, &ref, f16);
+        }
+        be->ops->free(be, dx), be->ops->free(be, dout);
+        gq_ref_free(&ref);
+        free(x), free(got);
+    }
+    if (db) be->ops->free(be, db);
+    free(b);
+    cuda_gptq_release(&dw);
+    coopt_gptq_weight_free(hw);
+    gq_free(&g);
+    return ok;
+}
+
+TEST(cuda_gptq_matmul) {
+    struct coopt_backend *be;
+    if (!init_cuda(t, &be)) return;
+    // output widths not multiples of the 16-column tile or the 64-column MMA block, inputs not
+    // multiples of 64 (padded, x gathered), every group size incl. 16 and 48 (groups padded to
+    // 32-row blocks), act-order on / irregular, sym/asym, v1/v2
+    static const struct gq_case cases[] = {
+        {256, 8, 32, 0, 1, 1},  {256, 24, 64, 1, 0, 1},   {384, 72, 128, 0, 0, 0},   {384, 200, 128, 1, 1, 0},
+        {200, 72, -1, 0, 0, 1}, {256, 40, -1, 1, 0, 0},   {512, 88, 64, 2, 0, 1},    {192, 56, 16, 0, 0, 0},
+        {160, 24, 32, 1, 0, 0}, {128, 136, 128, 2, 1, 1}, {96, 16, 48, 0, 0, 1},     {1024, 1000, 128, 1, 0, 1},
+    };
+    static const int32_t rows[] = {1, 2, 3, 8, 17, 64, 513};
+    bool                 ok     = true;
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(cases) && ok; i++)
+        ok = run_case(t, be, &cases[i], rows, cases[i].n_in * cases[i].n_out > 200000 ? 5 : 7, 300 + i, i % 2 == 0);
+    be->ops->destroy(be);
+}
+
+// q/k/v of one input in one multi call: q and k share an act-order g_idx (one gather), v has none.
+TEST(cuda_gptq_multi) {
+    struct coopt_backend *be;
+    if (!init_cuda(t, &be)) return;
+    uint64_t             rs = 77;
+    struct gq_case       cs[3] = {{512, 512, 128, 1, 0, 1}, {512, 136, 128, 1, 1, 1}, {512, 72, 64, 0, 0, 0}};
+    struct gq_tensors    g[3];
+    struct coopt_gptq_weight *hw[3] = {0};
+    struct cuda_gptq_weight   dw[3];
+    memset(dw, 0, sizeof(dw));
+    bool ok = true;
+    for (int j = 0; j < 3; j++) {
+        gq_make(&rs, &cs[j], j == 1 ? g[0].g_idx : NULL, &g[j]);
+        ok = ok && coopt_gptq_repack(&g[j].src, 1, &hw[j]) == COOPT_OK && cuda_gptq_upload(be, hw[j], &dw[j]) == COOPT_OK;
+    }
+    if (ok && !(dw[0].perm_hash && dw[0].perm_hash == dw[1].perm_hash && dw[2].direct)) {
+        test_fail(t, __FILE__, __LINE__, "perm hashes %llx %llx, v direct %d", (unsigned long long)dw[0].perm_hash,
+                  (unsigned long long)dw[1].perm_hash, dw[2].direct);
+        ok = false;
+    }
+    static const int32_t rows[] = {1, 4, 8, 20};
+    for (size_t k = 0; k < COOPT_ARRAY_LEN(rows) && ok; k++) {
+        int32_t n_rows = rows[k];
+        size_t  nx     = (size_t)n_rows * 512;
+        float  *x      = malloc(nx * 4);
+        for (size_t i = 0; i < nx; i++) x[i] = test_rand_normal(&rs);
+        float *b1 = test_rand_array(&rs, 136, -1, 1);
+        float *dx = dev_alloc_copy(be, x, nx * 4), *db1 = dev_alloc_copy(be, b1, 136 * 4);
+        float *douts[3], *got[3];
+        const struct cuda_gptq_weight *ws[3] = {&dw[0], &dw[1], &dw[2]};
+        const float                   *bs[3] = {NULL, db1, NULL};
+        for (int j = 0; j < 3; j++) {
+            size_t no = (size_t)n_rows * (size_t)cs[j].n_out;
+            got[j]    = malloc(no * 4);
+            memset(got[j], 0xff, no * 4);
+            douts[j] = dev_alloc_copy(be, got[j], no * 4);
+        }
+        cuda_gptq_matmul_multi(be, 3, douts, dx, ws, bs, n_rows);
+        for (int j = 0; j < 3 && ok; j++) {
+            size_t no = (size_t)n_rows * (size_t)cs[j].n_out;
+            be->ops->download(be, got[j], douts[j], no * 4);
+            be->ops->sync(be);
+            struct gq_ref ref;
+            gq_ref_make(&g[j].src, x, j == 1 ? b1 : NULL, n_rows, &ref);
+            char what[96];
+            snprintf(what, sizeof(what), "multi weight %d rows %d", j, n_rows);
+            ok = gq_check(t, what, got[j], cs[j].n_out, n_rows, &ref, cuda_gptq_auto_path(&dw[j], n_rows) != CUDA_GPTQ_GEMV);
+            gq_ref_free(&ref);
+        }
+        for (int j = 0; j < 3; j++) be->ops->free(be, douts[j]), free(got[j]);
+        be->ops->free(be, dx), be->ops->free(be, db1);
+        free(x), free(b1);
+    }
+    for (int j = 0; j < 3; j++) cuda_gptq_release(&dw[j]), coopt_gptq_weight_free(hw[j]), gq_free(&g[j]);
+    be->ops->destroy(be);
+}
+
+// The shapes of llama2-7b/13b and llama3-8b (W [n_out][n_in]), group 128.
+static const struct gq_case k_real[] = {
+    {4096, 4096, 128, 0, 1, 1},  {4096, 11008, 128, 1, 1, 1}, {11008, 4096, 128, 0, 0, 1}, {4096, 1024, 128, 1, 1, 1},
+    {5120, 5120, 128, 0, 0, 0},  {5120, 13824, 128, 0, 1, 1}, {13824, 5120, 128, 1, 1, 1}, {4096, 14336, 128, 0, 1, 1},
+    {14336, 4096, 128, 0, 1, 1},
+};
+
+TEST(cuda_gptq_real_shapes) {
+    struct coopt_backend *be;
+    if (!init_cuda(t, &be)) return;
+    static const int32_t rows[] = {1, 3, 8, 40, 512};
+    bool                 ok     = true;
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(k_real) && ok; i++)
+        ok = run_case(t, be, &k_real[i], rows, COOPT_ARRAY_LEN(rows), 500 + i, i == 2);
+    be->ops->destroy(be);
+}
+
+// ---- fixtures from the independent packer (scripts/make_gptq_fixture.py), as test_gptq.c ----
+
+static const char *const k_fixtures[] = {
+    "gptq_k_g32_sym.bin",      "gptq_k_g64_asym_act.bin", "gptq_k_g64_sym_act_v2.bin",  "gptq_v_g128_asym_v2.bin",
+    "gptq_v_gall_sym_act.bin", "gptq_v_g32_asym_act.bin", "gptq_down_g128_asym_act.bin", "gptq_down_gall_asym_v2.bin",
+};
+
+TEST(cuda_gptq_fixtures) {
+    struct coopt_backend *be;
+    if (!init_cuda(t, &be)) return;
+    bool ok = true;
+    for (size_t f = 0; f < COOPT_ARRAY_LEN(k_fixtures) && ok; f++) {
+        char  *data = NULL;
+        size_t size = 0;
+        if (coopt_read_file(test_golden_path(k_fixtures[f]), &data, &size) != COOPT_OK) {
+            test_fail(t, __FILE__, __LINE__, "cannot read %s", k_fixtures[f]);
+            break;
+        }
+        int32_t h[8];
+        ok = size >= 36 && memcmp(data, "CGQF", 4) == 0;
+        if (ok) memcpy(h, data + 4, sizeof(h));
+        int64_t in = ok ? h[1] : 0, out = ok ? h[2] : 0, G = ok ? h[7] : 0;
+        size_t  need = 36 + (size_t)(in / 8 * out) * 4 + (size_t)(G * out / 8) * 4 + (size_t)(G * out) * 2 +
+                      (size_t)in * 4 + (size_t)(in * out) * 4;
+        ok = ok && h[0] == 1 && in > 0 && out > 0 && G > 0 && size == need;
+        if (!ok) {
+            test_fail(t, __FILE__, __LINE__, "%s: bad fixture header or size", k_fixtures[f]);
+            free(data);
+            break;
+        }
+        const char           *p = data + 36;
+        struct coopt_gptq_src s = {.name = k_fixtures[f], .n_in = in, .n_out = out, .bits = 4, .group_size = h[3],
+                                   .zeros_v1 = h[6] != 0, .qweight_shape = {in / 8, out},
+                                   .qweight_dtype = COOPT_DTYPE_I32, .qzeros_shape = {G, out / 8},
+                                   .qzeros_dtype = COOPT_DTYPE_I32, .scales_shape = {G, out},
+                                   .scales_dtype = COOPT_DTYPE_F16, .g_idx_len = in, .g_idx_dtype = COOPT_DTYPE_I32};
+        s.qweight = (const int32_t *)p, p += (size_t)(in / 8 * out) * 4;
+        s.qzeros  = (const int32_t *)p, p += (size_t)(G * out / 8) * 4;
+        s.scales  = (const uint16_t *)p, p += (size_t)(G * out) * 2;
+        if (h[5]) s.g_idx = (const int32_t *)p;
+        p += (size_t)in * 4;
+        const float *wref = (const float *)p; // the packer's W [out][in]
+        struct coopt_gptq_weight *hw = NULL;
+        struct cuda_gptq_weight   dw;
+        memset(&dw, 0, sizeof(dw));
+        ok = coopt_gptq_repack(&s, 1, &hw) == COOPT_OK && cuda_gptq_upload(be, hw, &dw) == COOPT_OK;
+        if (!ok) test_fail(t, __FILE__, __LINE__, "%s: repack/upload failed", k_fixtures[f]);
+        uint64_t rs = 21 + f;
+        const int32_t rows_list[] = {1, 5, 20};
+        for (size_t k = 0; k < COOPT_ARRAY_LEN(rows_list) && ok; k++) {
+            int32_t n_rows = rows_list[k];
+            size_t  nx = (size_t)n_rows * (size_t)in, no = (size_t)n_rows * (size_t)out;
+            float  *x = malloc(nx * 4), *got = malloc(no * 4);
+            for (size_t i = 0; i < nx; i++) x[i] = test_rand_normal(&rs);
+            // reference from the packer's W
+            struct gq_ref ref = {.cols = malloc(sizeof(int64_t) * (size_t)out), .n_cols = out};
+            ref.ref = malloc(no * 8), ref.mag = malloc(no * 8), ref.sw = malloc(no * 8);
+            for (int64_t o = 0; o < out; o++) {
+                ref.cols[o] = o;
+                double sw = 0;
+                for (int64_t i = 0; i < in; i++) sw += fabs(wref[o * in + i]);
+                for (int32_t r = 0; r < n_rows; r++) {
+                    double acc = 0, mag = 0;
+                    for (int64_t i = 0; i < in; i++) {
+                        double v = (double)wref[o * in + i] * x[(size_t)r * (size_t)in + (size_t)i];
+                        acc += v, mag += fabs(v);
+                    }
+                    ref.ref[(size_t)r * (size_t)out + (size_t)o] = acc, ref.mag[(size_t)r * (size_t)out + (size_t)o] = mag;
+                    ref.sw[(size_t)r * (size_t)out + (size_t)o] = sw;
+                }
+            }
+            float *dx = dev_alloc_copy(be, x, nx * 4), *dout = dev_alloc_copy(be, NULL, no * 4);
+            for (size_t pi = 0; pi < COOPT_ARRAY_LEN(k_runs) && ok; pi++) {
+                if (n_rows > k_runs[pi].max_rows) continue;
+                memset(got, 0xff, no * 4);
+                be->ops->upload(be, dout, got, no * 4);
+                cuda_gptq_matmul_path(be, dout, dx, &dw, NULL, n_rows, k_runs[pi].path, k_runs[pi].param);
+                be->ops->download(be, got, dout, no * 4);
+                be->ops->sync(be);
+                enum cuda_gptq_path path = k_runs[pi].path ? k_runs[pi].path : cuda_gptq_auto_path(&dw, n_rows);
+                bool                f16  = path != CUDA_GPTQ_GEMV;
+                char what[160];
+                snprintf(what, sizeof(what), "%s rows %d path %s", k_fixtures[f], n_rows, k_runs[pi].name);
+                ok = gq_check(t, what, got, out, n_rows, &ref, f16);
+            }
+            be->ops->free(be, dx), be->ops->free(be, dout);
+            gq_ref_free(&ref);
+            free(x), free(got);
+        }
+        cuda_gptq_release(&dw);
+        coopt_gptq_weight_free(hw);
+        free(data);
+    }
+    be->ops->destroy(be);
+}
+
+// ---- whole models: coopt synth GPTQ checkpoints on cuda against the CPU scalar reference ----
+
+// Decodes `in` on both contexts; compares the logits of the last token. Returns the CPU argmax
+// (>= 0), or -1 after FAIL.
+static int32_t model_step(struct test_ctx *t, struct coopt_ctx *cc, struct coopt_ctx *cr, const int32_t *toks,
+                          const int32_t *seqs, int32_t n, int32_t nv, double rel, const char *what) {
+    struct coopt_batch_input in = {.n_tokens = n, .tokens = toks, .seq_ids = seqs};
+    if (coopt_ctx_decode(cc, &in) != COOPT_OK || coopt_ctx_decode(cr, &in) != COOPT_OK) {
+        test_fail(t, __FILE__, __LINE__, "%s: decode failed", what);
+        return -1;
+    }
+    const float *lc = coopt_ctx_logits(cc, n - 1), *lr = coopt_ctx_logits(cr, n - 1);
+    if (!lc || !lr) {
+        test_fail(t, __FILE__, __LINE__, "%s: no logits", what);
+        return -1;
+    }
+    double  m = 0, worst = 0;
+    int32_t best = 0, wi = 0;
+    for (int32_t i = 0; i < nv; i++) m = fmax(m, fabs(lr[i]));
+    for (int32_t i = 0; i < nv; i++) {
+        double e = fabs((double)lc[i] - lr[i]) / (rel * m + rel * fabs(lr[i]));
+        if (!(e <= worst)) worst = e, wi = i;
+        if (lr[i] > lr[best]) best = i;
+    }
+    fprintf(stderr, "  %s: worst |cuda - cpu-ref| / tol = %.3f (max |logit| %.2f)\n", what, worst, m);
+    if (!(worst <= 1.0)) {
+        test_fail(t, __FILE__, __LINE__, "%s: logit %d cuda %.6g cpu-ref %.6g (%.2f x tol, max |logit| %.3g)", what, wi,
+                  lc[wi], lr[wi], worst, m);
+        return -1;
+    }
+    return best;
+}
+
+static bool check_synth_model(struct test_ctx *t, bool act, int32_t gs) {
+    char dir[512];
+    if (!st_test_mkdtemp(dir, sizeof(dir))) {
+        test_fail(t, __FILE__, __LINE__, "mkdtemp");
+        return false;
+    }
+    strncat(dir, "/m", sizeof(dir) - strlen(dir) - 1);
+    struct coopt_synth_params sp = coopt_synth_default_params();
+    sp.arch = "tinyllama-1.1b", sp.dtype = COOPT_DTYPE_Q4_GPTQ, sp.n_layers = 2, sp.seed = 3;
+    sp.act_order = act, sp.group_size = gs, sp.out_dir = dir;
+    sp.tokenizer = test_model_path("llama2-tokenizer/tokenizer.model");
+    st_test_capture_begin();
+    enum coopt_status rc = coopt_synth_write(&sp, NULL);
+    st_test_capture_end();
+    struct coopt_model       *mc = NULL, *mr = NULL;
+    struct coopt_ctx         *cc = NULL, *cr = NULL;
+    struct coopt_model_params mp = coopt_model_default_params();
+    bool                      ok = rc == COOPT_OK;
+    mp.device = "cuda";
+    ok = ok && coopt_model_load(dir, &mp, &mc) == COOPT_OK;
+    mp.device = "cpu-ref";
+    ok = ok && coopt_model_load(dir, &mp, &mr) == COOPT_OK;
+    struct coopt_ctx_params cp = coopt_ctx_default_params();
+    cp.n_ctx = 128, cp.n_seq_max = 2, cp.n_batch = 64, cp.kv_type = COOPT_DTYPE_F32, cp.n_threads = 4;
+    ok = ok && coopt_ctx_init(mc, &cp, &cc) == COOPT_OK && coopt_ctx_init(mr, &cp, &cr) == COOPT_OK;
+    if (!ok) test_fail(t, __FILE__, __LINE__, "synth/load/context failed (act %d gs %d)", act, gs);
+    int32_t s0 = -1, s1 = -1, s2 = -1, s3 = -1;
+    ok = ok && coopt_seq_new(cc, &s0) == COOPT_OK && coopt_seq_new(cr, &s1) == COOPT_OK && s0 == s1;
+    ok = ok && coopt_seq_new(cc, &s2) == COOPT_OK && coopt_seq_new(cr, &s3) == COOPT_OK && s2 == s3;
+    int32_t nv = ok ? coopt_model_get_info(mr)->n_vocab : 0;
+    int32_t toks[24], seqs[24];
+    char    what[96];
+    // sequence A: one token at a time, every GPTQ matmul the f32 GEMV
+    toks[0] = 1, seqs[0] = s0;
+    for (int step = 0; step < 4 && ok; step++) {
+        snprintf(what, sizeof(what), "act %d gs %d seq A step %d", act, gs, step);
+        int32_t best = model_step(t, cc, cr, toks, seqs, 1, nv, 1e-3, what);
+        ok = best >= 0, toks[0] = best;
+    }
+    // sequence B: a 24-token prompt (tensor-core path), then one step
+    for (int i = 0; i < 24; i++) toks[i] = 3 + (int32_t)((i * 40503u + 7) % 31000u), seqs[i] = s2;
+    for (int step = 0; step < 2 && ok; step++) {
+        snprintf(what, sizeof(what), "act %d gs %d seq B step %d", act, gs, step);
+        int32_t best = model_step(t, cc, cr, toks, seqs, step ? 1 : 24, nv, 2e-2, what);
+        ok = best >= 0, toks[0] = best;
+    }
+    coopt_ctx_free(cc), coopt_ctx_free(cr);
+    coopt_model_free(mc), coopt_model_free(mr);
+    dir[strlen(dir) - 2] = 0;
+    st_test_rmtree(dir);
+    return ok;
+}
+
+TEST(cuda_gptq_model) {
+    if (coopt_cuda_device_count() <= 0) SKIP(t, "no CUDA device");
+    if (!test_have_file(test_model_path("llama2-tokenizer/tokenizer.model"))) SKIP(t, "llama2-tokenizer not available");
+    coopt_log_set_quiet(1);
+    if (!check_synth_model(t, true, 128)) return;
+    if (!check_synth_model(t, false, 32)) return;
+}
+
+// ---- kernel timings (not a check): COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_gptq_bench ----
+
+struct bench_arg {
+    struct coopt_backend          *be;
+    const struct cuda_gptq_weight *ws; // n_copies uploads of one weight (rotated: more than L2)
+    int                            n_copies;
+    float                         *dx, *dout;
+    int32_t                        n_rows;
+    enum cuda_gptq_path            path;
+    int                            param;
+};
+
+static void bench_call(void *p, int i) {
+    struct bench_arg *a = p;
+    cuda_gptq_matmul_path(a->be, a->dout, a->dx, &a->ws[i % a->n_copies], NULL, a->n_rows, a->path, a->param);
+}
+
+TEST(cuda_gptq_bench) {
+    if (!getenv("COOPT_CUDA_BENCH")) SKIP(t, "set COOPT_CUDA_BENCH=1 to time the kernels");
+    struct coopt_backend *be;
+    if (!init_cuda(t, &be)) return;
+    const double bw = 2.94e12; // measured read bandwidth of the H100 (docs/BENCHMARKS.md)
+    float       *xh = NULL;
+    uint64_t     rs = 9;
+    float       *dx = dev_alloc_copy(be, NULL, 512 * 14336 * 4), *dout = dev_alloc_copy(be, NULL, 512 * 14336 * 4);
+    xh              = test_rand_array(&rs, 512 * 14336, -1, 1);
+    be->ops->upload(be, dx, xh, 512 * 14336 * 4);
+    printf("bench: gptq int4 g128, W [n_out][n_in]; GB/s counts the packed weights + scales read once\n");
+    printf("bench: %-12s %-9s %5s %9s %9s %6s %9s\n", "shape", "path", "rows", "us/call", "GB/s", "of BW", "TFLOP/s");
+    struct gq_case shapes[] = {{4096, 4096, 128, 0, 1, 1},   {4096, 11008, 128, 0, 1, 1}, {11008, 4096, 128, 0, 1, 1},
+                               {4096, 1024, 128, 0, 1, 1},   {5120, 5120, 128, 0, 1, 1},  {5120, 13824, 128, 0, 1, 1},
+                               {13824, 5120, 128, 0, 1, 1},  {4096, 14336, 128, 0, 1, 1}, {14336, 4096, 128, 0, 1, 1},
+                               {4096, 4096, 128, 1, 1, 1}};
+    for (size_t si = 0; si < COOPT_ARRAY_LEN(shapes); si++) {
+        const struct gq_case *c = &shapes[si];
+        struct gq_tensors     g;
+        gq_make(&rs, c, NULL, &g);
+        struct coopt_gptq_weight *hw = NULL;
+        COOPT_ASSERT(coopt_gptq_repack(&g.src, 4, &hw) == COOPT_OK);
+        size_t one    = cuda_gptq_dev_bytes(hw);
+        int    copies = (int)((320u << 20) / one) + 1;
+        struct cuda_gptq_weight *ws = calloc((size_t)copies, sizeof(*ws));
+        for (int i = 0; i < copies; i++) COOPT_ASSERT(cuda_gptq_upload(be, hw, &ws[i]) == COOPT_OK);
+        double wbytes = (double)ws[0].n_ot * 16 * (double)ws[0].k_pad / 2 + (double)ws[0].n_ot * 16 * ws[0].n_groups * 4;
+        char   shape[32];
+        snprintf(shape, sizeof(shape), "%lldx%lld%s", (long long)c->n_out, (long long)c->n_in, c->act ? "a" : "");
+        struct {
+            enum cuda_gptq_path path;
+            int                 param;
+            int32_t             rows;
+            const char         *name;
+        } runs[] = {{CUDA_GPTQ_GEMV, 0, 1, "gemv"},    {CUDA_GPTQ_GEMV, 4, 1, "gemv4"},    {CUDA_GPTQ_GEMV, 8, 1, "gemv8"},
+                    {CUDA_GPTQ_GEMV, 16, 1, "gemv16"}, {CUDA_GPTQ_MMA, 0, 1, "mma"},       {CUDA_GPTQ_GEMV, 0, 2, "gemv"},
+                    {CUDA_GPTQ_MMA, 0, 2, "mma"},      {CUDA_GPTQ_GEMV, 0, 4, "gemv"},     {CUDA_GPTQ_MMA, 0, 4, "mma"},
+                    {CUDA_GPTQ_GEMV, 0, 8, "gemv"},    {CUDA_GPTQ_MMA, 0, 8, "mma"},       {CUDA_GPTQ_MMA, 0, 16, "mma"},
+                    {CUDA_GPTQ_MMA, 0, 32, "mma"},     {CUDA_GPTQ_MMA, 0, 64, "mma"},      {CUDA_GPTQ_MMA, 0, 128, "mma"},
+                    {CUDA_GPTQ_MMA, 0, 512, "mma"},    {CUDA_GPTQ_CUBLAS, 0, 16, "cublas"}, {CUDA_GPTQ_CUBLAS, 0, 64, "cublas"},
+                    {CUDA_GPTQ_CUBLAS, 0, 128, "cublas"}, {CUDA_GPTQ_CUBLAS, 0, 512, "cublas"}};
+        for (size_t ri = 0; ri < COOPT_ARRAY_LEN(runs); ri++) {
+            if (c->act && runs[ri].rows > 1 && runs[ri].path == CUDA_GPTQ_GEMV) continue;
+            struct bench_arg a = {be, ws, copies, dx, dout, runs[ri].rows, runs[ri].path, runs[ri].param};
+            double           us;
+            if (runs[ri].path == CUDA_GPTQ_CUBLAS) { // cuBLAS outside graphs: host-timed, long calls
+                bench_call(&a, 0);
+                be->ops->sync(be);
+                int64_t t0 = coopt_time_us();
+                for (int i = 0; i < 6; i++) bench_call(&a, i);
+                be->ops->sync(be);
+                us = (double)(coopt_time_us() - t0) / 6;
+            } else {
+                us = cuda_bench_graph(be, bench_call, &a, 2 * copies);
+            }
+            double gbs = wbytes / us / 1e3;
+            printf("bench: %-12s %-9s %5d %9.2f %9.1f %5.0f%% %9.1f\n", shape, runs[ri].name, runs[ri].rows, us, gbs,
+                   100.0 * gbs * 1e9 / bw, 2.0 * (double)c->n_in * (double)c->n_out * runs[ri].rows / us / 1e6);
+            fflush(stdout);
+        }
+        for (int i = 0; i < copies; i++) cuda_gptq_release(&ws[i]);
+        free(ws);
+        coopt_gptq_weight_free(hw);
+        gq_free(&g);
+    }
+    be->ops->free(be, dx), be->ops->free(be, dout);
+    free(xh);
+    be->ops->destroy(be);
+}
+
+#else // !COOPT_CUDA
+
+TEST(cuda_gptq) { SKIP(t, "built without CUDA"); }
+
+#endif
