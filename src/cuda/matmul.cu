@@ -625,6 +625,21 @@ static bool multi_one_launch(int32_t n, const struct coopt_weight *const *ws, in
     return one;
 }
 
+// GPTQ projections of one input (all Q4_GPTQ, same n_in): gptq.cu's multi entry, one GEMV launch
+// at decode. Returns false when the weights are not all GPTQ.
+static bool gptq_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
+                       const struct coopt_weight *const *ws, int32_t n_rows) {
+    const struct cuda_gptq_weight *gw[GEMV_MAX_SEG];
+    const float                   *bias[GEMV_MAX_SEG];
+    for (int32_t i = 0; i < n; i++) {
+        if (ws[i]->dtype != COOPT_DTYPE_Q4_GPTQ || ws[i]->n_in != ws[0]->n_in) return false;
+        gw[i]   = (const struct cuda_gptq_weight *)ws[i]->gptq;
+        bias[i] = ws[i]->bias;
+    }
+    cuda_gptq_matmul_multi(be, n, outs, x, gw, bias, n_rows);
+    return true;
+}
+
 // x normed into the second workspace (for the paths that need it materialized).
 static const float *normed_copy(struct coopt_backend *be, const float *x, const float *norm, float eps, int64_t n_in,
                                 int32_t n_rows) {
@@ -641,6 +656,7 @@ void cuda_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, 
         gemv_segments(cuda_impl(be), GEMV_STORE, n, outs, x, NULL, 0.0f, ws, n_rows);
         return;
     }
+    if (gptq_multi(be, n, outs, x, ws, n_rows)) return;
     for (int32_t i = 0; i < n; i++) cuda_matmul(be, outs[i], x, ws[i], n_rows);
 }
 
@@ -682,8 +698,12 @@ void cuda_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const 
         swiglu_launch(be, out, x, NULL, 0.0f, wg, wu, n_rows);
         return;
     }
-    cuda_matmul(be, out, x, wg, n_rows);
-    cuda_matmul(be, tmp, x, wu, n_rows);
+    float *const                     outs[2] = {out, tmp};
+    const struct coopt_weight *const ws[2]   = {wg, wu};
+    if (!gptq_multi(be, 2, outs, x, ws, n_rows)) {
+        cuda_matmul(be, out, x, wg, n_rows);
+        cuda_matmul(be, tmp, x, wu, n_rows);
+    }
     be->ops->silu_mul(be, out, out, tmp, (int64_t)n_rows * wg->n_out);
 }
 
