@@ -83,10 +83,10 @@ for spec in "${specs[@]}"; do
         g="$SYNTH_DIR/synth-$arch-q4_0.gguf"
         [ -e "$g" ] || $B convert "$dir" "$g" --dtype q4_0 >/dev/null 2>>"$OUT/bench.err"
         for ctk in f16 q8_0; do
-            echo "# llama.cpp Q4_0 -fa 1 -ctk/-ctv $ctk" >>"$f"
-            timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa 1 -ctk $ctk -ctv $ctk -p 512 -n 128 -r 3 2>>"$OUT/bench.err" |
+            echo "# llama.cpp Q4_0 -fa on -ctk/-ctv $ctk" >>"$f"
+            timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa on -ctk $ctk -ctv $ctk -p 512 -n 128 -r 3 2>>"$OUT/bench.err" |
                 grep -E '^\| [^-m]' >>"$f"
-            timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa 1 -ctk $ctk -ctv $ctk -p 0 -n 128 -d 4096,16384 -r 2 \
+            timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa on -ctk $ctk -ctv $ctk -p 0 -n 128 -d 4096,16384 -r 2 \
                 2>>"$OUT/bench.err" | grep -E '^\| [^-m]' >>"$f"
         done
         [ "${KEEP:-0}" = 1 ] || rm -f "$g"
