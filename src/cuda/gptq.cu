@@ -46,10 +46,10 @@
  *    Grid: (column tiles of all weights of the call, K splits); Block: 4, 8 or 16 warps that
  *    split the split's chunks into contiguous ranges; each lane keeps I8_U chunks of codes in
  *    flight (16-byte L1-bypassing loads, a register ring). Warps reduce through shared memory in
- *    a fixed order; with several K splits (small shapes, chosen so about one wave of warps is
- *    resident) each block writes its partial sums to the workspace and the last block of a tile
- *    to arrive (an atomic counter per tile, kept in the weight's allocation and reset by that
- *    block) adds them in split order: deterministic. The two kernels use programmatic dependent
+ *    a fixed order; with several K splits (by default each warp streams ~4 chunks, so blocks
+ *    are short and the grid's tail is too) each block writes its partial sums to the workspace
+ *    and the last block of a tile to arrive (an atomic counter per tile, kept in the weight's
+ *    allocation and reset by that block) adds them in split order: deterministic. The two kernels use programmatic dependent
  *    launch on sm_90 (COOPT_GPTQ_PDL=0 turns it off): the GEMV's blocks start and issue their
  *    first code loads while the quantization (and, before it, the previous kernel) finishes,
  *    and wait (griddepcontrol.wait) before they read anything another kernel writes.
@@ -528,16 +528,17 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, NW <= 8 ? 768 / (NW * WARP_SIZE
         if (t < I8_ROWS * 16 && r < a.n_rows && o < n_out) out[(int64_t)r * n_out + o] = s + (bias ? bias[o] : 0.0f);
         return;
     }
-    // split K: publish the partial sums; the last block of the tile adds all splits in split order
+    // split K: publish the partial sums (of the launch's rows only); the last block of the tile
+    // adds all splits in split order
     float *pt = a.part + (int64_t)blockIdx.x * a.n_split * (I8_ROWS * 16);
-    if (t < I8_ROWS * 16) pt[(int64_t)z * (I8_ROWS * 16) + t] = s;
+    if (t < a.n_rows * 16) pt[(int64_t)z * (I8_ROWS * 16) + t] = s;
     __threadfence();
     __syncthreads();
     if (t == 0) s_last = atomicAdd(cnt + ot, 1) == a.n_split - 1;
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    if (t < I8_ROWS * 16 && r < a.n_rows && o < n_out) {
+    if (t < a.n_rows * 16 && o < n_out) {
         float v = 0.0f;
         for (int32_t zz = 0; zz < a.n_split; zz++) v += __ldcg(pt + (int64_t)zz * (I8_ROWS * 16) + t);
         out[(int64_t)r * n_out + o] = v + (bias ? bias[o] : 0.0f);
@@ -973,17 +974,25 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
 
 // Process-wide choices (tests and the ablation; read from the environment on first use):
 // which GEMV decode uses, and whether the int8 GEMV's kernels use programmatic dependent launch.
-static int g_gemv_mode = CUDA_GPTQ_GEMV_MODE_DEFAULT;
-static int g_pdl       = -1;
+// Plain ints: written once (or by tests between calls), read on every matmul.
+static int g_gemv_mode = CUDA_GPTQ_GEMV_MODE_DEFAULT; // set by cuda_gptq_set_gemv
+static int g_gemv_env  = -1;                          // from $COOPT_GPTQ_GEMV, -1 = not read yet
+static int g_pdl       = -1;                          // -1 = not read yet
+static int g_pdl_fail  = 0;                           // a launch with it was refused: off for good
+static int g_cc_major[64];                            // compute capability of each device, 0 = not read yet
 
 void cuda_gptq_set_gemv(enum cuda_gptq_gemv g) { g_gemv_mode = g; }
 
 enum cuda_gptq_gemv cuda_gptq_get_gemv(void) {
     if (g_gemv_mode != CUDA_GPTQ_GEMV_MODE_DEFAULT) return (enum cuda_gptq_gemv)g_gemv_mode;
-    const char *e = getenv("COOPT_GPTQ_GEMV");
-    if (e && strcmp(e, "f32") == 0) return CUDA_GPTQ_GEMV_MODE_F32;
-    if (e && strcmp(e, "i8") == 0) return CUDA_GPTQ_GEMV_MODE_I8;
-    return GPTQ_GEMV_BUILTIN;
+    if (g_gemv_env < 0) {
+        const char *e = getenv("COOPT_GPTQ_GEMV");
+        g_gemv_env    = GPTQ_GEMV_BUILTIN;
+        if (e && strcmp(e, "f32") == 0) g_gemv_env = CUDA_GPTQ_GEMV_MODE_F32;
+        else if (e && strcmp(e, "i8") == 0) g_gemv_env = CUDA_GPTQ_GEMV_MODE_I8;
+        else if (e && *e) coopt_log_error("COOPT_GPTQ_GEMV=%s: expected f32 or i8; using the default", e);
+    }
+    return (enum cuda_gptq_gemv)g_gemv_env;
 }
 
 void cuda_gptq_set_pdl(int on) { g_pdl = on < 0 ? -1 : on != 0; }
@@ -993,10 +1002,10 @@ static bool pdl_enabled(const struct cuda_backend *cb) {
         const char *e = getenv("COOPT_GPTQ_PDL");
         g_pdl         = !(e && e[0] == '0');
     }
-    if (!g_pdl) return false;
-    int major = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cb->device));
-    return major >= 9;
+    if (!g_pdl || g_pdl_fail || cb->device < 0 || cb->device >= 64) return false;
+    if (!g_cc_major[cb->device])
+        CUDA_CHECK(cudaDeviceGetAttribute(&g_cc_major[cb->device], cudaDevAttrComputeCapabilityMajor, cb->device));
+    return g_cc_major[cb->device] >= 9;
 }
 
 // Launches kern<<<grid, block, 0, st>>>(args...), with programmatic stream serialization when
@@ -1019,7 +1028,7 @@ static void launch_maybe_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block
         coopt_log_error("cuda: launch with programmatic dependent launch failed (%s); launching without it",
                         cudaGetErrorName(e));
         (void)cudaGetLastError();
-        g_pdl        = 0;
+        g_pdl_fail   = 1;
         cfg.numAttrs = 0;
         e            = cudaLaunchKernelEx(&cfg, kern, args...);
     }
@@ -1037,17 +1046,17 @@ template <int NW> static int i8_blocks_per_sm(void) {
 }
 
 // Warps per block (4, 8 or 16) and K splits for `tiles` column tiles of n_kc chunks. param: warps
-// in the low byte and splits above it, 0 = automatic: 8 warps, and as many splits as it takes for
-// about one wave of resident warps (at least 2 chunks per warp), so small shapes still fill the GPU.
+// in the low byte and splits above it, 0 = automatic: 8 warps, and K split so that each warp
+// streams about 4 chunks (2 KiB; short blocks keep the grid's tail short), or down to 2 when 4
+// would leave resident warp slots empty (small shapes), so that more warps share the bytes.
 static void i8_config(const struct cuda_backend *cb, int64_t tiles, int32_t n_kc, int param, int *nw, int *n_split) {
     int w = param & 0xff, s = param >> 8;
     if (w != 4 && w != 16) w = 8;
     if (s <= 0) {
         const int     occ = w == 4 ? i8_blocks_per_sm<4>() : w == 8 ? i8_blocks_per_sm<8>() : i8_blocks_per_sm<16>();
-        const int64_t cap = (int64_t)cb->n_sm * occ * w;                        // resident warps
-        const int64_t cpw = COOPT_MAX((int64_t)2, (tiles * n_kc + cap - 1) / cap); // chunks per warp
-        const int64_t wpt = (n_kc + cpw - 1) / cpw;                             // warps per tile
-        s                 = (int)COOPT_MIN((int64_t)64, (wpt + w - 1) / w);
+        const int64_t cap = (int64_t)cb->n_sm * occ * w; // resident warps
+        const int64_t cpw = COOPT_MAX((int64_t)2, COOPT_MIN((int64_t)4, (tiles * n_kc + cap - 1) / cap)); // chunks per warp
+        s                 = (int)COOPT_MIN((int64_t)64, (n_kc + w * cpw - 1) / (w * cpw));
     }
     s = (int)COOPT_MAX(1, COOPT_MIN(s, n_kc));
     const int32_t kc_per = (n_kc + s - 1) / s;
