@@ -25,8 +25,9 @@
  * (GEMV), kc_grp[c] the groups of the two halves of 64-row chunk c, lo | hi << 16 (MMA).
  *
  * Paths (cuda_gptq_matmul picks by n_rows; thresholds measured on an H100, docs/BENCHMARKS.md):
- *  - int8 GEMV (decode, 1-8 rows; the default GEMV, COOPT_GPTQ_GEMV=f32 selects the f32 one
- *    below): per call, gptq_quant_x_kernel quantizes x to int8 exactly as the CPU kernels do
+ *  - int8 GEMV (decode, 1-8 rows a launch; opt-in with COOPT_GPTQ_GEMV=i8, see "Measured"
+ *    below for why it is not the default): per call, gptq_quant_x_kernel quantizes x to int8
+ *    exactly as the CPU kernels do
  *    (src/cpu/matmul_gptq.c: per block of 32 padded rows, d = amax / 127, round to nearest even,
  *    the act-order gather in the same pass) into the workspace, already in the byte order of the
  *    code dwords: the 64 bytes of a chunk are [tq][j][e], e = rows 16j + 2tq + {0, 8, 1, 9},
@@ -41,19 +42,30 @@
  *    are 1.5 * 2^23 + the sum, exactly); per block one FADD and one FFMA by d, per group one
  *    FFMA by the column's scale. By our count that is ~50 instructions per lane and 16 bytes of
  *    codes (64 weights, for any number of tokens up to 8; 5 of them loads), against ~120 for
- *    the f32 GEMV at one token, so the kernel has the issue slack to stream at memory speed. The only approximation is x's int8 rounding: |error| <= sum_i |W[o][i]|
- *    d_b(i) / 2 (the CPU's bound, docs/QUANTIZE.md), plus f32 rounding.
+ *    the f32 GEMV at one token. The only approximation is x's int8 rounding:
+ *    |error| <= sum_i |W[o][i]| d_b(i) / 2 (the CPU's bound, docs/QUANTIZE.md), plus f32 rounding.
  *    Grid: (column tiles of all weights of the call, K splits); Block: 4, 8 or 16 warps that
  *    split the split's chunks into contiguous ranges; each lane keeps I8_U chunks of codes in
  *    flight (16-byte L1-bypassing loads, a register ring). Warps reduce through shared memory in
- *    a fixed order; with several K splits (by default each warp streams ~4 chunks, so blocks
- *    are short and the grid's tail is too) each block writes its partial sums to the workspace
- *    and the last block of a tile to arrive (an atomic counter per tile, kept in the weight's
- *    allocation and reset by that block) adds them in split order: deterministic. The two kernels use programmatic dependent
- *    launch on sm_90 (COOPT_GPTQ_PDL=0 turns it off): the GEMV's blocks start and issue their
- *    first code loads while the quantization (and, before it, the previous kernel) finishes,
- *    and wait (griddepcontrol.wait) before they read anything another kernel writes.
- *  - f32 GEMV (decode, 1 row with COOPT_GPTQ_GEMV=f32; up to 8 rows a launch when asked for):
+ *    a fixed order; with several K splits (only when asked for: they measured slower) each block
+ *    writes its partial sums to the workspace and the last block of a tile to arrive (an atomic
+ *    counter per tile, kept in the weight's allocation and reset by that block) adds them in
+ *    split order: deterministic. The two kernels use programmatic dependent launch on sm_90
+ *    (COOPT_GPTQ_PDL=0 turns it off): the GEMV's blocks start and issue their first code loads
+ *    while the quantization (and, before it, the previous kernel) finishes, and wait
+ *    (griddepcontrol.wait) before they read anything another kernel writes.
+ *    Measured (H100, docs/BENCHMARKS.md): correct (every test, compute-sanitizer clean) and
+ *    flat from 1 to 8 tokens, but not memory-bound: with its best configuration (8 warps, no K
+ *    split, now the automatic one) time against bytes is ~1.8 TB/s marginal plus ~4.5 us per
+ *    call, close to the f32 GEMV's ~2.0 TB/s + ~3.9 us, so at 1 row it ranges from 3 % faster
+ *    to 38 % slower than the f32 GEMV by shape, and end to end llama2-7b gptq4 decodes at 147
+ *    t/s against 164. At 8 rows (measured with the earlier automatic K splits, which cost
+ *    0.5-2 us at 1 row) it is 1.6-3.3x faster than the f32 GEMV and 0.84-1.11x the MMA
+ *    kernel's speed; a q/k/v multi call 1.4-1.8x the MMA kernel's. That two GEMVs with very
+ *    different instruction counts stall at the same ~50 % suggests too few bytes in flight
+ *    (I8_U = 3 chunks per lane, ~24 warps per SM: ~36 KiB) and per-kernel ramp and tail, not
+ *    instruction issue; not verified (no profiler run).
+ *  - f32 GEMV (decode, 1 row: the default; up to 8 rows a launch when asked for):
  *    f32 throughout. A nibble
  *    becomes an exact f32 without a conversion instruction: OR'ed into the exponent of 2^e
  *    (e = 23, 19, 15, 11, 7 for the nibbles at bits 0, 4, 8, 12, 16; dw >> 20 brings nibbles
@@ -108,8 +120,11 @@
 #ifndef GPTQ_I8_MAX_ROWS
 #define GPTQ_I8_MAX_ROWS 8 // n_rows up to here: the int8 GEMV, when it is the chosen GEMV
 #endif
+// The decode GEMV without COOPT_GPTQ_GEMV: the f32 one, measured faster at 1 row on every real
+// shape and end to end (llama2-7b gptq4 tg128 163.9 against 147.0 t/s, docs/BENCHMARKS.md); the
+// int8 one is opt-in (COOPT_GPTQ_GEMV=i8).
 #ifndef GPTQ_GEMV_BUILTIN
-#define GPTQ_GEMV_BUILTIN CUDA_GPTQ_GEMV_MODE_I8 // the decode GEMV without COOPT_GPTQ_GEMV
+#define GPTQ_GEMV_BUILTIN CUDA_GPTQ_GEMV_MODE_F32
 #endif
 #ifndef GPTQ_CUBLAS_MIN_ROWS
 #define GPTQ_CUBLAS_MIN_ROWS 160 // n_rows from here: dequantize + cuBLAS
@@ -437,7 +452,8 @@ struct i8_args {
 // times the block's x scale it goes into a per-group f32 sum, which is multiplied by the
 // column's scale when the group changes.
 template <int NW>
-__global__ void __launch_bounds__(NW *WARP_SIZE, NW <= 8 ? 768 / (NW * WARP_SIZE) : 1) gptq_i8_gemv_kernel(const i8_args a) {
+__global__ void __launch_bounds__(NW *WARP_SIZE, NW <= 8 ? 768 / (NW * WARP_SIZE) : 1)
+    gptq_i8_gemv_kernel(const i8_args a) {
     __shared__ float red[NW][I8_ROWS][16];
     __shared__ int   s_last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
@@ -495,7 +511,8 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, NW <= 8 ? 768 / (NW * WARP_SIZE
                     const int4     ds  = __ldg(dsp + (int64_t)(2 * c + h) * 4); // d, sx of tokens 2tq, 2tq+1
                     const uint32_t dw0 = h ? cur.z : cur.x, dw1 = h ? cur.w : cur.y;
                     const uint32_t b0 = h ? xv.z : xv.x, b1 = h ? xv.w : xv.y;
-                    int acc[4] = {I8_MAGIC - zA * ds.y, I8_MAGIC - zA * ds.w, I8_MAGIC - zB * ds.y, I8_MAGIC - zB * ds.w};
+                    int acc[4] = {I8_MAGIC - zA * ds.y, I8_MAGIC - zA * ds.w, I8_MAGIC - zB * ds.y,
+                                  I8_MAGIC - zB * ds.w};
                     mma_s8_16832(acc, dw0 & 0x0f0f0f0fu, (dw0 >> 4) & 0x0f0f0f0fu, dw1 & 0x0f0f0f0fu,
                                  (dw1 >> 4) & 0x0f0f0f0fu, b0, b1);
                     const float d0 = __int_as_float(ds.x), d1 = __int_as_float(ds.z);
@@ -1036,28 +1053,16 @@ static void launch_maybe_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block
     CUDA_CHECK_LAUNCH();
 }
 
-template <int NW> static int i8_blocks_per_sm(void) {
-    static int occ = 0; // a property of the kernel and the device (one GPU model per process)
-    if (occ <= 0) {
-        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, gptq_i8_gemv_kernel<NW>, NW * WARP_SIZE, 0));
-        if (occ <= 0) occ = 1;
-    }
-    return occ;
-}
-
 // Warps per block (4, 8 or 16) and K splits for `tiles` column tiles of n_kc chunks. param: warps
-// in the low byte and splits above it, 0 = automatic: 8 warps, and K split so that each warp
-// streams about 4 chunks (2 KiB; short blocks keep the grid's tail short), or down to 2 when 4
-// would leave resident warp slots empty (small shapes), so that more warps share the bytes.
+// in the low byte and splits above it, 0 = automatic: no K split, 8 warps per tile, 16 when there
+// are fewer tiles than SMs. From the H100 sweep at 1 row (docs/BENCHMARKS.md): with 8 warps, 2
+// K splits made 8 of the 9 real shapes 4-29 % slower and 8 splits 9-119 % (1024x4096 gained
+// 4-18 %), and this choice ran within 6 % of the best of the 9 configurations on every shape
+// (1024x4096: 16 warps, the best).
 static void i8_config(const struct cuda_backend *cb, int64_t tiles, int32_t n_kc, int param, int *nw, int *n_split) {
     int w = param & 0xff, s = param >> 8;
-    if (w != 4 && w != 16) w = 8;
-    if (s <= 0) {
-        const int     occ = w == 4 ? i8_blocks_per_sm<4>() : w == 8 ? i8_blocks_per_sm<8>() : i8_blocks_per_sm<16>();
-        const int64_t cap = (int64_t)cb->n_sm * occ * w; // resident warps
-        const int64_t cpw = COOPT_MAX((int64_t)2, COOPT_MIN((int64_t)4, (tiles * n_kc + cap - 1) / cap)); // chunks per warp
-        s                 = (int)COOPT_MIN((int64_t)64, (n_kc + w * cpw - 1) / (w * cpw));
-    }
+    if (w != 4 && w != 8 && w != 16) w = tiles < cb->n_sm ? 16 : 8;
+    if (s <= 0) s = 1;
     s = (int)COOPT_MAX(1, COOPT_MIN(s, n_kc));
     const int32_t kc_per = (n_kc + s - 1) / s;
     *nw = w, *n_split = (n_kc + kc_per - 1) / kc_per; // no empty split

@@ -51,14 +51,15 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
 void cuda_gptq_release(struct cuda_gptq_weight *dw); // NULL / empty ok
 
 // out [n_rows][n_out] = x [n_rows][n_in] @ W^T (+ bias [n_out]); x, out, bias device memory.
-// Picks the f32 GEMV (1 row), the tensor-core kernel (2-159 rows) or dequantize + cuBLAS
-// (see gptq.cu).
+// Picks the f32 GEMV (1 row; the int8 GEMV for 1-8 rows with COOPT_GPTQ_GEMV=i8), the
+// tensor-core kernel (2-159 rows) or dequantize + cuBLAS (see gptq.cu).
 void cuda_gptq_matmul(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
                       const float *bias, int32_t n_rows);
 
 // n (1..4) projections of one input, outs[j] = x @ Wj^T (+ biases[j], NULL entries ok): every
-// weight must have the same n_in. For one row (decode) one GEMV launch covers all of them and x
-// is gathered once per distinct act-order permutation; more rows run them one by one. For the
+// weight must have the same n_in. For one row (decode; 1-8 rows with the int8 GEMV) one GEMV
+// launch covers all of them and x is gathered (quantized) once per distinct act-order
+// permutation; more rows run them one by one. For the
 // fused q/k/v of backend.h's matmul_multi.
 void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
                             const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows);
@@ -72,13 +73,14 @@ enum cuda_gptq_path {
                       // 128; 0 = auto) | K splits << 8 (0 = auto)
     CUDA_GPTQ_CUBLAS, // dequantize to an f16 scratch matrix + cublasGemmEx
     CUDA_GPTQ_GEMV_I8, // x quantized to int8 + int4 x int8 mma; rows in groups of up to 8; `param` = warps per
-                       // block (4, 8, 16; 0 = 8) | K splits << 8 (0 = auto)
+                       // block (4, 8, 16; 0 = auto) | K splits << 8 (0 = auto: 1)
 };
 
 // The GEMV decode uses (process-wide): the f32 one (exact products) or the int8 one (x quantized
 // to int8 per 32 rows, as the CPU kernels do). DEFAULT = $COOPT_GPTQ_GEMV ("f32" or "i8") when
-// set, else the built-in choice (gptq.cu). With I8, matmuls of up to 8 rows take the int8 GEMV;
-// with F32, 1 row takes the f32 GEMV and 2 or more the tensor-core kernel.
+// set, else the built-in choice (gptq.cu: F32, measured faster at 1 row). With I8, matmuls of up
+// to 8 rows take the int8 GEMV; with F32, 1 row takes the f32 GEMV and 2 or more the tensor-core
+// kernel.
 enum cuda_gptq_gemv { CUDA_GPTQ_GEMV_MODE_DEFAULT = 0, CUDA_GPTQ_GEMV_MODE_F32, CUDA_GPTQ_GEMV_MODE_I8 };
 void                cuda_gptq_set_gemv(enum cuda_gptq_gemv g);
 enum cuda_gptq_gemv cuda_gptq_get_gemv(void); // the effective choice, never DEFAULT
