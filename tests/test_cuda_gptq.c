@@ -8,20 +8,38 @@
  * References are independent of the repacking: W[o][i] is dequantized straight from the
  * checkpoint tensors (qweight/qzeros/scales/g_idx by the format's definition), products summed
  * in double. Tolerances, with mag = sum_i |W[o][i] x[i]| and sw = sum_i |W[o][i]|:
- *   GEMV: 1e-5 mag + 1e-6. Every weight is exactly s (q - z) and every product is formed in
+ *   int8 GEMV: 1.0001 sum_i |W[o][i]| h_i + 1e-5 mag + 1e-6, h_i = amax(x over the 32-row block
+ *     of i in the weight's padded order) / 254: x is rounded to int8 per block (half a quantum
+ *     d / 2 = amax / 254 at most per element; the 1.0001 covers the f32 rounding of d), then
+ *     exact integer products and f32 accumulation as below. The same bound as the CPU kernels'
+ *     in test_gptq.c. Against the CPU int8 kernels (test cuda_gptq_cpu_match), which quantize x
+ *     identically: both compute sum over blocks and groups of s d (q - z) xq exactly in integers
+ *     except for f32 rounding in different orders (the CPU subtracts the zero term per group,
+ *     the GPU per block), so the tolerance is 3e-6 m2 + 1e-6 with m2 = sum_i s (q + z) (|x_i| +
+ *     h_i), a bound on the magnitudes both f32 sums see (|q xq d| + |z xq d| per element): about
+ *     25 f32 ulps of m2 for the two orders' rounding. A host emulation of the kernel measured
+ *     at most 0.001 of the earlier 3e-5 (so ~0.01 of this one) on every case of the test; a
+ *     wrong term or a systematic quantization mismatch is orders of magnitude larger (a single
+ *     flipped int8 value moves the sum by s |q - z| d, ~1e-6 m2 at K = 4096).
+ *   f32 GEMV: 1e-5 mag + 1e-6. Every weight is exactly s (q - z) and every product is formed in
  *     f32 (q - z exact, scale applied per group sum), so only f32 accumulation differs from the
  *     double reference (as for the F32 GEMV in test_cuda.c).
  *   MMA and cuBLAS: (2^-10 + 2^-22 + 1e-5) mag + 2^-25 sw + 1e-6. x and s (q - z) are each
  *     rounded to f16 once (half an ulp: 2^-11 relative each, the product's error at most
  *     2^-10 + 2^-22 of |W x|; x below the f16 normal range loses at most 2^-25 absolute), then
  *     f32 accumulation as above.
- *   whole models: logits within 1e-3 max|ref| + 1e-3 |ref| when every GPTQ matmul is the GEMV
- *     (one token per step: f32 end to end, as test_cuda.c's f32 models), 2e-2 after a prompt
- *     (tensor-core path, as test_cuda.c's F16 model, whose prefill rounds activations to f16).
+ *   whole models: logits within 1e-3 max|ref| + 1e-3 |ref| when every GPTQ matmul is the f32
+ *     GEMV (one token per step: f32 end to end, as test_cuda.c's f32 models), 2e-2 with the
+ *     int8 GEMV and after a prompt (tensor-core path, as test_cuda.c's F16 model, whose prefill
+ *     rounds activations to f16). int8 rounding is ~20x f16's per element (amax / 254 against
+ *     2^-11 |x|); the f16 path measured 0.009 of its tolerance (docs/BENCHMARKS.md), so the
+ *     int8 GEMV was expected at ~0.2 of the same tolerance; an H100 measured 0.29-0.30 (the test
+ *     prints the ratio).
  * Outputs are poisoned (NaN) before every run, so an unwritten element fails.
  * COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_gptq_bench times the kernels (not a check).
  */
 #include "coopt.h"
+#include "cpu/threads.h"
 #include "dtype.h"
 #include "gptq.h"
 #include "model.h"
@@ -112,63 +130,97 @@ static void gq_make(uint64_t *rs, const struct gq_case *c, const int32_t *g_idx_
         .g_idx_dtype = COOPT_DTYPE_I32};
 }
 
-// Row o of W [n_out][n_in] from the checkpoint tensors alone.
-static void gq_row(const struct coopt_gptq_src *s, int64_t o, float *w) {
+// Row o of W [n_out][n_in] from the checkpoint tensors alone; qz (NULL: not wanted) gets
+// s (q + z) of every element.
+static void gq_row(const struct coopt_gptq_src *s, int64_t o, float *w, float *qz) {
     int64_t in = s->n_in, out = s->n_out;
     for (int64_t i = 0; i < in; i++) {
         int32_t grp = s->g_idx ? s->g_idx[i] : (s->group_size == -1 ? 0 : (int32_t)(i / s->group_size));
         int     q   = (int)(((uint32_t)s->qweight[(i / 8) * out + o] >> (4 * (i % 8))) & 15u);
         int     z = (int)(((uint32_t)s->qzeros[grp * (out / 8) + o / 8] >> (4 * (o % 8))) & 15u) + (s->zeros_v1 ? 1 : 0);
-        w[i]      = coopt_f16_to_f32(s->scales[grp * out + o]) * (float)(q - z);
+        float   sc = coopt_f16_to_f32(s->scales[grp * out + o]);
+        w[i]       = sc * (float)(q - z);
+        if (qz) qz[i] = sc * (float)(q + z);
     }
 }
 
 // ---- reference and comparison ----
 
-// Exact products for the checked columns cols[0..n_cols): ref/mag/sw [n_rows][n_cols].
+// Exact products for the checked columns cols[0..n_cols): ref/mag/sw/hq/m2 [n_rows][n_cols]
+// (hq = sum_i |W| h_i, m2 = sum_i s (q + z) (|x_i| + h_i): see the file comment).
 struct gq_ref {
     int64_t *cols;
     int64_t  n_cols;
-    double  *ref, *mag, *sw;
+    double  *ref, *mag, *sw, *hq, *m2;
 };
 
-static void gq_ref_free(struct gq_ref *r) { free(r->cols), free(r->ref), free(r->mag), free(r->sw); }
+static void gq_ref_free(struct gq_ref *r) {
+    free(r->cols), free(r->ref), free(r->mag), free(r->sw), free(r->hq), free(r->m2);
+}
+
+// h[i] = half the int8 quantum of input i of row x [n_in]: amax of its 32-row block in hw's
+// padded order / 254 (the activation quantization of the CPU kernels and the int8 GEMV).
+static void gq_half_quanta(const struct coopt_gptq_weight *hw, const float *x, float *h) {
+    for (int64_t b = 0; b < hw->k_pad / 32; b++) {
+        float amax = 0;
+        for (int pass = 0; pass < 2; pass++) {
+            for (int64_t kk = b * 32; kk < b * 32 + 32; kk++) {
+                int64_t i = hw->perm ? hw->perm[kk] : (kk < hw->n_in ? kk : -1);
+                if (i < 0) continue;
+                if (pass == 0) amax = fmaxf(amax, fabsf(x[i]));
+                else h[i] = amax / 254.0f;
+            }
+        }
+    }
+}
 
 // Every column when n_out is small, else the first and last 24 and every 61st (all tiles and
 // lanes are hit: 61 is odd, so o % 16 cycles).
-static void gq_ref_make(const struct coopt_gptq_src *s, const float *x, const float *bias, int32_t n_rows,
-                        struct gq_ref *r) {
+static void gq_ref_make(const struct coopt_gptq_src *s, const struct coopt_gptq_weight *hw, const float *x,
+                        const float *bias, int32_t n_rows, struct gq_ref *r) {
     int64_t out = s->n_out, in = s->n_in;
     r->cols     = malloc(sizeof(int64_t) * (size_t)out);
     r->n_cols   = 0;
     for (int64_t o = 0; o < out; o++)
         if (out <= 1100 || o < 24 || o >= out - 24 || o % 61 == 0) r->cols[r->n_cols++] = o;
     size_t n = (size_t)r->n_cols * (size_t)n_rows;
-    r->ref = malloc(n * 8), r->mag = malloc(n * 8), r->sw = malloc(n * 8);
-    float *w = malloc((size_t)in * 4);
+    r->ref = malloc(n * 8), r->mag = malloc(n * 8), r->sw = malloc(n * 8), r->hq = malloc(n * 8), r->m2 = malloc(n * 8);
+    float *w = malloc((size_t)in * 4), *qz = malloc((size_t)in * 4), *h = malloc((size_t)in * 4 * (size_t)n_rows);
+    for (int32_t row = 0; row < n_rows; row++) gq_half_quanta(hw, x + (size_t)row * (size_t)in, h + (size_t)row * (size_t)in);
     for (int64_t c = 0; c < r->n_cols; c++) {
-        gq_row(s, r->cols[c], w);
+        gq_row(s, r->cols[c], w, qz);
         double sw = 0;
         for (int64_t i = 0; i < in; i++) sw += fabs(w[i]);
         for (int32_t row = 0; row < n_rows; row++) {
-            const float *xr = x + (size_t)row * (size_t)in;
-            double       acc = 0, mag = 0;
-            for (int64_t i = 0; i < in; i++) acc += (double)w[i] * xr[i], mag += fabs((double)w[i] * xr[i]);
+            const float *xr = x + (size_t)row * (size_t)in, *hr = h + (size_t)row * (size_t)in;
+            double       acc = 0, mag = 0, hq = 0, m2 = 0;
+            for (int64_t i = 0; i < in; i++) {
+                acc += (double)w[i] * xr[i], mag += fabs((double)w[i] * xr[i]);
+                hq += fabs((double)w[i]) * hr[i], m2 += (double)qz[i] * (fabs(xr[i]) + hr[i]);
+            }
             size_t k  = (size_t)row * (size_t)r->n_cols + (size_t)c;
             r->ref[k] = acc + (bias ? bias[r->cols[c]] : 0.0);
-            r->mag[k] = mag, r->sw[k] = sw;
+            r->mag[k] = mag, r->sw[k] = sw, r->hq[k] = hq, r->m2[k] = m2;
         }
     }
-    free(w);
+    free(w), free(qz), free(h);
+}
+
+// How a result is checked (tolerances: file comment).
+enum gq_kind { GQ_F32, GQ_F16, GQ_I8 };
+
+static enum gq_kind gq_kind_of(enum cuda_gptq_path path) {
+    return path == CUDA_GPTQ_GEMV ? GQ_F32 : path == CUDA_GPTQ_GEMV_I8 ? GQ_I8 : GQ_F16;
 }
 
 static bool gq_check(struct test_ctx *t, const char *what, const float *got, int64_t n_out, int32_t n_rows,
-                     const struct gq_ref *r, bool f16) {
+                     const struct gq_ref *r, enum gq_kind kind) {
+    const bool f16 = kind == GQ_F16;
     for (int32_t row = 0; row < n_rows; row++) {
         for (int64_t c = 0; c < r->n_cols; c++) {
             size_t k   = (size_t)row * (size_t)r->n_cols + (size_t)c;
             double tol = (f16 ? ldexp(1, -10) + ldexp(1, -22) + 1e-5 : 1e-5) * r->mag[k] +
-                         (f16 ? ldexp(1, -25) * r->sw[k] : 0) + 1e-6;
+                         (f16 ? ldexp(1, -25) * r->sw[k] : 0) + (kind == GQ_I8 ? 1.0001 * r->hq[k] : 0) + 1e-6;
             double g   = got[(size_t)row * (size_t)n_out + (size_t)r->cols[c]];
             if (!(fabs(g - r->ref[k]) <= tol)) {
                 test_fail(t, __FILE__, __LINE__, "%s: out[%d][%lld] = %.7g, exact %.7g, tol %.3g", what, row,
@@ -208,21 +260,41 @@ struct gq_run {
     int                 param;
     int32_t             max_rows; // skip above (the GEMV at hundreds of rows is slow, not wrong)
     const char         *name;
+    int                 pdl; // cuda_gptq_set_pdl for this run (-1: default)
 };
 
-// MMA param: tokens per block | K splits << 8 (0 = automatic)
+// MMA param: tokens per block | K splits << 8 (0 = automatic); int8 GEMV: warps | K splits << 8
+// (64 splits: one per chunk for most of the shapes here)
 static const struct gq_run k_runs[] = {
-    {CUDA_GPTQ_AUTO, 0, 1 << 30, "auto"},
-    {CUDA_GPTQ_GEMV, 0, 64, "gemv"},
-    {CUDA_GPTQ_GEMV, 4, 8, "gemv4"},
-    {CUDA_GPTQ_GEMV, 16, 8, "gemv16"},
-    {CUDA_GPTQ_MMA, 0, 1 << 30, "mma"},
-    {CUDA_GPTQ_MMA, 16 | 3 << 8, 64, "mma16s3"},
-    {CUDA_GPTQ_MMA, 32, 1 << 30, "mma32"},
-    {CUDA_GPTQ_MMA, 64 | 1 << 8, 1 << 30, "mma64s1"},
-    {CUDA_GPTQ_MMA, 128, 1 << 30, "mma128"},
-    {CUDA_GPTQ_CUBLAS, 0, 1 << 30, "cublas"},
+    {CUDA_GPTQ_AUTO, 0, 1 << 30, "auto", -1},
+    {CUDA_GPTQ_GEMV_I8, 0, 64, "i8", -1},
+    {CUDA_GPTQ_GEMV_I8, 0, 17, "i8nopdl", 0},
+    {CUDA_GPTQ_GEMV_I8, 4 | 1 << 8, 17, "i8w4s1", -1},
+    {CUDA_GPTQ_GEMV_I8, 8 | 3 << 8, 17, "i8w8s3", -1},
+    {CUDA_GPTQ_GEMV_I8, 16 | 2 << 8, 8, "i8w16s2", -1},
+    {CUDA_GPTQ_GEMV_I8, 4 | 64 << 8, 8, "i8w4s64", 0},
+    {CUDA_GPTQ_GEMV, 0, 64, "gemv", -1},
+    {CUDA_GPTQ_GEMV, 4, 8, "gemv4", -1},
+    {CUDA_GPTQ_GEMV, 16, 8, "gemv16", -1},
+    {CUDA_GPTQ_MMA, 0, 1 << 30, "mma", -1},
+    {CUDA_GPTQ_MMA, 16 | 3 << 8, 64, "mma16s3", -1},
+    {CUDA_GPTQ_MMA, 32, 1 << 30, "mma32", -1},
+    {CUDA_GPTQ_MMA, 64 | 1 << 8, 1 << 30, "mma64s1", -1},
+    {CUDA_GPTQ_MMA, 128, 1 << 30, "mma128", -1},
+    {CUDA_GPTQ_CUBLAS, 0, 1 << 30, "cublas", -1},
 };
+
+// One path of k_runs into dout (poisoned first), downloaded into got [no floats].
+static void gq_run_path(struct coopt_backend *be, const struct gq_run *run, float *dout, float *got, size_t no,
+                        const float *dx, const struct cuda_gptq_weight *dw, const float *db, int32_t n_rows) {
+    memset(got, 0xff, no * 4); // NaN
+    be->ops->upload(be, dout, got, no * 4);
+    cuda_gptq_set_pdl(run->pdl);
+    cuda_gptq_matmul_path(be, dout, dx, dw, db, n_rows, run->path, run->param);
+    cuda_gptq_set_pdl(-1);
+    be->ops->download(be, got, dout, no * 4);
+    be->ops->sync(be);
+}
 
 // Uploads the weight of case c and checks every path at every row count. Returns false after FAIL.
 static bool run_case(struct test_ctx *t, struct coopt_backend *be, const struct gq_case *c, const int32_t *rows,
@@ -252,19 +324,14 @@ static bool run_case(struct test_ctx *t, struct coopt_backend *be, const struct 
         x[0] = 6.0f; // an outlier
         if (nx > 7) x[7] = 3e-6f; // below the f16 normal range
         struct gq_ref ref;
-        gq_ref_make(&g.src, x, b, n_rows, &ref);
+        gq_ref_make(&g.src, hw, x, b, n_rows, &ref);
         float *dx = dev_alloc_copy(be, x, nx * 4), *dout = dev_alloc_copy(be, NULL, no * 4);
         for (size_t p = 0; p < COOPT_ARRAY_LEN(k_runs) && ok; p++) {
             if (n_rows > k_runs[p].max_rows) continue;
-            memset(got, 0xff, no * 4); // NaN
-            be->ops->upload(be, dout, got, no * 4);
-            cuda_gptq_matmul_path(be, dout, dx, &dw, db, n_rows, k_runs[p].path, k_runs[p].param);
-            be->ops->download(be, got, dout, no * 4);
-            be->ops->sync(be);
+            gq_run_path(be, &k_runs[p], dout, got, no, dx, &dw, db, n_rows);
             enum cuda_gptq_path path = k_runs[p].path ? k_runs[p].path : cuda_gptq_auto_path(&dw, n_rows);
-            bool                f16  = path != CUDA_GPTQ_GEMV;
             snprintf(what, sizeof(what), "%s rows %d path %s", base, n_rows, k_runs[p].name);
-            ok = gq_check(t, what, got, c->n_out, n_rows, &ref, f16);
+            ok = gq_check(t, what, got, c->n_out, n_rows, &ref, gq_kind_of(path));
         }
         be->ops->free(be, dx), be->ops->free(be, dout);
         gq_ref_free(&ref);
@@ -316,9 +383,11 @@ TEST(cuda_gptq_multi) {
                   (unsigned long long)dw[1].perm_hash, dw[2].direct);
         ok = false;
     }
-    static const int32_t rows[] = {1, 4, 8, 20};
+    // both decode GEMVs: int8 (1-8 rows in one launch), f32 (1 row); 20 rows: per weight
+    static const int32_t rows[] = {1, 4, 8, 20, 1, 4};
     for (size_t k = 0; k < COOPT_ARRAY_LEN(rows) && ok; k++) {
         int32_t n_rows = rows[k];
+        cuda_gptq_set_gemv(k < 4 ? CUDA_GPTQ_GEMV_MODE_I8 : CUDA_GPTQ_GEMV_MODE_F32);
         size_t  nx     = (size_t)n_rows * 512;
         float  *x      = malloc(nx * 4);
         for (size_t i = 0; i < nx; i++) x[i] = test_rand_normal(&rs);
@@ -339,16 +408,18 @@ TEST(cuda_gptq_multi) {
             be->ops->download(be, got[j], douts[j], no * 4);
             be->ops->sync(be);
             struct gq_ref ref;
-            gq_ref_make(&g[j].src, x, j == 1 ? b1 : NULL, n_rows, &ref);
+            gq_ref_make(&g[j].src, hw[j], x, j == 1 ? b1 : NULL, n_rows, &ref);
             char what[96];
-            snprintf(what, sizeof(what), "multi weight %d rows %d", j, n_rows);
-            ok = gq_check(t, what, got[j], cs[j].n_out, n_rows, &ref, cuda_gptq_auto_path(&dw[j], n_rows) != CUDA_GPTQ_GEMV);
+            enum cuda_gptq_path path = cuda_gptq_auto_path(&dw[j], n_rows);
+            snprintf(what, sizeof(what), "multi weight %d rows %d path %d", j, n_rows, (int)path);
+            ok = gq_check(t, what, got[j], cs[j].n_out, n_rows, &ref, gq_kind_of(path));
             gq_ref_free(&ref);
         }
         for (int j = 0; j < 3; j++) be->ops->free(be, douts[j]), free(got[j]);
         be->ops->free(be, dx), be->ops->free(be, db1);
         free(x), free(b1);
     }
+    cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
     for (int j = 0; j < 3; j++) cuda_gptq_release(&dw[j]), coopt_gptq_weight_free(hw[j]), gq_free(&g[j]);
     be->ops->destroy(be);
 }
@@ -367,6 +438,104 @@ TEST(cuda_gptq_real_shapes) {
     bool                 ok     = true;
     for (size_t i = 0; i < COOPT_ARRAY_LEN(k_real) && ok; i++)
         ok = run_case(t, be, &k_real[i], rows, COOPT_ARRAY_LEN(rows), 500 + i, i == 2);
+    be->ops->destroy(be);
+}
+
+// ---- the int8 GEMV against the CPU int8 kernels (the same activation quantization) ----
+
+static const struct gq_run k_cpu_runs[] = {
+    {CUDA_GPTQ_GEMV_I8, 0, 8, "i8", -1},
+    {CUDA_GPTQ_GEMV_I8, 8 | 3 << 8, 8, "i8w8s3", -1},
+    {CUDA_GPTQ_GEMV_I8, 4 | 64 << 8, 8, "i8w4s64", -1},
+};
+
+// Uploads case c; for every row count compares the int8 GEMV with coopt_gptq_matmul_cpu (+ bias)
+// at the tight tolerance and with the exact product at the int8 bound. Returns false after FAIL.
+static bool cpu_match_case(struct test_ctx *t, struct coopt_backend *be, struct coopt_threadpool *tp,
+                           const struct gq_case *c, const int32_t *rows, int n_rows_list, uint64_t seed, bool bias) {
+    uint64_t          rs = seed;
+    struct gq_tensors g;
+    gq_make(&rs, c, NULL, &g);
+    char base[160], what[240];
+    snprintf(base, sizeof(base), "cpu match: in %lld out %lld gs %d act %d sym %d v1 %d bias %d", (long long)c->n_in,
+             (long long)c->n_out, c->gs, c->act, c->sym, c->v1, bias);
+    struct coopt_gptq_weight *hw = NULL;
+    struct cuda_gptq_weight   dw;
+    memset(&dw, 0, sizeof(dw));
+    bool ok = coopt_gptq_repack(&g.src, 2, &hw) == COOPT_OK && cuda_gptq_upload(be, hw, &dw) == COOPT_OK;
+    if (!ok) test_fail(t, __FILE__, __LINE__, "%s: repack/upload failed", base);
+    float *b  = bias ? test_rand_array(&rs, (size_t)c->n_out, -1, 1) : NULL;
+    float *db = b ? dev_alloc_copy(be, b, (size_t)c->n_out * 4) : NULL;
+    for (int k = 0; k < n_rows_list && ok; k++) {
+        int32_t n_rows = rows[k];
+        size_t  nx = (size_t)n_rows * (size_t)c->n_in, no = (size_t)n_rows * (size_t)c->n_out;
+        float  *x = malloc(nx * 4), *got = malloc(no * 4), *cpu = malloc(no * 4);
+        for (size_t i = 0; i < nx; i++) x[i] = test_rand_normal(&rs);
+        x[0] = 6.0f; // an outlier
+        if (coopt_gptq_matmul_cpu(tp, cpu, x, hw, n_rows) != COOPT_OK) {
+            test_fail(t, __FILE__, __LINE__, "%s: CPU matmul failed", base);
+            ok = false;
+        }
+        for (size_t i = 0; b && i < no; i++) cpu[i] += b[i % (size_t)c->n_out];
+        struct gq_ref ref;
+        gq_ref_make(&g.src, hw, x, b, n_rows, &ref);
+        float *dx = dev_alloc_copy(be, x, nx * 4), *dout = dev_alloc_copy(be, NULL, no * 4);
+        for (size_t p = 0; p < COOPT_ARRAY_LEN(k_cpu_runs) && ok; p++) {
+            gq_run_path(be, &k_cpu_runs[p], dout, got, no, dx, &dw, db, n_rows);
+            snprintf(what, sizeof(what), "%s rows %d path %s", base, n_rows, k_cpu_runs[p].name);
+            ok = gq_check(t, what, got, c->n_out, n_rows, &ref, GQ_I8);
+            double worst = 0;
+            for (int32_t row = 0; row < n_rows && ok; row++) {
+                for (int64_t cc = 0; cc < ref.n_cols; cc++) {
+                    size_t kr  = (size_t)row * (size_t)ref.n_cols + (size_t)cc;
+                    size_t ko  = (size_t)row * (size_t)c->n_out + (size_t)ref.cols[cc];
+                    double tol = 3e-6 * ref.m2[kr] + 1e-6, e = fabs((double)got[ko] - cpu[ko]);
+                    worst      = fmax(worst, e / tol);
+                    if (!(e <= tol)) {
+                        test_fail(t, __FILE__, __LINE__, "%s: out[%d][%lld] = %.8g, cpu %.8g, exact %.8g, tol %.3g",
+                                  what, row, (long long)ref.cols[cc], got[ko], cpu[ko], ref.ref[kr], tol);
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if (ok && p == 0 && (n_rows == 1 || n_rows == 8))
+                fprintf(stderr, "  %s: worst |gpu - cpu| / tol = %.4f\n", what, worst);
+        }
+        be->ops->free(be, dx), be->ops->free(be, dout);
+        gq_ref_free(&ref);
+        free(x), free(got), free(cpu);
+    }
+    if (db) be->ops->free(be, db);
+    free(b);
+    cuda_gptq_release(&dw);
+    coopt_gptq_weight_free(hw);
+    gq_free(&g);
+    return ok;
+}
+
+TEST(cuda_gptq_cpu_match) {
+    struct coopt_backend *be;
+    if (!init_cuda(t, &be)) return;
+    struct coopt_threadpool *tp = NULL;
+    if (coopt_threadpool_init(4, &tp) != COOPT_OK) {
+        test_fail(t, __FILE__, __LINE__, "thread pool");
+        be->ops->destroy(be);
+        return;
+    }
+    // odd shapes (every group size, act-order regular and irregular, sym/asym, v1/v2, padding)
+    static const struct gq_case odd[] = {
+        {256, 40, 32, 1, 0, 1},  {200, 72, -1, 0, 0, 1},     {512, 88, 64, 2, 0, 1},    {384, 200, 128, 1, 1, 0},
+        {96, 16, 48, 0, 0, 1},   {1024, 1000, 128, 0, 0, 0}, {4096, 1024, 32, 1, 0, 0}, {4096, 4104, 64, 0, 0, 1},
+        {11008, 4096, -1, 1, 1, 1},
+    };
+    static const int32_t rows_odd[] = {1, 2, 5, 8}, rows_real[] = {1, 8};
+    bool                 ok = true;
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(odd) && ok; i++)
+        ok = cpu_match_case(t, be, tp, &odd[i], rows_odd, COOPT_ARRAY_LEN(rows_odd), 700 + i, i % 2 == 1);
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(k_real) && ok; i++)
+        ok = cpu_match_case(t, be, tp, &k_real[i], rows_real, COOPT_ARRAY_LEN(rows_real), 800 + i, i == 3);
+    coopt_threadpool_free(tp);
     be->ops->destroy(be);
 }
 
@@ -426,34 +595,33 @@ TEST(cuda_gptq_fixtures) {
             for (size_t i = 0; i < nx; i++) x[i] = test_rand_normal(&rs);
             // reference from the packer's W
             struct gq_ref ref = {.cols = malloc(sizeof(int64_t) * (size_t)out), .n_cols = out};
-            ref.ref = malloc(no * 8), ref.mag = malloc(no * 8), ref.sw = malloc(no * 8);
+            ref.ref = malloc(no * 8), ref.mag = malloc(no * 8), ref.sw = malloc(no * 8), ref.hq = malloc(no * 8);
+            ref.m2    = NULL; // not used here (no CPU comparison)
+            float *hx = malloc(nx * 4); // half quanta of x
+            for (int32_t r = 0; r < n_rows; r++) gq_half_quanta(hw, x + (size_t)r * (size_t)in, hx + (size_t)r * (size_t)in);
             for (int64_t o = 0; o < out; o++) {
                 ref.cols[o] = o;
                 double sw = 0;
                 for (int64_t i = 0; i < in; i++) sw += fabs(wref[o * in + i]);
                 for (int32_t r = 0; r < n_rows; r++) {
-                    double acc = 0, mag = 0;
+                    double acc = 0, mag = 0, hq = 0;
                     for (int64_t i = 0; i < in; i++) {
                         double v = (double)wref[o * in + i] * x[(size_t)r * (size_t)in + (size_t)i];
-                        acc += v, mag += fabs(v);
+                        acc += v, mag += fabs(v), hq += fabs(wref[o * in + i]) * hx[(size_t)r * (size_t)in + (size_t)i];
                     }
-                    ref.ref[(size_t)r * (size_t)out + (size_t)o] = acc, ref.mag[(size_t)r * (size_t)out + (size_t)o] = mag;
-                    ref.sw[(size_t)r * (size_t)out + (size_t)o] = sw;
+                    size_t kk = (size_t)r * (size_t)out + (size_t)o;
+                    ref.ref[kk] = acc, ref.mag[kk] = mag, ref.sw[kk] = sw, ref.hq[kk] = hq;
                 }
             }
+            free(hx);
             float *dx = dev_alloc_copy(be, x, nx * 4), *dout = dev_alloc_copy(be, NULL, no * 4);
             for (size_t pi = 0; pi < COOPT_ARRAY_LEN(k_runs) && ok; pi++) {
                 if (n_rows > k_runs[pi].max_rows) continue;
-                memset(got, 0xff, no * 4);
-                be->ops->upload(be, dout, got, no * 4);
-                cuda_gptq_matmul_path(be, dout, dx, &dw, NULL, n_rows, k_runs[pi].path, k_runs[pi].param);
-                be->ops->download(be, got, dout, no * 4);
-                be->ops->sync(be);
+                gq_run_path(be, &k_runs[pi], dout, got, no, dx, &dw, NULL, n_rows);
                 enum cuda_gptq_path path = k_runs[pi].path ? k_runs[pi].path : cuda_gptq_auto_path(&dw, n_rows);
-                bool                f16  = path != CUDA_GPTQ_GEMV;
                 char what[160];
                 snprintf(what, sizeof(what), "%s rows %d path %s", k_fixtures[f], n_rows, k_runs[pi].name);
-                ok = gq_check(t, what, got, out, n_rows, &ref, f16);
+                ok = gq_check(t, what, got, out, n_rows, &ref, gq_kind_of(path));
             }
             be->ops->free(be, dx), be->ops->free(be, dout);
             gq_ref_free(&ref);
@@ -522,23 +690,34 @@ static bool check_synth_model(struct test_ctx *t, bool act, int32_t gs) {
     mp.device = "cpu-ref";
     ok = ok && coopt_model_load(dir, &mp, &mr) == COOPT_OK;
     struct coopt_ctx_params cp = coopt_ctx_default_params();
-    cp.n_ctx = 128, cp.n_seq_max = 2, cp.n_batch = 64, cp.kv_type = COOPT_DTYPE_F32, cp.n_threads = 4;
+    cp.n_ctx = 128, cp.n_seq_max = 3, cp.n_batch = 64, cp.kv_type = COOPT_DTYPE_F32, cp.n_threads = 4;
     ok = ok && coopt_ctx_init(mc, &cp, &cc) == COOPT_OK && coopt_ctx_init(mr, &cp, &cr) == COOPT_OK;
     if (!ok) test_fail(t, __FILE__, __LINE__, "synth/load/context failed (act %d gs %d)", act, gs);
-    int32_t s0 = -1, s1 = -1, s2 = -1, s3 = -1;
+    int32_t s0 = -1, s1 = -1, s2 = -1, s3 = -1, s4 = -1, s5 = -1;
     ok = ok && coopt_seq_new(cc, &s0) == COOPT_OK && coopt_seq_new(cr, &s1) == COOPT_OK && s0 == s1;
     ok = ok && coopt_seq_new(cc, &s2) == COOPT_OK && coopt_seq_new(cr, &s3) == COOPT_OK && s2 == s3;
+    ok = ok && coopt_seq_new(cc, &s4) == COOPT_OK && coopt_seq_new(cr, &s5) == COOPT_OK && s4 == s5;
     int32_t nv = ok ? coopt_model_get_info(mr)->n_vocab : 0;
     int32_t toks[24], seqs[24];
     char    what[96];
     // sequence A: one token at a time, every GPTQ matmul the f32 GEMV
+    cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_F32);
     toks[0] = 1, seqs[0] = s0;
     for (int step = 0; step < 4 && ok; step++) {
-        snprintf(what, sizeof(what), "act %d gs %d seq A step %d", act, gs, step);
+        snprintf(what, sizeof(what), "act %d gs %d seq A (f32 GEMV) step %d", act, gs, step);
         int32_t best = model_step(t, cc, cr, toks, seqs, 1, nv, 1e-3, what);
         ok = best >= 0, toks[0] = best;
     }
-    // sequence B: a 24-token prompt (tensor-core path), then one step
+    // sequence C: the same with the int8 GEMV (x rounded to int8 in every GPTQ matmul)
+    cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_I8);
+    toks[0] = 1, seqs[0] = s4;
+    for (int step = 0; step < 4 && ok; step++) {
+        snprintf(what, sizeof(what), "act %d gs %d seq C (int8 GEMV) step %d", act, gs, step);
+        int32_t best = model_step(t, cc, cr, toks, seqs, 1, nv, 2e-2, what);
+        ok = best >= 0, toks[0] = best;
+    }
+    cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
+    // sequence B: a 24-token prompt (tensor-core path), then one step (the default GEMV)
     for (int i = 0; i < 24; i++) toks[i] = 3 + (int32_t)((i * 40503u + 7) % 31000u), seqs[i] = s2;
     for (int step = 0; step < 2 && ok; step++) {
         snprintf(what, sizeof(what), "act %d gs %d seq B step %d", act, gs, step);
@@ -562,6 +741,8 @@ TEST(cuda_gptq_model) {
 
 // ---- kernel timings (not a check): COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_gptq_bench ----
 
+#define GPTQ_BENCH_MAX_MULTI 3
+
 struct bench_arg {
     struct coopt_backend          *be;
     const struct cuda_gptq_weight *ws; // n_copies uploads of one weight (rotated: more than L2)
@@ -577,6 +758,33 @@ static void bench_call(void *p, int i) {
     cuda_gptq_matmul_path(a->be, a->dout, a->dx, &a->ws[i % a->n_copies], NULL, a->n_rows, a->path, a->param);
 }
 
+// Several weights of one input (q/k/v, gate/up): one multi call, or one call per weight.
+struct bench_multi_arg {
+    struct coopt_backend          *be;
+    const struct cuda_gptq_weight *ws; // [n_copies][n]
+    int                            n, n_copies;
+    float                         *dx, *douts[GPTQ_BENCH_MAX_MULTI];
+    int32_t                        n_rows;
+    bool                           multi;
+};
+
+static void bench_multi_call(void *p, int i) {
+    struct bench_multi_arg        *a = p;
+    const struct cuda_gptq_weight *w = &a->ws[(i % a->n_copies) * a->n];
+    if (a->multi) {
+        const struct cuda_gptq_weight *ws[GPTQ_BENCH_MAX_MULTI];
+        for (int j = 0; j < a->n; j++) ws[j] = &w[j];
+        cuda_gptq_matmul_multi(a->be, a->n, a->douts, a->dx, ws, NULL, a->n_rows);
+    } else {
+        for (int j = 0; j < a->n; j++) cuda_gptq_matmul(a->be, a->douts[j], a->dx, &w[j], NULL, a->n_rows);
+    }
+}
+
+// Weight bytes one call reads: packed codes + scale/zero words.
+static double bench_wbytes(const struct cuda_gptq_weight *w) {
+    return (double)w->n_ot * 16 * (double)w->k_pad / 2 + (double)w->n_ot * 16 * w->n_groups * 4;
+}
+
 TEST(cuda_gptq_bench) {
     if (!getenv("COOPT_CUDA_BENCH")) SKIP(t, "set COOPT_CUDA_BENCH=1 to time the kernels");
     struct coopt_backend *be;
@@ -588,6 +796,8 @@ TEST(cuda_gptq_bench) {
     xh              = test_rand_array(&rs, 512 * 14336, -1, 1);
     be->ops->upload(be, dx, xh, 512 * 14336 * 4);
     printf("bench: gptq int4 g128, W [n_out][n_in]; GB/s counts the packed weights + scales read once\n");
+    printf("bench: paths: f32 = f32 GEMV, i8 = int8 GEMV (auto config; wAsB = A warps, B K splits), nopdl = without\n");
+    printf("bench: programmatic dependent launch, mma = f16 tensor-core kernel; us per call incl. the x preparation\n");
     printf("bench: %-12s %-9s %5s %9s %9s %6s %9s\n", "shape", "path", "rows", "us/call", "GB/s", "of BW", "TFLOP/s");
     struct gq_case shapes[] = {{4096, 4096, 128, 0, 1, 1},   {4096, 11008, 128, 0, 1, 1}, {11008, 4096, 128, 0, 1, 1},
                                {4096, 1024, 128, 0, 1, 1},   {5120, 5120, 128, 0, 1, 1},  {5120, 13824, 128, 0, 1, 1},
@@ -603,35 +813,38 @@ TEST(cuda_gptq_bench) {
         int    copies = (int)((320u << 20) / one) + 1;
         struct cuda_gptq_weight *ws = calloc((size_t)copies, sizeof(*ws));
         for (int i = 0; i < copies; i++) COOPT_ASSERT(cuda_gptq_upload(be, hw, &ws[i]) == COOPT_OK);
-        double wbytes = (double)ws[0].n_ot * 16 * (double)ws[0].k_pad / 2 + (double)ws[0].n_ot * 16 * ws[0].n_groups * 4;
+        double wbytes = bench_wbytes(&ws[0]);
         char   shape[32];
         snprintf(shape, sizeof(shape), "%lldx%lld%s", (long long)c->n_out, (long long)c->n_in, c->act ? "a" : "");
+        int auto_nw = 0, auto_split = 0;
+        cuda_gptq_i8_auto_config(be, ws[0].n_ot, ws[0].n_kc, &auto_nw, &auto_split);
+        printf("bench: %-12s int8 GEMV auto config: %d warps, %d K splits\n", shape, auto_nw, auto_split);
         struct {
             enum cuda_gptq_path path;
             int                 param;
             int32_t             rows;
             const char         *name;
-        } runs[] = {{CUDA_GPTQ_GEMV, 0, 1, "gemv"},    {CUDA_GPTQ_GEMV, 4, 1, "gemv4"},    {CUDA_GPTQ_GEMV, 8, 1, "gemv8"},
-                    {CUDA_GPTQ_GEMV, 16, 1, "gemv16"}, {CUDA_GPTQ_MMA, 0, 1, "mma"},       {CUDA_GPTQ_GEMV, 0, 2, "gemv"},
-                    {CUDA_GPTQ_MMA, 0, 2, "mma"},      {CUDA_GPTQ_GEMV, 0, 4, "gemv"},     {CUDA_GPTQ_MMA, 0, 4, "mma"},
-                    {CUDA_GPTQ_GEMV, 0, 8, "gemv"},    {CUDA_GPTQ_MMA, 0, 8, "mma"},       {CUDA_GPTQ_MMA, 0, 16, "mma"},
-                    {CUDA_GPTQ_MMA, 0, 32, "mma"},     {CUDA_GPTQ_MMA, 0, 64, "mma"},      {CUDA_GPTQ_MMA, 0, 128, "mma"},
-                    {CUDA_GPTQ_MMA, 0, 512, "mma"},    {CUDA_GPTQ_CUBLAS, 0, 16, "cublas"}, {CUDA_GPTQ_CUBLAS, 0, 64, "cublas"},
-                    {CUDA_GPTQ_CUBLAS, 0, 128, "cublas"}, {CUDA_GPTQ_CUBLAS, 0, 512, "cublas"}};
+            int                 pdl;
+        } runs[] = {{CUDA_GPTQ_GEMV, 0, 1, "f32", -1},        {CUDA_GPTQ_GEMV_I8, 0, 1, "i8", -1},
+                    {CUDA_GPTQ_GEMV_I8, 0, 1, "i8nopdl", 0},  {CUDA_GPTQ_MMA, 0, 1, "mma", -1},
+                    {CUDA_GPTQ_GEMV_I8, 4 | 1 << 8, 1, "i8w4s1", -1}, {CUDA_GPTQ_GEMV_I8, 4 | 2 << 8, 1, "i8w4s2", -1},
+                    {CUDA_GPTQ_GEMV_I8, 4 | 4 << 8, 1, "i8w4s4", -1}, {CUDA_GPTQ_GEMV_I8, 8 | 1 << 8, 1, "i8w8s1", -1},
+                    {CUDA_GPTQ_GEMV_I8, 8 | 2 << 8, 1, "i8w8s2", -1}, {CUDA_GPTQ_GEMV_I8, 8 | 4 << 8, 1, "i8w8s4", -1},
+                    {CUDA_GPTQ_GEMV_I8, 8 | 8 << 8, 1, "i8w8s8", -1}, {CUDA_GPTQ_GEMV_I8, 16 | 1 << 8, 1, "i8w16s1", -1},
+                    {CUDA_GPTQ_GEMV_I8, 16 | 2 << 8, 1, "i8w16s2", -1},
+                    {CUDA_GPTQ_GEMV, 0, 2, "f32", -1},        {CUDA_GPTQ_GEMV_I8, 0, 2, "i8", -1},
+                    {CUDA_GPTQ_MMA, 0, 2, "mma", -1},         {CUDA_GPTQ_GEMV, 0, 4, "f32", -1},
+                    {CUDA_GPTQ_GEMV_I8, 0, 4, "i8", -1},      {CUDA_GPTQ_MMA, 0, 4, "mma", -1},
+                    {CUDA_GPTQ_GEMV, 0, 8, "f32", -1},        {CUDA_GPTQ_GEMV_I8, 0, 8, "i8", -1},
+                    {CUDA_GPTQ_GEMV_I8, 0, 8, "i8nopdl", 0},  {CUDA_GPTQ_MMA, 0, 8, "mma", -1},
+                    {CUDA_GPTQ_GEMV_I8, 0, 16, "i8", -1},     {CUDA_GPTQ_MMA, 0, 16, "mma", -1}};
         for (size_t ri = 0; ri < COOPT_ARRAY_LEN(runs); ri++) {
             if (c->act && runs[ri].rows > 1 && runs[ri].path == CUDA_GPTQ_GEMV) continue;
+            if (c->act && runs[ri].rows == 1 && runs[ri].param) continue; // the sweep: direct shapes only
             struct bench_arg a = {be, ws, copies, dx, dout, runs[ri].rows, runs[ri].path, runs[ri].param};
-            double           us;
-            if (runs[ri].path == CUDA_GPTQ_CUBLAS) { // cuBLAS outside graphs: host-timed, long calls
-                bench_call(&a, 0);
-                be->ops->sync(be);
-                int64_t t0 = coopt_time_us();
-                for (int i = 0; i < 6; i++) bench_call(&a, i);
-                be->ops->sync(be);
-                us = (double)(coopt_time_us() - t0) / 6;
-            } else {
-                us = cuda_bench_graph(be, bench_call, &a, 2 * copies);
-            }
+            cuda_gptq_set_pdl(runs[ri].pdl);
+            double us = cuda_bench_graph(be, bench_call, &a, 2 * copies);
+            cuda_gptq_set_pdl(-1);
             double gbs = wbytes / us / 1e3;
             printf("bench: %-12s %-9s %5d %9.2f %9.1f %5.0f%% %9.1f\n", shape, runs[ri].name, runs[ri].rows, us, gbs,
                    100.0 * gbs * 1e9 / bw, 2.0 * (double)c->n_in * (double)c->n_out * runs[ri].rows / us / 1e6);
@@ -641,6 +854,56 @@ TEST(cuda_gptq_bench) {
         free(ws);
         coopt_gptq_weight_free(hw);
         gq_free(&g);
+    }
+    // projections of one input: q/k/v of llama2-7b and llama3-8b, gate/up of llama2-7b
+    struct {
+        const char    *name;
+        int            n;
+        struct gq_case cs[GPTQ_BENCH_MAX_MULTI];
+    } sets[] = {
+        {"qkv-7b", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}}},
+        {"qkv-8b", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}}},
+        {"gateup-7b", 2, {{4096, 11008, 128, 0, 1, 1}, {4096, 11008, 128, 0, 1, 1}}},
+    };
+    for (size_t si = 0; si < COOPT_ARRAY_LEN(sets); si++) {
+        struct coopt_gptq_weight *hw[GPTQ_BENCH_MAX_MULTI] = {0};
+        struct gq_tensors         g[GPTQ_BENCH_MAX_MULTI];
+        size_t                    one = 0;
+        double                    wbytes = 0;
+        for (int j = 0; j < sets[si].n; j++) {
+            gq_make(&rs, &sets[si].cs[j], NULL, &g[j]);
+            COOPT_ASSERT(coopt_gptq_repack(&g[j].src, 4, &hw[j]) == COOPT_OK);
+            one += cuda_gptq_dev_bytes(hw[j]);
+        }
+        int                      copies = (int)((320u << 20) / one) + 1;
+        struct cuda_gptq_weight *ws     = calloc((size_t)copies * (size_t)sets[si].n, sizeof(*ws));
+        for (int i = 0; i < copies; i++)
+            for (int j = 0; j < sets[si].n; j++)
+                COOPT_ASSERT(cuda_gptq_upload(be, hw[j], &ws[i * sets[si].n + j]) == COOPT_OK);
+        for (int j = 0; j < sets[si].n; j++) wbytes += bench_wbytes(&ws[j]);
+        struct bench_multi_arg a = {be, ws, sets[si].n, copies, dx, {0}, 1, true};
+        for (int j = 0; j < sets[si].n; j++) a.douts[j] = dout + (size_t)j * 8 * 14336;
+        struct {
+            int32_t             rows;
+            bool                multi;
+            enum cuda_gptq_gemv mode;
+            const char         *name;
+        } runs[] = {{1, true, CUDA_GPTQ_GEMV_MODE_I8, "i8multi"}, {1, false, CUDA_GPTQ_GEMV_MODE_I8, "i8each"},
+                    {1, true, CUDA_GPTQ_GEMV_MODE_F32, "f32multi"}, {1, false, CUDA_GPTQ_GEMV_MODE_F32, "f32each"},
+                    {8, true, CUDA_GPTQ_GEMV_MODE_I8, "i8multi"}, {8, false, CUDA_GPTQ_GEMV_MODE_F32, "mmaeach"}};
+        for (size_t ri = 0; ri < COOPT_ARRAY_LEN(runs); ri++) {
+            a.n_rows = runs[ri].rows, a.multi = runs[ri].multi;
+            cuda_gptq_set_gemv(runs[ri].mode);
+            double us = cuda_bench_graph(be, bench_multi_call, &a, 2 * copies);
+            cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
+            double gbs = wbytes / us / 1e3;
+            printf("bench: %-12s %-9s %5d %9.2f %9.1f %5.0f%%\n", sets[si].name, runs[ri].name, runs[ri].rows, us, gbs,
+                   100.0 * gbs * 1e9 / bw);
+            fflush(stdout);
+        }
+        for (int i = 0; i < copies * sets[si].n; i++) cuda_gptq_release(&ws[i]);
+        free(ws);
+        for (int j = 0; j < sets[si].n; j++) coopt_gptq_weight_free(hw[j]), gq_free(&g[j]);
     }
     be->ops->free(be, dx), be->ops->free(be, dout);
     free(xh);

@@ -25,7 +25,48 @@
  * (GEMV), kc_grp[c] the groups of the two halves of 64-row chunk c, lo | hi << 16 (MMA).
  *
  * Paths (cuda_gptq_matmul picks by n_rows; thresholds measured on an H100, docs/BENCHMARKS.md):
- *  - GEMV (decode, 1 row; up to 8 rows a launch when asked for): f32 throughout. A nibble
+ *  - int8 GEMV (decode, 1-8 rows a launch; opt-in with COOPT_GPTQ_GEMV=i8, see "Measured"
+ *    below for why it is not the default): per call, gptq_quant_x_kernel quantizes x to int8
+ *    exactly as the CPU kernels do
+ *    (src/cpu/matmul_gptq.c: per block of 32 padded rows, d = amax / 127, round to nearest even,
+ *    the act-order gather in the same pass) into the workspace, already in the byte order of the
+ *    code dwords: the 64 bytes of a chunk are [tq][j][e], e = rows 16j + 2tq + {0, 8, 1, 9},
+ *    which is the order of the bytes of dw & 0x0f0f0f0f (column gid) and (dw >> 4) & 0x0f0f0f0f
+ *    (column gid+8). With it the block's scale d and the sum of its int8 values sx per token.
+ *    gptq_i8_gemv_kernel then needs no dequantization at all: per 32-row block, a lane's two
+ *    code dwords, masked, ARE the s8 A fragment of mma.m16n8k32 (rows = columns gid, gid+8, k in
+ *    the permuted order above) and its 16-byte x piece of token gid the B fragment, so one
+ *    tensor-core instruction does 16 columns x 32 rows x 8 tokens in exact int32. The zero point
+ *    enters through the accumulator's initial value (sum (q - z) xq = sum q xq - z sx), and so
+ *    does the int -> f32 conversion (the magic 1.5 * 2^23: the bits of the result read as f32
+ *    are 1.5 * 2^23 + the sum, exactly); per block one FADD and one FFMA by d, per group one
+ *    FFMA by the column's scale. By our count that is ~50 instructions per lane and 16 bytes of
+ *    codes (64 weights, for any number of tokens up to 8; 5 of them loads), against ~120 for
+ *    the f32 GEMV at one token. The only approximation is x's int8 rounding:
+ *    |error| <= sum_i |W[o][i]| d_b(i) / 2 (the CPU's bound, docs/QUANTIZE.md), plus f32 rounding.
+ *    Grid: (column tiles of all weights of the call, K splits); Block: 4, 8 or 16 warps that
+ *    split the split's chunks into contiguous ranges; each lane keeps I8_U chunks of codes in
+ *    flight (16-byte L1-bypassing loads, a register ring). Warps reduce through shared memory in
+ *    a fixed order; with several K splits (only when asked for: they measured slower) each block
+ *    writes its partial sums to the workspace and the last block of a tile to arrive (an atomic
+ *    counter per tile, kept in the weight's allocation and reset by that block) adds them in
+ *    split order: deterministic. The two kernels use programmatic dependent launch on sm_90
+ *    (COOPT_GPTQ_PDL=0 turns it off): the GEMV's blocks start and issue their first code loads
+ *    while the quantization (and, before it, the previous kernel) finishes, and wait
+ *    (griddepcontrol.wait) before they read anything another kernel writes.
+ *    Measured (H100, docs/BENCHMARKS.md): correct (every test, compute-sanitizer clean) and
+ *    flat from 1 to 8 tokens, but not memory-bound: with its best configuration (8 warps, no K
+ *    split, now the automatic one) time against bytes is ~1.8 TB/s marginal plus ~4.5 us per
+ *    call, close to the f32 GEMV's ~2.0 TB/s + ~3.9 us, so at 1 row it ranges from 3 % faster
+ *    to 38 % slower than the f32 GEMV by shape, and end to end llama2-7b gptq4 decodes at 147
+ *    t/s against 164. At 8 rows (measured with the earlier automatic K splits, which cost
+ *    0.5-2 us at 1 row) it is 1.6-3.3x faster than the f32 GEMV and 0.84-1.11x the MMA
+ *    kernel's speed; a q/k/v multi call 1.4-1.8x the MMA kernel's. That two GEMVs with very
+ *    different instruction counts stall at the same ~50 % suggests too few bytes in flight
+ *    (I8_U = 3 chunks per lane, ~24 warps per SM: ~36 KiB) and per-kernel ramp and tail, not
+ *    instruction issue; not verified (no profiler run).
+ *  - f32 GEMV (decode, 1 row: the default; up to 8 rows a launch when asked for):
+ *    f32 throughout. A nibble
  *    becomes an exact f32 without a conversion instruction: OR'ed into the exponent of 2^e
  *    (e = 23, 19, 15, 11, 7 for the nibbles at bits 0, 4, 8, 12, 16; dw >> 20 brings nibbles
  *    5..7 to bits 0..8) it reads 2^e + q, and one FADD of the per-group constant 2^e + z gives
@@ -75,6 +116,15 @@
 // at 512 rows and loses at 128 on every real shape (crossover interpolated at 170-330).
 #ifndef GPTQ_MMA_MIN_ROWS
 #define GPTQ_MMA_MIN_ROWS 2 // n_rows below: GEMV
+#endif
+#ifndef GPTQ_I8_MAX_ROWS
+#define GPTQ_I8_MAX_ROWS 8 // n_rows up to here: the int8 GEMV, when it is the chosen GEMV
+#endif
+// The decode GEMV without COOPT_GPTQ_GEMV: the f32 one, measured faster at 1 row on every real
+// shape and end to end (llama2-7b gptq4 tg128 163.9 against 147.0 t/s, docs/BENCHMARKS.md); the
+// int8 one is opt-in (COOPT_GPTQ_GEMV=i8).
+#ifndef GPTQ_GEMV_BUILTIN
+#define GPTQ_GEMV_BUILTIN CUDA_GPTQ_GEMV_MODE_F32
 #endif
 #ifndef GPTQ_CUBLAS_MIN_ROWS
 #define GPTQ_CUBLAS_MIN_ROWS 160 // n_rows from here: dequantize + cuBLAS
@@ -304,6 +354,215 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
     }
 }
 
+// ---- int8 GEMV (decode): x quantized to int8 per call, int4 x int8 tensor-core products ----
+
+// griddepcontrol (programmatic dependent launch, sm_90+): no-ops when the kernel was launched
+// without the attribute, and compiled out for older targets (where the launcher never asks for it).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Byte offset of padded row k inside a quantized x row: the chunk's 64 bytes are [tq][j][e], with
+// e = 0..3 holding rows 16j + 2tq + {0, 8, 1, 9} (the byte order of dw & 0x0f0f0f0f).
+__device__ __forceinline__ int64_t i8_pos(int64_t k) {
+    const int m = (int)(k & 15), j = (int)((k >> 4) & 3);
+    return (k >> 6) * 64 + ((m & 7) >> 1) * 16 + j * 4 + (m & 1) * 2 + (m >> 3);
+}
+
+// Quantizes x for the int8 GEMV, exactly as the CPU kernels do (matmul_gptq.c quantize_row):
+// per block of 32 padded rows, d = amax / 127, q = round-to-nearest-even(v * (127 / amax)) clamped
+// to [-127, 127]. xq [n_rows][k_pad] int8 in the fragment byte order (i8_pos); xs [n_rows_pad / 8]
+// [nblk][8] = {d bits, sum of the block's q} per row slot, zeros for rows n_rows .. n_rows_pad-1.
+// One warp per (row, block), lane = row of the block; grid-stride over n_rows_pad * nblk warps.
+__global__ void __launch_bounds__(256)
+    gptq_quant_x_kernel(int8_t *__restrict__ xq, int2 *__restrict__ xs, const float *__restrict__ x,
+                        const int32_t *__restrict__ perm, int64_t n_in, int64_t k_pad, int32_t nblk, int32_t n_rows,
+                        int32_t n_rows_pad) {
+    pdl_launch_dependents(); // the GEMV may start streaming its weights now; it waits for us before reading xq
+    pdl_wait();              // x comes from the previous kernel, and the previous GEMV may still read xq
+    const int     lane = threadIdx.x & 31;
+    const int64_t n_w = (int64_t)n_rows_pad * nblk, step = (int64_t)gridDim.x * (blockDim.x >> 5);
+    for (int64_t wi = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); wi < n_w; wi += step) {
+        const int32_t r = (int32_t)(wi / nblk), b = (int32_t)(wi % nblk);
+        const int64_t k = (int64_t)b * 32 + lane;
+        const int64_t s = perm ? (int64_t)perm[k] : (k < n_in ? k : -1);
+        const float   v = r < n_rows && s >= 0 ? x[(int64_t)r * n_in + s] : 0.0f;
+        float         amax = fabsf(v);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const int   q = max(-127, min(127, __float2int_rn(v * id)));
+        const int   sum = __reduce_add_sync(0xffffffffu, q);
+        if (r < n_rows) xq[(int64_t)r * k_pad + i8_pos(k)] = (int8_t)q;
+        if (lane == 0) xs[((int64_t)(r >> 3) * nblk + b) * 8 + (r & 7)] = make_int2(__float_as_int(d), sum);
+    }
+}
+
+// D = A B + C, m16n8k32, s8 x s8 -> s32 (A: 16 output columns x 32 input rows, B: 32 x 8 tokens).
+__device__ __forceinline__ void mma_s8_16832(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#define I8_MAGIC  0x4b400000 // f32 bits of 1.5 * 2^23: bits + n (|n| < 2^22) reads 1.5 * 2^23 + n
+#define I8_MAGICF 12582912.0f
+#define I8_ROWS   8 // tokens per launch: the n = 8 of the mma
+#ifndef I8_U
+#define I8_U 3 // 64-row chunks of codes each lane keeps in flight (78 registers, no spills on sm_90)
+#endif
+
+// Up to GPTQ_MAX_MULTI weights of one input (as gemv_args); block x belongs to weight j when
+// ot_end[j-1] <= x < ot_end[j].
+struct i8_args {
+    const uint4    *qw[GPTQ_MAX_MULTI];
+    const uint32_t *sz[GPTQ_MAX_MULTI];
+    const uint32_t *kc_grp[GPTQ_MAX_MULTI];
+    const int8_t   *xq[GPTQ_MAX_MULTI]; // [n_rows][k_pad] of this launch's rows (gptq_quant_x_kernel)
+    const int2     *xs[GPTQ_MAX_MULTI]; // [nblk][8] of this launch's rows
+    const float    *bias[GPTQ_MAX_MULTI];
+    float          *out[GPTQ_MAX_MULTI]; // [n_rows][n_out]
+    int32_t        *cnt[GPTQ_MAX_MULTI]; // [n_ot] split arrival counters (0 between calls)
+    int32_t         n_out[GPTQ_MAX_MULTI];
+    int32_t         n_groups[GPTQ_MAX_MULTI];
+    int32_t         ot_end[GPTQ_MAX_MULTI];
+    float          *part; // [gridDim.x][n_split][8][16] partial sums (n_split > 1)
+    int32_t         n;
+    int32_t         n_kc;
+    int32_t         n_rows; // 1..8
+    int32_t         n_split, kc_per;
+};
+
+// out[r][o] for the 16 columns of tile blockIdx.x and up to 8 rows, over the chunks of split
+// blockIdx.y (see the file comment). Warp w takes a contiguous share of the split's chunks; lane
+// (gid, tq) keeps U chunks of codes in flight (a ring: the load of chunk c + U is issued when
+// chunk c is used), and per 32-row block feeds one m16n8k32: A = its two code dwords split into
+// low and high nibbles (columns gid, gid+8), B = the int8 x of token gid at its tq. The
+// accumulator starts at I8_MAGIC - z sx (sx: the block's x sum for the token, z: the column's
+// zero point), so it ends as the f32 1.5 * 2^23 + sum (q - z) xq, exactly; minus the magic and
+// times the block's x scale it goes into a per-group f32 sum, which is multiplied by the
+// column's scale when the group changes.
+template <int NW>
+__global__ void __launch_bounds__(NW *WARP_SIZE, NW <= 8 ? 768 / (NW * WARP_SIZE) : 1)
+    gptq_i8_gemv_kernel(const i8_args a) {
+    __shared__ float red[NW][I8_ROWS][16];
+    __shared__ int   s_last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
+    // which weight: the index is looked up once; the pointers are read from the parameter space
+    // where they are used, so the epilogue's do not occupy registers during the main loop
+    int jw = 0;
+#pragma unroll
+    for (int j = 1; j < GPTQ_MAX_MULTI; j++)
+        if (j < a.n && (int32_t)blockIdx.x >= a.ot_end[j - 1]) jw = j;
+    const int32_t ot = (int32_t)blockIdx.x - (jw ? a.ot_end[jw - 1] : 0);
+    const uint4    *qw = a.qw[jw];
+    const uint32_t *sz = a.sz[jw], *kc_grp = a.kc_grp[jw];
+    const int32_t   n_groups = a.n_groups[jw];
+    const int32_t n_kc = a.n_kc, z = (int32_t)blockIdx.y;
+    const int32_t kb = min(n_kc, z * a.kc_per), ke = min(n_kc, kb + a.kc_per), per = (ke - kb + NW - 1) / NW;
+    const int32_t kc0 = min(ke, kb + warp * per), kc1 = min(ke, kc0 + per);
+    const uint4  *wp = qw + (int64_t)ot * n_kc * 32 + lane;
+
+    // the codes do not depend on the previous kernel: start streaming them before waiting for it
+    uint4 w[I8_U];
+#pragma unroll
+    for (int u = 0; u < I8_U; u++)
+        if (kc0 + u < kc1) w[u] = ld_stream(wp + (int64_t)(kc0 + u) * 32);
+    pdl_wait();
+
+    const uint32_t *szp = sz + (int64_t)ot * n_groups * 16;
+    const bool      xon = gid < a.n_rows;
+    const uint4    *xp  = (const uint4 *)(a.xq[jw] + (int64_t)(xon ? gid : 0) * n_kc * 64) + tq; // chunk c: xp[4 c]
+    const int4     *dsp = (const int4 *)a.xs[jw] + tq; // block b, tokens 2tq, 2tq+1: dsp[4 b]
+    float           y[4] = {0.0f, 0.0f, 0.0f, 0.0f}, f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float           sA = 0.0f, sB = 0.0f;
+    int             zA = 0, zB = 0, gcur = -1;
+
+    for (int32_t kc = kc0; kc < kc1; kc += I8_U) {
+#pragma unroll
+        for (int u = 0; u < I8_U; u++) {
+            const int32_t c = kc + u;
+            if (c < kc1) {
+                const uint4 cur = w[u];
+                if (c + I8_U < kc1) w[u] = ld_stream(wp + (int64_t)(c + I8_U) * 32);
+                const uint4    xv = xon ? __ldg(xp + (int64_t)c * 4) : make_uint4(0u, 0u, 0u, 0u);
+                const uint32_t gp = __ldg(kc_grp + c);
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int g = h ? (int)(gp >> 16) : (int)(gp & 0xffffu);
+                    if (g != gcur) {
+                        y[0] = fmaf(sA, f[0], y[0]), y[1] = fmaf(sA, f[1], y[1]);
+                        y[2] = fmaf(sB, f[2], y[2]), y[3] = fmaf(sB, f[3], y[3]);
+                        f[0] = f[1] = f[2] = f[3] = 0.0f;
+                        const uint32_t va = __ldg(szp + g * 16 + gid), vb = __ldg(szp + g * 16 + gid + 8);
+                        sA = f16_bits_to_f32((uint16_t)(va & 0xffffu)), zA = (int)(va >> 16);
+                        sB = f16_bits_to_f32((uint16_t)(vb & 0xffffu)), zB = (int)(vb >> 16);
+                        gcur = g;
+                    }
+                    const int4     ds  = __ldg(dsp + (int64_t)(2 * c + h) * 4); // d, sx of tokens 2tq, 2tq+1
+                    const uint32_t dw0 = h ? cur.z : cur.x, dw1 = h ? cur.w : cur.y;
+                    const uint32_t b0 = h ? xv.z : xv.x, b1 = h ? xv.w : xv.y;
+                    int acc[4] = {I8_MAGIC - zA * ds.y, I8_MAGIC - zA * ds.w, I8_MAGIC - zB * ds.y,
+                                  I8_MAGIC - zB * ds.w};
+                    mma_s8_16832(acc, dw0 & 0x0f0f0f0fu, (dw0 >> 4) & 0x0f0f0f0fu, dw1 & 0x0f0f0f0fu,
+                                 (dw1 >> 4) & 0x0f0f0f0fu, b0, b1);
+                    const float d0 = __int_as_float(ds.x), d1 = __int_as_float(ds.z);
+                    f[0] = fmaf(__int_as_float(acc[0]) - I8_MAGICF, d0, f[0]);
+                    f[1] = fmaf(__int_as_float(acc[1]) - I8_MAGICF, d1, f[1]);
+                    f[2] = fmaf(__int_as_float(acc[2]) - I8_MAGICF, d0, f[2]);
+                    f[3] = fmaf(__int_as_float(acc[3]) - I8_MAGICF, d1, f[3]);
+                }
+            }
+        }
+    }
+    pdl_launch_dependents(); // the next kernel's prologue may start; it waits for our completion
+    // C fragment: acc 0, 1 = column gid, tokens 2tq, 2tq+1; acc 2, 3 = column gid+8
+    red[warp][2 * tq][gid]         = fmaf(sA, f[0], y[0]);
+    red[warp][2 * tq + 1][gid]     = fmaf(sA, f[1], y[1]);
+    red[warp][2 * tq][gid + 8]     = fmaf(sB, f[2], y[2]);
+    red[warp][2 * tq + 1][gid + 8] = fmaf(sB, f[3], y[3]);
+    __syncthreads();
+    const int     t = threadIdx.x, r = t >> 4, col = t & 15; // t < 128: one (row, column) each
+    const int32_t o = ot * 16 + col, n_out = a.n_out[jw];
+    const float  *bias = a.bias[jw];
+    float        *out = a.out[jw];
+    int32_t      *cnt = a.cnt[jw];
+    float         s = 0.0f;
+    if (t < I8_ROWS * 16) {
+#pragma unroll
+        for (int wi = 0; wi < NW; wi++) s += red[wi][r][col];
+    }
+    if (a.n_split == 1) {
+        if (t < I8_ROWS * 16 && r < a.n_rows && o < n_out) out[(int64_t)r * n_out + o] = s + (bias ? bias[o] : 0.0f);
+        return;
+    }
+    // split K: publish the partial sums (of the launch's rows only); the last block of the tile
+    // adds all splits in split order
+    float *pt = a.part + (int64_t)blockIdx.x * a.n_split * (I8_ROWS * 16);
+    if (t < a.n_rows * 16) pt[(int64_t)z * (I8_ROWS * 16) + t] = s;
+    __threadfence();
+    __syncthreads();
+    if (t == 0) s_last = atomicAdd(cnt + ot, 1) == a.n_split - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    if (t < a.n_rows * 16 && o < n_out) {
+        float v = 0.0f;
+        for (int32_t zz = 0; zz < a.n_split; zz++) v += __ldcg(pt + (int64_t)zz * (I8_ROWS * 16) + t);
+        out[(int64_t)r * n_out + o] = v + (bias ? bias[o] : 0.0f);
+    }
+    if (t == 0) cnt[ot] = 0; // ready for the next call (kernels on the stream run in order)
+}
+
 // ---- tensor cores ----
 
 __device__ __forceinline__ void ldmatrix_x4(const void *smem, uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3) {
@@ -509,7 +768,7 @@ __global__ void gptq_bias_kernel(float *out, const float *__restrict__ bias, int
 
 struct dev_plan {
     int64_t k_pad, n_kc, n_ot;
-    size_t  off_sz, off_kbg, off_kcg, off_perm, total;
+    size_t  off_sz, off_kbg, off_kcg, off_perm, off_cnt, total;
 };
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -528,7 +787,8 @@ static struct dev_plan plan_of(const struct coopt_gptq_weight *hw) {
     p.off_kbg   = p.off_sz + align256(szb);
     p.off_kcg   = p.off_kbg + align256(kbg);
     p.off_perm  = p.off_kcg + align256(kcg);
-    p.total     = p.off_perm + align256(perm);
+    p.off_cnt   = p.off_perm + align256(perm);
+    p.total     = p.off_cnt + align256((size_t)p.n_ot * 4); // int8 GEMV split counters
     return p;
 }
 
@@ -594,7 +854,8 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
         cudaMemcpyAsync(stage + o_z, hw->zero, n_gs, cudaMemcpyHostToDevice, st) != cudaSuccess ||
         cudaMemcpyAsync(buf + p.off_kbg, kbg, (size_t)nb * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
         cudaMemcpyAsync(buf + p.off_kcg, kcg, (size_t)p.n_kc * 4, cudaMemcpyHostToDevice, st) != cudaSuccess ||
-        (perm && cudaMemcpyAsync(buf + p.off_perm, perm, (size_t)p.k_pad * 4, cudaMemcpyHostToDevice, st) != cudaSuccess)) {
+        (perm && cudaMemcpyAsync(buf + p.off_perm, perm, (size_t)p.k_pad * 4, cudaMemcpyHostToDevice, st) != cudaSuccess) ||
+        cudaMemsetAsync(buf + p.off_cnt, 0, (size_t)p.n_ot * 4, st) != cudaSuccess) {
         rc = coopt_fail(COOPT_ERR_NOMEM, "cuda: copying a GPTQ weight to the GPU failed (%s)",
                         cudaGetErrorName(cudaGetLastError()));
     } else {
@@ -626,6 +887,7 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     dw->kb_grp    = (const int32_t *)(buf + p.off_kbg);
     dw->kc_grp    = (const uint32_t *)(buf + p.off_kcg);
     dw->perm      = hw->perm ? (const int32_t *)(buf + p.off_perm) : NULL;
+    dw->cnt       = (int32_t *)(buf + p.off_cnt);
     dw->buf       = buf;
     dw->bytes     = p.total;
     return COOPT_OK;
@@ -725,6 +987,157 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
     }
 }
 
+// ---- int8 GEMV: options, launch configuration, launcher ----
+
+// Process-wide choices (tests and the ablation; read from the environment on first use):
+// which GEMV decode uses, and whether the int8 GEMV's kernels use programmatic dependent launch.
+// Plain ints: written once (or by tests between calls), read on every matmul.
+static int g_gemv_mode = CUDA_GPTQ_GEMV_MODE_DEFAULT; // set by cuda_gptq_set_gemv
+static int g_gemv_env  = -1;                          // from $COOPT_GPTQ_GEMV, -1 = not read yet
+static int g_pdl       = -1;                          // -1 = not read yet
+static int g_pdl_fail  = 0;                           // a launch with it was refused: off for good
+static int g_cc_major[64];                            // compute capability of each device, 0 = not read yet
+
+void cuda_gptq_set_gemv(enum cuda_gptq_gemv g) { g_gemv_mode = g; }
+
+enum cuda_gptq_gemv cuda_gptq_get_gemv(void) {
+    if (g_gemv_mode != CUDA_GPTQ_GEMV_MODE_DEFAULT) return (enum cuda_gptq_gemv)g_gemv_mode;
+    if (g_gemv_env < 0) {
+        const char *e = getenv("COOPT_GPTQ_GEMV");
+        g_gemv_env    = GPTQ_GEMV_BUILTIN;
+        if (e && strcmp(e, "f32") == 0) g_gemv_env = CUDA_GPTQ_GEMV_MODE_F32;
+        else if (e && strcmp(e, "i8") == 0) g_gemv_env = CUDA_GPTQ_GEMV_MODE_I8;
+        else if (e && *e) coopt_log_error("COOPT_GPTQ_GEMV=%s: expected f32 or i8; using the default", e);
+    }
+    return (enum cuda_gptq_gemv)g_gemv_env;
+}
+
+void cuda_gptq_set_pdl(int on) { g_pdl = on < 0 ? -1 : on != 0; }
+
+static bool pdl_enabled(const struct cuda_backend *cb) {
+    if (g_pdl < 0) {
+        const char *e = getenv("COOPT_GPTQ_PDL");
+        g_pdl         = !(e && e[0] == '0');
+    }
+    if (!g_pdl || g_pdl_fail || cb->device < 0 || cb->device >= 64) return false;
+    if (!g_cc_major[cb->device])
+        CUDA_CHECK(cudaDeviceGetAttribute(&g_cc_major[cb->device], cudaDevAttrComputeCapabilityMajor, cb->device));
+    return g_cc_major[cb->device] >= 9;
+}
+
+// Launches kern<<<grid, block, 0, st>>>(args...), with programmatic stream serialization when
+// `pdl` (the kernel may start while the previous one in the stream finishes; it waits for it with
+// griddepcontrol.wait before touching what that one writes). A launch refused with the
+// attribute is retried without it, and PDL stays off for the process.
+template <typename... P, typename... A>
+static void launch_maybe_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, cudaStream_t st, A... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim            = grid;
+    cfg.blockDim = block;
+    cfg.stream   = st;
+    cudaLaunchAttribute at[1] = {};
+    at[0].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs                                        = at;
+    cfg.numAttrs                                     = pdl ? 1 : 0;
+    cudaError_t e                                    = cudaLaunchKernelEx(&cfg, kern, args...);
+    if (e != cudaSuccess && pdl) {
+        coopt_log_error("cuda: launch with programmatic dependent launch failed (%s); launching without it",
+                        cudaGetErrorName(e));
+        (void)cudaGetLastError();
+        g_pdl_fail   = 1;
+        cfg.numAttrs = 0;
+        e            = cudaLaunchKernelEx(&cfg, kern, args...);
+    }
+    CUDA_CHECK(e);
+    CUDA_CHECK_LAUNCH();
+}
+
+// Warps per block (4, 8 or 16) and K splits for `tiles` column tiles of n_kc chunks. param: warps
+// in the low byte and splits above it, 0 = automatic: no K split, 8 warps per tile, 16 when there
+// are fewer tiles than SMs. From the H100 sweep at 1 row (docs/BENCHMARKS.md): with 8 warps, 2
+// K splits made 8 of the 9 real shapes 4-29 % slower and 8 splits 9-119 % (1024x4096 gained
+// 4-18 %), and this choice ran within 6 % of the best of the 9 configurations on every shape
+// (1024x4096: 16 warps, the best).
+static void i8_config(const struct cuda_backend *cb, int64_t tiles, int32_t n_kc, int param, int *nw, int *n_split) {
+    int w = param & 0xff, s = param >> 8;
+    if (w != 4 && w != 8 && w != 16) w = tiles < cb->n_sm ? 16 : 8;
+    if (s <= 0) s = 1;
+    s = (int)COOPT_MAX(1, COOPT_MIN(s, n_kc));
+    const int32_t kc_per = (n_kc + s - 1) / s;
+    *nw = w, *n_split = (n_kc + kc_per - 1) / kc_per; // no empty split
+}
+
+void cuda_gptq_i8_auto_config(struct coopt_backend *be, int64_t tiles, int32_t n_kc, int *nw, int *n_split) {
+    i8_config(cuda_impl(be), tiles, n_kc, 0, nw, n_split);
+}
+
+static void i8_multi(struct cuda_backend *cb, int32_t n, float *const *outs, const float *x,
+                     const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows, int param) {
+    const int64_t k_pad = ws[0]->k_pad, n_in = ws[0]->n_in;
+    const int32_t n_kc = ws[0]->n_kc, nblk = (int32_t)(k_pad / 32), n_rg = (n_rows + I8_ROWS - 1) / I8_ROWS;
+    // one quantized x per distinct row order (0: the identity, padded or not)
+    uint64_t       hashes[GPTQ_MAX_MULTI];
+    const int32_t *perms[GPTQ_MAX_MULTI];
+    int            n_h = 0, slot[GPTQ_MAX_MULTI];
+    int64_t        tiles = 0;
+    for (int32_t j = 0; j < n; j++) {
+        COOPT_ASSERT(ws[j]->n_in == n_in && ws[j]->k_pad == k_pad);
+        tiles += ws[j]->n_ot;
+        slot[j] = -1;
+        for (int h = 0; h < n_h; h++)
+            if (hashes[h] == ws[j]->perm_hash) slot[j] = h;
+        if (slot[j] < 0) hashes[n_h] = ws[j]->perm_hash, perms[n_h] = ws[j]->perm, slot[j] = n_h++;
+    }
+    int nw, n_split;
+    i8_config(cb, tiles, n_kc, param, &nw, &n_split);
+    const size_t xq_bytes = align256((size_t)n_rows * (size_t)k_pad);
+    const size_t xs_bytes = align256((size_t)n_rg * (size_t)nblk * I8_ROWS * sizeof(int2));
+    const size_t pt_bytes = n_split > 1 ? (size_t)tiles * (size_t)n_split * I8_ROWS * 16 * 4 : 0;
+    uint8_t     *wsp      = (uint8_t *)cuda_workspace(cb, (size_t)n_h * (xq_bytes + xs_bytes) + pt_bytes);
+    const bool   pdl      = pdl_enabled(cb);
+    for (int h = 0; h < n_h; h++) {
+        uint8_t      *base = wsp + (size_t)h * (xq_bytes + xs_bytes);
+        const int64_t n_w  = (int64_t)n_rg * I8_ROWS * nblk; // warps
+        launch_maybe_pdl(pdl, gptq_quant_x_kernel, dim3(cuda_grid_1d(n_w * WARP_SIZE, 256)), dim3(256), cb->stream,
+                         (int8_t *)base, (int2 *)(base + xq_bytes), x, perms[h], n_in, k_pad, nblk, n_rows,
+                         n_rg * I8_ROWS);
+    }
+    for (int32_t rg = 0; rg < n_rg; rg++) {
+        i8_args a;
+        memset(&a, 0, sizeof(a));
+        a.n       = n;
+        a.n_kc    = n_kc;
+        a.n_rows  = COOPT_MIN(I8_ROWS, n_rows - rg * I8_ROWS);
+        a.n_split = n_split;
+        a.kc_per  = (n_kc + n_split - 1) / n_split;
+        a.part    = n_split > 1 ? (float *)(wsp + (size_t)n_h * (xq_bytes + xs_bytes)) : NULL;
+        int32_t end = 0;
+        for (int32_t j = 0; j < n; j++) {
+            const struct cuda_gptq_weight *w    = ws[j];
+            uint8_t                       *base = wsp + (size_t)slot[j] * (xq_bytes + xs_bytes);
+            a.qw[j]       = (const uint4 *)w->qw;
+            a.sz[j]       = w->sz;
+            a.kc_grp[j]   = w->kc_grp;
+            a.xq[j]       = (const int8_t *)base + (int64_t)rg * I8_ROWS * k_pad;
+            a.xs[j]       = (const int2 *)(base + xq_bytes) + (int64_t)rg * nblk * I8_ROWS;
+            a.bias[j]     = biases ? biases[j] : NULL;
+            a.out[j]      = outs[j] + (int64_t)rg * I8_ROWS * w->n_out;
+            a.cnt[j]      = w->cnt;
+            a.n_out[j]    = (int32_t)w->n_out;
+            a.n_groups[j] = w->n_groups;
+            end += w->n_ot;
+            a.ot_end[j] = end;
+        }
+        const dim3 grid((unsigned)end, (unsigned)n_split);
+        switch (nw) {
+        case 4: launch_maybe_pdl(pdl, gptq_i8_gemv_kernel<4>, grid, dim3(4 * WARP_SIZE), cb->stream, a); break;
+        case 16: launch_maybe_pdl(pdl, gptq_i8_gemv_kernel<16>, grid, dim3(16 * WARP_SIZE), cb->stream, a); break;
+        default: launch_maybe_pdl(pdl, gptq_i8_gemv_kernel<8>, grid, dim3(8 * WARP_SIZE), cb->stream, a); break;
+        }
+    }
+}
+
 template <int BN>
 static void mma_launch_bn(cudaStream_t st, dim3 grid, float *out, float *part, const __half *xp,
                           const struct cuda_gptq_weight *w, const float *bias, int32_t n_rows, int32_t kc_per) {
@@ -788,6 +1201,7 @@ static void cublas_launch(struct cuda_backend *cb, float *out, const float *x, c
 }
 
 enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows) {
+    if (n_rows <= GPTQ_I8_MAX_ROWS && cuda_gptq_get_gemv() == CUDA_GPTQ_GEMV_MODE_I8) return CUDA_GPTQ_GEMV_I8;
     if (n_rows < GPTQ_MMA_MIN_ROWS) return CUDA_GPTQ_GEMV;
     // cuBLAS takes int dimensions, and the f16 scratch matrix stays under 16 GiB
     if (n_rows < GPTQ_CUBLAS_MIN_ROWS || w->k_pad > INT32_MAX || (int64_t)w->n_ot * 16 * w->k_pad > ((int64_t)1 << 33))
@@ -806,6 +1220,13 @@ void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x,
         const struct cuda_gptq_weight *ws[1] = {w};
         const float *bs[1] = {bias};
         gemv_multi(cb, 1, outs, x, ws, bs, n_rows, param);
+        break;
+    }
+    case CUDA_GPTQ_GEMV_I8: {
+        float *outs[1] = {out};
+        const struct cuda_gptq_weight *ws[1] = {w};
+        const float *bs[1] = {bias};
+        i8_multi(cb, 1, outs, x, ws, bs, n_rows, param);
         break;
     }
     case CUDA_GPTQ_MMA:
@@ -829,6 +1250,10 @@ void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *o
     bool same = true;
     for (int32_t j = 1; j < n; j++) same = same && ws[j]->n_in == ws[0]->n_in && ws[j]->k_pad == ws[0]->k_pad;
     COOPT_ASSERT(same);
+    if (n_rows <= GPTQ_I8_MAX_ROWS && cuda_gptq_get_gemv() == CUDA_GPTQ_GEMV_MODE_I8) {
+        i8_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0);
+        return;
+    }
     if (n_rows < GPTQ_MMA_MIN_ROWS) {
         gemv_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0);
         return;

@@ -35,6 +35,7 @@ struct cuda_gptq_weight {
     const int32_t  *kb_grp;    // [k_pad / 32] group of each 32-row block (GEMV)
     const uint32_t *kc_grp;    // [k_pad / 64] groups of the two 32-row halves of a chunk: lo | hi << 16
     const int32_t  *perm;      // [k_pad] input row of each padded row, -1 = zero row; NULL = identity
+    int32_t        *cnt;       // [n_ot] arrival counters of the int8 GEMV's K splits, 0 between calls
     void           *buf;       // the device allocation holding the arrays above (cudaFree)
     size_t          bytes;     // its size
 };
@@ -50,14 +51,15 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
 void cuda_gptq_release(struct cuda_gptq_weight *dw); // NULL / empty ok
 
 // out [n_rows][n_out] = x [n_rows][n_in] @ W^T (+ bias [n_out]); x, out, bias device memory.
-// Picks the f32 GEMV (1 row), the tensor-core kernel (2-159 rows) or dequantize + cuBLAS
-// (see gptq.cu).
+// Picks the f32 GEMV (1 row; the int8 GEMV for 1-8 rows with COOPT_GPTQ_GEMV=i8), the
+// tensor-core kernel (2-159 rows) or dequantize + cuBLAS (see gptq.cu).
 void cuda_gptq_matmul(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
                       const float *bias, int32_t n_rows);
 
 // n (1..4) projections of one input, outs[j] = x @ Wj^T (+ biases[j], NULL entries ok): every
-// weight must have the same n_in. For one row (decode) one GEMV launch covers all of them and x
-// is gathered once per distinct act-order permutation; more rows run them one by one. For the
+// weight must have the same n_in. For one row (decode; 1-8 rows with the int8 GEMV) one GEMV
+// launch covers all of them and x is gathered (quantized) once per distinct act-order
+// permutation; more rows run them one by one. For the
 // fused q/k/v of backend.h's matmul_multi.
 void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
                             const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows);
@@ -70,11 +72,29 @@ enum cuda_gptq_path {
     CUDA_GPTQ_MMA,    // int4 -> f16 in registers + mma.sync m16n8k16; `param` = tokens per block (16, 32, 64,
                       // 128; 0 = auto) | K splits << 8 (0 = auto)
     CUDA_GPTQ_CUBLAS, // dequantize to an f16 scratch matrix + cublasGemmEx
+    CUDA_GPTQ_GEMV_I8, // x quantized to int8 + int4 x int8 mma; rows in groups of up to 8; `param` = warps per
+                       // block (4, 8, 16; 0 = auto) | K splits << 8 (0 = auto: 1)
 };
+
+// The GEMV decode uses (process-wide): the f32 one (exact products) or the int8 one (x quantized
+// to int8 per 32 rows, as the CPU kernels do). DEFAULT = $COOPT_GPTQ_GEMV ("f32" or "i8") when
+// set, else the built-in choice (gptq.cu: F32, measured faster at 1 row). With I8, matmuls of up
+// to 8 rows take the int8 GEMV; with F32, 1 row takes the f32 GEMV and 2 or more the tensor-core
+// kernel.
+enum cuda_gptq_gemv { CUDA_GPTQ_GEMV_MODE_DEFAULT = 0, CUDA_GPTQ_GEMV_MODE_F32, CUDA_GPTQ_GEMV_MODE_I8 };
+void                cuda_gptq_set_gemv(enum cuda_gptq_gemv g);
+enum cuda_gptq_gemv cuda_gptq_get_gemv(void); // the effective choice, never DEFAULT
+// Programmatic dependent launch for the int8 GEMV's two kernels (sm_90 and later): 1 on, 0 off,
+// -1 = default (on unless $COOPT_GPTQ_PDL=0). Process-wide.
+void cuda_gptq_set_pdl(int on);
 // The path cuda_gptq_matmul takes for n_rows (never CUDA_GPTQ_AUTO).
 enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows);
 void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
                            const float *bias, int32_t n_rows, enum cuda_gptq_path path, int param);
+
+// The int8 GEMV's automatic launch configuration for `tiles` 16-column tiles of n_kc 64-row chunks:
+// warps per block and K splits (what param 0 picks).
+void cuda_gptq_i8_auto_config(struct coopt_backend *be, int64_t tiles, int32_t n_kc, int *nw, int *n_split);
 
 // Times fn(arg, i) for i = 0..reps-1, captured once into a CUDA graph on the backend's stream and
 // replayed (warm-up replay first): mean microseconds of device time per call, or -1 if capture or
