@@ -206,19 +206,23 @@ struct ew_ctx {
     int64_t      n;
 };
 
+// Every element goes through the same operations wherever a range starts or ends (the tail
+// is a masked vector), so any split of a silu_mul gives bit-identical results.
 void cpu_silu_mul(float *out, const float *gate, const float *up, int64_t n) {
-    int64_t i = 0;
 #if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) {
-        __m512 g = _mm512_loadu_ps(gate + i), u = _mm512_loadu_ps(up + i);
-        __m512 e = simd_exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u));
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = simd_mask16(n - i);
+        __m512    g = _mm512_maskz_loadu_ps(m, gate + i), u = _mm512_maskz_loadu_ps(m, up + i);
+        __m512    e = simd_exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_mask_storeu_ps(out + i, m,
+                              _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u));
     }
-#endif
-    for (; i < n; i++) {
+#else
+    for (int64_t i = 0; i < n; i++) {
         float g = gate[i];
         out[i]  = g / (1.0f + expf(-g)) * up[i];
     }
+#endif
 }
 
 static void silu_mul_task(void *ctx, int32_t ith, int32_t nth) {
