@@ -30,6 +30,10 @@
 #include <string.h>
 
 #define FUSED_MAX 4 // weights per call (matmul_multi takes up to 4; swiglu 2)
+#define FUSED_GUIDED_MAX 128 // chunks of a decode call
+#ifndef FUSED_GUIDED
+#define FUSED_GUIDED 2 // decode chunk = remaining bytes / (FUSED_GUIDED * threads); 0 = equal chunks
+#endif
 
 enum fused_kind { FUSED_NONE, FUSED_GPTQ, FUSED_ROWS };
 
@@ -67,6 +71,8 @@ struct fused_ctx {
     const float        *x; // [n_rows][n_in]
     int32_t             n_rows;
     int64_t             n_chunks;
+    bool                guided;                     // chunk k is units [gu[k][0], gu[k][1]) of its part
+    int64_t             gu[FUSED_GUIDED_MAX][2];
     atomic_int_fast64_t next; // next chunk to claim
 };
 
@@ -126,6 +132,7 @@ static void fused_task(void *ctx, int32_t ith, int32_t nth) {
         const struct fused_part *pt = &c->parts[p];
         const struct fused_w    *fw = &c->ws[pt->w];
         int64_t                  u0 = (k - pt->c0) * pt->chunk, u1 = COOPT_MIN(pt->units, u0 + pt->chunk);
+        if (c->guided) u0 = c->gu[k][0], u1 = c->gu[k][1];
         if (pt->w2 < 0) {
             run_units(c, fw, u0, u1, pt->out, pt->add);
             continue;
@@ -171,11 +178,32 @@ static void fused_run(struct coopt_backend *be, struct fused_ctx *c) {
     }
     int64_t target = (call_bytes + 4 * nth - 1) / (4 * nth);
     c->n_chunks    = 0;
+    c->guided      = FUSED_GUIDED > 0 && c->n_rows <= 8 && nth > 1;
+    double left    = (double)call_bytes; // bytes of the call not yet in a chunk
     for (int32_t p = 0; p < c->n_parts; p++) {
         struct fused_part    *pt = &c->parts[p];
         const struct fused_w *fw = &c->ws[pt->w];
         int64_t               b  = bytes_of(fw) + (pt->w2 >= 0 ? bytes_of(&c->ws[pt->w2]) : 0);
         pt->units                = units_of(fw);
+        if (c->guided) {
+            // Guided self-scheduling: each chunk is a share of what is left of the whole call, so
+            // the first chunks are long streams and the last ones short, and the threads end
+            // within a short chunk of each other (equal chunks of 1/(4 threads) left up to ~10 %
+            // of a small projection idle on one thread).
+            const int64_t g  = fw->kind == FUSED_GPTQ ? 4 : 16; // granule: the kernels' width
+            const double  bu = (double)b / (double)pt->units;  // bytes per unit
+            pt->c0           = c->n_chunks;
+            for (int64_t u = 0; u < pt->units;) {
+                int64_t n = (int64_t)(left / (FUSED_GUIDED * nth) / bu) + 1;
+                n         = COOPT_MAX(g, (n + g - 1) / g * g);
+                if (c->n_chunks >= FUSED_GUIDED_MAX - (c->n_parts - p)) n = pt->units; // table full: the rest
+                n = COOPT_MIN(n, pt->units - u);
+                c->gu[c->n_chunks][0] = u, c->gu[c->n_chunks][1] = u + n;
+                c->n_chunks++, u += n, left -= (double)n * bu;
+            }
+            pt->c1 = c->n_chunks;
+            continue;
+        }
         if (c->n_rows <= 8) {
             int64_t ch = (int64_t)(((double)pt->units * (double)target + (double)b - 1) / (double)b);
             pt->chunk  = fw->kind == FUSED_GPTQ ? COOPT_MAX((int64_t)4, (ch + 3) / 4 * 4) : COOPT_MAX((int64_t)16, ch);
