@@ -404,7 +404,18 @@ static void dec_prep_bf16(const float *x, int64_t n_in, uint8_t *dst) {
     }
 }
 
-ALWAYS_INLINE void dec_prefetch(const uint8_t *p) { _mm_prefetch((const char *)p + MM_PF_DIST, _MM_HINT_T0); }
+// Quantized weights in decode (n_rows <= MM_DEC_MAX, each weight read once per call): NTA
+// prefetch further ahead. dev/bench_matmul.c, 2 threads, Q4_0 / Q8_0 at 1 row (mean of the 4
+// shapes, 2026-11-22): T0 1 KiB 50-60 / 47-64 GB/s, T0 4 KiB 68-70 / 63-76, NTA 4 KiB 59-72 /
+// 72-74, NTA 8 KiB 72-73 / 76-81. Prefill keeps T0: its weight chunks are re-read from L2 by
+// every group of 8 x rows.
+#ifndef MM_PF_DIST_DEC
+#define MM_PF_DIST_DEC 8192
+#endif
+ALWAYS_INLINE void dec_prefetch(const uint8_t *p, bool stream) {
+    if (stream) _mm_prefetch((const char *)p + MM_PF_DIST_DEC, _MM_HINT_NTA);
+    else _mm_prefetch((const char *)p + MM_PF_DIST, _MM_HINT_T0);
+}
 
 #define DEC_NACC 5 // accumulators per x row of dec_row_quant
 
@@ -443,15 +454,15 @@ ALWAYS_INLINE __m512i dec_load64(const uint8_t *p, bool full, int64_t valid) {
 //         vpermt2w.
 // s = d_w * d_x for the 8 blocks (ymm) is expanded to the lanes of each dot vector with vpermps;
 // the zero-point correction (cx) is one 8-lane FMA.
-ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, const uint8_t *p, bool full, int64_t valid, int64_t b,
+ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, bool stream, const uint8_t *p, bool full, int64_t valid, int64_t b,
                                   const uint8_t *xp, size_t xs, int64_t nbp, __m512 acc[][DEC_NACC]) {
     // FMA chains per x row: 5 when R <= 2 (a step is shorter than 4 dependent FMAs), else 2.
     const int na = R <= 2 ? DEC_NACC : 2, ac = na == DEC_NACC ? 4 : 1; // ac: the accumulator of the cx FMA
     const bool q8 = T == COOPT_DTYPE_Q8_0;
-    dec_prefetch(p);
-    dec_prefetch(p + 64);
-    dec_prefetch(p + 128);
-    if (q8) dec_prefetch(p + 192);
+    dec_prefetch(p, stream);
+    dec_prefetch(p + 64, stream);
+    dec_prefetch(p + 128, stream);
+    if (q8) dec_prefetch(p + 192, stream);
     __m512i wv[4]; // unsigned weights: Q8_0 w + 128 (4 vectors); Q4_0 lo, hi nibbles of 2 vectors
     __m256  dw;
     if (q8) {
@@ -521,7 +532,7 @@ ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, const uint8_t *p, b
 }
 
 // out[r * ldo] = W row . x row r, r < R, for one quantized weight row of nb blocks (stored by dec_store).
-ALWAYS_INLINE void dec_row_quant(enum coopt_dtype T, int R, const uint8_t *w, int64_t nb, const uint8_t *xp,
+ALWAYS_INLINE void dec_row_quant(enum coopt_dtype T, int R, bool stream, const uint8_t *w, int64_t nb, const uint8_t *xp,
                                  size_t xs, float *out, int64_t ldo, const float *bias, bool add) {
     const int64_t nbp = (nb + 7) / 8 * 8;
     const int64_t sb  = T == COOPT_DTYPE_Q8_0 ? 8 * 34 : 8 * 18; // bytes per step of 8 blocks
@@ -531,8 +542,8 @@ ALWAYS_INLINE void dec_row_quant(enum coopt_dtype T, int R, const uint8_t *w, in
 #pragma GCC unroll 8
         for (int a = 0; a < DEC_NACC; a++) acc[r][a] = _mm512_setzero_ps();
     int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) dec_step_quant(T, R, w + b / 8 * sb, true, 0, b, xp, xs, nbp, acc);
-    if (b < nb) dec_step_quant(T, R, w + b / 8 * sb, false, (nb - b) * (sb / 8), b, xp, xs, nbp, acc);
+    for (; b + 8 <= nb; b += 8) dec_step_quant(T, R, stream, w + b / 8 * sb, true, 0, b, xp, xs, nbp, acc);
+    if (b < nb) dec_step_quant(T, R, stream, w + b / 8 * sb, false, (nb - b) * (sb / 8), b, xp, xs, nbp, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
         __m512 t = _mm512_add_ps(acc[r][0], acc[r][1]);
@@ -632,7 +643,7 @@ ALWAYS_INLINE void dec_rows(enum coopt_dtype T, int R, const struct dec_ctx *dc,
     const bool     add  = dc->add;
     if (T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0) {
         for (int64_t o = o0; o < o1; o++)
-            dec_row_quant(T, R, base + (size_t)o * rb, w->n_in / COOPT_QK, xp, dc->x_stride, out + o, ldo,
+            dec_row_quant(T, R, dc->n_rows <= MM_DEC_MAX, base + (size_t)o * rb, w->n_in / COOPT_QK, xp, dc->x_stride, out + o, ldo,
                           bias ? bias + o : NULL, add);
         return;
     }
