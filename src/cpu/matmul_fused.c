@@ -190,7 +190,10 @@ static void fused_run(struct coopt_backend *be, struct fused_ctx *c) {
             // the first chunks are long streams and the last ones short, and the threads end
             // within a short chunk of each other (equal chunks of 1/(4 threads) left up to ~10 %
             // of a small projection idle on one thread).
-            const int64_t g  = fw->kind == FUSED_GPTQ ? 4 : 16; // granule: the kernels' width
+            // granule: one 16-column subtile for 1 row (the decode kernel's unit; the call's last
+            // chunks are then short: ~0.4 us at 2048 inputs), the 4-subtile kernels' width for
+            // more rows; 16 rows of the row kernel
+            const int64_t g  = fw->kind == FUSED_GPTQ ? (c->n_rows == 1 ? 1 : 4) : 16;
             const double  bu = (double)b / (double)pt->units;  // bytes per unit
             pt->c0           = c->n_chunks;
             for (int64_t u = 0; u < pt->units;) {
