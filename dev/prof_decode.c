@@ -69,8 +69,11 @@ static void swiglu_w(struct coopt_backend *be, float *out, float *tmp, const flo
                      const struct coopt_weight *wu, int32_t n) {
     TIMED(P_SWIGLU, w_bytes(wg) + w_bytes(wu), g_real->matmul_swiglu(be, out, tmp, x, wg, wu, n));
 }
+static double g_add_us[2], g_add_b[2];
 static void addmm_w(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n) {
+    double t0 = now_us();
     TIMED(P_ADDMM, w_bytes(w), g_real->matmul_add(be, out, x, w, n));
+    if (g_on) g_add_us[w->n_in > w->n_out] += now_us() - t0, g_add_b[w->n_in > w->n_out] += w_bytes(w);
 }
 static void rope_store_w(struct coopt_backend *be, float *q, const float *k, const float *v, int32_t nh,
                          struct coopt_kv_cache *kv, int32_t l, const struct coopt_batch *b, const struct coopt_rope *r) {
@@ -158,6 +161,10 @@ int main(int argc, char **argv) {
         printf("%-14s %8.1f %10.1f %10.2f %8.1f\n", k_names[i], (double)g_calls[i] / steps, us, mb_,
                mb_ > 0 ? mb_ * 1e6 / us / 1e3 : 0.0);
     }
+    for (int k = 0; k < 2; k++)
+        if (g_add_us[k] > 0)
+            printf("  %-12s %8s %10.1f %10s %8.1f\n", k ? "(n_in>n_out)" : "(n_in<=n_out)", "", g_add_us[k] / steps, "",
+                   g_add_b[k] / g_add_us[k] / 1e3); // matmul_add split: o (square) and down projections
     printf("%-14s %8s %10.1f\n", "between ops", "", t_total / steps - sum);
     printf("%-14s %8s %10.1f %10.2f %8.1f\n", "total", "", t_total / steps, bytes, bytes * 1e6 / (t_total / steps) / 1e3);
     return 0;
