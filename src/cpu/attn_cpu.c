@@ -348,7 +348,8 @@ AI void v_heads(enum coopt_dtype dt, int gb, int32_t nr, const uint8_t *const *v
 // Requests the K and V rows (and FP8 scales) of positions [lo, hi) of KV head kh into the cache.
 // A sequence's rows are contiguous only within a page (page_size rows of one (layer, K/V, head)),
 // so without this the hardware prefetcher sees short runs and decode attention waits on DRAM
-// latency run after run (measured: most of its time at short contexts).
+// latency run after run (dev/prof_decode.c, tinyllama at contexts 32-182: 333 -> 250 us of
+// attention per token).
 static void attn_prefetch_block(const struct attn_ctx *a, int32_t s, int32_t kh, int32_t lo, int32_t hi, size_t rb,
                                 bool fp8) {
     const struct coopt_kv_layout *l    = &a->kv->layout;

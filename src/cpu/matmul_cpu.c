@@ -319,8 +319,9 @@ ALWAYS_INLINE void tile_quant(enum coopt_dtype T, int R, int C, const struct q8x
 // Float weights: prefetch distance and hint of the weight stream(s), and weight rows at once for
 // one x row (MM_FC1) and for 2..4 x rows (MM_FC). Measured on the f16 LM head of tinyllama
 // (2048 x 32000, 131 MB, 2 threads, 2026-11-22): 4 rows at once with T0 prefetch 1 KiB ahead
-// streamed 58-61 GB/s, one row at a time (one sequential stream per thread) with NTA prefetch
-// 4-8 KiB ahead 74-84 GB/s -- the GPTQ kernel's finding (matmul_gptq.c) again.
+// streamed 53-61 GB/s, one row at a time (one sequential stream per thread) with NTA prefetch
+// 4 KiB ahead 76-87 GB/s (dev/bench_matmul.c; 80-85 in decode, dev/prof_decode.c) -- the GPTQ
+// kernel's finding (matmul_gptq.c) again.
 #ifndef MM_FPF_DIST
 #define MM_FPF_DIST 4096
 #endif
@@ -609,8 +610,8 @@ ALWAYS_INLINE void dec_step_float(enum coopt_dtype T, int R, int C, const uint8_
     }
 }
 
-// Float weights: C rows at w (ws bytes apart) at once -- C streams keep more DRAM requests in
-// flight than one -- with 2 accumulators per (x row, weight row), 1 when R * C >= 8.
+// Float weights: C rows at w (ws bytes apart) at once (each x vector load serves C weight rows)
+// with 2 accumulators per (x row, weight row), 1 when R * C >= 8.
 ALWAYS_INLINE void dec_row_float(enum coopt_dtype T, int R, int C, const uint8_t *w, size_t ws, int64_t n_in,
                                  const float *x, size_t xs, float *out, int64_t ldo, const float *bias, bool add) {
     __m512 acc[MM_DEC_MAX][4][2];

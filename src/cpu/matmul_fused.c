@@ -9,8 +9,9 @@
  *     the reordered f32 rows for BF16; F32 / F16 read x as given;
  *   - the outputs of all weights form one list of chunks that the threads claim from one atomic
  *     counter, so the small k/v projections ride along with q and the threads finish together
- *     (decode: chunks of ~1/(4 * threads) of the call's bytes, so the claims per thread stay
- *     few and each chunk is one long sequential stream; prefill: each kernel's own L2 blocking);
+ *     (decode: guided chunks, each 1/(2 * threads) of the call's bytes still left, so the first
+ *     are long sequential streams and the last ones a single 16-column subtile; prefill: each
+ *     kernel's own L2 blocking);
  *   - swiglu: a chunk is the same output columns of gate and up; gate is stored to tmp, up to out,
  *     and silu(gate) * up is applied to the chunk right away, while it is in L1;
  *   - add: the kernels' store computes out + (x·W + bias), the order of the composed ops, so the

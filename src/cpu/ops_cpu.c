@@ -12,7 +12,6 @@
 #include "cpu/simd.h"
 
 #include "dtype.h"
-#include "gptq.h"
 #include "util.h"
 
 #include <math.h>
