@@ -134,12 +134,12 @@ int main(int argc, char **argv) {
     printf("threads %d, roofline %.0f GB/s, best of %d\n", be->n_threads, bw, reps);
     const enum coopt_dtype types[]     = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COOPT_DTYPE_BF16, COOPT_DTYPE_Q8_0,
                                           COOPT_DTYPE_Q4_0};
-    const int64_t          shapes[][2] = {{4096, 4096}, {2048, 5632}, {5632, 2048}}; // n_in, n_out
+    const int64_t          shapes[][2] = {{4096, 4096}, {2048, 5632}, {5632, 2048}, {2048, 32000}}; // n_in, n_out (the last: tinyllama LM head)
     int                    rowss[3]    = {1, 2, 4}; // ROWS=a,b,c overrides (each <= 64)
     if (getenv("ROWS")) sscanf(getenv("ROWS"), "%d,%d,%d", &rowss[0], &rowss[1], &rowss[2]);
     const int64_t          max_in = 5632, max_rows = 64;
     float                 *x   = malloc(sizeof(float) * max_in * max_rows);
-    float                 *out = malloc(sizeof(float) * 8192 * max_rows);
+    float                 *out = malloc(sizeof(float) * 32000 * max_rows);
     for (int64_t i = 0; i < max_in * max_rows; i++) x[i] = (float)((i * 7919) % 2001 - 1000) / 1000.0f;
     printf("%-5s %-10s %7s %7s %7s %7s %7s %7s %8s %10s %9s\n", "type", "in x out", "GB/s@1", "%bw", "GB/s@2", "%bw",
            "GB/s@4", "%bw", "hot GB/s", "GFLOP/s@64", "live GB/s");

@@ -36,6 +36,7 @@
 #include "model.h"
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define COOPT_GPTQ_SUB 16 // output columns per subtile
@@ -129,6 +130,23 @@ enum coopt_status coopt_gptq_matmul_cpu(struct coopt_threadpool *tp, float *out,
 enum coopt_status coopt_gptq_matmul_cpu_isa(struct coopt_threadpool *tp, float *out, const float *x,
                                             const struct coopt_gptq_weight *w, int32_t n_rows,
                                             enum coopt_gptq_isa isa);
+// The steps of coopt_gptq_matmul_cpu, for callers that schedule the work themselves (the fused
+// CPU ops run several weights in one pool dispatch):
+// Bytes of the prepared (int8) activations of n_rows rows for w (a multiple of 64).
+size_t coopt_gptq_act_bytes(const struct coopt_gptq_weight *w, int32_t n_rows);
+// True if a and b quantize an activation row identically (same padded rows and groups, no
+// act-order permutation), so one prepared x serves both.
+bool coopt_gptq_act_shared(const struct coopt_gptq_weight *a, const struct coopt_gptq_weight *b);
+// Quantizes rows [r_lo, r_hi) of x [n_rows][n_in] into act (coopt_gptq_act_bytes(w, n_rows)
+// bytes, 64-byte aligned); disjoint row ranges may be prepared by different threads.
+void coopt_gptq_act_prepare(const struct coopt_gptq_weight *w, const float *x, int32_t n_rows, int32_t r_lo,
+                            int32_t r_hi, void *act, enum coopt_gptq_isa isa);
+// Output columns of subtiles [t_lo, t_hi) (16 columns each) for all rows: v = x·W[o] (+ bias[o]),
+// stored as out[r][o] = v, or out[r][o] + v when `add` (the residual add fused into the store).
+void coopt_gptq_run(const struct coopt_gptq_weight *w, const void *act, int32_t n_rows, int64_t t_lo, int64_t t_hi,
+                    float *out, const float *bias, bool add, enum coopt_gptq_isa isa);
+// Subtiles per chunk of work when nth threads share w (~4 chunks per thread, a multiple of 4).
+int64_t coopt_gptq_chunk(const struct coopt_gptq_weight *w, int32_t nth);
 // Exact f32 reference: out = x @ W^T with W dequantized, double accumulation. Slow.
 void coopt_gptq_matmul_ref(float *out, const float *x, const struct coopt_gptq_weight *w, int32_t n_rows);
 

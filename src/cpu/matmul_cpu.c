@@ -316,6 +316,24 @@ ALWAYS_INLINE void tile_quant(enum coopt_dtype T, int R, int C, const struct q8x
 #ifndef MM_PF_DIST
 #define MM_PF_DIST 1024 // software prefetch distance in bytes of the weight stream
 #endif
+// Float weights: prefetch distance and hint of the weight stream(s), and weight rows at once for
+// one x row (MM_FC1) and for 2..4 x rows (MM_FC). Measured on the f16 LM head of tinyllama
+// (2048 x 32000, 131 MB, 2 threads, 2026-11-22): 4 rows at once with T0 prefetch 1 KiB ahead
+// streamed 53-61 GB/s, one row at a time (one sequential stream per thread) with NTA prefetch
+// 4 KiB ahead 76-87 GB/s (dev/bench_matmul.c; 80-85 in decode, dev/prof_decode.c) -- the GPTQ
+// kernel's finding (matmul_gptq.c) again.
+#ifndef MM_FPF_DIST
+#define MM_FPF_DIST 4096
+#endif
+#ifndef MM_FPF_HINT
+#define MM_FPF_HINT _MM_HINT_NTA
+#endif
+#ifndef MM_FC1
+#define MM_FC1 1
+#endif
+#ifndef MM_FC
+#define MM_FC 4
+#endif
 
 struct dec_ctx {
     float                     *out;
@@ -324,9 +342,16 @@ struct dec_ctx {
     const struct coopt_weight *w;
     int32_t                    n_rows;
     size_t                     row_bytes, x_stride;
+    bool                       add;    // out += result (fused residual add)
     int64_t                    chunk, n_chunks;
     atomic_int_fast64_t        next;
 };
+
+// out = v + bias, or out + (v + bias) when add: the order of the composed ops (matmul, bias, add).
+ALWAYS_INLINE void dec_store(float *out, float v, const float *bias, bool add) {
+    if (bias) v += *bias;
+    *out = add ? *out + v : v;
+}
 
 // Q8_0/Q4_0 prepared row: [xq: nbp*32 int8][dx: nbp f32][cx: nbp f32], nbp = blocks rounded up
 // to 8 (padding is zero); cx = -128 * sum(xq block) (Q8_0) or -8 * sum (Q4_0), exact in f32.
@@ -380,7 +405,18 @@ static void dec_prep_bf16(const float *x, int64_t n_in, uint8_t *dst) {
     }
 }
 
-ALWAYS_INLINE void dec_prefetch(const uint8_t *p) { _mm_prefetch((const char *)p + MM_PF_DIST, _MM_HINT_T0); }
+// Quantized weights in decode (n_rows <= MM_DEC_MAX, each weight read once per call): NTA
+// prefetch further ahead. dev/bench_matmul.c, 2 threads, Q4_0 / Q8_0 at 1 row (mean of the 4
+// shapes, 2026-11-22): T0 1 KiB 50-60 / 47-64 GB/s, T0 4 KiB 68-70 / 63-76, NTA 4 KiB 59-72 /
+// 72-74, NTA 8 KiB 72-73 / 76-81. Prefill keeps T0: its weight chunks are re-read from L2 by
+// every group of 8 x rows.
+#ifndef MM_PF_DIST_DEC
+#define MM_PF_DIST_DEC 8192
+#endif
+ALWAYS_INLINE void dec_prefetch(const uint8_t *p, bool stream) {
+    if (stream) _mm_prefetch((const char *)p + MM_PF_DIST_DEC, _MM_HINT_NTA);
+    else _mm_prefetch((const char *)p + MM_PF_DIST, _MM_HINT_T0);
+}
 
 #define DEC_NACC 5 // accumulators per x row of dec_row_quant
 
@@ -419,15 +455,15 @@ ALWAYS_INLINE __m512i dec_load64(const uint8_t *p, bool full, int64_t valid) {
 //         vpermt2w.
 // s = d_w * d_x for the 8 blocks (ymm) is expanded to the lanes of each dot vector with vpermps;
 // the zero-point correction (cx) is one 8-lane FMA.
-ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, const uint8_t *p, bool full, int64_t valid, int64_t b,
+ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, bool stream, const uint8_t *p, bool full, int64_t valid, int64_t b,
                                   const uint8_t *xp, size_t xs, int64_t nbp, __m512 acc[][DEC_NACC]) {
     // FMA chains per x row: 5 when R <= 2 (a step is shorter than 4 dependent FMAs), else 2.
     const int na = R <= 2 ? DEC_NACC : 2, ac = na == DEC_NACC ? 4 : 1; // ac: the accumulator of the cx FMA
     const bool q8 = T == COOPT_DTYPE_Q8_0;
-    dec_prefetch(p);
-    dec_prefetch(p + 64);
-    dec_prefetch(p + 128);
-    if (q8) dec_prefetch(p + 192);
+    dec_prefetch(p, stream);
+    dec_prefetch(p + 64, stream);
+    dec_prefetch(p + 128, stream);
+    if (q8) dec_prefetch(p + 192, stream);
     __m512i wv[4]; // unsigned weights: Q8_0 w + 128 (4 vectors); Q4_0 lo, hi nibbles of 2 vectors
     __m256  dw;
     if (q8) {
@@ -496,9 +532,9 @@ ALWAYS_INLINE void dec_step_quant(enum coopt_dtype T, int R, const uint8_t *p, b
     }
 }
 
-// out[r * ldo] = W row . x row r, r < R, for one quantized weight row of nb blocks.
-ALWAYS_INLINE void dec_row_quant(enum coopt_dtype T, int R, const uint8_t *w, int64_t nb, const uint8_t *xp,
-                                 size_t xs, float *out, int64_t ldo) {
+// out[r * ldo] = W row . x row r, r < R, for one quantized weight row of nb blocks (stored by dec_store).
+ALWAYS_INLINE void dec_row_quant(enum coopt_dtype T, int R, bool stream, const uint8_t *w, int64_t nb, const uint8_t *xp,
+                                 size_t xs, float *out, int64_t ldo, const float *bias, bool add) {
     const int64_t nbp = (nb + 7) / 8 * 8;
     const int64_t sb  = T == COOPT_DTYPE_Q8_0 ? 8 * 34 : 8 * 18; // bytes per step of 8 blocks
     __m512        acc[MM_DEC_MAX][DEC_NACC];
@@ -507,13 +543,13 @@ ALWAYS_INLINE void dec_row_quant(enum coopt_dtype T, int R, const uint8_t *w, in
 #pragma GCC unroll 8
         for (int a = 0; a < DEC_NACC; a++) acc[r][a] = _mm512_setzero_ps();
     int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) dec_step_quant(T, R, w + b / 8 * sb, true, 0, b, xp, xs, nbp, acc);
-    if (b < nb) dec_step_quant(T, R, w + b / 8 * sb, false, (nb - b) * (sb / 8), b, xp, xs, nbp, acc);
+    for (; b + 8 <= nb; b += 8) dec_step_quant(T, R, stream, w + b / 8 * sb, true, 0, b, xp, xs, nbp, acc);
+    if (b < nb) dec_step_quant(T, R, stream, w + b / 8 * sb, false, (nb - b) * (sb / 8), b, xp, xs, nbp, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
         __m512 t = _mm512_add_ps(acc[r][0], acc[r][1]);
         if (R <= 2) t = _mm512_add_ps(_mm512_add_ps(t, acc[r][2]), _mm512_add_ps(acc[r][3], acc[r][4]));
-        out[r * ldo] = _mm512_reduce_add_ps(t);
+        dec_store(&out[r * ldo], _mm512_reduce_add_ps(t), bias, add);
     }
 }
 
@@ -531,8 +567,8 @@ ALWAYS_INLINE void dec_step_float(enum coopt_dtype T, int R, int C, const uint8_
 #pragma GCC unroll 4
     for (int c = 0; c < C; c++) {
         const uint8_t *p = w + c * ws + i * eb;
-        dec_prefetch(p);
-        if (eb == 4) dec_prefetch(p + 64);
+        _mm_prefetch((const char *)p + MM_FPF_DIST, MM_FPF_HINT);
+        if (eb == 4) _mm_prefetch((const char *)p + 64 + MM_FPF_DIST, MM_FPF_HINT);
         switch (T) {
         case COOPT_DTYPE_F32:
             w0[c] = full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m0, p);
@@ -574,10 +610,10 @@ ALWAYS_INLINE void dec_step_float(enum coopt_dtype T, int R, int C, const uint8_
     }
 }
 
-// Float weights: C rows at w (ws bytes apart) at once -- C streams keep more DRAM requests in
-// flight than one -- with 2 accumulators per (x row, weight row), 1 when R * C >= 8.
+// Float weights: C rows at w (ws bytes apart) at once (each x vector load serves C weight rows)
+// with 2 accumulators per (x row, weight row), 1 when R * C >= 8.
 ALWAYS_INLINE void dec_row_float(enum coopt_dtype T, int R, int C, const uint8_t *w, size_t ws, int64_t n_in,
-                                 const float *x, size_t xs, float *out, int64_t ldo) {
+                                 const float *x, size_t xs, float *out, int64_t ldo, const float *bias, bool add) {
     __m512 acc[MM_DEC_MAX][4][2];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
@@ -590,7 +626,9 @@ ALWAYS_INLINE void dec_row_float(enum coopt_dtype T, int R, int C, const uint8_t
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int c = 0; c < C; c++)
-            out[r * ldo + c] = _mm512_reduce_add_ps(R * C >= 8 ? acc[r][c][0] : _mm512_add_ps(acc[r][c][0], acc[r][c][1]));
+            dec_store(&out[r * ldo + c],
+                      _mm512_reduce_add_ps(R * C >= 8 ? acc[r][c][0] : _mm512_add_ps(acc[r][c][0], acc[r][c][1])),
+                      bias ? bias + c : NULL, add);
 }
 
 // x rows [r0, r0 + R) against weight rows [o0, o1).
@@ -602,18 +640,24 @@ ALWAYS_INLINE void dec_rows(enum coopt_dtype T, int R, const struct dec_ctx *dc,
     const uint8_t *xp  = (const uint8_t *)(plain ? (const void *)dc->x : dc->xp) + (size_t)r0 * dc->x_stride;
     float         *out = dc->out + (size_t)r0 * (size_t)ldo;
     const size_t   rb  = dc->row_bytes;
+    const float   *bias = w->bias;
+    const bool     add  = dc->add;
     if (T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0) {
         for (int64_t o = o0; o < o1; o++)
-            dec_row_quant(T, R, base + (size_t)o * rb, w->n_in / COOPT_QK, xp, dc->x_stride, out + o, ldo);
+            dec_row_quant(T, R, dc->n_rows <= MM_DEC_MAX, base + (size_t)o * rb, w->n_in / COOPT_QK, xp, dc->x_stride, out + o, ldo,
+                          bias ? bias + o : NULL, add);
         return;
     }
-    // weight rows at once: more streams in flight, and each x vector load serves C weight rows
-    const int C = R <= 4 ? 4 : 2;
+    // weight rows at once for 2+ x rows (each x vector load serves C weight rows); one row at a
+    // time for one x row (a single stream per thread, see MM_FC1)
+    const int C = R == 1 ? MM_FC1 : R <= 4 ? MM_FC : 2;
     int64_t   o = o0;
     for (; o + C <= o1; o += C)
-        dec_row_float(T, R, C, base + (size_t)o * rb, rb, w->n_in, (const float *)xp, dc->x_stride, out + o, ldo);
+        dec_row_float(T, R, C, base + (size_t)o * rb, rb, w->n_in, (const float *)xp, dc->x_stride, out + o, ldo,
+                      bias ? bias + o : NULL, add);
     for (; o < o1; o++)
-        dec_row_float(T, R, 1, base + (size_t)o * rb, rb, w->n_in, (const float *)xp, dc->x_stride, out + o, ldo);
+        dec_row_float(T, R, 1, base + (size_t)o * rb, rb, w->n_in, (const float *)xp, dc->x_stride, out + o, ldo,
+                      bias ? bias + o : NULL, add);
 }
 
 // All x rows, in groups of MM_DEC_MAX, against weight rows [o0, o1) (which stay in L2 between groups).
@@ -639,21 +683,46 @@ DEC_FN(dec_bf16, COOPT_DTYPE_BF16)
 DEC_FN(dec_q8_0, COOPT_DTYPE_Q8_0)
 DEC_FN(dec_q4_0, COOPT_DTYPE_Q4_0)
 
+typedef void dec_fn(const struct dec_ctx *, int64_t, int64_t);
+
+static dec_fn *dec_fn_of(enum coopt_dtype t) {
+    switch (t) {
+    case COOPT_DTYPE_F32: return dec_f32;
+    case COOPT_DTYPE_F16: return dec_f16;
+    case COOPT_DTYPE_BF16: return dec_bf16;
+    case COOPT_DTYPE_Q8_0: return dec_q8_0;
+    default: return dec_q4_0;
+    }
+}
+
 static void dec_task(void *ctx, int32_t ith, int32_t nth) {
     struct dec_ctx *dc = ctx;
-    void (*fn)(const struct dec_ctx *, int64_t, int64_t);
-    switch (dc->w->dtype) {
-    case COOPT_DTYPE_F32: fn = dec_f32; break;
-    case COOPT_DTYPE_F16: fn = dec_f16; break;
-    case COOPT_DTYPE_BF16: fn = dec_bf16; break;
-    case COOPT_DTYPE_Q8_0: fn = dec_q8_0; break;
-    default: fn = dec_q4_0; break;
-    }
+    dec_fn         *fn = dec_fn_of(dc->w->dtype);
     for (;;) {
         int64_t c = atomic_fetch_add_explicit(&dc->next, 1, memory_order_relaxed);
         if (c >= dc->n_chunks) break;
         int64_t o0 = c * dc->chunk;
         fn(dc, o0, COOPT_MIN(dc->w->n_out, o0 + dc->chunk));
+    }
+}
+
+// Bytes per prepared x row (0: the kernels read x as given).
+static size_t dec_x_stride(const struct coopt_weight *w) {
+    switch (w->dtype) {
+    case COOPT_DTYPE_Q8_0:
+    case COOPT_DTYPE_Q4_0: return dec_q_stride(w->n_in);
+    case COOPT_DTYPE_BF16: return dec_bf16_stride(w->n_in);
+    default: return 0;
+    }
+}
+
+static void dec_prep_rows(const struct coopt_weight *w, const float *x, int64_t r_lo, int64_t r_hi, uint8_t *xp) {
+    size_t xs = dec_x_stride(w);
+    for (int64_t r = r_lo; r < r_hi; r++) {
+        const float *xr = x + (size_t)r * (size_t)w->n_in;
+        uint8_t     *dr = xp + (size_t)r * xs;
+        if (w->dtype == COOPT_DTYPE_BF16) dec_prep_bf16(xr, w->n_in, dr);
+        else dec_prep_quant(w->dtype, xr, w->n_in, dr);
     }
 }
 
@@ -663,16 +732,21 @@ struct dec_prep_ctx {
 };
 
 static void dec_prep_task(void *ctx, int32_t ith, int32_t nth) {
-    struct dec_prep_ctx       *pc = ctx;
-    const struct coopt_weight *w  = pc->dc->w;
-    int64_t                    lo, hi;
+    struct dec_prep_ctx *pc = ctx;
+    int64_t              lo, hi;
     coopt_split_range(pc->dc->n_rows, ith, nth, &lo, &hi);
-    for (int64_t r = lo; r < hi; r++) {
-        const float *xr = pc->dc->x + (size_t)r * (size_t)w->n_in;
-        uint8_t     *dr = pc->xp + (size_t)r * pc->dc->x_stride;
-        if (w->dtype == COOPT_DTYPE_BF16) dec_prep_bf16(xr, w->n_in, dr);
-        else dec_prep_quant(w->dtype, xr, w->n_in, dr);
-    }
+    dec_prep_rows(pc->dc->w, pc->dc->x, lo, hi, pc->xp);
+}
+
+// Weight rows per chunk of work: decode, contiguous chunks, ~4 per thread: long sequential
+// streams, yet a thread slowed by another process does not hold the call back by more than a
+// quarter of its share. More rows: chunks of <= 128 KiB of weights, which stay in L2 while every
+// group of x rows passes.
+static int64_t dec_chunk(const struct coopt_weight *w, int32_t n_rows, int32_t nth) {
+    size_t  row_bytes = coopt_dtype_row_bytes(w->dtype, w->n_in);
+    int64_t per       = (w->n_out + 4 * nth - 1) / (4 * nth);
+    if (n_rows > MM_DEC_MAX) per = COOPT_MIN(per, COOPT_MAX((int64_t)1, (int64_t)((128u << 10) / row_bytes)));
+    return COOPT_MAX((int64_t)(n_rows > MM_DEC_MAX ? 8 : 16), per);
 }
 
 // The AVX-512 matmul for any n_rows: x rows in groups of up to 8 share each weight row read.
@@ -682,28 +756,61 @@ static void cpu_matmul_avx512(struct coopt_backend *be, float *out, const float 
     int32_t             nth = coopt_threadpool_n_threads(cb->tp);
     struct dec_ctx      dc  = {.out = out, .x = x, .w = w, .n_rows = n_rows, .x_stride = (size_t)w->n_in * sizeof(float)};
     dc.row_bytes            = coopt_dtype_row_bytes(w->dtype, w->n_in);
-    if (w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0 || w->dtype == COOPT_DTYPE_BF16) {
-        dc.x_stride = w->dtype == COOPT_DTYPE_BF16 ? dec_bf16_stride(w->n_in) : dec_q_stride(w->n_in);
+    if (dec_x_stride(w) > 0) {
+        dc.x_stride = dec_x_stride(w);
         struct dec_prep_ctx pc = {.dc = &dc, .xp = cpu_scratch(be, dc.x_stride * (size_t)n_rows)};
         if (n_rows >= 4 * nth) coopt_threadpool_run(cb->tp, dec_prep_task, &pc);
         else dec_prep_task(&pc, 0, 1);
         dc.xp = pc.xp;
     }
-    // Decode: contiguous chunks, ~4 per thread: long sequential streams, yet a thread slowed by
-    // another process does not hold the call back by more than a quarter of its share. More
-    // rows: chunks of <= 128 KiB of weights, which stay in L2 while every group of x rows passes.
-    int64_t per = (w->n_out + 4 * nth - 1) / (4 * nth);
-    if (n_rows > MM_DEC_MAX) per = COOPT_MIN(per, COOPT_MAX((int64_t)1, (int64_t)((128u << 10) / dc.row_bytes)));
-    dc.chunk    = COOPT_MAX((int64_t)(n_rows > MM_DEC_MAX ? 8 : 16), per);
+    dc.chunk    = dec_chunk(w, n_rows, nth);
     dc.n_chunks = (w->n_out + dc.chunk - 1) / dc.chunk;
     atomic_init(&dc.next, 0);
     if (dc.n_chunks == 1 || nth == 1) dec_task(&dc, 0, 1);
     else coopt_threadpool_run(cb->tp, dec_task, &dc);
-    if (w->bias) {
-        for (int32_t r = 0; r < n_rows; r++)
-            for (int64_t o = 0; o < w->n_out; o++) out[(size_t)r * (size_t)w->n_out + (size_t)o] += w->bias[o];
-    }
 }
+
+// ---- the row kernel as building blocks of the fused ops (ops_cpu.h) ----
+
+bool cpu_mm_rows_ok(const struct coopt_weight *w, int32_t n_rows) {
+    // the choice cpu_matmul makes (F32 weights with 2..8 rows measured faster with the tiles)
+    bool quant_w = w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0;
+    return quant_w || n_rows == 1 || (n_rows <= MM_DEC_MAX && w->dtype != COOPT_DTYPE_F32);
+}
+
+size_t cpu_mm_rows_prep_bytes(const struct coopt_weight *w, int32_t n_rows) { return dec_x_stride(w) * (size_t)n_rows; }
+
+bool cpu_mm_rows_prep_shared(const struct coopt_weight *a, const struct coopt_weight *b) {
+    return a->dtype == b->dtype && a->n_in == b->n_in;
+}
+
+void cpu_mm_rows_prep(const struct coopt_weight *w, const float *x, int32_t r_lo, int32_t r_hi, void *xp) {
+    dec_prep_rows(w, x, r_lo, r_hi, xp);
+}
+
+void cpu_mm_rows_run(const struct coopt_weight *w, const float *x, const void *xp, int32_t n_rows, int64_t o0,
+                     int64_t o1, float *out, bool add) {
+    struct dec_ctx dc = {.out = out, .x = x, .xp = xp, .w = w, .n_rows = n_rows, .add = add};
+    dc.row_bytes      = coopt_dtype_row_bytes(w->dtype, w->n_in);
+    dc.x_stride       = dec_x_stride(w) > 0 ? dec_x_stride(w) : (size_t)w->n_in * sizeof(float);
+    dec_fn_of(w->dtype)(&dc, o0, o1);
+}
+
+int64_t cpu_mm_rows_chunk(const struct coopt_weight *w, int32_t n_rows, int32_t nth) { return dec_chunk(w, n_rows, nth); }
+
+#else
+
+bool cpu_mm_rows_ok(const struct coopt_weight *w, int32_t n_rows) { return false; }
+size_t cpu_mm_rows_prep_bytes(const struct coopt_weight *w, int32_t n_rows) { return 0; }
+bool cpu_mm_rows_prep_shared(const struct coopt_weight *a, const struct coopt_weight *b) { return false; }
+void cpu_mm_rows_prep(const struct coopt_weight *w, const float *x, int32_t r_lo, int32_t r_hi, void *xp) {
+    coopt_abort(__FILE__, __LINE__, "cpu_mm_rows_prep: no row kernel in this build");
+}
+void cpu_mm_rows_run(const struct coopt_weight *w, const float *x, const void *xp, int32_t n_rows, int64_t o0,
+                     int64_t o1, float *out, bool add) {
+    coopt_abort(__FILE__, __LINE__, "cpu_mm_rows_run: no row kernel in this build");
+}
+int64_t cpu_mm_rows_chunk(const struct coopt_weight *w, int32_t n_rows, int32_t nth) { return 1; }
 
 #endif // MM_DEC_AVX512
 
@@ -816,8 +923,7 @@ void cpu_matmul(struct coopt_backend *be, float *out, const float *x, const stru
     // Prefill of quantized weights also takes this path (int8 x of 8 rows fits L1); float x of 8
     // rows does not, so float prefill stays with the k-sliced tiles below.
     // F32 weights with 2..8 rows measured faster with the tiles (x rows of 16 KiB per 4096 f32).
-    bool quant_w = w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0;
-    if (quant_w || n_rows == 1 || (n_rows <= MM_DEC_MAX && w->dtype != COOPT_DTYPE_F32)) {
+    if (cpu_mm_rows_ok(w, n_rows)) {
         cpu_matmul_avx512(be, out, x, w, n_rows);
         return;
     }

@@ -55,13 +55,22 @@
 #define SUB COOPT_GPTQ_SUB
 #define BLK COOPT_GPTQ_BLK
 
-// Quantized activations of the rows of one call.
+// Quantized activations of the rows of one call, and how the call stores its outputs.
 struct gptq_act {
-    int8_t *xq;     // [n_rows][k_pad] int8, rows of each octet in order 0,2,4,6,1,3,5,7
-    float  *xd;     // [n_rows][nblk] scale of each 32-row block
-    float  *S;      // [n_rows][n_groups] sum_b d_b * sum(xq in b) over the group's blocks
-    int64_t nblk;
+    int8_t      *xq;   // [n_rows][k_pad] int8, rows of each octet in order 0,2,4,6,1,3,5,7
+    float       *xd;   // [n_rows][nblk] scale of each 32-row block
+    float       *S;    // [n_rows][n_groups] sum_b d_b * sum(xq in b) over the group's blocks
+    int64_t      nblk;
+    const float *bias; // [n_out] added to every output row, or NULL
+    bool         add;  // out = out + (x·W + bias) (the residual add), else out = x·W + bias
 };
+
+// Stores one output value: v (+ bias), added to what out holds when a->add -- in the order the
+// composed ops compute it (matmul, bias, then the residual add), so fused and composed agree.
+static inline float store_val(const struct gptq_act *a, const float *dst, int64_t o, float v) {
+    if (a->bias) v += a->bias[o];
+    return a->add ? *dst + v : v;
+}
 
 // Quantizes row x [n_in] (through w->perm) into xq [k_pad], xd [nblk], S [n_groups].
 static void quantize_row(const struct coopt_gptq_weight *w, const float *x, int8_t *xq, float *xd, float *S) {
@@ -164,7 +173,7 @@ static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_a
                     }
                     acc = fmaf(-(s * z), S[g], acc);
                 }
-                out[r * w->n_out + o] = acc;
+                out[r * w->n_out + o] = store_val(a, &out[r * w->n_out + o], o, acc);
             }
         }
     }
@@ -186,6 +195,15 @@ static void kernel_scalar(const struct coopt_gptq_weight *w, const struct gptq_a
 #endif
 
 #if GPTQ_HAVE_AVX512
+// Stores the 16 outputs [o, o + 16) of one row (left: outputs that exist from o), as store_val.
+static inline __attribute__((always_inline)) void store512(const struct gptq_act *a, float *dst, int64_t o,
+                                                           int64_t left, __m512 v) {
+    const __mmask16 m = left >= SUB ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    if (a->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, a->bias + o));
+    if (a->add) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), v);
+    _mm512_mask_storeu_ps(dst, m, v);
+}
+
 // NC subtiles x R rows starting at subtile t0 and row r0. NC * R <= 8 keeps everything in the
 // 32 zmm registers (R*NC int + R*NC f32 accumulators, NC scales, 2*NC unpacked weights).
 static inline __attribute__((always_inline)) void k512(const struct coopt_gptq_weight *w,
@@ -241,12 +259,8 @@ static inline __attribute__((always_inline)) void k512(const struct coopt_gptq_w
     }
     for (int r = 0; r < R; r++) {
         for (int c = 0; c < NC; c++) {
-            int64_t o = (t0 + c) * SUB, left = w->n_out - o;
-            float  *dst = out + (r0 + r) * w->n_out + o;
-            if (left >= SUB)
-                _mm512_storeu_ps(dst, acc[r][c]);
-            else
-                _mm512_mask_storeu_ps(dst, (__mmask16)((1u << left) - 1), acc[r][c]);
+            int64_t o = (t0 + c) * SUB;
+            store512(a, out + (r0 + r) * w->n_out + o, o, w->n_out - o, acc[r][c]);
         }
     }
 }
@@ -306,11 +320,7 @@ static void k512_dec1(const struct coopt_gptq_weight *w, const struct gptq_act *
             accz = _mm512_fmadd_ps(sz, _mm512_set1_ps(S[g]), accz);
         }
         acc = _mm512_sub_ps(acc, accz);
-        int64_t o = t * SUB, left = w->n_out - o;
-        if (left >= SUB)
-            _mm512_storeu_ps(out + o, acc);
-        else
-            _mm512_mask_storeu_ps(out + o, (__mmask16)((1u << left) - 1), acc);
+        store512(a, out + t * SUB, t * SUB, w->n_out - t * SUB, acc);
     }
 }
 
@@ -403,14 +413,14 @@ static inline __attribute__((always_inline)) void k256(const struct coopt_gptq_w
     for (int r = 0; r < R; r++) {
         int64_t o = t0 * SUB, left = w->n_out - o;
         float  *dst = out + (r0 + r) * w->n_out + o;
-        if (left >= SUB) {
+        if (left >= SUB && !a->bias && !a->add) {
             _mm256_storeu_ps(dst, acc[r][0]);
             _mm256_storeu_ps(dst + 8, acc[r][1]);
         } else {
             float tmp[SUB];
             _mm256_storeu_ps(tmp, acc[r][0]);
             _mm256_storeu_ps(tmp + 8, acc[r][1]);
-            memcpy(dst, tmp, (size_t)left * sizeof(float));
+            for (int64_t j = 0; j < COOPT_MIN(left, (int64_t)SUB); j++) dst[j] = store_val(a, &dst[j], o + j, tmp[j]);
         }
     }
 }
@@ -447,38 +457,87 @@ bool coopt_gptq_isa_available(enum coopt_gptq_isa isa) {
     return false;
 }
 
-struct gptq_task {
-    const struct coopt_gptq_weight *w;
-    const struct gptq_act          *a;
-    float                          *out;
-    int64_t                         n_rows;
-    enum coopt_gptq_isa             isa;
-    int64_t                         chunk, n_chunks; // subtiles per claimed chunk, chunk count
-    atomic_int_fast64_t             next;            // next chunk to claim
-};
+static enum coopt_gptq_isa isa_resolve(enum coopt_gptq_isa isa) {
+    if (isa == COOPT_GPTQ_ISA_AUTO || !coopt_gptq_isa_available(isa))
+        isa = GPTQ_HAVE_AVX512 ? COOPT_GPTQ_ISA_AVX512VNNI : GPTQ_HAVE_AVX2 ? COOPT_GPTQ_ISA_AVX2 : COOPT_GPTQ_ISA_SCALAR;
+    return isa;
+}
+
+// Prepared activations of n_rows rows in one buffer: xq [n_rows][k_pad], xd [n_rows][nblk], S [n_rows][n_groups].
+size_t coopt_gptq_act_bytes(const struct coopt_gptq_weight *w, int32_t n_rows) {
+    size_t bytes = (size_t)n_rows * ((size_t)w->k_pad + 4 * (size_t)(w->k_pad / BLK) + 4 * (size_t)w->n_groups);
+    return (bytes + 63) & ~(size_t)63;
+}
+
+static struct gptq_act act_view(const struct coopt_gptq_weight *w, const void *buf, int32_t n_rows) {
+    struct gptq_act a = {0};
+    a.nblk            = w->k_pad / BLK;
+    a.xq              = (int8_t *)buf;
+    a.xd              = (float *)((char *)buf + (size_t)n_rows * (size_t)w->k_pad);
+    a.S               = a.xd + (size_t)n_rows * (size_t)a.nblk;
+    return a;
+}
+
+bool coopt_gptq_act_shared(const struct coopt_gptq_weight *a, const struct coopt_gptq_weight *b) {
+    if (a == b) return true;
+    if (a->perm || b->perm) return false; // act-order: each weight has its own row order
+    return a->n_in == b->n_in && a->k_pad == b->k_pad && a->n_groups == b->n_groups &&
+           memcmp(a->grp_blk, b->grp_blk, ((size_t)a->n_groups + 1) * sizeof(*a->grp_blk)) == 0;
+}
+
+void coopt_gptq_act_prepare(const struct coopt_gptq_weight *w, const float *x, int32_t n_rows, int32_t r_lo,
+                            int32_t r_hi, void *buf, enum coopt_gptq_isa isa) {
+    isa                = isa_resolve(isa);
+    struct gptq_act a  = act_view(w, buf, n_rows);
+    void (*quant)(const struct coopt_gptq_weight *, const float *, int8_t *, float *, float *) = quantize_row;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (isa != COOPT_GPTQ_ISA_SCALAR) quant = quantize_row_avx512; // the scalar isa keeps checking quantize_row
+#endif
+    for (int64_t r = r_lo; r < r_hi; r++)
+        quant(w, x + r * w->n_in, a.xq + r * w->k_pad, a.xd + r * a.nblk, a.S + r * w->n_groups);
+}
 
 #define ROW_BLOCK 8 // rows per weight-tile pass in prefill
 
-// Subtiles [t_lo, t_hi) for all rows.
-static void gptq_run_range(const struct gptq_task *k, int64_t t_lo, int64_t t_hi) {
+void coopt_gptq_run(const struct coopt_gptq_weight *w, const void *act, int32_t n_rows, int64_t t_lo, int64_t t_hi,
+                    float *out, const float *bias, bool add, enum coopt_gptq_isa isa) {
+    isa               = isa_resolve(isa);
+    struct gptq_act a = act_view(w, act, n_rows);
+    a.bias            = bias;
+    a.add             = add;
     // Subtile panels of a few subtiles outermost so their weights stay in L2 over all row blocks.
-    const int64_t panel = k->n_rows > ROW_BLOCK ? 4 : t_hi - t_lo;
+    const int64_t panel = n_rows > ROW_BLOCK ? 4 : t_hi - t_lo;
     for (int64_t p = t_lo; p < t_hi; p += panel) {
         int64_t p_hi = COOPT_MIN(t_hi, p + panel);
-        for (int64_t r0 = 0; r0 < k->n_rows; r0 += ROW_BLOCK) {
-            int nr = (int)COOPT_MIN(ROW_BLOCK, k->n_rows - r0);
-            switch (k->isa) {
+        for (int64_t r0 = 0; r0 < n_rows; r0 += ROW_BLOCK) {
+            int nr = (int)COOPT_MIN(ROW_BLOCK, n_rows - r0);
+            switch (isa) {
 #if GPTQ_HAVE_AVX512
-            case COOPT_GPTQ_ISA_AVX512VNNI: run512(k->w, k->a, r0, nr, p, p_hi, k->out); break;
+            case COOPT_GPTQ_ISA_AVX512VNNI: run512(w, &a, r0, nr, p, p_hi, out); break;
 #endif
 #if GPTQ_HAVE_AVX2
-            case COOPT_GPTQ_ISA_AVX2: run256(k->w, k->a, r0, nr, p, p_hi, k->out); break;
+            case COOPT_GPTQ_ISA_AVX2: run256(w, &a, r0, nr, p, p_hi, out); break;
 #endif
-            default: kernel_scalar(k->w, k->a, r0, nr, p, p_hi, k->out); break;
+            default: kernel_scalar(w, &a, r0, nr, p, p_hi, out); break;
             }
         }
     }
 }
+
+int64_t coopt_gptq_chunk(const struct coopt_gptq_weight *w, int32_t nth) {
+    // ~4 chunks per thread, each a multiple of 4 subtiles (the widest kernel's width)
+    return COOPT_MAX((int64_t)4, (w->n_sub + 4 * nth - 1) / (4 * nth) + 3) / 4 * 4;
+}
+
+struct gptq_task {
+    const struct coopt_gptq_weight *w;
+    const void                     *act;
+    float                          *out;
+    int32_t                         n_rows;
+    enum coopt_gptq_isa             isa;
+    int64_t                         chunk, n_chunks; // subtiles per claimed chunk, chunk count
+    atomic_int_fast64_t             next;            // next chunk to claim
+};
 
 // Threads claim contiguous chunks of subtiles from an atomic counter, so a thread slowed by
 // another process does not hold the call back by more than one chunk.
@@ -489,7 +548,7 @@ static void gptq_task_fn(void *ctx, int32_t ith, int32_t nth) {
         int64_t c = atomic_fetch_add_explicit(&k->next, 1, memory_order_relaxed);
         if (c >= k->n_chunks) break;
         int64_t t0 = c * k->chunk;
-        gptq_run_range(k, t0, COOPT_MIN(k->w->n_sub, t0 + k->chunk));
+        coopt_gptq_run(k->w, k->act, k->n_rows, t0, COOPT_MIN(k->w->n_sub, t0 + k->chunk), k->out, NULL, false, k->isa);
     }
 }
 
@@ -497,33 +556,17 @@ enum coopt_status coopt_gptq_matmul_cpu_isa(struct coopt_threadpool *tp, float *
                                             const struct coopt_gptq_weight *w, int32_t n_rows,
                                             enum coopt_gptq_isa isa) {
     if (n_rows <= 0) return COOPT_OK;
-    if (isa == COOPT_GPTQ_ISA_AUTO || !coopt_gptq_isa_available(isa))
-        isa = GPTQ_HAVE_AVX512 ? COOPT_GPTQ_ISA_AVX512VNNI : GPTQ_HAVE_AVX2 ? COOPT_GPTQ_ISA_AVX2 : COOPT_GPTQ_ISA_SCALAR;
+    isa = isa_resolve(isa);
     // Scratch: a stack buffer covers decode of every model we target; prefill allocates (its cost
     // is amortized over n_rows * n_out * n_in work).
-    struct gptq_act a;
-    a.nblk = w->k_pad / BLK;
-    size_t row_bytes = (size_t)w->k_pad + 4 * (size_t)a.nblk + 4 * (size_t)w->n_groups;
-    row_bytes = (row_bytes + 63) & ~(size_t)63;
-    size_t need = row_bytes * (size_t)n_rows;
+    size_t need = coopt_gptq_act_bytes(w, n_rows);
     _Alignas(64) unsigned char stack[32768];
     unsigned char *buf = need <= sizeof(stack) ? stack : coopt_malloc(need);
     if (!buf) return COOPT_ERR_NOMEM;
-    a.xq = (int8_t *)buf;
-    a.xd = (float *)(buf + (size_t)n_rows * (size_t)w->k_pad);
-    a.S = a.xd + (size_t)n_rows * (size_t)a.nblk;
-    void (*quant)(const struct coopt_gptq_weight *, const float *, int8_t *, float *, float *) = quantize_row;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    if (isa != COOPT_GPTQ_ISA_SCALAR) quant = quantize_row_avx512; // the scalar isa keeps checking quantize_row
-#endif
-    for (int32_t r = 0; r < n_rows; r++)
-        quant(w, x + (int64_t)r * w->n_in, a.xq + (int64_t)r * w->k_pad, a.xd + (int64_t)r * a.nblk,
-                     a.S + (int64_t)r * w->n_groups);
-    struct gptq_task task = {w, &a, out, n_rows, isa, 0, 0, 0};
-    // ~4 chunks per thread, each a multiple of 4 subtiles (the decode kernel's width).
-    int32_t nth = tp ? coopt_threadpool_n_threads(tp) : 1;
-    task.chunk    = COOPT_MAX((int64_t)4, (w->n_sub + 4 * nth - 1) / (4 * nth) + 3) / 4 * 4;
-    task.n_chunks = (w->n_sub + task.chunk - 1) / task.chunk;
+    coopt_gptq_act_prepare(w, x, n_rows, 0, n_rows, buf, isa);
+    int32_t          nth  = tp ? coopt_threadpool_n_threads(tp) : 1;
+    struct gptq_task task = {w, buf, out, n_rows, isa, coopt_gptq_chunk(w, nth), 0, 0};
+    task.n_chunks         = (w->n_sub + task.chunk - 1) / task.chunk;
     atomic_init(&task.next, 0);
     if (tp && nth > 1 && task.n_chunks > 1)
         coopt_threadpool_run(tp, gptq_task_fn, &task);

@@ -2,8 +2,9 @@
  * ops_cpu.c -- the fast CPU ops table and coopt_cpu_backend_init().
  *
  * Element-wise ops split their range over the thread pool when it is large enough to pay for a
- * dispatch (~1-2 us) and use AVX-512 where it matters; matmul and attention live in
- * matmul_cpu.c and attn_cpu.c. The memory and KV-pool ops are shared with the reference table
+ * dispatch (~1-2 us) and use AVX-512 where it matters; the matmuls live in matmul_fused.c
+ * (plain and fused, over the kernels of matmul_cpu.c and matmul_gptq.c), attention in
+ * attn_cpu.c. The memory and KV-pool ops are shared with the reference table
  * (ops_cpu_ref.c), as are the K/V row conversion and the RoPE angle computation, so the fused
  * write path stores bit-identical cache contents in both tables.
  */
@@ -11,7 +12,6 @@
 #include "cpu/simd.h"
 
 #include "dtype.h"
-#include "gptq.h"
 #include "util.h"
 
 #include <math.h>
@@ -205,22 +205,30 @@ struct ew_ctx {
     int64_t      n;
 };
 
+// Every element goes through the same operations wherever a range starts or ends (the tail
+// is a masked vector), so any split of a silu_mul gives bit-identical results.
+void cpu_silu_mul(float *out, const float *gate, const float *up, int64_t n) {
+#if defined(__AVX512F__)
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = simd_mask16(n - i);
+        __m512    g = _mm512_maskz_loadu_ps(m, gate + i), u = _mm512_maskz_loadu_ps(m, up + i);
+        __m512    e = simd_exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_mask_storeu_ps(out + i, m,
+                              _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u));
+    }
+#else
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i]  = g / (1.0f + expf(-g)) * up[i];
+    }
+#endif
+}
+
 static void silu_mul_task(void *ctx, int32_t ith, int32_t nth) {
     struct ew_ctx *c = ctx;
     int64_t        lo, hi;
     coopt_split_range(c->n, ith, nth, &lo, &hi);
-    int64_t i = lo;
-#if defined(__AVX512F__)
-    for (; i + 16 <= hi; i += 16) {
-        __m512 g = _mm512_loadu_ps(c->a + i), u = _mm512_loadu_ps(c->b + i);
-        __m512 e = simd_exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        _mm512_storeu_ps(c->out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u));
-    }
-#endif
-    for (; i < hi; i++) {
-        float g    = c->a[i];
-        c->out[i]  = g / (1.0f + expf(-g)) * c->b[i];
-    }
+    cpu_silu_mul(c->out + lo, c->a + lo, c->b + lo, hi - lo);
 }
 
 static void silu_mul_fast(struct coopt_backend *be, float *out, const float *gate, const float *up, int64_t n) {
@@ -248,20 +256,6 @@ static void get_rows_fast(struct coopt_backend *be, float *out, const float *x, 
         memmove(out + (size_t)j * dim, x + (size_t)rows[j] * dim, (size_t)dim * sizeof(float));
 }
 
-// GPTQ int4 weights go to their own kernels (matmul_gptq.c); everything else to cpu_matmul.
-static void matmul_fast(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
-                        int32_t n_rows) {
-    if (w->dtype != COOPT_DTYPE_Q4_GPTQ) {
-        cpu_matmul(be, out, x, w, n_rows);
-        return;
-    }
-    struct cpu_backend *cb = be->impl;
-    COOPT_ASSERT(coopt_gptq_matmul_cpu(cb->tp, out, x, w->gptq, n_rows) == COOPT_OK);
-    if (w->bias)
-        for (int32_t r = 0; r < n_rows; r++)
-            for (int64_t o = 0; o < w->n_out; o++) out[(size_t)r * (size_t)w->n_out + (size_t)o] += w->bias[o];
-}
-
 const struct coopt_ops coopt_cpu_fast_ops = {
     .name            = "cpu",
     .alloc           = cpu_alloc,
@@ -271,13 +265,16 @@ const struct coopt_ops coopt_cpu_fast_ops = {
     .sync            = cpu_sync,
     .embed           = embed_fast,
     .rmsnorm         = rmsnorm_fast,
-    .matmul          = matmul_fast,
+    .matmul          = cpu_matmul_fused,
     .rope            = rope_fast,
     .rope_store      = rope_store_fast,
     .attention       = cpu_attention,
     .silu_mul        = silu_mul_fast,
     .add             = add_fast,
     .get_rows        = get_rows_fast,
+    .matmul_multi    = cpu_matmul_multi,
+    .matmul_swiglu   = cpu_matmul_swiglu,
+    .matmul_add      = cpu_matmul_add,
     .kv_pool_init    = cpu_kv_pool_init,
     .kv_pool_free    = cpu_kv_pool_free,
     .kv_pool_release = cpu_kv_pool_release,

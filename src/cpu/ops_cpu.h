@@ -10,6 +10,7 @@
 #include "backend.h"
 #include "cpu/threads.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,6 +20,8 @@ struct cpu_backend {
     size_t                   scratch_bytes;
     void                    *attn_scratch;  // attention split-K partials and work plan (attn_cpu.c)
     size_t                   attn_scratch_bytes;
+    float                   *fused_tmp;     // matmul_add composed from matmul + add (matmul_fused.c)
+    size_t                   fused_tmp_bytes;
 };
 
 extern const struct coopt_ops coopt_cpu_ref_ops;
@@ -61,6 +64,32 @@ void *cpu_scratch(struct coopt_backend *be, size_t n_bytes);
 // ---- fast kernels ----
 void cpu_matmul(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
                 int32_t n_rows);
+// out[i] = silu(gate[i]) * up[i] on the calling thread (out may alias gate or up).
+void cpu_silu_mul(float *out, const float *gate, const float *up, int64_t n);
+
+// The row kernel of cpu_matmul (matmul_cpu.c) as building blocks for the fused ops:
+// whether it takes w at n_rows in this build (else cpu_matmul uses its tiles), the bytes of x
+// prepared for it (0: x is read as given), whether two weights read the same prepared x, the
+// preparation of rows [r_lo, r_hi), output rows [o0, o1) of W for all x rows (stored as
+// x·W[o] + bias[o], added to out when `add`), and weight rows per chunk of work for nth threads.
+bool    cpu_mm_rows_ok(const struct coopt_weight *w, int32_t n_rows);
+size_t  cpu_mm_rows_prep_bytes(const struct coopt_weight *w, int32_t n_rows);
+bool    cpu_mm_rows_prep_shared(const struct coopt_weight *a, const struct coopt_weight *b);
+void    cpu_mm_rows_prep(const struct coopt_weight *w, const float *x, int32_t r_lo, int32_t r_hi, void *xp);
+void    cpu_mm_rows_run(const struct coopt_weight *w, const float *x, const void *xp, int32_t n_rows, int64_t o0,
+                        int64_t o1, float *out, bool add);
+int64_t cpu_mm_rows_chunk(const struct coopt_weight *w, int32_t n_rows, int32_t nth);
+
+// The fused matmul ops (matmul_fused.c), with the contracts of backend.h; cpu_matmul_fused is
+// the plain matmul through the same path (GPTQ and the row kernel; cpu_matmul otherwise).
+void cpu_matmul_fused(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                      int32_t n_rows);
+void cpu_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
+                      const struct coopt_weight *const *ws, int32_t n_rows);
+void cpu_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const struct coopt_weight *wg,
+                       const struct coopt_weight *wu, int32_t n_rows);
+void cpu_matmul_add(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                    int32_t n_rows);
 void cpu_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                    const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale);
 

@@ -52,6 +52,7 @@ void cpu_destroy(struct coopt_backend *be) {
         coopt_threadpool_free(cb->tp);
         coopt_aligned_free(cb->scratch);
         coopt_aligned_free(cb->attn_scratch);
+        coopt_aligned_free(cb->fused_tmp);
         free(cb);
     }
     free(be);
