@@ -1,9 +1,11 @@
 /*
  * test_cuda_gptq.c -- GPTQ int4 on the CUDA backend (src/cuda/gptq.cu) against exact references:
- * every path (GEMV, tensor-core MMA with 64 and 128 tokens per block, dequantize + cuBLAS, the
- * automatic choice, the multi-weight GEMV) on random GPTQ checkpoints at odd and real shapes,
- * the committed fixtures of the independent Python packer, and whole models (`coopt synth`
- * GPTQ checkpoints loaded on cuda against the CPU scalar reference backend). Skips without a GPU.
+ * every path (f32 GEMV, int8 GEMV in several launch configurations and without programmatic
+ * dependent launch, tensor-core MMA with 16-128 tokens per block, dequantize + cuBLAS, the
+ * automatic choice, the multi-weight GEMVs) on random GPTQ checkpoints at odd and real shapes,
+ * the int8 GEMV against the CPU int8 kernels, the committed fixtures of the independent Python
+ * packer, and whole models (`coopt synth` GPTQ checkpoints loaded on cuda against the CPU scalar
+ * reference backend). Skips without a GPU.
  *
  * References are independent of the repacking: W[o][i] is dequantized straight from the
  * checkpoint tensors (qweight/qzeros/scales/g_idx by the format's definition), products summed
