@@ -44,44 +44,7 @@
 #ifdef COOPT_CUDA
 #include "cuda/cuda.h"
 
-struct cu_pair {
-    struct coopt_backend *cu, *ref;
-};
-
-// Creates both backends; returns false after SKIP (no GPU) or FAIL.
-static bool cu_pair_init(struct test_ctx *t, struct cu_pair *p) {
-    p->cu = p->ref = NULL;
-    if (coopt_cuda_device_count() <= 0) {
-        test_skip(t, "no CUDA device");
-        return false;
-    }
-    coopt_log_set_quiet(1);
-    if (coopt_cuda_backend_init(0, &p->cu) != COOPT_OK || coopt_cpu_backend_init(1, true, &p->ref) != COOPT_OK) {
-        test_fail(t, __FILE__, __LINE__, "backend init failed");
-        if (p->cu) p->cu->ops->destroy(p->cu);
-        return false;
-    }
-    return true;
-}
-
-static void cu_pair_free(struct cu_pair *p) {
-    if (p->cu) p->cu->ops->destroy(p->cu);
-    if (p->ref) p->ref->ops->destroy(p->ref);
-}
-
-// Device copy of n bytes of host memory (aborts the test binary on allocation failure: a GPU
-// that cannot hold a few MiB is broken).
-static void *dev_copy(struct coopt_backend *be, const void *src, size_t n) {
-    void *d = NULL;
-    COOPT_ASSERT(be->ops->alloc(be, n, &d) == COOPT_OK);
-    if (src) be->ops->upload(be, d, src, n);
-    return d;
-}
-
-static void dev_read(struct coopt_backend *be, void *dst, const void *src, size_t n) {
-    be->ops->download(be, dst, src, n);
-    be->ops->sync(be);
-}
+#include "test_cuda_util.h"
 
 static const enum coopt_dtype k_wtypes[] = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COOPT_DTYPE_BF16, COOPT_DTYPE_Q8_0,
                                             COOPT_DTYPE_Q4_0};

@@ -31,41 +31,7 @@
 #ifdef COOPT_CUDA
 #include "cuda/cuda.h"
 
-struct dec_pair {
-    struct coopt_backend *cu, *ref;
-};
-
-static bool dec_init(struct test_ctx *t, struct dec_pair *p) {
-    p->cu = p->ref = NULL;
-    if (coopt_cuda_device_count() <= 0) {
-        test_skip(t, "no CUDA device");
-        return false;
-    }
-    coopt_log_set_quiet(1);
-    if (coopt_cuda_backend_init(0, &p->cu) != COOPT_OK || coopt_cpu_backend_init(1, true, &p->ref) != COOPT_OK) {
-        test_fail(t, __FILE__, __LINE__, "backend init failed");
-        if (p->cu) p->cu->ops->destroy(p->cu);
-        return false;
-    }
-    return true;
-}
-
-static void dec_free(struct dec_pair *p) {
-    if (p->cu) p->cu->ops->destroy(p->cu);
-    if (p->ref) p->ref->ops->destroy(p->ref);
-}
-
-static void *dcopy(struct coopt_backend *be, const void *src, size_t n) {
-    void *d = NULL;
-    COOPT_ASSERT(be->ops->alloc(be, n, &d) == COOPT_OK);
-    if (src) be->ops->upload(be, d, src, n);
-    return d;
-}
-
-static void dread(struct coopt_backend *be, void *dst, const void *src, size_t n) {
-    be->ops->download(be, dst, src, n);
-    be->ops->sync(be);
-}
+#include "test_cuda_util.h"
 
 static bool is_q(enum coopt_dtype d) { return d == COOPT_DTYPE_Q8_0 || d == COOPT_DTYPE_Q4_0; }
 
@@ -89,8 +55,8 @@ static void tw_make(struct tw *w, struct coopt_backend *cu, uint64_t *s, enum co
     float *b = bias ? test_rand_array(s, n_out, -1, 1) : NULL;
     w->host  = (struct coopt_weight){.dtype = dt, .n_in = n_in, .n_out = n_out, .data = wq, .bias = b};
     w->dev   = w->host;
-    w->dev.data = dcopy(cu, wq, rb * n_out);
-    w->dev.bias = b ? dcopy(cu, b, (size_t)n_out * 4) : NULL;
+    w->dev.data = dev_copy(cu, wq, rb * n_out);
+    w->dev.bias = b ? dev_copy(cu, b, (size_t)n_out * 4) : NULL;
 }
 
 static void tw_free(struct tw *w, struct coopt_backend *cu) {
@@ -149,7 +115,7 @@ static bool near_rows(struct test_ctx *t, struct coopt_backend *cu, const float 
                       const double *tol, int64_t n_out, int32_t n_rows, const char *op, const char *what) {
     size_t n   = (size_t)n_out * n_rows;
     float *got = malloc(n * sizeof(float));
-    dread(cu, got, dgot, n * sizeof(float));
+    dev_read(cu, got, dgot, n * sizeof(float));
     bool ok = true;
     for (size_t k = 0; k < n && ok; k++) {
         if (!(fabs((double)got[k] - want[k]) <= tol[k])) {
@@ -174,17 +140,17 @@ static void swiglu_ref(const struct fref *f, size_t n, float *want, double *tol)
 // One shape: matmul_multi (3 weights), plain matmul (w2), matmul_swiglu (gate = w0, up = w1 when
 // their n_out match) and matmul_add (w0 onto a random base), all against the reference matmul;
 // with_norm adds norm_matmul_multi / norm_matmul_swiglu against rmsnorm_ref then matmul_ref.
-static bool check_fused(struct test_ctx *t, struct dec_pair *p, uint64_t *s, enum coopt_dtype dt, int64_t n_in,
+static bool check_fused(struct test_ctx *t, struct cu_pair *p, uint64_t *s, enum coopt_dtype dt, int64_t n_in,
                         const int64_t n_out[3], int32_t n_rows, bool bias, bool with_norm) {
     struct coopt_backend *cu = p->cu, *ref = p->ref;
     struct tw             w[3];
     for (int i = 0; i < 3; i++) tw_make(&w[i], cu, s, dt, n_in, n_out[i], bias);
     float *x  = test_rand_array(s, (size_t)n_in * n_rows, -2, 2);
-    float *dx = dcopy(cu, x, (size_t)n_in * n_rows * 4);
+    float *dx = dev_copy(cu, x, (size_t)n_in * n_rows * 4);
     size_t no_max = (size_t)fmax(fmax(n_out[0], n_out[1]), n_out[2]) * n_rows;
-    float *dout[3], *dtmp = dcopy(cu, NULL, no_max * 4), *sw = malloc(no_max * 4);
+    float *dout[3], *dtmp = dev_copy(cu, NULL, no_max * 4), *sw = malloc(no_max * 4);
     double *swt = malloc(no_max * sizeof(double));
-    for (int i = 0; i < 3; i++) dout[i] = dcopy(cu, NULL, (size_t)n_out[i] * n_rows * 4);
+    for (int i = 0; i < 3; i++) dout[i] = dev_copy(cu, NULL, (size_t)n_out[i] * n_rows * 4);
     struct fref f;
     fref_make(&f, ref, w, x, n_rows);
     char what[160];
@@ -218,7 +184,7 @@ static bool check_fused(struct test_ctx *t, struct dec_pair *p, uint64_t *s, enu
     }
     if (ok && with_norm) { // the same products of rmsnorm(x, g)
         float *g  = test_rand_array(s, (size_t)n_in, 0.5f, 1.5f), *xn = malloc((size_t)n_in * n_rows * 4);
-        float *dg = dcopy(cu, g, (size_t)n_in * 4), eps = 1e-5f;
+        float *dg = dev_copy(cu, g, (size_t)n_in * 4), eps = 1e-5f;
         ref->ops->rmsnorm(ref, xn, x, g, n_rows, (int32_t)n_in, eps);
         struct fref fn;
         fref_make(&fn, ref, w, xn, n_rows);
@@ -232,7 +198,7 @@ static bool check_fused(struct test_ctx *t, struct dec_pair *p, uint64_t *s, enu
         }
         // x itself is left alone
         float *xb = malloc((size_t)n_in * n_rows * 4);
-        dread(cu, xb, dx, (size_t)n_in * n_rows * 4);
+        dev_read(cu, xb, dx, (size_t)n_in * n_rows * 4);
         if (ok && memcmp(xb, x, (size_t)n_in * n_rows * 4) != 0) {
             test_fail(t, __FILE__, __LINE__, "norm_matmul %s: x was modified", what);
             ok = false;
@@ -258,8 +224,8 @@ static const enum coopt_dtype k_types[] = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COO
 // Odd shapes (n_in not a multiple of the 16-byte or 256-element tiles, n_out odd and tiny, every
 // batch size class) for every type, fused ops and plain.
 TEST(cuda_fused_ops) {
-    struct dec_pair p;
-    if (!dec_init(t, &p)) return;
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
     uint64_t s = 7;
     struct {
         int64_t n_in, n_out[3];
@@ -273,11 +239,11 @@ TEST(cuda_fused_ops) {
         for (size_t k = 0; k < COOPT_ARRAY_LEN(shapes); k++, i++) {
             if (is_q(k_types[d]) && shapes[k].n_in % 32) continue;
             if (!check_fused(t, &p, &s, k_types[d], shapes[k].n_in, shapes[k].n_out, shapes[k].n_rows, i % 2 == 0, true)) {
-                dec_free(&p);
+                cu_pair_free(&p);
                 return;
             }
         }
-    dec_free(&p);
+    cu_pair_free(&p);
 }
 
 // The decode shapes of llama2-7b / llama3-8b / llama2-13b: q/k/v (4096 -> 4096 / 1024), gate/up
@@ -285,8 +251,8 @@ TEST(cuda_fused_ops) {
 // batch 1 and 2. The big ones for F16 and the quantized types (the ones that ship); F32/BF16 at
 // the smaller ones.
 TEST(cuda_gemv_shapes) {
-    struct dec_pair p;
-    if (!dec_init(t, &p)) return;
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
     uint64_t s = 17;
     struct {
         int64_t n_in, n_out[3];
@@ -305,11 +271,11 @@ TEST(cuda_gemv_shapes) {
             enum coopt_dtype dt = k_types[d];
             if (!shapes[k].all_types && (dt == COOPT_DTYPE_F32 || dt == COOPT_DTYPE_BF16)) continue;
             if (!check_fused(t, &p, &s, dt, shapes[k].n_in, shapes[k].n_out, shapes[k].n_rows, k == 0, k % 2 == 0)) {
-                dec_free(&p);
+                cu_pair_free(&p);
                 return;
             }
         }
-    dec_free(&p);
+    cu_pair_free(&p);
 }
 
 // ---- decode steps replayed from CUDA graphs ----
@@ -431,8 +397,8 @@ TEST(cuda_step_graphs) {
 // COOPT_CUDA_BENCH_ROWS2=1 adds batch 2, COOPT_CUDA_BENCH_F16=1 times F16 only.
 TEST(cuda_decode_bench) {
     if (!getenv("COOPT_CUDA_BENCH")) SKIP(t, "set COOPT_CUDA_BENCH=1 to time the kernels");
-    struct dec_pair p;
-    if (!dec_init(t, &p)) return;
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
     double copy = 0, rd = 0;
     if (coopt_cuda_membw((size_t)1 << 30, 10, &copy, &rd) == 0)
         printf("bench: device bandwidth, 1 GiB buffers, best of 10: cudaMemcpy D2D %.0f GB/s (read + write), "
@@ -451,8 +417,8 @@ TEST(cuda_decode_bench) {
         {"norm+qkv 7b", 4, 4096, 4096, 4096}, {"norm+gate/up 7b", 5, 4096, 11008, 0},
     };
     float *xh = test_rand_array(&s, 2 * 16384, -1, 1);
-    float *dx = dcopy(be, xh, 2 * 16384 * 4), *o1 = dcopy(be, NULL, 2 * 32000 * 4), *o2 = dcopy(be, NULL, 2 * 32000 * 4);
-    float *o3 = dcopy(be, NULL, 2 * 32000 * 4), *dg = dcopy(be, xh, 16384 * 4);
+    float *dx = dev_copy(be, xh, 2 * 16384 * 4), *o1 = dev_copy(be, NULL, 2 * 32000 * 4), *o2 = dev_copy(be, NULL, 2 * 32000 * 4);
+    float *o3 = dev_copy(be, NULL, 2 * 32000 * 4), *dg = dev_copy(be, xh, 16384 * 4);
     printf("bench: %-16s %-5s %4s %10s %10s\n", "decode GEMV", "type", "rows", "us/call", "GB/s");
     size_t n_types = getenv("COOPT_CUDA_BENCH_F16") ? 1 : COOPT_ARRAY_LEN(types);
     for (size_t d = 0; d < n_types; d++)
@@ -472,7 +438,7 @@ TEST(cuda_decode_bench) {
             for (int k = 0; k < n_copies; k++)
                 for (int i = 0; i < nw; i++) {
                     int64_t no = multi && i > 0 ? n_kv : n_out;
-                    uint8_t *dw = dcopy(be, NULL, rb * (size_t)no);
+                    uint8_t *dw = dev_copy(be, NULL, rb * (size_t)no);
                     for (int64_t r = 0; r < no; r += 64) be->ops->upload(be, dw + (size_t)r * rb, row, rb * (size_t)(no - r < 64 ? no - r : 64));
                     w[k][i] = (struct coopt_weight){.dtype = dt, .n_in = n_in, .n_out = no, .data = dw};
                 }
@@ -515,7 +481,7 @@ TEST(cuda_decode_bench) {
         }
     be->ops->free(be, dx), be->ops->free(be, o1), be->ops->free(be, o2), be->ops->free(be, o3), be->ops->free(be, dg);
     free(xh);
-    dec_free(&p);
+    cu_pair_free(&p);
 }
 
 #else // !COOPT_CUDA
