@@ -222,6 +222,7 @@ int cmd_bench(int argc, char **argv) {
             return 1;
         }
     }
+    if (!o.device) o.device = coopt_default_device();
     int64_t max_tokens = 0, max_pp = 0;
     for (int d = 0; d < n_dp; d++)
         for (int i = 0; i < n_pp; i++) max_tokens = MAX(max_tokens, dp[d] + pp[i]);

@@ -12,7 +12,7 @@
 void app_opts_default(struct app_opts *o) {
     struct coopt_ctx_params cp = coopt_ctx_default_params();
     *o = (struct app_opts){
-        .model = NULL, .device = "cpu", .n_threads = 0, .n_ctx = 0, .n_batch = cp.n_batch,
+        .model = NULL, .device = NULL, .n_threads = 0, .n_ctx = 0, .n_batch = cp.n_batch,
         .page_size = cp.page_size, .n_seq_max = 4, .kv_type = cp.kv_type,
     };
 }
@@ -125,7 +125,7 @@ void app_opts_usage(void) {
             "  --kv-type T            KV cache type: f32, f16, bf16, fp8_e4m3, fp8_e5m2\n"
             "                         (default: fp8_e4m3 for head dims >= 16, else f16)\n"
             "  --page-size N          tokens per KV page (default 16)\n"
-            "  --device D             cpu or cuda (default cpu)\n"
+            "  --device D             cpu or cuda (default: cuda when a GPU is present, else cpu)\n"
             "  --prefetch             read all weights at load instead of on first use\n"
             "  --attn-partition N     split-K partition of long contexts in tokens (default 512, -1 = off)\n"
             "  --attn-per-head        ablation: read K/V once per query head, not once per KV group\n"
@@ -142,7 +142,7 @@ int app_load(const struct app_opts *o, struct coopt_model **m, struct coopt_ctx 
     }
     struct coopt_model_params mp = coopt_model_default_params();
     mp.prefetch                  = o->prefetch;
-    mp.device                    = o->device;
+    mp.device                    = o->device ? o->device : coopt_default_device();
     mp.n_threads                 = o->n_threads;
     enum coopt_status st         = coopt_model_load(o->model, &mp, m);
     if (st != COOPT_OK) {

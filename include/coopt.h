@@ -117,6 +117,10 @@ struct coopt_model_params {
 };
 struct coopt_model_params coopt_model_default_params(void);
 
+// The device the command-line tools use when none is named: "cuda" when this build has CUDA and
+// a GPU is present, else "cpu".
+const char *coopt_default_device(void);
+
 // Loads a model from `path`: a .gguf file, a Hugging Face directory (config.json +
 // safetensors), or a llama2.c .bin checkpoint (tokenizer.bin / tok512.bin searched beside it,
 // or set COOPT_TOKENIZER). Weights are views into mmap'ed files.

@@ -9,7 +9,16 @@
 
 #ifdef COOPT_CUDA
 enum coopt_status coopt_cuda_backend_init(int32_t n_threads, struct coopt_backend **out);
+int               coopt_cuda_device_count(void);
 #endif
+
+const char *coopt_default_device(void) {
+#ifdef COOPT_CUDA
+    return coopt_cuda_device_count() > 0 ? "cuda" : "cpu";
+#else
+    return "cpu";
+#endif
+}
 
 enum coopt_status coopt_backend_init(const char *name, int32_t n_threads, struct coopt_backend **out) {
     *out = NULL;

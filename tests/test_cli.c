@@ -49,7 +49,7 @@ TEST(cli_run_stories_greedy) {
     NEED_BIN(t);
     static char out[65536];
     char        args[2048];
-    snprintf(args, sizeof(args), "run -m '%s' -p 'Once upon a time' -n 40 --temp 0 -t 1",
+    snprintf(args, sizeof(args), "run -m '%s' -p 'Once upon a time' -n 40 --temp 0 -t 1 --device cpu",
              test_model_path("stories260K.gguf"));
     int rc = run_cli(args, out, sizeof(out));
     CHECKF(t, rc == 0, "exit %d: %s", rc, out);
