@@ -25,6 +25,7 @@ static void synth_usage(void) {
             "  --group-size N        GPTQ group size, a multiple of 8 or -1 (default 128)\n"
             "  --act-order           GPTQ desc_act: g_idx is a random permutation-consistent map\n"
             "  --layers N            override the layer count (recorded in config.json and the name)\n"
+            "  --vocab N             override vocab_size (embedding and LM head rows)\n"
             "  --seed S              random seed (default 1); same seed, same files\n"
             "  --max-shard-size SZ   tensor bytes per safetensors shard: 5GB (default), 500MB, bytes\n"
             "  --tokenizer PATH      tokenizer.model to copy\n"
@@ -105,6 +106,9 @@ int cmd_synth(int argc, char **argv) {
         } else if (!strcmp(a, "--layers")) {
             if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 1, 1024, &n)) return 1;
             p.n_layers = (int32_t)n;
+        } else if (!strcmp(a, "--vocab")) {
+            if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 1, 1 << 24, &n)) return 1;
+            p.n_vocab = (int32_t)n;
         } else if (!strcmp(a, "--seed")) {
             if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 0, INT64_MAX, &n)) return 1;
             p.seed = (uint64_t)n;

@@ -372,6 +372,8 @@ struct cv_vocab {
     int32_t                *types;  // [n]
     char                  **merges; // [n_merges] "a b" (byte-level BPE only)
     int32_t                 n_merges;
+    int32_t                 n;        // entries: info.n_tokens, or more after cv_vocab_pad
+    char                   *pad_text; // the "[PADi]" pieces cv_vocab_pad added
 };
 
 static void cv_vocab_free(struct cv_vocab *v) {
@@ -381,6 +383,39 @@ static void cv_vocab_free(struct cv_vocab *v) {
     free(v->lens);
     free(v->scores);
     free(v->types);
+    free(v->pad_text);
+}
+
+// Pads the vocabulary to n_vocab entries when the model's embedding has more rows than its
+// tokenizer has pieces (checkpoints with a padded vocab_size, `coopt synth --arch llama3-8b`):
+// GGUF readers such as llama.cpp require one token per embedding row. The added rows are
+// "[PAD<id>]" pieces of type UNUSED with the lowest score, so no tokenizer ever produces them.
+static enum coopt_status cv_vocab_pad(struct cv_vocab *v, int32_t n_vocab) {
+    if (n_vocab <= v->n) return COOPT_OK;
+    int32_t     n0 = v->n;
+    size_t      per = 24, cap = (size_t)(n_vocab - n0) * per;
+    const char **pieces = realloc(v->pieces, (size_t)n_vocab * sizeof(*pieces));
+    if (pieces) v->pieces = pieces;
+    uint32_t *lens = realloc(v->lens, (size_t)n_vocab * sizeof(*lens));
+    if (lens) v->lens = lens;
+    float *scores = realloc(v->scores, (size_t)n_vocab * sizeof(*scores));
+    if (scores) v->scores = scores;
+    int32_t *types = realloc(v->types, (size_t)n_vocab * sizeof(*types));
+    if (types) v->types = types;
+    v->pad_text = coopt_malloc(cap);
+    if (!pieces || !lens || !scores || !types || !v->pad_text) return COOPT_ERR_NOMEM;
+    float lowest = 0.0f;
+    for (int32_t i = 0; i < n0; i++) lowest = i == 0 || v->scores[i] < lowest ? v->scores[i] : lowest;
+    for (int32_t i = n0; i < n_vocab; i++) {
+        char *t      = v->pad_text + (size_t)(i - n0) * per;
+        int   len    = snprintf(t, per, "[PAD%d]", (int)i);
+        v->pieces[i] = t;
+        v->lens[i]   = (uint32_t)len;
+        v->scores[i] = lowest - 1.0f;
+        v->types[i]  = COOPT_TOKEN_UNUSED;
+    }
+    v->n = n_vocab;
+    return COOPT_OK;
 }
 
 // A merge-based SPM vocabulary (HF tokenizer.json) goes where only scores are read (GGUF
@@ -390,6 +425,7 @@ static enum coopt_status cv_vocab_init(const struct coopt_tokenizer *tok, struct
     memset(v, 0, sizeof(*v));
     coopt_tokenizer_get_vocab(tok, &v->info);
     int32_t n  = v->info.n_tokens, nm = v->info.n_merges;
+    v->n       = n;
     v->pieces  = coopt_calloc((size_t)n, sizeof(*v->pieces));
     v->lens    = coopt_calloc((size_t)n, sizeof(*v->lens));
     v->scores  = coopt_calloc((size_t)n, sizeof(*v->scores));
@@ -438,11 +474,12 @@ static enum coopt_status gguf_set_token_id(struct coopt_gguf_writer *w, const ch
 static enum coopt_status cv_gguf_vocab(struct cv *cv, struct coopt_gguf_writer *w) {
     struct cv_vocab   v;
     enum coopt_status st = cv_vocab_init(cv->m->tokenizer, &v);
+    if (st == COOPT_OK) st = cv_vocab_pad(&v, cv->m->config.n_vocab);
     bool              bpe = v.info.type == COOPT_TOK_BPE_BYTES;
     const char       *pre = v.info.pretok == COOPT_PRETOK_LLAMA3 ? "llama-bpe"
                             : v.info.pretok == COOPT_PRETOK_GPT2 ? "gpt2"
                                                                  : "default";
-    uint64_t          n   = (uint64_t)v.info.n_tokens;
+    uint64_t          n   = (uint64_t)v.n;
     if (st || (st = coopt_gguf_writer_set_str(w, "tokenizer.ggml.model", bpe ? "gpt2" : "llama")) ||
         (st = coopt_gguf_writer_set_str(w, "tokenizer.ggml.pre", pre)) ||
         (st = coopt_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", v.pieces, v.lens, n)) ||

@@ -144,7 +144,8 @@ struct fill_ctx {
 
 struct synth_run {
     const struct coopt_synth_params *p;
-    const struct coopt_synth_arch   *arch;
+    const struct coopt_synth_arch   *arch;     // &arch_own: the table entry with p's overrides
+    struct coopt_synth_arch          arch_own;
     int32_t                          n_layers;
     struct synth_tensor             *t; // [n_t]
     int                              n_t, cap_t;
@@ -249,6 +250,9 @@ static enum coopt_status check_params(const struct coopt_synth_params *p, const 
         return coopt_fail(COOPT_ERR_INVALID, "synth: group size %d must be -1 or a positive multiple of 8",
                           (int)p->group_size);
     }
+    if (p->n_vocab < 0 || p->n_vocab > (1 << 24)) {
+        return coopt_fail(COOPT_ERR_INVALID, "synth: vocabulary size %d out of range [1, %d]", (int)p->n_vocab, 1 << 24);
+    }
     if (p->n_layers < 0 || p->n_layers > 1024) {
         return coopt_fail(COOPT_ERR_INVALID, "synth: layer count %d out of range [1, 1024]", (int)p->n_layers);
     }
@@ -295,6 +299,9 @@ static enum coopt_status plan(struct synth_run *r, const struct coopt_synth_para
     r->p = p;
     if ((rc = check_params(p, &r->arch)) != COOPT_OK) return rc;
     if ((rc = build_tables(r)) != COOPT_OK) return rc;
+    r->arch_own = *r->arch;
+    if (p->n_vocab > 0) r->arch_own.n_vocab = p->n_vocab;
+    r->arch                          = &r->arch_own;
     const struct coopt_synth_arch *a = r->arch;
     r->n_layers                      = p->n_layers > 0 ? p->n_layers : a->n_layers;
     bool             q               = p->dtype == COOPT_DTYPE_Q4_GPTQ;

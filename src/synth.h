@@ -65,6 +65,7 @@ struct coopt_synth_params {
     int32_t          group_size;      // GPTQ: a positive multiple of 8, or -1 (one group); default 128
     bool             act_order;       // GPTQ desc_act: g_idx is a random permutation-consistent map
     int32_t          n_layers;        // 0 = the architecture's
+    int32_t          n_vocab;         // 0 = the architecture's; else the embedding / LM head rows
     uint64_t         seed;            // default 1
     const char      *out_dir;         // created if missing (one level)
     const char      *tokenizer;       // NULL: $COOPT_MODELS/llama2-tokenizer/tokenizer.model

@@ -6,12 +6,14 @@
  * the error paths (unknown arch, bad dtype / group size, unwritable output, missing tokenizer).
  */
 #include "context.h"
+#include "convert.h"
 #include "dtype.h"
 #include "forward.h"
 #include "model.h"
 #include "safetensors.h"
 #include "synth.h"
 #include "test.h"
+#include "tokenizer.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -585,4 +587,45 @@ TEST(synth_errors) {
         CHECKF(t, strstr(msg, "exists and is not a directory"), "%s", msg);
     }
     st_test_rmtree(dir);
+}
+
+// A checkpoint whose vocab_size exceeds its tokenizer (padded vocabularies, llama3-8b's 128256
+// rows with the Llama 2 tokenizer) converts to a GGUF with one token per embedding row: the
+// extra rows are "[PAD<id>]" pieces of type UNUSED (llama.cpp refuses a shorter token list), and
+// encoding is unchanged.
+TEST(synth_padded_vocab_to_gguf) {
+    if (!have_tokenizer()) SKIP(t, "llama2-tokenizer/tokenizer.model not available");
+    char dir[512], path[1024];
+    CHECK(t, st_test_mkdtemp(dir, sizeof(dir)));
+    size_t base = strlen(dir);
+    strcat(dir, "/out");
+    struct coopt_synth_params p = tiny_params(dir, COOPT_DTYPE_F16);
+    p.n_layers                  = 1;
+    p.n_vocab                   = 32003;
+    struct coopt_synth_result r;
+    const char               *msg;
+    CHECKF(t, synth_quiet(&p, &r, &msg) == COOPT_OK, "%s", msg);
+    snprintf(path, sizeof(path), "%.*s/m.gguf", (int)base, dir);
+    struct coopt_convert_params cp = coopt_convert_default_params();
+    coopt_log_set_quiet(1);
+    enum coopt_status st = coopt_convert(dir, path, &cp);
+    coopt_log_set_quiet(0);
+    CHECK(t, st == COOPT_OK);
+    struct coopt_model_params mp = coopt_model_default_params();
+    struct coopt_model       *m  = NULL;
+    CHECK(t, coopt_model_load(path, &mp, &m) == COOPT_OK);
+    const struct coopt_tokenizer *tok = coopt_model_tokenizer(m);
+    size_t                        len = 0;
+    const char                   *pc  = coopt_tokenizer_piece(tok, 32002, &len);
+    int32_t                      *ids = NULL;
+    size_t                        n   = 0;
+    bool ok = m->config.n_vocab == 32003 && coopt_tokenizer_n_vocab(tok) == 32003 && pc && len == 10 &&
+              !memcmp(pc, "[PAD32002]", 10) &&
+              coopt_tokenize(tok, "Once upon a time", 16, COOPT_TOKENIZE_ADD_BOS, &ids, &n) == COOPT_OK && n == 5 &&
+              ids[0] == 1 && ids[1] == 9038 && ids[2] == 2501 && ids[3] == 263 && ids[4] == 931;
+    free(ids);
+    coopt_model_free(m);
+    dir[base] = '\0';
+    st_test_rmtree(dir);
+    CHECK(t, ok);
 }
