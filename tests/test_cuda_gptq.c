@@ -47,6 +47,7 @@
 #include "model.h"
 #include "synth.h"
 #include "test.h"
+#include "test_gptq_util.h"
 #include "util.h"
 
 #include <math.h>
@@ -64,73 +65,6 @@ bool        st_test_mkdtemp(char *buf, size_t cap);
 void        st_test_rmtree(const char *dir);
 void        st_test_capture_begin(void);
 const char *st_test_capture_end(void);
-
-// ---- random checkpoint tensors (as test_gptq.c builds them) ----
-
-struct gq_case {
-    int64_t n_in, n_out;
-    int32_t gs;  // group size or -1
-    int     act; // 0 none, 1 act-order permutation (equal groups), 2 arbitrary random g_idx
-    int     sym, v1;
-};
-
-struct gq_tensors {
-    int32_t              *qweight, *qzeros, *g_idx;
-    uint16_t             *scales;
-    int32_t               n_groups;
-    struct coopt_gptq_src src;
-};
-
-static void gq_free(struct gq_tensors *g) { free(g->qweight), free(g->qzeros), free(g->g_idx), free(g->scales); }
-
-// g_idx_from: reuse another tensor set's g_idx (q/k/v projections of one input share theirs).
-static void gq_make(uint64_t *rs, const struct gq_case *c, const int32_t *g_idx_from, struct gq_tensors *g) {
-    int64_t in = c->n_in, out = c->n_out;
-    int32_t G = c->gs == -1 ? 1 : (int32_t)((in + c->gs - 1) / c->gs);
-    g->n_groups = G;
-    g->qweight  = malloc((size_t)(in / 8 * out) * 4);
-    g->qzeros   = malloc((size_t)(G * out / 8) * 4);
-    g->scales   = malloc((size_t)(G * out) * 2);
-    g->g_idx    = NULL;
-    COOPT_ASSERT(g->qweight && g->qzeros && g->scales);
-    for (int64_t i = 0; i < in / 8 * out; i++) g->qweight[i] = (int32_t)(uint32_t)test_rand_u64(rs);
-    for (int64_t i = 0; i < G * out / 8; i++) {
-        uint32_t v = 0;
-        for (int n = 0; n < 8; n++) {
-            uint32_t z = c->sym ? 8 : (uint32_t)(test_rand_u64(rs) % 16); // real zero
-            if (c->v1) z = c->sym ? 7 : (uint32_t)(test_rand_u64(rs) % 16); // stored = real - 1
-            v |= z << (4 * n);
-        }
-        g->qzeros[i] = (int32_t)v;
-    }
-    for (int64_t i = 0; i < G * out; i++) g->scales[i] = coopt_f32_to_f16(test_rand_uniform(rs, 0.002f, 0.03f));
-    if (c->act) {
-        g->g_idx = malloc((size_t)in * 4);
-        if (g_idx_from) {
-            memcpy(g->g_idx, g_idx_from, (size_t)in * 4);
-        } else {
-            int32_t *perm = malloc((size_t)in * 4);
-            for (int64_t i = 0; i < in; i++) perm[i] = (int32_t)i;
-            for (int64_t i = in - 1; i > 0; i--) { // Fisher-Yates
-                int64_t j = (int64_t)(test_rand_u64(rs) % (uint64_t)(i + 1));
-                int32_t tmp = perm[i];
-                perm[i] = perm[j], perm[j] = tmp;
-            }
-            for (int64_t j = 0; j < in; j++) {
-                int32_t gj = c->gs == -1 ? 0 : (int32_t)(j / c->gs);
-                if (c->act == 2) gj = (int32_t)(test_rand_u64(rs) % (uint64_t)G);
-                g->g_idx[perm[j]] = gj;
-            }
-            free(perm);
-        }
-    }
-    g->src = (struct coopt_gptq_src){
-        .name = "test.proj", .n_in = in, .n_out = out, .bits = 4, .group_size = c->gs, .zeros_v1 = c->v1 != 0,
-        .qweight = g->qweight, .qweight_shape = {in / 8, out}, .qweight_dtype = COOPT_DTYPE_I32,
-        .qzeros = g->qzeros, .qzeros_shape = {G, out / 8}, .qzeros_dtype = COOPT_DTYPE_I32, .scales = g->scales,
-        .scales_shape = {G, out}, .scales_dtype = COOPT_DTYPE_F16, .g_idx = g->g_idx, .g_idx_len = g->g_idx ? in : 0,
-        .g_idx_dtype = COOPT_DTYPE_I32};
-}
 
 // Row o of W [n_out][n_in] from the checkpoint tensors alone; qz (NULL: not wanted) gets
 // s (q + z) of every element.
@@ -299,11 +233,11 @@ static void gq_run_path(struct coopt_backend *be, const struct gq_run *run, floa
 }
 
 // Uploads the weight of case c and checks every path at every row count. Returns false after FAIL.
-static bool run_case(struct test_ctx *t, struct coopt_backend *be, const struct gq_case *c, const int32_t *rows,
+static bool run_case(struct test_ctx *t, struct coopt_backend *be, const struct gptq_case *c, const int32_t *rows,
                      int n_rows_list, uint64_t seed, bool bias) {
     uint64_t          rs = seed;
-    struct gq_tensors g;
-    gq_make(&rs, c, NULL, &g);
+    struct gptq_tensors g;
+    gptq_make_tensors(&rs, c, NULL, "test.proj", &g);
     char base[160], what[240];
     snprintf(base, sizeof(base), "in %lld out %lld gs %d act %d sym %d v1 %d bias %d", (long long)c->n_in,
              (long long)c->n_out, c->gs, c->act, c->sym, c->v1, bias);
@@ -343,7 +277,7 @@ static bool run_case(struct test_ctx *t, struct coopt_backend *be, const struct 
     free(b);
     cuda_gptq_release(&dw);
     coopt_gptq_weight_free(hw);
-    gq_free(&g);
+    gptq_tensors_free(&g);
     return ok;
 }
 
@@ -353,7 +287,7 @@ TEST(cuda_gptq_matmul) {
     // output widths not multiples of the 16-column tile or the 64-column MMA block, inputs not
     // multiples of 64 (padded, x gathered), every group size incl. 16 and 48 (groups padded to
     // 32-row blocks), act-order on / irregular, sym/asym, v1/v2
-    static const struct gq_case cases[] = {
+    static const struct gptq_case cases[] = {
         {256, 8, 32, 0, 1, 1},  {256, 24, 64, 1, 0, 1},   {384, 72, 128, 0, 0, 0},   {384, 200, 128, 1, 1, 0},
         {200, 72, -1, 0, 0, 1}, {256, 40, -1, 1, 0, 0},   {512, 88, 64, 2, 0, 1},    {192, 56, 16, 0, 0, 0},
         {160, 24, 32, 1, 0, 0}, {128, 136, 128, 2, 1, 1}, {96, 16, 48, 0, 0, 1},     {1024, 1000, 128, 1, 0, 1},
@@ -370,14 +304,14 @@ TEST(cuda_gptq_multi) {
     struct coopt_backend *be;
     if (!init_cuda(t, &be)) return;
     uint64_t             rs = 77;
-    struct gq_case       cs[3] = {{512, 512, 128, 1, 0, 1}, {512, 136, 128, 1, 1, 1}, {512, 72, 64, 0, 0, 0}};
-    struct gq_tensors    g[3];
+    struct gptq_case       cs[3] = {{512, 512, 128, 1, 0, 1}, {512, 136, 128, 1, 1, 1}, {512, 72, 64, 0, 0, 0}};
+    struct gptq_tensors    g[3];
     struct coopt_gptq_weight *hw[3] = {0};
     struct cuda_gptq_weight   dw[3];
     memset(dw, 0, sizeof(dw));
     bool ok = true;
     for (int j = 0; j < 3; j++) {
-        gq_make(&rs, &cs[j], j == 1 ? g[0].g_idx : NULL, &g[j]);
+        gptq_make_tensors(&rs, &cs[j], j == 1 ? g[0].g_idx : NULL, "test.proj", &g[j]);
         ok = ok && coopt_gptq_repack(&g[j].src, 1, &hw[j]) == COOPT_OK && cuda_gptq_upload(be, hw[j], &dw[j]) == COOPT_OK;
     }
     if (ok && !(dw[0].perm_hash && dw[0].perm_hash == dw[1].perm_hash && dw[2].direct)) {
@@ -422,12 +356,12 @@ TEST(cuda_gptq_multi) {
         free(x), free(b1);
     }
     cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
-    for (int j = 0; j < 3; j++) cuda_gptq_release(&dw[j]), coopt_gptq_weight_free(hw[j]), gq_free(&g[j]);
+    for (int j = 0; j < 3; j++) cuda_gptq_release(&dw[j]), coopt_gptq_weight_free(hw[j]), gptq_tensors_free(&g[j]);
     be->ops->destroy(be);
 }
 
 // The shapes of llama2-7b/13b and llama3-8b (W [n_out][n_in]), group 128.
-static const struct gq_case k_real[] = {
+static const struct gptq_case k_real[] = {
     {4096, 4096, 128, 0, 1, 1},  {4096, 11008, 128, 1, 1, 1}, {11008, 4096, 128, 0, 0, 1}, {4096, 1024, 128, 1, 1, 1},
     {5120, 5120, 128, 0, 0, 0},  {5120, 13824, 128, 0, 1, 1}, {13824, 5120, 128, 1, 1, 1}, {4096, 14336, 128, 0, 1, 1},
     {14336, 4096, 128, 0, 1, 1},
@@ -454,10 +388,10 @@ static const struct gq_run k_cpu_runs[] = {
 // Uploads case c; for every row count compares the int8 GEMV with coopt_gptq_matmul_cpu (+ bias)
 // at the tight tolerance and with the exact product at the int8 bound. Returns false after FAIL.
 static bool cpu_match_case(struct test_ctx *t, struct coopt_backend *be, struct coopt_threadpool *tp,
-                           const struct gq_case *c, const int32_t *rows, int n_rows_list, uint64_t seed, bool bias) {
+                           const struct gptq_case *c, const int32_t *rows, int n_rows_list, uint64_t seed, bool bias) {
     uint64_t          rs = seed;
-    struct gq_tensors g;
-    gq_make(&rs, c, NULL, &g);
+    struct gptq_tensors g;
+    gptq_make_tensors(&rs, c, NULL, "test.proj", &g);
     char base[160], what[240];
     snprintf(base, sizeof(base), "cpu match: in %lld out %lld gs %d act %d sym %d v1 %d bias %d", (long long)c->n_in,
              (long long)c->n_out, c->gs, c->act, c->sym, c->v1, bias);
@@ -512,7 +446,7 @@ static bool cpu_match_case(struct test_ctx *t, struct coopt_backend *be, struct 
     free(b);
     cuda_gptq_release(&dw);
     coopt_gptq_weight_free(hw);
-    gq_free(&g);
+    gptq_tensors_free(&g);
     return ok;
 }
 
@@ -526,7 +460,7 @@ TEST(cuda_gptq_cpu_match) {
         return;
     }
     // odd shapes (every group size, act-order regular and irregular, sym/asym, v1/v2, padding)
-    static const struct gq_case odd[] = {
+    static const struct gptq_case odd[] = {
         {256, 40, 32, 1, 0, 1},  {200, 72, -1, 0, 0, 1},     {512, 88, 64, 2, 0, 1},    {384, 200, 128, 1, 1, 0},
         {96, 16, 48, 0, 0, 1},   {1024, 1000, 128, 0, 0, 0}, {4096, 1024, 32, 1, 0, 0}, {4096, 4104, 64, 0, 0, 1},
         {11008, 4096, -1, 1, 1, 1},
@@ -801,14 +735,14 @@ TEST(cuda_gptq_bench) {
     printf("bench: paths: f32 = f32 GEMV, i8 = int8 GEMV (auto config; wAsB = A warps, B K splits), nopdl = without\n");
     printf("bench: programmatic dependent launch, mma = f16 tensor-core kernel; us per call incl. the x preparation\n");
     printf("bench: %-12s %-9s %5s %9s %9s %6s %9s\n", "shape", "path", "rows", "us/call", "GB/s", "of BW", "TFLOP/s");
-    struct gq_case shapes[] = {{4096, 4096, 128, 0, 1, 1},   {4096, 11008, 128, 0, 1, 1}, {11008, 4096, 128, 0, 1, 1},
+    struct gptq_case shapes[] = {{4096, 4096, 128, 0, 1, 1},   {4096, 11008, 128, 0, 1, 1}, {11008, 4096, 128, 0, 1, 1},
                                {4096, 1024, 128, 0, 1, 1},   {5120, 5120, 128, 0, 1, 1},  {5120, 13824, 128, 0, 1, 1},
                                {13824, 5120, 128, 0, 1, 1},  {4096, 14336, 128, 0, 1, 1}, {14336, 4096, 128, 0, 1, 1},
                                {4096, 4096, 128, 1, 1, 1}};
     for (size_t si = 0; si < COOPT_ARRAY_LEN(shapes); si++) {
-        const struct gq_case *c = &shapes[si];
-        struct gq_tensors     g;
-        gq_make(&rs, c, NULL, &g);
+        const struct gptq_case *c = &shapes[si];
+        struct gptq_tensors     g;
+        gptq_make_tensors(&rs, c, NULL, "test.proj", &g);
         struct coopt_gptq_weight *hw = NULL;
         COOPT_ASSERT(coopt_gptq_repack(&g.src, 4, &hw) == COOPT_OK);
         size_t one    = cuda_gptq_dev_bytes(hw);
@@ -855,13 +789,13 @@ TEST(cuda_gptq_bench) {
         for (int i = 0; i < copies; i++) cuda_gptq_release(&ws[i]);
         free(ws);
         coopt_gptq_weight_free(hw);
-        gq_free(&g);
+        gptq_tensors_free(&g);
     }
     // projections of one input: q/k/v of llama2-7b and llama3-8b, gate/up of llama2-7b
     struct {
         const char    *name;
         int            n;
-        struct gq_case cs[GPTQ_BENCH_MAX_MULTI];
+        struct gptq_case cs[GPTQ_BENCH_MAX_MULTI];
     } sets[] = {
         {"qkv-7b", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}}},
         {"qkv-8b", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}}},
@@ -869,11 +803,11 @@ TEST(cuda_gptq_bench) {
     };
     for (size_t si = 0; si < COOPT_ARRAY_LEN(sets); si++) {
         struct coopt_gptq_weight *hw[GPTQ_BENCH_MAX_MULTI] = {0};
-        struct gq_tensors         g[GPTQ_BENCH_MAX_MULTI];
+        struct gptq_tensors         g[GPTQ_BENCH_MAX_MULTI];
         size_t                    one = 0;
         double                    wbytes = 0;
         for (int j = 0; j < sets[si].n; j++) {
-            gq_make(&rs, &sets[si].cs[j], NULL, &g[j]);
+            gptq_make_tensors(&rs, &sets[si].cs[j], NULL, "test.proj", &g[j]);
             COOPT_ASSERT(coopt_gptq_repack(&g[j].src, 4, &hw[j]) == COOPT_OK);
             one += cuda_gptq_dev_bytes(hw[j]);
         }
@@ -905,7 +839,7 @@ TEST(cuda_gptq_bench) {
         }
         for (int i = 0; i < copies * sets[si].n; i++) cuda_gptq_release(&ws[i]);
         free(ws);
-        for (int j = 0; j < sets[si].n; j++) coopt_gptq_weight_free(hw[j]), gq_free(&g[j]);
+        for (int j = 0; j < sets[si].n; j++) coopt_gptq_weight_free(hw[j]), gptq_tensors_free(&g[j]);
     }
     be->ops->free(be, dx), be->ops->free(be, dout);
     free(xh);

@@ -18,6 +18,7 @@
 #include "dtype.h"
 #include "gptq.h"
 #include "test.h"
+#include "test_gptq_util.h"
 #include "util.h"
 
 #include <math.h>
@@ -26,68 +27,6 @@
 #include <string.h>
 
 // ---- random checkpoint tensors ----
-
-struct gptq_case {
-    int64_t n_in, n_out;
-    int32_t gs;       // group size or -1
-    int     act;      // 0 none, 1 act-order permutation (equal groups), 2 arbitrary random g_idx
-    int     sym, v1;
-};
-
-struct gptq_tensors {
-    int32_t  *qweight, *qzeros, *g_idx;
-    uint16_t *scales;
-    int32_t   n_groups;
-    struct coopt_gptq_src src;
-};
-
-static void tensors_free(struct gptq_tensors *g) {
-    free(g->qweight), free(g->qzeros), free(g->g_idx), free(g->scales);
-}
-
-static void make_tensors(uint64_t *rs, const struct gptq_case *c, struct gptq_tensors *g) {
-    int64_t in = c->n_in, out = c->n_out;
-    int32_t G = c->gs == -1 ? 1 : (int32_t)((in + c->gs - 1) / c->gs);
-    g->n_groups = G;
-    g->qweight = malloc((size_t)(in / 8 * out) * 4);
-    g->qzeros = malloc((size_t)(G * out / 8) * 4);
-    g->scales = malloc((size_t)(G * out) * 2);
-    g->g_idx = NULL;
-    for (int64_t i = 0; i < in / 8 * out; i++) g->qweight[i] = (int32_t)(uint32_t)test_rand_u64(rs);
-    for (int64_t i = 0; i < G * out / 8; i++) {
-        uint32_t v = 0;
-        for (int n = 0; n < 8; n++) {
-            uint32_t z = c->sym ? 8 : (uint32_t)(test_rand_u64(rs) % 16); // real zero
-            if (c->v1) z = c->sym ? 7 : (uint32_t)(test_rand_u64(rs) % 16); // stored = real - 1
-            v |= z << (4 * n);
-        }
-        g->qzeros[i] = (int32_t)v;
-    }
-    for (int64_t i = 0; i < G * out; i++) g->scales[i] = coopt_f32_to_f16(test_rand_uniform(rs, 0.002f, 0.03f));
-    if (c->act) {
-        g->g_idx = malloc((size_t)in * 4);
-        int32_t *perm = malloc((size_t)in * 4);
-        for (int64_t i = 0; i < in; i++) perm[i] = (int32_t)i;
-        for (int64_t i = in - 1; i > 0; i--) { // Fisher-Yates
-            int64_t j = (int64_t)(test_rand_u64(rs) % (uint64_t)(i + 1));
-            int32_t tmp = perm[i];
-            perm[i] = perm[j], perm[j] = tmp;
-        }
-        for (int64_t j = 0; j < in; j++) {
-            int32_t gj = c->gs == -1 ? 0 : (int32_t)(j / c->gs);
-            if (c->act == 2) gj = (int32_t)(test_rand_u64(rs) % (uint64_t)G);
-            g->g_idx[perm[j]] = gj;
-        }
-        free(perm);
-    }
-    g->src = (struct coopt_gptq_src){
-        .name = "model.layers.0.mlp.up_proj", .n_in = in, .n_out = out, .bits = 4, .group_size = c->gs,
-        .zeros_v1 = c->v1 != 0, .qweight = g->qweight, .qweight_shape = {in / 8, out},
-        .qweight_dtype = COOPT_DTYPE_I32, .qzeros = g->qzeros, .qzeros_shape = {G, out / 8},
-        .qzeros_dtype = COOPT_DTYPE_I32, .scales = g->scales, .scales_shape = {G, out},
-        .scales_dtype = COOPT_DTYPE_F16, .g_idx = g->g_idx, .g_idx_len = g->g_idx ? in : 0,
-        .g_idx_dtype = COOPT_DTYPE_I32};
-}
 
 // W[o][i] straight from the checkpoint definition.
 static void dequant_direct(const struct gptq_case *c, const struct gptq_tensors *g, float *wd) {
@@ -160,7 +99,7 @@ static bool run_case(struct test_ctx *t, const struct gptq_case *c, const int32_
     char                what[200], base[160];
     snprintf(base, sizeof(base), "in %lld out %lld gs %d act %d sym %d v1 %d", (long long)c->n_in,
              (long long)c->n_out, c->gs, c->act, c->sym, c->v1);
-    make_tensors(&rs, c, &g);
+    gptq_make_tensors(&rs, c, NULL, "model.layers.0.mlp.up_proj", &g);
     snprintf(what, sizeof(what), "%s", base);
     struct coopt_gptq_weight *w = NULL;
     bool                      ok = false;
@@ -212,7 +151,7 @@ static bool run_case(struct test_ctx *t, const struct gptq_case *c, const int32_
 done:
     free(x), free(ys), free(yv), free(wd), free(wr);
     coopt_gptq_weight_free(w);
-    tensors_free(&g);
+    gptq_tensors_free(&g);
     return ok;
 }
 
@@ -244,7 +183,7 @@ TEST(gptq_repack_errors) {
     uint64_t            rs = 3;
     struct gptq_case    c = {128, 96, 32, 1, 0, 1};
     struct gptq_tensors g;
-    make_tensors(&rs, &c, &g);
+    gptq_make_tensors(&rs, &c, NULL, "model.layers.0.mlp.up_proj", &g);
     struct coopt_gptq_weight *w = (void *)1;
     struct coopt_gptq_src     s = g.src;
     coopt_log_set_quiet(1);
@@ -273,14 +212,14 @@ TEST(gptq_repack_errors) {
     g.g_idx[17] = -1;
     CHECK(t, coopt_gptq_repack(&g.src, 1, &w) == COOPT_ERR_FORMAT);
     coopt_log_set_quiet(0);
-    tensors_free(&g);
+    gptq_tensors_free(&g);
 }
 
 TEST(gptq_as_weight) {
     uint64_t            rs = 5;
     struct gptq_case    c = {64, 16, 32, 0, 1, 1};
     struct gptq_tensors g;
-    make_tensors(&rs, &c, &g);
+    gptq_make_tensors(&rs, &c, NULL, "model.layers.0.mlp.up_proj", &g);
     struct coopt_gptq_weight *w = NULL;
     CHECK(t, coopt_gptq_repack(&g.src, 1, &w) == COOPT_OK);
     struct coopt_weight cw;
@@ -291,7 +230,7 @@ TEST(gptq_as_weight) {
     CHECK(t, w->sym_hint && w->perm == NULL && w->k_pad == 64 && w->n_groups == 2);
     CHECK(t, coopt_gptq_weight_bytes(w) == 16 * 32 + 16 * 2 * 3);
     coopt_gptq_weight_free(w);
-    tensors_free(&g);
+    gptq_tensors_free(&g);
 }
 
 // ---- fixtures from the independent packer (scripts/make_gptq_fixture.py) ----
