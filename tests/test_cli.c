@@ -118,4 +118,9 @@ TEST(cli_errors) {
              test_model_path("stories260K.gguf"));
     CHECK(t, run_cli(args, out, sizeof(out)) == 1);
     CHECKF(t, strstr(out, "more than the context"), "%s", out);
+    // bench --capacity only where running out of KV memory is a status (the GPU's mapped pool)
+    snprintf(args, sizeof(args), "bench -m '%s' --device cpu --capacity 64", test_model_path("stories260K.gguf"));
+    CHECK(t, run_cli(args, out, sizeof(out)) == 1);
+    CHECKF(t, strstr(out, "--capacity needs --device cuda"), "%s", out);
+    CHECK(t, run_cli("bench -m x --capacity 0", out, sizeof(out)) == 1);
 }

@@ -565,6 +565,10 @@ TEST(synth_errors) {
     p.n_layers   = -3;
     CHECK(t, synth_quiet(&p, NULL, &msg) == COOPT_ERR_INVALID);
     p.n_layers = 1;
+    p.n_vocab  = -5;
+    CHECK(t, synth_quiet(&p, NULL, &msg) == COOPT_ERR_INVALID);
+    CHECKF(t, strstr(msg, "vocabulary size -5 out of range"), "%s", msg);
+    p.n_vocab = 0;
     CHECK(t, !coopt_path_exists(path)); // nothing written by the failures above
 
     // missing tokenizer: fails before anything is written
