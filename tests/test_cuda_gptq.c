@@ -360,6 +360,150 @@ TEST(cuda_gptq_multi) {
     be->ops->destroy(be);
 }
 
+// The fused ops of backend.h on GPTQ weights through the backend's op table: norm_matmul_multi
+// (q/k/v), matmul_swiglu and norm_matmul_swiglu (gate/up), matmul_add (down / o + residual), at
+// 1 row (the fused f32 GEMV where it applies: not act-order, n_in a multiple of 64) and 3 rows
+// (the composed path: tensor-core kernel + element-wise ops), against exact products of the
+// checkpoint. Tolerances as gq_check for the path taken (norm: x is the CPU reference's
+// rmsnorm(x); the fused GEMV scales the dot product by 1/rms instead, f32 rounding inside the
+// 1e-5 term); matmul_add: |base| joins the magnitude; swiglu as test_cuda_decode.c:
+// 1.5 (1.1 |u| t_g + |silu(g)| t_u) + 1e-6 |result|.
+static bool fused_case(struct test_ctx *t, struct coopt_backend *be, const struct gptq_case *c, int64_t n_out_v,
+                       int32_t n_rows, uint64_t seed) {
+    uint64_t                  rs = seed;
+    const int64_t             n_outs[3] = {c->n_out, c->n_out, n_out_v};
+    struct gptq_tensors       g[3];
+    struct coopt_gptq_weight *hw[3] = {0};
+    struct cuda_gptq_weight   dw[3];
+    struct coopt_weight       cw[3];
+    float                    *b[3], *db[3], *dout[3], *got[3];
+    memset(dw, 0, sizeof(dw));
+    bool ok = true;
+    for (int j = 0; j < 3; j++) {
+        struct gptq_case cj = *c;
+        cj.n_out = n_outs[j];
+        gptq_make_tensors(&rs, &cj, j > 0 && c->act ? g[0].g_idx : NULL, "test.proj", &g[j]);
+        ok = ok && coopt_gptq_repack(&g[j].src, 1, &hw[j]) == COOPT_OK && cuda_gptq_upload(be, hw[j], &dw[j]) == COOPT_OK;
+        b[j]  = j != 1 ? test_rand_array(&rs, (size_t)n_outs[j], -1, 1) : NULL; // up without bias
+        db[j] = b[j] ? dev_alloc_copy(be, b[j], (size_t)n_outs[j] * 4) : NULL;
+        cw[j] = (struct coopt_weight){.dtype = COOPT_DTYPE_Q4_GPTQ, .n_in = c->n_in, .n_out = n_outs[j], .data = dw[j].qw,
+                                      .gptq = &dw[j], .bias = db[j]};
+        got[j]  = malloc((size_t)n_rows * (size_t)n_outs[j] * 4);
+        dout[j] = dev_alloc_copy(be, NULL, (size_t)n_rows * (size_t)n_outs[j] * 4);
+    }
+    if (!ok) test_fail(t, __FILE__, __LINE__, "in %lld: repack/upload failed", (long long)c->n_in);
+    const size_t nx = (size_t)n_rows * (size_t)c->n_in;
+    float       *x = malloc(nx * 4), *xn = malloc(nx * 4), *gn = test_rand_array(&rs, (size_t)c->n_in, 0.5f, 1.5f);
+    for (size_t i = 0; i < nx; i++) x[i] = 2.0f * test_rand_normal(&rs);
+    const float eps = 1e-5f;
+    for (int32_t r = 0; r < n_rows; r++) { // as ops_cpu_ref.c's rmsnorm
+        const float *xr = x + (size_t)r * c->n_in;
+        double       ss = 0;
+        for (int64_t i = 0; i < c->n_in; i++) ss += (double)xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf((float)(ss / c->n_in) + eps);
+        for (int64_t i = 0; i < c->n_in; i++) xn[(size_t)r * c->n_in + i] = (xr[i] * inv) * gn[i];
+    }
+    float *dx = dev_alloc_copy(be, x, nx * 4), *dg = dev_alloc_copy(be, gn, (size_t)c->n_in * 4);
+    float *dtmp = dev_alloc_copy(be, NULL, (size_t)n_rows * (size_t)c->n_out * 4);
+    const struct coopt_weight *ws[3] = {&cw[0], &cw[1], &cw[2]};
+    const enum gq_kind         kind  = gq_kind_of(cuda_gptq_auto_path(&dw[0], n_rows));
+    char                       what[200];
+    snprintf(what, sizeof(what), "fused in %lld out %lld/%lld gs %d act %d rows %d", (long long)c->n_in,
+             (long long)c->n_out, (long long)n_out_v, c->gs, c->act, n_rows);
+    struct gq_ref rn[3], rx[2];
+    for (int j = 0; j < 3; j++) gq_ref_make(&g[j].src, hw[j], xn, b[j], n_rows, &rn[j]);
+    for (int j = 0; j < 2; j++) gq_ref_make(&g[j].src, hw[j], x, b[j], n_rows, &rx[j]);
+    const struct coopt_ops *op = be->ops;
+    if (ok) { // q/k/v of rmsnorm(x)
+        op->norm_matmul_multi(be, 3, dout, dx, dg, eps, ws, n_rows);
+        for (int j = 0; j < 3 && ok; j++) {
+            op->download(be, got[j], dout[j], (size_t)n_rows * (size_t)n_outs[j] * 4);
+            op->sync(be);
+            char w2[240];
+            snprintf(w2, sizeof(w2), "%s norm_matmul_multi weight %d", what, j);
+            ok = gq_check(t, w2, got[j], n_outs[j], n_rows, &rn[j], kind);
+        }
+    }
+    for (int with_norm = 0; with_norm < 2 && ok; with_norm++) { // silu(gate) * up
+        const struct gq_ref *r = with_norm ? rn : rx;
+        if (with_norm) op->norm_matmul_swiglu(be, dout[0], dtmp, dx, dg, eps, ws[0], ws[1], n_rows);
+        else op->matmul_swiglu(be, dout[0], dtmp, dx, ws[0], ws[1], n_rows);
+        op->download(be, got[0], dout[0], (size_t)n_rows * (size_t)c->n_out * 4);
+        op->sync(be);
+        for (int32_t row = 0; row < n_rows && ok; row++)
+            for (int64_t k = 0; k < r[0].n_cols && ok; k++) {
+                const size_t i  = (size_t)row * (size_t)r[0].n_cols + (size_t)k;
+                const double gv = r[0].ref[i], uv = r[1].ref[i], sg = gv / (1 + exp(-gv)), want = sg * uv;
+                const double tg = (kind == GQ_F16 ? ldexp(1, -10) + ldexp(1, -22) + 1e-5 : 1e-5) * r[0].mag[i] +
+                                  (kind == GQ_F16 ? ldexp(1, -25) * r[0].sw[i] : 0) + 1e-6;
+                const double tu = (kind == GQ_F16 ? ldexp(1, -10) + ldexp(1, -22) + 1e-5 : 1e-5) * r[1].mag[i] +
+                                  (kind == GQ_F16 ? ldexp(1, -25) * r[1].sw[i] : 0) + 1e-6;
+                const double tol = 1.5 * (1.1 * fabs(uv) * tg + fabs(sg) * tu) + 1e-6 * fabs(want) + 1e-7;
+                const double gt  = got[0][(size_t)row * (size_t)c->n_out + (size_t)r[0].cols[k]];
+                if (!(fabs(gt - want) <= tol)) {
+                    test_fail(t, __FILE__, __LINE__, "%s %s: out[%d][%lld] = %.7g, exact %.7g, tol %.3g", what,
+                              with_norm ? "norm_matmul_swiglu" : "matmul_swiglu", row, (long long)r[0].cols[k], gt,
+                              want, tol);
+                    ok = false;
+                }
+            }
+    }
+    if (ok) { // base += x W0
+        const size_t no = (size_t)n_rows * (size_t)c->n_out;
+        float       *base = test_rand_array(&rs, no, -3, 3);
+        op->upload(be, dout[0], base, no * 4);
+        op->matmul_add(be, dout[0], dx, ws[0], n_rows);
+        op->download(be, got[0], dout[0], no * 4);
+        op->sync(be);
+        for (int32_t row = 0; row < n_rows; row++)
+            for (int64_t k = 0; k < rx[0].n_cols; k++) {
+                const size_t i = (size_t)row * (size_t)rx[0].n_cols + (size_t)k;
+                const float  bv = base[(size_t)row * (size_t)c->n_out + (size_t)rx[0].cols[k]];
+                rx[0].ref[i] += bv, rx[0].mag[i] += fabs(bv);
+            }
+        char w2[240];
+        snprintf(w2, sizeof(w2), "%s matmul_add", what);
+        ok = gq_check(t, w2, got[0], c->n_out, n_rows, &rx[0], kind);
+        free(base);
+    }
+    for (int j = 0; j < 3; j++) gq_ref_free(&rn[j]);
+    for (int j = 0; j < 2; j++) gq_ref_free(&rx[j]);
+    for (int j = 0; j < 3; j++) {
+        if (db[j]) op->free(be, db[j]);
+        op->free(be, dout[j]);
+        free(b[j]), free(got[j]);
+        cuda_gptq_release(&dw[j]), coopt_gptq_weight_free(hw[j]), gptq_tensors_free(&g[j]);
+    }
+    op->free(be, dx), op->free(be, dg), op->free(be, dtmp);
+    free(x), free(xn), free(gn);
+    return ok;
+}
+
+TEST(cuda_gptq_fused) {
+    struct coopt_backend *be;
+    if (!init_cuda(t, &be)) return;
+    if (!be->ops->norm_matmul_multi || !be->ops->norm_matmul_swiglu || !be->ops->matmul_swiglu || !be->ops->matmul_add) {
+        test_fail(t, __FILE__, __LINE__, "the CUDA backend lacks a fused op");
+        be->ops->destroy(be);
+        return;
+    }
+    // direct weights (the fused GEMV at 1 row: n_in multiple of 64, with and without a partial
+    // last tile), act-order and padded n_in (composed), the real q/k/v and gate/up input width
+    static const struct {
+        struct gptq_case c;
+        int64_t          n_out_v;
+    } cases[] = {
+        {{512, 136, 128, 0, 0, 1}, 72}, {{256, 40, 32, 0, 1, 0}, 8},   {{384, 200, 128, 1, 0, 1}, 24},
+        {{200, 72, -1, 0, 0, 1}, 16},   {{4096, 1100, 128, 0, 1, 1}, 1024}, {{11008, 48, 128, 0, 0, 1}, 16},
+    };
+    static const int32_t rows[] = {1, 3};
+    bool                 ok     = true;
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(cases) && ok; i++)
+        for (size_t r = 0; r < COOPT_ARRAY_LEN(rows) && ok; r++)
+            ok = fused_case(t, be, &cases[i].c, cases[i].n_out_v, rows[r], 900 + 7 * i + r);
+    be->ops->destroy(be);
+}
+
 // The shapes of llama2-7b/13b and llama3-8b (W [n_out][n_in]), group 128.
 static const struct gptq_case k_real[] = {
     {4096, 4096, 128, 0, 1, 1},  {4096, 11008, 128, 1, 1, 1}, {11008, 4096, 128, 0, 0, 1}, {4096, 1024, 128, 1, 1, 1},

@@ -155,6 +155,25 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// ---- programmatic dependent launch (sm_90+) ----
+//
+// A kernel launched with programmatic stream serialization may start while the previous kernel
+// of the stream finishes. pdl_wait: wait for that kernel's completion (and its memory) before
+// touching what it writes; pdl_launch_dependents: let the next kernel launch now (it waits
+// itself). Both are no-ops for launches without the attribute, and compiled out for older
+// targets (where no launcher asks for it).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // ---- element conversions (match dtype.c) ----
 
 __device__ __forceinline__ float f16_bits_to_f32(uint16_t h) { return __half2float(__ushort_as_half(h)); }

@@ -224,8 +224,14 @@ __global__ void gptq_gather_kernel(T *__restrict__ xp, const float *__restrict__
 
 // ---- GEMV ----
 
+// Epilogue of the f32 GEMV (backend.h's fused ops at decode): store, out += (matmul_add: the
+// residual add in the store), or silu(gate) * up (matmul_swiglu: weight 0 = gate, 1 = up, one
+// block computes the same tile of both).
+enum gemv_mode { GEMV_STORE = 0, GEMV_ACCUMULATE = 1, GEMV_SWIGLU = 2 };
+
 // Up to GPTQ_MAX_MULTI weights of one input; block b belongs to weight j when
-// ot_end[j-1] <= b < ot_end[j]. Passed by value (kernel parameter space).
+// ot_end[j-1] <= b < ot_end[j] (swiglu: every block does weights 0 and 1). Passed by value
+// (kernel parameter space).
 struct gemv_args {
     const uint4    *qw[GPTQ_MAX_MULTI];
     const uint32_t *sz[GPTQ_MAX_MULTI];
@@ -240,44 +246,23 @@ struct gemv_args {
     int32_t         n_kc; // common to all weights
     int64_t         ldx;
     int32_t         n_rows; // <= R
+    int32_t         mode;   // enum gemv_mode
+    const float    *norm;   // [ldx] RMS norm weights (NORM kernels): x is taken as x * norm, and the
+    float           eps;    //       sums are scaled by 1 / sqrt(mean(x^2) + eps) at the end
 };
 
-// out[r][o] for the 16 columns of one tile and R rows; see the file comment for the mapping.
-// Lane (gid, tq) accumulates columns o0+gid (A) and o0+gid+8 (B) over rows 2tq, 2tq+1, 2tq+8,
-// 2tq+9 of every 16-row step of its warp's chunks.
-template <int R, int NW>
-__global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_args a) {
-    __shared__ float red[NW][R][16];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
-    // which weight (unrolled selects: no dynamic indexing of the parameter arrays)
-    const uint4    *qw = a.qw[0];
-    const uint32_t *sz = a.sz[0];
-    const int32_t  *kb_grp = a.kb_grp[0];
-    const float    *x = a.x[0], *bias = a.bias[0];
-    float          *out = a.out[0];
-    int32_t         n_out = a.n_out[0], n_groups = a.n_groups[0], ot = (int32_t)blockIdx.x;
+// acc[r] (columns gid: A, gid+8: B) += the tile's codes of chunks [kc0, kc1) against x rows xr[r]
+// (lane-offset by 2 tq). LDX(r, k) returns the float2 of row r at k, k + 1.
+template <int R, typename LDX>
+__device__ __forceinline__ void gemv_tile(const uint4 *__restrict__ wp, const uint32_t *__restrict__ szp,
+                                          const int32_t *__restrict__ kb_grp, int32_t kc0, int32_t kc1, int gid,
+                                          LDX ldx, float (&yA)[R], float (&yB)[R]) {
+    float aA[R], aB[R];
 #pragma unroll
-    for (int j = 1; j < GPTQ_MAX_MULTI; j++) {
-        if (j < a.n && (int32_t)blockIdx.x >= a.ot_end[j - 1]) {
-            qw = a.qw[j], sz = a.sz[j], kb_grp = a.kb_grp[j], x = a.x[j], bias = a.bias[j], out = a.out[j];
-            n_out = a.n_out[j], n_groups = a.n_groups[j], ot = (int32_t)blockIdx.x - a.ot_end[j - 1];
-        }
-    }
-    const int32_t n_kc = a.n_kc, per = (n_kc + NW - 1) / NW;
-    const int32_t kc0 = min(n_kc, warp * per), kc1 = min(n_kc, kc0 + per);
-    const float  *xr[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) xr[r] = x + (int64_t)min(r, a.n_rows - 1) * a.ldx + 2 * tq;
-    const uint4    *wp  = qw + (int64_t)ot * n_kc * 32 + lane;
-    const uint32_t *szp = sz + (int64_t)ot * n_groups * 16;
-
-    float yA[R], yB[R], aA[R], aB[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) yA[r] = yB[r] = aA[r] = aB[r] = 0.0f;
+    for (int r = 0; r < R; r++) aA[r] = aB[r] = 0.0f;
     float sA = 0.0f, sB = 0.0f;
     float cA0 = 0.0f, cA2 = 0.0f, cA4 = 0.0f, cA6 = 0.0f, cB1 = 0.0f, cB3 = 0.0f, cB5 = 0.0f, cB7 = 0.0f;
     int   gcur = -1;
-
     for (int32_t kc = kc0; kc < kc1; kc += GPTQ_U) {
         uint4 w[GPTQ_U];
 #pragma unroll
@@ -326,7 +311,7 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
                     const int32_t k = kcu * 64 + j * 16;
 #pragma unroll
                     for (int r = 0; r < R; r++) {
-                        const float2 xa = __ldg((const float2 *)(xr[r] + k)), xb = __ldg((const float2 *)(xr[r] + k + 8));
+                        const float2 xa = ldx(r, k), xb = ldx(r, k + 8);
                         aA[r] = fmaf(w6, xb.y, fmaf(w2, xb.x, fmaf(w4, xa.y, fmaf(w0, xa.x, aA[r]))));
                         aB[r] = fmaf(w7, xb.y, fmaf(w3, xb.x, fmaf(w5, xa.y, fmaf(w1, xa.x, aB[r]))));
                     }
@@ -336,38 +321,154 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        float va = fmaf(sA, aA[r], yA[r]), vb = fmaf(sB, aB[r], yB[r]);
-        va += __shfl_xor_sync(0xffffffffu, va, 1);
-        vb += __shfl_xor_sync(0xffffffffu, vb, 1);
-        va += __shfl_xor_sync(0xffffffffu, va, 2);
-        vb += __shfl_xor_sync(0xffffffffu, vb, 2);
-        if (tq == 0) red[warp][r][gid] = va, red[warp][r][gid + 8] = vb;
+        yA[r] = fmaf(sA, aA[r], yA[r]);
+        yB[r] = fmaf(sB, aB[r], yB[r]);
+    }
+}
+
+// out[r][o] for the 16 columns of one tile and R rows; see the file comment for the mapping.
+// Lane (gid, tq) accumulates columns o0+gid (A) and o0+gid+8 (B) over rows 2tq, 2tq+1, 2tq+8,
+// 2tq+9 of every 16-row step of its warp's chunks.
+// NORM: warp w first writes x * norm of its own chunks' rows into shared memory (dynamic,
+// R x 64 n_kc floats) and sums x^2 there; the inner loop then reads x from shared memory, and
+// the block's sum of squares scales the finished dot products (as rmsnorm_kernel, applied after
+// the dot). Swiglu mode: the block computes its tile of weight 0 (gate) and of weight 1 (up).
+// PDL (launched with programmatic stream serialization on sm_90): before waiting for the
+// previous kernel, every warp asks L2 for the first chunks of its codes (they do not depend on
+// it); the next kernel may launch once every warp has finished its loads.
+template <int R, int NW, bool NORM>
+__global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_args a) {
+    __shared__ float red[2][NW][R][16];
+    __shared__ float red_ss[NW][R];
+    extern __shared__ float xs_dyn[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
+    const bool swiglu = a.mode == GEMV_SWIGLU;
+    // which weight (unrolled selects: no dynamic indexing of the parameter arrays)
+    int     wsel = 0;
+    int32_t ot   = (int32_t)blockIdx.x;
+#pragma unroll
+    for (int j = 1; j < GPTQ_MAX_MULTI; j++)
+        if (!swiglu && j < a.n && (int32_t)blockIdx.x >= a.ot_end[j - 1]) wsel = j, ot = (int32_t)blockIdx.x - a.ot_end[j - 1];
+    const uint4    *qw = a.qw[0], *qw1 = a.qw[1];
+    const uint32_t *sz = a.sz[0];
+    const int32_t  *kb_grp = a.kb_grp[0];
+    const float    *x = a.x[0], *bias = a.bias[0];
+    float          *out = a.out[0];
+    int32_t         n_out = a.n_out[0], n_groups = a.n_groups[0];
+#pragma unroll
+    for (int j = 1; j < GPTQ_MAX_MULTI; j++)
+        if (wsel == j) {
+            qw = a.qw[j], sz = a.sz[j], kb_grp = a.kb_grp[j], x = a.x[j], bias = a.bias[j], out = a.out[j];
+            n_out = a.n_out[j], n_groups = a.n_groups[j];
+        }
+    const int32_t n_kc = a.n_kc, per = (n_kc + NW - 1) / NW;
+    const int32_t kc0 = min(n_kc, warp * per), kc1 = min(n_kc, kc0 + per);
+    // L2 prefetch of this warp's first chunks (8 of them: 4 KiB) before the wait
+    {
+        const char *p0 = (const char *)(qw + ((int64_t)ot * n_kc + kc0) * 32);
+        if (kc0 + (lane >> 2) < kc1) prefetch_l2(p0 + lane * 128);
+        if (swiglu) {
+            const char *p1 = (const char *)(qw1 + ((int64_t)ot * n_kc + kc0) * 32);
+            if (kc0 + (lane >> 2) < kc1) prefetch_l2(p1 + lane * 128);
+        }
+    }
+    pdl_wait();
+    float ss[R];
+    if constexpr (NORM) { // x * norm of this warp's rows into shared memory, sum of x^2 on the way
+        const int64_t k0 = (int64_t)kc0 * 64, k1 = (int64_t)kc1 * 64;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float *xr = x + (int64_t)min(r, a.n_rows - 1) * a.ldx;
+            float        s  = 0.0f;
+            for (int64_t k = k0 + 4 * lane; k < k1; k += 4 * WARP_SIZE) {
+                const float4 v = __ldg((const float4 *)(xr + k)), g = __ldg((const float4 *)(a.norm + k));
+                s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+                *(float4 *)(xs_dyn + (int64_t)r * n_kc * 64 + k) = make_float4(v.x * g.x, v.y * g.y, v.z * g.z, v.w * g.w);
+            }
+            ss[r] = warp_sum(s);
+        }
+        __syncwarp();
+    }
+    float yA[2][R], yB[2][R];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int r = 0; r < R; r++) yA[m][r] = yB[m][r] = 0.0f;
+#pragma unroll
+    for (int m = 0; m < 2; m++) {
+        if (m == 1 && !swiglu) break;
+        const uint4    *q   = m ? qw1 : qw;
+        const uint32_t *szm = m ? a.sz[1] : sz;
+        const int32_t  *kbm = m ? a.kb_grp[1] : kb_grp;
+        const int32_t   ngm = m ? a.n_groups[1] : n_groups;
+        const uint4    *wp  = q + (int64_t)ot * n_kc * 32 + lane;
+        const uint32_t *szp = szm + (int64_t)ot * ngm * 16;
+        if constexpr (NORM) {
+            const float *xs = xs_dyn + 2 * tq;
+            gemv_tile<R>(wp, szp, kbm, kc0, kc1, gid,
+                         [&](int r, int32_t k) { return *(const float2 *)(xs + (int64_t)r * n_kc * 64 + k); }, yA[m], yB[m]);
+        } else {
+            const float *xm = m ? a.x[1] : x;
+            const float *xr[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) xr[r] = xm + (int64_t)min(r, a.n_rows - 1) * a.ldx + 2 * tq;
+            gemv_tile<R>(wp, szp, kbm, kc0, kc1, gid, [&](int r, int32_t k) { return __ldg((const float2 *)(xr[r] + k)); },
+                         yA[m], yB[m]);
+        }
+    }
+    pdl_launch_dependents();
+#pragma unroll
+    for (int m = 0; m < 2; m++) {
+        if (m == 1 && !swiglu) break;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float va = yA[m][r], vb = yB[m][r];
+            va += __shfl_xor_sync(0xffffffffu, va, 1);
+            vb += __shfl_xor_sync(0xffffffffu, vb, 1);
+            va += __shfl_xor_sync(0xffffffffu, va, 2);
+            vb += __shfl_xor_sync(0xffffffffu, vb, 2);
+            if (tq == 0) red[m][warp][r][gid] = va, red[m][warp][r][gid + 8] = vb;
+        }
+    }
+    if constexpr (NORM) {
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < R; r++) red_ss[warp][r] = ss[r];
     }
     __syncthreads();
     for (int i = threadIdx.x; i < R * 16; i += NW * WARP_SIZE) {
         const int r = i >> 4, c = i & 15;
-        float     s = 0.0f;
+        float     s = 0.0f, u = 0.0f;
 #pragma unroll
-        for (int w = 0; w < NW; w++) s += red[w][r][c];
+        for (int w = 0; w < NW; w++) s += red[0][w][r][c];
+        if (swiglu)
+#pragma unroll
+            for (int w = 0; w < NW; w++) u += red[1][w][r][c];
+        if constexpr (NORM) { // 1 / sqrt(mean(x^2) + eps), as rmsnorm_kernel, over the block's warps in order
+            float t = 0.0f;
+#pragma unroll
+            for (int w = 0; w < NW; w++) t += red_ss[w][r];
+            const float inv = 1.0f / sqrtf(t / (float)a.ldx + a.eps);
+            s *= inv;
+            u *= inv;
+        }
         const int32_t o = ot * 16 + c;
-        if (r < a.n_rows && o < n_out) out[(int64_t)r * n_out + o] = s + (bias ? bias[o] : 0.0f);
+        if (r >= a.n_rows || o >= n_out) continue;
+        float *p = out + (int64_t)r * n_out + o;
+        s += bias ? bias[o] : 0.0f;
+        if (swiglu) {
+            u += a.bias[1] ? a.bias[1][o] : 0.0f;
+            *p = s / (1.0f + expf(-s)) * u; // as silu_mul_kernel
+        } else if (a.mode == GEMV_ACCUMULATE) {
+            *p += s;
+        } else {
+            *p = s;
+        }
     }
 }
 
 // ---- int8 GEMV (decode): x quantized to int8 per call, int4 x int8 tensor-core products ----
 
-// griddepcontrol (programmatic dependent launch, sm_90+): no-ops when the kernel was launched
-// without the attribute, and compiled out for older targets (where the launcher never asks for it).
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 // Byte offset of padded row k inside a quantized x row: the chunk's 64 bytes are [tq][j][e], with
 // e = 0..3 holding rows 16j + 2tq + {0, 8, 1, 9} (the byte order of dw & 0x0f0f0f0f).
@@ -893,101 +994,7 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
     return COOPT_OK;
 }
 
-// ---- launchers ----
-
-template <int R>
-static void gemv_launch_r(cudaStream_t st, const gemv_args &a, unsigned blocks, int nw) {
-    switch (nw) {
-    case 4: gptq_gemv_kernel<R, 4><<<blocks, 4 * WARP_SIZE, 0, st>>>(a); break;
-    case 8: gptq_gemv_kernel<R, 8><<<blocks, 8 * WARP_SIZE, 0, st>>>(a); break;
-    default: gptq_gemv_kernel<R, 16><<<blocks, 16 * WARP_SIZE, 0, st>>>(a); break;
-    }
-    CUDA_CHECK_LAUNCH();
-}
-
-static void gemv_launch(cudaStream_t st, const gemv_args &a, unsigned blocks, int nw) {
-    if (a.n_rows <= 1)
-        gemv_launch_r<1>(st, a, blocks, nw);
-    else if (a.n_rows <= 2)
-        gemv_launch_r<2>(st, a, blocks, nw);
-    else if (a.n_rows <= 4)
-        gemv_launch_r<4>(st, a, blocks, nw);
-    else
-        gemv_launch_r<8>(st, a, blocks, nw);
-}
-
-// Warps per GEMV block: more warps per tile when there are few tiles. Measured on an H100
-// (docs/BENCHMARKS.md): with these choices every real shape ran within 2 % of its best block size.
-static int gemv_auto_warps(const struct cuda_backend *cb, int64_t n_tiles) {
-    if (n_tiles >= 4 * (int64_t)cb->n_sm) return 4;
-    if (n_tiles >= 2 * (int64_t)cb->n_sm) return 8;
-    return 16;
-}
-
-static void gather(cudaStream_t st, void *dst, bool half, const float *x, const struct cuda_gptq_weight *w,
-                   int32_t n_rows) {
-    int64_t n = (int64_t)n_rows * w->k_pad;
-    if (half)
-        gptq_gather_kernel<__half><<<cuda_grid_1d(n, 256), 256, 0, st>>>((__half *)dst, x, w->perm, w->n_in, w->k_pad, n);
-    else
-        gptq_gather_kernel<float><<<cuda_grid_1d(n, 256), 256, 0, st>>>((float *)dst, x, w->perm, w->n_in, w->k_pad, n);
-    CUDA_CHECK_LAUNCH();
-}
-
-static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, const float *x,
-                       const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows, int nw) {
-    const int64_t k_pad = ws[0]->k_pad, n_in = ws[0]->n_in;
-    // distinct row orders that need a gathered copy of x (x read in place needs 8-byte pairs)
-    const bool direct_ok = ((uintptr_t)x & 7) == 0;
-    uint64_t   hashes[GPTQ_MAX_MULTI];
-    int        n_h = 0, slot[GPTQ_MAX_MULTI];
-    int64_t    tiles = 0;
-    for (int32_t j = 0; j < n; j++) {
-        COOPT_ASSERT(ws[j]->n_in == n_in && ws[j]->k_pad == k_pad);
-        tiles += ws[j]->n_ot;
-        slot[j] = -1;
-        if (direct_ok && ws[j]->direct) continue;
-        for (int h = 0; h < n_h; h++)
-            if (hashes[h] == ws[j]->perm_hash) slot[j] = h;
-        if (slot[j] < 0) hashes[n_h] = ws[j]->perm_hash, slot[j] = n_h++;
-    }
-    const size_t xp_bytes = align256((size_t)n_rows * (size_t)k_pad * 4);
-    uint8_t     *wsp      = n_h ? (uint8_t *)cuda_workspace(cb, xp_bytes * n_h) : NULL;
-    for (int h = 0; h < n_h; h++)
-        for (int32_t j = 0; j < n; j++)
-            if (slot[j] == h) {
-                gather(cb->stream, wsp + h * xp_bytes, false, x, ws[j], n_rows);
-                break;
-            }
-    if (nw <= 0) nw = gemv_auto_warps(cb, tiles);
-    for (int32_t r0 = 0; r0 < n_rows; r0 += GPTQ_GEMV_MAX_ROWS) {
-        gemv_args a;
-        memset(&a, 0, sizeof(a));
-        a.n      = n;
-        a.n_kc   = ws[0]->n_kc;
-        a.n_rows = COOPT_MIN(GPTQ_GEMV_MAX_ROWS, n_rows - r0);
-        int32_t end = 0;
-        for (int32_t j = 0; j < n; j++) {
-            const struct cuda_gptq_weight *w = ws[j];
-            const float *xj = slot[j] < 0 ? x + (int64_t)r0 * n_in : (const float *)(wsp + slot[j] * xp_bytes) + (int64_t)r0 * k_pad;
-            a.qw[j]       = (const uint4 *)w->qw;
-            a.sz[j]       = w->sz;
-            a.kb_grp[j]   = w->kb_grp;
-            a.x[j]        = xj;
-            a.bias[j]     = biases ? biases[j] : NULL;
-            a.out[j]      = outs[j] + (int64_t)r0 * w->n_out;
-            a.n_out[j]    = (int32_t)w->n_out;
-            a.n_groups[j] = w->n_groups;
-            end += w->n_ot;
-            a.ot_end[j] = end;
-        }
-        // one stride for all: gathered copies are k_pad wide, and a direct weight has k_pad == n_in
-        a.ldx = n_h ? k_pad : n_in;
-        gemv_launch(cb->stream, a, (unsigned)end, nw);
-    }
-}
-
-// ---- int8 GEMV: options, launch configuration, launcher ----
+// ---- launch options ----
 
 // Process-wide choices (tests and the ablation; read from the environment on first use):
 // which GEMV decode uses, and whether the int8 GEMV's kernels use programmatic dependent launch.
@@ -1025,15 +1032,17 @@ static bool pdl_enabled(const struct cuda_backend *cb) {
     return g_cc_major[cb->device] >= 9;
 }
 
-// Launches kern<<<grid, block, 0, st>>>(args...), with programmatic stream serialization when
+// Launches kern<<<grid, block, smem, st>>>(args...), with programmatic stream serialization when
 // `pdl` (the kernel may start while the previous one in the stream finishes; it waits for it with
 // griddepcontrol.wait before touching what that one writes). A launch refused with the
 // attribute is retried without it, and PDL stays off for the process.
 template <typename... P, typename... A>
-static void launch_maybe_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, cudaStream_t st, A... args) {
+static void launch_maybe_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                             A... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim            = grid;
     cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
     cfg.stream   = st;
     cudaLaunchAttribute at[1] = {};
     at[0].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -1052,6 +1061,138 @@ static void launch_maybe_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block
     CUDA_CHECK(e);
     CUDA_CHECK_LAUNCH();
 }
+
+// ---- launchers ----
+
+template <int R, bool NORM>
+static void gemv_launch_r(cudaStream_t st, bool pdl, const gemv_args &a, unsigned blocks, int nw) {
+    const size_t smem = NORM ? (size_t)R * (size_t)a.n_kc * 64 * sizeof(float) : 0;
+    switch (nw) {
+    case 4: launch_maybe_pdl(pdl, gptq_gemv_kernel<R, 4, NORM>, dim3(blocks), dim3(4 * WARP_SIZE), smem, st, a); break;
+    case 8: launch_maybe_pdl(pdl, gptq_gemv_kernel<R, 8, NORM>, dim3(blocks), dim3(8 * WARP_SIZE), smem, st, a); break;
+    default: launch_maybe_pdl(pdl, gptq_gemv_kernel<R, 16, NORM>, dim3(blocks), dim3(16 * WARP_SIZE), smem, st, a); break;
+    }
+}
+
+template <bool NORM> static void gemv_launch_n(cudaStream_t st, bool pdl, const gemv_args &a, unsigned blocks, int nw) {
+    if (a.n_rows <= 1)
+        gemv_launch_r<1, NORM>(st, pdl, a, blocks, nw);
+    else if (a.n_rows <= 2)
+        gemv_launch_r<2, NORM>(st, pdl, a, blocks, nw);
+    else if (a.n_rows <= 4)
+        gemv_launch_r<4, NORM>(st, pdl, a, blocks, nw);
+    else
+        gemv_launch_r<8, NORM>(st, pdl, a, blocks, nw);
+}
+
+static void gemv_launch(cudaStream_t st, bool pdl, const gemv_args &a, unsigned blocks, int nw) {
+    if (a.norm)
+        gemv_launch_n<true>(st, pdl, a, blocks, nw);
+    else
+        gemv_launch_n<false>(st, pdl, a, blocks, nw);
+}
+
+// Warps per GEMV block: more warps per tile when there are few tiles. Measured on an H100
+// (docs/BENCHMARKS.md): with these choices every real shape ran within 2 % of its best block size.
+static int gemv_auto_warps(const struct cuda_backend *cb, int64_t n_tiles) {
+    if (n_tiles >= 4 * (int64_t)cb->n_sm) return 4;
+    if (n_tiles >= 2 * (int64_t)cb->n_sm) return 8;
+    return 16;
+}
+
+static void gather(cudaStream_t st, void *dst, bool half, const float *x, const struct cuda_gptq_weight *w,
+                   int32_t n_rows) {
+    int64_t n = (int64_t)n_rows * w->k_pad;
+    if (half)
+        gptq_gather_kernel<__half><<<cuda_grid_1d(n, 256), 256, 0, st>>>((__half *)dst, x, w->perm, w->n_in, w->k_pad, n);
+    else
+        gptq_gather_kernel<float><<<cuda_grid_1d(n, 256), 256, 0, st>>>((float *)dst, x, w->perm, w->n_in, w->k_pad, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+// The f32 GEMV over n weights of one input. mode: enum gemv_mode (swiglu: n == 2, outs[0] gets
+// the result); norm (NULL = none): x is RMS-normed on the way in (every weight direct, x 16-byte
+// aligned: checked by cuda_gptq_gemv_fused). nw: warps per block, 0 = automatic.
+static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, const float *x,
+                       const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows, int nw,
+                       int mode = GEMV_STORE, const float *norm = NULL, float eps = 0.0f) {
+    const int64_t k_pad = ws[0]->k_pad, n_in = ws[0]->n_in;
+    // distinct row orders that need a gathered copy of x (x read in place needs 8-byte pairs)
+    const bool direct_ok = ((uintptr_t)x & 7) == 0;
+    uint64_t   hashes[GPTQ_MAX_MULTI];
+    int        n_h = 0, slot[GPTQ_MAX_MULTI];
+    int64_t    tiles = 0;
+    for (int32_t j = 0; j < n; j++) {
+        COOPT_ASSERT(ws[j]->n_in == n_in && ws[j]->k_pad == k_pad);
+        tiles += ws[j]->n_ot;
+        slot[j] = -1;
+        if (direct_ok && ws[j]->direct) continue;
+        for (int h = 0; h < n_h; h++)
+            if (hashes[h] == ws[j]->perm_hash) slot[j] = h;
+        if (slot[j] < 0) hashes[n_h] = ws[j]->perm_hash, slot[j] = n_h++;
+    }
+    const size_t xp_bytes = align256((size_t)n_rows * (size_t)k_pad * 4);
+    uint8_t     *wsp      = n_h ? (uint8_t *)cuda_workspace(cb, xp_bytes * n_h) : NULL;
+    for (int h = 0; h < n_h; h++)
+        for (int32_t j = 0; j < n; j++)
+            if (slot[j] == h) {
+                gather(cb->stream, wsp + h * xp_bytes, false, x, ws[j], n_rows);
+                break;
+            }
+    const int64_t blocks = mode == GEMV_SWIGLU ? ws[0]->n_ot : tiles;
+    if (nw <= 0) nw = gemv_auto_warps(cb, blocks);
+    const bool pdl = cb->pdl && pdl_enabled(cb);
+    COOPT_ASSERT(!norm || n_h == 0);
+    for (int32_t r0 = 0; r0 < n_rows; r0 += GPTQ_GEMV_MAX_ROWS) {
+        gemv_args a;
+        memset(&a, 0, sizeof(a));
+        a.n      = n;
+        a.mode   = mode;
+        a.norm   = norm;
+        a.eps    = eps;
+        a.n_kc   = ws[0]->n_kc;
+        a.n_rows = COOPT_MIN(GPTQ_GEMV_MAX_ROWS, n_rows - r0);
+        int32_t end = 0;
+        for (int32_t j = 0; j < n; j++) {
+            const struct cuda_gptq_weight *w = ws[j];
+            const float *xj = slot[j] < 0 ? x + (int64_t)r0 * n_in : (const float *)(wsp + slot[j] * xp_bytes) + (int64_t)r0 * k_pad;
+            a.qw[j]       = (const uint4 *)w->qw;
+            a.sz[j]       = w->sz;
+            a.kb_grp[j]   = w->kb_grp;
+            a.x[j]        = xj;
+            a.bias[j]     = biases ? biases[j] : NULL;
+            a.out[j]      = outs[j] + (int64_t)r0 * w->n_out;
+            a.n_out[j]    = (int32_t)w->n_out;
+            a.n_groups[j] = w->n_groups;
+            end += w->n_ot;
+            a.ot_end[j] = end;
+        }
+        // one stride for all: gathered copies are k_pad wide, and a direct weight has k_pad == n_in
+        a.ldx = n_h ? k_pad : n_in;
+        gemv_launch(cb->stream, pdl, a, (unsigned)blocks, nw);
+    }
+}
+
+bool cuda_gptq_gemv_fused(struct coopt_backend *be, enum cuda_gptq_fused mode, int32_t n, float *const *outs,
+                          const float *x, const float *norm, float eps, const struct cuda_gptq_weight *const *ws,
+                          const float *const *biases, int32_t n_rows) {
+    // the f32 GEMV is the path of one row (cuda_gptq_auto_path); others compose the fused op
+    if (n_rows != 1 || n < 1 || n > GPTQ_MAX_MULTI || cuda_gptq_get_gemv() != CUDA_GPTQ_GEMV_MODE_F32) return false;
+    if (mode == CUDA_GPTQ_FUSED_SWIGLU && (n != 2 || ws[1]->n_out != ws[0]->n_out)) return false;
+    if (mode == CUDA_GPTQ_FUSED_ADD && n != 1) return false;
+    for (int32_t j = 0; j < n; j++)
+        if (ws[j]->n_in != ws[0]->n_in || ws[j]->k_pad != ws[0]->k_pad) return false;
+    if (norm) { // x and norm read in place as float4, x * norm staged in 48 KiB of shared memory at most
+        bool ok = ((uintptr_t)x & 15) == 0 && ((uintptr_t)norm & 15) == 0 && ws[0]->k_pad * 4 <= 48 * 1024;
+        for (int32_t j = 0; j < n; j++) ok = ok && ws[j]->direct;
+        if (!ok) return false;
+    }
+    const int m = mode == CUDA_GPTQ_FUSED_SWIGLU ? GEMV_SWIGLU : mode == CUDA_GPTQ_FUSED_ADD ? GEMV_ACCUMULATE : GEMV_STORE;
+    gemv_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0, m, norm, eps);
+    return true;
+}
+
+// ---- int8 GEMV: options, launch configuration, launcher ----
 
 // Warps per block (4, 8 or 16) and K splits for `tiles` column tiles of n_kc chunks. param: warps
 // in the low byte and splits above it, 0 = automatic: no K split, 8 warps per tile, 16 when there
@@ -1099,7 +1240,7 @@ static void i8_multi(struct cuda_backend *cb, int32_t n, float *const *outs, con
     for (int h = 0; h < n_h; h++) {
         uint8_t      *base = wsp + (size_t)h * (xq_bytes + xs_bytes);
         const int64_t n_w  = (int64_t)n_rg * I8_ROWS * nblk; // warps
-        launch_maybe_pdl(pdl, gptq_quant_x_kernel, dim3(cuda_grid_1d(n_w * WARP_SIZE, 256)), dim3(256), cb->stream,
+        launch_maybe_pdl(pdl, gptq_quant_x_kernel, dim3(cuda_grid_1d(n_w * WARP_SIZE, 256)), dim3(256), 0, cb->stream,
                          (int8_t *)base, (int2 *)(base + xq_bytes), x, perms[h], n_in, k_pad, nblk, n_rows,
                          n_rg * I8_ROWS);
     }
@@ -1131,9 +1272,9 @@ static void i8_multi(struct cuda_backend *cb, int32_t n, float *const *outs, con
         }
         const dim3 grid((unsigned)end, (unsigned)n_split);
         switch (nw) {
-        case 4: launch_maybe_pdl(pdl, gptq_i8_gemv_kernel<4>, grid, dim3(4 * WARP_SIZE), cb->stream, a); break;
-        case 16: launch_maybe_pdl(pdl, gptq_i8_gemv_kernel<16>, grid, dim3(16 * WARP_SIZE), cb->stream, a); break;
-        default: launch_maybe_pdl(pdl, gptq_i8_gemv_kernel<8>, grid, dim3(8 * WARP_SIZE), cb->stream, a); break;
+        case 4: launch_maybe_pdl(pdl, gptq_i8_gemv_kernel<4>, grid, dim3(4 * WARP_SIZE), 0, cb->stream, a); break;
+        case 16: launch_maybe_pdl(pdl, gptq_i8_gemv_kernel<16>, grid, dim3(16 * WARP_SIZE), 0, cb->stream, a); break;
+        default: launch_maybe_pdl(pdl, gptq_i8_gemv_kernel<8>, grid, dim3(8 * WARP_SIZE), 0, cb->stream, a); break;
         }
     }
 }

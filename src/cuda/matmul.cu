@@ -272,21 +272,6 @@ __device__ __forceinline__ void dot2_quant(const uint8_t *__restrict__ wa, const
 
 // ---- the kernel ----
 
-// Programmatic dependent launch (sm_90): let the next kernel of the stream launch now (it waits
-// for this grid's completion itself before reading what this one writes), and wait here for the
-// previous grid before touching x or out. Both are no-ops for launches without the attribute.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
 template <int T, int NR, bool VEC, bool NORM>
 __global__ void __launch_bounds__(GEMV_WARPS * WARP_SIZE) gemv_kernel(const struct gemv_args a) {
     constexpr bool QUANT = T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0;
@@ -640,6 +625,21 @@ static bool gptq_multi(struct coopt_backend *be, int32_t n, float *const *outs, 
     return true;
 }
 
+// The fused op in one GPTQ GEMV launch (gptq.cu), where it applies: all weights GPTQ, one row.
+// Returns false when the caller must compose the op.
+static bool gptq_fused(struct coopt_backend *be, enum cuda_gptq_fused mode, int32_t n, float *const *outs,
+                       const float *x, const float *norm, float eps, const struct coopt_weight *const *ws,
+                       int32_t n_rows) {
+    const struct cuda_gptq_weight *gw[GEMV_MAX_SEG];
+    const float                   *bias[GEMV_MAX_SEG];
+    for (int32_t i = 0; i < n; i++) {
+        if (ws[i]->dtype != COOPT_DTYPE_Q4_GPTQ) return false;
+        gw[i]   = (const struct cuda_gptq_weight *)ws[i]->gptq;
+        bias[i] = ws[i]->bias;
+    }
+    return cuda_gptq_gemv_fused(be, mode, n, outs, x, norm, eps, gw, bias, n_rows);
+}
+
 // x normed into the second workspace (for the paths that need it materialized).
 static const float *normed_copy(struct coopt_backend *be, const float *x, const float *norm, float eps, int64_t n_in,
                                 int32_t n_rows) {
@@ -668,6 +668,7 @@ void cuda_norm_matmul_multi(struct coopt_backend *be, int32_t n, float *const *o
         gemv_segments(cuda_impl(be), GEMV_STORE, n, outs, x, norm, eps, ws, n_rows);
         return;
     }
+    if (gptq_fused(be, CUDA_GPTQ_FUSED_STORE, n, outs, x, norm, eps, ws, n_rows)) return;
     cuda_matmul_multi(be, n, outs, normed_copy(be, x, norm, eps, ws[0]->n_in, n_rows), ws, n_rows);
 }
 
@@ -700,6 +701,7 @@ void cuda_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const 
     }
     float *const                     outs[2] = {out, tmp};
     const struct coopt_weight *const ws[2]   = {wg, wu};
+    if (gptq_fused(be, CUDA_GPTQ_FUSED_SWIGLU, 2, outs, x, NULL, 0.0f, ws, n_rows)) return;
     if (!gptq_multi(be, 2, outs, x, ws, n_rows)) {
         cuda_matmul(be, out, x, wg, n_rows);
         cuda_matmul(be, tmp, x, wu, n_rows);
@@ -715,6 +717,9 @@ void cuda_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, c
         swiglu_launch(be, out, x, norm, eps, wg, wu, n_rows);
         return;
     }
+    float *const                     outs[2] = {out, tmp};
+    const struct coopt_weight *const ws[2]   = {wg, wu};
+    if (gptq_fused(be, CUDA_GPTQ_FUSED_SWIGLU, 2, outs, x, norm, eps, ws, n_rows)) return;
     cuda_matmul_swiglu(be, out, tmp, normed_copy(be, x, norm, eps, wg->n_in, n_rows), wg, wu, n_rows);
 }
 
@@ -725,6 +730,7 @@ void cuda_matmul_add(struct coopt_backend *be, float *out, const float *x, const
         gemm_cublas(cb, out, x, w, n_rows, true);
     } else if (gemv_ok(w, n_rows)) {
         gemv_segments(cb, GEMV_ACCUMULATE, 1, &out, x, NULL, 0.0f, &w, n_rows);
+    } else if (gptq_fused(be, CUDA_GPTQ_FUSED_ADD, 1, &out, x, NULL, 0.0f, &w, n_rows)) {
     } else { // another file's matmul (it may use the workspace): the product goes to the second one
         float *tmp = (float *)cuda_workspace2(cb, (size_t)n_rows * (size_t)w->n_out * sizeof(float));
         cuda_matmul(be, tmp, x, w, n_rows);

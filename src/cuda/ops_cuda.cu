@@ -159,6 +159,7 @@ __global__ void rmsnorm_kernel(float *out, const float *x, const float *__restri
     const float     *xr = x + (size_t)blockIdx.x * (size_t)dim;
     float           *o  = out + (size_t)blockIdx.x * (size_t)dim;
     float            ss = 0.0f;
+#pragma unroll 4
     for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
@@ -176,7 +177,9 @@ __global__ void rmsnorm_kernel(float *out, const float *x, const float *__restri
 static void cuda_rmsnorm(struct coopt_backend *be, float *out, const float *x, const float *w, int32_t n_rows,
                          int32_t dim, float eps) {
     if (n_rows <= 0) return;
-    rmsnorm_kernel<<<n_rows, 256, 0, cuda_impl(be)->stream>>>(out, x, w, dim, eps);
+    // 1024 threads: a decode row (one block) is a chain of dim / blockDim dependent loads per
+    // thread (256 threads at dim 4096: ~11 us on an H100, 1024: a few)
+    rmsnorm_kernel<<<n_rows, 1024, 0, cuda_impl(be)->stream>>>(out, x, w, dim, eps);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -15,7 +15,7 @@
  *
  * rope_kernel       Grid: (n_tokens); Block: 128 threads over the n_heads * head_dim/2 pairs.
  * rope_store_kernel Grid: (n_tokens, ceil(2 * n_kv_heads / 4)); Block: 128 threads = 4 warps.
- *                   Blocks with blockIdx.y == 0 rotate q; warp w of block y handles the cache
+ *                   Block y rotates its share of q's heads; warp w of block y handles the cache
  *                   row r = 4y + w (kv head r/2, K or V) of the token:
  *                   rotated row into shared memory, warp amax, quantized store.
  *                   Shared memory: 4 * head_dim floats (head_dim <= 256).
@@ -60,10 +60,10 @@ __device__ __forceinline__ void rope_rotate(float x0, float x1, float c, float s
     *y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
 }
 
-// Rotates the n_heads heads of one token's row x in place (all threads of the block).
-__device__ __forceinline__ void rope_row(float *x, int32_t n_heads, int32_t pos, const struct rope_params &p) {
+// Rotates heads [h0, h1) of one token's row x in place (all threads of the block).
+__device__ __forceinline__ void rope_row(float *x, int32_t h0, int32_t h1, int32_t pos, const struct rope_params &p) {
     int half = p.head_dim / 2;
-    for (int idx = threadIdx.x; idx < n_heads * half; idx += blockDim.x) {
+    for (int idx = threadIdx.x + h0 * half; idx < h1 * half; idx += blockDim.x) {
         int   h = idx / half, i = idx % half, i0, i1;
         float a = (float)pos * p.inv_freq[i];
         float c = cosf(a), s = sinf(a);
@@ -79,7 +79,7 @@ __device__ __forceinline__ void rope_row(float *x, int32_t n_heads, int32_t pos,
 
 __global__ void rope_kernel(float *q, int32_t n_heads, const int32_t *__restrict__ pos, const struct rope_params p) {
     int32_t t = blockIdx.x;
-    rope_row(q + (size_t)t * n_heads * p.head_dim, n_heads, pos[t], p);
+    rope_row(q + (size_t)t * n_heads * p.head_dim, 0, n_heads, pos[t], p);
 }
 
 void cuda_rope(struct coopt_backend *be, float *q, int32_t n_heads, const int32_t *pos, int32_t n,
@@ -180,7 +180,10 @@ __global__ void __launch_bounds__(128)
     const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
     const int        warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int32_t    ps = pos[t];
-    if (blockIdx.y == 0) rope_row(q + (size_t)t * n_heads * hd, n_heads, ps, p);
+    { // q heads split over the token's blocks (one block rotating all of them was ~20 us at decode)
+        const int32_t per = (n_heads + gridDim.y - 1) / gridDim.y, h0 = min(n_heads, (int32_t)blockIdx.y * per);
+        rope_row(q + (size_t)t * n_heads * hd, h0, min(n_heads, h0 + per), ps, p);
+    }
 
     const int64_t page = slots[t] / L.page_size;
     const int32_t row  = (int32_t)(slots[t] % L.page_size);
@@ -272,7 +275,7 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
     struct kv_dev_layout L  = kv_dev_layout_make(l);
     cudaStream_t         st = cuda_impl(be)->stream;
     // Grid (n_tokens, ceil(2 * n_kv_heads / 4)): one warp per K or V row, so the FP8 scale search
-    // of a token's rows runs in parallel; blocks with blockIdx.y == 0 also rotate q.
+    // of a token's rows runs in parallel; each block also rotates its share of q's heads.
     dim3 n(b->n_tokens, (2 * l->n_kv_heads + 3) / 4);
     const float *koff = (l->has_scales && kv->k_offset && b->seq_ids) ? kv->k_offset : NULL;
     if (koff && !b->no_seq_start) { // (skipped when the host knows no sequence starts here: decode)
