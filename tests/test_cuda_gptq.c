@@ -88,6 +88,7 @@ struct gq_ref {
     int64_t *cols;
     int64_t  n_cols;
     double  *ref, *mag, *sw, *hq, *m2;
+    double   amax[8]; // max |x| of rows 0..7
 };
 
 static void gq_ref_free(struct gq_ref *r) {
@@ -121,6 +122,10 @@ static void gq_ref_make(const struct coopt_gptq_src *s, const struct coopt_gptq_
         if (out <= 1100 || o < 24 || o >= out - 24 || o % 61 == 0) r->cols[r->n_cols++] = o;
     size_t n = (size_t)r->n_cols * (size_t)n_rows;
     r->ref = malloc(n * 8), r->mag = malloc(n * 8), r->sw = malloc(n * 8), r->hq = malloc(n * 8), r->m2 = malloc(n * 8);
+    for (int32_t row = 0; row < 8; row++) {
+        r->amax[row] = 0;
+        for (int64_t i = 0; row < n_rows && i < in; i++) r->amax[row] = fmax(r->amax[row], fabs(x[(size_t)row * in + i]));
+    }
     float *w = malloc((size_t)in * 4), *qz = malloc((size_t)in * 4), *h = malloc((size_t)in * 4 * (size_t)n_rows);
     for (int32_t row = 0; row < n_rows; row++) gq_half_quanta(hw, x + (size_t)row * (size_t)in, h + (size_t)row * (size_t)in);
     for (int64_t c = 0; c < r->n_cols; c++) {
@@ -143,20 +148,31 @@ static void gq_ref_make(const struct coopt_gptq_src *s, const struct coopt_gptq_
 }
 
 // How a result is checked (tolerances: file comment).
-enum gq_kind { GQ_F32, GQ_F16, GQ_I8 };
+enum gq_kind { GQ_F32, GQ_F16, GQ_I8, GQ_H };
 
 static enum gq_kind gq_kind_of(enum cuda_gptq_path path) {
-    return path == CUDA_GPTQ_GEMV ? GQ_F32 : path == CUDA_GPTQ_GEMV_I8 ? GQ_I8 : GQ_F16;
+    return path == CUDA_GPTQ_GEMV      ? GQ_F32
+           : path == CUDA_GPTQ_GEMV_I8 ? GQ_I8
+           : path == CUDA_GPTQ_HGEMV   ? GQ_H
+                                       : GQ_F16;
+}
+
+// The tolerance of one output (file comment); amax = max |x| of its row.
+static double gq_tol(enum gq_kind kind, double mag, double sw, double hq, double amax) {
+    switch (kind) {
+    case GQ_F32: return 1e-5 * mag + 1e-6;
+    case GQ_I8: return 1e-5 * mag + 1.0001 * hq + 1e-6;
+    case GQ_H: return (ldexp(1, -10) + 1e-5) * mag + ldexp(1, -23) * amax * sw + 1e-6;
+    default: return (ldexp(1, -10) + ldexp(1, -22) + 1e-5) * mag + ldexp(1, -25) * sw + 1e-6;
+    }
 }
 
 static bool gq_check(struct test_ctx *t, const char *what, const float *got, int64_t n_out, int32_t n_rows,
                      const struct gq_ref *r, enum gq_kind kind) {
-    const bool f16 = kind == GQ_F16;
     for (int32_t row = 0; row < n_rows; row++) {
         for (int64_t c = 0; c < r->n_cols; c++) {
             size_t k   = (size_t)row * (size_t)r->n_cols + (size_t)c;
-            double tol = (f16 ? ldexp(1, -10) + ldexp(1, -22) + 1e-5 : 1e-5) * r->mag[k] +
-                         (f16 ? ldexp(1, -25) * r->sw[k] : 0) + (kind == GQ_I8 ? 1.0001 * r->hq[k] : 0) + 1e-6;
+            double tol = gq_tol(kind, r->mag[k], r->sw[k], r->hq[k], row < 8 ? r->amax[row] : INFINITY);
             double g   = got[(size_t)row * (size_t)n_out + (size_t)r->cols[c]];
             if (!(fabs(g - r->ref[k]) <= tol)) {
                 test_fail(t, __FILE__, __LINE__, "%s: out[%d][%lld] = %.7g, exact %.7g, tol %.3g", what, row,
@@ -212,6 +228,9 @@ static const struct gq_run k_runs[] = {
     {CUDA_GPTQ_GEMV, 0, 64, "gemv", -1},
     {CUDA_GPTQ_GEMV, 4, 8, "gemv4", -1},
     {CUDA_GPTQ_GEMV, 16, 8, "gemv16", -1},
+    {CUDA_GPTQ_HGEMV, 0, 8, "h", -1},
+    {CUDA_GPTQ_HGEMV, 4, 8, "h4", 0},
+    {CUDA_GPTQ_HGEMV, 16, 8, "h16", -1},
     {CUDA_GPTQ_MMA, 0, 1 << 30, "mma", -1},
     {CUDA_GPTQ_MMA, 16 | 3 << 8, 64, "mma16s3", -1},
     {CUDA_GPTQ_MMA, 32, 1 << 30, "mma32", -1},
@@ -319,11 +338,12 @@ TEST(cuda_gptq_multi) {
                   (unsigned long long)dw[1].perm_hash, dw[2].direct);
         ok = false;
     }
-    // both decode GEMVs: int8 (1-8 rows in one launch), f32 (1 row); 20 rows: per weight
-    static const int32_t rows[] = {1, 4, 8, 20, 1, 4};
+    // the decode GEMVs: int8 (1-8 rows in one launch), f32 (1 row), tensor-core (1-8 rows; q/k and v
+    // differ in permutation, so per weight); 20 rows: per weight
+    static const int32_t rows[] = {1, 4, 8, 20, 1, 4, 1, 3, 8};
     for (size_t k = 0; k < COOPT_ARRAY_LEN(rows) && ok; k++) {
         int32_t n_rows = rows[k];
-        cuda_gptq_set_gemv(k < 4 ? CUDA_GPTQ_GEMV_MODE_I8 : CUDA_GPTQ_GEMV_MODE_F32);
+        cuda_gptq_set_gemv(k < 4 ? CUDA_GPTQ_GEMV_MODE_I8 : k < 6 ? CUDA_GPTQ_GEMV_MODE_F32 : CUDA_GPTQ_GEMV_MODE_H);
         size_t  nx     = (size_t)n_rows * 512;
         float  *x      = malloc(nx * 4);
         for (size_t i = 0; i < nx; i++) x[i] = test_rand_normal(&rs);
@@ -391,7 +411,16 @@ static bool fused_case(struct test_ctx *t, struct coopt_backend *be, const struc
         got[j]  = malloc((size_t)n_rows * (size_t)n_outs[j] * 4);
         dout[j] = dev_alloc_copy(be, NULL, (size_t)n_rows * (size_t)n_outs[j] * 4);
     }
-    if (!ok) test_fail(t, __FILE__, __LINE__, "in %lld: repack/upload failed", (long long)c->n_in);
+    if (!ok) {
+        test_fail(t, __FILE__, __LINE__, "in %lld out %lld: repack/upload failed", (long long)c->n_in, (long long)c->n_out);
+        for (int j = 0; j < 3; j++) {
+            if (db[j]) be->ops->free(be, db[j]);
+            be->ops->free(be, dout[j]);
+            free(b[j]), free(got[j]);
+            cuda_gptq_release(&dw[j]), coopt_gptq_weight_free(hw[j]), gptq_tensors_free(&g[j]);
+        }
+        return false;
+    }
     const size_t nx = (size_t)n_rows * (size_t)c->n_in;
     float       *x = malloc(nx * 4), *xn = malloc(nx * 4), *gn = test_rand_array(&rs, (size_t)c->n_in, 0.5f, 1.5f);
     for (size_t i = 0; i < nx; i++) x[i] = 2.0f * test_rand_normal(&rs);
@@ -434,10 +463,8 @@ static bool fused_case(struct test_ctx *t, struct coopt_backend *be, const struc
             for (int64_t k = 0; k < r[0].n_cols && ok; k++) {
                 const size_t i  = (size_t)row * (size_t)r[0].n_cols + (size_t)k;
                 const double gv = r[0].ref[i], uv = r[1].ref[i], sg = gv / (1 + exp(-gv)), want = sg * uv;
-                const double tg = (kind == GQ_F16 ? ldexp(1, -10) + ldexp(1, -22) + 1e-5 : 1e-5) * r[0].mag[i] +
-                                  (kind == GQ_F16 ? ldexp(1, -25) * r[0].sw[i] : 0) + 1e-6;
-                const double tu = (kind == GQ_F16 ? ldexp(1, -10) + ldexp(1, -22) + 1e-5 : 1e-5) * r[1].mag[i] +
-                                  (kind == GQ_F16 ? ldexp(1, -25) * r[1].sw[i] : 0) + 1e-6;
+                const double tg = gq_tol(kind, r[0].mag[i], r[0].sw[i], 0, r[0].amax[row]);
+                const double tu = gq_tol(kind, r[1].mag[i], r[1].sw[i], 0, r[1].amax[row]);
                 const double tol = 1.5 * (1.1 * fabs(uv) * tg + fabs(sg) * tu) + 1e-6 * fabs(want) + 1e-7;
                 const double gt  = got[0][(size_t)row * (size_t)c->n_out + (size_t)r[0].cols[k]];
                 if (!(fabs(gt - want) <= tol)) {
@@ -494,7 +521,7 @@ TEST(cuda_gptq_fused) {
         int64_t          n_out_v;
     } cases[] = {
         {{512, 136, 128, 0, 0, 1}, 72}, {{256, 40, 32, 0, 1, 0}, 8},   {{384, 200, 128, 1, 0, 1}, 24},
-        {{200, 72, -1, 0, 0, 1}, 16},   {{4096, 1100, 128, 0, 1, 1}, 1024}, {{11008, 48, 128, 0, 0, 1}, 16},
+        {{200, 72, -1, 0, 0, 1}, 16},   {{4096, 1096, 128, 0, 1, 1}, 1024}, {{11008, 48, 128, 0, 0, 1}, 16},
     };
     static const int32_t rows[] = {1, 3};
     bool                 ok     = true;
@@ -905,19 +932,14 @@ TEST(cuda_gptq_bench) {
             int32_t             rows;
             const char         *name;
             int                 pdl;
-        } runs[] = {{CUDA_GPTQ_GEMV, 0, 1, "f32", -1},        {CUDA_GPTQ_GEMV_I8, 0, 1, "i8", -1},
-                    {CUDA_GPTQ_GEMV_I8, 0, 1, "i8nopdl", 0},  {CUDA_GPTQ_MMA, 0, 1, "mma", -1},
-                    {CUDA_GPTQ_GEMV_I8, 4 | 1 << 8, 1, "i8w4s1", -1}, {CUDA_GPTQ_GEMV_I8, 4 | 2 << 8, 1, "i8w4s2", -1},
-                    {CUDA_GPTQ_GEMV_I8, 4 | 4 << 8, 1, "i8w4s4", -1}, {CUDA_GPTQ_GEMV_I8, 8 | 1 << 8, 1, "i8w8s1", -1},
-                    {CUDA_GPTQ_GEMV_I8, 8 | 2 << 8, 1, "i8w8s2", -1}, {CUDA_GPTQ_GEMV_I8, 8 | 4 << 8, 1, "i8w8s4", -1},
-                    {CUDA_GPTQ_GEMV_I8, 8 | 8 << 8, 1, "i8w8s8", -1}, {CUDA_GPTQ_GEMV_I8, 16 | 1 << 8, 1, "i8w16s1", -1},
-                    {CUDA_GPTQ_GEMV_I8, 16 | 2 << 8, 1, "i8w16s2", -1},
-                    {CUDA_GPTQ_GEMV, 0, 2, "f32", -1},        {CUDA_GPTQ_GEMV_I8, 0, 2, "i8", -1},
-                    {CUDA_GPTQ_MMA, 0, 2, "mma", -1},         {CUDA_GPTQ_GEMV, 0, 4, "f32", -1},
-                    {CUDA_GPTQ_GEMV_I8, 0, 4, "i8", -1},      {CUDA_GPTQ_MMA, 0, 4, "mma", -1},
-                    {CUDA_GPTQ_GEMV, 0, 8, "f32", -1},        {CUDA_GPTQ_GEMV_I8, 0, 8, "i8", -1},
-                    {CUDA_GPTQ_GEMV_I8, 0, 8, "i8nopdl", 0},  {CUDA_GPTQ_MMA, 0, 8, "mma", -1},
-                    {CUDA_GPTQ_GEMV_I8, 0, 16, "i8", -1},     {CUDA_GPTQ_MMA, 0, 16, "mma", -1}};
+        } runs[] = {{CUDA_GPTQ_GEMV, 0, 1, "f32", -1},   {CUDA_GPTQ_GEMV_I8, 0, 1, "i8", -1},
+                    {CUDA_GPTQ_MMA, 0, 1, "mma", -1},    {CUDA_GPTQ_HGEMV, 0, 1, "h", -1},
+                    {CUDA_GPTQ_HGEMV, 4, 1, "h4", -1},   {CUDA_GPTQ_HGEMV, 8, 1, "h8", -1},
+                    {CUDA_GPTQ_HGEMV, 16, 1, "h16", -1}, {CUDA_GPTQ_HGEMV, 0, 1, "hnopdl", 0},
+                    {CUDA_GPTQ_HGEMV, 0, 2, "h", -1},    {CUDA_GPTQ_MMA, 0, 2, "mma", -1},
+                    {CUDA_GPTQ_HGEMV, 0, 4, "h", -1},    {CUDA_GPTQ_MMA, 0, 4, "mma", -1},
+                    {CUDA_GPTQ_HGEMV, 0, 8, "h", -1},    {CUDA_GPTQ_GEMV_I8, 0, 8, "i8", -1},
+                    {CUDA_GPTQ_MMA, 0, 8, "mma", -1},    {CUDA_GPTQ_MMA, 0, 16, "mma", -1}};
         for (size_t ri = 0; ri < COOPT_ARRAY_LEN(runs); ri++) {
             if (c->act && runs[ri].rows > 1 && runs[ri].path == CUDA_GPTQ_GEMV) continue;
             if (c->act && runs[ri].rows == 1 && runs[ri].param) continue; // the sweep: direct shapes only
@@ -970,7 +992,9 @@ TEST(cuda_gptq_bench) {
             const char         *name;
         } runs[] = {{1, true, CUDA_GPTQ_GEMV_MODE_I8, "i8multi"}, {1, false, CUDA_GPTQ_GEMV_MODE_I8, "i8each"},
                     {1, true, CUDA_GPTQ_GEMV_MODE_F32, "f32multi"}, {1, false, CUDA_GPTQ_GEMV_MODE_F32, "f32each"},
-                    {8, true, CUDA_GPTQ_GEMV_MODE_I8, "i8multi"}, {8, false, CUDA_GPTQ_GEMV_MODE_F32, "mmaeach"}};
+                    {1, true, CUDA_GPTQ_GEMV_MODE_H, "hmulti"},     {1, false, CUDA_GPTQ_GEMV_MODE_H, "heach"},
+                    {8, true, CUDA_GPTQ_GEMV_MODE_I8, "i8multi"}, {8, false, CUDA_GPTQ_GEMV_MODE_F32, "mmaeach"},
+                    {8, true, CUDA_GPTQ_GEMV_MODE_H, "hmulti"}};
         for (size_t ri = 0; ri < COOPT_ARRAY_LEN(runs); ri++) {
             a.n_rows = runs[ri].rows, a.multi = runs[ri].multi;
             cuda_gptq_set_gemv(runs[ri].mode);

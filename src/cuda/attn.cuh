@@ -68,24 +68,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// ---- cp.async (sm_80+) ----
-
-// Copies 16 bytes global -> shared; with pred false writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pred) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 16 : 0) : "memory");
-}
-// Copies 4 bytes global -> shared (zero-fills when pred is false).
-__device__ __forceinline__ void cp_async4(void *smem, const void *gmem, bool pred) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 4 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // ---- FP8 -> f16 / f32 in pairs ----
 
 template <int KT> __device__ __forceinline__ __half2 fp8x2_to_half2(uint16_t v) {

@@ -124,7 +124,7 @@
 // shape and end to end (llama2-7b gptq4 tg128 163.9 against 147.0 t/s, docs/BENCHMARKS.md); the
 // int8 one is opt-in (COOPT_GPTQ_GEMV=i8).
 #ifndef GPTQ_GEMV_BUILTIN
-#define GPTQ_GEMV_BUILTIN CUDA_GPTQ_GEMV_MODE_F32
+#define GPTQ_GEMV_BUILTIN CUDA_GPTQ_GEMV_MODE_H
 #endif
 #ifndef GPTQ_CUBLAS_MIN_ROWS
 #define GPTQ_CUBLAS_MIN_ROWS 160 // n_rows from here: dequantize + cuBLAS
@@ -454,6 +454,257 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
         }
         const int32_t o = ot * 16 + c;
         if (r >= a.n_rows || o >= n_out) continue;
+        float *p = out + (int64_t)r * n_out + o;
+        s += bias ? bias[o] : 0.0f;
+        if (swiglu) {
+            u += a.bias[1] ? a.bias[1][o] : 0.0f;
+            *p = s / (1.0f + expf(-s)) * u; // as silu_mul_kernel
+        } else if (a.mode == GEMV_ACCUMULATE) {
+            *p += s;
+        } else {
+            *p = s;
+        }
+    }
+}
+
+// ---- tensor-core GEMV (decode, 1-8 rows): int4 codes -> exact f16 (q - z), x f16, f32 sums ----
+
+// D = A B + C, m16n8k16, f16 x f16 -> f32 (A: 16 output columns x 16 input rows, B: 16 x 8 tokens).
+__device__ __forceinline__ void mma_f16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#ifndef HG_D
+#define HG_D 8 // 64-row chunks of codes each warp keeps in flight (cp.async ring in shared memory)
+#endif
+#define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
+
+// Up to GPTQ_MAX_MULTI weights of one input (as gemv_args); x is one matrix for all of them:
+// in place (direct weights) or the gathered copy (one permutation for all).
+struct hgemv_args {
+    const uint4    *qw[GPTQ_MAX_MULTI];
+    const uint32_t *sz[GPTQ_MAX_MULTI];
+    const int32_t  *kb_grp[GPTQ_MAX_MULTI];
+    const float    *bias[GPTQ_MAX_MULTI];
+    float          *out[GPTQ_MAX_MULTI];
+    int32_t         n_out[GPTQ_MAX_MULTI];
+    int32_t         n_groups[GPTQ_MAX_MULTI];
+    int32_t         ot_end[GPTQ_MAX_MULTI];
+    const float    *x;    // [n_rows][ldx], padded order, rows k_pad wide (zeros past n_in)
+    const float    *norm; // [n_in] RMS norm weights (NORM kernels; x in place), else NULL
+    int64_t         ldx;
+    float           eps;
+    int32_t         n_in; // the norm's mean divides by it
+    int32_t         n, n_kc, n_rows, mode;
+};
+
+// Index (in half2 units) of padded row k's pair inside the staged x of one token: chunk c = k / 64,
+// then [tq][j][hi] with k % 64 = 16 j + 8 hi + 2 tq + e (e: the half of the pair). Lane (gid, tq)
+// then finds its B fragments b0 (hi 0) and b1 (hi 1) of the chunk's four 16-row steps j in 32
+// contiguous bytes.
+__device__ __forceinline__ int32_t hg_pos(int32_t k) {
+    const int m = k & 63;
+    return (k >> 6) * 32 + (((m & 7) >> 1) << 3) + ((m >> 4) << 1) + ((m >> 3) & 1);
+}
+
+// out[r][o] for the 16 columns of tile blockIdx.x and up to 8 rows (see the file comment for the
+// code layout). Block: NW warps splitting the tile's chunks into contiguous ranges (swiglu: each
+// warp runs its range of the gate and then of the up codes as one stream). Per warp and lane:
+//   - codes: a cp.async ring of HG_D chunks in shared memory (16 bytes per lane per chunk: the
+//     lane copies and later reads only its own slot, so no barrier); the first HG_D chunks are
+//     requested before griddepcontrol.wait (they do not depend on the previous kernel), then
+//     each chunk used is replaced by the one HG_D ahead. Bytes in flight do not cost registers.
+//   - x: staged once per block as f16 in shared memory (hg_pos order: two 16-byte loads give a
+//     lane its 8 B-fragment registers of a chunk); token gid's row (clamped to n_rows - 1: the
+//     columns of absent tokens are computed and dropped). Plain x is scaled by 2^-e with 2^e >
+//     amax(row) (exact; no f16 overflow), the result by 2^e; NORM stages (x * 1/rms) * norm as
+//     rmsnorm_kernel computes it (the sum of squares over all warps' ranges first).
+//   - per 16-row step: A = the dword's exact f16 (q - z) (dequant_frag without the scale), one
+//     mma.m16n8k16 into f32 accumulators; at each group change they are multiplied by the
+//     columns' f32 scales into the running sums (the next group's scale/zero words are fetched
+//     one group ahead).
+// Accumulator c[i]: c0, c1 = column gid, tokens 2tq, 2tq+1; c2, c3 = column gid+8. Warps reduce
+// through shared memory in a fixed order (deterministic).
+// Error: x rounded to f16 once (2^-11 relative; below 2^-14 of the scaled range an absolute
+// 2^-24 amax), products exact, sums f32: |err| <= 2^-11 sum |W x| + 2^-24 amax(x) sum |W| + the
+// f32 accumulation error.
+// Shared memory (dynamic): the rings [NW][HG_D][32] uint4, then x [n_rows][k_pad] f16.
+template <int NW, bool NORM>
+__global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_args a) {
+    __shared__ float red[2][NW][HG_ROWS][16];
+    __shared__ float red_x[NW][HG_ROWS];
+    __shared__ float row_f[HG_ROWS]; // NORM: 1 / rms; plain: 2^-e
+    extern __shared__ uint4 hg_dyn[];
+    const int  lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
+    const bool swiglu = a.mode == GEMV_SWIGLU;
+    int        wsel   = 0;
+    int32_t    ot     = (int32_t)blockIdx.x;
+#pragma unroll
+    for (int j = 1; j < GPTQ_MAX_MULTI; j++)
+        if (!swiglu && j < a.n && (int32_t)blockIdx.x >= a.ot_end[j - 1]) wsel = j, ot = (int32_t)blockIdx.x - a.ot_end[j - 1];
+    const uint4 *qw0 = a.qw[0];
+    const uint32_t *sz0 = a.sz[0];
+    const int32_t  *kb0 = a.kb_grp[0];
+    int32_t         ng0 = a.n_groups[0];
+#pragma unroll
+    for (int j = 1; j < GPTQ_MAX_MULTI; j++)
+        if (wsel == j) qw0 = a.qw[j], sz0 = a.sz[j], kb0 = a.kb_grp[j], ng0 = a.n_groups[j];
+    const int32_t n_kc = a.n_kc, per = (n_kc + NW - 1) / NW;
+    const int32_t kc0 = min(n_kc, warp * per), kc1 = min(n_kc, kc0 + per), nper = kc1 - kc0;
+    const int32_t total = swiglu ? 2 * nper : nper;
+    const uint4  *wp0   = qw0 + (int64_t)ot * n_kc * 32 + lane;
+    const uint4  *wp1   = a.qw[1] + (int64_t)ot * n_kc * 32 + lane; // swiglu only
+    uint4        *ring  = hg_dyn + (warp * HG_D) * 32 + lane;
+    uint32_t     *xs    = (uint32_t *)(hg_dyn + NW * HG_D * 32);
+    const int32_t xrow  = n_kc * 32; // half2 per staged token row
+
+    // codes of stream element i (chunk kc0 + i of weight 0, then of weight 1)
+    auto src = [&](int32_t i) { return i < nper ? wp0 + (int64_t)(kc0 + i) * 32 : wp1 + (int64_t)(kc0 + i - nper) * 32; };
+#pragma unroll
+    for (int s = 0; s < HG_D; s++) {
+        if (s < total) cp_async16(ring + s * 32, src(s));
+        cp_async_commit();
+    }
+    pdl_wait();
+
+    // ---- stage x (this warp's rows of every token) ----
+    const int64_t k0 = (int64_t)kc0 * 64, k1 = (int64_t)kc1 * 64;
+    for (int r = 0; r < a.n_rows; r++) {
+        const float *xr = a.x + (int64_t)r * a.ldx;
+        float        v  = 0.0f;
+        for (int64_t k = k0 + 4 * lane; k < k1; k += 4 * WARP_SIZE) {
+            const float4 q = __ldg((const float4 *)(xr + k));
+            if constexpr (NORM) v += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
+            else v = fmaxf(v, fmaxf(fmaxf(fabsf(q.x), fabsf(q.y)), fmaxf(fabsf(q.z), fabsf(q.w))));
+        }
+        v = NORM ? warp_sum(v) : warp_max(v);
+        if (lane == 0) red_x[warp][r] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < a.n_rows) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) v = NORM ? v + red_x[w][threadIdx.x] : fmaxf(v, red_x[w][threadIdx.x]);
+        int e = 0;
+        if (!NORM) (void)frexpf(v, &e); // v < 2^e (0 for v == 0)
+        row_f[threadIdx.x] = NORM ? 1.0f / sqrtf(v / (float)a.n_in + a.eps) : ldexpf(1.0f, -e);
+    }
+    __syncthreads();
+    for (int r = 0; r < a.n_rows; r++) {
+        const float *xr = a.x + (int64_t)r * a.ldx;
+        const float  f  = row_f[r];
+        uint32_t    *xd = xs + (int64_t)r * xrow;
+        for (int64_t k = k0 + 4 * lane; k < k1; k += 4 * WARP_SIZE) {
+            float4 q = __ldg((const float4 *)(xr + k));
+            if constexpr (NORM) {
+                const float4 g = __ldg((const float4 *)(a.norm + k));
+                q = make_float4((q.x * f) * g.x, (q.y * f) * g.y, (q.z * f) * g.z, (q.w * f) * g.w);
+            } else {
+                q = make_float4(q.x * f, q.y * f, q.z * f, q.w * f);
+            }
+            const int32_t p = hg_pos((int32_t)k); // k, k+1 -> p; k+2, k+3 -> the next tq's slot
+            xd[p]     = h2_as_u32(__floats2half2_rn(q.x, q.y));
+            xd[p + 8] = h2_as_u32(__floats2half2_rn(q.z, q.w));
+        }
+    }
+    __syncwarp(); // each warp reads only the rows it staged
+
+    // ---- the chunk stream ----
+    const uint4 *xq = (const uint4 *)(xs + (int64_t)min(gid, a.n_rows - 1) * xrow) + tq * 2;
+    float        c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, y[2][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++) y[m][0] = y[m][1] = y[m][2] = y[m][3] = 0.0f;
+    float    sA = 0.0f, sB = 0.0f;
+    __half2  zA = __float2half2_rn(0.0f), zBn = zA;
+    int      gcur = -1, mcur = 0, gpf = -1;
+    uint32_t pfA = 0, pfB = 0;
+    const __half2 sixteenth = __float2half2_rn(0.0625f);
+    // the group's products, times the columns' scales, into the sums of weight mcur (selects, not
+    // indexing: y stays in registers)
+    auto flush = [&]() {
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+            if (m == mcur) {
+                y[m][0] = fmaf(sA, c[0], y[m][0]), y[m][1] = fmaf(sA, c[1], y[m][1]);
+                y[m][2] = fmaf(sB, c[2], y[m][2]), y[m][3] = fmaf(sB, c[3], y[m][3]);
+            }
+        c[0] = c[1] = c[2] = c[3] = 0.0f;
+    };
+    for (int32_t i = 0; i < total; i++) {
+        cp_async_wait<HG_D - 1>();
+        const int     m  = i >= nper;
+        const int32_t kc = kc0 + i - (m ? nper : 0);
+        const uint4   v  = ring[(i % HG_D) * 32];
+        const uint4   xa = xq[kc * 8], xb = xq[kc * 8 + 1];
+        const uint32_t bx[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        const uint32_t dws[4] = {v.x, v.y, v.z, v.w};
+        const int32_t *kbm = m ? a.kb_grp[1] : kb0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if ((j & 1) == 0) {
+                const int g = __ldg(kbm + 2 * kc + (j >> 1));
+                if (g != gcur || m != mcur) {
+                    flush();
+                    const uint32_t *szm = (m ? a.sz[1] : sz0) + (int64_t)ot * (m ? a.n_groups[1] : ng0) * 16;
+                    uint32_t        va = pfA, vb = pfB;
+                    if (g != gpf || m != mcur) va = __ldg(szm + g * 16 + gid), vb = __ldg(szm + g * 16 + gid + 8);
+                    sA  = f16_bits_to_f32((uint16_t)(va & 0xffffu));
+                    sB  = f16_bits_to_f32((uint16_t)(vb & 0xffffu));
+                    zA  = __float2half2_rn(1024.0f + (float)(va >> 16));
+                    zBn = __float2half2_rn(-64.0f - (float)(vb >> 16));
+                    gcur = g, mcur = m;
+                    // groups ascend in padded order: fetch the next one's words now
+                    gpf = g + 1;
+                    if (gpf < (m ? a.n_groups[1] : ng0)) pfA = __ldg(szm + gpf * 16 + gid), pfB = __ldg(szm + gpf * 16 + gid + 8);
+                }
+            }
+            const uint32_t q = dws[j], h = q >> 8;
+            const uint32_t a0 = h2_as_u32(__hsub2(u32_as_h2((q & 0x000f000fu) | 0x64006400u), zA));
+            const uint32_t a1 = h2_as_u32(__hfma2(u32_as_h2((q & 0x00f000f0u) | 0x64006400u), sixteenth, zBn));
+            const uint32_t a2 = h2_as_u32(__hsub2(u32_as_h2((h & 0x000f000fu) | 0x64006400u), zA));
+            const uint32_t a3 = h2_as_u32(__hfma2(u32_as_h2((h & 0x00f000f0u) | 0x64006400u), sixteenth, zBn));
+            mma_f16_16816(c, a0, a1, a2, a3, bx[2 * j], bx[2 * j + 1]);
+        }
+        // v is used up: its slot takes the chunk HG_D ahead
+        if (i + HG_D < total) cp_async16(ring + (i % HG_D) * 32, src(i + HG_D));
+        cp_async_commit();
+    }
+    flush();
+    pdl_launch_dependents();
+
+    // ---- reduce over the warps, epilogue ----
+#pragma unroll
+    for (int m = 0; m < 2; m++) {
+        red[m][warp][2 * tq][gid]         = y[m][0];
+        red[m][warp][2 * tq + 1][gid]     = y[m][1];
+        red[m][warp][2 * tq][gid + 8]     = y[m][2];
+        red[m][warp][2 * tq + 1][gid + 8] = y[m][3];
+    }
+    __syncthreads();
+    int32_t n_out = a.n_out[0];
+    float  *out   = a.out[0];
+    const float *bias = a.bias[0];
+#pragma unroll
+    for (int j = 1; j < GPTQ_MAX_MULTI; j++)
+        if (wsel == j) n_out = a.n_out[j], out = a.out[j], bias = a.bias[j];
+    for (int i = threadIdx.x; i < a.n_rows * 16; i += NW * WARP_SIZE) {
+        const int r = i >> 4, col = i & 15;
+        const int32_t o = ot * 16 + col;
+        if (o >= n_out) continue;
+        float s = 0.0f, u = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) s += red[0][w][r][col];
+        if (swiglu)
+#pragma unroll
+            for (int w = 0; w < NW; w++) u += red[1][w][r][col];
+        if constexpr (!NORM) { // undo the power-of-two scaling of x (exact)
+            const float inv = 1.0f / row_f[r];
+            s *= inv, u *= inv;
+        }
         float *p = out + (int64_t)r * n_out + o;
         s += bias ? bias[o] : 0.0f;
         if (swiglu) {
@@ -1014,7 +1265,8 @@ enum cuda_gptq_gemv cuda_gptq_get_gemv(void) {
         g_gemv_env    = GPTQ_GEMV_BUILTIN;
         if (e && strcmp(e, "f32") == 0) g_gemv_env = CUDA_GPTQ_GEMV_MODE_F32;
         else if (e && strcmp(e, "i8") == 0) g_gemv_env = CUDA_GPTQ_GEMV_MODE_I8;
-        else if (e && *e) coopt_log_error("COOPT_GPTQ_GEMV=%s: expected f32 or i8; using the default", e);
+        else if (e && strcmp(e, "h") == 0) g_gemv_env = CUDA_GPTQ_GEMV_MODE_H;
+        else if (e && *e) coopt_log_error("COOPT_GPTQ_GEMV=%s: expected h, f32 or i8; using the default", e);
     }
     return (enum cuda_gptq_gemv)g_gemv_env;
 }
@@ -1173,23 +1425,109 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
     }
 }
 
+// ---- tensor-core GEMV: launcher ----
+
+template <int NW, bool NORM> static void hgemv_launch_k(bool pdl, const hgemv_args &a, unsigned blocks, size_t smem,
+                                                        cudaStream_t st) {
+    static size_t opted = 48 * 1024; // dynamic shared memory this instance may use (raised on demand)
+    if (smem > opted) {
+        CUDA_CHECK(cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        opted = smem;
+    }
+    launch_maybe_pdl(pdl, gptq_hgemv_kernel<NW, NORM>, dim3(blocks), dim3(NW * WARP_SIZE), smem, st, a);
+}
+
+template <bool NORM> static void hgemv_launch_n(bool pdl, const hgemv_args &a, unsigned blocks, int nw, size_t smem,
+                                                cudaStream_t st) {
+    switch (nw) {
+    case 4: hgemv_launch_k<4, NORM>(pdl, a, blocks, smem, st); break;
+    case 8: hgemv_launch_k<8, NORM>(pdl, a, blocks, smem, st); break;
+    default: hgemv_launch_k<16, NORM>(pdl, a, blocks, smem, st); break;
+    }
+}
+
+#define HG_MAX_SMEM (200 * 1024) // dynamic shared memory above which the tensor-core GEMV is not used
+
+static size_t hgemv_smem(int nw, int32_t n_rows, int64_t k_pad) {
+    return (size_t)nw * HG_D * 512 + (size_t)n_rows * (size_t)k_pad * 2;
+}
+
+// The tensor-core GEMV over n weights of one input, 1-8 rows, one launch. Returns false (nothing
+// enqueued) when it does not apply: more than one act-order permutation among the weights, norm
+// with a non-direct weight or unaligned x, or too much shared memory. mode, norm, eps, nw: as
+// gemv_multi.
+static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, const float *x,
+                        const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows, int nw,
+                        int mode, const float *norm, float eps) {
+    const int64_t k_pad = ws[0]->k_pad, n_in = ws[0]->n_in;
+    if (n_rows < 1 || n_rows > HG_ROWS || n < 1 || n > GPTQ_MAX_MULTI) return false;
+    bool    direct = ((uintptr_t)x & 15) == 0 && (n_in & 3) == 0;
+    int64_t tiles  = 0;
+    for (int32_t j = 0; j < n; j++) {
+        if (ws[j]->n_in != n_in || ws[j]->k_pad != k_pad || ws[j]->perm_hash != ws[0]->perm_hash) return false;
+        direct = direct && ws[j]->direct;
+        tiles += ws[j]->n_ot;
+    }
+    if (norm && (!direct || ((uintptr_t)norm & 15) != 0)) return false;
+    const int64_t blocks = mode == GEMV_SWIGLU ? ws[0]->n_ot : tiles;
+    if (nw <= 0) nw = gemv_auto_warps(cb, blocks);
+    const size_t smem = hgemv_smem(nw, n_rows, k_pad);
+    if (smem > HG_MAX_SMEM || blocks > INT32_MAX) return false;
+    hgemv_args a;
+    memset(&a, 0, sizeof(a));
+    if (direct) {
+        a.x = x, a.ldx = n_in;
+    } else { // one gathered copy, k_pad wide with zero padding rows
+        float *xp = (float *)cuda_workspace(cb, (size_t)n_rows * (size_t)k_pad * 4);
+        gather(cb->stream, xp, false, x, ws[0], n_rows);
+        a.x = xp, a.ldx = k_pad;
+    }
+    a.norm = norm, a.eps = eps, a.n_in = (int32_t)n_in;
+    a.n = n, a.n_kc = ws[0]->n_kc, a.n_rows = n_rows, a.mode = mode;
+    int32_t end = 0;
+    for (int32_t j = 0; j < n; j++) {
+        a.qw[j]       = (const uint4 *)ws[j]->qw;
+        a.sz[j]       = ws[j]->sz;
+        a.kb_grp[j]   = ws[j]->kb_grp;
+        a.bias[j]     = biases ? biases[j] : NULL;
+        a.out[j]      = outs[j];
+        a.n_out[j]    = (int32_t)ws[j]->n_out;
+        a.n_groups[j] = ws[j]->n_groups;
+        end += ws[j]->n_ot;
+        a.ot_end[j] = end;
+    }
+    const bool pdl = cb->pdl && pdl_enabled(cb);
+    if (norm) hgemv_launch_n<true>(pdl, a, (unsigned)blocks, nw, smem, cb->stream);
+    else hgemv_launch_n<false>(pdl, a, (unsigned)blocks, nw, smem, cb->stream);
+    return true;
+}
+
 bool cuda_gptq_gemv_fused(struct coopt_backend *be, enum cuda_gptq_fused mode, int32_t n, float *const *outs,
                           const float *x, const float *norm, float eps, const struct cuda_gptq_weight *const *ws,
                           const float *const *biases, int32_t n_rows) {
-    // the f32 GEMV is the path of one row (cuda_gptq_auto_path); others compose the fused op
-    if (n_rows != 1 || n < 1 || n > GPTQ_MAX_MULTI || cuda_gptq_get_gemv() != CUDA_GPTQ_GEMV_MODE_F32) return false;
+    if (n < 1 || n > GPTQ_MAX_MULTI) return false;
     if (mode == CUDA_GPTQ_FUSED_SWIGLU && (n != 2 || ws[1]->n_out != ws[0]->n_out)) return false;
     if (mode == CUDA_GPTQ_FUSED_ADD && n != 1) return false;
     for (int32_t j = 0; j < n; j++)
         if (ws[j]->n_in != ws[0]->n_in || ws[j]->k_pad != ws[0]->k_pad) return false;
-    if (norm) { // x and norm read in place as float4, x * norm staged in 48 KiB of shared memory at most
-        bool ok = ((uintptr_t)x & 15) == 0 && ((uintptr_t)norm & 15) == 0 && ws[0]->k_pad * 4 <= 48 * 1024;
-        for (int32_t j = 0; j < n; j++) ok = ok && ws[j]->direct;
-        if (!ok) return false;
-    }
     const int m = mode == CUDA_GPTQ_FUSED_SWIGLU ? GEMV_SWIGLU : mode == CUDA_GPTQ_FUSED_ADD ? GEMV_ACCUMULATE : GEMV_STORE;
-    gemv_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0, m, norm, eps);
-    return true;
+    struct cuda_backend *cb = cuda_impl(be);
+    switch (cuda_gptq_auto_path(ws[0], n_rows)) {
+    case CUDA_GPTQ_HGEMV: return hgemv_multi(cb, n, outs, x, ws, biases, n_rows, 0, m, norm, eps);
+    case CUDA_GPTQ_GEMV: {
+        // the f32 GEMV at one row; with norm: direct weights, x and norm read in place as float4,
+        // x * norm staged in 48 KiB of shared memory at most
+        if (n_rows != 1) return false;
+        if (norm) {
+            bool ok = ((uintptr_t)x & 15) == 0 && ((uintptr_t)norm & 15) == 0 && ws[0]->k_pad * 4 <= 48 * 1024;
+            for (int32_t j = 0; j < n; j++) ok = ok && ws[j]->direct;
+            if (!ok) return false;
+        }
+        gemv_multi(cb, n, outs, x, ws, biases, n_rows, 0, m, norm, eps);
+        return true;
+    }
+    default: return false; // the composed op (int8 GEMV, tensor-core kernel, cuBLAS)
+    }
 }
 
 // ---- int8 GEMV: options, launch configuration, launcher ----
@@ -1342,7 +1680,10 @@ static void cublas_launch(struct cuda_backend *cb, float *out, const float *x, c
 }
 
 enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows) {
-    if (n_rows <= GPTQ_I8_MAX_ROWS && cuda_gptq_get_gemv() == CUDA_GPTQ_GEMV_MODE_I8) return CUDA_GPTQ_GEMV_I8;
+    const enum cuda_gptq_gemv g = cuda_gptq_get_gemv();
+    if (n_rows <= GPTQ_I8_MAX_ROWS && g == CUDA_GPTQ_GEMV_MODE_I8) return CUDA_GPTQ_GEMV_I8;
+    if (n_rows <= HG_ROWS && g == CUDA_GPTQ_GEMV_MODE_H && hgemv_smem(16, n_rows, w->k_pad) <= HG_MAX_SMEM)
+        return CUDA_GPTQ_HGEMV;
     if (n_rows < GPTQ_MMA_MIN_ROWS) return CUDA_GPTQ_GEMV;
     // cuBLAS takes int dimensions, and the f16 scratch matrix stays under 16 GiB
     if (n_rows < GPTQ_CUBLAS_MIN_ROWS || w->k_pad > INT32_MAX || (int64_t)w->n_ot * 16 * w->k_pad > ((int64_t)1 << 33))
@@ -1361,6 +1702,15 @@ void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x,
         const struct cuda_gptq_weight *ws[1] = {w};
         const float *bs[1] = {bias};
         gemv_multi(cb, 1, outs, x, ws, bs, n_rows, param);
+        break;
+    }
+    case CUDA_GPTQ_HGEMV: {
+        float *outs[1] = {out};
+        const struct cuda_gptq_weight *ws[1] = {w};
+        const float *bs[1] = {bias};
+        if (hgemv_multi(cb, 1, outs, x, ws, bs, n_rows, param, GEMV_STORE, NULL, 0.0f)) break;
+        if (n_rows == 1) gemv_multi(cb, 1, outs, x, ws, bs, n_rows, 0); // (shared memory: k_pad too large)
+        else mma_launch(cb, out, x, w, bias, n_rows, 0);
         break;
     }
     case CUDA_GPTQ_GEMV_I8: {
@@ -1395,6 +1745,9 @@ void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *o
         i8_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0);
         return;
     }
+    if (cuda_gptq_auto_path(ws[0], n_rows) == CUDA_GPTQ_HGEMV &&
+        hgemv_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0, GEMV_STORE, NULL, 0.0f))
+        return;
     if (n_rows < GPTQ_MMA_MIN_ROWS) {
         gemv_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0);
         return;

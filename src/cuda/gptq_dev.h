@@ -85,14 +85,21 @@ enum cuda_gptq_path {
     CUDA_GPTQ_CUBLAS, // dequantize to an f16 scratch matrix + cublasGemmEx
     CUDA_GPTQ_GEMV_I8, // x quantized to int8 + int4 x int8 mma; rows in groups of up to 8; `param` = warps per
                        // block (4, 8, 16; 0 = auto) | K splits << 8 (0 = auto: 1)
+    CUDA_GPTQ_HGEMV,   // exact f16 (q - z) x f16 x mma, f32 sums, codes through a cp.async ring; 1-8 rows;
+                       // `param` = warps per block (4, 8, 16; 0 = auto)
 };
 
-// The GEMV decode uses (process-wide): the f32 one (exact products) or the int8 one (x quantized
-// to int8 per 32 rows, as the CPU kernels do). DEFAULT = $COOPT_GPTQ_GEMV ("f32" or "i8") when
-// set, else the built-in choice (gptq.cu: F32, measured faster at 1 row). With I8, matmuls of up
-// to 8 rows take the int8 GEMV; with F32, 1 row takes the f32 GEMV and 2 or more the tensor-core
-// kernel.
-enum cuda_gptq_gemv { CUDA_GPTQ_GEMV_MODE_DEFAULT = 0, CUDA_GPTQ_GEMV_MODE_F32, CUDA_GPTQ_GEMV_MODE_I8 };
+// The GEMV decode uses (process-wide): H, the tensor-core GEMV (x rounded to f16, 1-8 rows), the
+// f32 one (exact products, 1 row) or the int8 one (x quantized to int8 per 32 rows, as the CPU
+// kernels do; 1-8 rows). DEFAULT = $COOPT_GPTQ_GEMV ("h", "f32" or "i8") when set, else the
+// built-in choice (gptq.cu: H). Rows beyond the chosen GEMV's take the tensor-core kernel
+// (MMA) or cuBLAS.
+enum cuda_gptq_gemv {
+    CUDA_GPTQ_GEMV_MODE_DEFAULT = 0,
+    CUDA_GPTQ_GEMV_MODE_F32,
+    CUDA_GPTQ_GEMV_MODE_I8,
+    CUDA_GPTQ_GEMV_MODE_H,
+};
 void                cuda_gptq_set_gemv(enum cuda_gptq_gemv g);
 enum cuda_gptq_gemv cuda_gptq_get_gemv(void); // the effective choice, never DEFAULT
 // Programmatic dependent launch for the int8 GEMV's two kernels (sm_90 and later): 1 on, 0 off,

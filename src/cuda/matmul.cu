@@ -84,15 +84,6 @@ __device__ __forceinline__ uint4 ldg_stream16(const void *p) {
     return r;
 }
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // 8 (F16/BF16) or 4 (F32) weights of a 16-byte load as f32.
 template <int T> __device__ __forceinline__ void unpack16(uint4 u, float *w) {
     uint32_t p[4] = {u.x, u.y, u.z, u.w};
