@@ -576,6 +576,7 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_a
     for (int r = 0; r < a.n_rows; r++) {
         const float *xr = a.x + (int64_t)r * a.ldx;
         float        v  = 0.0f;
+#pragma unroll 8
         for (int64_t k = k0 + 4 * lane; k < k1; k += 4 * WARP_SIZE) {
             const float4 q = __ldg((const float4 *)(xr + k));
             if constexpr (NORM) v += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
@@ -598,6 +599,7 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_a
         const float *xr = a.x + (int64_t)r * a.ldx;
         const float  f  = row_f[r];
         uint32_t    *xd = xs + (int64_t)r * xrow;
+#pragma unroll 8
         for (int64_t k = k0 + 4 * lane; k < k1; k += 4 * WARP_SIZE) {
             float4 q = __ldg((const float4 *)(xr + k));
             if constexpr (NORM) {
@@ -1256,7 +1258,14 @@ static int g_pdl       = -1;                          // -1 = not read yet
 static int g_pdl_fail  = 0;                           // a launch with it was refused: off for good
 static int g_cc_major[64];                            // compute capability of each device, 0 = not read yet
 
-void cuda_gptq_set_gemv(enum cuda_gptq_gemv g) { g_gemv_mode = g; }
+static uint32_t g_config_epoch = 0; // bumped by every set_* below (cuda_gptq_config_epoch)
+
+uint32_t cuda_gptq_config_epoch(void) { return g_config_epoch; }
+
+void cuda_gptq_set_gemv(enum cuda_gptq_gemv g) {
+    g_gemv_mode = g;
+    g_config_epoch++;
+}
 
 enum cuda_gptq_gemv cuda_gptq_get_gemv(void) {
     if (g_gemv_mode != CUDA_GPTQ_GEMV_MODE_DEFAULT) return (enum cuda_gptq_gemv)g_gemv_mode;
@@ -1271,7 +1280,10 @@ enum cuda_gptq_gemv cuda_gptq_get_gemv(void) {
     return (enum cuda_gptq_gemv)g_gemv_env;
 }
 
-void cuda_gptq_set_pdl(int on) { g_pdl = on < 0 ? -1 : on != 0; }
+void cuda_gptq_set_pdl(int on) {
+    g_pdl = on < 0 ? -1 : on != 0;
+    g_config_epoch++;
+}
 
 static bool pdl_enabled(const struct cuda_backend *cb) {
     if (g_pdl < 0) {
@@ -1427,12 +1439,14 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
 
 // ---- tensor-core GEMV: launcher ----
 
+#define HG_MAX_SMEM (200 * 1024) // dynamic shared memory above which the tensor-core GEMV is not used
+
 template <int NW, bool NORM> static void hgemv_launch_k(bool pdl, const hgemv_args &a, unsigned blocks, size_t smem,
                                                         cudaStream_t st) {
-    static size_t opted = 48 * 1024; // dynamic shared memory this instance may use (raised on demand)
-    if (smem > opted) {
-        CUDA_CHECK(cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        opted = smem;
+    static bool opted = false; // (static plus dynamic shared memory above 48 KiB needs the opt-in)
+    if (!opted) {
+        CUDA_CHECK(cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM>, cudaFuncAttributeMaxDynamicSharedMemorySize, HG_MAX_SMEM));
+        opted = true;
     }
     launch_maybe_pdl(pdl, gptq_hgemv_kernel<NW, NORM>, dim3(blocks), dim3(NW * WARP_SIZE), smem, st, a);
 }
@@ -1446,7 +1460,6 @@ template <bool NORM> static void hgemv_launch_n(bool pdl, const hgemv_args &a, u
     }
 }
 
-#define HG_MAX_SMEM (200 * 1024) // dynamic shared memory above which the tensor-core GEMV is not used
 
 static size_t hgemv_smem(int nw, int32_t n_rows, int64_t k_pad) {
     return (size_t)nw * HG_D * 512 + (size_t)n_rows * (size_t)k_pad * 2;

@@ -101,6 +101,9 @@ enum cuda_gptq_gemv {
     CUDA_GPTQ_GEMV_MODE_H,
 };
 void                cuda_gptq_set_gemv(enum cuda_gptq_gemv g);
+// Changes with every cuda_gptq_set_gemv / cuda_gptq_set_pdl: recorded decode steps (step.cu) key
+// on it, so a step recorded with other kernels is not replayed.
+uint32_t            cuda_gptq_config_epoch(void);
 enum cuda_gptq_gemv cuda_gptq_get_gemv(void); // the effective choice, never DEFAULT
 // Programmatic dependent launch for the int8 GEMV's two kernels (sm_90 and later): 1 on, 0 off,
 // -1 = default (on unless $COOPT_GPTQ_PDL=0). Process-wide.

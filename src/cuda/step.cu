@@ -33,6 +33,7 @@
  * is destroyed.
  */
 #include "cuda/common.cuh"
+#include "cuda/gptq_dev.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -47,6 +48,7 @@ struct step_key {
     const void *pool, *tokens;
     int64_t     attn_bound;
     int32_t     n_tokens, n_seqs, n_out, max_blocks, window, kv_dtype, no_seq_start;
+    uint32_t    kernels; // cuda_gptq_config_epoch(): a process-wide kernel choice changed since
 };
 
 struct step_graph {
@@ -101,6 +103,7 @@ static struct step_key step_key_make(const struct coopt_kv_cache *kv, const stru
     k.window     = b->window;
     k.kv_dtype   = (int32_t)kv->layout.dtype;
     k.no_seq_start = b->no_seq_start;
+    k.kernels      = cuda_gptq_config_epoch();
     return k;
 }
 
