@@ -488,7 +488,7 @@ __device__ __forceinline__ void mma_f16_16816(float (&c)[4], uint32_t a0, uint32
 struct hgemv_args {
     const uint4    *qw[GPTQ_MAX_MULTI];
     const uint32_t *sz[GPTQ_MAX_MULTI];
-    const int32_t  *kb_grp[GPTQ_MAX_MULTI];
+    const uint32_t *kc_grp[GPTQ_MAX_MULTI]; // groups of each chunk's two 32-row halves: lo | hi << 16
     const float    *bias[GPTQ_MAX_MULTI];
     float          *out[GPTQ_MAX_MULTI];
     int32_t         n_out[GPTQ_MAX_MULTI];
@@ -547,12 +547,11 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_a
     for (int j = 1; j < GPTQ_MAX_MULTI; j++)
         if (!swiglu && j < a.n && (int32_t)blockIdx.x >= a.ot_end[j - 1]) wsel = j, ot = (int32_t)blockIdx.x - a.ot_end[j - 1];
     const uint4 *qw0 = a.qw[0];
-    const uint32_t *sz0 = a.sz[0];
-    const int32_t  *kb0 = a.kb_grp[0];
+    const uint32_t *sz0 = a.sz[0], *kc0g = a.kc_grp[0];
     int32_t         ng0 = a.n_groups[0];
 #pragma unroll
     for (int j = 1; j < GPTQ_MAX_MULTI; j++)
-        if (wsel == j) qw0 = a.qw[j], sz0 = a.sz[j], kb0 = a.kb_grp[j], ng0 = a.n_groups[j];
+        if (wsel == j) qw0 = a.qw[j], sz0 = a.sz[j], kc0g = a.kc_grp[j], ng0 = a.n_groups[j];
     const int32_t n_kc = a.n_kc, per = (n_kc + NW - 1) / NW;
     const int32_t kc0 = min(n_kc, warp * per), kc1 = min(n_kc, kc0 + per), nper = kc1 - kc0;
     const int32_t total = swiglu ? 2 * nper : nper;
@@ -636,19 +635,30 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_a
             }
         c[0] = c[1] = c[2] = c[3] = 0.0f;
     };
-    for (int32_t i = 0; i < total; i++) {
+    // Chunk i + 1's codes, x fragments and group word are read while chunk i is multiplied (the
+    // shared-memory and group-table latencies then overlap the math).
+    auto kc_of = [&](int32_t i) { return kc0 + i - (i >= nper ? nper : 0); };
+    auto grp_of = [&](int32_t i) { return __ldg((i >= nper ? a.kc_grp[1] : kc0g) + kc_of(i)); };
+    uint4    v = make_uint4(0, 0, 0, 0), xa = v, xb = v;
+    uint32_t gw = 0;
+    if (total > 0) {
         cp_async_wait<HG_D - 1>();
-        const int     m  = i >= nper;
-        const int32_t kc = kc0 + i - (m ? nper : 0);
-        const uint4   v  = ring[(i % HG_D) * 32];
-        const uint4   xa = xq[kc * 8], xb = xq[kc * 8 + 1];
-        const uint32_t bx[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        v = ring[0], xa = xq[kc0 * 8], xb = xq[kc0 * 8 + 1], gw = grp_of(0);
+    }
+    for (int32_t i = 0; i < total; i++) {
+        const int      m      = i >= nper;
         const uint32_t dws[4] = {v.x, v.y, v.z, v.w};
-        const int32_t *kbm = m ? a.kb_grp[1] : kb0;
+        const uint32_t bx[8]  = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        const uint32_t gwc    = gw;
+        if (i + 1 < total) {
+            cp_async_wait<HG_D - 2>(); // chunk i + 1 has landed
+            const int32_t kn = kc_of(i + 1);
+            v = ring[((i + 1) % HG_D) * 32], xa = xq[kn * 8], xb = xq[kn * 8 + 1], gw = grp_of(i + 1);
+        }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             if ((j & 1) == 0) {
-                const int g = __ldg(kbm + 2 * kc + (j >> 1));
+                const int g = (int)((j ? gwc >> 16 : gwc) & 0xffffu);
                 if (g != gcur || m != mcur) {
                     flush();
                     const uint32_t *szm = (m ? a.sz[1] : sz0) + (int64_t)ot * (m ? a.n_groups[1] : ng0) * 16;
@@ -671,7 +681,8 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_a
             const uint32_t a3 = h2_as_u32(__hfma2(u32_as_h2((h & 0x00f000f0u) | 0x64006400u), sixteenth, zBn));
             mma_f16_16816(c, a0, a1, a2, a3, bx[2 * j], bx[2 * j + 1]);
         }
-        // v is used up: its slot takes the chunk HG_D ahead
+        // chunk i's slot (read in the previous iteration, its values used above) takes the chunk
+        // HG_D ahead
         if (i + HG_D < total) cp_async16(ring + (i % HG_D) * 32, src(i + HG_D));
         cp_async_commit();
     }
@@ -1501,7 +1512,7 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
     for (int32_t j = 0; j < n; j++) {
         a.qw[j]       = (const uint4 *)ws[j]->qw;
         a.sz[j]       = ws[j]->sz;
-        a.kb_grp[j]   = ws[j]->kb_grp;
+        a.kc_grp[j]   = ws[j]->kc_grp;
         a.bias[j]     = biases ? biases[j] : NULL;
         a.out[j]      = outs[j];
         a.n_out[j]    = (int32_t)ws[j]->n_out;
@@ -1695,7 +1706,9 @@ static void cublas_launch(struct cuda_backend *cb, float *out, const float *x, c
 enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows) {
     const enum cuda_gptq_gemv g = cuda_gptq_get_gemv();
     if (n_rows <= GPTQ_I8_MAX_ROWS && g == CUDA_GPTQ_GEMV_MODE_I8) return CUDA_GPTQ_GEMV_I8;
-    if (n_rows <= HG_ROWS && g == CUDA_GPTQ_GEMV_MODE_H && hgemv_smem(16, n_rows, w->k_pad) <= HG_MAX_SMEM)
+    // (1 row: at 2-8 rows the per-row x staging made it slower than the MMA kernel on most real
+    // shapes, docs/BENCHMARKS.md; the path still takes up to 8 when asked for)
+    if (n_rows == 1 && g == CUDA_GPTQ_GEMV_MODE_H && hgemv_smem(16, n_rows, w->k_pad) <= HG_MAX_SMEM)
         return CUDA_GPTQ_HGEMV;
     if (n_rows < GPTQ_MMA_MIN_ROWS) return CUDA_GPTQ_GEMV;
     // cuBLAS takes int dimensions, and the f16 scratch matrix stays under 16 GiB

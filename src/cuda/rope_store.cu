@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(128)
                       const float *__restrict__ koff, const int32_t *__restrict__ tok_seq,
                       const int32_t *__restrict__ seq_ids, int32_t n_layers) {
     __shared__ float buf[4][2 * ROPE_MAX_HALF];
-    __shared__ float err_s[(KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2) ? 4 : 1][16][ROPE_ERR_CHUNK];
+    __shared__ float err_s[(KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2) ? 4 : 1][16][ROPE_ERR_CHUNK + 1];
     const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
     const int        warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int32_t    ps = pos[t];
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(128)
             float       s    = base;
             if (amax > 0.0f) {
                 float        err = lane < L.scale_search ? 0.0f : INFINITY;
-                float(*e)[ROPE_ERR_CHUNK] = err_s[warp];
+                float(*e)[ROPE_ERR_CHUNK + 1] = err_s[warp]; // rows padded: lane k's column walk is conflict-free
                 for (int c0 = 0; c0 < hd; c0 += ROPE_ERR_CHUNK) {
                     const int n = min(ROPE_ERR_CHUNK, hd - c0);
                     for (int idx = lane; idx < L.scale_search * n; idx += WARP_SIZE) {
