@@ -469,6 +469,14 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
 
 // ---- tensor-core GEMV (decode, 1-8 rows): int4 codes -> exact f16 (q - z), x f16, f32 sums ----
 
+// (a & mask) | c in one LOP3 (with both constants as immediates the compiler emits two).
+template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "n"(MASK), "r"(c));
+    return d;
+}
+#define and_or(a, mask, c) and_or_t<(mask)>((a), (c))
+
 // D = A B + C, m16n8k16, f16 x f16 -> f32 (A: 16 output columns x 16 input rows, B: 16 x 8 tokens).
 __device__ __forceinline__ void mma_f16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                               uint32_t b0, uint32_t b1) {
@@ -533,14 +541,14 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 // 2^-24 amax), products exact, sums f32: |err| <= 2^-11 sum |W x| + 2^-24 amax(x) sum |W| + the
 // f32 accumulation error.
 // Shared memory (dynamic): the rings [NW][HG_D][32] uint4, then x [n_rows][k_pad] f16.
-template <int NW, bool NORM>
-__global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_args a) {
+template <int NW, bool NORM, bool SWIGLU>
+__global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * WARP_SIZE)) gptq_hgemv_kernel(const hgemv_args a) {
     __shared__ float red[2][NW][HG_ROWS][16];
     __shared__ float red_x[NW][HG_ROWS];
     __shared__ float row_f[HG_ROWS]; // NORM: 1 / rms; plain: 2^-e
     extern __shared__ uint4 hg_dyn[];
     const int  lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
-    const bool swiglu = a.mode == GEMV_SWIGLU;
+    const bool swiglu = SWIGLU; // (a.mode == GEMV_SWIGLU)
     int        wsel   = 0;
     int32_t    ot     = (int32_t)blockIdx.x;
 #pragma unroll
@@ -554,7 +562,7 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_a
         if (wsel == j) qw0 = a.qw[j], sz0 = a.sz[j], kc0g = a.kc_grp[j], ng0 = a.n_groups[j];
     const int32_t n_kc = a.n_kc, per = (n_kc + NW - 1) / NW;
     const int32_t kc0 = min(n_kc, warp * per), kc1 = min(n_kc, kc0 + per), nper = kc1 - kc0;
-    const int32_t total = swiglu ? 2 * nper : nper;
+    const int32_t total = SWIGLU ? 2 * nper : nper;
     const uint4  *wp0   = qw0 + (int64_t)ot * n_kc * 32 + lane;
     const uint4  *wp1   = a.qw[1] + (int64_t)ot * n_kc * 32 + lane; // swiglu only
     uint4        *ring  = hg_dyn + (warp * HG_D) * 32 + lane;
@@ -628,7 +636,7 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_a
     // indexing: y stays in registers)
     auto flush = [&]() {
 #pragma unroll
-        for (int m = 0; m < 2; m++)
+        for (int m = 0; m < (SWIGLU ? 2 : 1); m++)
             if (m == mcur) {
                 y[m][0] = fmaf(sA, c[0], y[m][0]), y[m][1] = fmaf(sA, c[1], y[m][1]);
                 y[m][2] = fmaf(sB, c[2], y[m][2]), y[m][3] = fmaf(sB, c[3], y[m][3]);
@@ -636,54 +644,65 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_a
         c[0] = c[1] = c[2] = c[3] = 0.0f;
     };
     // Chunk i + 1's codes, x fragments and group word are read while chunk i is multiplied (the
-    // shared-memory and group-table latencies then overlap the math).
-    auto kc_of = [&](int32_t i) { return kc0 + i - (i >= nper ? nper : 0); };
-    auto grp_of = [&](int32_t i) { return __ldg((i >= nper ? a.kc_grp[1] : kc0g) + kc_of(i)); };
-    uint4    v = make_uint4(0, 0, 0, 0), xa = v, xb = v;
-    uint32_t gw = 0;
+    // shared-memory and group-table latencies then overlap the math). Every pointer advances by
+    // one chunk per step; the swiglu stream jumps once, to the up weight's first chunk.
+    const uint32_t magic = 0x64006400u;
+    const uint32_t *g1 = a.kc_grp[1] + kc0; // swiglu only
+    uint4          *rd = ring;             // ring slot of chunk i + 1
+    const uint4    *xn = xq + kc0 * 8;     // x fragments of chunk i + 1
+    const uint32_t *gn = kc0g + kc0;       // group word of chunk i + 1
+    const uint4    *fs = total > HG_D ? src(HG_D) : wp0; // codes of chunk i + HG_D
+    uint4           v = make_uint4(0, 0, 0, 0), xa = v, xb = v;
+    uint32_t        gw = 0, gword = 0xffffffffu; // the current group in both halves (none yet)
     if (total > 0) {
         cp_async_wait<HG_D - 1>();
-        v = ring[0], xa = xq[kc0 * 8], xb = xq[kc0 * 8 + 1], gw = grp_of(0);
+        v = *rd, xa = xn[0], xb = xn[1], gw = __ldg(gn);
     }
+    // the group of the next 32 rows is g: flush the products so far, take g's scales/zeros
+    auto set_group = [&](int g, int m) {
+        flush();
+        const uint32_t *szm = (m ? a.sz[1] : sz0) + (int64_t)ot * (m ? a.n_groups[1] : ng0) * 16;
+        uint32_t        va = pfA, vb = pfB;
+        if (g != gpf || m != mcur) va = __ldg(szm + g * 16 + gid), vb = __ldg(szm + g * 16 + gid + 8);
+        sA  = f16_bits_to_f32((uint16_t)(va & 0xffffu));
+        sB  = f16_bits_to_f32((uint16_t)(vb & 0xffffu));
+        zA  = __float2half2_rn(1024.0f + (float)(va >> 16));
+        zBn = __float2half2_rn(-64.0f - (float)(vb >> 16));
+        gcur = g, mcur = m, gword = (uint32_t)g | (uint32_t)g << 16;
+        // groups ascend in padded order: fetch the next one's words now
+        gpf = g + 1;
+        if (gpf < (m ? a.n_groups[1] : ng0)) pfA = __ldg(szm + gpf * 16 + gid), pfB = __ldg(szm + gpf * 16 + gid + 8);
+    };
     for (int32_t i = 0; i < total; i++) {
-        const int      m      = i >= nper;
+        const int      m      = SWIGLU && i >= nper;
         const uint32_t dws[4] = {v.x, v.y, v.z, v.w};
         const uint32_t bx[8]  = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
         const uint32_t gwc    = gw;
+        uint4 *const   slot   = rd; // chunk i's slot (its data is in v)
         if (i + 1 < total) {
             cp_async_wait<HG_D - 2>(); // chunk i + 1 has landed
-            const int32_t kn = kc_of(i + 1);
-            v = ring[((i + 1) % HG_D) * 32], xa = xq[kn * 8], xb = xq[kn * 8 + 1], gw = grp_of(i + 1);
+            const bool jump = SWIGLU && i + 1 == nper;
+            rd = rd + 32 == ring + HG_D * 32 ? ring : rd + 32;
+            xn = jump ? xq + kc0 * 8 : xn + 8;
+            gn = jump ? g1 : gn + 1;
+            v = *rd, xa = xn[0], xb = xn[1], gw = __ldg(gn);
         }
+        if (gwc != gword || m != mcur) set_group((int)(gwc & 0xffffu), m);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            if ((j & 1) == 0) {
-                const int g = (int)((j ? gwc >> 16 : gwc) & 0xffffu);
-                if (g != gcur || m != mcur) {
-                    flush();
-                    const uint32_t *szm = (m ? a.sz[1] : sz0) + (int64_t)ot * (m ? a.n_groups[1] : ng0) * 16;
-                    uint32_t        va = pfA, vb = pfB;
-                    if (g != gpf || m != mcur) va = __ldg(szm + g * 16 + gid), vb = __ldg(szm + g * 16 + gid + 8);
-                    sA  = f16_bits_to_f32((uint16_t)(va & 0xffffu));
-                    sB  = f16_bits_to_f32((uint16_t)(vb & 0xffffu));
-                    zA  = __float2half2_rn(1024.0f + (float)(va >> 16));
-                    zBn = __float2half2_rn(-64.0f - (float)(vb >> 16));
-                    gcur = g, mcur = m;
-                    // groups ascend in padded order: fetch the next one's words now
-                    gpf = g + 1;
-                    if (gpf < (m ? a.n_groups[1] : ng0)) pfA = __ldg(szm + gpf * 16 + gid), pfB = __ldg(szm + gpf * 16 + gid + 8);
-                }
-            }
+            if (j == 2 && gwc != gword) set_group((int)(gwc >> 16), m); // the chunk's halves differ
             const uint32_t q = dws[j], h = q >> 8;
-            const uint32_t a0 = h2_as_u32(__hsub2(u32_as_h2((q & 0x000f000fu) | 0x64006400u), zA));
-            const uint32_t a1 = h2_as_u32(__hfma2(u32_as_h2((q & 0x00f000f0u) | 0x64006400u), sixteenth, zBn));
-            const uint32_t a2 = h2_as_u32(__hsub2(u32_as_h2((h & 0x000f000fu) | 0x64006400u), zA));
-            const uint32_t a3 = h2_as_u32(__hfma2(u32_as_h2((h & 0x00f000f0u) | 0x64006400u), sixteenth, zBn));
+            const uint32_t a0 = h2_as_u32(__hsub2(u32_as_h2(and_or(q, 0x000f000fu, magic)), zA));
+            const uint32_t a1 = h2_as_u32(__hfma2(u32_as_h2(and_or(q, 0x00f000f0u, magic)), sixteenth, zBn));
+            const uint32_t a2 = h2_as_u32(__hsub2(u32_as_h2(and_or(h, 0x000f000fu, magic)), zA));
+            const uint32_t a3 = h2_as_u32(__hfma2(u32_as_h2(and_or(h, 0x00f000f0u, magic)), sixteenth, zBn));
             mma_f16_16816(c, a0, a1, a2, a3, bx[2 * j], bx[2 * j + 1]);
         }
-        // chunk i's slot (read in the previous iteration, its values used above) takes the chunk
-        // HG_D ahead
-        if (i + HG_D < total) cp_async16(ring + (i % HG_D) * 32, src(i + HG_D));
+        // chunk i's slot (its values used above) takes the chunk HG_D ahead
+        if (i + HG_D < total) {
+            cp_async16(slot, fs);
+            fs = SWIGLU && i + HG_D + 1 == nper ? wp1 + (int64_t)kc0 * 32 : fs + 32;
+        }
         cp_async_commit();
     }
     flush();
@@ -691,7 +710,7 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_hgemv_kernel(const hgemv_a
 
     // ---- reduce over the warps, epilogue ----
 #pragma unroll
-    for (int m = 0; m < 2; m++) {
+    for (int m = 0; m < (SWIGLU ? 2 : 1); m++) {
         red[m][warp][2 * tq][gid]         = y[m][0];
         red[m][warp][2 * tq + 1][gid]     = y[m][1];
         red[m][warp][2 * tq][gid + 8]     = y[m][2];
@@ -1452,22 +1471,26 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
 
 #define HG_MAX_SMEM (200 * 1024) // dynamic shared memory above which the tensor-core GEMV is not used
 
-template <int NW, bool NORM> static void hgemv_launch_k(bool pdl, const hgemv_args &a, unsigned blocks, size_t smem,
-                                                        cudaStream_t st) {
+template <int NW, bool NORM, bool SW> static void hgemv_launch_k(bool pdl, const hgemv_args &a, unsigned blocks,
+                                                                 size_t smem, cudaStream_t st) {
     static bool opted = false; // (static plus dynamic shared memory above 48 KiB needs the opt-in)
     if (!opted) {
-        CUDA_CHECK(cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM>, cudaFuncAttributeMaxDynamicSharedMemorySize, HG_MAX_SMEM));
+        CUDA_CHECK(cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        HG_MAX_SMEM));
         opted = true;
     }
-    launch_maybe_pdl(pdl, gptq_hgemv_kernel<NW, NORM>, dim3(blocks), dim3(NW * WARP_SIZE), smem, st, a);
+    launch_maybe_pdl(pdl, gptq_hgemv_kernel<NW, NORM, SW>, dim3(blocks), dim3(NW * WARP_SIZE), smem, st, a);
 }
 
 template <bool NORM> static void hgemv_launch_n(bool pdl, const hgemv_args &a, unsigned blocks, int nw, size_t smem,
                                                 cudaStream_t st) {
+    const bool sw = a.mode == GEMV_SWIGLU;
     switch (nw) {
-    case 4: hgemv_launch_k<4, NORM>(pdl, a, blocks, smem, st); break;
-    case 8: hgemv_launch_k<8, NORM>(pdl, a, blocks, smem, st); break;
-    default: hgemv_launch_k<16, NORM>(pdl, a, blocks, smem, st); break;
+    case 4: sw ? hgemv_launch_k<4, NORM, true>(pdl, a, blocks, smem, st) : hgemv_launch_k<4, NORM, false>(pdl, a, blocks, smem, st); break;
+    case 8: sw ? hgemv_launch_k<8, NORM, true>(pdl, a, blocks, smem, st) : hgemv_launch_k<8, NORM, false>(pdl, a, blocks, smem, st); break;
+    default:
+        sw ? hgemv_launch_k<16, NORM, true>(pdl, a, blocks, smem, st) : hgemv_launch_k<16, NORM, false>(pdl, a, blocks, smem, st);
+        break;
     }
 }
 

@@ -228,17 +228,21 @@ __global__ void __launch_bounds__(128)
                 float(*e)[ROPE_ERR_CHUNK + 1] = err_s[warp]; // rows padded: lane k's column walk is conflict-free
                 for (int c0 = 0; c0 < hd; c0 += ROPE_ERR_CHUNK) {
                     const int n = min(ROPE_ERR_CHUNK, hd - c0);
-                    for (int idx = lane; idx < L.scale_search * n; idx += WARP_SIZE) {
-                        const int   k = idx / n, i = c0 + idx % n;
-                        const float sc = __fmul_rn(base, c_fp8_scale_steps[k]), inv = __frcp_rn(sc);
-                        uint8_t     c = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(b[i], inv))
-                                                                   : f32_to_fp8_e5m2(__fmul_rn(b[i], inv));
-                        float d = __fsub_rn(__fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(c) : fp8_e5m2_to_f32(c), sc), b[i]);
-                        e[k][i - c0] = __fmul_rn(d, d);
+                    // lane: candidate k = lane % S, elements sub, sub + 32 / S, ... (S = 1 or 16)
+                    const int   S = L.scale_search, k = lane % S, st = WARP_SIZE / S;
+                    const float sc = __fmul_rn(base, c_fp8_scale_steps[k]), inv = __frcp_rn(sc);
+                    for (int i = lane / S; i < n; i += st) {
+                        const float   x = b[c0 + i];
+                        const uint8_t c = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(x, inv))
+                                                                     : f32_to_fp8_e5m2(__fmul_rn(x, inv));
+                        const float d = __fsub_rn(__fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(c) : fp8_e5m2_to_f32(c), sc), x);
+                        e[k][i] = __fmul_rn(d, d);
                     }
                     __syncwarp();
-                    if (lane < L.scale_search)
-                        for (int i = 0; i < n; i++) err = __fadd_rn(err, e[lane][i]);
+                    if (lane < L.scale_search) {
+#pragma unroll 16
+                        for (int i = 0; i < n; i++) err = __fadd_rn(err, e[lane][i]); // loads run ahead of the chain
+                    }
                     __syncwarp();
                 }
                 int best = lane;
