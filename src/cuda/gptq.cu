@@ -25,6 +25,11 @@
  * (GEMV), kc_grp[c] the groups of the two halves of 64-row chunk c, lo | hi << 16 (MMA).
  *
  * Paths (cuda_gptq_matmul picks by n_rows; thresholds measured on an H100, docs/BENCHMARKS.md):
+ *  - tensor-core GEMV (decode, 1 row: the default; up to 8 rows when asked for;
+ *    gptq_hgemv_kernel, described at the kernel): exact f16 (q - z) x f16 x in mma.m16n8k16,
+ *    f32 sums, codes through a cp.async ring; also the fused decode ops of backend.h (RMS norm
+ *    in, residual add or silu * up in the store: cuda_gptq_gemv_fused). Fastest of the GEMVs
+ *    on 8 of the 9 real shapes at 1 row (36-57 % of the bandwidth, docs/BENCHMARKS.md).
  *  - int8 GEMV (decode, 1-8 rows a launch; opt-in with COOPT_GPTQ_GEMV=i8, see "Measured"
  *    below for why it is not the default): per call, gptq_quant_x_kernel quantizes x to int8
  *    exactly as the CPU kernels do
@@ -65,7 +70,8 @@
  *    different instruction counts stall at the same ~50 % suggests too few bytes in flight
  *    (I8_U = 3 chunks per lane, ~24 warps per SM: ~36 KiB) and per-kernel ramp and tail, not
  *    instruction issue; not verified (no profiler run).
- *  - f32 GEMV (decode, 1 row: the default; up to 8 rows a launch when asked for):
+ *  - f32 GEMV (decode, 1 row with COOPT_GPTQ_GEMV=f32, exact products; up to 8 rows a launch
+ *    when asked for; the fused ops as the tensor-core GEMV, x * norm staged in shared memory):
  *    f32 throughout. A nibble
  *    becomes an exact f32 without a conversion instruction: OR'ed into the exponent of 2^e
  *    (e = 23, 19, 15, 11, 7 for the nibbles at bits 0, 4, 8, 12, 16; dw >> 20 brings nibbles
