@@ -181,6 +181,14 @@ __device__ __forceinline__ void frag_consts(uint32_t va, uint32_t vb, __half2 &s
     zBn = __float2half2_rn(-64.0f - (float)(vb >> 16));
 }
 
+// D = A B + C, m16n8k16, f16 x f16 -> f32 (A: 16 output columns x 16 input rows, B: 16 x 8 tokens).
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // ---- upload: repack kernels ----
 
 // dst: the fragment layout [n_ot][n_kc][32][4] dwords; src: the host layout [n_ot][k_src/8][16]
@@ -234,6 +242,21 @@ __global__ void gptq_gather_kernel(T *__restrict__ xp, const float *__restrict__
 // residual add in the store), or silu(gate) * up (matmul_swiglu: weight 0 = gate, 1 = up, one
 // block computes the same tile of both).
 enum gemv_mode { GEMV_STORE = 0, GEMV_ACCUMULATE = 1, GEMV_SWIGLU = 2 };
+
+// The GEMVs' store of column o: sum s (+ bias[o]) by mode; swiglu: silu(s + bias[o]) * (u +
+// bias_u[o]) (as silu_mul_kernel).
+__device__ __forceinline__ void gemv_store(float *p, float s, float u, const float *bias, const float *bias_u,
+                                           int32_t o, int mode) {
+    s += bias ? bias[o] : 0.0f;
+    if (mode == GEMV_SWIGLU) {
+        u += bias_u ? bias_u[o] : 0.0f;
+        *p = s / (1.0f + expf(-s)) * u;
+    } else if (mode == GEMV_ACCUMULATE) {
+        *p += s;
+    } else {
+        *p = s;
+    }
+}
 
 // Up to GPTQ_MAX_MULTI weights of one input; block b belongs to weight j when
 // ot_end[j-1] <= b < ot_end[j] (swiglu: every block does weights 0 and 1). Passed by value
@@ -460,16 +483,7 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
         }
         const int32_t o = ot * 16 + c;
         if (r >= a.n_rows || o >= n_out) continue;
-        float *p = out + (int64_t)r * n_out + o;
-        s += bias ? bias[o] : 0.0f;
-        if (swiglu) {
-            u += a.bias[1] ? a.bias[1][o] : 0.0f;
-            *p = s / (1.0f + expf(-s)) * u; // as silu_mul_kernel
-        } else if (a.mode == GEMV_ACCUMULATE) {
-            *p += s;
-        } else {
-            *p = s;
-        }
+        gemv_store(out + (int64_t)r * n_out + o, s, u, bias, a.bias[1], o, a.mode);
     }
 }
 
@@ -482,15 +496,6 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
     return d;
 }
 #define and_or(a, mask, c) and_or_t<(mask)>((a), (c))
-
-// D = A B + C, m16n8k16, f16 x f16 -> f32 (A: 16 output columns x 16 input rows, B: 16 x 8 tokens).
-__device__ __forceinline__ void mma_f16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                              uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 #ifndef HG_D
 #define HG_D 8 // 64-row chunks of codes each warp keeps in flight (cp.async ring in shared memory)
@@ -702,7 +707,8 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * W
             const uint32_t a1 = h2_as_u32(__hfma2(u32_as_h2(and_or(q, 0x00f000f0u, magic)), sixteenth, zBn));
             const uint32_t a2 = h2_as_u32(__hsub2(u32_as_h2(and_or(h, 0x000f000fu, magic)), zA));
             const uint32_t a3 = h2_as_u32(__hfma2(u32_as_h2(and_or(h, 0x00f000f0u, magic)), sixteenth, zBn));
-            mma_f16_16816(c, a0, a1, a2, a3, bx[2 * j], bx[2 * j + 1]);
+            const uint32_t af[4] = {a0, a1, a2, a3};
+            mma_16816(c, af, bx[2 * j], bx[2 * j + 1]);
         }
         // chunk i's slot (its values used above) takes the chunk HG_D ahead
         if (i + HG_D < total) {
@@ -743,16 +749,7 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * W
             const float inv = 1.0f / row_f[r];
             s *= inv, u *= inv;
         }
-        float *p = out + (int64_t)r * n_out + o;
-        s += bias ? bias[o] : 0.0f;
-        if (swiglu) {
-            u += a.bias[1] ? a.bias[1][o] : 0.0f;
-            *p = s / (1.0f + expf(-s)) * u; // as silu_mul_kernel
-        } else if (a.mode == GEMV_ACCUMULATE) {
-            *p += s;
-        } else {
-            *p = s;
-        }
+        gemv_store(out + (int64_t)r * n_out + o, s, u, bias, a.bias[1], o, a.mode);
     }
 }
 
@@ -961,13 +958,6 @@ __device__ __forceinline__ void ldmatrix_x4(const void *smem, uint32_t &r0, uint
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(a)
                  : "memory");
-}
-
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 #define MMA_LDS 72 // halves per shared x row: 64 + 8 of padding (conflict-free ldmatrix)
