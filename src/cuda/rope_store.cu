@@ -14,17 +14,17 @@
  * below are coopt_kv_offset/coopt_kv_scale_offset ported to device code.
  *
  * rope_kernel       Grid: (n_tokens); Block: 128 threads over the n_heads * head_dim/2 pairs.
- * rope_store_kernel Grid: (n_tokens, ceil(2 * n_kv_heads / 4)); Block: 128 threads = 4 warps.
- *                   Block y rotates its share of q's heads; warp w of block y handles the cache
- *                   row r = 4y + w (kv head r/2, K or V) of the token:
- *                   rotated row into shared memory, warp amax, quantized store.
- *                   Shared memory: 4 * head_dim floats (head_dim <= 256).
+ * rope_store_kernel Grid: (n_tokens, 2 * n_kv_heads); Block: 128 threads = 4 warps.
+ *                   Block y rotates its share of q's heads and handles the cache row y (kv head
+ *                   y/2, K or V) of the token: rotated row into shared memory, block amax, FP8
+ *                   scale search over all 128 threads, quantized store.
+ *                   Shared memory: head_dim floats (<= 256) + the 16 x 129 error table.
  */
 #include "cuda/common.cuh"
 #include "cuda/kv_dev.cuh"
 
 #define ROPE_MAX_HALF 128 // head_dim <= 256
-#define ROPE_ERR_CHUNK 128 // elements per round of the FP8 scale search (shared: 4 warps x 16 x 128 f32)
+#define ROPE_ERR_CHUNK 128 // elements per round of the FP8 scale search (shared: 16 x 129 f32)
 
 struct rope_params {
     int32_t layout; // enum coopt_rope_layout
@@ -175,76 +175,80 @@ __global__ void __launch_bounds__(128)
                       const int32_t *__restrict__ pos, const int64_t *__restrict__ slots, const struct rope_params p,
                       const float *__restrict__ koff, const int32_t *__restrict__ tok_seq,
                       const int32_t *__restrict__ seq_ids, int32_t n_layers) {
-    __shared__ float buf[4][2 * ROPE_MAX_HALF];
-    __shared__ float err_s[(KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2) ? 4 : 1][16][ROPE_ERR_CHUNK + 1];
+    constexpr bool FP8 = KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2;
+    __shared__ float b[2 * ROPE_MAX_HALF];
+    __shared__ float e[FP8 ? 16 : 1][ROPE_ERR_CHUNK + 1]; // rows padded: thread k's walk is conflict-free
+    __shared__ float red[4];
     const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
-    const int        warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int        tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int32_t    ps = pos[t];
     { // q heads split over the token's blocks (one block rotating all of them was ~20 us at decode)
         const int32_t per = (n_heads + gridDim.y - 1) / gridDim.y, h0 = min(n_heads, (int32_t)blockIdx.y * per);
         rope_row(q + (size_t)t * n_heads * hd, h0, min(n_heads, h0 + per), ps, p);
     }
-
+    // this block's cache row: kv head h, K (kvi 0, rotated) or V
+    const int32_t r = blockIdx.y, h = r >> 1, kvi = r & 1;
+    if (r >= 2 * nkv) return;
     const int64_t page = slots[t] / L.page_size;
     const int32_t row  = (int32_t)(slots[t] % L.page_size);
-    float        *b    = buf[warp];
-    for (int r = blockIdx.y * 4 + warp; r < 2 * nkv; r += 4 * gridDim.y) {
-        const int32_t h = r >> 1, kvi = r & 1;
-        const float  *src = (kvi ? v : k) + ((size_t)t * nkv + h) * hd;
-        if (kvi == 0) {
-            for (int i = lane; i < half; i += WARP_SIZE) {
-                float a = (float)ps * p.inv_freq[i];
-                float c = cosf(a), s = sinf(a);
-                int   i0, i1;
-                rope_pair(p, i, &i0, &i1);
-                rope_rotate(src[i0], src[i1], c, s, &b[i0], &b[i1]);
-            }
-        } else {
-            for (int i = lane; i < hd; i += WARP_SIZE) b[i] = src[i];
+    const float  *src  = (kvi ? v : k) + ((size_t)t * nkv + h) * hd;
+    const float  *c    = kvi == 0 && koff ? koff + (((size_t)seq_ids[tok_seq[t]] * (size_t)n_layers + (size_t)layer) *
+                                                 (size_t)nkv + (size_t)h) * (size_t)hd
+                                          : NULL; // K smoothing: the sequence's offset (kv_offsets_kernel)
+    if (kvi == 0) {
+        for (int i = tid; i < half; i += blockDim.x) {
+            float a = (float)ps * p.inv_freq[i];
+            float cs = cosf(a), sn = sinf(a);
+            int   i0, i1;
+            rope_pair(p, i, &i0, &i1);
+            float y0, y1;
+            rope_rotate(src[i0], src[i1], cs, sn, &y0, &y1);
+            b[i0] = c ? __fsub_rn(y0, c[i0]) : y0;
+            b[i1] = c ? __fsub_rn(y1, c[i1]) : y1;
         }
-        __syncwarp();
-        if (kvi == 0 && koff) { // K smoothing: subtract the sequence's offset (kv_offsets_kernel)
-            const float *c =
-                koff + (((size_t)seq_ids[tok_seq[t]] * (size_t)n_layers + (size_t)layer) * (size_t)nkv + (size_t)h) * (size_t)hd;
-            for (int i = lane; i < hd; i += WARP_SIZE) b[i] = __fsub_rn(b[i], c[i]);
-            __syncwarp();
-        }
-        uint8_t *dst = pool + kv_offset(L, page, layer, kvi, h, row);
-        if constexpr (KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2) {
-            float amax = 0.0f;
-            for (int i = lane; i < hd; i += WARP_SIZE) amax = fmaxf(amax, fabsf(b[i]));
-            amax    = warp_max(amax);
-            // coopt_fp8_quant_row (dtype.c) with 16 candidate scales. The squared errors of all
-            // (candidate, element) pairs are independent: the warp computes them in parallel, a
-            // chunk of ROPE_ERR_CHUNK elements at a time, into shared memory; then lane k < 16
-            // adds candidate k's errors in element order (same operations, order and rounding
-            // as the CPU, no FMA, so the chosen scale is bit-identical), and the warp takes the
-            // smallest error, ties to the smallest k. (A lane walking all head_dim elements
-            // itself made this a ~5000-instruction dependent chain: ~15 us per layer at decode.)
-            const float base = amax / (KT == COOPT_DTYPE_FP8_E4M3 ? 448.0f : 57344.0f);
-            float       s    = base;
-            if (amax > 0.0f) {
-                float        err = lane < L.scale_search ? 0.0f : INFINITY;
-                float(*e)[ROPE_ERR_CHUNK + 1] = err_s[warp]; // rows padded: lane k's column walk is conflict-free
-                for (int c0 = 0; c0 < hd; c0 += ROPE_ERR_CHUNK) {
-                    const int n = min(ROPE_ERR_CHUNK, hd - c0);
-                    // lane: candidate k = lane % S, elements sub, sub + 32 / S, ... (S = 1 or 16)
-                    const int   S = L.scale_search, k = lane % S, st = WARP_SIZE / S;
-                    const float sc = __fmul_rn(base, c_fp8_scale_steps[k]), inv = __frcp_rn(sc);
-                    for (int i = lane / S; i < n; i += st) {
-                        const float   x = b[c0 + i];
-                        const uint8_t c = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(x, inv))
-                                                                     : f32_to_fp8_e5m2(__fmul_rn(x, inv));
-                        const float d = __fsub_rn(__fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(c) : fp8_e5m2_to_f32(c), sc), x);
-                        e[k][i] = __fmul_rn(d, d);
-                    }
-                    __syncwarp();
-                    if (lane < L.scale_search) {
-#pragma unroll 16
-                        for (int i = 0; i < n; i++) err = __fadd_rn(err, e[lane][i]); // loads run ahead of the chain
-                    }
-                    __syncwarp();
+    } else {
+        for (int i = tid; i < hd; i += blockDim.x) b[i] = src[i];
+    }
+    __syncthreads();
+    uint8_t *dst = pool + kv_offset(L, page, layer, kvi, h, row);
+    if constexpr (FP8) {
+        float amax = 0.0f;
+        for (int i = tid; i < hd; i += blockDim.x) amax = fmaxf(amax, fabsf(b[i]));
+        amax = warp_max(amax);
+        if (lane == 0) red[warp] = amax;
+        __syncthreads();
+        amax = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+        // coopt_fp8_quant_row (dtype.c) with 16 candidate scales. The squared errors of all
+        // (candidate, element) pairs are independent: the block computes them in parallel, a
+        // chunk of ROPE_ERR_CHUNK elements at a time, into shared memory (thread: candidate
+        // tid % S, elements tid / S, + 128 / S, ...; its scale and reciprocal computed once);
+        // then thread k < 16 adds candidate k's errors in element order (same operations, order
+        // and rounding as the CPU, no FMA, so the chosen scale is bit-identical), and warp 0
+        // takes the smallest error, ties to the smallest k. (One warp per row walking it made
+        // this a long dependent chain: 15-24 us per layer at decode.)
+        const float base = amax / (KT == COOPT_DTYPE_FP8_E4M3 ? 448.0f : 57344.0f);
+        float       s    = base;
+        if (amax > 0.0f) {
+            const int   S = L.scale_search, kk = tid % S, st = blockDim.x / S;
+            const float sc = __fmul_rn(base, c_fp8_scale_steps[kk]), inv = __frcp_rn(sc);
+            float       err = tid < S ? 0.0f : INFINITY;
+            for (int c0 = 0; c0 < hd; c0 += ROPE_ERR_CHUNK) {
+                const int n = min(ROPE_ERR_CHUNK, hd - c0);
+                for (int i = tid / S; i < n; i += st) {
+                    const float   x  = b[c0 + i];
+                    const uint8_t cq = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(x, inv))
+                                                                  : f32_to_fp8_e5m2(__fmul_rn(x, inv));
+                    const float d = __fsub_rn(__fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(cq) : fp8_e5m2_to_f32(cq), sc), x);
+                    e[kk][i] = __fmul_rn(d, d);
                 }
+                __syncthreads();
+                if (tid < S) {
+#pragma unroll 16
+                    for (int i = 0; i < n; i++) err = __fadd_rn(err, e[tid][i]); // loads run ahead of the chain
+                }
+                __syncthreads();
+            }
+            if (warp == 0) {
                 int best = lane;
                 for (int o = 16; o > 0; o >>= 1) {
                     float oe = __shfl_xor_sync(0xffffffffu, err, o);
@@ -254,15 +258,16 @@ __global__ void __launch_bounds__(128)
                         best = ob;
                     }
                 }
-                s = __fmul_rn(base, c_fp8_scale_steps[best]);
+                if (lane == 0) red[0] = __fmul_rn(base, c_fp8_scale_steps[best]);
             }
-            if (lane == 0) *(float *)(pool + kv_scale_offset(L, page, layer, kvi, h, row)) = s;
-            const float inv = s == 0.0f ? 0.0f : __frcp_rn(s);
-            for (int i = lane; i < hd; i += WARP_SIZE) store_elem<KT>(dst, i, __fmul_rn(b[i], inv));
-        } else {
-            for (int i = lane; i < hd; i += WARP_SIZE) store_elem<KT>(dst, i, b[i]);
+            __syncthreads();
+            s = red[0];
         }
-        __syncwarp(); // b is rewritten by this warp's next row
+        if (tid == 0) *(float *)(pool + kv_scale_offset(L, page, layer, kvi, h, row)) = s;
+        const float inv = s == 0.0f ? 0.0f : __frcp_rn(s);
+        for (int i = tid; i < hd; i += blockDim.x) store_elem<KT>(dst, i, __fmul_rn(b[i], inv));
+    } else {
+        for (int i = tid; i < hd; i += blockDim.x) store_elem<KT>(dst, i, b[i]);
     }
 }
 
@@ -278,9 +283,9 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
     struct rope_params   p  = rope_params_make(rope);
     struct kv_dev_layout L  = kv_dev_layout_make(l);
     cudaStream_t         st = cuda_impl(be)->stream;
-    // Grid (n_tokens, ceil(2 * n_kv_heads / 4)): one warp per K or V row, so the FP8 scale search
-    // of a token's rows runs in parallel; each block also rotates its share of q's heads.
-    dim3 n(b->n_tokens, (2 * l->n_kv_heads + 3) / 4);
+    // Grid (n_tokens, 2 * n_kv_heads): one block per K or V row, so the FP8 scale searches of a
+    // token's rows run in parallel, 4 warps each; each block also rotates its share of q's heads.
+    dim3 n(b->n_tokens, 2 * l->n_kv_heads);
     const float *koff = (l->has_scales && kv->k_offset && b->seq_ids) ? kv->k_offset : NULL;
     if (koff && !b->no_seq_start) { // (skipped when the host knows no sequence starts here: decode)
         kv_offsets_kernel<<<dim3(b->n_seqs, l->n_kv_heads, (l->head_dim / 2 + KO_PAIRS - 1) / KO_PAIRS), KO_THREADS, 0, st>>>(
