@@ -501,6 +501,10 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 #define HG_D 8 // 64-row chunks of codes each warp keeps in flight (cp.async ring in shared memory)
 #endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
+#ifndef HG_UNROLL
+#define HG_UNROLL 2 // chunk loop unroll
+#endif
+static constexpr int hg_unroll = HG_UNROLL; // (#pragma unroll takes a constant, not a macro)
 
 // Up to GPTQ_MAX_MULTI weights of one input (as gemv_args); x is one matrix for all of them:
 // in place (direct weights) or the gathered copy (one permutation for all).
@@ -684,8 +688,9 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * W
         gpf = g + 1;
         if (gpf < (m ? a.n_groups[1] : ng0)) pfA = __ldg(szm + gpf * 16 + gid), pfB = __ldg(szm + gpf * 16 + gid + 8);
     };
-    // (unrolled by 2: the next chunk's registers alternate instead of being copied every step)
-#pragma unroll 2
+    // (unrolled by HG_UNROLL: the next chunk's registers alternate instead of being copied every
+    // step)
+#pragma unroll hg_unroll
     for (int32_t i = 0; i < total; i++) {
         const int      m      = SWIGLU && i >= nper;
         const uint32_t dws[4] = {v.x, v.y, v.z, v.w};
