@@ -502,7 +502,7 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 #endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
 #ifndef HG_UNROLL
-#define HG_UNROLL 2 // chunk loop unroll
+#define HG_UNROLL 1 // chunk loop unroll (2 measured 0.6 % slower on llama2-7b, 4 % on 13b)
 #endif
 static constexpr int hg_unroll = HG_UNROLL; // (#pragma unroll takes a constant, not a macro)
 
@@ -688,8 +688,8 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * W
         gpf = g + 1;
         if (gpf < (m ? a.n_groups[1] : ng0)) pfA = __ldg(szm + gpf * 16 + gid), pfB = __ldg(szm + gpf * 16 + gid + 8);
     };
-    // (unrolled by HG_UNROLL: the next chunk's registers alternate instead of being copied every
-    // step)
+    // (HG_UNROLL: unrolled by 2 the next chunk's registers alternate instead of being copied every
+    // step, but it measured slower, docs/BENCHMARKS.md)
 #pragma unroll hg_unroll
     for (int32_t i = 0; i < total; i++) {
         const int      m      = SWIGLU && i >= nper;
