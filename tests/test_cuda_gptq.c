@@ -1,8 +1,8 @@
 /*
  * test_cuda_gptq.c -- GPTQ int4 on the CUDA backend (src/cuda/gptq.cu) against exact references:
- * every path (f32 GEMV, int8 GEMV in several launch configurations and without programmatic
- * dependent launch, tensor-core MMA with 16-128 tokens per block, dequantize + cuBLAS, the
- * automatic choice, the multi-weight GEMVs) on random GPTQ checkpoints at odd and real shapes,
+ * every path (tensor-core GEMV, f32 GEMV, int8 GEMV in several launch configurations and without
+ * programmatic dependent launch, tensor-core MMA with 16-128 tokens per block, dequantize + cuBLAS,
+ * the automatic choice, the multi-weight GEMVs, the fused decode ops) on random GPTQ checkpoints at odd and real shapes,
  * the int8 GEMV against the CPU int8 kernels, the committed fixtures of the independent Python
  * packer, and whole models (`coopt synth` GPTQ checkpoints loaded on cuda against the CPU scalar
  * reference backend). Skips without a GPU.
@@ -26,6 +26,13 @@
  *   f32 GEMV: 1e-5 mag + 1e-6. Every weight is exactly s (q - z) and every product is formed in
  *     f32 (q - z exact, scale applied per group sum), so only f32 accumulation differs from the
  *     double reference (as for the F32 GEMV in test_cuda.c).
+ *   tensor-core GEMV (h, the decode default): (2^-10 + 1e-5) mag + 2^-23 amax(x row) sw + 1e-6.
+ *     x is scaled by a power of two 2^-e (2^e > amax: exact) and rounded to f16 once (2^-11
+ *     relative, or 2^-25 2^e <= 2^-24 amax absolute below the f16 normal range; 2^-10 and
+ *     2^-23 leave a factor 2 for the tensor cores' f32 accumulation, which is not IEEE
+ *     round-to-nearest at every step); q - z is exact in f16, products exact, scales applied
+ *     per group in f32. With the RMS norm fused, x is the reference's rmsnorm(x) (the kernel
+ *     computes (x / rms) * g as rmsnorm_kernel does, then rounds to f16).
  *   MMA and cuBLAS: (2^-10 + 2^-22 + 1e-5) mag + 2^-25 sw + 1e-6. x and s (q - z) are each
  *     rounded to f16 once (half an ulp: 2^-11 relative each, the product's error at most
  *     2^-10 + 2^-22 of |W x|; x below the f16 normal range loses at most 2^-25 absolute), then
