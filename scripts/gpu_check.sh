@@ -55,7 +55,7 @@ if [ "$SANITIZE" = 1 ] && command -v compute-sanitizer >/dev/null; then
     compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
         ./build/coopt-test cuda_memory cuda_embed cuda_rmsnorm cuda_elementwise cuda_matmul cuda_rope \
         cuda_rope_store cuda_kv_offsets cuda_attention cuda_attention_prefill cuda_kv_pool cuda_forward \
-        cuda_fused_ops cuda_step_graphs cuda_gptq_matmul cuda_gptq_multi cuda_gptq_fixtures cuda_gptq_cpu_match \
+        cuda_fused_ops cuda_step_graphs cuda_gptq_matmul cuda_gptq_multi cuda_gptq_fused cuda_gptq_fixtures cuda_gptq_cpu_match \
         >"$OUT/memcheck.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && status=1
@@ -63,7 +63,7 @@ if [ "$SANITIZE" = 1 ] && command -v compute-sanitizer >/dev/null; then
 fi
 
 # ---- kernel timings ----
-COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_bench cuda_decode_bench >"$OUT/kernels.txt" 2>&1
+COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_bench cuda_decode_bench cuda_gptq_bench >"$OUT/kernels.txt" 2>&1
 grep '^bench:' "$OUT/kernels.txt" | sed 's/^bench: //' | tee -a "$OUT/summary.txt"
 
 # ---- coopt bench on models ----
