@@ -444,7 +444,8 @@ static bool fused_case(struct test_ctx *t, struct coopt_backend *be, const struc
     const struct coopt_weight *ws[3] = {&cw[0], &cw[1], &cw[2]};
     const enum gq_kind         kind  = gq_kind_of(cuda_gptq_auto_path(&dw[0], n_rows));
     char                       what[200];
-    snprintf(what, sizeof(what), "fused in %lld out %lld/%lld gs %d act %d rows %d", (long long)c->n_in,
+    snprintf(what, sizeof(what), "fused (%s GEMV) in %lld out %lld/%lld gs %d act %d rows %d",
+             cuda_gptq_get_gemv() == CUDA_GPTQ_GEMV_MODE_F32 ? "f32" : "default", (long long)c->n_in,
              (long long)c->n_out, (long long)n_out_v, c->gs, c->act, n_rows);
     struct gq_ref rn[3], rx[2];
     for (int j = 0; j < 3; j++) gq_ref_make(&g[j].src, hw[j], xn, b[j], n_rows, &rn[j]);
@@ -532,9 +533,15 @@ TEST(cuda_gptq_fused) {
     };
     static const int32_t rows[] = {1, 3};
     bool                 ok     = true;
-    for (size_t i = 0; i < COOPT_ARRAY_LEN(cases) && ok; i++)
-        for (size_t r = 0; r < COOPT_ARRAY_LEN(rows) && ok; r++)
-            ok = fused_case(t, be, &cases[i].c, cases[i].n_out_v, rows[r], 900 + 7 * i + r);
+    // the default (tensor-core) decode GEMV, then the exact f32 one (its own fused norm/store)
+    static const enum cuda_gptq_gemv modes[] = {CUDA_GPTQ_GEMV_MODE_DEFAULT, CUDA_GPTQ_GEMV_MODE_F32};
+    for (size_t mi = 0; mi < COOPT_ARRAY_LEN(modes) && ok; mi++) {
+        cuda_gptq_set_gemv(modes[mi]);
+        for (size_t i = 0; i < COOPT_ARRAY_LEN(cases) && ok; i++)
+            for (size_t r = 0; r < COOPT_ARRAY_LEN(rows) && ok; r++)
+                ok = fused_case(t, be, &cases[i].c, cases[i].n_out_v, rows[r], 900 + 7 * i + r);
+    }
+    cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
     be->ops->destroy(be);
 }
 
