@@ -549,7 +549,10 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 //   - per 16-row step: A = the dword's exact f16 (q - z) (dequant_frag without the scale), one
 //     mma.m16n8k16 into f32 accumulators; at each group change they are multiplied by the
 //     columns' f32 scales into the running sums (the next group's scale/zero words are fetched
-//     one group ahead).
+//     one group ahead). Chunk i + 1's codes, x fragments and group word are read while chunk i
+//     is multiplied; one compare per chunk finds a group change (kc_grp words).
+// Launch bounds cap the registers at 64 (80 for swiglu, which keeps two sets of sums) so that
+// 32 (24) warps fit an SM.
 // Accumulator c[i]: c0, c1 = column gid, tokens 2tq, 2tq+1; c2, c3 = column gid+8. Warps reduce
 // through shared memory in a fixed order (deterministic).
 // Error: x rounded to f16 once (2^-11 relative; below 2^-14 of the scaled range an absolute
