@@ -662,51 +662,27 @@ TEST(cuda_gptq_cpu_match) {
 
 // ---- fixtures from the independent packer (scripts/make_gptq_fixture.py), as test_gptq.c ----
 
-static const char *const k_fixtures[] = {
-    "gptq_k_g32_sym.bin",      "gptq_k_g64_asym_act.bin", "gptq_k_g64_sym_act_v2.bin",  "gptq_v_g128_asym_v2.bin",
-    "gptq_v_gall_sym_act.bin", "gptq_v_g32_asym_act.bin", "gptq_down_g128_asym_act.bin", "gptq_down_gall_asym_v2.bin",
-};
-
 TEST(cuda_gptq_fixtures) {
     struct coopt_backend *be;
     if (!init_cuda(t, &be)) return;
     bool ok = true;
-    for (size_t f = 0; f < COOPT_ARRAY_LEN(k_fixtures) && ok; f++) {
-        char  *data = NULL;
-        size_t size = 0;
-        if (coopt_read_file(test_golden_path(k_fixtures[f]), &data, &size) != COOPT_OK) {
-            test_fail(t, __FILE__, __LINE__, "cannot read %s", k_fixtures[f]);
+    for (size_t f = 0; f < COOPT_ARRAY_LEN(gptq_fixture_names) && ok; f++) {
+        struct gptq_fixture fx;
+        const int           lrc = gptq_fixture_load(gptq_fixture_names[f], &fx);
+        if (lrc != GPTQ_FIXTURE_OK) {
+            test_fail(t, __FILE__, __LINE__, lrc == GPTQ_FIXTURE_UNREADABLE ? "cannot read %s" : "%s: bad fixture header or size",
+                      gptq_fixture_names[f]);
+            ok = false;
             break;
         }
-        int32_t h[8];
-        ok = size >= 36 && memcmp(data, "CGQF", 4) == 0;
-        if (ok) memcpy(h, data + 4, sizeof(h));
-        int64_t in = ok ? h[1] : 0, out = ok ? h[2] : 0, G = ok ? h[7] : 0;
-        size_t  need = 36 + (size_t)(in / 8 * out) * 4 + (size_t)(G * out / 8) * 4 + (size_t)(G * out) * 2 +
-                      (size_t)in * 4 + (size_t)(in * out) * 4;
-        ok = ok && h[0] == 1 && in > 0 && out > 0 && G > 0 && size == need;
-        if (!ok) {
-            test_fail(t, __FILE__, __LINE__, "%s: bad fixture header or size", k_fixtures[f]);
-            free(data);
-            break;
-        }
-        const char           *p = data + 36;
-        struct coopt_gptq_src s = {.name = k_fixtures[f], .n_in = in, .n_out = out, .bits = 4, .group_size = h[3],
-                                   .zeros_v1 = h[6] != 0, .qweight_shape = {in / 8, out},
-                                   .qweight_dtype = COOPT_DTYPE_I32, .qzeros_shape = {G, out / 8},
-                                   .qzeros_dtype = COOPT_DTYPE_I32, .scales_shape = {G, out},
-                                   .scales_dtype = COOPT_DTYPE_F16, .g_idx_len = in, .g_idx_dtype = COOPT_DTYPE_I32};
-        s.qweight = (const int32_t *)p, p += (size_t)(in / 8 * out) * 4;
-        s.qzeros  = (const int32_t *)p, p += (size_t)(G * out / 8) * 4;
-        s.scales  = (const uint16_t *)p, p += (size_t)(G * out) * 2;
-        if (h[5]) s.g_idx = (const int32_t *)p;
-        p += (size_t)in * 4;
-        const float *wref = (const float *)p; // the packer's W [out][in]
+        const int64_t                in = fx.in, out = fx.out;
+        const struct coopt_gptq_src  s    = fx.src;
+        const float                 *wref = fx.wref; // the packer's W [out][in]
         struct coopt_gptq_weight *hw = NULL;
         struct cuda_gptq_weight   dw;
         memset(&dw, 0, sizeof(dw));
         ok = coopt_gptq_repack(&s, 1, &hw) == COOPT_OK && cuda_gptq_upload(be, hw, &dw) == COOPT_OK;
-        if (!ok) test_fail(t, __FILE__, __LINE__, "%s: repack/upload failed", k_fixtures[f]);
+        if (!ok) test_fail(t, __FILE__, __LINE__, "%s: repack/upload failed", gptq_fixture_names[f]);
         uint64_t rs = 21 + f;
         const int32_t rows_list[] = {1, 5, 20};
         for (size_t k = 0; k < COOPT_ARRAY_LEN(rows_list) && ok; k++) {
@@ -741,7 +717,7 @@ TEST(cuda_gptq_fixtures) {
                 gq_run_path(be, &k_runs[pi], dout, got, no, dx, &dw, NULL, n_rows);
                 enum cuda_gptq_path path = k_runs[pi].path ? k_runs[pi].path : cuda_gptq_auto_path(&dw, n_rows);
                 char what[160];
-                snprintf(what, sizeof(what), "%s rows %d path %s", k_fixtures[f], n_rows, k_runs[pi].name);
+                snprintf(what, sizeof(what), "%s rows %d path %s", gptq_fixture_names[f], n_rows, k_runs[pi].name);
                 ok = gq_check(t, what, got, out, n_rows, &ref, gq_kind_of(path));
             }
             be->ops->free(be, dx), be->ops->free(be, dout);
@@ -750,7 +726,7 @@ TEST(cuda_gptq_fixtures) {
         }
         cuda_gptq_release(&dw);
         coopt_gptq_weight_free(hw);
-        free(data);
+        free(fx.data);
     }
     be->ops->destroy(be);
 }

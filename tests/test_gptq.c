@@ -233,65 +233,38 @@ TEST(gptq_as_weight) {
     gptq_tensors_free(&g);
 }
 
-// ---- fixtures from the independent packer (scripts/make_gptq_fixture.py) ----
-
-static const char *const fixtures[] = {
-    "gptq_k_g32_sym.bin",      "gptq_k_g64_asym_act.bin", "gptq_k_g64_sym_act_v2.bin",  "gptq_v_g128_asym_v2.bin",
-    "gptq_v_gall_sym_act.bin", "gptq_v_g32_asym_act.bin", "gptq_down_g128_asym_act.bin", "gptq_down_gall_asym_v2.bin",
-};
+// ---- fixtures from the independent packer (scripts/make_gptq_fixture.py, test_gptq_util.h) ----
 
 TEST(gptq_fixtures) {
     struct coopt_threadpool *tp = NULL;
     CHECK(t, coopt_threadpool_init(2, &tp) == COOPT_OK);
     int flags_seen = 0;
-    for (size_t f = 0; f < COOPT_ARRAY_LEN(fixtures); f++) {
-        char  *data = NULL;
-        size_t size = 0;
-        if (coopt_read_file(test_golden_path(fixtures[f]), &data, &size) != COOPT_OK) {
+    for (size_t f = 0; f < COOPT_ARRAY_LEN(gptq_fixture_names); f++) {
+        struct gptq_fixture fx;
+        const int           lrc = gptq_fixture_load(gptq_fixture_names[f], &fx);
+        if (lrc != GPTQ_FIXTURE_OK) {
             coopt_threadpool_free(tp);
-            CHECKF(t, 0, "cannot read %s (run scripts/make_gptq_fixture.py)", fixtures[f]);
+            if (lrc == GPTQ_FIXTURE_UNREADABLE)
+                CHECKF(t, 0, "cannot read %s (run scripts/make_gptq_fixture.py)", gptq_fixture_names[f]);
+            CHECKF(t, 0, "%s: bad fixture header or size", gptq_fixture_names[f]);
         }
-        int32_t h[8];
-        bool    ok = size >= 36 && memcmp(data, "CGQF", 4) == 0;
-        if (ok) memcpy(h, data + 4, sizeof(h));
-        int64_t in = ok ? h[1] : 0, out = ok ? h[2] : 0, G = ok ? h[7] : 0;
-        size_t  need = 36 + (size_t)(in / 8 * out) * 4 + (size_t)(G * out / 8) * 4 + (size_t)(G * out) * 2 +
-                      (size_t)in * 4 + (size_t)(in * out) * 4;
-        ok = ok && h[0] == 1 && in > 0 && out > 0 && G > 0 && in <= 4096 && out <= 4096 && size == need;
-        if (!ok) {
-            free(data);
-            coopt_threadpool_free(tp);
-            CHECKF(t, 0, "%s: bad fixture header or size", fixtures[f]);
-        }
-        const char           *p = data + 36;
-        struct coopt_gptq_src s = {.name = fixtures[f], .n_in = in, .n_out = out, .bits = 4, .group_size = h[3],
-                                   .zeros_v1 = h[6] != 0, .qweight_shape = {in / 8, out},
-                                   .qweight_dtype = COOPT_DTYPE_I32, .qzeros_shape = {G, out / 8},
-                                   .qzeros_dtype = COOPT_DTYPE_I32, .scales_shape = {G, out},
-                                   .scales_dtype = COOPT_DTYPE_F16, .g_idx_len = in, .g_idx_dtype = COOPT_DTYPE_I32};
-        // the payload is 4-byte aligned after the 36-byte header, and the f16 scales keep the
-        // later int32 arrays aligned because G * out is even
-        s.qweight = (const int32_t *)p, p += (size_t)(in / 8 * out) * 4;
-        s.qzeros = (const int32_t *)p, p += (size_t)(G * out / 8) * 4;
-        s.scales = (const uint16_t *)p, p += (size_t)(G * out) * 2;
-        const int32_t *g_idx = (const int32_t *)p;
-        p += (size_t)in * 4;
-        const float *ref = (const float *)p;
-        if (h[5]) s.g_idx = g_idx; // act-order checkpoints carry g_idx; others may omit it
-        flags_seen |= (h[4] ? 1 : 2) | (h[5] ? 4 : 8) | (h[6] ? 16 : 32);
+        const int64_t               in = fx.in, out = fx.out;
+        const struct coopt_gptq_src s   = fx.src;
+        const float                *ref = fx.wref;
+        flags_seen |= (fx.sym ? 1 : 2) | (fx.act ? 4 : 8) | (fx.v1 ? 16 : 32);
 
         struct coopt_gptq_weight *w = NULL;
         float                    *wd = NULL, *x = NULL, *y = NULL;
         bool                      pass = false;
         if (coopt_gptq_repack(&s, 1, &w) != COOPT_OK) {
-            test_fail(t, __FILE__, __LINE__, "%s: repack failed", fixtures[f]);
+            test_fail(t, __FILE__, __LINE__, "%s: repack failed", gptq_fixture_names[f]);
             goto next;
         }
         wd = malloc((size_t)(in * out) * 4);
         coopt_gptq_dequant_ref(w, wd);
         for (int64_t i = 0; i < in * out; i++) {
             if (wd[i] != ref[i]) { // exact: f16 scale times an integer
-                test_fail(t, __FILE__, __LINE__, "%s: W[%lld][%lld] = %.8g, reference %.8g", fixtures[f],
+                test_fail(t, __FILE__, __LINE__, "%s: W[%lld][%lld] = %.8g, reference %.8g", gptq_fixture_names[f],
                           (long long)(i / in), (long long)(i % in), wd[i], ref[i]);
                 goto next;
             }
@@ -305,13 +278,13 @@ TEST(gptq_fixtures) {
             for (int32_t r = 1; r <= rows; r += rows - 1) { // GEMV (1 row) and GEMM (5 rows)
                 coopt_gptq_matmul_cpu_isa(tp, y, x, w, r, (enum coopt_gptq_isa)isa);
                 char what[128];
-                snprintf(what, sizeof(what), "%s isa %d rows %d", fixtures[f], isa, r);
+                snprintf(what, sizeof(what), "%s isa %d rows %d", gptq_fixture_names[f], isa, r);
                 if (!check_vs_exact(t, what, y, x, ref, w, r)) goto next;
             }
         }
         pass = true;
     next:
-        free(wd), free(x), free(y), free(data);
+        free(wd), free(x), free(y), free(fx.data);
         coopt_gptq_weight_free(w);
         if (!pass) break;
     }

@@ -85,4 +85,60 @@ static inline void gptq_make_tensors(uint64_t *rs, const struct gptq_case *c, co
 }
 
 
+// ---- fixtures from the independent packer (scripts/make_gptq_fixture.py) ----
+
+static const char *const gptq_fixture_names[] = {
+    "gptq_k_g32_sym.bin",      "gptq_k_g64_asym_act.bin", "gptq_k_g64_sym_act_v2.bin",  "gptq_v_g128_asym_v2.bin",
+    "gptq_v_gall_sym_act.bin", "gptq_v_g32_asym_act.bin", "gptq_down_g128_asym_act.bin", "gptq_down_gall_asym_v2.bin",
+};
+
+// One fixture file: "CGQF", int32 header {version 1, in, out, group size, sym, act-order, v1 zeros,
+// groups}, then qweight, qzeros, f16 scales, g_idx [in] and the packer's W [out][in] (f32).
+struct gptq_fixture {
+    char                 *data; // the file (free it)
+    int64_t               in, out;
+    bool                  sym, act, v1;
+    struct coopt_gptq_src src;  // view into data; g_idx only for act-order checkpoints
+    const int32_t        *g_idx;
+    const float          *wref;
+};
+
+enum { GPTQ_FIXTURE_OK = 0, GPTQ_FIXTURE_UNREADABLE, GPTQ_FIXTURE_BAD };
+
+// Reads and checks fixture `name` (from the golden directory) into *fx: GPTQ_FIXTURE_OK, or
+// UNREADABLE / BAD (header or size; fx->data freed).
+static inline int gptq_fixture_load(const char *name, struct gptq_fixture *fx) {
+    memset(fx, 0, sizeof(*fx));
+    size_t size = 0;
+    if (coopt_read_file(test_golden_path(name), &fx->data, &size) != COOPT_OK) return GPTQ_FIXTURE_UNREADABLE;
+    int32_t h[8];
+    bool    ok = size >= 36 && memcmp(fx->data, "CGQF", 4) == 0;
+    if (ok) memcpy(h, fx->data + 4, sizeof(h));
+    const int64_t in = ok ? h[1] : 0, out = ok ? h[2] : 0, G = ok ? h[7] : 0;
+    const size_t  need = 36 + (size_t)(in / 8 * out) * 4 + (size_t)(G * out / 8) * 4 + (size_t)(G * out) * 2 +
+                        (size_t)in * 4 + (size_t)(in * out) * 4;
+    ok = ok && h[0] == 1 && in > 0 && out > 0 && G > 0 && in <= 4096 && out <= 4096 && size == need;
+    if (!ok) {
+        free(fx->data);
+        fx->data = NULL;
+        return GPTQ_FIXTURE_BAD;
+    }
+    fx->in = in, fx->out = out, fx->sym = h[4] != 0, fx->act = h[5] != 0, fx->v1 = h[6] != 0;
+    const char *p = fx->data + 36;
+    fx->src = (struct coopt_gptq_src){.name = name, .n_in = in, .n_out = out, .bits = 4, .group_size = h[3],
+                                      .zeros_v1 = fx->v1, .qweight_shape = {in / 8, out},
+                                      .qweight_dtype = COOPT_DTYPE_I32, .qzeros_shape = {G, out / 8},
+                                      .qzeros_dtype = COOPT_DTYPE_I32, .scales_shape = {G, out},
+                                      .scales_dtype = COOPT_DTYPE_F16, .g_idx_len = in, .g_idx_dtype = COOPT_DTYPE_I32};
+    // the payload is 4-byte aligned after the 36-byte header, and the f16 scales keep the later
+    // int32 arrays aligned because G * out is even
+    fx->src.qweight = (const int32_t *)p, p += (size_t)(in / 8 * out) * 4;
+    fx->src.qzeros  = (const int32_t *)p, p += (size_t)(G * out / 8) * 4;
+    fx->src.scales  = (const uint16_t *)p, p += (size_t)(G * out) * 2;
+    fx->g_idx       = (const int32_t *)p, p += (size_t)in * 4;
+    if (fx->act) fx->src.g_idx = fx->g_idx; // act-order checkpoints carry g_idx; others may omit it
+    fx->wref = (const float *)p;
+    return GPTQ_FIXTURE_OK;
+}
+
 #endif // COOPT_TEST_GPTQ_UTIL_H
