@@ -863,12 +863,19 @@ struct bench_multi_arg {
     float                         *dx, *douts[GPTQ_BENCH_MAX_MULTI];
     int32_t                        n_rows;
     bool                           multi;
+    int                            fused; // -1: matmul(s), else the cuda_gptq_fused op (norm: dnorm or NULL)
+    const float                   *dnorm;
 };
 
 static void bench_multi_call(void *p, int i) {
     struct bench_multi_arg        *a = p;
     const struct cuda_gptq_weight *w = &a->ws[(i % a->n_copies) * a->n];
-    if (a->multi) {
+    if (a->fused >= 0) {
+        const struct cuda_gptq_weight *ws[GPTQ_BENCH_MAX_MULTI];
+        for (int j = 0; j < a->n; j++) ws[j] = &w[j];
+        (void)cuda_gptq_gemv_fused(a->be, (enum cuda_gptq_fused)a->fused, a->n, a->douts, a->dx, a->dnorm, 1e-5f, ws,
+                                   NULL, a->n_rows);
+    } else if (a->multi) {
         const struct cuda_gptq_weight *ws[GPTQ_BENCH_MAX_MULTI];
         for (int j = 0; j < a->n; j++) ws[j] = &w[j];
         cuda_gptq_matmul_multi(a->be, a->n, a->douts, a->dx, ws, NULL, a->n_rows);
@@ -956,7 +963,22 @@ TEST(cuda_gptq_bench) {
         {"qkv-7b", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}}},
         {"qkv-8b", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}}},
         {"gateup-7b", 2, {{4096, 11008, 128, 0, 1, 1}, {4096, 11008, 128, 0, 1, 1}}},
+        // the four fused GEMVs of a decode layer, as the forward pass calls them (fused >= 0)
+        {"7b:qkv+norm", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}}},
+        {"7b:o+add", 1, {{4096, 4096, 128, 0, 1, 1}}},
+        {"7b:gu+norm+sw", 2, {{4096, 11008, 128, 0, 1, 1}, {4096, 11008, 128, 0, 1, 1}}},
+        {"7b:down+add", 1, {{11008, 4096, 128, 0, 1, 1}}},
+        {"8b:qkv+norm", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}}},
+        {"8b:o+add", 1, {{4096, 4096, 128, 0, 1, 1}}},
+        {"8b:gu+norm+sw", 2, {{4096, 14336, 128, 0, 1, 1}, {4096, 14336, 128, 0, 1, 1}}},
+        {"8b:down+add", 1, {{14336, 4096, 128, 0, 1, 1}}},
+        {"13b:qkv+norm", 3, {{5120, 5120, 128, 0, 1, 1}, {5120, 5120, 128, 0, 1, 1}, {5120, 5120, 128, 0, 1, 1}}},
+        {"13b:o+add", 1, {{5120, 5120, 128, 0, 1, 1}}},
+        {"13b:gu+norm+sw", 2, {{5120, 13824, 128, 0, 1, 1}, {5120, 13824, 128, 0, 1, 1}}},
+        {"13b:down+add", 1, {{13824, 5120, 128, 0, 1, 1}}},
     };
+    float *dnorm = dev_alloc_copy(be, xh, 14336 * 4); // (any values: the time does not depend on them)
+    double layer_us = 0;
     for (size_t si = 0; si < COOPT_ARRAY_LEN(sets); si++) {
         struct coopt_gptq_weight *hw[GPTQ_BENCH_MAX_MULTI] = {0};
         struct gptq_tensors         g[GPTQ_BENCH_MAX_MULTI];
@@ -973,7 +995,13 @@ TEST(cuda_gptq_bench) {
             for (int j = 0; j < sets[si].n; j++)
                 COOPT_ASSERT(cuda_gptq_upload(be, hw[j], &ws[i * sets[si].n + j]) == COOPT_OK);
         for (int j = 0; j < sets[si].n; j++) wbytes += bench_wbytes(&ws[j]);
-        struct bench_multi_arg a = {be, ws, sets[si].n, copies, dx, {0}, 1, true};
+        const char *colon = strchr(sets[si].name, ':');
+        const int   fused = !colon                 ? -1
+                            : strstr(colon, "+sw")  ? CUDA_GPTQ_FUSED_SWIGLU
+                            : strstr(colon, "+add") ? CUDA_GPTQ_FUSED_ADD
+                                                    : CUDA_GPTQ_FUSED_STORE;
+        struct bench_multi_arg a = {be, ws, sets[si].n, copies, dx, {0}, 1, true, fused,
+                                    colon && strstr(colon, "+norm") ? dnorm : NULL};
         for (int j = 0; j < sets[si].n; j++) a.douts[j] = dout + (size_t)j * 8 * 14336;
         struct {
             int32_t             rows;
@@ -986,20 +1014,30 @@ TEST(cuda_gptq_bench) {
                     {8, true, CUDA_GPTQ_GEMV_MODE_I8, "i8multi"}, {8, false, CUDA_GPTQ_GEMV_MODE_F32, "mmaeach"},
                     {8, true, CUDA_GPTQ_GEMV_MODE_H, "hmulti"}};
         for (size_t ri = 0; ri < COOPT_ARRAY_LEN(runs); ri++) {
+            if (fused >= 0 && (runs[ri].rows != 1 || !runs[ri].multi || runs[ri].mode == CUDA_GPTQ_GEMV_MODE_I8))
+                continue; // the fused ops: one row, the f32 and the tensor-core GEMV
             a.n_rows = runs[ri].rows, a.multi = runs[ri].multi;
             cuda_gptq_set_gemv(runs[ri].mode);
             double us = cuda_bench_graph(be, bench_multi_call, &a, 2 * copies);
             cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
             double gbs = wbytes / us / 1e3;
-            printf("bench: %-12s %-9s %5d %9.2f %9.1f %5.0f%%\n", sets[si].name, runs[ri].name, runs[ri].rows, us, gbs,
+            printf("bench: %-14s %-9s %5d %9.2f %9.1f %5.0f%%\n", sets[si].name, runs[ri].name, runs[ri].rows, us, gbs,
                    100.0 * gbs * 1e9 / bw);
+            if (fused >= 0 && runs[ri].mode == CUDA_GPTQ_GEMV_MODE_H) {
+                layer_us += us;
+                if (fused == CUDA_GPTQ_FUSED_ADD && strstr(colon, "down")) {
+                    printf("bench: %.*s decode layer, 4 fused GEMVs (h): %.2f us\n", (int)(colon - sets[si].name),
+                           sets[si].name, layer_us);
+                    layer_us = 0;
+                }
+            }
             fflush(stdout);
         }
         for (int i = 0; i < copies * sets[si].n; i++) cuda_gptq_release(&ws[i]);
         free(ws);
         for (int j = 0; j < sets[si].n; j++) coopt_gptq_weight_free(hw[j]), gptq_tensors_free(&g[j]);
     }
-    be->ops->free(be, dx), be->ops->free(be, dout);
+    be->ops->free(be, dx), be->ops->free(be, dout), be->ops->free(be, (void *)dnorm);
     free(xh);
     be->ops->destroy(be);
 }

@@ -27,7 +27,7 @@
  * Paths (cuda_gptq_matmul picks by n_rows; thresholds measured on an H100, docs/BENCHMARKS.md):
  *  - tensor-core GEMV (decode, 1 row: the default; up to 8 rows when asked for;
  *    gptq_hgemv_kernel, described at the kernel): exact f16 (q - z) x f16 x in mma.m16n8k16,
- *    f32 sums, codes through a cp.async ring; also the fused decode ops of backend.h (RMS norm
+ *    f32 sums, codes through a register ring; also the fused decode ops of backend.h (RMS norm
  *    in, residual add or silu * up in the store: cuda_gptq_gemv_fused). Fastest of the GEMVs
  *    on 8 of the 9 real shapes at 1 row (36-57 % of the bandwidth, docs/BENCHMARKS.md).
  *  - int8 GEMV (decode, 1-8 rows a launch; opt-in with COOPT_GPTQ_GEMV=i8, see "Measured"
@@ -182,6 +182,13 @@ __device__ __forceinline__ void frag_consts(uint32_t va, uint32_t vb, __half2 &s
 }
 
 // D = A B + C, m16n8k16, f16 x f16 -> f32 (A: 16 output columns x 16 input rows, B: 16 x 8 tokens).
+// (not volatile: the compiler may schedule it like any arithmetic)
+__device__ __forceinline__ void mma_16816_nv(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
                  "{%0, %1, %2, %3};"
@@ -282,6 +289,19 @@ struct gemv_args {
 
 // acc[r] (columns gid: A, gid+8: B) += the tile's codes of chunks [kc0, kc1) against x rows xr[r]
 // (lane-offset by 2 tq). LDX(r, k) returns the float2 of row r at k, k + 1.
+// The sums of (row r, column c) over the NW warps' partial sums, in warp order (deterministic):
+// s of weight 0, u of weight 1 when swiglu (else 0).
+template <int M, int NW, int R>
+__device__ __forceinline__ void sum_warps(const float (&red)[M][NW][R][16], int r, int c, bool swiglu, float &s,
+                                          float &u) {
+    s = 0.0f, u = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NW; w++) s += red[0][w][r][c];
+    if (M > 1 && swiglu)
+#pragma unroll
+        for (int w = 0; w < NW; w++) u += red[M - 1][w][r][c];
+}
+
 template <int R, typename LDX>
 __device__ __forceinline__ void gemv_tile(const uint4 *__restrict__ wp, const uint32_t *__restrict__ szp,
                                           const int32_t *__restrict__ kb_grp, int32_t kc0, int32_t kc1, int gid,
@@ -467,12 +487,8 @@ __global__ void __launch_bounds__(NW *WARP_SIZE) gptq_gemv_kernel(const gemv_arg
     __syncthreads();
     for (int i = threadIdx.x; i < R * 16; i += NW * WARP_SIZE) {
         const int r = i >> 4, c = i & 15;
-        float     s = 0.0f, u = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NW; w++) s += red[0][w][r][c];
-        if (swiglu)
-#pragma unroll
-            for (int w = 0; w < NW; w++) u += red[1][w][r][c];
+        float     s, u;
+        sum_warps(red, r, c, swiglu, s, u);
         if constexpr (NORM) { // 1 / sqrt(mean(x^2) + eps), as rmsnorm_kernel, over the block's warps in order
             float t = 0.0f;
 #pragma unroll
@@ -497,14 +513,9 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 }
 #define and_or(a, mask, c) and_or_t<(mask)>((a), (c))
 
-#ifndef HG_D
-#define HG_D 8 // 64-row chunks of codes each warp keeps in flight (cp.async ring in shared memory)
-#endif
+#define HG_RU 4 // 64-row chunks of codes each lane keeps in flight (a register ring; the loop is unrolled by it)
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
-#ifndef HG_UNROLL
-#define HG_UNROLL 1 // chunk loop unroll (2 measured 0.6 % slower on llama2-7b, 4 % on 13b)
-#endif
-static constexpr int hg_unroll = HG_UNROLL; // (#pragma unroll takes a constant, not a macro)
+#define HG_REGS 80 // register cap (24 warps an SM); 64 spilled, 96 measured slower (docs/BENCHMARKS.md)
 
 // Up to GPTQ_MAX_MULTI weights of one input (as gemv_args); x is one matrix for all of them:
 // in place (direct weights) or the gathered copy (one permutation for all).
@@ -523,6 +534,7 @@ struct hgemv_args {
     float           eps;
     int32_t         n_in; // the norm's mean divides by it
     int32_t         n, n_kc, n_rows, mode;
+    int32_t         ng_smem; // scale/zero groups staged per block: both weights' (swiglu), else the largest
 };
 
 // Index (in half2 units) of padded row k's pair inside the staged x of one token: chunk c = k / 64,
@@ -536,11 +548,14 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 
 // out[r][o] for the 16 columns of tile blockIdx.x and up to 8 rows (see the file comment for the
 // code layout). Block: NW warps splitting the tile's chunks into contiguous ranges (swiglu: each
-// warp runs its range of the gate and then of the up codes as one stream). Per warp and lane:
-//   - codes: a cp.async ring of HG_D chunks in shared memory (16 bytes per lane per chunk: the
-//     lane copies and later reads only its own slot, so no barrier); the first HG_D chunks are
-//     requested before griddepcontrol.wait (they do not depend on the previous kernel), then
-//     each chunk used is replaced by the one HG_D ahead. Bytes in flight do not cost registers.
+// warp runs its range of the gate and then of the up codes as one stream). Per block, first (one
+// cp.async group, before griddepcontrol.wait: none of it depends on the previous kernel): the
+// tile's scale/zero words of every group and the weights' group words of every chunk, into
+// shared memory (a DRAM read per group change stalled the warps before, ncu: L1TEX scoreboard).
+// Per warp and lane:
+//   - codes: a register ring of HG_RU chunks (16 bytes per lane per chunk, L1-bypassing loads);
+//     the first HG_RU are requested before griddepcontrol.wait, then each chunk used is replaced
+//     by the one HG_RU ahead. The chunk loop is unrolled by HG_RU so every ring index is static.
 //   - x: staged once per block as f16 in shared memory (hg_pos order: two 16-byte loads give a
 //     lane its 8 B-fragment registers of a chunk); token gid's row (clamped to n_rows - 1: the
 //     columns of absent tokens are computed and dropped). Plain x is scaled by 2^-e with 2^e >
@@ -548,20 +563,20 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 //     rmsnorm_kernel computes it (the sum of squares over all warps' ranges first).
 //   - per 16-row step: A = the dword's exact f16 (q - z) (dequant_frag without the scale), one
 //     mma.m16n8k16 into f32 accumulators; at each group change they are multiplied by the
-//     columns' f32 scales into the running sums (the next group's scale/zero words are fetched
-//     one group ahead). Chunk i + 1's codes, x fragments and group word are read while chunk i
-//     is multiplied; one compare per chunk finds a group change (kc_grp words).
-// Launch bounds cap the registers at 64 (80 for swiglu, which keeps two sets of sums) so that
-// 32 (24) warps fit an SM.
+//     columns' f32 scales into the running sums. One compare per chunk finds a group change.
+// Registers are capped at HG_REGS (80: 24 warps an SM); hgemv_auto_warps picks the block size
+// from the occupancy this leaves. By the SASS, ~65 instructions per chunk plus ~28 per group
+// change (the cp.async-ring version before it: ~96 + ~50).
 // Accumulator c[i]: c0, c1 = column gid, tokens 2tq, 2tq+1; c2, c3 = column gid+8. Warps reduce
 // through shared memory in a fixed order (deterministic).
 // Error: x rounded to f16 once (2^-11 relative; below 2^-14 of the scaled range an absolute
 // 2^-24 amax), products exact, sums f32: |err| <= 2^-11 sum |W x| + 2^-24 amax(x) sum |W| + the
 // f32 accumulation error.
-// Shared memory (dynamic): the rings [NW][HG_D][32] uint4, then x [n_rows][k_pad] f16.
+// Shared memory (dynamic): x [n_rows][k_pad] f16, the scale/zero words [ng_smem][16], the group
+// words [2][n_kc].
 template <int NW, bool NORM, bool SWIGLU>
-__global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * WARP_SIZE)) gptq_hgemv_kernel(const hgemv_args a) {
-    __shared__ float red[2][NW][HG_ROWS][16];
+__global__ void __maxnreg__(HG_REGS) gptq_hgemv_kernel(const hgemv_args a) {
+    __shared__ float red[SWIGLU ? 2 : 1][NW][HG_ROWS][16];
     __shared__ float red_x[NW][HG_ROWS];
     __shared__ float row_f[HG_ROWS]; // NORM: 1 / rms; plain: 2^-e
     extern __shared__ uint4 hg_dyn[];
@@ -583,16 +598,35 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * W
     const int32_t total = SWIGLU ? 2 * nper : nper;
     const uint4  *wp0   = qw0 + (int64_t)ot * n_kc * 32 + lane;
     const uint4  *wp1   = a.qw[1] + (int64_t)ot * n_kc * 32 + lane; // swiglu only
-    uint4        *ring  = hg_dyn + (warp * HG_D) * 32 + lane;
-    uint32_t     *xs    = (uint32_t *)(hg_dyn + NW * HG_D * 32);
+    uint32_t     *xs    = (uint32_t *)hg_dyn;
     const int32_t xrow  = n_kc * 32; // half2 per staged token row
+    uint32_t     *szs   = xs + (int64_t)a.n_rows * xrow; // the tile's scale/zero words [weight][group][16]
+    uint32_t     *kcs   = szs + a.ng_smem * 16;          // group words of the chunks [weight][n_kc]
+    const int32_t ng1   = SWIGLU ? a.n_groups[1] : ng0;
 
-    // codes of stream element i (chunk kc0 + i of weight 0, then of weight 1)
-    auto src = [&](int32_t i) { return i < nper ? wp0 + (int64_t)(kc0 + i) * 32 : wp1 + (int64_t)(kc0 + i - nper) * 32; };
-#pragma unroll
-    for (int s = 0; s < HG_D; s++) {
-        if (s < total) cp_async16(ring + s * 32, src(s));
+    // the tile's scale/zero words and the chunks' group words (see above)
+    {
+        const uint32_t *s0 = sz0 + (int64_t)ot * ng0 * 16;
+        for (int32_t i = (int32_t)threadIdx.x; i < ng0 * 4; i += NW * WARP_SIZE) cp_async16(szs + 4 * i, s0 + 4 * i);
+        for (int32_t i = (int32_t)threadIdx.x; i < n_kc; i += NW * WARP_SIZE) cp_async4(kcs + i, kc0g + i, true);
+        if (SWIGLU) {
+            const uint32_t *s1 = a.sz[1] + (int64_t)ot * ng1 * 16;
+            for (int32_t i = (int32_t)threadIdx.x; i < ng1 * 4; i += NW * WARP_SIZE)
+                cp_async16(szs + ng0 * 16 + 4 * i, s1 + 4 * i);
+            for (int32_t i = (int32_t)threadIdx.x; i < n_kc; i += NW * WARP_SIZE)
+                cp_async4(kcs + n_kc + i, a.kc_grp[1] + i, true);
+        }
         cp_async_commit();
+    }
+
+    // codes of the next chunk to request (chunk kc0 + s of weight 0, then of weight 1)
+    uint4        ring[HG_RU];
+    const uint4 *fs = wp0 + (int64_t)kc0 * 32;
+    auto         advance = [&](int32_t s) { fs = SWIGLU && s + 1 == nper ? wp1 + (int64_t)kc0 * 32 : fs + 32; };
+#pragma unroll
+    for (int s = 0; s < HG_RU; s++) {
+        if (s < total) ring[s] = ld_stream(fs);
+        advance(s);
     }
     pdl_wait();
 
@@ -619,7 +653,8 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * W
         if (!NORM) (void)frexpf(v, &e); // v < 2^e (0 for v == 0)
         row_f[threadIdx.x] = NORM ? 1.0f / sqrtf(v / (float)a.n_in + a.eps) : ldexpf(1.0f, -e);
     }
-    __syncthreads();
+    cp_async_wait<0>(); // this thread's scale/zero and group words have landed
+    __syncthreads();                   // and everyone's
     for (int r = 0; r < a.n_rows; r++) {
         const float *xr = a.x + (int64_t)r * a.ldx;
         const float  f  = row_f[r];
@@ -647,8 +682,7 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * W
     for (int m = 0; m < 2; m++) y[m][0] = y[m][1] = y[m][2] = y[m][3] = 0.0f;
     float    sA = 0.0f, sB = 0.0f;
     __half2  zA = __float2half2_rn(0.0f), zBn = zA;
-    int      gcur = -1, mcur = 0, gpf = -1;
-    uint32_t pfA = 0, pfB = 0;
+    int      mcur = 0;
     const __half2 sixteenth = __float2half2_rn(0.0625f);
     // the group's products, times the columns' scales, into the sums of weight mcur (selects, not
     // indexing: y stays in registers)
@@ -661,72 +695,56 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * W
             }
         c[0] = c[1] = c[2] = c[3] = 0.0f;
     };
-    // Chunk i + 1's codes, x fragments and group word are read while chunk i is multiplied (the
-    // shared-memory and group-table latencies then overlap the math). Every pointer advances by
-    // one chunk per step; the swiglu stream jumps once, to the up weight's first chunk.
-    const uint32_t magic = 0x64006400u;
-    const uint32_t *g1 = a.kc_grp[1] + kc0; // swiglu only
-    uint4          *rd = ring;             // ring slot of chunk i + 1
-    const uint4    *xn = xq + kc0 * 8;     // x fragments of chunk i + 1
-    const uint32_t *gn = kc0g + kc0;       // group word of chunk i + 1
-    const uint4    *fs = total > HG_D ? src(HG_D) : wp0; // codes of chunk i + HG_D
-    uint4           v = make_uint4(0, 0, 0, 0), xa = v, xb = v;
-    uint32_t        gw = 0, gword = 0xffffffffu; // the current group in both halves (none yet)
-    if (total > 0) {
-        cp_async_wait<HG_D - 1>();
-        v = *rd, xa = xn[0], xb = xn[1], gw = __ldg(gn);
-    }
-    // the group of the next 32 rows is g: flush the products so far, take g's scales/zeros
+    // Register ring: chunk i's codes sit in ring[i % HG_RU], requested HG_RU chunks ahead; the loop
+    // is unrolled by HG_RU so every index is static (no copies between steps). The x fragments
+    // and group words of the unrolled steps are independent loads the compiler hoists.
+    const uint32_t  magic = 0x64006400u;
+    const uint32_t *gb0 = kcs + kc0, *gb1 = kcs + n_kc + kc0; // group words (gb1: swiglu only)
+    const uint4    *xb0 = xq + kc0 * 8;
+    uint32_t        gword = 0xffffffffu; // the current group in both halves (none yet)
+    // the group of the next 32 rows is g: flush the products so far, take g's scales/zeros. z is
+    // an integer below 64 (4-bit codes: at most 16), so f16(1024 + z) = 0x6400 | z and
+    // f16(-64 - z) = 0xd400 | z << 4 are bit operations.
     auto set_group = [&](int g, int m) {
         flush();
-        const uint32_t *szm = (m ? a.sz[1] : sz0) + (int64_t)ot * (m ? a.n_groups[1] : ng0) * 16;
-        uint32_t        va = pfA, vb = pfB;
-        if (g != gpf || m != mcur) va = __ldg(szm + g * 16 + gid), vb = __ldg(szm + g * 16 + gid + 8);
-        sA  = f16_bits_to_f32((uint16_t)(va & 0xffffu));
-        sB  = f16_bits_to_f32((uint16_t)(vb & 0xffffu));
-        zA  = __float2half2_rn(1024.0f + (float)(va >> 16));
-        zBn = __float2half2_rn(-64.0f - (float)(vb >> 16));
-        gcur = g, mcur = m, gword = (uint32_t)g | (uint32_t)g << 16;
-        // groups ascend in padded order: fetch the next one's words now
-        gpf = g + 1;
-        if (gpf < (m ? a.n_groups[1] : ng0)) pfA = __ldg(szm + gpf * 16 + gid), pfB = __ldg(szm + gpf * 16 + gid + 8);
+        const uint32_t *szm = szs + (m ? ng0 * 16 : 0) + g * 16 + gid;
+        const uint32_t  va = szm[0], vb = szm[8];
+        sA   = f16_bits_to_f32((uint16_t)(va & 0xffffu));
+        sB   = f16_bits_to_f32((uint16_t)(vb & 0xffffu));
+        zA   = u32_as_h2(__byte_perm((va >> 16) | 0x6400u, 0, 0x1010));
+        zBn  = u32_as_h2(__byte_perm(((vb >> 12) & 0xfff0u) | 0xd400u, 0, 0x1010));
+        mcur = m, gword = (uint32_t)g | (uint32_t)g << 16;
     };
-    // (HG_UNROLL: unrolled by 2 the next chunk's registers alternate instead of being copied every
-    // step, but it measured slower, docs/BENCHMARKS.md)
-#pragma unroll hg_unroll
-    for (int32_t i = 0; i < total; i++) {
-        const int      m      = SWIGLU && i >= nper;
+    auto step = [&](int32_t i, uint4 &slot, bool refill) {
+        const uint4 v = slot;
+        if (refill) slot = ld_stream(fs), advance(i + HG_RU);
+        const int      m  = SWIGLU && i >= nper;
+        const int32_t  ki = m ? i - nper : i; // chunk kc0 + ki of weight m
+        const uint4    xa = xb0[ki * 8], xb = xb0[ki * 8 + 1];
+        const uint32_t gw = (m ? gb1 : gb0)[ki];
         const uint32_t dws[4] = {v.x, v.y, v.z, v.w};
         const uint32_t bx[8]  = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-        const uint32_t gwc    = gw;
-        uint4 *const   slot   = rd; // chunk i's slot (its data is in v)
-        if (i + 1 < total) {
-            cp_async_wait<HG_D - 2>(); // chunk i + 1 has landed
-            const bool jump = SWIGLU && i + 1 == nper;
-            rd = ring + ((i + 1) % HG_D) * 32;
-            xn = jump ? xq + kc0 * 8 : xn + 8;
-            gn = jump ? g1 : gn + 1;
-            v = *rd, xa = xn[0], xb = xn[1], gw = __ldg(gn);
-        }
-        if (gwc != gword || m != mcur) set_group((int)(gwc & 0xffffu), m);
+        if (gw != gword || m != mcur) set_group((int)(gw & 0xffffu), m);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            if (j == 2 && gwc != gword) set_group((int)(gwc >> 16), m); // the chunk's halves differ
+            if (j == 2 && gw != gword) set_group((int)(gw >> 16), m); // the chunk's halves differ
             const uint32_t q = dws[j], h = q >> 8;
             const uint32_t a0 = h2_as_u32(__hsub2(u32_as_h2(and_or(q, 0x000f000fu, magic)), zA));
             const uint32_t a1 = h2_as_u32(__hfma2(u32_as_h2(and_or(q, 0x00f000f0u, magic)), sixteenth, zBn));
             const uint32_t a2 = h2_as_u32(__hsub2(u32_as_h2(and_or(h, 0x000f000fu, magic)), zA));
             const uint32_t a3 = h2_as_u32(__hfma2(u32_as_h2(and_or(h, 0x00f000f0u, magic)), sixteenth, zBn));
             const uint32_t af[4] = {a0, a1, a2, a3};
-            mma_16816(c, af, bx[2 * j], bx[2 * j + 1]);
+            mma_16816_nv(c, af, bx[2 * j], bx[2 * j + 1]);
         }
-        // chunk i's slot (its values used above) takes the chunk HG_D ahead
-        if (i + HG_D < total) {
-            cp_async16(slot, fs);
-            fs = SWIGLU && i + HG_D + 1 == nper ? wp1 + (int64_t)kc0 * 32 : fs + 32;
-        }
-        cp_async_commit();
+    };
+    int32_t i0 = 0;
+    for (; i0 + HG_RU <= total; i0 += HG_RU) {
+#pragma unroll
+        for (int u = 0; u < HG_RU; u++) step(i0 + u, ring[u], i0 + u + HG_RU < total);
     }
+#pragma unroll
+    for (int u = 0; u < HG_RU - 1; u++)
+        if (i0 + u < total) step(i0 + u, ring[u], false);
     flush();
     pdl_launch_dependents();
 
@@ -749,12 +767,8 @@ __global__ void __launch_bounds__(NW *WARP_SIZE, (SWIGLU ? 768 : 1024) / (NW * W
         const int r = i >> 4, col = i & 15;
         const int32_t o = ot * 16 + col;
         if (o >= n_out) continue;
-        float s = 0.0f, u = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NW; w++) s += red[0][w][r][col];
-        if (swiglu)
-#pragma unroll
-            for (int w = 0; w < NW; w++) u += red[1][w][r][col];
+        float s, u;
+        sum_warps(red, r, col, swiglu, s, u);
         if constexpr (!NORM) { // undo the power-of-two scaling of x (exact)
             const float inv = 1.0f / row_f[r];
             s *= inv, u *= inv;
@@ -1488,6 +1502,56 @@ template <int NW, bool NORM, bool SW> static void hgemv_launch_k(bool pdl, const
     launch_maybe_pdl(pdl, gptq_hgemv_kernel<NW, NORM, SW>, dim3(blocks), dim3(NW * WARP_SIZE), smem, st, a);
 }
 
+// Dynamic shared memory of a launch: the rings, x, the scale/zero words of ng_smem groups and two
+// weights' group words.
+static size_t hgemv_smem(int nw, int32_t n_rows, int64_t k_pad, int32_t ng_smem) {
+    return (size_t)n_rows * (size_t)k_pad * 2 + (size_t)ng_smem * 64 +
+           (size_t)(k_pad / 64) * 8;
+}
+
+// Blocks of gptq_hgemv_kernel<NW, NORM, SW> with `smem` bytes of dynamic shared memory that fit
+// one SM (registers, shared memory, warps), from the occupancy calculator; cached per instance
+// for the last smem asked about.
+template <int NW, bool NORM, bool SW> static int hgemv_blocks_per_sm(size_t smem) {
+    static size_t last_smem = (size_t)-1;
+    static int    last_n    = 0;
+    if (smem != last_smem) {
+        int n = 0;
+        if (cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 HG_MAX_SMEM) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gptq_hgemv_kernel<NW, NORM, SW>, NW * WARP_SIZE, smem) !=
+                cudaSuccess)
+            n = 0, (void)cudaGetLastError();
+        last_smem = smem, last_n = n;
+    }
+    return last_n;
+}
+
+// Warps per block of the tensor-core GEMV: the most (16, 8, 4) whose blocks all fit the GPU at
+// once (one wave: a second, partial wave costs as much as the first), else 4. Measured on an H100
+// (docs/BENCHMARKS.md): a block size leaving part of the tiles to a second wave was up to 30 %
+// slower; among single-wave choices the larger blocks (more warps per tile, fewer chunks each)
+// were as fast or faster.
+static int hgemv_auto_warps(const struct cuda_backend *cb, int64_t blocks, bool norm, bool sw, int32_t n_rows,
+                            int64_t k_pad, int32_t ng_smem) {
+    static const int cand[3] = {16, 8, 4};
+    for (int i = 0; i < 3; i++) {
+        const size_t smem = hgemv_smem(cand[i], n_rows, k_pad, ng_smem);
+        int          per;
+        switch (cand[i] * 4 + (norm ? 2 : 0) + (sw ? 1 : 0)) {
+#define HG_OCC(nw, nm, s)                                                                                                  \
+    case nw * 4 + (nm ? 2 : 0) + (s ? 1 : 0): per = hgemv_blocks_per_sm<nw, nm, s>(smem); break;
+            HG_OCC(16, false, false) HG_OCC(16, false, true) HG_OCC(16, true, false) HG_OCC(16, true, true)
+            HG_OCC(8, false, false) HG_OCC(8, false, true) HG_OCC(8, true, false) HG_OCC(8, true, true)
+            HG_OCC(4, false, false) HG_OCC(4, false, true) HG_OCC(4, true, false) HG_OCC(4, true, true)
+#undef HG_OCC
+        default: per = 0;
+        }
+        if (blocks <= (int64_t)per * cb->n_sm) return cand[i];
+    }
+    return 4;
+}
+
 template <bool NORM> static void hgemv_launch_n(bool pdl, const hgemv_args &a, unsigned blocks, int nw, size_t smem,
                                                 cudaStream_t st) {
     const bool sw = a.mode == GEMV_SWIGLU;
@@ -1501,9 +1565,6 @@ template <bool NORM> static void hgemv_launch_n(bool pdl, const hgemv_args &a, u
 }
 
 
-static size_t hgemv_smem(int nw, int32_t n_rows, int64_t k_pad) {
-    return (size_t)nw * HG_D * 512 + (size_t)n_rows * (size_t)k_pad * 2;
-}
 
 // The tensor-core GEMV over n weights of one input, 1-8 rows, one launch. Returns false (nothing
 // enqueued) when it does not apply: more than one act-order permutation among the weights, norm
@@ -1523,8 +1584,11 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
     }
     if (norm && (!direct || ((uintptr_t)norm & 15) != 0)) return false;
     const int64_t blocks = mode == GEMV_SWIGLU ? ws[0]->n_ot : tiles;
-    if (nw <= 0) nw = gemv_auto_warps(cb, blocks);
-    const size_t smem = hgemv_smem(nw, n_rows, k_pad);
+    int32_t       ng_smem = 0;
+    for (int32_t j = 0; j < n; j++)
+        ng_smem = mode == GEMV_SWIGLU ? ng_smem + ws[j]->n_groups : COOPT_MAX(ng_smem, ws[j]->n_groups);
+    if (nw <= 0) nw = hgemv_auto_warps(cb, blocks, norm != NULL, mode == GEMV_SWIGLU, n_rows, k_pad, ng_smem);
+    const size_t smem = hgemv_smem(nw, n_rows, k_pad, ng_smem);
     if (smem > HG_MAX_SMEM || blocks > INT32_MAX) return false;
     hgemv_args a;
     memset(&a, 0, sizeof(a));
@@ -1536,7 +1600,7 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
         a.x = xp, a.ldx = k_pad;
     }
     a.norm = norm, a.eps = eps, a.n_in = (int32_t)n_in;
-    a.n = n, a.n_kc = ws[0]->n_kc, a.n_rows = n_rows, a.mode = mode;
+    a.n = n, a.n_kc = ws[0]->n_kc, a.n_rows = n_rows, a.mode = mode, a.ng_smem = ng_smem;
     int32_t end = 0;
     for (int32_t j = 0; j < n; j++) {
         a.qw[j]       = (const uint4 *)ws[j]->qw;
@@ -1737,7 +1801,8 @@ enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_
     if (n_rows <= GPTQ_I8_MAX_ROWS && g == CUDA_GPTQ_GEMV_MODE_I8) return CUDA_GPTQ_GEMV_I8;
     // (1 row: at 2-8 rows the per-row x staging made it slower than the MMA kernel on most real
     // shapes, docs/BENCHMARKS.md; the path still takes up to 8 when asked for)
-    if (n_rows == 1 && g == CUDA_GPTQ_GEMV_MODE_H && hgemv_smem(16, n_rows, w->k_pad) <= HG_MAX_SMEM)
+    // (the largest launch: 16 warps, swiglu with two weights of this shape)
+    if (n_rows == 1 && g == CUDA_GPTQ_GEMV_MODE_H && hgemv_smem(16, n_rows, w->k_pad, 2 * w->n_groups) <= HG_MAX_SMEM)
         return CUDA_GPTQ_HGEMV;
     if (n_rows < GPTQ_MMA_MIN_ROWS) return CUDA_GPTQ_GEMV;
     // cuBLAS takes int dimensions, and the f16 scratch matrix stays under 16 GiB

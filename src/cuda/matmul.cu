@@ -721,8 +721,8 @@ void cuda_matmul_add(struct coopt_backend *be, float *out, const float *x, const
         gemm_cublas(cb, out, x, w, n_rows, true);
     } else if (gemv_ok(w, n_rows)) {
         gemv_segments(cb, GEMV_ACCUMULATE, 1, &out, x, NULL, 0.0f, &w, n_rows);
-    } else if (gptq_fused(be, CUDA_GPTQ_FUSED_ADD, 1, &out, x, NULL, 0.0f, &w, n_rows)) {
-    } else { // another file's matmul (it may use the workspace): the product goes to the second one
+    } else if (!gptq_fused(be, CUDA_GPTQ_FUSED_ADD, 1, &out, x, NULL, 0.0f, &w, n_rows)) {
+        // another file's matmul (it may use the workspace): the product goes to the second one
         float *tmp = (float *)cuda_workspace2(cb, (size_t)n_rows * (size_t)w->n_out * sizeof(float));
         cuda_matmul(be, tmp, x, w, n_rows);
         be->ops->add(be, out, out, tmp, (int64_t)n_rows * w->n_out);
