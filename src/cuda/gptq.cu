@@ -513,9 +513,13 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 }
 #define and_or(a, mask, c) and_or_t<(mask)>((a), (c))
 
+#ifndef HG_RU
 #define HG_RU 4 // 64-row chunks of codes each lane keeps in flight (a register ring; the loop is unrolled by it)
+#endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
+#ifndef HG_REGS
 #define HG_REGS 80 // register cap (24 warps an SM); 64 spilled, 96 measured slower (docs/BENCHMARKS.md)
+#endif
 
 // Up to GPTQ_MAX_MULTI weights of one input (as gemv_args); x is one matrix for all of them:
 // in place (direct weights) or the gathered copy (one permutation for all).
