@@ -518,7 +518,7 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 #endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
 #ifndef HG_REGS
-#define HG_REGS 80 // register cap (24 warps an SM); 64 spilled, 96 measured slower (docs/BENCHMARKS.md)
+#define HG_REGS 72 // register cap (28 warps an SM): 80 and 96 measured slower, docs/BENCHMARKS.md
 #endif
 
 // Up to GPTQ_MAX_MULTI weights of one input (as gemv_args); x is one matrix for all of them:
@@ -568,7 +568,7 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 //   - per 16-row step: A = the dword's exact f16 (q - z) (dequant_frag without the scale), one
 //     mma.m16n8k16 into f32 accumulators; at each group change they are multiplied by the
 //     columns' f32 scales into the running sums. One compare per chunk finds a group change.
-// Registers are capped at HG_REGS (80: 24 warps an SM); hgemv_auto_warps picks the block size
+// Registers are capped at HG_REGS (72: 28 warps an SM); hgemv_auto_warps picks the block size
 // from the occupancy this leaves. By the SASS, ~65 instructions per chunk plus ~28 per group
 // change (the cp.async-ring version before it: ~96 + ~50).
 // Accumulator c[i]: c0, c1 = column gid, tokens 2tq, 2tq+1; c2, c3 = column gid+8. Warps reduce
