@@ -518,7 +518,10 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 #endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
 #ifndef HG_REGS
-#define HG_REGS 72 // register cap (28 warps an SM): 80 and 96 measured slower, docs/BENCHMARKS.md
+// Register cap (72: 28 warps an SM). End to end 80 was 4 % faster on llama2-7b and 4-7 % slower
+// on llama3-8b / llama2-13b (their 4-warp gate/up grids fit one wave only at 72); 96 slower still
+// (docs/BENCHMARKS.md).
+#define HG_REGS 72
 #endif
 
 // Up to GPTQ_MAX_MULTI weights of one input (as gemv_args); x is one matrix for all of them:
@@ -1533,7 +1536,7 @@ template <int NW, bool NORM, bool SW> static int hgemv_blocks_per_sm(size_t smem
 
 // Warps per block of the tensor-core GEMV: the most (16, 8, 4) whose blocks all fit the GPU at
 // once (one wave: a second, partial wave costs as much as the first), else 4. Measured on an H100
-// (docs/BENCHMARKS.md): a block size leaving part of the tiles to a second wave was up to 30 %
+// (register-ring sweeps of 2026-11-23): a block size leaving part of the grid to later waves was 5-60 %
 // slower; among single-wave choices the larger blocks (more warps per tile, fewer chunks each)
 // were as fast or faster.
 static int hgemv_auto_warps(const struct cuda_backend *cb, int64_t blocks, bool norm, bool sw, int32_t n_rows,
