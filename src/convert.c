@@ -840,9 +840,16 @@ enum coopt_status coopt_convert(const char *in, const char *out, const struct co
     else if (p->to == COOPT_CONVERT_HF) cv.out_fmt = FMT_HF;
     else if (coopt_str_ends_with(out, ".gguf")) cv.out_fmt = FMT_GGUF;
     else cv.out_fmt = cv.in_fmt == FMT_HF ? FMT_HF : FMT_GGUF;
-    if (cv.out_fmt == FMT_HF && p->dtype >= 0 && !dtype_fits((enum coopt_dtype)p->dtype, FMT_HF))
-        return coopt_fail(COOPT_ERR_INVALID, "convert: a Hugging Face directory cannot hold %s weights (f32 f16 bf16)",
-                          coopt_dtype_name((enum coopt_dtype)p->dtype));
+    if (cv.out_fmt == FMT_HF && p->dtype >= 0 && !dtype_fits((enum coopt_dtype)p->dtype, FMT_HF)) {
+        if (p->to == COOPT_CONVERT_HF)
+            return coopt_fail(COOPT_ERR_INVALID, "convert: a Hugging Face directory cannot hold %s weights (f32 f16 bf16)",
+                              coopt_dtype_name((enum coopt_dtype)p->dtype));
+        // chosen from the names: say why, and how to get a GGUF file instead
+        return coopt_fail(COOPT_ERR_INVALID,
+                          "convert: output %s does not end in .gguf, so it would be a Hugging Face directory (as the "
+                          "input), which cannot hold %s weights (f32 f16 bf16); name it *.gguf or pass --to gguf",
+                          out, coopt_dtype_name((enum coopt_dtype)p->dtype));
+    }
 
     struct coopt_model_params mp = coopt_model_default_params();
     enum coopt_status         st = coopt_model_load(in, &mp, &cv.m);

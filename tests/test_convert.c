@@ -365,6 +365,7 @@ TEST(convert_errors) {
     CHECK(t, convert(src, out, COOPT_CONVERT_AUTO, 8, -1) == COOPT_ERR_INVALID); // more than 4
     CHECK(t, convert(src, out, COOPT_CONVERT_AUTO, -1, -1) == COOPT_ERR_INVALID);
     CHECK(t, convert(src, out, COOPT_CONVERT_HF, 0, COOPT_DTYPE_Q4_0) == COOPT_ERR_INVALID);
+    CHECK(t, convert(src, out, COOPT_CONVERT_AUTO, 0, COOPT_DTYPE_Q4_0) == COOPT_ERR_INVALID); // HF in, no .gguf
     CHECK(t, convert(src, out, COOPT_CONVERT_AUTO, 0, COOPT_DTYPE_FP8_E4M3) == COOPT_ERR_INVALID);
     CHECK(t, convert(src, src, COOPT_CONVERT_AUTO, 0, -1) == COOPT_ERR_INVALID); // would overwrite the input
     CHECK(t, convert(src, bad, COOPT_CONVERT_AUTO, 0, -1) == COOPT_ERR_IO);      // GGUF, not writable
