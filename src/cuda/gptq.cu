@@ -1517,21 +1517,23 @@ static size_t hgemv_smem(int nw, int32_t n_rows, int64_t k_pad, int32_t ng_smem)
 }
 
 // Blocks of gptq_hgemv_kernel<NW, NORM, SW> with `smem` bytes of dynamic shared memory that fit
-// one SM (registers, shared memory, warps), from the occupancy calculator; cached per instance
-// for the last smem asked about.
-template <int NW, bool NORM, bool SW> static int hgemv_blocks_per_sm(size_t smem) {
-    static size_t last_smem = (size_t)-1;
-    static int    last_n    = 0;
-    if (smem != last_smem) {
+// one SM of the current device (registers, shared memory, warps), from the occupancy calculator;
+// cached per instance and device for the last smem asked about (0 when it cannot be had).
+template <int NW, bool NORM, bool SW> static int hgemv_blocks_per_sm(int device, size_t smem) {
+    static size_t last_smem[64];
+    static int    last_n[64];
+    static bool   have[64];
+    const int     d = device >= 0 && device < 64 ? device : 0;
+    if (!have[d] || smem != last_smem[d]) {
         int n = 0;
         if (cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  HG_MAX_SMEM) != cudaSuccess ||
             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gptq_hgemv_kernel<NW, NORM, SW>, NW * WARP_SIZE, smem) !=
                 cudaSuccess)
             n = 0, (void)cudaGetLastError();
-        last_smem = smem, last_n = n;
+        last_smem[d] = smem, last_n[d] = n, have[d] = true;
     }
-    return last_n;
+    return last_n[d];
 }
 
 // Warps per block of the tensor-core GEMV: the most (16, 8, 4) whose blocks all fit the GPU at
@@ -1547,7 +1549,7 @@ static int hgemv_auto_warps(const struct cuda_backend *cb, int64_t blocks, bool 
         int          per;
         switch (cand[i] * 4 + (norm ? 2 : 0) + (sw ? 1 : 0)) {
 #define HG_OCC(nw, nm, s)                                                                                                  \
-    case nw * 4 + (nm ? 2 : 0) + (s ? 1 : 0): per = hgemv_blocks_per_sm<nw, nm, s>(smem); break;
+    case nw * 4 + (nm ? 2 : 0) + (s ? 1 : 0): per = hgemv_blocks_per_sm<nw, nm, s>(cb->device, smem); break;
             HG_OCC(16, false, false) HG_OCC(16, false, true) HG_OCC(16, true, false) HG_OCC(16, true, true)
             HG_OCC(8, false, false) HG_OCC(8, false, true) HG_OCC(8, true, false) HG_OCC(8, true, true)
             HG_OCC(4, false, false) HG_OCC(4, false, true) HG_OCC(4, true, false) HG_OCC(4, true, true)

@@ -86,7 +86,7 @@ enum cuda_gptq_path {
     CUDA_GPTQ_CUBLAS, // dequantize to an f16 scratch matrix + cublasGemmEx
     CUDA_GPTQ_GEMV_I8, // x quantized to int8 + int4 x int8 mma; rows in groups of up to 8; `param` = warps per
                        // block (4, 8, 16; 0 = auto) | K splits << 8 (0 = auto: 1)
-    CUDA_GPTQ_HGEMV,   // exact f16 (q - z) x f16 x mma, f32 sums, codes through a cp.async ring; 1-8 rows;
+    CUDA_GPTQ_HGEMV,   // exact f16 (q - z) x f16 x mma, f32 sums, codes through a register ring; 1-8 rows;
                        // `param` = warps per block (4, 8, 16; 0 = auto)
 };
 
