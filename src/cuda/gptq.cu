@@ -1498,13 +1498,14 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
 
 #define HG_MAX_SMEM (200 * 1024) // dynamic shared memory above which the tensor-core GEMV is not used
 
-template <int NW, bool NORM, bool SW> static void hgemv_launch_k(bool pdl, const hgemv_args &a, unsigned blocks,
-                                                                 size_t smem, cudaStream_t st) {
-    static bool opted = false; // (static plus dynamic shared memory above 48 KiB needs the opt-in)
-    if (!opted) {
+template <int NW, bool NORM, bool SW> static void hgemv_launch_k(int device, bool pdl, const hgemv_args &a,
+                                                                 unsigned blocks, size_t smem, cudaStream_t st) {
+    static bool opted[64]; // (static plus dynamic shared memory above 48 KiB needs the opt-in, per device)
+    const int   d = device >= 0 && device < 64 ? device : 0;
+    if (!opted[d]) {
         CUDA_CHECK(cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         HG_MAX_SMEM));
-        opted = true;
+        opted[d] = true;
     }
     launch_maybe_pdl(pdl, gptq_hgemv_kernel<NW, NORM, SW>, dim3(blocks), dim3(NW * WARP_SIZE), smem, st, a);
 }
@@ -1561,14 +1562,22 @@ static int hgemv_auto_warps(const struct cuda_backend *cb, int64_t blocks, bool 
     return 4;
 }
 
-template <bool NORM> static void hgemv_launch_n(bool pdl, const hgemv_args &a, unsigned blocks, int nw, size_t smem,
-                                                cudaStream_t st) {
+template <bool NORM>
+static void hgemv_launch_n(int device, bool pdl, const hgemv_args &a, unsigned blocks, int nw, size_t smem,
+                           cudaStream_t st) {
     const bool sw = a.mode == GEMV_SWIGLU;
     switch (nw) {
-    case 4: sw ? hgemv_launch_k<4, NORM, true>(pdl, a, blocks, smem, st) : hgemv_launch_k<4, NORM, false>(pdl, a, blocks, smem, st); break;
-    case 8: sw ? hgemv_launch_k<8, NORM, true>(pdl, a, blocks, smem, st) : hgemv_launch_k<8, NORM, false>(pdl, a, blocks, smem, st); break;
+    case 4:
+        sw ? hgemv_launch_k<4, NORM, true>(device, pdl, a, blocks, smem, st)
+           : hgemv_launch_k<4, NORM, false>(device, pdl, a, blocks, smem, st);
+        break;
+    case 8:
+        sw ? hgemv_launch_k<8, NORM, true>(device, pdl, a, blocks, smem, st)
+           : hgemv_launch_k<8, NORM, false>(device, pdl, a, blocks, smem, st);
+        break;
     default:
-        sw ? hgemv_launch_k<16, NORM, true>(pdl, a, blocks, smem, st) : hgemv_launch_k<16, NORM, false>(pdl, a, blocks, smem, st);
+        sw ? hgemv_launch_k<16, NORM, true>(device, pdl, a, blocks, smem, st)
+           : hgemv_launch_k<16, NORM, false>(device, pdl, a, blocks, smem, st);
         break;
     }
 }
@@ -1623,8 +1632,8 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
         a.ot_end[j] = end;
     }
     const bool pdl = cb->pdl && pdl_enabled(cb);
-    if (norm) hgemv_launch_n<true>(pdl, a, (unsigned)blocks, nw, smem, cb->stream);
-    else hgemv_launch_n<false>(pdl, a, (unsigned)blocks, nw, smem, cb->stream);
+    if (norm) hgemv_launch_n<true>(cb->device, pdl, a, (unsigned)blocks, nw, smem, cb->stream);
+    else hgemv_launch_n<false>(cb->device, pdl, a, (unsigned)blocks, nw, smem, cb->stream);
     return true;
 }
 
