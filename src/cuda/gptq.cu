@@ -1510,11 +1510,10 @@ template <int NW, bool NORM, bool SW> static void hgemv_launch_k(int device, boo
     launch_maybe_pdl(pdl, gptq_hgemv_kernel<NW, NORM, SW>, dim3(blocks), dim3(NW * WARP_SIZE), smem, st, a);
 }
 
-// Dynamic shared memory of a launch: the rings, x, the scale/zero words of ng_smem groups and two
-// weights' group words.
-static size_t hgemv_smem(int nw, int32_t n_rows, int64_t k_pad, int32_t ng_smem) {
-    return (size_t)n_rows * (size_t)k_pad * 2 + (size_t)ng_smem * 64 +
-           (size_t)(k_pad / 64) * 8;
+// Dynamic shared memory of a launch: x, the scale/zero words of ng_smem groups and two weights'
+// group words (the same for any block size).
+static size_t hgemv_smem(int32_t n_rows, int64_t k_pad, int32_t ng_smem) {
+    return (size_t)n_rows * (size_t)k_pad * 2 + (size_t)ng_smem * 64 + (size_t)(k_pad / 64) * 8;
 }
 
 // Blocks of gptq_hgemv_kernel<NW, NORM, SW> with `smem` bytes of dynamic shared memory that fit
@@ -1545,9 +1544,9 @@ template <int NW, bool NORM, bool SW> static int hgemv_blocks_per_sm(int device,
 static int hgemv_auto_warps(const struct cuda_backend *cb, int64_t blocks, bool norm, bool sw, int32_t n_rows,
                             int64_t k_pad, int32_t ng_smem) {
     static const int cand[3] = {16, 8, 4};
+    const size_t     smem    = hgemv_smem(n_rows, k_pad, ng_smem);
     for (int i = 0; i < 3; i++) {
-        const size_t smem = hgemv_smem(cand[i], n_rows, k_pad, ng_smem);
-        int          per;
+        int per;
         switch (cand[i] * 4 + (norm ? 2 : 0) + (sw ? 1 : 0)) {
 #define HG_OCC(nw, nm, s)                                                                                                  \
     case nw * 4 + (nm ? 2 : 0) + (s ? 1 : 0): per = hgemv_blocks_per_sm<nw, nm, s>(cb->device, smem); break;
@@ -1606,7 +1605,7 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
     for (int32_t j = 0; j < n; j++)
         ng_smem = mode == GEMV_SWIGLU ? ng_smem + ws[j]->n_groups : COOPT_MAX(ng_smem, ws[j]->n_groups);
     if (nw <= 0) nw = hgemv_auto_warps(cb, blocks, norm != NULL, mode == GEMV_SWIGLU, n_rows, k_pad, ng_smem);
-    const size_t smem = hgemv_smem(nw, n_rows, k_pad, ng_smem);
+    const size_t smem = hgemv_smem(n_rows, k_pad, ng_smem);
     if (smem > HG_MAX_SMEM || blocks > INT32_MAX) return false;
     hgemv_args a;
     memset(&a, 0, sizeof(a));
@@ -1819,8 +1818,8 @@ enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_
     if (n_rows <= GPTQ_I8_MAX_ROWS && g == CUDA_GPTQ_GEMV_MODE_I8) return CUDA_GPTQ_GEMV_I8;
     // (1 row: at 2-8 rows the per-row x staging made it slower than the MMA kernel on most real
     // shapes, docs/BENCHMARKS.md; the path still takes up to 8 when asked for)
-    // (the largest launch: 16 warps, swiglu with two weights of this shape)
-    if (n_rows == 1 && g == CUDA_GPTQ_GEMV_MODE_H && hgemv_smem(16, n_rows, w->k_pad, 2 * w->n_groups) <= HG_MAX_SMEM)
+    // (the largest launch: swiglu, two weights of this shape)
+    if (n_rows == 1 && g == CUDA_GPTQ_GEMV_MODE_H && hgemv_smem(n_rows, w->k_pad, 2 * w->n_groups) <= HG_MAX_SMEM)
         return CUDA_GPTQ_HGEMV;
     if (n_rows < GPTQ_MMA_MIN_ROWS) return CUDA_GPTQ_GEMV;
     // cuBLAS takes int dimensions, and the f16 scratch matrix stays under 16 GiB
