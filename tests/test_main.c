@@ -146,6 +146,8 @@ static int cmp_entry(const void *a, const void *b) {
 }
 
 int main(int argc, char **argv) {
+    // one line at a time even into a file or pipe: a run killed by a time limit keeps its results
+    setvbuf(stdout, NULL, _IOLBF, 0);
     qsort(g_tests, (size_t)g_n_tests, sizeof(g_tests[0]), cmp_entry);
     int passed = 0, failed = 0, skipped = 0;
     for (int i = 0; i < g_n_tests; i++) {
