@@ -181,21 +181,6 @@ __device__ __forceinline__ void frag_consts(uint32_t va, uint32_t vb, __half2 &s
     zBn = __float2half2_rn(-64.0f - (float)(vb >> 16));
 }
 
-// D = A B + C, m16n8k16, f16 x f16 -> f32 (A: 16 output columns x 16 input rows, B: 16 x 8 tokens).
-// (not volatile: the compiler may schedule it like any arithmetic)
-__device__ __forceinline__ void mma_16816_nv(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // ---- upload: repack kernels ----
 
 // dst: the fragment layout [n_ot][n_kc][32][4] dwords; src: the host layout [n_ot][k_src/8][16]
