@@ -955,27 +955,32 @@ TEST(cuda_gptq_bench) {
         gptq_tensors_free(&g);
     }
     // projections of one input: q/k/v of llama2-7b and llama3-8b, gate/up of llama2-7b
+    // fused: -1 = matmul calls (multi / each), else the cuda_gptq_fused op; norm: with RMS norm
+    // weights; layer_end: the last of a decode layer's four fused GEMVs (prints their sum)
+    enum { M = -1, ST = CUDA_GPTQ_FUSED_STORE, ADD = CUDA_GPTQ_FUSED_ADD, SW = CUDA_GPTQ_FUSED_SWIGLU };
     struct {
         const char    *name;
+        int            fused;
+        bool           norm, layer_end;
         int            n;
         struct gptq_case cs[GPTQ_BENCH_MAX_MULTI];
     } sets[] = {
-        {"qkv-7b", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}}},
-        {"qkv-8b", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}}},
-        {"gateup-7b", 2, {{4096, 11008, 128, 0, 1, 1}, {4096, 11008, 128, 0, 1, 1}}},
-        // the four fused GEMVs of a decode layer, as the forward pass calls them (fused >= 0)
-        {"7b:qkv+norm", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}}},
-        {"7b:o+add", 1, {{4096, 4096, 128, 0, 1, 1}}},
-        {"7b:gu+norm+sw", 2, {{4096, 11008, 128, 0, 1, 1}, {4096, 11008, 128, 0, 1, 1}}},
-        {"7b:down+add", 1, {{11008, 4096, 128, 0, 1, 1}}},
-        {"8b:qkv+norm", 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}}},
-        {"8b:o+add", 1, {{4096, 4096, 128, 0, 1, 1}}},
-        {"8b:gu+norm+sw", 2, {{4096, 14336, 128, 0, 1, 1}, {4096, 14336, 128, 0, 1, 1}}},
-        {"8b:down+add", 1, {{14336, 4096, 128, 0, 1, 1}}},
-        {"13b:qkv+norm", 3, {{5120, 5120, 128, 0, 1, 1}, {5120, 5120, 128, 0, 1, 1}, {5120, 5120, 128, 0, 1, 1}}},
-        {"13b:o+add", 1, {{5120, 5120, 128, 0, 1, 1}}},
-        {"13b:gu+norm+sw", 2, {{5120, 13824, 128, 0, 1, 1}, {5120, 13824, 128, 0, 1, 1}}},
-        {"13b:down+add", 1, {{13824, 5120, 128, 0, 1, 1}}},
+        {"qkv-7b", M, false, false, 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}}},
+        {"qkv-8b", M, false, false, 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}}},
+        {"gateup-7b", M, false, false, 2, {{4096, 11008, 128, 0, 1, 1}, {4096, 11008, 128, 0, 1, 1}}},
+        // the four fused GEMVs of a decode layer, as the forward pass calls them
+        {"7b:qkv+norm", ST, true, false, 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}, {4096, 4096, 128, 0, 1, 1}}},
+        {"7b:o+add", ADD, false, false, 1, {{4096, 4096, 128, 0, 1, 1}}},
+        {"7b:gu+norm+sw", SW, true, false, 2, {{4096, 11008, 128, 0, 1, 1}, {4096, 11008, 128, 0, 1, 1}}},
+        {"7b:down+add", ADD, false, true, 1, {{11008, 4096, 128, 0, 1, 1}}},
+        {"8b:qkv+norm", ST, true, false, 3, {{4096, 4096, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}, {4096, 1024, 128, 0, 1, 1}}},
+        {"8b:o+add", ADD, false, false, 1, {{4096, 4096, 128, 0, 1, 1}}},
+        {"8b:gu+norm+sw", SW, true, false, 2, {{4096, 14336, 128, 0, 1, 1}, {4096, 14336, 128, 0, 1, 1}}},
+        {"8b:down+add", ADD, false, true, 1, {{14336, 4096, 128, 0, 1, 1}}},
+        {"13b:qkv+norm", ST, true, false, 3, {{5120, 5120, 128, 0, 1, 1}, {5120, 5120, 128, 0, 1, 1}, {5120, 5120, 128, 0, 1, 1}}},
+        {"13b:o+add", ADD, false, false, 1, {{5120, 5120, 128, 0, 1, 1}}},
+        {"13b:gu+norm+sw", SW, true, false, 2, {{5120, 13824, 128, 0, 1, 1}, {5120, 13824, 128, 0, 1, 1}}},
+        {"13b:down+add", ADD, false, true, 1, {{13824, 5120, 128, 0, 1, 1}}},
     };
     float *dnorm = dev_alloc_copy(be, xh, 14336 * 4); // (any values: the time does not depend on them)
     double layer_us = 0;
@@ -995,13 +1000,8 @@ TEST(cuda_gptq_bench) {
             for (int j = 0; j < sets[si].n; j++)
                 COOPT_ASSERT(cuda_gptq_upload(be, hw[j], &ws[i * sets[si].n + j]) == COOPT_OK);
         for (int j = 0; j < sets[si].n; j++) wbytes += bench_wbytes(&ws[j]);
-        const char *colon = strchr(sets[si].name, ':');
-        const int   fused = !colon                 ? -1
-                            : strstr(colon, "+sw")  ? CUDA_GPTQ_FUSED_SWIGLU
-                            : strstr(colon, "+add") ? CUDA_GPTQ_FUSED_ADD
-                                                    : CUDA_GPTQ_FUSED_STORE;
-        struct bench_multi_arg a = {be, ws, sets[si].n, copies, dx, {0}, 1, true, fused,
-                                    colon && strstr(colon, "+norm") ? dnorm : NULL};
+        const int              fused = sets[si].fused;
+        struct bench_multi_arg a     = {be, ws, sets[si].n, copies, dx, {0}, 1, true, fused, sets[si].norm ? dnorm : NULL};
         for (int j = 0; j < sets[si].n; j++) a.douts[j] = dout + (size_t)j * 8 * 14336;
         struct {
             int32_t             rows;
@@ -1025,9 +1025,9 @@ TEST(cuda_gptq_bench) {
                    100.0 * gbs * 1e9 / bw);
             if (fused >= 0 && runs[ri].mode == CUDA_GPTQ_GEMV_MODE_H) {
                 layer_us += us;
-                if (fused == CUDA_GPTQ_FUSED_ADD && strstr(colon, "down")) {
-                    printf("bench: %.*s decode layer, 4 fused GEMVs (h): %.2f us\n", (int)(colon - sets[si].name),
-                           sets[si].name, layer_us);
+                if (sets[si].layer_end) {
+                    printf("bench: %.*s decode layer, 4 fused GEMVs (h): %.2f us\n",
+                           (int)strcspn(sets[si].name, ":"), sets[si].name, layer_us);
                     layer_us = 0;
                 }
             }
