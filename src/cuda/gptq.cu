@@ -1483,16 +1483,32 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
 
 #define HG_MAX_SMEM (200 * 1024) // dynamic shared memory above which the tensor-core GEMV is not used
 
-template <int NW, bool NORM, bool SW> static void hgemv_launch_k(int device, bool pdl, const hgemv_args &a,
-                                                                 unsigned blocks, size_t smem, cudaStream_t st) {
-    static bool opted[64]; // (static plus dynamic shared memory above 48 KiB needs the opt-in, per device)
+// The kernel instance for nw warps (4, 8, else 16), norm and swiglu, with its index in [0, 12)
+// for the per-instance tables below.
+typedef void (*hgemv_fn)(const hgemv_args);
+static hgemv_fn hgemv_instance(int nw, bool norm, bool sw, int *idx) {
+    static const hgemv_fn k[3][2][2] = {
+        {{gptq_hgemv_kernel<4, false, false>, gptq_hgemv_kernel<4, false, true>},
+         {gptq_hgemv_kernel<4, true, false>, gptq_hgemv_kernel<4, true, true>}},
+        {{gptq_hgemv_kernel<8, false, false>, gptq_hgemv_kernel<8, false, true>},
+         {gptq_hgemv_kernel<8, true, false>, gptq_hgemv_kernel<8, true, true>}},
+        {{gptq_hgemv_kernel<16, false, false>, gptq_hgemv_kernel<16, false, true>},
+         {gptq_hgemv_kernel<16, true, false>, gptq_hgemv_kernel<16, true, true>}},
+    };
+    const int w = nw == 4 ? 0 : nw == 8 ? 1 : 2;
+    *idx        = (w * 2 + (norm ? 1 : 0)) * 2 + (sw ? 1 : 0);
+    return k[w][norm ? 1 : 0][sw ? 1 : 0];
+}
+
+// Static plus dynamic shared memory above 48 KiB needs an opt-in, per kernel instance and device
+// (done once each). Returns the CUDA status of the opt-in.
+static cudaError_t hgemv_opt_in(hgemv_fn f, int idx, int device) {
+    static bool opted[12][64];
     const int   d = device >= 0 && device < 64 ? device : 0;
-    if (!opted[d]) {
-        CUDA_CHECK(cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        HG_MAX_SMEM));
-        opted[d] = true;
-    }
-    launch_maybe_pdl(pdl, gptq_hgemv_kernel<NW, NORM, SW>, dim3(blocks), dim3(NW * WARP_SIZE), smem, st, a);
+    if (opted[idx][d]) return cudaSuccess;
+    const cudaError_t e = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, HG_MAX_SMEM);
+    opted[idx][d]       = e == cudaSuccess;
+    return e;
 }
 
 // Dynamic shared memory of a launch: x, the scale/zero words of ng_smem groups and two weights'
@@ -1501,24 +1517,24 @@ static size_t hgemv_smem(int32_t n_rows, int64_t k_pad, int32_t ng_smem) {
     return (size_t)n_rows * (size_t)k_pad * 2 + (size_t)ng_smem * 64 + (size_t)(k_pad / 64) * 8;
 }
 
-// Blocks of gptq_hgemv_kernel<NW, NORM, SW> with `smem` bytes of dynamic shared memory that fit
-// one SM of the current device (registers, shared memory, warps), from the occupancy calculator;
-// cached per instance and device for the last smem asked about (0 when it cannot be had).
-template <int NW, bool NORM, bool SW> static int hgemv_blocks_per_sm(int device, size_t smem) {
-    static size_t last_smem[64];
-    static int    last_n[64];
-    static bool   have[64];
-    const int     d = device >= 0 && device < 64 ? device : 0;
-    if (!have[d] || smem != last_smem[d]) {
+// Blocks of the instance with `smem` bytes of dynamic shared memory that fit one SM of the device
+// (registers, shared memory, warps), from the occupancy calculator; cached per instance and device
+// for the last smem asked about (0 when it cannot be had).
+static int hgemv_blocks_per_sm(int nw, bool norm, bool sw, int device, size_t smem) {
+    static size_t last_smem[12][64];
+    static int    last_n[12][64];
+    static bool   have[12][64];
+    int            idx;
+    const hgemv_fn f = hgemv_instance(nw, norm, sw, &idx);
+    const int      d = device >= 0 && device < 64 ? device : 0;
+    if (!have[idx][d] || smem != last_smem[idx][d]) {
         int n = 0;
-        if (cudaFuncSetAttribute(gptq_hgemv_kernel<NW, NORM, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 HG_MAX_SMEM) != cudaSuccess ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gptq_hgemv_kernel<NW, NORM, SW>, NW * WARP_SIZE, smem) !=
-                cudaSuccess)
+        if (hgemv_opt_in(f, idx, device) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, f, nw * WARP_SIZE, smem) != cudaSuccess)
             n = 0, (void)cudaGetLastError();
-        last_smem[d] = smem, last_n[d] = n, have[d] = true;
+        last_smem[idx][d] = smem, last_n[idx][d] = n, have[idx][d] = true;
     }
-    return last_n[d];
+    return last_n[idx][d];
 }
 
 // Warps per block of the tensor-core GEMV: the most (16, 8, 4) whose blocks all fit the GPU at
@@ -1530,43 +1546,10 @@ static int hgemv_auto_warps(const struct cuda_backend *cb, int64_t blocks, bool 
                             int64_t k_pad, int32_t ng_smem) {
     static const int cand[3] = {16, 8, 4};
     const size_t     smem    = hgemv_smem(n_rows, k_pad, ng_smem);
-    for (int i = 0; i < 3; i++) {
-        int per;
-        switch (cand[i] * 4 + (norm ? 2 : 0) + (sw ? 1 : 0)) {
-#define HG_OCC(nw, nm, s)                                                                                                  \
-    case nw * 4 + (nm ? 2 : 0) + (s ? 1 : 0): per = hgemv_blocks_per_sm<nw, nm, s>(cb->device, smem); break;
-            HG_OCC(16, false, false) HG_OCC(16, false, true) HG_OCC(16, true, false) HG_OCC(16, true, true)
-            HG_OCC(8, false, false) HG_OCC(8, false, true) HG_OCC(8, true, false) HG_OCC(8, true, true)
-            HG_OCC(4, false, false) HG_OCC(4, false, true) HG_OCC(4, true, false) HG_OCC(4, true, true)
-#undef HG_OCC
-        default: per = 0;
-        }
-        if (blocks <= (int64_t)per * cb->n_sm) return cand[i];
-    }
+    for (int i = 0; i < 3; i++)
+        if (blocks <= (int64_t)hgemv_blocks_per_sm(cand[i], norm, sw, cb->device, smem) * cb->n_sm) return cand[i];
     return 4;
 }
-
-template <bool NORM>
-static void hgemv_launch_n(int device, bool pdl, const hgemv_args &a, unsigned blocks, int nw, size_t smem,
-                           cudaStream_t st) {
-    const bool sw = a.mode == GEMV_SWIGLU;
-    switch (nw) {
-    case 4:
-        sw ? hgemv_launch_k<4, NORM, true>(device, pdl, a, blocks, smem, st)
-           : hgemv_launch_k<4, NORM, false>(device, pdl, a, blocks, smem, st);
-        break;
-    case 8:
-        sw ? hgemv_launch_k<8, NORM, true>(device, pdl, a, blocks, smem, st)
-           : hgemv_launch_k<8, NORM, false>(device, pdl, a, blocks, smem, st);
-        break;
-    default:
-        sw ? hgemv_launch_k<16, NORM, true>(device, pdl, a, blocks, smem, st)
-           : hgemv_launch_k<16, NORM, false>(device, pdl, a, blocks, smem, st);
-        break;
-    }
-}
-
-
 
 // The tensor-core GEMV over n weights of one input, 1-8 rows, one launch. Returns false (nothing
 // enqueued) when it does not apply: more than one act-order permutation among the weights, norm
@@ -1590,6 +1573,7 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
     for (int32_t j = 0; j < n; j++)
         ng_smem = mode == GEMV_SWIGLU ? ng_smem + ws[j]->n_groups : COOPT_MAX(ng_smem, ws[j]->n_groups);
     if (nw <= 0) nw = hgemv_auto_warps(cb, blocks, norm != NULL, mode == GEMV_SWIGLU, n_rows, k_pad, ng_smem);
+    if (nw != 4 && nw != 8) nw = 16; // (the instances there are)
     const size_t smem = hgemv_smem(n_rows, k_pad, ng_smem);
     if (smem > HG_MAX_SMEM || blocks > INT32_MAX) return false;
     hgemv_args a;
@@ -1615,9 +1599,11 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
         end += ws[j]->n_ot;
         a.ot_end[j] = end;
     }
-    const bool pdl = cb->pdl && pdl_enabled(cb);
-    if (norm) hgemv_launch_n<true>(cb->device, pdl, a, (unsigned)blocks, nw, smem, cb->stream);
-    else hgemv_launch_n<false>(cb->device, pdl, a, (unsigned)blocks, nw, smem, cb->stream);
+    int            idx;
+    const hgemv_fn f = hgemv_instance(nw, norm != NULL, mode == GEMV_SWIGLU, &idx);
+    CUDA_CHECK(hgemv_opt_in(f, idx, cb->device));
+    launch_maybe_pdl(cb->pdl && pdl_enabled(cb), f, dim3((unsigned)blocks), dim3((unsigned)(nw * WARP_SIZE)), smem,
+                     cb->stream, a);
     return true;
 }
 
