@@ -64,11 +64,12 @@ void cuda_gptq_matmul(struct coopt_backend *be, float *out, const float *x, cons
 void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
                             const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows);
 
-// The fused ops of backend.h on GPTQ weights in one GEMV launch, where a decode GEMV applies
-// (one row; the tensor-core GEMV: one act-order permutation for all weights, with norm none and x
-// and norm 16-byte aligned; the f32 GEMV (COOPT_GPTQ_GEMV=f32): with norm, weights not act-order,
-// x and norm 16-byte aligned, n_in <= 12288): STORE outs[j] = norm(x) @ Wj^T + biases[j] (n = 1..4); ADD outs[0] += x @ W0^T + bias
-// (n = 1); SWIGLU outs[0] = silu(x @ W0^T + b0) * (x @ W1^T + b1) (n = 2, W0 gate, W1 up).
+// The fused ops of backend.h on GPTQ weights in one GEMV launch, where a decode GEMV applies: one
+// row; the tensor-core GEMV: one act-order permutation for all weights, and with norm none at all
+// (direct weights) and x and norm 16-byte aligned; the f32 GEMV (COOPT_GPTQ_GEMV=f32): with norm,
+// direct weights, x and norm 16-byte aligned, n_in <= 12288.
+// STORE outs[j] = norm(x) @ Wj^T + biases[j] (n = 1..4); ADD outs[0] += x @ W0^T + bias (n = 1);
+// SWIGLU outs[0] = silu(x @ W0^T + b0) * (x @ W1^T + b1) (n = 2, W0 gate, W1 up).
 // norm: RMS norm weights [n_in] (x * 1/sqrt(mean(x^2) + eps) * norm), NULL = x as it is.
 // Returns false (nothing enqueued) when the fused GEMV does not apply; the caller composes the op.
 enum cuda_gptq_fused { CUDA_GPTQ_FUSED_STORE = 0, CUDA_GPTQ_FUSED_ADD, CUDA_GPTQ_FUSED_SWIGLU };
