@@ -238,6 +238,8 @@ static const struct gq_run k_runs[] = {
     {CUDA_GPTQ_HGEMV, 0, 8, "h", -1},
     {CUDA_GPTQ_HGEMV, 4, 8, "h4", 0},
     {CUDA_GPTQ_HGEMV, 16, 8, "h16", -1},
+    {CUDA_GPTQ_HGEMV, 8 | 72 << 8, 8, "h8r72", -1},
+    {CUDA_GPTQ_HGEMV, 4 | 80 << 8, 8, "h4r80", -1},
     {CUDA_GPTQ_MMA, 0, 1 << 30, "mma", -1},
     {CUDA_GPTQ_MMA, 16 | 3 << 8, 64, "mma16s3", -1},
     {CUDA_GPTQ_MMA, 32, 1 << 30, "mma32", -1},
@@ -533,15 +535,20 @@ TEST(cuda_gptq_fused) {
     };
     static const int32_t rows[] = {1, 3};
     bool                 ok     = true;
-    // the default (tensor-core) decode GEMV, then the exact f32 one (its own fused norm/store)
-    static const enum cuda_gptq_gemv modes[] = {CUDA_GPTQ_GEMV_MODE_DEFAULT, CUDA_GPTQ_GEMV_MODE_F32};
+    // the default (tensor-core) decode GEMV at its automatic register cap (80 at these sizes), at
+    // the other cap, then the exact f32 one (its own fused norm/store)
+    static const enum cuda_gptq_gemv modes[] = {CUDA_GPTQ_GEMV_MODE_DEFAULT, CUDA_GPTQ_GEMV_MODE_DEFAULT,
+                                                CUDA_GPTQ_GEMV_MODE_F32};
+    static const int                 regs[]  = {0, 72, 0};
     for (size_t mi = 0; mi < COOPT_ARRAY_LEN(modes) && ok; mi++) {
         cuda_gptq_set_gemv(modes[mi]);
+        cuda_gptq_set_hgemv_regs(regs[mi]);
         for (size_t i = 0; i < COOPT_ARRAY_LEN(cases) && ok; i++)
             for (size_t r = 0; r < COOPT_ARRAY_LEN(rows) && ok; r++)
                 ok = fused_case(t, be, &cases[i].c, cases[i].n_out_v, rows[r], 900 + 7 * i + r);
     }
     cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
+    cuda_gptq_set_hgemv_regs(0);
     be->ops->destroy(be);
 }
 

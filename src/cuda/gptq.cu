@@ -126,9 +126,9 @@
 #ifndef GPTQ_I8_MAX_ROWS
 #define GPTQ_I8_MAX_ROWS 8 // n_rows up to here: the int8 GEMV, when it is the chosen GEMV
 #endif
-// The decode GEMV without COOPT_GPTQ_GEMV: the f32 one, measured faster at 1 row on every real
-// shape and end to end (llama2-7b gptq4 tg128 163.9 against 147.0 t/s, docs/BENCHMARKS.md); the
-// int8 one is opt-in (COOPT_GPTQ_GEMV=i8).
+// The decode GEMV without COOPT_GPTQ_GEMV: the tensor-core one (H), measured fastest at 1 row on
+// the real shapes and end to end (docs/BENCHMARKS.md, "tensor-core GPTQ GEMV"); the f32 and int8
+// ones are opt-in (COOPT_GPTQ_GEMV=f32|i8).
 #ifndef GPTQ_GEMV_BUILTIN
 #define GPTQ_GEMV_BUILTIN CUDA_GPTQ_GEMV_MODE_H
 #endif
@@ -502,11 +502,15 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 #define HG_RU 4 // 64-row chunks of codes each lane keeps in flight (a register ring; the loop is unrolled by it)
 #endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
-#ifndef HG_REGS
-// Register cap (72: 28 warps an SM). End to end 80 was 4 % faster on llama2-7b and 4-7 % slower
-// on llama3-8b / llama2-13b (their 4-warp gate/up grids fit one wave only at 72); 96 slower still
-// (docs/BENCHMARKS.md).
-#define HG_REGS 72
+// Register caps: every instance is compiled with both, and hgemv_auto_config takes the larger
+// where the grid still fits the GPU in one wave. With one cap for all, 80 was 4 % faster end to
+// end on llama2-7b and 72 4-7 % faster on llama3-8b / llama2-13b, whose 4-warp gate/up grids fit
+// one wave only at 72 (28 warps an SM); 96 was slower still (docs/BENCHMARKS.md).
+#ifndef HG_REGS_HI
+#define HG_REGS_HI 80
+#endif
+#ifndef HG_REGS_LO
+#define HG_REGS_LO 72
 #endif
 
 // Up to GPTQ_MAX_MULTI weights of one input (as gemv_args); x is one matrix for all of them:
@@ -556,8 +560,8 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 //   - per 16-row step: A = the dword's exact f16 (q - z) (dequant_frag without the scale), one
 //     mma.m16n8k16 into f32 accumulators; at each group change they are multiplied by the
 //     columns' f32 scales into the running sums. One compare per chunk finds a group change.
-// Registers are capped at HG_REGS (72: 28 warps an SM); hgemv_auto_warps picks the block size
-// from the occupancy this leaves. By the SASS, ~65 instructions per chunk plus ~28 per group
+// Registers are capped at REGS (HG_REGS_HI or HG_REGS_LO); hgemv_auto_config picks the cap and the
+// block size from the occupancy they leave. By the SASS, ~65 instructions per chunk plus ~28 per group
 // change (the cp.async-ring version before it: ~96 + ~50).
 // Accumulator c[i]: c0, c1 = column gid, tokens 2tq, 2tq+1; c2, c3 = column gid+8. Warps reduce
 // through shared memory in a fixed order (deterministic).
@@ -566,8 +570,8 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 // f32 accumulation error.
 // Shared memory (dynamic): x [n_rows][k_pad] f16, the scale/zero words [ng_smem][16], the group
 // words [2][n_kc].
-template <int NW, bool NORM, bool SWIGLU>
-__global__ void __maxnreg__(HG_REGS) gptq_hgemv_kernel(const hgemv_args a) {
+template <int NW, bool NORM, bool SWIGLU, int REGS>
+__global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
     __shared__ float red[SWIGLU ? 2 : 1][NW][HG_ROWS][16];
     __shared__ float red_x[NW][HG_ROWS];
     __shared__ float row_f[HG_ROWS]; // NORM: 1 / rms; plain: 2^-e
@@ -1296,6 +1300,7 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
 // Plain ints: written once (or by tests between calls), read on every matmul.
 static int g_gemv_mode = CUDA_GPTQ_GEMV_MODE_DEFAULT; // set by cuda_gptq_set_gemv
 static int g_gemv_env  = -1;                          // from $COOPT_GPTQ_GEMV, -1 = not read yet
+static int g_hgemv_regs = -1; // tensor-core GEMV register cap, 0 = automatic, -1 = $COOPT_GPTQ_HGEMV_REGS not read yet
 static int g_pdl       = -1;                          // -1 = not read yet
 static int g_pdl_fail  = 0;                           // a launch with it was refused: off for good
 static int g_cc_major[64];                            // compute capability of each device, 0 = not read yet
@@ -1320,6 +1325,23 @@ enum cuda_gptq_gemv cuda_gptq_get_gemv(void) {
         else if (e && *e) coopt_log_error("COOPT_GPTQ_GEMV=%s: expected h, f32 or i8; using the default", e);
     }
     return (enum cuda_gptq_gemv)g_gemv_env;
+}
+
+void cuda_gptq_set_hgemv_regs(int regs) {
+    g_hgemv_regs = regs == HG_REGS_HI || regs == HG_REGS_LO ? regs : 0;
+    g_config_epoch++;
+}
+
+static int hgemv_regs_setting(void) {
+    if (g_hgemv_regs < 0) {
+        const char *e = getenv("COOPT_GPTQ_HGEMV_REGS");
+        const int   r = e && *e ? atoi(e) : 0;
+        if (e && *e && r != HG_REGS_HI && r != HG_REGS_LO)
+            coopt_log_error("COOPT_GPTQ_HGEMV_REGS=%s: expected %d or %d; choosing automatically", e, HG_REGS_HI,
+                            HG_REGS_LO);
+        g_hgemv_regs = r == HG_REGS_HI || r == HG_REGS_LO ? r : 0;
+    }
+    return g_hgemv_regs;
 }
 
 void cuda_gptq_set_pdl(int on) {
@@ -1483,27 +1505,28 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
 
 #define HG_MAX_SMEM (200 * 1024) // dynamic shared memory above which the tensor-core GEMV is not used
 
-// The kernel instance for nw warps (4, 8, else 16), norm and swiglu, with its index in [0, 12)
-// for the per-instance tables below.
+// The kernel instance for nw warps (4, 8, else 16), norm, swiglu and register cap (HG_REGS_HI,
+// else HG_REGS_LO), with its index in [0, HG_INSTANCES) for the per-instance tables below.
+#define HG_INSTANCES 24
 typedef void (*hgemv_fn)(const hgemv_args);
-static hgemv_fn hgemv_instance(int nw, bool norm, bool sw, int *idx) {
-    static const hgemv_fn k[3][2][2] = {
-        {{gptq_hgemv_kernel<4, false, false>, gptq_hgemv_kernel<4, false, true>},
-         {gptq_hgemv_kernel<4, true, false>, gptq_hgemv_kernel<4, true, true>}},
-        {{gptq_hgemv_kernel<8, false, false>, gptq_hgemv_kernel<8, false, true>},
-         {gptq_hgemv_kernel<8, true, false>, gptq_hgemv_kernel<8, true, true>}},
-        {{gptq_hgemv_kernel<16, false, false>, gptq_hgemv_kernel<16, false, true>},
-         {gptq_hgemv_kernel<16, true, false>, gptq_hgemv_kernel<16, true, true>}},
+#define HG_ROW(NW, R)                                                                                              \
+    {{gptq_hgemv_kernel<NW, false, false, R>, gptq_hgemv_kernel<NW, false, true, R>},                               \
+     {gptq_hgemv_kernel<NW, true, false, R>, gptq_hgemv_kernel<NW, true, true, R>}}
+static hgemv_fn hgemv_instance(int nw, bool norm, bool sw, int regs, int *idx) {
+    static const hgemv_fn k[2][3][2][2] = {
+        {HG_ROW(4, HG_REGS_LO), HG_ROW(8, HG_REGS_LO), HG_ROW(16, HG_REGS_LO)},
+        {HG_ROW(4, HG_REGS_HI), HG_ROW(8, HG_REGS_HI), HG_ROW(16, HG_REGS_HI)},
     };
-    const int w = nw == 4 ? 0 : nw == 8 ? 1 : 2;
-    *idx        = (w * 2 + (norm ? 1 : 0)) * 2 + (sw ? 1 : 0);
-    return k[w][norm ? 1 : 0][sw ? 1 : 0];
+    const int r = regs == HG_REGS_HI ? 1 : 0, w = nw == 4 ? 0 : nw == 8 ? 1 : 2;
+    *idx        = ((r * 3 + w) * 2 + (norm ? 1 : 0)) * 2 + (sw ? 1 : 0);
+    return k[r][w][norm ? 1 : 0][sw ? 1 : 0];
 }
+#undef HG_ROW
 
 // Static plus dynamic shared memory above 48 KiB needs an opt-in, per kernel instance and device
 // (done once each). Returns the CUDA status of the opt-in.
 static cudaError_t hgemv_opt_in(hgemv_fn f, int idx, int device) {
-    static bool opted[12][64];
+    static bool opted[HG_INSTANCES][64];
     const int   d = device >= 0 && device < 64 ? device : 0;
     if (opted[idx][d]) return cudaSuccess;
     const cudaError_t e = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, HG_MAX_SMEM);
@@ -1520,12 +1543,12 @@ static size_t hgemv_smem(int32_t n_rows, int64_t k_pad, int32_t ng_smem) {
 // Blocks of the instance with `smem` bytes of dynamic shared memory that fit one SM of the device
 // (registers, shared memory, warps), from the occupancy calculator; cached per instance and device
 // for the last smem asked about (0 when it cannot be had).
-static int hgemv_blocks_per_sm(int nw, bool norm, bool sw, int device, size_t smem) {
-    static size_t last_smem[12][64];
-    static int    last_n[12][64];
-    static bool   have[12][64];
+static int hgemv_blocks_per_sm(int nw, bool norm, bool sw, int regs, int device, size_t smem) {
+    static size_t last_smem[HG_INSTANCES][64];
+    static int    last_n[HG_INSTANCES][64];
+    static bool   have[HG_INSTANCES][64];
     int            idx;
-    const hgemv_fn f = hgemv_instance(nw, norm, sw, &idx);
+    const hgemv_fn f = hgemv_instance(nw, norm, sw, regs, &idx);
     const int      d = device >= 0 && device < 64 ? device : 0;
     if (!have[idx][d] || smem != last_smem[idx][d]) {
         int n = 0;
@@ -1537,18 +1560,25 @@ static int hgemv_blocks_per_sm(int nw, bool norm, bool sw, int device, size_t sm
     return last_n[idx][d];
 }
 
-// Warps per block of the tensor-core GEMV: the most (16, 8, 4) whose blocks all fit the GPU at
-// once (one wave: a second, partial wave costs as much as the first), else 4. Measured on an H100
-// (register-ring sweeps of 2026-11-23): a block size leaving part of the grid to later waves was 5-60 %
-// slower; among single-wave choices the larger blocks (more warps per tile, fewer chunks each)
-// were as fast or faster.
-static int hgemv_auto_warps(const struct cuda_backend *cb, int64_t blocks, bool norm, bool sw, int32_t n_rows,
-                            int64_t k_pad, int32_t ng_smem) {
-    static const int cand[3] = {16, 8, 4};
+// Warps per block and register cap of the tensor-core GEMV: the most warps (16, 8, 4) whose blocks
+// all fit the GPU at once (one wave: a second, partial wave costs as much as the first), at the
+// larger cap where that fits, else 4 warps at the smaller cap. Measured on an H100 (register-ring
+// sweeps of 2026-11-23): a block size leaving part of the grid to later waves was 5-60 % slower;
+// among single-wave choices the larger blocks (more warps per tile, fewer chunks each) were as
+// fast or faster, and 80 registers faster than 72. `regs` forced (tests): that cap only.
+static void hgemv_auto_config(const struct cuda_backend *cb, int64_t blocks, bool norm, bool sw, int32_t n_rows,
+                              int64_t k_pad, int32_t ng_smem, int regs, int *nw, int *regs_out) {
+    static const int cand[3] = {16, 8, 4}, caps[2] = {HG_REGS_HI, HG_REGS_LO};
     const size_t     smem    = hgemv_smem(n_rows, k_pad, ng_smem);
+    *nw = 4, *regs_out = regs ? regs : HG_REGS_LO;
     for (int i = 0; i < 3; i++)
-        if (blocks <= (int64_t)hgemv_blocks_per_sm(cand[i], norm, sw, cb->device, smem) * cb->n_sm) return cand[i];
-    return 4;
+        for (int r = 0; r < 2; r++) {
+            if (regs && caps[r] != regs) continue;
+            if (blocks <= (int64_t)hgemv_blocks_per_sm(cand[i], norm, sw, caps[r], cb->device, smem) * cb->n_sm) {
+                *nw = cand[i], *regs_out = caps[r];
+                return;
+            }
+        }
 }
 
 // The tensor-core GEMV over n weights of one input, 1-8 rows, one launch. Returns false (nothing
@@ -1572,7 +1602,19 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
     int32_t       ng_smem = 0;
     for (int32_t j = 0; j < n; j++)
         ng_smem = mode == GEMV_SWIGLU ? ng_smem + ws[j]->n_groups : COOPT_MAX(ng_smem, ws[j]->n_groups);
-    if (nw <= 0) nw = hgemv_auto_warps(cb, blocks, norm != NULL, mode == GEMV_SWIGLU, n_rows, k_pad, ng_smem);
+    int regs = (nw >> 8) & 0xff; // (tests: param = warps | register cap << 8)
+    if (!regs) regs = hgemv_regs_setting();
+    if (regs && regs != HG_REGS_HI) regs = HG_REGS_LO;
+    nw &= 0xff;
+    if (nw <= 0) {
+        hgemv_auto_config(cb, blocks, norm != NULL, mode == GEMV_SWIGLU, n_rows, k_pad, ng_smem, regs, &nw, &regs);
+    } else if (!regs) { // warps forced: the larger cap where the grid fits one wave
+        const size_t sm = hgemv_smem(n_rows, k_pad, ng_smem);
+        regs = blocks <= (int64_t)hgemv_blocks_per_sm(nw, norm != NULL, mode == GEMV_SWIGLU, HG_REGS_HI, cb->device, sm) *
+                             cb->n_sm
+                   ? HG_REGS_HI
+                   : HG_REGS_LO;
+    }
     if (nw != 4 && nw != 8) nw = 16; // (the instances there are)
     const size_t smem = hgemv_smem(n_rows, k_pad, ng_smem);
     if (smem > HG_MAX_SMEM || blocks > INT32_MAX) return false;
@@ -1600,7 +1642,7 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
         a.ot_end[j] = end;
     }
     int            idx;
-    const hgemv_fn f = hgemv_instance(nw, norm != NULL, mode == GEMV_SWIGLU, &idx);
+    const hgemv_fn f = hgemv_instance(nw, norm != NULL, mode == GEMV_SWIGLU, regs, &idx);
     CUDA_CHECK(hgemv_opt_in(f, idx, cb->device));
     launch_maybe_pdl(cb->pdl && pdl_enabled(cb), f, dim3((unsigned)blocks), dim3((unsigned)(nw * WARP_SIZE)), smem,
                      cb->stream, a);

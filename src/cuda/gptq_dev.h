@@ -88,7 +88,7 @@ enum cuda_gptq_path {
     CUDA_GPTQ_GEMV_I8, // x quantized to int8 + int4 x int8 mma; rows in groups of up to 8; `param` = warps per
                        // block (4, 8, 16; 0 = auto) | K splits << 8 (0 = auto: 1)
     CUDA_GPTQ_HGEMV,   // exact f16 (q - z) x f16 x mma, f32 sums, codes through a register ring; 1-8 rows;
-                       // `param` = warps per block (4, 8, 16; 0 = auto)
+                       // `param` = warps per block (4, 8, 16; 0 = auto) | register cap << 8 (80, 72; 0 = auto)
 };
 
 // The GEMV decode uses (process-wide): H, the tensor-core GEMV (x rounded to f16, 1-8 rows), the
@@ -110,6 +110,9 @@ enum cuda_gptq_gemv cuda_gptq_get_gemv(void); // the effective choice, never DEF
 // Programmatic dependent launch for the int8 GEMV's two kernels (sm_90 and later): 1 on, 0 off,
 // -1 = default (on unless $COOPT_GPTQ_PDL=0). Process-wide.
 void cuda_gptq_set_pdl(int on);
+// Register cap of the tensor-core GEMV (its kernels exist for 80 and 72): 0 = automatic (80 where
+// the grid fits the GPU in one wave, else 72), 80 or 72 = that cap for every launch. Process-wide.
+void cuda_gptq_set_hgemv_regs(int regs);
 // The path cuda_gptq_matmul takes for n_rows (never CUDA_GPTQ_AUTO).
 enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows);
 void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
