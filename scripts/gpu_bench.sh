@@ -15,7 +15,8 @@
 #             --capacity: prefills sequences one after another until a KV page cannot be mapped)
 #   llamacpp  the same shape converted to GGUF Q4_0, run by llama.cpp's llama-bench (LLAMA_BENCH,
 #             a CUDA build) with flash attention and f16 / q8_0 KV: pp512, tg128, depth 4096/16384
-# Environment: SYNTH_DIR (default /tmp), KEEP=1 keeps the synthesized models, LLAMA_BENCH.
+# Environment: SYNTH_DIR (default /tmp), KEEP=1 keeps the synthesized models, LLAMA_BENCH, COMMIT (the commit
+# named in the headers, for a copied tree whose .git is not current).
 set -uo pipefail
 OUT=${OUT:-out}
 SYNTH_DIR=${SYNTH_DIR:-/tmp}
@@ -41,7 +42,7 @@ for spec in "${specs[@]}"; do
     fi
     echo "synth $arch $dtype: $(($(date +%s) - t0)) s"
     f="$OUT/bench_${arch}_${dtype}.md"
-    echo "## $arch $dtype ($(date -u +%H:%M) UTC, $(git rev-parse --short HEAD 2>/dev/null || echo no-git))" >>"$f"
+    echo "## $arch $dtype ($(date -u +%H:%M) UTC, ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo no-git)})" >>"$f"
     if has speed; then
         for kv in f16 fp8_e4m3; do
             echo "# speed kv $kv" >>"$f"

@@ -9,7 +9,8 @@
 # JOBS (build parallelism), SANITIZE=0 to skip compute-sanitizer, BENCH_ARGS (extra options for
 # coopt bench, default "-p 512 -n 128 -r 3"), KV_TYPES (default "f16 fp8_e4m3"), MAKE_ARGS (extra
 # make arguments, e.g. OPT="-O3 -march=native -Ideps/include" LDFLAGS=-Ldeps/lib where libcjson
-# is not installed).
+# is not installed), COMMIT (the commit named in summary.txt, for a copied tree whose .git is not
+# current).
 # Exit status: nonzero if the build or any test failed (benchmarks do not decide it).
 set -uo pipefail
 
@@ -25,7 +26,7 @@ status=0
 log() { echo "gpu_check: $*" | tee -a "$OUT/summary.txt"; }
 
 : >"$OUT/summary.txt"
-log "$(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo no-git)"
+log "$(date -u +%Y-%m-%dT%H:%M:%SZ) ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo no-git)}"
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 else

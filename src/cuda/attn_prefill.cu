@@ -330,13 +330,8 @@ __global__ void __launch_bounds__(PF_THREADS) attn_prefill_kernel(const struct a
 template <int HD, int KT, int GS>
 static void pf_launch(cudaStream_t st, const struct attn_args &a, const struct kv_dev_layout &L) {
     using C = pf_cfg<HD, KT, GS>;
-    static bool attr_set = false; // a function attribute (same value everywhere): set once
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(attn_prefill_kernel<HD, KT, GS>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
-        CUDA_CHECK(cudaFuncSetAttribute(attn_prefill_kernel<HD, KT, GS>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        cudaSharedmemCarveoutMaxShared));
-        attr_set = true;
-    }
+    static bool opted[64];
+    cuda_smem_opt_in(attn_prefill_kernel<HD, KT, GS>, C::SMEM, opted);
     dim3 grid((unsigned)((a.n_tokens + C::TT - 1) / C::TT), (unsigned)(L.n_kv_heads * a.n_sub));
     attn_prefill_kernel<HD, KT, GS><<<grid, PF_THREADS, C::SMEM, st>>>(a, L);
     CUDA_CHECK_LAUNCH();

@@ -174,6 +174,18 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 __device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
+// Opts kern in to `smem` bytes of dynamic shared memory and the largest shared-memory carveout on
+// the current device, once per device (`done`: the caller's table for this kernel; a function
+// attribute is per device). Allowed while a stream is being captured into a CUDA graph.
+template <typename... P> static void cuda_smem_opt_in(void (*kern)(P...), size_t smem, bool (&done)[64]) {
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev >= 0 && dev < 64 && done[dev]) return;
+    CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+    if (dev >= 0 && dev < 64) done[dev] = true;
+}
+
 // ---- cp.async (sm_80+) ----
 
 // Copies 16 bytes global -> shared; with pred false writes 16 zero bytes and reads nothing.

@@ -468,15 +468,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct a
 template <int HD, int KT, int G>
 static void attn_decode_launch(dim3 grid, cudaStream_t st, const struct attn_args &a, const struct kv_dev_layout &L) {
     using C = dec_cfg<HD, KT, G>;
-    // NOTE: a function attribute, set once per kernel instance (the same value for every device
-    // and context); allowed while a stream is being captured into a CUDA graph.
-    static bool attr_set = false;
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<HD, KT, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
-        CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<HD, KT, G>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        cudaSharedmemCarveoutMaxShared));
-        attr_set = true;
-    }
+    static bool opted[64];
+    cuda_smem_opt_in(attn_decode_kernel<HD, KT, G>, C::SMEM, opted);
     attn_decode_kernel<HD, KT, G><<<grid, ATTN_THREADS, C::SMEM, st>>>(a, L);
     CUDA_CHECK_LAUNCH();
 }
