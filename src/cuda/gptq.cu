@@ -618,7 +618,12 @@ __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
     // codes of the next chunk to request (chunk kc0 + s of weight 0, then of weight 1)
     uint4        ring[HG_RU];
     const uint4 *fs = wp0 + (int64_t)kc0 * 32;
-    auto         advance = [&](int32_t s) { fs = SWIGLU && s + 1 == nper ? wp1 + (int64_t)kc0 * 32 : fs + 32; };
+    // weight 1's chunks follow weight 0's in the stream: one fixed jump after chunk nper - 1
+    const int64_t jump    = SWIGLU ? (int64_t)(wp1 - wp0) - (int64_t)nper * 32 : 0;
+    auto          advance = [&](int32_t s) {
+        fs += 32;
+        if (SWIGLU && s + 1 == nper) fs += jump;
+    };
 #pragma unroll
     for (int s = 0; s < HG_RU; s++) {
         if (s < total) ring[s] = ld_stream(fs);
@@ -697,6 +702,11 @@ __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
     const uint32_t  magic = 0x64006400u;
     const uint32_t *gb0 = kcs + kc0, *gb1 = kcs + n_kc + kc0; // group words (gb1: swiglu only)
     const uint4    *xb0 = xq + kc0 * 8;
+    // the step's x fragments and group word, advanced step by step (back to the range's start, in
+    // weight 1's group words, after chunk nper - 1)
+    const uint4    *xp = xb0;
+    const uint32_t *gp = gb0;
+    int             mw = 0; // the weight of the step's chunk
     uint32_t        gword = 0xffffffffu; // the current group in both halves (none yet)
     // the group of the next 32 rows is g: flush the products so far, take g's scales/zeros. z is
     // an integer below 64 (4-bit codes: at most 16), so f16(1024 + z) = 0x6400 | z and
@@ -714,10 +724,11 @@ __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
     auto step = [&](int32_t i, uint4 &slot, bool refill) {
         const uint4 v = slot;
         if (refill) slot = ld_stream(fs), advance(i + HG_RU);
-        const int      m  = SWIGLU && i >= nper;
-        const int32_t  ki = m ? i - nper : i; // chunk kc0 + ki of weight m
-        const uint4    xa = xb0[ki * 8], xb = xb0[ki * 8 + 1];
-        const uint32_t gw = (m ? gb1 : gb0)[ki];
+        const int      m  = mw;
+        const uint4    xa = xp[0], xb = xp[1];
+        const uint32_t gw = *gp;
+        xp += 8, gp += 1;
+        if (SWIGLU && i + 1 == nper) xp = xb0, gp = gb1, mw = 1;
         const uint32_t dws[4] = {v.x, v.y, v.z, v.w};
         const uint32_t bx[8]  = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
         if (gw != gword || m != mcur) set_group((int)(gw & 0xffffu), m);
@@ -734,7 +745,11 @@ __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
         }
     };
     int32_t i0 = 0;
-    for (; i0 + HG_RU <= total; i0 += HG_RU) {
+    for (; i0 + 2 * HG_RU <= total; i0 += HG_RU) { // every step refills its slot
+#pragma unroll
+        for (int u = 0; u < HG_RU; u++) step(i0 + u, ring[u], true);
+    }
+    for (; i0 + HG_RU <= total; i0 += HG_RU) { // (once at most) the last refills
 #pragma unroll
         for (int u = 0; u < HG_RU; u++) step(i0 + u, ring[u], i0 + u + HG_RU < total);
     }
