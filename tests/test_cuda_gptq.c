@@ -535,11 +535,11 @@ TEST(cuda_gptq_fused) {
     };
     static const int32_t rows[] = {1, 3};
     bool                 ok     = true;
-    // the default (tensor-core) decode GEMV at its automatic register cap (80 at these sizes), at
+    // the default (tensor-core) decode GEMV at its default register cap (automatic: 80 at these sizes), at
     // the other cap, then the exact f32 one (its own fused norm/store)
     static const enum cuda_gptq_gemv modes[] = {CUDA_GPTQ_GEMV_MODE_DEFAULT, CUDA_GPTQ_GEMV_MODE_DEFAULT,
                                                 CUDA_GPTQ_GEMV_MODE_F32};
-    static const int                 regs[]  = {0, 72, 0};
+    static const int                 regs[]  = {-1, 72, -1};
     for (size_t mi = 0; mi < COOPT_ARRAY_LEN(modes) && ok; mi++) {
         cuda_gptq_set_gemv(modes[mi]);
         cuda_gptq_set_hgemv_regs(regs[mi]);
@@ -548,7 +548,7 @@ TEST(cuda_gptq_fused) {
                 ok = fused_case(t, be, &cases[i].c, cases[i].n_out_v, rows[r], 900 + 7 * i + r);
     }
     cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
-    cuda_gptq_set_hgemv_regs(0);
+    cuda_gptq_set_hgemv_regs(-1);
     be->ops->destroy(be);
 }
 

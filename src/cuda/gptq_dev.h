@@ -111,7 +111,8 @@ enum cuda_gptq_gemv cuda_gptq_get_gemv(void); // the effective choice, never DEF
 // -1 = default (on unless $COOPT_GPTQ_PDL=0). Process-wide.
 void cuda_gptq_set_pdl(int on);
 // Register cap of the tensor-core GEMV (its kernels exist for 80 and 72): 0 = automatic (80 where
-// the grid fits the GPU in one wave, else 72), 80 or 72 = that cap for every launch. Process-wide.
+// the grid fits the GPU in one wave, else 72), 80 or 72 = that cap for every launch, -1 = the
+// default ($COOPT_GPTQ_HGEMV_REGS if set, else automatic). Process-wide.
 void cuda_gptq_set_hgemv_regs(int regs);
 // The path cuda_gptq_matmul takes for n_rows (never CUDA_GPTQ_AUTO).
 enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows);
