@@ -552,6 +552,105 @@ TEST(cuda_gptq_fused) {
     be->ops->destroy(be);
 }
 
+// A GPU that gives a block less shared memory than the tensor-core GEMV's launch needs (A100:
+// 163 KiB, sm_86/89: 99 KiB; simulated with cuda_gptq_set_hgemv_smem_limit): the fused op
+// declines (returns false, nothing enqueued: the caller composes the op) and a plain matmul takes
+// the f32 GEMV, checked at the f32 GEMV's tolerance, which the tensor-core GEMV's f16 rounding of
+// x would exceed. A weight whose launch fits still takes the tensor-core GEMV. Then a bad
+// $COOPT_GPTQ_HGEMV_REGS: a message naming it, and the automatic choice.
+TEST(cuda_gptq_hgemv_settings) {
+    struct coopt_backend *be;
+    if (!init_cuda(t, &be)) return;
+    uint64_t                  rs    = 4242;
+    const struct gptq_case    cs[2] = {{4096, 200, 128, 0, 0, 1}, {512, 72, 128, 0, 1, 0}};
+    struct gptq_tensors       g[2];
+    struct coopt_gptq_weight *hw[2] = {0};
+    struct cuda_gptq_weight   dw[2];
+    memset(dw, 0, sizeof(dw));
+    bool ok = true;
+    for (int j = 0; j < 2; j++) {
+        gptq_make_tensors(&rs, &cs[j], NULL, "test.proj", &g[j]);
+        ok = ok && coopt_gptq_repack(&g[j].src, 1, &hw[j]) == COOPT_OK && cuda_gptq_upload(be, hw[j], &dw[j]) == COOPT_OK;
+    }
+    if (!ok) test_fail(t, __FILE__, __LINE__, "repack/upload failed");
+    cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_H);
+    // 4 KiB: the 512-input launch needs 1.3 KiB, the 4096-input one 8.5 KiB
+    static const size_t limits[] = {4096, 0};
+    for (size_t li = 0; li < COOPT_ARRAY_LEN(limits) && ok; li++) {
+        cuda_gptq_set_hgemv_smem_limit(limits[li]);
+        for (int j = 0; j < 2 && ok; j++) {
+            const int64_t n_in = cs[j].n_in, n_out = cs[j].n_out;
+            float        *x = malloc((size_t)n_in * 4), *got = malloc((size_t)n_out * 4);
+            for (int64_t i = 0; i < n_in; i++) x[i] = test_rand_normal(&rs);
+            struct gq_ref ref;
+            gq_ref_make(&g[j].src, hw[j], x, NULL, 1, &ref);
+            float *dx = dev_alloc_copy(be, x, (size_t)n_in * 4), *dout = dev_alloc_copy(be, NULL, (size_t)n_out * 4);
+            const bool fits = limits[li] == 0 || j == 1;
+            char       what[160];
+            for (int fused = 1; fused >= 0 && ok; fused--) {
+                memset(got, 0xff, (size_t)n_out * 4); // NaN: an unwritten output fails
+                be->ops->upload(be, dout, got, (size_t)n_out * 4);
+                const struct cuda_gptq_weight *ws[1]   = {&dw[j]};
+                float                         *outs[1] = {dout};
+                snprintf(what, sizeof(what), "smem limit %zu, in %lld, %s", limits[li], (long long)n_in,
+                         fused ? "cuda_gptq_gemv_fused" : "cuda_gptq_matmul");
+                if (fused) {
+                    const bool ran = cuda_gptq_gemv_fused(be, CUDA_GPTQ_FUSED_STORE, 1, outs, dx, NULL, 0.0f, ws, NULL, 1);
+                    if (ran != fits) {
+                        test_fail(t, __FILE__, __LINE__, "%s: returned %d, want %d", what, ran, fits);
+                        ok = false;
+                    }
+                    if (!ran) continue;
+                } else {
+                    cuda_gptq_matmul(be, dout, dx, &dw[j], NULL, 1);
+                }
+                be->ops->download(be, got, dout, (size_t)n_out * 4);
+                be->ops->sync(be);
+                ok = ok && gq_check(t, what, got, n_out, 1, &ref, fits ? GQ_H : GQ_F32);
+            }
+            be->ops->free(be, dx), be->ops->free(be, dout);
+            gq_ref_free(&ref);
+            free(x), free(got);
+        }
+    }
+    cuda_gptq_set_hgemv_smem_limit(0);
+    if (ok) {
+        const char *old  = getenv("COOPT_GPTQ_HGEMV_REGS");
+        char       *keep = old ? strdup(old) : NULL;
+        setenv("COOPT_GPTQ_HGEMV_REGS", "64", 1);
+        cuda_gptq_set_hgemv_regs(-1); // read the environment again
+        const int64_t n_in = cs[1].n_in, n_out = cs[1].n_out;
+        float        *x = malloc((size_t)n_in * 4), *got = malloc((size_t)n_out * 4);
+        for (int64_t i = 0; i < n_in; i++) x[i] = test_rand_normal(&rs);
+        struct gq_ref ref;
+        gq_ref_make(&g[1].src, hw[1], x, NULL, 1, &ref);
+        float *dx = dev_alloc_copy(be, x, (size_t)n_in * 4), *dout = dev_alloc_copy(be, NULL, (size_t)n_out * 4);
+        memset(got, 0xff, (size_t)n_out * 4);
+        be->ops->upload(be, dout, got, (size_t)n_out * 4);
+        st_test_capture_begin();
+        cuda_gptq_matmul(be, dout, dx, &dw[1], NULL, 1);
+        be->ops->sync(be);
+        const char *msg = st_test_capture_end();
+        if (!strstr(msg, "COOPT_GPTQ_HGEMV_REGS=64") || !strstr(msg, "automatically")) {
+            test_fail(t, __FILE__, __LINE__, "COOPT_GPTQ_HGEMV_REGS=64: message '%s'", msg);
+            ok = false;
+        }
+        be->ops->download(be, got, dout, (size_t)n_out * 4);
+        be->ops->sync(be);
+        ok = ok && gq_check(t, "COOPT_GPTQ_HGEMV_REGS=64", got, n_out, 1, &ref, GQ_H);
+        if (keep) setenv("COOPT_GPTQ_HGEMV_REGS", keep, 1);
+        else unsetenv("COOPT_GPTQ_HGEMV_REGS");
+        free(keep);
+        cuda_gptq_set_hgemv_regs(-1);
+        be->ops->free(be, dx), be->ops->free(be, dout);
+        gq_ref_free(&ref);
+        free(x), free(got);
+    }
+    cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
+    for (int j = 0; j < 2; j++) cuda_gptq_release(&dw[j]), coopt_gptq_weight_free(hw[j]), gptq_tensors_free(&g[j]);
+    be->ops->destroy(be);
+}
+
 // The shapes of llama2-7b/13b and llama3-8b (W [n_out][n_in]), group 128.
 static const struct gptq_case k_real[] = {
     {4096, 4096, 128, 0, 1, 1},  {4096, 11008, 128, 1, 1, 1}, {11008, 4096, 128, 0, 0, 1}, {4096, 1024, 128, 1, 1, 1},

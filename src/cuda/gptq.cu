@@ -1539,15 +1539,38 @@ static hgemv_fn hgemv_instance(int nw, bool norm, bool sw, int regs, int *idx) {
 }
 #undef HG_ROW
 
-// Static plus dynamic shared memory above 48 KiB needs an opt-in, per kernel instance and device
-// (done once each). Returns the CUDA status of the opt-in.
-static cudaError_t hgemv_opt_in(hgemv_fn f, int idx, int device) {
-    static bool opted[HG_INSTANCES][64];
-    const int   d = device >= 0 && device < 64 ? device : 0;
-    if (opted[idx][d]) return cudaSuccess;
-    const cudaError_t e = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, HG_MAX_SMEM);
-    opted[idx][d]       = e == cudaSuccess;
-    return e;
+// Dynamic shared memory a launch of instance f may use on the device: HG_MAX_SMEM, or less where
+// the device's per-block opt-in limit minus the instance's static shared memory is lower (A100:
+// 163 KiB in all; sm_86 / sm_89: 99 KiB). The instance is opted in to that much, once per instance
+// and device; 0 when the device cannot be queried or refuses. A test limit
+// (cuda_gptq_set_hgemv_smem_limit) lowers it further.
+static size_t g_hgemv_smem_test_limit = 0; // 0 = none
+static size_t hgemv_smem_limit(hgemv_fn f, int idx, int device) {
+    static size_t limit[HG_INSTANCES][64];
+    static bool   have[HG_INSTANCES][64];
+    const int     d = device >= 0 && device < 64 ? device : 0;
+    if (!have[idx][d]) {
+        int                optin = 0;
+        cudaFuncAttributes fa;
+        size_t             lim = 0;
+        if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+            cudaFuncGetAttributes(&fa, f) == cudaSuccess && (size_t)optin > fa.sharedSizeBytes) {
+            lim = COOPT_MIN((size_t)HG_MAX_SMEM, (size_t)optin - fa.sharedSizeBytes);
+            if (cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)lim) != cudaSuccess) lim = 0;
+        }
+        if (!lim) {
+            (void)cudaGetLastError();
+            coopt_log_error("cuda gptq: no shared memory opt-in for the tensor-core GEMV on device %d; "
+                            "using the other GEMVs", device);
+        }
+        limit[idx][d] = lim, have[idx][d] = true;
+    }
+    return g_hgemv_smem_test_limit ? COOPT_MIN(limit[idx][d], g_hgemv_smem_test_limit) : limit[idx][d];
+}
+
+void cuda_gptq_set_hgemv_smem_limit(size_t bytes) {
+    g_hgemv_smem_test_limit = bytes;
+    g_config_epoch++;
 }
 
 // Dynamic shared memory of a launch: x, the scale/zero words of ng_smem groups and two weights'
@@ -1558,7 +1581,7 @@ static size_t hgemv_smem(int32_t n_rows, int64_t k_pad, int32_t ng_smem) {
 
 // Blocks of the instance with `smem` bytes of dynamic shared memory that fit one SM of the device
 // (registers, shared memory, warps), from the occupancy calculator; cached per instance and device
-// for the last smem asked about (0 when it cannot be had).
+// for the last smem asked about. 0 when it cannot be had, or smem is over the instance's limit.
 static int hgemv_blocks_per_sm(int nw, bool norm, bool sw, int regs, int device, size_t smem) {
     static size_t last_smem[HG_INSTANCES][64];
     static int    last_n[HG_INSTANCES][64];
@@ -1566,10 +1589,10 @@ static int hgemv_blocks_per_sm(int nw, bool norm, bool sw, int regs, int device,
     int            idx;
     const hgemv_fn f = hgemv_instance(nw, norm, sw, regs, &idx);
     const int      d = device >= 0 && device < 64 ? device : 0;
+    if (smem > hgemv_smem_limit(f, idx, device)) return 0;
     if (!have[idx][d] || smem != last_smem[idx][d]) {
         int n = 0;
-        if (hgemv_opt_in(f, idx, device) != cudaSuccess ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, f, nw * WARP_SIZE, smem) != cudaSuccess)
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, f, nw * WARP_SIZE, smem) != cudaSuccess)
             n = 0, (void)cudaGetLastError();
         last_smem[idx][d] = smem, last_n[idx][d] = n, have[idx][d] = true;
     }
@@ -1581,17 +1604,17 @@ static int hgemv_blocks_per_sm(int nw, bool norm, bool sw, int regs, int device,
 // larger cap where that fits, else 4 warps at the smaller cap. Measured on an H100 (register-ring
 // sweeps of 2026-11-23): a block size leaving part of the grid to later waves was 5-60 % slower;
 // among single-wave choices the larger blocks (more warps per tile, fewer chunks each) were as
-// fast or faster, and 80 registers faster than 72. `regs` forced (tests): that cap only.
-static void hgemv_auto_config(const struct cuda_backend *cb, int64_t blocks, bool norm, bool sw, int32_t n_rows,
-                              int64_t k_pad, int32_t ng_smem, int regs, int *nw, int *regs_out) {
+// fast or faster, and 80 registers faster than 72. nw or regs forced (tests, the environment):
+// only that block size or cap.
+static void hgemv_auto_config(const struct cuda_backend *cb, int64_t blocks, bool norm, bool sw, size_t smem,
+                              int nw_forced, int regs_forced, int *nw, int *regs) {
     static const int cand[3] = {16, 8, 4}, caps[2] = {HG_REGS_HI, HG_REGS_LO};
-    const size_t     smem    = hgemv_smem(n_rows, k_pad, ng_smem);
-    *nw = 4, *regs_out = regs ? regs : HG_REGS_LO;
+    *nw = nw_forced ? nw_forced : 4, *regs = regs_forced ? regs_forced : HG_REGS_LO;
     for (int i = 0; i < 3; i++)
         for (int r = 0; r < 2; r++) {
-            if (regs && caps[r] != regs) continue;
+            if ((nw_forced && cand[i] != nw_forced) || (regs_forced && caps[r] != regs_forced)) continue;
             if (blocks <= (int64_t)hgemv_blocks_per_sm(cand[i], norm, sw, caps[r], cb->device, smem) * cb->n_sm) {
-                *nw = cand[i], *regs_out = caps[r];
+                *nw = cand[i], *regs = caps[r];
                 return;
             }
         }
@@ -1599,8 +1622,9 @@ static void hgemv_auto_config(const struct cuda_backend *cb, int64_t blocks, boo
 
 // The tensor-core GEMV over n weights of one input, 1-8 rows, one launch. Returns false (nothing
 // enqueued) when it does not apply: more than one act-order permutation among the weights, norm
-// with a non-direct weight or unaligned x, or too much shared memory. mode, norm, eps, nw: as
-// gemv_multi.
+// with a non-direct weight or unaligned x, or more shared memory than the device gives a block.
+// mode, norm, eps: as gemv_multi; nw: warps per block (4, 8 or 16; 0 = automatic) | register cap
+// << 8 (0 = the process-wide setting).
 static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, const float *x,
                         const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows, int nw,
                         int mode, const float *norm, float eps) {
@@ -1618,22 +1642,17 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
     int32_t       ng_smem = 0;
     for (int32_t j = 0; j < n; j++)
         ng_smem = mode == GEMV_SWIGLU ? ng_smem + ws[j]->n_groups : COOPT_MAX(ng_smem, ws[j]->n_groups);
-    int regs = (nw >> 8) & 0xff; // (tests: param = warps | register cap << 8)
+    const size_t smem = hgemv_smem(n_rows, k_pad, ng_smem);
+    if (smem > HG_MAX_SMEM || blocks > INT32_MAX) return false;
+    int regs = (nw >> 8) & 0xff;
     if (!regs) regs = hgemv_regs_setting();
     if (regs && regs != HG_REGS_HI) regs = HG_REGS_LO;
     nw &= 0xff;
-    if (nw <= 0) {
-        hgemv_auto_config(cb, blocks, norm != NULL, mode == GEMV_SWIGLU, n_rows, k_pad, ng_smem, regs, &nw, &regs);
-    } else if (!regs) { // warps forced: the larger cap where the grid fits one wave
-        const size_t sm = hgemv_smem(n_rows, k_pad, ng_smem);
-        regs = blocks <= (int64_t)hgemv_blocks_per_sm(nw, norm != NULL, mode == GEMV_SWIGLU, HG_REGS_HI, cb->device, sm) *
-                             cb->n_sm
-                   ? HG_REGS_HI
-                   : HG_REGS_LO;
-    }
-    if (nw != 4 && nw != 8) nw = 16; // (the instances there are)
-    const size_t smem = hgemv_smem(n_rows, k_pad, ng_smem);
-    if (smem > HG_MAX_SMEM || blocks > INT32_MAX) return false;
+    if (nw > 0 && nw != 4 && nw != 8) nw = 16; // (the instances there are)
+    hgemv_auto_config(cb, blocks, norm != NULL, mode == GEMV_SWIGLU, smem, nw, regs, &nw, &regs);
+    int            idx;
+    const hgemv_fn f = hgemv_instance(nw, norm != NULL, mode == GEMV_SWIGLU, regs, &idx);
+    if (smem > hgemv_smem_limit(f, idx, cb->device)) return false; // (before anything is enqueued)
     hgemv_args a;
     memset(&a, 0, sizeof(a));
     if (direct) {
@@ -1657,9 +1676,6 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
         end += ws[j]->n_ot;
         a.ot_end[j] = end;
     }
-    int            idx;
-    const hgemv_fn f = hgemv_instance(nw, norm != NULL, mode == GEMV_SWIGLU, regs, &idx);
-    CUDA_CHECK(hgemv_opt_in(f, idx, cb->device));
     launch_maybe_pdl(cb->pdl && pdl_enabled(cb), f, dim3((unsigned)blocks), dim3((unsigned)(nw * WARP_SIZE)), smem,
                      cb->stream, a);
     return true;

@@ -114,6 +114,10 @@ void cuda_gptq_set_pdl(int on);
 // the grid fits the GPU in one wave, else 72), 80 or 72 = that cap for every launch, -1 = the
 // default ($COOPT_GPTQ_HGEMV_REGS if set, else automatic). Process-wide.
 void cuda_gptq_set_hgemv_regs(int regs);
+// Tests: lowers the dynamic shared memory the tensor-core GEMV may use per block below what the
+// device gives (bytes; 0 = the device's limit), as on a GPU with less shared memory: launches
+// needing more take the other GEMVs. Process-wide.
+void cuda_gptq_set_hgemv_smem_limit(size_t bytes);
 // The path cuda_gptq_matmul takes for n_rows (never CUDA_GPTQ_AUTO).
 enum cuda_gptq_path cuda_gptq_auto_path(const struct cuda_gptq_weight *w, int32_t n_rows);
 void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x, const struct cuda_gptq_weight *w,
