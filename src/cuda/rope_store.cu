@@ -16,8 +16,10 @@
  * rope_kernel       Grid: (n_tokens); Block: 128 threads over the n_heads * head_dim/2 pairs.
  * rope_store_kernel Grid: (n_tokens, 2 * n_kv_heads); Block: 128 threads = 4 warps.
  *                   Block y rotates its share of q's heads and handles the cache row y (kv head
- *                   y/2, K or V) of the token: rotated row into shared memory, block amax, FP8
- *                   scale search over all 128 threads, quantized store.
+ *                   y/2, K or V) of the token: rotated row into shared memory (thread i rotates
+ *                   pair i of the K row and of the q heads with one cos/sin, every load issued
+ *                   before them), block amax, FP8 scale search over all 128 threads, quantized
+ *                   store.
  *                   Shared memory: head_dim floats (<= 256) + the 16 x 129 error table.
  */
 #include "cuda/common.cuh"
@@ -182,32 +184,62 @@ __global__ void __launch_bounds__(128)
     const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
     const int        tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int32_t    ps = pos[t];
-    { // q heads split over the token's blocks (one block rotating all of them was ~20 us at decode)
-        const int32_t per = (n_heads + gridDim.y - 1) / gridDim.y, h0 = min(n_heads, (int32_t)blockIdx.y * per);
-        rope_row(q + (size_t)t * n_heads * hd, h0, min(n_heads, h0 + per), ps, p);
-    }
-    // this block's cache row: kv head h, K (kvi 0, rotated) or V
+    // this block's q heads [h0q, h1q) (split over the token's blocks: one block rotating all of
+    // them was ~20 us at decode) and cache row: kv head h, K (kvi 0, rotated) or V
+    const int32_t per = (n_heads + gridDim.y - 1) / gridDim.y, h0q = min(n_heads, (int32_t)blockIdx.y * per);
+    const int32_t h1q = min(n_heads, h0q + per);
     const int32_t r = blockIdx.y, h = r >> 1, kvi = r & 1;
-    if (r >= 2 * nkv) return;
-    const int64_t page = slots[t] / L.page_size;
-    const int32_t row  = (int32_t)(slots[t] % L.page_size);
-    const float  *src  = (kvi ? v : k) + ((size_t)t * nkv + h) * hd;
-    const float  *c    = kvi == 0 && koff ? koff + (((size_t)seq_ids[tok_seq[t]] * (size_t)n_layers + (size_t)layer) *
-                                                 (size_t)nkv + (size_t)h) * (size_t)hd
-                                          : NULL; // K smoothing: the sequence's offset (kv_offsets_kernel)
-    if (kvi == 0) {
-        for (int i = tid; i < half; i += blockDim.x) {
-            float a = (float)ps * p.inv_freq[i];
-            float cs = cosf(a), sn = sinf(a);
-            int   i0, i1;
-            rope_pair(p, i, &i0, &i1);
-            float y0, y1;
-            rope_rotate(src[i0], src[i1], cs, sn, &y0, &y1);
-            b[i0] = c ? __fsub_rn(y0, c[i0]) : y0;
-            b[i1] = c ? __fsub_rn(y1, c[i1]) : y1;
+    const bool    row_here = r < 2 * nkv;
+    const int64_t page = row_here ? slots[t] / L.page_size : 0;
+    const int32_t row  = row_here ? (int32_t)(slots[t] % L.page_size) : 0;
+    const float  *src  = (kvi ? v : k) + ((size_t)t * nkv + (row_here ? h : 0)) * hd;
+    const float  *c    = row_here && kvi == 0 && koff
+                             ? koff + (((size_t)seq_ids[tok_seq[t]] * (size_t)n_layers + (size_t)layer) * (size_t)nkv +
+                                       (size_t)h) * (size_t)hd
+                             : NULL; // K smoothing: the sequence's offset (kv_offsets_kernel)
+    float *qt = q + (size_t)t * n_heads * hd;
+    // All loads first, then cos/sin, then the rotations (rope_row's operations), so the latencies
+    // overlap: V row elements tid and tid + 128 (head_dim <= 256, 128 threads); per rotation pair
+    // i, the K pair and the pairs of the first four q heads, which share the angle (same position).
+    float      vr0 = 0.0f, vr1 = 0.0f;
+    const bool vrow = row_here && kvi == 1;
+    if (vrow && tid < hd) vr0 = src[tid];
+    if (vrow && tid + 128 < hd) vr1 = src[tid + 128];
+    for (int i = tid; i < half; i += blockDim.x) {
+        int i0, i1;
+        rope_pair(p, i, &i0, &i1);
+        const bool kr = row_here && kvi == 0;
+        const int  nq4 = min(4, h1q - h0q);
+        float      k0 = 0.0f, k1 = 0.0f, c0 = 0.0f, c1 = 0.0f, qa[4][2];
+        if (kr) k0 = src[i0], k1 = src[i1];
+        if (kr && c) c0 = c[i0], c1 = c[i1];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (j < nq4) qa[j][0] = qt[(size_t)(h0q + j) * hd + i0], qa[j][1] = qt[(size_t)(h0q + j) * hd + i1];
+        const float a = (float)ps * p.inv_freq[i], cs = cosf(a), sn = sinf(a);
+        float       y0, y1;
+        if (kr) {
+            rope_rotate(k0, k1, cs, sn, &y0, &y1);
+            b[i0] = c ? __fsub_rn(y0, c0) : y0;
+            b[i1] = c ? __fsub_rn(y1, c1) : y1;
         }
-    } else {
-        for (int i = tid; i < hd; i += blockDim.x) b[i] = src[i];
+        // each (i0, i1) pair of a q head is owned by exactly one thread
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (j < nq4) {
+                rope_rotate(qa[j][0], qa[j][1], cs, sn, &y0, &y1);
+                qt[(size_t)(h0q + j) * hd + i0] = y0, qt[(size_t)(h0q + j) * hd + i1] = y1;
+            }
+        for (int32_t hq = h0q + 4; hq < h1q; hq++) {
+            float *xh = qt + (size_t)hq * hd;
+            rope_rotate(xh[i0], xh[i1], cs, sn, &y0, &y1);
+            xh[i0] = y0, xh[i1] = y1;
+        }
+    }
+    if (!row_here) return;
+    if (vrow) {
+        if (tid < hd) b[tid] = vr0;
+        if (tid + 128 < hd) b[tid + 128] = vr1;
     }
     __syncthreads();
     uint8_t *dst = pool + kv_offset(L, page, layer, kvi, h, row);
