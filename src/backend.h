@@ -92,6 +92,11 @@ struct coopt_ops {
                               const float *norm, float eps, const struct coopt_weight *const *ws, int32_t n_rows);
     void (*norm_matmul_swiglu)(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
                                float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows);
+    // rope_store followed by attention for one layer, in one call so a backend can fuse the two:
+    // the same cache contents and out as the pair; q is scratch afterwards (rotated or not).
+    void (*rope_store_attention)(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
+                                 int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer,
+                                 const struct coopt_batch *b, const struct coopt_rope *rope, float scale);
 
     // ---- KV pool ----
     // Reserves address space for the pool; memory is committed on first write (lazy mapping).

@@ -136,8 +136,12 @@ void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct
         const struct coopt_layer *L = &m->layers[l];
         // attention block
         qkv_in(be, s, L->attn_norm, c->norm_eps, &L->wq, &L->wk, &L->wv, n, hook, l);
-        op->rope_store(be, s->q, s->k, s->v, c->n_heads, kv, l, b, rope);
-        op->attention(be, s->att, s->q, c->n_heads, kv, l, b, scale);
+        if (op->rope_store_attention) {
+            op->rope_store_attention(be, s->att, s->q, s->k, s->v, c->n_heads, kv, l, b, rope, scale);
+        } else {
+            op->rope_store(be, s->q, s->k, s->v, c->n_heads, kv, l, b, rope);
+            op->attention(be, s->att, s->q, c->n_heads, kv, l, b, scale);
+        }
         if (hook) hook->fn(hook->ud, l, 1, s->att, n, (int32_t)q_dim);
         project_add(be, s->x, s->xb, s->att, &L->wo, n);
         // MLP block

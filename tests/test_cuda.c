@@ -660,6 +660,183 @@ TEST(cuda_attention) {
     cu_pair_free(&p);
 }
 
+// ---- rope_store + attention fused (decode) ----
+
+struct fused_case {
+    int32_t          hd, nh, nkv, ps;
+    enum coopt_dtype dt;
+    int              layout;     // 1: COOPT_ROPE_HALF, 0: interleaved
+    bool             koffs;      // K smoothing offsets (FP8 caches)
+    bool             seq_start;  // the first sequence's token is at position 0 (not fusable)
+    bool             fuse_fp8;   // cuda_attn_set_fuse_fp8 (FP8 caches are not fused by default)
+    int32_t          n_seqs;
+    const int32_t   *lens;       // [n_seqs] positions held after the step; the step has the last one of each
+};
+
+// rope_store_attention against rope_store + attention on the same inputs and cache history. The
+// fused decode kernel runs the same operations as the two kernels (rope_store's rotation and FP8
+// scale search, attention's loop), so the cache bytes and the output must be bit-identical, and
+// it leaves q unrotated: q unchanged is how the test knows the fused kernel ran. Steps it does
+// not fuse (a sequence start, query groups over 8, FP8 caches unless cuda_attn_set_fuse_fp8) run
+// the two kernels: q rotated.
+static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, const struct fused_case *c) {
+    const int32_t n_layers = 2, layer = 1, n = c->n_seqs;
+    int32_t       max_len = 0, n_pages = 0, n_fill = 0;
+    for (int i = 0; i < n; i++) {
+        max_len = COOPT_MAX(max_len, c->lens[i]);
+        n_pages += (c->lens[i] + c->ps - 1) / c->ps;
+        n_fill += c->lens[i] - 1;
+    }
+    const int32_t         max_blocks = (max_len + c->ps - 1) / c->ps;
+    struct coopt_kv_cache kv[2];
+    memset(kv, 0, sizeof(kv));
+    COOPT_ASSERT(coopt_kv_layout_init(&kv[0].layout, c->dt, n_layers, c->nkv, c->hd, c->ps) == COOPT_OK);
+    kv[1].layout            = kv[0].layout;
+    const size_t pool_bytes = kv[0].layout.page_bytes * (size_t)n_pages;
+    for (int j = 0; j < 2; j++) {
+        void *pool = NULL;
+        COOPT_ASSERT(p->cu->ops->kv_pool_init(p->cu, pool_bytes, &pool) == COOPT_OK);
+        kv[j].pool = pool;
+    }
+    int32_t *bt = malloc(sizeof(int32_t) * (size_t)(n * max_blocks));
+    for (int q = 0, next = n_pages - 1; q < n; q++) // pages handed out backwards
+        for (int bl = 0; bl < max_blocks; bl++) bt[q * max_blocks + bl] = bl * c->ps < c->lens[q] ? next-- : -1;
+    float            *inv  = make_inv_freq(c->hd, 10000.0f);
+    struct coopt_rope rope = {.layout = c->layout ? COOPT_ROPE_HALF : COOPT_ROPE_INTERLEAVED, .head_dim = c->hd,
+                              .inv_freq = inv};
+    int32_t ids[64];
+    for (int i = 0; i < n; i++) ids[i] = i;
+    int32_t *dbt = dev_copy(p->cu, bt, sizeof(int32_t) * (size_t)(n * max_blocks)), *dids = dev_copy(p->cu, ids, sizeof(int32_t) * (size_t)n);
+    const size_t n_off = (size_t)n * n_layers * c->nkv * c->hd;
+    float       *doff  = c->koffs && kv[0].layout.has_scales ? dev_copy(p->cu, NULL, n_off * 4) : NULL;
+    kv[0].k_offset = kv[1].k_offset = doff;
+    // history: positions 0 .. len-2 of every sequence, the same rows into both caches (the offsets
+    // come from these, position 0 being in the step)
+    if (n_fill > 0) {
+        int32_t *pos = malloc(sizeof(int32_t) * (size_t)n_fill), *seq = malloc(sizeof(int32_t) * (size_t)n_fill);
+        int64_t *slots = malloc(sizeof(int64_t) * (size_t)n_fill);
+        for (int q = 0, k = 0; q < n; q++)
+            for (int i = 0; i < c->lens[q] - 1; i++, k++)
+                pos[k] = i, seq[k] = q, slots[k] = (int64_t)bt[q * max_blocks + i / c->ps] * c->ps + i % c->ps;
+        const size_t nq = (size_t)n_fill * c->nh * c->hd, nk = (size_t)n_fill * c->nkv * c->hd;
+        float *qa = test_rand_array(s, nq, -1, 1), *ka = test_rand_array(s, nk, -1, 1), *va = test_rand_array(s, nk, -1, 1);
+        float *dqa = dev_copy(p->cu, qa, nq * 4), *dka = dev_copy(p->cu, ka, nk * 4), *dva = dev_copy(p->cu, va, nk * 4);
+        int32_t *dpos = dev_copy(p->cu, pos, sizeof(int32_t) * (size_t)n_fill), *dseq = dev_copy(p->cu, seq, sizeof(int32_t) * (size_t)n_fill);
+        int64_t *dslots = dev_copy(p->cu, slots, sizeof(int64_t) * (size_t)n_fill);
+        struct coopt_batch fill = {.n_tokens = n_fill, .pos = dpos, .tok_seq = dseq, .slots = dslots, .n_seqs = n,
+                                   .max_blocks = max_blocks, .block_tables = dbt, .seq_ids = dids};
+        for (int j = 0; j < 2; j++) {
+            p->cu->ops->upload(p->cu, dqa, qa, nq * 4);
+            p->cu->ops->rope_store(p->cu, dqa, dka, dva, c->nh, &kv[j], layer, &fill, &rope);
+        }
+        void *dev[] = {dqa, dka, dva, dpos, dseq, dslots};
+        for (size_t i = 0; i < COOPT_ARRAY_LEN(dev); i++) p->cu->ops->free(p->cu, dev[i]);
+        free(pos), free(seq), free(slots), free(qa), free(ka), free(va);
+    }
+    // the step: the last position of every sequence
+    int32_t pos[64], seq[64];
+    int64_t slots[64];
+    for (int q = 0; q < n; q++) {
+        pos[q] = c->lens[q] - 1, seq[q] = q;
+        slots[q] = (int64_t)bt[q * max_blocks + pos[q] / c->ps] * c->ps + pos[q] % c->ps;
+    }
+    const size_t nq = (size_t)n * c->nh * c->hd, nk = (size_t)n * c->nkv * c->hd;
+    float       *q = test_rand_array(s, nq, -2, 2), *k = test_rand_array(s, nk, -2, 2), *v = test_rand_array(s, nk, -2, 2);
+    int32_t     *dpos = dev_copy(p->cu, pos, sizeof(int32_t) * (size_t)n), *dseq = dev_copy(p->cu, seq, sizeof(int32_t) * (size_t)n);
+    int64_t     *dslots = dev_copy(p->cu, slots, sizeof(int64_t) * (size_t)n);
+    float       *dk = dev_copy(p->cu, k, nk * 4), *dv = dev_copy(p->cu, v, nk * 4);
+    float       *dq[2] = {dev_copy(p->cu, q, nq * 4), dev_copy(p->cu, q, nq * 4)};
+    float       *dout[2] = {dev_copy(p->cu, NULL, nq * 4), dev_copy(p->cu, NULL, nq * 4)};
+    bool         start = false;
+    for (int i = 0; i < n; i++) start = start || pos[i] == 0;
+    struct coopt_batch b = {.n_tokens = n, .pos = dpos, .tok_seq = dseq, .slots = dslots, .n_seqs = n,
+                            .max_blocks = max_blocks, .block_tables = dbt, .seq_ids = dids, .no_seq_start = !start};
+    const float scale = 1.0f / sqrtf((float)c->hd);
+    p->cu->ops->rope_store(p->cu, dq[0], dk, dv, c->nh, &kv[0], layer, &b, &rope);
+    p->cu->ops->attention(p->cu, dout[0], dq[0], c->nh, &kv[0], layer, &b, scale);
+    cuda_attn_set_fuse_fp8(p->cu, c->fuse_fp8);
+    p->cu->ops->rope_store_attention(p->cu, dout[1], dq[1], dk, dv, c->nh, &kv[1], layer, &b, &rope, scale);
+    cuda_attn_set_fuse_fp8(p->cu, 0);
+    uint8_t *pools[2] = {malloc(pool_bytes), malloc(pool_bytes)};
+    float   *outs[2] = {malloc(nq * 4), malloc(nq * 4)}, *qs[2] = {malloc(nq * 4), malloc(nq * 4)};
+    for (int j = 0; j < 2; j++) {
+        dev_read(p->cu, pools[j], kv[j].pool, pool_bytes);
+        dev_read(p->cu, outs[j], dout[j], nq * 4);
+        dev_read(p->cu, qs[j], dq[j], nq * 4);
+    }
+    const bool fused = !start && c->nh / c->nkv <= 8 && (!kv[0].layout.has_scales || c->fuse_fp8);
+    char       what[160];
+    snprintf(what, sizeof(what), "%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d", coopt_dtype_name(c->dt),
+             c->hd, c->nh, c->nkv, c->ps, c->layout, doff != NULL, c->lens[0], c->lens[n - 1]);
+    bool ok = true;
+    if (memcmp(pools[0], pools[1], pool_bytes) != 0) {
+        size_t i = 0;
+        while (pools[0][i] == pools[1][i]) i++;
+        test_fail(t, __FILE__, __LINE__, "%s: caches differ from byte %zu (%u vs %u)", what, i, pools[1][i], pools[0][i]);
+        ok = false;
+    }
+    for (size_t i = 0; i < nq && ok; i++)
+        if (memcmp(&outs[0][i], &outs[1][i], 4) != 0) {
+            test_fail(t, __FILE__, __LINE__, "%s: out[%zu] = %.9g, two kernels %.9g", what, i, outs[1][i], outs[0][i]);
+            ok = false;
+        }
+    if (ok && memcmp(qs[1], fused ? q : qs[0], nq * 4) != 0) {
+        test_fail(t, __FILE__, __LINE__, "%s: q %s", what, fused ? "modified (the fused kernel did not run)" : "not rotated");
+        ok = false;
+    }
+    for (int j = 0; j < 2; j++) {
+        p->cu->ops->kv_pool_free(p->cu, kv[j].pool, pool_bytes);
+        p->cu->ops->free(p->cu, dq[j]), p->cu->ops->free(p->cu, dout[j]);
+        free(pools[j]), free(outs[j]), free(qs[j]);
+    }
+    void *dev[] = {dbt, dids, dpos, dseq, dslots, dk, dv};
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(dev); i++) p->cu->ops->free(p->cu, dev[i]);
+    if (doff) p->cu->ops->free(p->cu, doff);
+    free(bt), free(inv), free(q), free(k), free(v);
+    return ok;
+}
+
+TEST(cuda_rope_store_attention) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    if (!p.cu->ops->rope_store_attention) {
+        test_fail(t, __FILE__, __LINE__, "the CUDA backend lacks rope_store_attention");
+        cu_pair_free(&p);
+        return;
+    }
+    uint64_t s = 23;
+    // decode lengths: split into partitions (1100, 513), one partition, a page edge, 2 positions
+    const int32_t lens[] = {1100, 37, 513, 2, 33}, lens0[] = {1, 300};
+    const int32_t hds[] = {128, 64, 80, 16};
+    // query heads per KV head: 1, 4, 8 (fused), 16 (two CTAs per KV head: not fused)
+    const int32_t heads[][2] = {{8, 8}, {32, 8}, {64, 8}, {32, 2}};
+    int           i = 0;
+    for (size_t a = 0; a < COOPT_ARRAY_LEN(hds); a++)
+        for (size_t h = 0; h < COOPT_ARRAY_LEN(heads); h++)
+            for (size_t d = 0; d < COOPT_ARRAY_LEN(k_kvtypes); d++, i++) {
+                if (hds[a] == 16 && heads[h][0] > 8) continue; // (keep the run short)
+                struct fused_case c = {.hd = hds[a], .nh = heads[h][0], .nkv = heads[h][1], .ps = i % 2 ? 16 : 32,
+                                       .dt = k_kvtypes[d], .layout = i % 3 != 0, .koffs = i % 2 == 0,
+                                       .fuse_fp8 = i % 4 != 3, .n_seqs = 5, .lens = lens};
+                if (!check_fused_attention(t, &p, &s, &c)) goto done;
+            }
+    const int32_t lens1[] = {200, 37, 5};
+    for (size_t d = 0; d < COOPT_ARRAY_LEN(k_kvtypes); d++) {
+        // a sequence start: the two kernels
+        struct fused_case c = {.hd = 128, .nh = 32, .nkv = 8, .ps = 16, .dt = k_kvtypes[d], .layout = 1,
+                               .koffs = true, .seq_start = true, .n_seqs = 2, .lens = lens0};
+        if (!check_fused_attention(t, &p, &s, &c)) goto done;
+        // short ranges (one partition), FP8 fused and not
+        struct fused_case c1 = {.hd = 128, .nh = 32, .nkv = 8, .ps = 16, .dt = k_kvtypes[d], .layout = 1,
+                                .koffs = true, .fuse_fp8 = true, .n_seqs = 3, .lens = lens1};
+        if (!check_fused_attention(t, &p, &s, &c1)) goto done;
+        c1.fuse_fp8 = false;
+        if (!check_fused_attention(t, &p, &s, &c1)) goto done;
+    }
+done:
+    cu_pair_free(&p);
+}
+
 // The tensor-core prefill kernel: F16 and FP8 caches, head dims 64/80/96/128, 1 to 16 query heads
 // per KV head, a chunk at depth, a prompt from position 0, and a mixed step (chunks next to decode
 // tokens: tiles that mix sequences go to the decode kernel), windows with released pages.

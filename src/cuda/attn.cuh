@@ -19,6 +19,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/kv_dev.cuh"
+#include "cuda/kv_store.cuh"
 
 #define ATTN_LOG2E 1.4426950408889634f
 
@@ -38,6 +39,18 @@ struct attn_args {
     int32_t        part_size; // keys per partition (INT_MAX: no split)
     int32_t        tc_tokens; // tokens per tensor-core query tile; 0 = no tensor-core kernel this step
     float          scale;
+    // Fused Opt-KV write (decode kernel only; fk == NULL: off): q is unrotated and the step's
+    // K/V rows are not stored yet. Every CTA rotates its q heads as it loads them; the CTA of the
+    // last partition of each (token, KV head) rotates and stores the token's K row (fk, less the
+    // K offset koff when set) and V row (fv) first. Needs one token per sequence, one CTA per
+    // (token, KV head, partition) (n_sub == 1) and no tensor-core tiles.
+    const float   *fk, *fv;     // [n_tokens][n_kv_heads][hd]
+    const int64_t *slots;       // [n_tokens]
+    const float   *koff;        // [n_seq_max][n_layers][n_kv_heads][hd] K offsets, or NULL
+    const int32_t *seq_ids;     // [n_seqs] (with koff)
+    uint8_t       *pool_w;      // the pool, written
+    int32_t        n_layers;
+    struct rope_params rope;
 };
 
 // True when query tile `tile` (tokens [tile*tc_tokens, ...)) is computed by the tensor-core

@@ -107,6 +107,7 @@ struct cuda_backend {
     int            device;
     int            n_sm;
     int            attn_route; // attention routing (cuda_attn_set_route): 0 auto, 1 tensor cores wherever compiled, 2 never
+    int            attn_fuse_fp8; // rope_store_attention fuses FP8 caches too (cuda_attn_set_fuse_fp8; tests)
     cudaStream_t   stream;
     cublasHandle_t cublas;
     // One growable device workspace shared by ops (x converted to f16/bf16 for cuBLAS, split-K
@@ -307,6 +308,9 @@ int64_t cuda_attn_bound_bucket(int64_t bound); // the key-range bucket that fixe
 int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batch *b); // bucketed bound of a step
 void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                     const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale);
+void cuda_rope_store_attention(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
+                               int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
+                               const struct coopt_rope *rope, float scale);
 // kv_pool.cu
 enum coopt_status cuda_kv_pool_init(struct coopt_backend *be, size_t n_bytes, void **out);
 void cuda_kv_pool_free(struct coopt_backend *be, void *pool, size_t n_bytes);

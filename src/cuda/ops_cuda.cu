@@ -477,6 +477,7 @@ static const struct coopt_ops cuda_ops = {
     .matmul_add      = cuda_matmul_add,
     .norm_matmul_multi  = cuda_norm_matmul_multi,
     .norm_matmul_swiglu = cuda_norm_matmul_swiglu,
+    .rope_store_attention = cuda_rope_store_attention,
     .kv_pool_init    = cuda_kv_pool_init,
     .kv_pool_free    = cuda_kv_pool_free,
     .kv_pool_release = cuda_kv_pool_release,

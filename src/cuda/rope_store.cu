@@ -22,45 +22,8 @@
  *                   store.
  *                   Shared memory: head_dim floats (<= 256) + the 16 x 129 error table.
  */
-#include "cuda/common.cuh"
-#include "cuda/kv_dev.cuh"
+#include "cuda/kv_store.cuh"
 
-#define ROPE_MAX_HALF 128 // head_dim <= 256
-#define ROPE_ERR_CHUNK 128 // elements per round of the FP8 scale search (shared: 16 x 129 f32)
-
-struct rope_params {
-    int32_t layout; // enum coopt_rope_layout
-    int32_t head_dim;
-    float   inv_freq[ROPE_MAX_HALF];
-};
-
-static struct rope_params rope_params_make(const struct coopt_rope *rope) {
-    struct rope_params p;
-    if (rope->head_dim <= 0 || rope->head_dim > 2 * ROPE_MAX_HALF || rope->head_dim % 2) {
-        coopt_log_error("cuda rope: head_dim %d not supported (even, <= %d)", rope->head_dim, 2 * ROPE_MAX_HALF);
-        COOPT_ASSERT(!"unsupported head_dim for RoPE");
-    }
-    p.layout   = (int32_t)rope->layout;
-    p.head_dim = rope->head_dim;
-    for (int i = 0; i < ROPE_MAX_HALF; i++) p.inv_freq[i] = i < rope->head_dim / 2 ? rope->inv_freq[i] : 0.0f;
-    return p;
-}
-
-// Index pair (i0, i1) rotated by angle i of the layout.
-__device__ __forceinline__ void rope_pair(const struct rope_params &p, int i, int *i0, int *i1) {
-    if (p.layout == COOPT_ROPE_INTERLEAVED) {
-        *i0 = 2 * i;
-        *i1 = 2 * i + 1;
-    } else {
-        *i0 = i;
-        *i1 = i + p.head_dim / 2;
-    }
-}
-
-__device__ __forceinline__ void rope_rotate(float x0, float x1, float c, float s, float *y0, float *y1) {
-    *y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
-    *y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
-}
 
 // Rotates heads [h0, h1) of one token's row x in place (all threads of the block).
 __device__ __forceinline__ void rope_row(float *x, int32_t h0, int32_t h1, int32_t pos, const struct rope_params &p) {
@@ -91,8 +54,6 @@ void cuda_rope(struct coopt_backend *be, float *q, int32_t n_heads, const int32_
     rope_kernel<<<n, 128, 0, cuda_impl(be)->stream>>>(q, n_heads, pos, p);
     CUDA_CHECK_LAUNCH();
 }
-
-__constant__ float c_fp8_scale_steps[16] = COOPT_FP8_SCALE_STEPS_INIT;
 
 // K smoothing (kv_cache.h): for each batch sequence whose step writes position 0, its offset for
 // this layer becomes the mean roped K of its tokens in the step (same order of summation as the
@@ -155,21 +116,6 @@ __global__ void __launch_bounds__(KO_THREADS)
     }
 }
 
-template <int KT> __device__ __forceinline__ void store_elem(uint8_t *dst, int i, float v) {
-    if constexpr (KT == COOPT_DTYPE_F32) {
-        ((float *)dst)[i] = v;
-    } else if constexpr (KT == COOPT_DTYPE_F16) {
-        ((uint16_t *)dst)[i] = __half_as_ushort(__float2half_rn(v));
-    } else if constexpr (KT == COOPT_DTYPE_BF16) {
-        ((uint16_t *)dst)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
-    } else if constexpr (KT == COOPT_DTYPE_FP8_E4M3) {
-        dst[i] = f32_to_fp8_e4m3(v);
-    } else {
-        static_assert(KT == COOPT_DTYPE_FP8_E5M2, "store_elem: not a KV type");
-        dst[i] = f32_to_fp8_e5m2(v);
-    }
-}
-
 template <int KT>
 __global__ void __launch_bounds__(128)
     rope_store_kernel(float *q, const float *__restrict__ k, const float *__restrict__ v, int32_t n_heads,
@@ -179,10 +125,9 @@ __global__ void __launch_bounds__(128)
                       const int32_t *__restrict__ seq_ids, int32_t n_layers) {
     constexpr bool FP8 = KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2;
     __shared__ float b[2 * ROPE_MAX_HALF];
-    __shared__ float e[FP8 ? 16 : 1][ROPE_ERR_CHUNK + 1]; // rows padded: thread k's walk is conflict-free
-    __shared__ float red[4];
+    __shared__ __align__(16) uint8_t sm_raw[FP8 ? sizeof(kv_store_smem) : 16];
     const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
-    const int        tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int        tid = threadIdx.x;
     const int32_t    ps = pos[t];
     // this block's q heads [h0q, h1q) (split over the token's blocks: one block rotating all of
     // them was ~20 us at decode) and cache row: kv head h, K (kvi 0, rotated) or V
@@ -242,65 +187,9 @@ __global__ void __launch_bounds__(128)
         if (tid + 128 < hd) b[tid + 128] = vr1;
     }
     __syncthreads();
-    uint8_t *dst = pool + kv_offset(L, page, layer, kvi, h, row);
-    if constexpr (FP8) {
-        float amax = 0.0f;
-        for (int i = tid; i < hd; i += blockDim.x) amax = fmaxf(amax, fabsf(b[i]));
-        amax = warp_max(amax);
-        if (lane == 0) red[warp] = amax;
-        __syncthreads();
-        amax = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
-        // coopt_fp8_quant_row (dtype.c) with 16 candidate scales. The squared errors of all
-        // (candidate, element) pairs are independent: the block computes them in parallel, a
-        // chunk of ROPE_ERR_CHUNK elements at a time, into shared memory (thread: candidate
-        // tid % S, elements tid / S, + 128 / S, ...; its scale and reciprocal computed once);
-        // then thread k < 16 adds candidate k's errors in element order (same operations, order
-        // and rounding as the CPU, no FMA, so the chosen scale is bit-identical), and warp 0
-        // takes the smallest error, ties to the smallest k. (One warp per row walking it made
-        // this a long dependent chain: 15-24 us per layer at decode.)
-        const float base = amax / (KT == COOPT_DTYPE_FP8_E4M3 ? 448.0f : 57344.0f);
-        float       s    = base;
-        if (amax > 0.0f) {
-            const int   S = L.scale_search, kk = tid % S, st = blockDim.x / S;
-            const float sc = __fmul_rn(base, c_fp8_scale_steps[kk]), inv = __frcp_rn(sc);
-            float       err = tid < S ? 0.0f : INFINITY;
-            for (int c0 = 0; c0 < hd; c0 += ROPE_ERR_CHUNK) {
-                const int n = min(ROPE_ERR_CHUNK, hd - c0);
-                for (int i = tid / S; i < n; i += st) {
-                    const float   x  = b[c0 + i];
-                    const uint8_t cq = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(x, inv))
-                                                                  : f32_to_fp8_e5m2(__fmul_rn(x, inv));
-                    const float d = __fsub_rn(__fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(cq) : fp8_e5m2_to_f32(cq), sc), x);
-                    e[kk][i] = __fmul_rn(d, d);
-                }
-                __syncthreads();
-                if (tid < S) {
-#pragma unroll 16
-                    for (int i = 0; i < n; i++) err = __fadd_rn(err, e[tid][i]); // loads run ahead of the chain
-                }
-                __syncthreads();
-            }
-            if (warp == 0) {
-                int best = lane;
-                for (int o = 16; o > 0; o >>= 1) {
-                    float oe = __shfl_xor_sync(0xffffffffu, err, o);
-                    int   ob = __shfl_xor_sync(0xffffffffu, best, o);
-                    if (oe < err || (oe == err && ob < best)) {
-                        err  = oe;
-                        best = ob;
-                    }
-                }
-                if (lane == 0) red[0] = __fmul_rn(base, c_fp8_scale_steps[best]);
-            }
-            __syncthreads();
-            s = red[0];
-        }
-        if (tid == 0) *(float *)(pool + kv_scale_offset(L, page, layer, kvi, h, row)) = s;
-        const float inv = s == 0.0f ? 0.0f : __frcp_rn(s);
-        for (int i = tid; i < hd; i += blockDim.x) store_elem<KT>(dst, i, __fmul_rn(b[i], inv));
-    } else {
-        for (int i = tid; i < hd; i += blockDim.x) store_elem<KT>(dst, i, b[i]);
-    }
+    uint8_t *dst  = pool + kv_offset(L, page, layer, kvi, h, row);
+    float   *sdst = (float *)(pool + (FP8 ? kv_scale_offset(L, page, layer, kvi, h, row) : 0));
+    kv_store_rows<KT>(b, 1, hd, &dst, &sdst, L.scale_search, *(kv_store_smem *)sm_raw);
 }
 
 void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const float *v, int32_t n_heads,

@@ -280,6 +280,13 @@ static void p_attention(struct coopt_backend *be, float *out, const float *q, in
     BASE(be)->attention(be, out, q, nh, kv, layer, b, scale);
     prof_post(be, 0, "attention r%d bound %lld", b->n_tokens, (long long)cuda_attn_bound(kv, b));
 }
+static void p_rope_store_attention(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
+                                   int32_t nh, struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
+                                   const struct coopt_rope *r, float scale) {
+    prof_pre(be);
+    BASE(be)->rope_store_attention(be, out, q, k, v, nh, kv, layer, b, r, scale);
+    prof_post(be, 0, "rope_store+attention r%d bound %lld", b->n_tokens, (long long)cuda_attn_bound(kv, b));
+}
 static void p_silu_mul(struct coopt_backend *be, float *out, const float *g, const float *u, int64_t n) {
     prof_pre(be);
     BASE(be)->silu_mul(be, out, g, u, n);
@@ -377,6 +384,8 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         cb->ops.matmul_swiglu = NULL;
         cb->ops.matmul_add    = NULL;
     }
+    // the decode attention with the Opt-KV write fused in (paged_attn.cu); 0: the two kernels
+    if (!env_flag("COOPT_CUDA_FUSED", true) || !env_flag("COOPT_CUDA_FUSED_ATTN", true)) cb->ops.rope_store_attention = NULL;
     if (!env_flag("COOPT_CUDA_FUSED", true) || !env_flag("COOPT_CUDA_FUSED_NORM", true)) {
         cb->ops.norm_matmul_multi  = NULL;
         cb->ops.norm_matmul_swiglu = NULL;
@@ -398,6 +407,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         if (o->matmul_add) o->matmul_add = p_matmul_add;
         if (o->norm_matmul_multi) o->norm_matmul_multi = p_norm_matmul_multi;
         if (o->norm_matmul_swiglu) o->norm_matmul_swiglu = p_norm_matmul_swiglu;
+        if (o->rope_store_attention) o->rope_store_attention = p_rope_store_attention;
     }
     be->ops = &cb->ops;
     return COOPT_OK;
