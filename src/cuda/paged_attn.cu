@@ -31,6 +31,10 @@
  *              score and the probability, not the elements). Scores are reduced over the LPK
  *              lanes with shuffles; each key group keeps its own running max / sum / acc.
  *   At the end the key groups (shuffles) and the 4 warps (shared memory) are merged.
+ *   Fused Opt-KV write (cuda_rope_store_attention, attn_args.fk; decode steps): before its first
+ *   load, the CTA of a (token, KV head)'s last partition rotates the token's K row, converts K
+ *   and V to the cache type (kv_store_rows, as rope_store) and stores them; every CTA rotates its
+ *   q heads while loading them (cos/sin of the token's angles computed once in shared memory).
  *   Head dims 64, 80, 96, 128 are template parameters (LPK = 8 or 16 lanes per key); any other
  *   even head_dim up to 256 (the test models' 8 and 16 included) runs the generic path HD = 0:
  *   one key per warp, lane i holds dims {2i, 2i+1, 2i+64, ...}, rows read straight from global

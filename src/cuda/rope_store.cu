@@ -18,12 +18,13 @@
  *                   Block y rotates its share of q's heads and handles the cache row y (kv head
  *                   y/2, K or V) of the token: rotated row into shared memory (thread i rotates
  *                   pair i of the K row and of the q heads with one cos/sin, every load issued
- *                   before them), block amax, FP8 scale search over all 128 threads, quantized
- *                   store.
- *                   Shared memory: head_dim floats (<= 256) + the 16 x 129 error table.
+ *                   before them), then kv_store_rows (kv_store.cuh): block amax, FP8 scale search
+ *                   over all 128 threads, quantized store.
+ *                   Shared memory: head_dim floats (<= 256) + kv_store_smem (FP8).
+ * Decode steps with 16/32-bit caches do this write inside the attention kernel instead
+ * (cuda_rope_store_attention, paged_attn.cu).
  */
 #include "cuda/kv_store.cuh"
-
 
 // Rotates heads [h0, h1) of one token's row x in place (all threads of the block).
 __device__ __forceinline__ void rope_row(float *x, int32_t h0, int32_t h1, int32_t pos, const struct rope_params &p) {
