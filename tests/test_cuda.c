@@ -46,6 +46,10 @@
 
 #include "test_cuda_util.h"
 
+// helpers defined in test_safetensors.c
+void        st_test_capture_begin(void);
+const char *st_test_capture_end(void);
+
 static const enum coopt_dtype k_wtypes[] = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COOPT_DTYPE_BF16, COOPT_DTYPE_Q8_0,
                                             COOPT_DTYPE_Q4_0};
 static const enum coopt_dtype k_kvtypes[] = {COOPT_DTYPE_F32, COOPT_DTYPE_F16, COOPT_DTYPE_BF16,
@@ -1114,6 +1118,24 @@ static bool check_forward(struct test_ctx *t, struct cu_pair *p, enum coopt_dtyp
     free(lc), free(lr), free(inv);
     rm_free(&rm);
     return ok;
+}
+
+// A head dim the model loader takes (<= 512) but the CUDA kernels do not (> 256): the upload
+// refuses it with a message naming it, instead of an abort in the first attention.
+TEST(cuda_head_dim_limit) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t         s = 5;
+    struct rnd_model rm;
+    rm_init(&rm, &s, COOPT_DTYPE_F32, 1024, 2, 2, 1); // head dim 512
+    struct coopt_model *dm = NULL;
+    st_test_capture_begin();
+    const enum coopt_status st = p.cu->ops->model_upload(p.cu, &rm.m, &dm);
+    const char             *msg = st_test_capture_end();
+    CHECKF(t, st == COOPT_ERR_UNSUPPORTED && dm == NULL, "upload of a head dim 512 model: status %d", (int)st);
+    CHECKF(t, strstr(msg, "head dim 512") != NULL, "message '%s'", msg);
+    rm_free(&rm);
+    cu_pair_free(&p);
 }
 
 TEST(cuda_forward) {

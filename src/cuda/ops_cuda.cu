@@ -356,6 +356,10 @@ static enum coopt_status cuda_model_upload(struct coopt_backend *be, const struc
     enum coopt_status                st   = COOPT_OK;
     size_t                           total = weight_bytes(&host->tok_embd);
     int                              n_gq  = 0;
+    // (the model loader takes head dims up to 512; rope_store and attention kernels go to 256)
+    if (c->head_dim > 256)
+        return coopt_fail(COOPT_ERR_UNSUPPORTED, "cuda: head dim %d is not supported (at most 256); use --device cpu",
+                          c->head_dim);
     if ((st = weight_check(&host->tok_embd, "token_embd", -1))) return st;
     if (!host->config.tied_embeddings && (st = weight_check(&host->output, "output", -1))) return st;
     if (!host->config.tied_embeddings) total += weight_bytes(&host->output);
