@@ -1558,10 +1558,12 @@ static size_t hgemv_smem_limit(hgemv_fn f, int idx, int device) {
             lim = COOPT_MIN((size_t)HG_MAX_SMEM, (size_t)optin - fa.sharedSizeBytes);
             if (cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)lim) != cudaSuccess) lim = 0;
         }
-        if (!lim) {
-            (void)cudaGetLastError();
+        static bool logged[64];
+        if (!lim) (void)cudaGetLastError();
+        if (!lim && !logged[d]) {
             coopt_log_error("cuda gptq: no shared memory opt-in for the tensor-core GEMV on device %d; "
                             "using the other GEMVs", device);
+            logged[d] = true;
         }
         limit[idx][d] = lim, have[idx][d] = true;
     }
