@@ -48,4 +48,11 @@ __device__ __forceinline__ uint64_t kv_scale_offset(const struct kv_dev_layout &
                sizeof(float);
 }
 
+// Index of the K offsets of (KV sequence, layer, head) in k_offset [n_seq_max][n_layers]
+// [n_kv_heads][head_dim] (coopt_kv_koff_index, kv_cache.h).
+__device__ __forceinline__ size_t kv_koff_index(int32_t n_layers, int32_t n_kv_heads, int32_t head_dim, int32_t seq,
+                                                int32_t layer, int32_t head) {
+    return (((size_t)seq * (size_t)n_layers + (size_t)layer) * (size_t)n_kv_heads + (size_t)head) * (size_t)head_dim;
+}
+
 #endif // COOPT_CUDA_KV_DEV_CUH

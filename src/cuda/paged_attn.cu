@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         float         *rows = (float *)smem; // [2][hd]; the stages are not in use yet
         kv_store_smem &sm   = *(kv_store_smem *)(smem + 2 * ATTN_MAX_HD * 4);
         const float   *kr = a.fk + ((size_t)t * L.n_kv_heads + kvh) * hd, *vr = a.fv + ((size_t)t * L.n_kv_heads + kvh) * hd;
-        const float   *c  = a.koff ? a.koff + (((size_t)a.seq_ids[a.tok_seq[t]] * (size_t)a.n_layers + (size_t)a.layer) *
-                                                   (size_t)L.n_kv_heads + (size_t)kvh) * (size_t)hd
+        const float   *c  = a.koff ? a.koff + kv_koff_index(a.n_layers, L.n_kv_heads, hd, a.seq_ids[a.tok_seq[t]],
+                                                            a.layer, kvh)
                                    : nullptr;
         for (int i = tid; i < hd / 2; i += ATTN_THREADS) {
             int i0, i1;
@@ -605,19 +605,19 @@ int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batc
 void cuda_attn_set_route(struct coopt_backend *be, int route) { cuda_impl(be)->attn_route = route; }
 void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int on) { cuda_impl(be)->attn_fuse_fp8 = on != 0; }
 
-// Launch geometry of one step's attention: query heads per CTA, CTAs per KV head, the bucketed
-// key-range bound, split-K partitions.
-struct attn_geom {
-    int32_t group, sub_g, n_sub;
-    int64_t bound, part_size, n_parts;
-};
-
-static struct attn_geom attn_geometry(const struct coopt_backend *be, const struct coopt_kv_cache *kv,
-                                      const struct coopt_batch *b, int32_t n_heads) {
-    const struct coopt_kv_layout *l   = &kv->layout;
-    const struct cuda_backend    *cb  = cuda_impl((struct coopt_backend *)be);
-    const int32_t                 nkv = l->n_kv_heads;
-    struct attn_geom              g;
+// cuda_attention; with fk != NULL, the fused write of cuda_rope_store_attention (attn_args.fk).
+static void attention_run(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
+                          const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale,
+                          const float *fk, const float *fv, const struct coopt_rope *rope) {
+    const struct coopt_kv_layout *l  = &kv->layout;
+    struct cuda_backend          *cb = cuda_impl(be);
+    const int32_t                 nkv = l->n_kv_heads, hd = l->head_dim;
+    COOPT_ASSERT(n_heads % nkv == 0 && layer >= 0 && layer < l->n_layers);
+    if (b->n_tokens <= 0) return;
+    if (hd <= 0 || hd > ATTN_MAX_HD || hd % 2) {
+        coopt_log_error("cuda attention: head_dim %d is not supported (even, at most %d)", hd, ATTN_MAX_HD);
+        COOPT_ASSERT(!"unsupported head_dim");
+    }
     // Heads per CTA: the whole KV group up to 8 (Opt-GQA), rounded up to a power of two; the
     // per-head ablation (struct coopt_backend) makes every CTA serve one query head.
     const int32_t group = n_heads / nkv;
@@ -625,6 +625,7 @@ static struct attn_geom attn_geometry(const struct coopt_backend *be, const stru
     if (!be->attn_per_head)
         while (sub_g < group && sub_g < ATTN_MAX_G) sub_g *= 2;
     const int32_t n_sub = (group + sub_g - 1) / sub_g;
+
     const int64_t bound = cuda_attn_bound(kv, b);
 
     // Split-K (flash-decoding): partitions of ATTN_PART positions of an F16 cache (or the
@@ -651,27 +652,6 @@ static struct attn_geom attn_geometry(const struct coopt_backend *be, const stru
         part_size *= 2;
         n_parts = (bound + part_size - 1) / part_size;
     }
-
-    g.group = group, g.sub_g = sub_g, g.n_sub = n_sub, g.bound = bound, g.part_size = part_size, g.n_parts = n_parts;
-    return g;
-}
-
-// cuda_attention; with fk != NULL, the fused write of cuda_rope_store_attention (attn_args.fk).
-static void attention_run(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
-                          const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale,
-                          const float *fk, const float *fv, const struct coopt_rope *rope) {
-    const struct coopt_kv_layout *l  = &kv->layout;
-    struct cuda_backend          *cb = cuda_impl(be);
-    const int32_t                 nkv = l->n_kv_heads, hd = l->head_dim;
-    COOPT_ASSERT(n_heads % nkv == 0 && layer >= 0 && layer < l->n_layers);
-    if (b->n_tokens <= 0) return;
-    if (hd <= 0 || hd > ATTN_MAX_HD || hd % 2) {
-        coopt_log_error("cuda attention: head_dim %d is not supported (even, at most %d)", hd, ATTN_MAX_HD);
-        COOPT_ASSERT(!"unsupported head_dim");
-    }
-    const struct attn_geom g = attn_geometry(be, kv, b, n_heads);
-    const int32_t group = g.group, sub_g = g.sub_g, n_sub = g.n_sub;
-    const int64_t part_size = g.part_size, n_parts = g.n_parts;
 
     struct attn_args a;
     a.out          = out;

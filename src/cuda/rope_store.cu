@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(KO_THREADS)
         __syncthreads(); // buf and mine are rewritten by the next chunk
     }
     if (i < KO_PAIRS && pair0 + i < half) {
-        float *c = koff + (((size_t)seq_ids[s] * (size_t)n_layers + (size_t)layer) * (size_t)nkv + (size_t)h) * (size_t)hd;
+        float *c = koff + kv_koff_index(n_layers, nkv, hd, seq_ids[s], layer, h);
         c[i0]    = __fdiv_rn(s0, (float)cnt);
         c[i1]    = __fdiv_rn(s1, (float)cnt);
     }
@@ -139,10 +139,10 @@ __global__ void __launch_bounds__(128)
     const int64_t page = row_here ? slots[t] / L.page_size : 0;
     const int32_t row  = row_here ? (int32_t)(slots[t] % L.page_size) : 0;
     const float  *src  = (kvi ? v : k) + ((size_t)t * nkv + (row_here ? h : 0)) * hd;
+    // K smoothing: the sequence's offset (kv_offsets_kernel)
     const float  *c    = row_here && kvi == 0 && koff
-                             ? koff + (((size_t)seq_ids[tok_seq[t]] * (size_t)n_layers + (size_t)layer) * (size_t)nkv +
-                                       (size_t)h) * (size_t)hd
-                             : NULL; // K smoothing: the sequence's offset (kv_offsets_kernel)
+                             ? koff + kv_koff_index(n_layers, nkv, hd, seq_ids[tok_seq[t]], layer, h)
+                             : NULL;
     float *qt = q + (size_t)t * n_heads * hd;
     // All loads first, then cos/sin, then the rotations (rope_row's operations), so the latencies
     // overlap: V row elements tid and tid + 128 (head_dim <= 256, 128 threads); per rotation pair
