@@ -27,12 +27,13 @@
  *     f32 (q - z exact, scale applied per group sum), so only f32 accumulation differs from the
  *     double reference (as for the F32 GEMV in test_cuda.c).
  *   tensor-core GEMV (h, the decode default): (2^-10 + 1e-5) mag + 2^-23 amax(x row) sw + 1e-6.
- *     x is scaled by a power of two 2^-e (2^e > amax: exact) and rounded to f16 once (2^-11
- *     relative, or 2^-25 2^e <= 2^-24 amax absolute below the f16 normal range; 2^-10 and
- *     2^-23 leave a factor 2 for the tensor cores' f32 accumulation, which is not IEEE
- *     round-to-nearest at every step); q - z is exact in f16, products exact, scales applied
- *     per group in f32. With the RMS norm fused, x is the reference's rmsnorm(x) (the kernel
- *     computes (x / rms) * g as rmsnorm_kernel does, then rounds to f16).
+ *     Each warp stages its x range times a power of two (exact) chosen so that its amax lands in
+ *     [2^-1, 2^15), rounded to f16 once (2^-11 relative, or 2^-25 absolute below the f16 normal
+ *     range, <= 2^-24 of the warp's amax; 2^-10 and 2^-23 leave a factor 2 for the tensor
+ *     cores' f32 accumulation, which is not IEEE round-to-nearest at every step); q - z is exact
+ *     in f16, products exact, scales applied per group in f32. With the RMS norm fused, x is the
+ *     reference's rmsnorm(x) (the kernel stages x * g and multiplies the sums by 1 / rms; f32
+ *     rounding inside the 1e-5 term). gq_scale_rows makes rows whose warps need each choice.
  *   MMA and cuBLAS: (2^-10 + 2^-22 + 1e-5) mag + 2^-25 sw + 1e-6. x and s (q - z) are each
  *     rounded to f16 once (half an ulp: 2^-11 relative each, the product's error at most
  *     2^-10 + 2^-22 of |W x|; x below the f16 normal range loses at most 2^-25 absolute), then
@@ -248,6 +249,17 @@ static const struct gq_run k_runs[] = {
     {CUDA_GPTQ_CUBLAS, 0, 1 << 30, "cublas", -1},
 };
 
+// Rows of magnitudes the tensor-core GEMV stages on both of its paths (see gptq_hgemv_kernel: x
+// * 2^HG_XS, or by 2^-e where a warp's amax falls outside the window): row 0's second half times
+// 2^-9 (its warps take different paths), then whole rows alternately times 1, 2^-9 (amax ~0.01:
+// subnormals) and 2^12 (amax ~16000: f16 overflow at 2^HG_XS).
+static void gq_scale_rows(float *x, int32_t n_rows, int64_t n_in) {
+    for (int32_t r = 0; r < n_rows; r++) {
+        const float f = r % 3 == 1 ? 0x1p-9f : r % 3 == 2 ? 0x1p12f : 1.0f;
+        for (int64_t i = r == 0 ? n_in / 2 : 0; i < n_in; i++) x[(size_t)r * (size_t)n_in + (size_t)i] *= r == 0 ? 0x1p-9f : f;
+    }
+}
+
 // One path of k_runs into dout (poisoned first), downloaded into got [no floats].
 static void gq_run_path(struct coopt_backend *be, const struct gq_run *run, float *dout, float *got, size_t no,
                         const float *dx, const struct cuda_gptq_weight *dw, const float *db, int32_t n_rows) {
@@ -285,6 +297,7 @@ static bool run_case(struct test_ctx *t, struct coopt_backend *be, const struct 
         size_t  nx = (size_t)n_rows * (size_t)c->n_in, no = (size_t)n_rows * (size_t)c->n_out;
         float  *x = malloc(nx * 4), *got = malloc(no * 4);
         for (size_t i = 0; i < nx; i++) x[i] = test_rand_normal(&rs);
+        gq_scale_rows(x, n_rows, c->n_in);
         x[0] = 6.0f; // an outlier
         if (nx > 7) x[7] = 3e-6f; // below the f16 normal range
         struct gq_ref ref;
@@ -356,6 +369,7 @@ TEST(cuda_gptq_multi) {
         size_t  nx     = (size_t)n_rows * 512;
         float  *x      = malloc(nx * 4);
         for (size_t i = 0; i < nx; i++) x[i] = test_rand_normal(&rs);
+        gq_scale_rows(x, n_rows, 512);
         float *b1 = test_rand_array(&rs, 136, -1, 1);
         float *dx = dev_alloc_copy(be, x, nx * 4), *db1 = dev_alloc_copy(be, b1, 136 * 4);
         float *douts[3], *got[3];
@@ -398,7 +412,7 @@ TEST(cuda_gptq_multi) {
 // 1e-5 term); matmul_add: |base| joins the magnitude; swiglu as test_cuda_decode.c:
 // 1.5 (1.1 |u| t_g + |silu(g)| t_u) + 1e-6 |result|.
 static bool fused_case(struct test_ctx *t, struct coopt_backend *be, const struct gptq_case *c, int64_t n_out_v,
-                       int32_t n_rows, uint64_t seed) {
+                       int32_t n_rows, bool scaled, uint64_t seed) {
     uint64_t                  rs = seed;
     const int64_t             n_outs[3] = {c->n_out, c->n_out, n_out_v};
     struct gptq_tensors       g[3];
@@ -433,6 +447,7 @@ static bool fused_case(struct test_ctx *t, struct coopt_backend *be, const struc
     const size_t nx = (size_t)n_rows * (size_t)c->n_in;
     float       *x = malloc(nx * 4), *xn = malloc(nx * 4), *gn = test_rand_array(&rs, (size_t)c->n_in, 0.5f, 1.5f);
     for (size_t i = 0; i < nx; i++) x[i] = 2.0f * test_rand_normal(&rs);
+    if (scaled) gq_scale_rows(x, n_rows, c->n_in);
     const float eps = 1e-5f;
     for (int32_t r = 0; r < n_rows; r++) { // as ops_cpu_ref.c's rmsnorm
         const float *xr = x + (size_t)r * c->n_in;
@@ -446,9 +461,9 @@ static bool fused_case(struct test_ctx *t, struct coopt_backend *be, const struc
     const struct coopt_weight *ws[3] = {&cw[0], &cw[1], &cw[2]};
     const enum gq_kind         kind  = gq_kind_of(cuda_gptq_auto_path(&dw[0], n_rows));
     char                       what[200];
-    snprintf(what, sizeof(what), "fused (%s GEMV) in %lld out %lld/%lld gs %d act %d rows %d",
+    snprintf(what, sizeof(what), "fused (%s GEMV) in %lld out %lld/%lld gs %d act %d rows %d%s",
              cuda_gptq_get_gemv() == CUDA_GPTQ_GEMV_MODE_F32 ? "f32" : "default", (long long)c->n_in,
-             (long long)c->n_out, (long long)n_out_v, c->gs, c->act, n_rows);
+             (long long)c->n_out, (long long)n_out_v, c->gs, c->act, n_rows, scaled ? " scaled" : "");
     struct gq_ref rn[3], rx[2];
     for (int j = 0; j < 3; j++) gq_ref_make(&g[j].src, hw[j], xn, b[j], n_rows, &rn[j]);
     for (int j = 0; j < 2; j++) gq_ref_make(&g[j].src, hw[j], x, b[j], n_rows, &rx[j]);
@@ -545,7 +560,8 @@ TEST(cuda_gptq_fused) {
         cuda_gptq_set_hgemv_regs(regs[mi]);
         for (size_t i = 0; i < COOPT_ARRAY_LEN(cases) && ok; i++)
             for (size_t r = 0; r < COOPT_ARRAY_LEN(rows) && ok; r++)
-                ok = fused_case(t, be, &cases[i].c, cases[i].n_out_v, rows[r], 900 + 7 * i + r);
+                for (int scaled = 0; scaled < (rows[r] == 1 ? 2 : 1) && ok; scaled++) // (gq_scale_rows)
+                    ok = fused_case(t, be, &cases[i].c, cases[i].n_out_v, rows[r], scaled, 900 + 7 * i + r);
     }
     cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
     cuda_gptq_set_hgemv_regs(-1);

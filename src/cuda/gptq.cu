@@ -502,6 +502,9 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 #define HG_RU 4 // 64-row chunks of codes each lane keeps in flight (a register ring; the loop is unrolled by it)
 #endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
+#ifndef HG_XS
+#define HG_XS 4 // x is staged as f16(x * 2^HG_XS) where a warp's amax is in [2^(-1-HG_XS), 2^(15-HG_XS))
+#endif
 // Register caps: every instance is compiled with both, and hgemv_auto_config takes the larger
 // where the grid still fits the GPU in one wave. With one cap for all, 80 was 4 % faster end to
 // end on llama2-7b and 72 4-7 % faster on llama3-8b / llama2-13b, whose 4-warp gate/up grids fit
@@ -552,30 +555,34 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 //   - codes: a register ring of HG_RU chunks (16 bytes per lane per chunk, L1-bypassing loads);
 //     the first HG_RU are requested before griddepcontrol.wait, then each chunk used is replaced
 //     by the one HG_RU ahead. The chunk loop is unrolled by HG_RU so every ring index is static.
-//   - x: staged once per block as f16 in shared memory (hg_pos order: two 16-byte loads give a
-//     lane its 8 B-fragment registers of a chunk); token gid's row (clamped to n_rows - 1: the
-//     columns of absent tokens are computed and dropped). Plain x is scaled by 2^-e with 2^e >
-//     amax(row) (exact; no f16 overflow), the result by 2^e; NORM stages (x * 1/rms) * norm as
-//     rmsnorm_kernel computes it (the sum of squares over all warps' ranges first).
+//   - x: each warp stages the rows of its own range as f16 in shared memory, in one pass (hg_pos
+//     order: two 16-byte loads give a lane its 8 B-fragment registers of a chunk); token gid's
+//     row (clamped to n_rows - 1: the columns of absent tokens are computed and dropped). The
+//     staged value is v = x, or x * norm with NORM (whose 1 / rms, from the warps' sums of
+//     squares of the same pass, multiplies the result instead: no pass over the whole row before
+//     staging), times 2^HG_XS; where the warp's amax(v) falls outside [2^(-1-HG_XS), 2^(15-HG_XS))
+//     (f16 overflow, or subnormals coarser than the bound below) it stages again from L1 with 2^-e,
+//     2^e > amax(v). Each warp's sums are multiplied back by its power of two (exact) before the
+//     reduction.
 //   - per 16-row step: A = the dword's exact f16 (q - z) (dequant_frag without the scale), one
 //     mma.m16n8k16 into f32 accumulators; at each group change they are multiplied by the
 //     columns' f32 scales into the running sums. One compare per chunk finds a group change.
 // Registers are capped at REGS (HG_REGS_HI or HG_REGS_LO); hgemv_auto_config picks the cap and the
 // block size from the occupancy they leave. Executed instructions (ncu, llama2-7b gate/up, group
 // 128): ~94 per 64-row chunk in the loop, group changes included (4 mma, 17 dequantization, the
-// rest addressing, the ring and the scale/zero updates), plus ~760 per warp for the x staging.
+// rest addressing, the ring and the scale/zero updates), plus ~760 per warp for the x staging (two passes then; measured before the one-pass staging).
 // Accumulator c[i]: c0, c1 = column gid, tokens 2tq, 2tq+1; c2, c3 = column gid+8. Warps reduce
 // through shared memory in a fixed order (deterministic).
-// Error: x rounded to f16 once (2^-11 relative; below 2^-14 of the scaled range an absolute
-// 2^-24 amax), products exact, sums f32: |err| <= 2^-11 sum |W x| + 2^-24 amax(x) sum |W| + the
-// f32 accumulation error.
+// Error: v rounded to f16 once (2^-11 relative; below the f16 normal range an absolute 2^-25 of
+// the scaled v, which the range above keeps <= 2^-24 amax(v)), products exact, sums f32: |err| <=
+// 2^-11 sum |W v| + 2^-24 amax(v) sum |W| + the f32 accumulation error (NORM: v = rmsnorm(x)).
 // Shared memory (dynamic): x [n_rows][k_pad] f16, the scale/zero words [ng_smem][16], the group
 // words [2][n_kc].
 template <int NW, bool NORM, bool SWIGLU, int REGS>
 __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
     __shared__ float red[SWIGLU ? 2 : 1][NW][HG_ROWS][16];
-    __shared__ float red_x[NW][HG_ROWS];
-    __shared__ float row_f[HG_ROWS]; // NORM: 1 / rms; plain: 2^-e
+    __shared__ float red_x[NW][HG_ROWS]; // NORM: each warp's sum of squares of its x range
+    __shared__ float row_f[NW][HG_ROWS]; // the power of two each warp's staged x was multiplied by, inverted
     extern __shared__ uint4 hg_dyn[];
     const int  lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
     const bool swiglu = SWIGLU; // (a.mode == GEMV_SWIGLU)
@@ -631,51 +638,58 @@ __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
         advance(s);
     }
     pdl_wait();
-
-    // ---- stage x (this warp's rows of every token) ----
-    const int64_t k0 = (int64_t)kc0 * 64, k1 = (int64_t)kc1 * 64;
-    for (int r = 0; r < a.n_rows; r++) {
-        const float *xr = a.x + (int64_t)r * a.ldx;
-        float        v  = 0.0f;
-#pragma unroll 8
-        for (int64_t k = k0 + 4 * lane; k < k1; k += 4 * WARP_SIZE) {
-            const float4 q = __ldg((const float4 *)(xr + k));
-            if constexpr (NORM) v += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
-            else v = fmaxf(v, fmaxf(fmaxf(fabsf(q.x), fabsf(q.y)), fmaxf(fabsf(q.z), fabsf(q.w))));
-        }
-        v = NORM ? warp_sum(v) : warp_max(v);
-        if (lane == 0) red_x[warp][r] = v;
-    }
+#if HG_SYNC_EARLY
+    cp_async_wait<0>();
     __syncthreads();
-    if (threadIdx.x < a.n_rows) {
-        float v = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NW; w++) v = NORM ? v + red_x[w][threadIdx.x] : fmaxf(v, red_x[w][threadIdx.x]);
-        int e = 0;
-        if (!NORM) (void)frexpf(v, &e); // v < 2^e (0 for v == 0)
-        row_f[threadIdx.x] = NORM ? 1.0f / sqrtf(v / (float)a.n_in + a.eps) : ldexpf(1.0f, -e);
-    }
-    cp_async_wait<0>(); // this thread's scale/zero and group words have landed
-    __syncthreads();                   // and everyone's
+#endif
+
+    // ---- stage x (this warp's rows of every token; see above) ----
+    const int64_t k0 = (int64_t)kc0 * 64, k1 = (int64_t)kc1 * 64;
+    const float   fx = (float)(1 << HG_XS);
     for (int r = 0; r < a.n_rows; r++) {
         const float *xr = a.x + (int64_t)r * a.ldx;
-        const float  f  = row_f[r];
         uint32_t    *xd = xs + (int64_t)r * xrow;
+        float        am = 0.0f, ss = 0.0f;
 #pragma unroll 8
         for (int64_t k = k0 + 4 * lane; k < k1; k += 4 * WARP_SIZE) {
             float4 q = __ldg((const float4 *)(xr + k));
             if constexpr (NORM) {
+                ss += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
                 const float4 g = __ldg((const float4 *)(a.norm + k));
-                q = make_float4((q.x * f) * g.x, (q.y * f) * g.y, (q.z * f) * g.z, (q.w * f) * g.w);
-            } else {
-                q = make_float4(q.x * f, q.y * f, q.z * f, q.w * f);
+                q = make_float4(q.x * g.x, q.y * g.y, q.z * g.z, q.w * g.w);
             }
+            am = fmaxf(am, fmaxf(fmaxf(fabsf(q.x), fabsf(q.y)), fmaxf(fabsf(q.z), fabsf(q.w))));
             const int32_t p = hg_pos((int32_t)k); // k, k+1 -> p; k+2, k+3 -> the next tq's slot
-            xd[p]     = h2_as_u32(__floats2half2_rn(q.x, q.y));
-            xd[p + 8] = h2_as_u32(__floats2half2_rn(q.z, q.w));
+            xd[p]     = h2_as_u32(__floats2half2_rn(q.x * fx, q.y * fx));
+            xd[p + 8] = h2_as_u32(__floats2half2_rn(q.z * fx, q.w * fx));
+        }
+        am = warp_max(am);
+        if constexpr (NORM) ss = warp_sum(ss);
+        int e = 0;
+        (void)frexpf(am, &e); // am < 2^e (e = 0 for am == 0)
+        const bool again = am != 0.0f && (e + HG_XS < 0 || e + HG_XS > 15); // (warp-uniform)
+        if (lane == 0) red_x[warp][r] = ss, row_f[warp][r] = again ? ldexpf(1.0f, e) : 1.0f / fx;
+        if (!again) continue;
+        // (rare) stage (x [* g]) * 2^-e instead, x and g again from L1
+        const float f = ldexpf(1.0f, -e);
+#pragma unroll 4
+        for (int64_t k = k0 + 4 * lane; k < k1; k += 4 * WARP_SIZE) {
+            float4 q = __ldg((const float4 *)(xr + k));
+            if constexpr (NORM) {
+                const float4 g = __ldg((const float4 *)(a.norm + k));
+                q = make_float4(q.x * g.x, q.y * g.y, q.z * g.z, q.w * g.w);
+            }
+            const int32_t p = hg_pos((int32_t)k);
+            xd[p]     = h2_as_u32(__floats2half2_rn(q.x * f, q.y * f));
+            xd[p + 8] = h2_as_u32(__floats2half2_rn(q.z * f, q.w * f));
         }
     }
-    __syncwarp(); // each warp reads only the rows it staged
+#if HG_SYNC_EARLY
+    __syncwarp();
+#else
+    cp_async_wait<0>(); // this thread's scale/zero and group words have landed
+    __syncthreads();    // and everyone's (each warp reads only the x rows it staged)
+#endif
 
     // ---- the chunk stream ----
     const uint4 *xq = (const uint4 *)(xs + (int64_t)min(gid, a.n_rows - 1) * xrow) + tq * 2;
@@ -761,12 +775,16 @@ __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
     pdl_launch_dependents();
 
     // ---- reduce over the warps, epilogue ----
+    {   // this warp's sums in the units of x: times the power of two its staged rows were divided by
+        // (exact); tokens past n_rows (dropped below) read the clamped row's
+        const float f0 = row_f[warp][min(2 * tq, a.n_rows - 1)], f1 = row_f[warp][min(2 * tq + 1, a.n_rows - 1)];
 #pragma unroll
-    for (int m = 0; m < (SWIGLU ? 2 : 1); m++) {
-        red[m][warp][2 * tq][gid]         = y[m][0];
-        red[m][warp][2 * tq + 1][gid]     = y[m][1];
-        red[m][warp][2 * tq][gid + 8]     = y[m][2];
-        red[m][warp][2 * tq + 1][gid + 8] = y[m][3];
+        for (int m = 0; m < (SWIGLU ? 2 : 1); m++) {
+            red[m][warp][2 * tq][gid]         = y[m][0] * f0;
+            red[m][warp][2 * tq + 1][gid]     = y[m][1] * f1;
+            red[m][warp][2 * tq][gid + 8]     = y[m][2] * f0;
+            red[m][warp][2 * tq + 1][gid + 8] = y[m][3] * f1;
+        }
     }
     __syncthreads();
     int32_t n_out = a.n_out[0];
@@ -781,8 +799,11 @@ __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
         if (o >= n_out) continue;
         float s, u;
         sum_warps(red, r, col, swiglu, s, u);
-        if constexpr (!NORM) { // undo the power-of-two scaling of x (exact)
-            const float inv = 1.0f / row_f[r];
+        if constexpr (NORM) { // the staged x was x * g: times 1 / sqrt(mean(x^2) + eps), the warps' sums in order
+            float t = 0.0f;
+#pragma unroll
+            for (int w = 0; w < NW; w++) t += red_x[w][r];
+            const float inv = 1.0f / sqrtf(t / (float)a.n_in + a.eps);
             s *= inv, u *= inv;
         }
         gemv_store(out + (int64_t)r * n_out + o, s, u, bias, a.bias[1], o, a.mode);
