@@ -548,9 +548,10 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 // out[r][o] for the 16 columns of tile blockIdx.x and up to 8 rows (see the file comment for the
 // code layout). Block: NW warps splitting the tile's chunks into contiguous ranges (swiglu: each
 // warp runs its range of the gate and then of the up codes as one stream). Per block, first (one
-// cp.async group, before griddepcontrol.wait: none of it depends on the previous kernel): the
-// tile's scale/zero words of every group and the weights' group words of every chunk, into
-// shared memory (a DRAM read per group change stalled the warps before, ncu: L1TEX scoreboard).
+// cp.async group, waited for by the block's one barrier before griddepcontrol.wait: none of it
+// depends on the previous kernel): the tile's scale/zero words of every group and the weights'
+// group words of every chunk, into shared memory (a DRAM read per group change stalled the warps
+// before, ncu: L1TEX scoreboard).
 // Per warp and lane:
 //   - codes: a register ring of HG_RU chunks (16 bytes per lane per chunk, L1-bypassing loads);
 //     the first HG_RU are requested before griddepcontrol.wait, then each chunk used is replaced
@@ -637,11 +638,9 @@ __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
         if (s < total) ring[s] = ld_stream(fs);
         advance(s);
     }
+    cp_async_wait<0>(); // this thread's scale/zero and group words have landed
+    __syncthreads();    // and everyone's (the only block barrier before the epilogue)
     pdl_wait();
-#if HG_SYNC_EARLY
-    cp_async_wait<0>();
-    __syncthreads();
-#endif
 
     // ---- stage x (this warp's rows of every token; see above) ----
     const int64_t k0 = (int64_t)kc0 * 64, k1 = (int64_t)kc1 * 64;
@@ -684,12 +683,7 @@ __global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
             xd[p + 8] = h2_as_u32(__floats2half2_rn(q.z * f, q.w * f));
         }
     }
-#if HG_SYNC_EARLY
-    __syncwarp();
-#else
-    cp_async_wait<0>(); // this thread's scale/zero and group words have landed
-    __syncthreads();    // and everyone's (each warp reads only the x rows it staged)
-#endif
+    __syncwarp(); // each warp reads only the x rows it staged
 
     // ---- the chunk stream ----
     const uint4 *xq = (const uint4 *)(xs + (int64_t)min(gid, a.n_rows - 1) * xrow) + tq * 2;
