@@ -255,8 +255,9 @@ static const struct gq_run k_runs[] = {
 // subnormals) and 2^12 (amax ~16000: f16 overflow at 2^HG_XS).
 static void gq_scale_rows(float *x, int32_t n_rows, int64_t n_in) {
     for (int32_t r = 0; r < n_rows; r++) {
-        const float f = r % 3 == 1 ? 0x1p-9f : r % 3 == 2 ? 0x1p12f : 1.0f;
-        for (int64_t i = r == 0 ? n_in / 2 : 0; i < n_in; i++) x[(size_t)r * (size_t)n_in + (size_t)i] *= r == 0 ? 0x1p-9f : f;
+        const float   f  = r == 0 || r % 3 == 1 ? 0x1p-9f : r % 3 == 2 ? 0x1p12f : 1.0f;
+        float        *xr = x + (size_t)r * (size_t)n_in;
+        for (int64_t i = r == 0 ? n_in / 2 : 0; i < n_in; i++) xr[i] *= f;
     }
 }
 

@@ -29,7 +29,7 @@
  *    gptq_hgemv_kernel, described at the kernel): exact f16 (q - z) x f16 x in mma.m16n8k16,
  *    f32 sums, codes through a register ring; also the fused decode ops of backend.h (RMS norm
  *    in, residual add or silu * up in the store: cuda_gptq_gemv_fused). On an H100 the four
- *    fused GEMVs of a decode layer run at 43-81 % of the bandwidth (docs/BENCHMARKS.md).
+ *    fused GEMVs of a decode layer run at 48-80 % of the bandwidth (kernel bench, docs/BENCHMARKS.md).
  *  - int8 GEMV (decode, 1-8 rows a launch; opt-in with COOPT_GPTQ_GEMV=i8, see "Measured"
  *    below for why it is not the default): per call, gptq_quant_x_kernel quantizes x to int8
  *    exactly as the CPU kernels do
@@ -570,8 +570,9 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 //     columns' f32 scales into the running sums. One compare per chunk finds a group change.
 // Registers are capped at REGS (HG_REGS_HI or HG_REGS_LO); hgemv_auto_config picks the cap and the
 // block size from the occupancy they leave. Executed instructions (ncu, llama2-7b gate/up, group
-// 128): ~94 per 64-row chunk in the loop, group changes included (4 mma, 17 dequantization, the
-// rest addressing, the ring and the scale/zero updates), plus ~760 per warp for the x staging (two passes then; measured before the one-pass staging).
+// 128, measured with the earlier two-pass staging): ~94 per 64-row chunk in the loop, group
+// changes included (4 mma, 17 dequantization, the rest addressing, the ring and the scale/zero
+// updates), plus ~760 per warp for the x staging.
 // Accumulator c[i]: c0, c1 = column gid, tokens 2tq, 2tq+1; c2, c3 = column gid+8. Warps reduce
 // through shared memory in a fixed order (deterministic).
 // Error: v rounded to f16 once (2^-11 relative; below the f16 normal range an absolute 2^-25 of
