@@ -508,12 +508,18 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 // Register caps: every instance is compiled with both, and hgemv_auto_config takes the larger
 // where the grid still fits the GPU in one wave. With one cap for all, 80 was 4 % faster end to
 // end on llama2-7b and 72 4-7 % faster on llama3-8b / llama2-13b, whose 4-warp gate/up grids fit
-// one wave only at 72 (28 warps an SM); 96 was slower still (docs/BENCHMARKS.md).
+// one wave only at 72 (28 warps an SM); 96 was slower still (docs/BENCHMARKS.md). The instances
+// without norm or SwiGLU (o, down) take 64 as their low cap (HG_REGS_LO_PLAIN, no spills since
+// the one-pass staging): a 256-tile grid of 16-warp blocks then fits one wave (32 warps an SM),
+// which made llama2-7b / llama3-8b's down GEMV 11 / 13 % faster.
 #ifndef HG_REGS_HI
 #define HG_REGS_HI 80
 #endif
 #ifndef HG_REGS_LO
 #define HG_REGS_LO 72
+#endif
+#ifndef HG_REGS_LO_PLAIN
+#define HG_REGS_LO_PLAIN 64
 #endif
 
 // Up to GPTQ_MAX_MULTI weights of one input (as gemv_args); x is one matrix for all of them:
@@ -581,7 +587,8 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 // Shared memory (dynamic): x [n_rows][k_pad] f16, the scale/zero words [ng_smem][16], the group
 // words [2][n_kc].
 template <int NW, bool NORM, bool SWIGLU, int REGS>
-__global__ void __maxnreg__(REGS) gptq_hgemv_kernel(const hgemv_args a) {
+__global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_PLAIN : REGS)
+    gptq_hgemv_kernel(const hgemv_args a) {
     __shared__ float red[SWIGLU ? 2 : 1][NW][HG_ROWS][16];
     __shared__ float red_x[NW][HG_ROWS]; // NORM: each warp's sum of squares of its x range
     __shared__ float row_f[NW][HG_ROWS]; // the power of two each warp's staged x was multiplied by, inverted
@@ -1622,15 +1629,19 @@ static int hgemv_blocks_per_sm(int nw, bool norm, bool sw, int regs, int device,
 // larger cap where that fits, else 4 warps at the smaller cap. Measured on an H100 (register-ring
 // sweeps of 2026-11-23): a block size leaving part of the grid to later waves was 5-60 % slower;
 // among single-wave choices the larger blocks (more warps per tile, fewer chunks each) were as
-// fast or faster, and 80 registers faster than 72. nw or regs forced (tests, the environment):
-// only that block size or cap.
-static void hgemv_auto_config(const struct cuda_backend *cb, int64_t blocks, bool norm, bool sw, size_t smem,
-                              int nw_forced, int regs_forced, int *nw, int *regs) {
+// fast or faster, and 80 registers faster than 72 -- except where a warp's range is under two
+// turns of the register ring (fewer than 2 HG_RU chunks, e.g. llama2-7b's o projection at 16 warps:
+// 4 chunks a warp, 6.3 -> 6.7 us), which 8- and 16-warp blocks skip. nw or regs forced (tests, the
+// environment): only that block size or cap (72 meaning the low cap, 64 for the plain instances).
+static void hgemv_auto_config(const struct cuda_backend *cb, int64_t blocks, int32_t n_kc, bool norm, bool sw,
+                              size_t smem, int nw_forced, int regs_forced, int *nw, int *regs) {
     static const int cand[3] = {16, 8, 4}, caps[2] = {HG_REGS_HI, HG_REGS_LO};
     *nw = nw_forced ? nw_forced : 4, *regs = regs_forced ? regs_forced : HG_REGS_LO;
     for (int i = 0; i < 3; i++)
         for (int r = 0; r < 2; r++) {
             if ((nw_forced && cand[i] != nw_forced) || (regs_forced && caps[r] != regs_forced)) continue;
+            // fewer than two turns of the ring a warp: the prologue's latency is not amortized
+            if (!nw_forced && cand[i] > 4 && (sw ? 2 : 1) * ((n_kc + cand[i] - 1) / cand[i]) < 2 * HG_RU) continue;
             if (blocks <= (int64_t)hgemv_blocks_per_sm(cand[i], norm, sw, caps[r], cb->device, smem) * cb->n_sm) {
                 *nw = cand[i], *regs = caps[r];
                 return;
@@ -1667,7 +1678,7 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
     if (regs && regs != HG_REGS_HI) regs = HG_REGS_LO;
     nw &= 0xff;
     if (nw > 0 && nw != 4 && nw != 8) nw = 16; // (the instances there are)
-    hgemv_auto_config(cb, blocks, norm != NULL, mode == GEMV_SWIGLU, smem, nw, regs, &nw, &regs);
+    hgemv_auto_config(cb, blocks, ws[0]->n_kc, norm != NULL, mode == GEMV_SWIGLU, smem, nw, regs, &nw, &regs);
     int            idx;
     const hgemv_fn f = hgemv_instance(nw, norm != NULL, mode == GEMV_SWIGLU, regs, &idx);
     if (smem > hgemv_smem_limit(f, idx, cb->device)) return false; // (before anything is enqueued)
