@@ -574,8 +574,8 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 //   - per 16-row step: A = the dword's exact f16 (q - z) (dequant_frag without the scale), one
 //     mma.m16n8k16 into f32 accumulators; at each group change they are multiplied by the
 //     columns' f32 scales into the running sums. One compare per chunk finds a group change.
-// Registers are capped at REGS (HG_REGS_HI or HG_REGS_LO); hgemv_auto_config picks the cap and the
-// block size from the occupancy they leave. Executed instructions (ncu, llama2-7b gate/up, group
+// Registers are capped at REGS (HG_REGS_HI or HG_REGS_LO; HG_REGS_LO_PLAIN for LO without NORM or
+// SWIGLU); hgemv_auto_config picks the cap and the block size from the occupancy they leave. Executed instructions (ncu, llama2-7b gate/up, group
 // 128, measured with the earlier two-pass staging): ~94 per 64-row chunk in the loop, group
 // changes included (4 mma, 17 dequantization, the rest addressing, the ring and the scale/zero
 // updates), plus ~760 per warp for the x staging.
