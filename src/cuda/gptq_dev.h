@@ -110,9 +110,10 @@ enum cuda_gptq_gemv cuda_gptq_get_gemv(void); // the effective choice, never DEF
 // Programmatic dependent launch for the int8 GEMV's two kernels (sm_90 and later): 1 on, 0 off,
 // -1 = default (on unless $COOPT_GPTQ_PDL=0). Process-wide.
 void cuda_gptq_set_pdl(int on);
-// Register cap of the tensor-core GEMV (its kernels exist for 80 and 72): 0 = automatic (80 where
-// the grid fits the GPU in one wave, else 72), 80 or 72 = that cap for every launch, -1 = the
-// default ($COOPT_GPTQ_HGEMV_REGS if set, else automatic). Process-wide.
+// Register cap of the tensor-core GEMV (its kernels exist for a high cap, 80, and a low one, 72;
+// 64 for the instances without norm or SwiGLU): 0 = automatic (80 where the grid fits the GPU in
+// one wave, else the low cap), 80 or 72 = that cap for every launch, -1 = the default
+// ($COOPT_GPTQ_HGEMV_REGS if set, else automatic). Process-wide.
 void cuda_gptq_set_hgemv_regs(int regs);
 // Tests: lowers the dynamic shared memory the tensor-core GEMV may use per block below what the
 // device gives (bytes; 0 = the device's limit), as on a GPU with less shared memory: launches
