@@ -575,10 +575,10 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 //     mma.m16n8k16 into f32 accumulators; at each group change they are multiplied by the
 //     columns' f32 scales into the running sums. One compare per chunk finds a group change.
 // Registers are capped at REGS (HG_REGS_HI or HG_REGS_LO; HG_REGS_LO_PLAIN for LO without NORM or
-// SWIGLU); hgemv_auto_config picks the cap and the block size from the occupancy they leave. Executed instructions (ncu, llama2-7b gate/up, group
-// 128, measured with the earlier two-pass staging): ~94 per 64-row chunk in the loop, group
-// changes included (4 mma, 17 dequantization, the rest addressing, the ring and the scale/zero
-// updates), plus ~760 per warp for the x staging.
+// SWIGLU); hgemv_auto_config picks the cap and the block size from the occupancy they leave.
+// Executed instructions (ncu, llama2-7b gate/up, group 128, measured with the earlier two-pass
+// staging): ~94 per 64-row chunk in the loop, group changes included (4 mma, 17 dequantization,
+// the rest addressing, the ring and the scale/zero updates), plus ~760 per warp for the x staging.
 // Accumulator c[i]: c0, c1 = column gid, tokens 2tq, 2tq+1; c2, c3 = column gid+8. Warps reduce
 // through shared memory in a fixed order (deterministic).
 // Error: v rounded to f16 once (2^-11 relative; below the f16 normal range an absolute 2^-25 of
