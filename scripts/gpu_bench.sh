@@ -14,8 +14,10 @@
 #   capacity  how many 4096-token sequences the card holds, FP8 vs F16 KV (coopt bench
 #             --capacity: prefills sequences one after another until a KV page cannot be mapped)
 #   llamacpp  the same shape converted to GGUF Q4_0, run by llama.cpp's llama-bench (LLAMA_BENCH,
-#             a CUDA build) with flash attention and f16 / q8_0 KV: pp512, tg128, depth 4096/16384
-# Environment: SYNTH_DIR (default /tmp), KEEP=1 keeps the synthesized models, LLAMA_BENCH, COMMIT (the commit
+#             a CUDA build) with flash attention and f16 / q8_0 KV: pp512, tg128, depth 4096/16384;
+#             with LLAMA_BATCHED_BENCH (llama-batched-bench, a CUDA build) also the batched rows
+#             (B = 1, 8, 32, 64, 128 sequences, 512-token prompts, 128 generated tokens each)
+# Environment: SYNTH_DIR (default /tmp), KEEP=1 keeps the synthesized models, LLAMA_BENCH, LLAMA_BATCHED_BENCH, COMMIT (the commit
 # named in the headers, for a copied tree whose .git is not current).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -90,6 +92,13 @@ for spec in "${specs[@]}"; do
             timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa on -ctk $ctk -ctv $ctk -p 0 -n 128 -d 4096,16384 -r 2 \
                 2>>"$OUT/bench.err" | grep -E '^\| [^-m]' >>"$f"
         done
+        if [ -n "${LLAMA_BATCHED_BENCH:-}" ]; then # the batched rows: B sequences of 512-token prompts, tg128
+            for ctk in f16 q8_0; do
+                echo "# llama.cpp batched Q4_0 -fa on -ctk/-ctv $ctk (S_TG = the tg128 x B rows' total t/s)" >>"$f"
+                timeout 400 "$LLAMA_BATCHED_BENCH" -m "$g" -ngl 99 -fa on -ctk $ctk -ctv $ctk -c 81920 -b 2048 -ub 512 \
+                    -npp 512 -ntg 128 -npl 1,8,32,64,128 2>>"$OUT/bench.err" | grep -E '^\|' >>"$f"
+            done
+        fi
         [ "${KEEP:-0}" = 1 ] || rm -f "$g"
     fi
     cat "$f"
