@@ -82,10 +82,11 @@ for spec in "${specs[@]}"; do
                 tee -a "$f"
         done
     fi
-    if has llamacpp && [ -n "${LLAMA_BENCH:-}" ]; then
+    if has llamacpp && [ -n "${LLAMA_BENCH:-}${LLAMA_BATCHED_BENCH:-}" ]; then
         g="$SYNTH_DIR/synth-$arch-q4_0.gguf"
         [ -e "$g" ] || $B convert "$dir" "$g" --dtype q4_0 >/dev/null 2>>"$OUT/bench.err"
         for ctk in f16 q8_0; do
+            [ -n "${LLAMA_BENCH:-}" ] || break
             echo "# llama.cpp Q4_0 -fa on -ctk/-ctv $ctk" >>"$f"
             timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa on -ctk $ctk -ctv $ctk -p 512 -n 128 -r 3 2>>"$OUT/bench.err" |
                 grep -E '^\| [^-m]' >>"$f"
