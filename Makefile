@@ -92,7 +92,7 @@ fuzz: deps
 	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang CUDA=0 \
 	    OPT="-O1 -g -fsanitize=fuzzer-no-link,address,undefined" build-fuzz/libcoopt.a
 	$(Q)$(MAKE) --no-print-directory $(FUZZ_TARGETS)
-build-fuzz/fuzz_%: fuzz/fuzz_%.c build-fuzz/libcoopt.a
+build-fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_util.h build-fuzz/libcoopt.a
 	$(Q)clang -O1 -g -fsanitize=fuzzer,address,undefined -std=c11 -D_GNU_SOURCE -Iinclude -Isrc $< build-fuzz/libcoopt.a -o $@ $(BASE_LDLIBS)
 
 format:

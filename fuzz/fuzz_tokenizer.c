@@ -4,6 +4,7 @@
  * arbitrary bytes encoded and decoded with a fixed tokenizer (tests/golden/tok_bytelevel.json,
  * or $COOPT_FUZZ_TOKENIZER), with PARSE_SPECIAL taken from the second byte.
  */
+#include "fuzz_util.h"
 #include "tokenizer.h"
 #include "util.h"
 
@@ -11,21 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-static void roundtrip(const struct coopt_tokenizer *tok, const char *text, size_t len, unsigned flags) {
-    int32_t *ids = NULL;
-    size_t   n   = 0;
-    if (coopt_tokenize(tok, text, len, flags, &ids, &n) != COOPT_OK) return;
-    struct coopt_detok d;
-    coopt_detok_reset(&d);
-    char out[64];
-    for (size_t i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= coopt_tokenizer_n_vocab(tok)) abort();
-        coopt_detok_push(&d, tok, ids[i], out, sizeof(out));
-    }
-    coopt_detok_flush(&d, out, sizeof(out));
-    free(ids);
-}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static struct coopt_tokenizer *fixed;
@@ -39,7 +25,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 1) return 0;
     if (data[0] & 1) {
         if (fixed && size >= 2)
-            roundtrip(fixed, (const char *)data + 2, size - 2, data[1] & 1 ? COOPT_TOKENIZE_PARSE_SPECIAL : 0);
+            fuzz_roundtrip(fixed, (const char *)data + 2, size - 2, data[1] & 1 ? COOPT_TOKENIZE_PARSE_SPECIAL : 0);
         return 0;
     }
     char path[] = "/tmp/coopt_fuzz_tok_XXXXXX.json";
@@ -50,7 +36,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     struct coopt_tokenizer *tok = NULL;
     if (w == (ssize_t)(size - 1) && coopt_tokenizer_load_json(path, &tok) == COOPT_OK) {
         static const char text[] = "Hello world! I'll  pay 12345 <s> \xe2\x96\x81 \xf0\x9f\x98\x80\xff\n";
-        roundtrip(tok, text, sizeof(text) - 1, COOPT_TOKENIZE_ADD_BOS | COOPT_TOKENIZE_PARSE_SPECIAL);
+        fuzz_roundtrip(tok, text, sizeof(text) - 1, COOPT_TOKENIZE_ADD_BOS | COOPT_TOKENIZE_PARSE_SPECIAL);
     }
     coopt_tokenizer_free(tok);
     unlink(path);
