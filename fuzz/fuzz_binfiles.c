@@ -43,23 +43,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int32_t        n_vocab = 0;
     if (mode == 2) n_vocab = data[1] ? data[1] : 1, body++, n--;
     char path[] = "/tmp/coopt_fuzz_bin_XXXXXX.bin";
-    int  fd     = mkstemps(path, 4);
-    if (fd < 0) return 0;
-    const ssize_t w = write(fd, body, n);
-    close(fd);
-    if (w == (ssize_t)n) {
-        struct coopt_tokenizer *tok = NULL;
-        if (mode == 0 && coopt_tokenizer_load_spm(path, &tok) == COOPT_OK) roundtrip(tok);
-        if ((mode == 1 || mode == 2) && coopt_tokenizer_load_llama2c(path, n_vocab, &tok) == COOPT_OK) roundtrip(tok);
-        coopt_tokenizer_free(tok);
-        if (mode == 3) {
-            struct coopt_model_params mp = coopt_model_default_params();
-            struct coopt_model       *m  = NULL;
-            if (coopt_model_load(path, &mp, &m) == COOPT_OK) {
-                const struct coopt_model_info *info = coopt_model_get_info(m);
-                if (info->n_vocab <= 0 || info->dim <= 0) abort();
-                coopt_model_free(m);
-            }
+    if (!fuzz_write_temp(path, 4, body, n)) return 0;
+    struct coopt_tokenizer *tok = NULL;
+    if (mode == 0 && coopt_tokenizer_load_spm(path, &tok) == COOPT_OK) roundtrip(tok);
+    if ((mode == 1 || mode == 2) && coopt_tokenizer_load_llama2c(path, n_vocab, &tok) == COOPT_OK) roundtrip(tok);
+    coopt_tokenizer_free(tok);
+    if (mode == 3) {
+        struct coopt_model_params mp = coopt_model_default_params();
+        struct coopt_model       *m  = NULL;
+        if (coopt_model_load(path, &mp, &m) == COOPT_OK) {
+            const struct coopt_model_info *info = coopt_model_get_info(m);
+            if (info->n_vocab <= 0 || info->dim <= 0) abort();
+            coopt_model_free(m);
         }
     }
     unlink(path);

@@ -29,12 +29,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         return 0;
     }
     char path[] = "/tmp/coopt_fuzz_tok_XXXXXX.json";
-    int  fd     = mkstemps(path, 5);
-    if (fd < 0) return 0;
-    ssize_t w = write(fd, data + 1, size - 1);
-    close(fd);
+    if (!fuzz_write_temp(path, 5, data + 1, size - 1)) return 0;
     struct coopt_tokenizer *tok = NULL;
-    if (w == (ssize_t)(size - 1) && coopt_tokenizer_load_json(path, &tok) == COOPT_OK) {
+    if (coopt_tokenizer_load_json(path, &tok) == COOPT_OK) {
         static const char text[] = "Hello world! I'll  pay 12345 <s> \xe2\x96\x81 \xf0\x9f\x98\x80\xff\n";
         fuzz_roundtrip(tok, text, sizeof(text) - 1, COOPT_TOKENIZE_ADD_BOS | COOPT_TOKENIZE_PARSE_SPECIAL);
     }

@@ -1,12 +1,15 @@
 /*
- * fuzz_util.h -- shared by the libFuzzer targets: a tokenizer round trip that checks every id.
+ * fuzz_util.h -- shared by the libFuzzer targets: a tokenizer round trip that checks every id, and
+ * the input written to a temporary file for the loaders that take a path.
  */
 #ifndef COOPT_FUZZ_UTIL_H
 #define COOPT_FUZZ_UTIL_H
 
 #include "tokenizer.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 // Encodes text with flags, checks every id is inside the vocabulary (abort: the fuzzer reports
 // it), and decodes the ids one by one.
@@ -23,6 +26,18 @@ static inline void fuzz_roundtrip(const struct coopt_tokenizer *tok, const char 
     }
     coopt_detok_flush(&d, out, sizeof(out));
     free(ids);
+}
+
+// Writes data to a new file named from the mkstemps template path (its last suffix_len characters
+// kept). True: the file holds all of it (the caller unlinks it); false: no file is left.
+static inline bool fuzz_write_temp(char *path, int suffix_len, const uint8_t *data, size_t n) {
+    const int fd = mkstemps(path, suffix_len);
+    if (fd < 0) return false;
+    const ssize_t w = write(fd, data, n);
+    close(fd);
+    if (w == (ssize_t)n) return true;
+    unlink(path);
+    return false;
 }
 
 #endif

@@ -17,8 +17,9 @@
 #             a CUDA build) with flash attention and f16 / q8_0 KV: pp512, tg128, depth 4096/16384;
 #             with LLAMA_BATCHED_BENCH (llama-batched-bench, a CUDA build) also the batched rows
 #             (B = 1, 8, 32, 64, 128 sequences, 512-token prompts, 128 generated tokens each)
-# Environment: SYNTH_DIR (default /tmp), KEEP=1 keeps the synthesized models, LLAMA_BENCH, LLAMA_BATCHED_BENCH, COMMIT (the commit
-# named in the headers, for a copied tree whose .git is not current).
+# Environment: SYNTH_DIR (default /tmp), KEEP=1 keeps the synthesized models, LLAMA_BENCH,
+# LLAMA_BATCHED_BENCH, COMMIT (the commit named in the headers, for a copied tree whose .git is not
+# current).
 set -uo pipefail
 OUT=${OUT:-out}
 SYNTH_DIR=${SYNTH_DIR:-/tmp}
@@ -85,14 +86,15 @@ for spec in "${specs[@]}"; do
     if has llamacpp && [ -n "${LLAMA_BENCH:-}${LLAMA_BATCHED_BENCH:-}" ]; then
         g="$SYNTH_DIR/synth-$arch-q4_0.gguf"
         [ -e "$g" ] || $B convert "$dir" "$g" --dtype q4_0 >/dev/null 2>>"$OUT/bench.err"
-        for ctk in f16 q8_0; do
-            [ -n "${LLAMA_BENCH:-}" ] || break
-            echo "# llama.cpp Q4_0 -fa on -ctk/-ctv $ctk" >>"$f"
-            timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa on -ctk $ctk -ctv $ctk -p 512 -n 128 -r 3 2>>"$OUT/bench.err" |
-                grep -E '^\| [^-m]' >>"$f"
-            timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa on -ctk $ctk -ctv $ctk -p 0 -n 128 -d 4096,16384 -r 2 \
-                2>>"$OUT/bench.err" | grep -E '^\| [^-m]' >>"$f"
-        done
+        if [ -n "${LLAMA_BENCH:-}" ]; then
+            for ctk in f16 q8_0; do
+                echo "# llama.cpp Q4_0 -fa on -ctk/-ctv $ctk" >>"$f"
+                timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa on -ctk $ctk -ctv $ctk -p 512 -n 128 -r 3 \
+                    2>>"$OUT/bench.err" | grep -E '^\| [^-m]' >>"$f"
+                timeout 300 "$LLAMA_BENCH" -m "$g" -ngl 99 -fa on -ctk $ctk -ctv $ctk -p 0 -n 128 -d 4096,16384 -r 2 \
+                    2>>"$OUT/bench.err" | grep -E '^\| [^-m]' >>"$f"
+            done
+        fi
         if [ -n "${LLAMA_BATCHED_BENCH:-}" ]; then # the batched rows: B sequences of 512-token prompts, tg128
             for ctk in f16 q8_0; do
                 echo "# llama.cpp batched Q4_0 -fa on -ctk/-ctv $ctk (S_TG = the tg128 x B rows' total t/s)" >>"$f"
