@@ -92,6 +92,16 @@ struct coopt_ops {
                               const float *norm, float eps, const struct coopt_weight *const *ws, int32_t n_rows);
     void (*norm_matmul_swiglu)(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
                                float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows);
+    // matmul_add / norm_matmul_swiglu with a promise about the op that follows, so a backend can
+    // prepare that op's input as it writes out: after matmul_add_then_norm the next op is
+    // norm_matmul_multi or norm_matmul_swiglu(_then_add) reading x = out with norm = next_norm;
+    // after norm_matmul_swiglu_then_add it is matmul_add or matmul_add_then_norm reading x = out.
+    // Results as the plain ops up to f32 rounding (the order of the norm's sum of squares).
+    void (*matmul_add_then_norm)(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                                 int32_t n_rows, const float *next_norm);
+    void (*norm_matmul_swiglu_then_add)(struct coopt_backend *be, float *out, float *tmp, const float *x,
+                                        const float *norm, float eps, const struct coopt_weight *wg,
+                                        const struct coopt_weight *wu, int32_t n_rows);
     // rope_store followed by attention for one layer, in one call so a backend can fuse the two:
     // the same cache contents and out as the pair; q is scratch afterwards (rotated or not).
     void (*rope_store_attention)(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,

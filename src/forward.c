@@ -69,10 +69,14 @@ void coopt_rope_init(const struct coopt_model_config *c, float *inv_freq) {
     }
 }
 
-// x += in·W, fused when the backend can (tmp: [n][w->n_out] scratch otherwise).
+// x += in·W, fused when the backend can (tmp: [n][w->n_out] scratch otherwise). next_norm: the
+// norm weights of the fused norm op that reads x next (a backend may prepare its input), NULL if
+// another op does.
 static void project_add(struct coopt_backend *be, float *x, float *tmp, const float *in, const struct coopt_weight *w,
-                        int32_t n) {
-    if (be->ops->matmul_add) {
+                        int32_t n, const float *next_norm) {
+    if (be->ops->matmul_add_then_norm && next_norm) {
+        be->ops->matmul_add_then_norm(be, x, in, w, n, next_norm);
+    } else if (be->ops->matmul_add) {
         be->ops->matmul_add(be, x, in, w, n);
     } else {
         be->ops->matmul(be, tmp, in, w, n);
@@ -106,6 +110,10 @@ static void swiglu_in(struct coopt_backend *be, struct coopt_scratch *s, const f
                       const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n,
                       const struct coopt_forward_hook *hook, int32_t l) {
     const struct coopt_ops *op = be->ops;
+    if (op->norm_matmul_swiglu_then_add && op->matmul_add && !hook) { // (project_add reads hb next)
+        op->norm_matmul_swiglu_then_add(be, s->hb, s->hb2, s->x, norm, eps, wg, wu, n);
+        return;
+    }
     if (op->norm_matmul_swiglu && !hook) {
         op->norm_matmul_swiglu(be, s->hb, s->hb2, s->x, norm, eps, wg, wu, n);
         return;
@@ -143,11 +151,14 @@ void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct
             op->attention(be, s->att, s->q, c->n_heads, kv, l, b, scale);
         }
         if (hook) hook->fn(hook->ud, l, 1, s->att, n, (int32_t)q_dim);
-        project_add(be, s->x, s->xb, s->att, &L->wo, n);
+        // the fused norm ops read x next where there is no hook (qkv_in, swiglu_in)
+        const bool fused_next = !hook && op->norm_matmul_multi && op->norm_matmul_swiglu;
+        project_add(be, s->x, s->xb, s->att, &L->wo, n, fused_next ? L->ffn_norm : NULL);
         // MLP block
         swiglu_in(be, s, L->ffn_norm, c->norm_eps, &L->w_gate, &L->w_up, n, hook, l);
         if (hook) hook->fn(hook->ud, l, 3, s->hb, n, (int32_t)ffn);
-        project_add(be, s->x, s->xb, s->hb, &L->w_down, n);
+        project_add(be, s->x, s->xb, s->hb, &L->w_down, n,
+                    fused_next && l + 1 < c->n_layers ? m->layers[l + 1].attn_norm : NULL);
     }
     if (b->n_out == 0) return;
     op->get_rows(be, s->xo, s->x, b->out_rows, b->n_out, (int32_t)dim);

@@ -569,6 +569,145 @@ TEST(cuda_gptq_fused) {
     be->ops->destroy(be);
 }
 
+// ---- decode GEMVs staging the next one's input (backend.h's *_then_* ops, gptq_hgemv_kernel) ----
+
+struct xst_w {
+    struct gptq_tensors       g;
+    struct coopt_gptq_weight *hw;
+    struct cuda_gptq_weight   dw;
+    struct coopt_weight       cw;
+};
+
+static bool xst_w_make(struct coopt_backend *be, uint64_t *rs, int64_t n_in, int64_t n_out, int act,
+                       const int32_t *g_idx, struct xst_w *w) {
+    const struct gptq_case c = {n_in, n_out, 128, act, 0, 1};
+    memset(w, 0, sizeof(*w));
+    gptq_make_tensors(rs, &c, g_idx, "test.proj", &w->g);
+    if (coopt_gptq_repack(&w->g.src, 1, &w->hw) != COOPT_OK || cuda_gptq_upload(be, w->hw, &w->dw) != COOPT_OK)
+        return false;
+    w->cw = (struct coopt_weight){.dtype = COOPT_DTYPE_Q4_GPTQ, .n_in = n_in, .n_out = n_out, .data = w->dw.qw,
+                                  .gptq = &w->dw};
+    return true;
+}
+
+static void xst_w_free(struct xst_w *w) {
+    cuda_gptq_release(&w->dw), coopt_gptq_weight_free(w->hw), gptq_tensors_free(&w->g);
+}
+
+// The GEMVs from one attention output to the next q/k/v -- x += att Wo; hb = silu(rmsnorm(x) Wg) *
+// (rmsnorm(x) Wu); x += hb Wd; q, k, v = rmsnorm(x) Wq, Wk, Wv -- with the plain ops and with the
+// then-ops (the forward pass's calls), at 1 row (the launch counters must show 3 staged outputs
+// and 3 staged inputs, 2 where q/k/v are act-order: that GEMV stages from x) and 2 rows (nothing
+// staged; same results). x after the o projection must be bit-identical (staging does not change
+// a GEMV's own result); every other output within 1e-4 max|plain|: the staged bits are the ones
+// the next GEMV would stage itself and only the order of the norm's sum of squares differs (f32
+// ulps of 1 / rms, which can flip the f16 rounding of a staged element: 2^-11 of one term), while
+// a wrong position, partial sum or norm factor is off by O(1). Inputs as they come, with half of
+// the residual times 2^12 (those warps' amax above the f16 window: they stage from x again), and
+// with the residual and attention output times 2^-9 (below the window).
+static bool xstage_case(struct test_ctx *t, struct coopt_backend *be, int64_t dim, int64_t ffn, int64_t kvd, int act,
+                        int32_t n_rows, int variant, uint64_t seed) {
+    uint64_t     rs = seed;
+    struct xst_w w[7]; // o, gate, up, down, q, k, v
+    const int64_t io[7][2] = {{dim, dim}, {dim, ffn}, {dim, ffn}, {ffn, dim}, {dim, dim}, {dim, kvd}, {dim, kvd}};
+    bool         ok = true;
+    for (int j = 0; j < 7; j++) {
+        const bool qkv = j >= 4;
+        ok = xst_w_make(be, &rs, io[j][0], io[j][1], qkv ? act : 0, qkv && j > 4 && act ? w[4].g.g_idx : NULL, &w[j]) && ok;
+    }
+    const size_t nd = (size_t)n_rows * (size_t)dim, nf = (size_t)n_rows * (size_t)ffn, nk = (size_t)n_rows * (size_t)kvd;
+    float *att = test_rand_array(&rs, nd, -1, 1), *base = malloc(nd * 4);
+    for (size_t i = 0; i < nd; i++) base[i] = 2.0f * test_rand_normal(&rs);
+    for (size_t i = 0; i < nd; i++) {
+        if (variant == 1 && (i / 256) % 2) base[i] *= 0x1p12f;
+        if (variant == 2) base[i] *= 0x1p-9f, att[i] *= 0x1p-9f;
+    }
+    float *g1 = test_rand_array(&rs, (size_t)dim, 0.5f, 1.5f), *g2 = test_rand_array(&rs, (size_t)dim, 0.5f, 1.5f);
+    float *datt = dev_alloc_copy(be, att, nd * 4), *dg1 = dev_alloc_copy(be, g1, (size_t)dim * 4);
+    float *dg2 = dev_alloc_copy(be, g2, (size_t)dim * 4), *dx = dev_alloc_copy(be, NULL, nd * 4);
+    float *dhb = dev_alloc_copy(be, NULL, nf * 4), *dtmp = dev_alloc_copy(be, NULL, nf * 4);
+    float *dq = dev_alloc_copy(be, NULL, nd * 4), *dk = dev_alloc_copy(be, NULL, nk * 4), *dv = dev_alloc_copy(be, NULL, nk * 4);
+    const size_t n_of[6] = {nd, nf, nd, nd, nk, nk};          // x after o, hb, x after down, q, k, v
+    float       *dev_of[6] = {dx, dhb, dx, dq, dk, dv}, *got[2][6];
+    const char  *name[6] = {"x after o", "hb", "x after down", "q", "k", "v"};
+    const struct coopt_ops *op = be->ops;
+    const float             eps = 1e-5f;
+    char                    what[160];
+    snprintf(what, sizeof(what), "xstage dim %lld ffn %lld kv %lld act %d rows %d variant %d", (long long)dim,
+             (long long)ffn, (long long)kvd, act, n_rows, variant);
+    for (int then = 0; then < 2; then++) {
+        for (int i = 0; i < 6; i++) got[then][i] = malloc(n_of[i] * 4);
+        if (!ok) continue;
+        int64_t made0, used0, made1, used1;
+        cuda_gptq_xstage_counts(&made0, &used0);
+        op->upload(be, dx, base, nd * 4);
+        float *const               qkv[3] = {dq, dk, dv};
+        const struct coopt_weight *wq[3]  = {&w[4].cw, &w[5].cw, &w[6].cw};
+        if (then) op->matmul_add_then_norm(be, dx, datt, &w[0].cw, n_rows, dg1);
+        else op->matmul_add(be, dx, datt, &w[0].cw, n_rows);
+        op->download(be, got[then][0], dx, nd * 4);
+        if (then) op->norm_matmul_swiglu_then_add(be, dhb, dtmp, dx, dg1, eps, &w[1].cw, &w[2].cw, n_rows);
+        else op->norm_matmul_swiglu(be, dhb, dtmp, dx, dg1, eps, &w[1].cw, &w[2].cw, n_rows);
+        if (then) op->matmul_add_then_norm(be, dx, dhb, &w[3].cw, n_rows, dg2);
+        else op->matmul_add(be, dx, dhb, &w[3].cw, n_rows);
+        op->norm_matmul_multi(be, 3, qkv, dx, dg2, eps, wq, n_rows);
+        for (int i = 1; i < 6; i++) op->download(be, got[then][i], dev_of[i], n_of[i] * 4);
+        op->sync(be);
+        cuda_gptq_xstage_counts(&made1, &used1);
+        const bool    h    = cuda_gptq_get_gemv() == CUDA_GPTQ_GEMV_MODE_H && n_rows == 1 && then;
+        const int64_t want_m = h ? 3 : 0, want_u = h ? (act ? 2 : 3) : 0;
+        if (made1 - made0 != want_m || used1 - used0 != want_u) {
+            test_fail(t, __FILE__, __LINE__, "%s then %d: %lld staged outputs, %lld staged inputs; want %lld, %lld", what,
+                      then, (long long)(made1 - made0), (long long)(used1 - used0), (long long)want_m, (long long)want_u);
+            ok = false;
+        }
+    }
+    for (int i = 0; i < 6 && ok; i++) {
+        double amax = 0, dmax = 0;
+        size_t at = 0;
+        for (size_t k = 0; k < n_of[i]; k++) {
+            const double a = got[0][i][k], b = got[1][i][k];
+            amax = fmax(amax, fabs(a));
+            if (!(fabs(b - a) <= dmax)) dmax = fabs(b - a), at = k; // (NaN: taken, then never exceeded)
+        }
+        const bool bits = i == 0 ? memcmp(got[0][0], got[1][0], n_of[0] * 4) == 0 : true;
+        if (!bits || !(dmax <= 1e-4 * amax) || !(amax > 0)) {
+            test_fail(t, __FILE__, __LINE__, "%s: %s with the then-ops differs: [%zu] %.9g vs %.9g (max |plain| %.6g)%s",
+                      what, name[i], at, got[1][i][at], got[0][i][at], amax, bits ? "" : ", not bit-identical");
+            ok = false;
+        }
+    }
+    for (int then = 0; then < 2; then++)
+        for (int i = 0; i < 6; i++) free(got[then][i]);
+    for (int j = 0; j < 7; j++) xst_w_free(&w[j]);
+    float *dev[] = {datt, dg1, dg2, dx, dhb, dtmp, dq, dk, dv};
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(dev); i++) op->free(be, dev[i]);
+    free(att), free(base), free(g1), free(g2);
+    if (!ok && !t->failed) test_fail(t, __FILE__, __LINE__, "%s: repack/upload failed", what);
+    return ok;
+}
+
+TEST(cuda_gptq_xstage) {
+    struct coopt_backend *be;
+    if (!init_cuda(t, &be)) return;
+    if (!be->ops->matmul_add_then_norm || !be->ops->norm_matmul_swiglu_then_add) {
+        test_fail(t, __FILE__, __LINE__, "the CUDA backend lacks the then-ops");
+        be->ops->destroy(be);
+        return;
+    }
+    static const struct {
+        int64_t dim, ffn, kvd;
+        int     act;
+    } cases[] = {{512, 1408, 128, 0}, {512, 1408, 512, 1}, {4096, 11008, 1024, 0}};
+    bool ok = true;
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(cases) && ok; i++)
+        for (int32_t rows = 1; rows <= 2 && ok; rows++)
+            for (int variant = 0; variant < (rows == 1 ? 3 : 1) && ok; variant++)
+                ok = xstage_case(t, be, cases[i].dim, cases[i].ffn, cases[i].kvd, cases[i].act, rows, variant,
+                                 1300 + 11 * i + 3 * rows + variant);
+    be->ops->destroy(be);
+}
+
 // A GPU that gives a block less shared memory than the tensor-core GEMV's launch needs (A100:
 // 163 KiB, sm_86/89: 99 KiB; simulated with cuda_gptq_set_hgemv_smem_limit): the fused op
 // declines (returns false, nothing enqueued: the caller composes the op) and a plain matmul takes
@@ -612,7 +751,7 @@ TEST(cuda_gptq_hgemv_settings) {
                 snprintf(what, sizeof(what), "smem limit %zu, in %lld, %s", limits[li], (long long)n_in,
                          fused ? "cuda_gptq_gemv_fused" : "cuda_gptq_matmul");
                 if (fused) {
-                    const bool ran = cuda_gptq_gemv_fused(be, CUDA_GPTQ_FUSED_STORE, 1, outs, dx, NULL, 0.0f, ws, NULL, 1);
+                    const bool ran = cuda_gptq_gemv_fused(be, CUDA_GPTQ_FUSED_STORE, 1, outs, dx, NULL, 0.0f, ws, NULL, 1, NULL);
                     if (ran != fits) {
                         test_fail(t, __FILE__, __LINE__, "%s: returned %d, want %d", what, ran, fits);
                         ok = false;
@@ -997,7 +1136,7 @@ static void bench_multi_call(void *p, int i) {
         const struct cuda_gptq_weight *ws[GPTQ_BENCH_MAX_MULTI];
         for (int j = 0; j < a->n; j++) ws[j] = &w[j];
         (void)cuda_gptq_gemv_fused(a->be, (enum cuda_gptq_fused)a->fused, a->n, a->douts, a->dx, a->dnorm, 1e-5f, ws,
-                                   NULL, a->n_rows);
+                                   NULL, a->n_rows, NULL);
     } else if (a->multi) {
         const struct cuda_gptq_weight *ws[GPTQ_BENCH_MAX_MULTI];
         for (int j = 0; j < a->n; j++) ws[j] = &w[j];

@@ -116,6 +116,15 @@ struct cuda_backend {
     size_t               work_bytes;
     void                *work2; // second workspace, for an op's result while another op uses `work`
     size_t               work2_bytes;
+    // Decode GEMV inputs staged by the GEMV before (matmul.cu: backend.h's *_then_* ops): two
+    // slots in one buffer, and the record of the last staged output, which the next GEMV op
+    // consumes or drops.
+    void                *xst;
+    size_t               xst_bytes; // the buffer's, both slots
+    int                  xst_slot;  // the record's slot
+    bool                 xst_valid;
+    const float         *xst_x, *xst_norm; // what it holds: x (times norm, NULL = none)
+    int64_t              xst_n;
     uint64_t             work_epoch;  // bumped when work/work2 move: recorded steps hold their addresses
     void                *cublas_work; // fixed cuBLAS workspace (graph capture must not allocate)
     struct cuda_kv_pool *pools; // linked list of live KV pools
@@ -134,6 +143,7 @@ static inline struct cuda_backend *cuda_impl(struct coopt_backend *be) { return 
 // (recording starts only after a step of the same geometry ran op by op) and aborts.
 void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes);
 void *cuda_workspace2(struct cuda_backend *cb, size_t n_bytes);
+void *cuda_workspace_xstage(struct cuda_backend *cb, size_t n_bytes); // cb->xst (its contents are lost when it grows)
 
 // Grid size for a grid-stride loop over n elements with `threads` per block.
 static inline unsigned cuda_grid_1d(int64_t n, int threads) {
@@ -285,10 +295,15 @@ void cuda_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, 
 void cuda_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const struct coopt_weight *wg,
                         const struct coopt_weight *wu, int32_t n_rows);
 void cuda_matmul_add(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows);
+void cuda_matmul_add_then_norm(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                               int32_t n_rows, const float *next_norm);
 void cuda_norm_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x, const float *norm,
                             float eps, const struct coopt_weight *const *ws, int32_t n_rows);
 void cuda_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
                              float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows);
+void cuda_norm_matmul_swiglu_then_add(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                                      float eps, const struct coopt_weight *wg, const struct coopt_weight *wu,
+                                      int32_t n_rows);
 // step.cu: fills cb->ops from the base table (environment: COOPT_CUDA_GRAPHS=0 no step replay,
 // COOPT_CUDA_FUSED=0 no fused ops, COOPT_CUDA_PROFILE=1 per-op GPU time table on stderr at exit).
 enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_ops *base);

@@ -540,6 +540,13 @@ struct hgemv_args {
     int32_t         n_in; // the norm's mean divides by it
     int32_t         n, n_kc, n_rows, mode;
     int32_t         ng_smem; // scale/zero groups staged per block: both weights' (swiglu), else the largest
+    // one row only (cuda_gptq_xstage): x already staged by the GEMV before, else NULL; and where this
+    // GEMV stages its output for the next one (x * xo_norm; ADD and SWIGLU modes), else NULL
+    const uint4  *xi;      // [n_kc * 64] f16, hg_pos order, times 2^HG_XS
+    const float2 *xi_part; // [n_kc * 4] per 16 rows: {sum of x^2, amax(x * norm)}
+    __half       *xo;      // [out columns] as xi
+    float2       *xo_part; // [column tiles] as xi_part
+    const float  *xo_norm; // [out columns] the next GEMV's norm weights, NULL = none
 };
 
 // Index (in half2 units) of padded row k's pair inside the staged x of one token: chunk c = k / 64,
@@ -562,6 +569,12 @@ __device__ __forceinline__ int32_t hg_pos(int32_t k) {
 //   - codes: a register ring of HG_RU chunks (16 bytes per lane per chunk, L1-bypassing loads);
 //     the first HG_RU are requested before griddepcontrol.wait, then each chunk used is replaced
 //     by the one HG_RU ahead. The chunk loop is unrolled by HG_RU so every ring index is static.
+//   - x, one row after a GEMV that staged it (cuda_gptq_xstage: that GEMV's epilogue wrote its
+//     output, times this GEMV's norm weights, as the f16 below in hg_pos order, with each 16-row
+//     tile's sum of x^2 and amax of the staged value): each warp copies its range into shared
+//     memory with cp.async and sums its tiles' partials instead of converting x; where the range's
+//     amax falls outside the window below it stages from x as follows. The staged bits are the
+//     ones the warp would write; only the order of the sum of squares differs.
 //   - x: each warp stages the rows of its own range as f16 in shared memory, in one pass (hg_pos
 //     order: two 16-byte loads give a lane its 8 B-fragment registers of a chunk); token gid's
 //     row (clamped to n_rows - 1: the columns of absent tokens are computed and dropped). The
@@ -651,9 +664,26 @@ __global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_
     pdl_wait();
 
     // ---- stage x (this warp's rows of every token; see above) ----
+    const float fx     = (float)(1 << HG_XS);
+    bool        staged = false;
+    if (a.xi) { // (one row) staged by the GEMV before: copy this warp's range, check its amax window
+        const uint4 *src = a.xi + (int64_t)kc0 * 8;
+        for (int32_t i = lane; i < nper * 8; i += WARP_SIZE) cp_async16(xs + (int64_t)kc0 * 32 + 4 * i, src + i);
+        cp_async_commit();
+        float am = 0.0f, ss = 0.0f;
+        for (int32_t i = lane; i < nper * 4; i += WARP_SIZE) {
+            const float2 p = __ldg(a.xi_part + (int64_t)kc0 * 4 + i);
+            ss += p.x, am = fmaxf(am, p.y);
+        }
+        am = warp_max(am), ss = warp_sum(ss);
+        int e = 0;
+        (void)frexpf(am, &e);
+        staged = am == 0.0f || (e + HG_XS >= 0 && e + HG_XS <= 15); // (warp-uniform) else staged again below
+        cp_async_wait<0>();
+        if (staged && lane == 0) red_x[warp][0] = ss, row_f[warp][0] = 1.0f / fx;
+    }
     const int64_t k0 = (int64_t)kc0 * 64, k1 = (int64_t)kc1 * 64;
-    const float   fx = (float)(1 << HG_XS);
-    for (int r = 0; r < a.n_rows; r++) {
+    for (int r = 0; r < a.n_rows && !staged; r++) {
         const float *xr = a.x + (int64_t)r * a.ldx;
         uint32_t    *xd = xs + (int64_t)r * xrow;
         float        am = 0.0f, ss = 0.0f;
@@ -809,6 +839,15 @@ __global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_
             s *= inv, u *= inv;
         }
         gemv_store(out + (int64_t)r * n_out + o, s, u, bias, a.bias[1], o, a.mode);
+    }
+    if (a.xo && warp == 0) { // (one row) the 16 values lanes 0-15 just stored, staged for the next GEMV
+        const int32_t o  = ot * 16 + (lane & 15);
+        const bool    in = lane < 16 && o < n_out;
+        const float   v  = in ? out[o] : 0.0f;
+        const float   g  = in ? v * (a.xo_norm ? a.xo_norm[o] : 1.0f) : 0.0f;
+        if (in) a.xo[2 * hg_pos(o & ~1) + (o & 1)] = __float2half_rn(g * fx);
+        const float ss = warp_sum(v * v), am = warp_max(fabsf(g));
+        if (lane == 0) a.xo_part[ot] = make_float2(ss, am);
     }
 }
 
@@ -1339,6 +1378,10 @@ enum coopt_status cuda_gptq_upload(struct coopt_backend *be, const struct coopt_
 // Plain ints: written once (or by tests between calls), read on every matmul.
 static int g_gemv_mode = CUDA_GPTQ_GEMV_MODE_DEFAULT; // set by cuda_gptq_set_gemv
 static int g_gemv_env  = -1;                          // from $COOPT_GPTQ_GEMV, -1 = not read yet
+static int64_t g_xstage_made = 0, g_xstage_used = 0; // launches that staged their output / used a staged input
+
+void cuda_gptq_xstage_counts(int64_t *made, int64_t *used) { *made = g_xstage_made, *used = g_xstage_used; }
+
 static int g_hgemv_regs = -1; // tensor-core GEMV register cap, 0 = automatic, -1 = $COOPT_GPTQ_HGEMV_REGS not read yet
 static int g_pdl       = -1;                          // -1 = not read yet
 static int g_pdl_fail  = 0;                           // a launch with it was refused: off for good
@@ -1656,7 +1699,7 @@ static void hgemv_auto_config(const struct cuda_backend *cb, int64_t blocks, int
 // << 8 (0 = the process-wide setting).
 static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, const float *x,
                         const struct cuda_gptq_weight *const *ws, const float *const *biases, int32_t n_rows, int nw,
-                        int mode, const float *norm, float eps) {
+                        int mode, const float *norm, float eps, struct cuda_gptq_xstage *xst) {
     const int64_t k_pad = ws[0]->k_pad, n_in = ws[0]->n_in;
     if (n_rows < 1 || n_rows > HG_ROWS || n < 1 || n > GPTQ_MAX_MULTI) return false;
     bool    direct = ((uintptr_t)x & 15) == 0 && (n_in & 3) == 0;
@@ -1693,6 +1736,17 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
     }
     a.norm = norm, a.eps = eps, a.n_in = (int32_t)n_in;
     a.n = n, a.n_kc = ws[0]->n_kc, a.n_rows = n_rows, a.mode = mode, a.ng_smem = ng_smem;
+    if (xst && xst->in && n_rows == 1 && direct && xst->n_in == k_pad) {
+        a.xi = (const uint4 *)xst->in, a.xi_part = (const float2 *)((const uint8_t *)xst->in + cuda_gptq_xstage_part(k_pad));
+        g_xstage_used++;
+    }
+    if (xst && xst->out && n_rows == 1 && (mode == GEMV_ACCUMULATE || mode == GEMV_SWIGLU) &&
+        cuda_gptq_xstage_bytes(ws[0]->n_out) <= xst->out_bytes) {
+        a.xo      = (__half *)xst->out;
+        a.xo_part = (float2 *)((uint8_t *)xst->out + cuda_gptq_xstage_part(ws[0]->n_out));
+        a.xo_norm = xst->out_norm;
+        xst->staged = true, g_xstage_made++;
+    }
     int32_t end = 0;
     for (int32_t j = 0; j < n; j++) {
         a.qw[j]       = (const uint4 *)ws[j]->qw;
@@ -1712,7 +1766,7 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
 
 bool cuda_gptq_gemv_fused(struct coopt_backend *be, enum cuda_gptq_fused mode, int32_t n, float *const *outs,
                           const float *x, const float *norm, float eps, const struct cuda_gptq_weight *const *ws,
-                          const float *const *biases, int32_t n_rows) {
+                          const float *const *biases, int32_t n_rows, struct cuda_gptq_xstage *xst) {
     if (n < 1 || n > GPTQ_MAX_MULTI) return false;
     if (mode == CUDA_GPTQ_FUSED_SWIGLU && (n != 2 || ws[1]->n_out != ws[0]->n_out)) return false;
     if (mode == CUDA_GPTQ_FUSED_ADD && n != 1) return false;
@@ -1721,7 +1775,7 @@ bool cuda_gptq_gemv_fused(struct coopt_backend *be, enum cuda_gptq_fused mode, i
     const int m = mode == CUDA_GPTQ_FUSED_SWIGLU ? GEMV_SWIGLU : mode == CUDA_GPTQ_FUSED_ADD ? GEMV_ACCUMULATE : GEMV_STORE;
     struct cuda_backend *cb = cuda_impl(be);
     switch (cuda_gptq_auto_path(ws[0], n_rows)) {
-    case CUDA_GPTQ_HGEMV: return hgemv_multi(cb, n, outs, x, ws, biases, n_rows, 0, m, norm, eps);
+    case CUDA_GPTQ_HGEMV: return hgemv_multi(cb, n, outs, x, ws, biases, n_rows, 0, m, norm, eps, xst);
     case CUDA_GPTQ_GEMV: {
         // the f32 GEMV at one row; with norm: direct weights, x and norm read in place as float4,
         // x * norm staged in 48 KiB of shared memory at most
@@ -1919,7 +1973,7 @@ void cuda_gptq_matmul_path(struct coopt_backend *be, float *out, const float *x,
         float *outs[1] = {out};
         const struct cuda_gptq_weight *ws[1] = {w};
         const float *bs[1] = {bias};
-        if (hgemv_multi(cb, 1, outs, x, ws, bs, n_rows, param, GEMV_STORE, NULL, 0.0f)) break;
+        if (hgemv_multi(cb, 1, outs, x, ws, bs, n_rows, param, GEMV_STORE, NULL, 0.0f, NULL)) break;
         if (n_rows == 1) gemv_multi(cb, 1, outs, x, ws, bs, n_rows, 0); // (shared memory: k_pad too large)
         else mma_launch(cb, out, x, w, bias, n_rows, 0);
         break;
@@ -1957,7 +2011,7 @@ void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *o
         return;
     }
     if (cuda_gptq_auto_path(ws[0], n_rows) == CUDA_GPTQ_HGEMV &&
-        hgemv_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0, GEMV_STORE, NULL, 0.0f))
+        hgemv_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0, GEMV_STORE, NULL, 0.0f, NULL))
         return;
     if (n_rows < GPTQ_MMA_MIN_ROWS) {
         gemv_multi(cuda_impl(be), n, outs, x, ws, biases, n_rows, 0);

@@ -72,10 +72,33 @@ void cuda_gptq_matmul_multi(struct coopt_backend *be, int32_t n, float *const *o
 // SWIGLU outs[0] = silu(x @ W0^T + b0) * (x @ W1^T + b1) (n = 2, W0 gate, W1 up).
 // norm: RMS norm weights [n_in] (x * 1/sqrt(mean(x^2) + eps) * norm), NULL = x as it is.
 // Returns false (nothing enqueued) when the fused GEMV does not apply; the caller composes the op.
+// xst (NULL = none): the input staged by the GEMV before and where to stage this one's output;
+// see struct cuda_gptq_xstage.
 enum cuda_gptq_fused { CUDA_GPTQ_FUSED_STORE = 0, CUDA_GPTQ_FUSED_ADD, CUDA_GPTQ_FUSED_SWIGLU };
+struct cuda_gptq_xstage;
 bool cuda_gptq_gemv_fused(struct coopt_backend *be, enum cuda_gptq_fused mode, int32_t n, float *const *outs,
                           const float *x, const float *norm, float eps, const struct cuda_gptq_weight *const *ws,
-                          const float *const *biases, int32_t n_rows);
+                          const float *const *biases, int32_t n_rows, struct cuda_gptq_xstage *xst);
+
+// A decode GEMV's input prepared by the GEMV before it (backend.h: matmul_add_then_norm,
+// norm_matmul_swiglu_then_add). With one row, the tensor-core GEMV in ADD or SWIGLU mode can write
+// its output y, times the next GEMV's norm weights, as f16 in the order that GEMV stages x in
+// shared memory, followed by one float2 per 16 columns {sum of y^2, amax(y * norm)}; the next
+// GEMV (direct weights, n_in == the staged length) then copies its rows instead of converting x
+// (gptq_hgemv_kernel). Buffer layout for n values: cuda_gptq_xstage_bytes(n), partials at
+// cuda_gptq_xstage_part(n), 16-byte aligned.
+struct cuda_gptq_xstage {
+    const void  *in;        // staged input for this call, NULL = none
+    int64_t      n_in;      // its length (the call uses it only when it equals the weights' k_pad)
+    void        *out;       // where this call may stage its output, NULL = nowhere
+    size_t       out_bytes; // room there
+    const float *out_norm;  // the next GEMV's norm weights [n_out], NULL = none (SwiGLU -> down)
+    bool         staged;    // set when this call's launch writes `out`
+};
+static inline size_t cuda_gptq_xstage_part(int64_t n) { return ((size_t)n * 2 + 15) & ~(size_t)15; }
+static inline size_t cuda_gptq_xstage_bytes(int64_t n) { return cuda_gptq_xstage_part(n) + (size_t)((n + 15) / 16) * 8; }
+// Launches so far that staged their output / used a staged input (tests).
+void cuda_gptq_xstage_counts(int64_t *made, int64_t *used);
 
 // ---- for tests and benches ----
 

@@ -571,9 +571,52 @@ static bool gemv_ok(const struct coopt_weight *w, int32_t n_rows) {
            (!(w->dtype == COOPT_DTYPE_Q8_0 || w->dtype == COOPT_DTYPE_Q4_0) || w->n_in % COOPT_QK == 0);
 }
 
+// ---- inputs staged between decode GEMVs (backend.h: matmul_add_then_norm, norm_matmul_swiglu_then_add) ----
+//
+// A producing op passes the GPTQ GEMV a slot of cb->xst to stage its output in (struct
+// cuda_gptq_xstage); when the launch does, the op records what the slot holds (out, the next op's
+// norm). The next GEMV op takes the record: it passes the slot as its input if the record is
+// exactly its x and norm, and drops the record either way. Producers write the other slot than
+// the record's, so a GEMV that consumes and produces (gate/up) never writes what it reads, and
+// every write happens after griddepcontrol.wait, when the kernels before have finished.
+
+#define XST_MIN 32768 // values per slot at least (ffn widths up to llama3-70b's 28672)
+
+static size_t xst_slot_bytes(const struct cuda_backend *cb) { return (cb->xst_bytes / 2) & ~(size_t)255; }
+
+static void xst_drop(struct coopt_backend *be) { cuda_impl(be)->xst_valid = false; }
+
+// The staged input for a GEMV op reading x normed with norm (NULL = none), and room for its output
+// where n_out > 0 (n_out values; next_norm: the next op's norm weights).
+static void xst_begin(struct cuda_backend *cb, struct cuda_gptq_xstage *st, const float *x, const float *norm,
+                      int64_t n_out, const float *next_norm) {
+    memset(st, 0, sizeof(*st));
+    if (n_out > 0) { // room for at least XST_MIN values, so a model's first step sizes it once
+        const size_t need = (cuda_gptq_xstage_bytes(COOPT_MAX(n_out, XST_MIN)) + 255) & ~(size_t)255;
+        if (xst_slot_bytes(cb) < need) {
+            (void)cuda_workspace_xstage(cb, 2 * need);
+            cb->xst_valid = false; // (the contents are gone: that GEMV stages from x)
+        }
+    }
+    const size_t slot = xst_slot_bytes(cb);
+    if (cb->xst_valid && cb->xst_x == x && cb->xst_norm == norm)
+        st->in = (const uint8_t *)cb->xst + (size_t)cb->xst_slot * slot, st->n_in = cb->xst_n;
+    cb->xst_valid = false;
+    if (n_out > 0) st->out = (uint8_t *)cb->xst + (size_t)(1 - cb->xst_slot) * slot, st->out_bytes = slot;
+    st->out_norm = next_norm;
+}
+
+// Records what the op staged, if its launch did.
+static void xst_end(struct cuda_backend *cb, const struct cuda_gptq_xstage *st, const float *out, int64_t n_out) {
+    if (!st->staged) return;
+    cb->xst_slot = 1 - cb->xst_slot, cb->xst_valid = true;
+    cb->xst_x = out, cb->xst_norm = st->out_norm, cb->xst_n = n_out;
+}
+
 // ---- ops ----
 
 void cuda_matmul(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows) {
+    xst_drop(be);
     if (n_rows <= 0 || w->n_out <= 0) return;
     if (w->dtype == COOPT_DTYPE_Q4_GPTQ) { // gptq.cu; w->gptq is the device form (gptq_dev.h)
         cuda_gptq_matmul(be, out, x, (const struct cuda_gptq_weight *)w->gptq, w->bias, n_rows);
@@ -620,7 +663,7 @@ static bool gptq_multi(struct coopt_backend *be, int32_t n, float *const *outs, 
 // Returns false when the caller must compose the op.
 static bool gptq_fused(struct coopt_backend *be, enum cuda_gptq_fused mode, int32_t n, float *const *outs,
                        const float *x, const float *norm, float eps, const struct coopt_weight *const *ws,
-                       int32_t n_rows) {
+                       int32_t n_rows, struct cuda_gptq_xstage *st) {
     const struct cuda_gptq_weight *gw[GEMV_MAX_SEG];
     const float                   *bias[GEMV_MAX_SEG];
     for (int32_t i = 0; i < n; i++) {
@@ -628,7 +671,7 @@ static bool gptq_fused(struct coopt_backend *be, enum cuda_gptq_fused mode, int3
         gw[i]   = (const struct cuda_gptq_weight *)ws[i]->gptq;
         bias[i] = ws[i]->bias;
     }
-    return cuda_gptq_gemv_fused(be, mode, n, outs, x, norm, eps, gw, bias, n_rows);
+    return cuda_gptq_gemv_fused(be, mode, n, outs, x, norm, eps, gw, bias, n_rows, st);
 }
 
 // x normed into the second workspace (for the paths that need it materialized).
@@ -642,6 +685,7 @@ static const float *normed_copy(struct coopt_backend *be, const float *x, const 
 void cuda_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
                        const struct coopt_weight *const *ws, int32_t n_rows) {
     COOPT_ASSERT(n >= 1 && n <= GEMV_MAX_SEG);
+    xst_drop(be);
     if (n_rows <= 0) return;
     if (multi_one_launch(n, ws, n_rows)) {
         gemv_segments(cuda_impl(be), GEMV_STORE, n, outs, x, NULL, 0.0f, ws, n_rows);
@@ -654,12 +698,14 @@ void cuda_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, 
 void cuda_norm_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x, const float *norm,
                             float eps, const struct coopt_weight *const *ws, int32_t n_rows) {
     COOPT_ASSERT(n >= 1 && n <= GEMV_MAX_SEG);
+    struct cuda_gptq_xstage st;
+    xst_begin(cuda_impl(be), &st, x, norm, 0, NULL);
     if (n_rows <= 0) return;
     if (multi_one_launch(n, ws, n_rows)) {
         gemv_segments(cuda_impl(be), GEMV_STORE, n, outs, x, norm, eps, ws, n_rows);
         return;
     }
-    if (gptq_fused(be, CUDA_GPTQ_FUSED_STORE, n, outs, x, norm, eps, ws, n_rows)) return;
+    if (gptq_fused(be, CUDA_GPTQ_FUSED_STORE, n, outs, x, norm, eps, ws, n_rows, &st)) return;
     cuda_matmul_multi(be, n, outs, normed_copy(be, x, norm, eps, ws[0]->n_in, n_rows), ws, n_rows);
 }
 
@@ -685,6 +731,7 @@ static bool swiglu_one_launch(const struct coopt_weight *wg, const struct coopt_
 void cuda_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const struct coopt_weight *wg,
                         const struct coopt_weight *wu, int32_t n_rows) {
     COOPT_ASSERT(wg->n_out == wu->n_out && wg->n_in == wu->n_in);
+    xst_drop(be);
     if (n_rows <= 0 || wg->n_out <= 0) return;
     if (swiglu_one_launch(wg, wu, n_rows)) {
         swiglu_launch(be, out, x, NULL, 0.0f, wg, wu, n_rows);
@@ -692,7 +739,7 @@ void cuda_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const 
     }
     float *const                     outs[2] = {out, tmp};
     const struct coopt_weight *const ws[2]   = {wg, wu};
-    if (gptq_fused(be, CUDA_GPTQ_FUSED_SWIGLU, 2, outs, x, NULL, 0.0f, ws, n_rows)) return;
+    if (gptq_fused(be, CUDA_GPTQ_FUSED_SWIGLU, 2, outs, x, NULL, 0.0f, ws, n_rows, NULL)) return;
     if (!gptq_multi(be, 2, outs, x, ws, n_rows)) {
         cuda_matmul(be, out, x, wg, n_rows);
         cuda_matmul(be, tmp, x, wu, n_rows);
@@ -700,9 +747,15 @@ void cuda_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const 
     be->ops->silu_mul(be, out, out, tmp, (int64_t)n_rows * wg->n_out);
 }
 
-void cuda_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
-                             float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows) {
+// norm_matmul_swiglu; then_add: and stage out for the next op (one row, GPTQ weights).
+static void norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                               float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows,
+                               bool then_add) {
     COOPT_ASSERT(wg->n_out == wu->n_out && wg->n_in == wu->n_in);
+    struct cuda_backend    *cb = cuda_impl(be);
+    struct cuda_gptq_xstage st;
+    const bool stage = then_add && n_rows == 1 && wg->dtype == COOPT_DTYPE_Q4_GPTQ && wu->dtype == COOPT_DTYPE_Q4_GPTQ;
+    xst_begin(cb, &st, x, norm, stage ? wg->n_out : 0, NULL);
     if (n_rows <= 0 || wg->n_out <= 0) return;
     if (swiglu_one_launch(wg, wu, n_rows)) {
         swiglu_launch(be, out, x, norm, eps, wg, wu, n_rows);
@@ -710,21 +763,51 @@ void cuda_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, c
     }
     float *const                     outs[2] = {out, tmp};
     const struct coopt_weight *const ws[2]   = {wg, wu};
-    if (gptq_fused(be, CUDA_GPTQ_FUSED_SWIGLU, 2, outs, x, norm, eps, ws, n_rows)) return;
+    if (gptq_fused(be, CUDA_GPTQ_FUSED_SWIGLU, 2, outs, x, norm, eps, ws, n_rows, &st)) {
+        xst_end(cb, &st, out, wg->n_out);
+        return;
+    }
     cuda_matmul_swiglu(be, out, tmp, normed_copy(be, x, norm, eps, wg->n_in, n_rows), wg, wu, n_rows);
 }
 
-void cuda_matmul_add(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows) {
+void cuda_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                             float eps, const struct coopt_weight *wg, const struct coopt_weight *wu, int32_t n_rows) {
+    norm_matmul_swiglu(be, out, tmp, x, norm, eps, wg, wu, n_rows, false);
+}
+
+void cuda_norm_matmul_swiglu_then_add(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
+                                      float eps, const struct coopt_weight *wg, const struct coopt_weight *wu,
+                                      int32_t n_rows) {
+    norm_matmul_swiglu(be, out, tmp, x, norm, eps, wg, wu, n_rows, true);
+}
+
+// matmul_add; then_norm: and stage out (times next_norm) for the next op (one row, GPTQ weights).
+static void matmul_add(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows,
+                       bool then_norm, const float *next_norm) {
+    struct cuda_backend    *cb = cuda_impl(be);
+    struct cuda_gptq_xstage st;
+    const bool              stage = then_norm && n_rows == 1 && w->dtype == COOPT_DTYPE_Q4_GPTQ;
+    xst_begin(cb, &st, x, NULL, stage ? w->n_out : 0, next_norm);
     if (n_rows <= 0 || w->n_out <= 0) return;
-    struct cuda_backend *cb = cuda_impl(be);
     if (use_cublas(w, n_rows)) {
         gemm_cublas(cb, out, x, w, n_rows, true);
     } else if (gemv_ok(w, n_rows)) {
         gemv_segments(cb, GEMV_ACCUMULATE, 1, &out, x, NULL, 0.0f, &w, n_rows);
-    } else if (!gptq_fused(be, CUDA_GPTQ_FUSED_ADD, 1, &out, x, NULL, 0.0f, &w, n_rows)) {
+    } else if (gptq_fused(be, CUDA_GPTQ_FUSED_ADD, 1, &out, x, NULL, 0.0f, &w, n_rows, &st)) {
+        xst_end(cb, &st, out, w->n_out);
+    } else {
         // another file's matmul (it may use the workspace): the product goes to the second one
         float *tmp = (float *)cuda_workspace2(cb, (size_t)n_rows * (size_t)w->n_out * sizeof(float));
         cuda_matmul(be, tmp, x, w, n_rows);
         be->ops->add(be, out, out, tmp, (int64_t)n_rows * w->n_out);
     }
+}
+
+void cuda_matmul_add(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows) {
+    matmul_add(be, out, x, w, n_rows, false, NULL);
+}
+
+void cuda_matmul_add_then_norm(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                               int32_t n_rows, const float *next_norm) {
+    matmul_add(be, out, x, w, n_rows, true, next_norm);
 }

@@ -85,6 +85,9 @@ void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes) { return workspace
 void *cuda_workspace2(struct cuda_backend *cb, size_t n_bytes) {
     return workspace_grow(cb, &cb->work2, &cb->work2_bytes, n_bytes);
 }
+void *cuda_workspace_xstage(struct cuda_backend *cb, size_t n_bytes) {
+    return workspace_grow(cb, &cb->xst, &cb->xst_bytes, n_bytes);
+}
 
 // ---- memory ----
 
@@ -452,6 +455,7 @@ static void cuda_destroy(struct coopt_backend *be) {
         cuda_kv_pools_free_all(cb);
         if (cb->work) cudaFree(cb->work);
         if (cb->work2) cudaFree(cb->work2);
+        if (cb->xst) cudaFree(cb->xst);
         if (cb->cublas_work) cudaFree(cb->cublas_work);
         if (cb->cublas) cublasDestroy(cb->cublas);
         if (cb->stream) cudaStreamDestroy(cb->stream);
@@ -481,6 +485,8 @@ static const struct coopt_ops cuda_ops = {
     .matmul_add      = cuda_matmul_add,
     .norm_matmul_multi  = cuda_norm_matmul_multi,
     .norm_matmul_swiglu = cuda_norm_matmul_swiglu,
+    .matmul_add_then_norm        = cuda_matmul_add_then_norm,
+    .norm_matmul_swiglu_then_add = cuda_norm_matmul_swiglu_then_add,
     .rope_store_attention = cuda_rope_store_attention,
     .kv_pool_init    = cuda_kv_pool_init,
     .kv_pool_free    = cuda_kv_pool_free,

@@ -21,7 +21,8 @@
  * no_step_graphs) turns this off; COOPT_CUDA_GRAPH_MAX_TOKENS changes the batch limit.
  *
  * Other switches read here: COOPT_CUDA_FUSED=0 (no fused ops: the forward pass composes them),
- * COOPT_CUDA_FUSED_NORM=0 (no RMS norm inside the GEMVs), COOPT_CUDA_PDL=0 (GEMVs launch without
+ * COOPT_CUDA_FUSED_NORM=0 (no RMS norm inside the GEMVs), COOPT_CUDA_XSTAGE=0 (decode GEMVs do not
+ * stage the next GEMV's input: matmul_add_then_norm, norm_matmul_swiglu_then_add), COOPT_CUDA_PDL=0 (GEMVs launch without
  * programmatic dependent launch), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
  * the automatic choice).
  *
@@ -344,6 +345,22 @@ static void p_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tm
               (long long)wg->n_out, (long long)wg->n_in, rows);
 }
 
+static void p_matmul_add_then_norm(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w,
+                                   int32_t rows, const float *next_norm) {
+    prof_pre(be);
+    BASE(be)->matmul_add_then_norm(be, out, x, w, rows, next_norm);
+    prof_post(be, wbytes(w), "matmul_add_then_norm %s %lldx%lld r%d", coopt_dtype_name(w->dtype), (long long)w->n_out,
+              (long long)w->n_in, rows);
+}
+static void p_norm_matmul_swiglu_then_add(struct coopt_backend *be, float *out, float *tmp, const float *x,
+                                          const float *norm, float eps, const struct coopt_weight *wg,
+                                          const struct coopt_weight *wu, int32_t rows) {
+    prof_pre(be);
+    BASE(be)->norm_matmul_swiglu_then_add(be, out, tmp, x, norm, eps, wg, wu, rows);
+    prof_post(be, wbytes(wg) + wbytes(wu), "norm_matmul_swiglu_then_add %s 2x%lldx%lld r%d", coopt_dtype_name(wg->dtype),
+              (long long)wg->n_out, (long long)wg->n_in, rows);
+}
+
 static int prof_cmp(const void *a, const void *b) {
     double x = ((const struct prof_entry *)a)->ms, y = ((const struct prof_entry *)b)->ms;
     return x < y ? 1 : x > y ? -1 : 0;
@@ -390,6 +407,11 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         cb->ops.norm_matmul_multi  = NULL;
         cb->ops.norm_matmul_swiglu = NULL;
     }
+    // the decode GEMVs stage the next one's input (matmul.cu); 0: each converts its own
+    if (!cb->ops.norm_matmul_multi || !cb->ops.matmul_add || !env_flag("COOPT_CUDA_XSTAGE", true)) {
+        cb->ops.matmul_add_then_norm        = NULL;
+        cb->ops.norm_matmul_swiglu_then_add = NULL;
+    }
     int cc = 0;
     CUDA_TRY(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device), COOPT_ERR_UNSUPPORTED);
     cb->pdl = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
@@ -407,6 +429,8 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         if (o->matmul_add) o->matmul_add = p_matmul_add;
         if (o->norm_matmul_multi) o->norm_matmul_multi = p_norm_matmul_multi;
         if (o->norm_matmul_swiglu) o->norm_matmul_swiglu = p_norm_matmul_swiglu;
+        if (o->matmul_add_then_norm) o->matmul_add_then_norm = p_matmul_add_then_norm;
+        if (o->norm_matmul_swiglu_then_add) o->norm_matmul_swiglu_then_add = p_norm_matmul_swiglu_then_add;
         if (o->rope_store_attention) o->rope_store_attention = p_rope_store_attention;
     }
     be->ops = &cb->ops;
