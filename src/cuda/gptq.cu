@@ -28,7 +28,8 @@
  *  - tensor-core GEMV (decode, 1 row: the default; up to 8 rows when asked for;
  *    gptq_hgemv_kernel, described at the kernel): exact f16 (q - z) x f16 x in mma.m16n8k16,
  *    f32 sums, codes through a register ring; also the fused decode ops of backend.h (RMS norm
- *    in, residual add or silu * up in the store: cuda_gptq_gemv_fused). On an H100 the four
+ *    in, residual add or silu * up in the store: cuda_gptq_gemv_fused), at one row passing x on
+ *    to the next GEMV ready-staged (struct cuda_gptq_xstage). On an H100 the four
  *    fused GEMVs of a decode layer run at 48-80 % of the bandwidth (kernel bench, docs/BENCHMARKS.md).
  *  - int8 GEMV (decode, 1-8 rows a launch; opt-in with COOPT_GPTQ_GEMV=i8, see "Measured"
  *    below for why it is not the default): per call, gptq_quant_x_kernel quantizes x to int8
