@@ -1741,8 +1741,9 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
         a.xi = (const uint4 *)xst->in, a.xi_part = (const float2 *)((const uint8_t *)xst->in + cuda_gptq_xstage_part(k_pad));
         g_xstage_used++;
     }
+    // (a consumer's n_in is its k_pad, a multiple of 64: other lengths would never be read)
     if (xst && xst->out && n_rows == 1 && (mode == GEMV_ACCUMULATE || mode == GEMV_SWIGLU) &&
-        cuda_gptq_xstage_bytes(ws[0]->n_out) <= xst->out_bytes) {
+        ws[0]->n_out % 64 == 0 && cuda_gptq_xstage_bytes(ws[0]->n_out) <= xst->out_bytes) {
         a.xo      = (__half *)xst->out;
         a.xo_part = (float2 *)((uint8_t *)xst->out + cuda_gptq_xstage_part(ws[0]->n_out));
         a.xo_norm = xst->out_norm;
