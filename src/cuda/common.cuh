@@ -145,6 +145,9 @@ void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes);
 void *cuda_workspace2(struct cuda_backend *cb, size_t n_bytes);
 void *cuda_workspace_xstage(struct cuda_backend *cb, size_t n_bytes); // cb->xst (its contents are lost when it grows)
 
+// n rounded up to a multiple of 256 (sub-buffers of one allocation keep cudaMalloc's alignment).
+static inline size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+
 // Grid size for a grid-stride loop over n elements with `threads` per block.
 static inline unsigned cuda_grid_1d(int64_t n, int threads) {
     int64_t b = (n + threads - 1) / threads;

@@ -1250,8 +1250,6 @@ struct dev_plan {
     size_t  off_sz, off_kbg, off_kcg, off_perm, off_cnt, total;
 };
 
-static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
-
 static struct dev_plan plan_of(const struct coopt_gptq_weight *hw) {
     struct dev_plan p;
     p.k_pad     = (hw->k_pad + 63) / 64 * 64;

@@ -592,7 +592,7 @@ static void xst_begin(struct cuda_backend *cb, struct cuda_gptq_xstage *st, cons
                       int64_t n_out, const float *next_norm) {
     memset(st, 0, sizeof(*st));
     if (n_out > 0) { // room for at least XST_MIN values, so a model's first step sizes it once
-        const size_t need = (cuda_gptq_xstage_bytes(COOPT_MAX(n_out, XST_MIN)) + 255) & ~(size_t)255;
+        const size_t need = align256(cuda_gptq_xstage_bytes(COOPT_MAX(n_out, XST_MIN)));
         if (xst_slot_bytes(cb) < need) {
             (void)cuda_workspace_xstage(cb, 2 * need);
             cb->xst_valid = false; // (the contents are gone: that GEMV stages from x)
