@@ -107,6 +107,12 @@ struct coopt_ops {
     void (*rope_store_attention)(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
                                  int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer,
                                  const struct coopt_batch *b, const struct coopt_rope *rope, float scale);
+    // The same with a promise (as the *_then_* ops above): the next op is matmul_add or
+    // matmul_add_then_norm reading x = out. Same results as rope_store_attention.
+    void (*rope_store_attention_then_matmul)(struct coopt_backend *be, float *out, float *q, const float *k,
+                                             const float *v, int32_t n_heads, struct coopt_kv_cache *kv,
+                                             int32_t layer, const struct coopt_batch *b, const struct coopt_rope *rope,
+                                             float scale);
 
     // ---- KV pool ----
     // Reserves address space for the pool; memory is committed on first write (lazy mapping).

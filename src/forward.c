@@ -144,7 +144,9 @@ void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct
         const struct coopt_layer *L = &m->layers[l];
         // attention block
         qkv_in(be, s, L->attn_norm, c->norm_eps, &L->wq, &L->wk, &L->wv, n, hook, l);
-        if (op->rope_store_attention) {
+        if (op->rope_store_attention_then_matmul && op->matmul_add && !hook) { // (project_add reads att next)
+            op->rope_store_attention_then_matmul(be, s->att, s->q, s->k, s->v, c->n_heads, kv, l, b, rope, scale);
+        } else if (op->rope_store_attention) {
             op->rope_store_attention(be, s->att, s->q, s->k, s->v, c->n_heads, kv, l, b, rope, scale);
         } else {
             op->rope_store(be, s->q, s->k, s->v, c->n_heads, kv, l, b, rope);

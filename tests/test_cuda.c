@@ -43,6 +43,7 @@
 
 #ifdef COOPT_CUDA
 #include "cuda/cuda.h"
+#include "cuda/gptq_dev.h"
 
 #include "test_cuda_util.h"
 
@@ -673,9 +674,66 @@ struct fused_case {
     bool             koffs;      // K smoothing offsets (FP8 caches)
     bool             seq_start;  // the first sequence's token is at position 0 (not fusable)
     bool             fuse_fp8;   // cuda_attn_set_fuse_fp8 (FP8 caches are not fused by default)
+    bool             then;       // the second run is rope_store_attention_then_matmul (check_staged)
     int32_t          n_seqs;
     const int32_t   *lens;       // [n_seqs] positions held after the step; the step has the last one of each
 };
+
+// hg_pos of src/cuda/xstage.cuh: where padded row k's pair sits (half2 units) in a staged input.
+static int32_t staged_pos(int32_t k) {
+    const int m = k & 63;
+    return (k >> 6) * 32 + (((m & 7) >> 1) << 3) + ((m >> 4) << 1) + ((m >> 3) & 1);
+}
+
+// After rope_store_attention_then_matmul: the record the next GEMV op would take for out (dout on
+// the device, out its n values read back). Where the op stages (one token, head_dim % 16 == 0,
+// n % 64 == 0) every element must be f16(out * 16) at its hg_pos slot and every 16-element
+// tile's partials {sum of squares, amax} bit-identical to the kernel's butterfly (lanes i and
+// i ^ m added, m = 8, 4, 2, 1; the GEMV epilogue's order), i.e. exactly what the consuming GEMV
+// would stage itself; elsewhere nothing may be recorded for out.
+static bool check_staged(struct test_ctx *t, struct cu_pair *p, const float *dout, const float *out, int64_t n,
+                         bool want, const char *what) {
+    const void *buf = NULL;
+    int64_t     len = 0;
+    const bool  have = cuda_xstage_peek(p->cu, dout, &buf, &len);
+    if (have != want || (have && len != n)) {
+        test_fail(t, __FILE__, __LINE__, "%s: staged output %s (%lld values), want %s", what, have ? "recorded" : "none",
+                  (long long)len, want ? "one" : "none");
+        return false;
+    }
+    if (!have) return true;
+    const size_t bytes = cuda_gptq_xstage_bytes(n);
+    uint8_t     *h     = malloc(bytes);
+    dev_read(p->cu, h, buf, bytes);
+    const uint16_t *hx = (const uint16_t *)h;
+    float           part[2];
+    bool            ok = true;
+    for (int64_t k = 0; k < n && ok; k++) {
+        const uint16_t want_bits = coopt_f32_to_f16(out[k] * 16.0f), got = hx[2 * staged_pos((int32_t)k) + (k & 1)];
+        if (got != want_bits) {
+            test_fail(t, __FILE__, __LINE__, "%s: staged [%lld] = 0x%04x, want 0x%04x (%.9g)", what, (long long)k, got,
+                      want_bits, out[k]);
+            ok = false;
+        }
+    }
+    for (int64_t tile = 0; tile < n / 16 && ok; tile++) {
+        float ss[16], am[16];
+        for (int i = 0; i < 16; i++) ss[i] = out[tile * 16 + i] * out[tile * 16 + i], am[i] = fabsf(out[tile * 16 + i]);
+        for (int m = 8; m > 0; m >>= 1) {
+            float s2[16], a2[16];
+            for (int i = 0; i < 16; i++) s2[i] = ss[i] + ss[i ^ m], a2[i] = fmaxf(am[i], am[i ^ m]);
+            memcpy(ss, s2, sizeof(ss)), memcpy(am, a2, sizeof(am));
+        }
+        memcpy(part, h + cuda_gptq_xstage_part(n) + (size_t)tile * 8, 8);
+        if (memcmp(&part[0], &ss[0], 4) != 0 || memcmp(&part[1], &am[0], 4) != 0) {
+            test_fail(t, __FILE__, __LINE__, "%s: tile %lld partials {%.9g, %.9g}, want {%.9g, %.9g}", what,
+                      (long long)tile, part[0], part[1], ss[0], am[0]);
+            ok = false;
+        }
+    }
+    free(h);
+    return ok;
+}
 
 // rope_store_attention against rope_store + attention on the same inputs and cache history. The
 // fused decode kernel runs the same operations as the two kernels (rope_store's rotation and FP8
@@ -759,7 +817,8 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
     p->cu->ops->rope_store(p->cu, dq[0], dk, dv, c->nh, &kv[0], layer, &b, &rope);
     p->cu->ops->attention(p->cu, dout[0], dq[0], c->nh, &kv[0], layer, &b, scale);
     cuda_attn_set_fuse_fp8(p->cu, c->fuse_fp8);
-    p->cu->ops->rope_store_attention(p->cu, dout[1], dq[1], dk, dv, c->nh, &kv[1], layer, &b, &rope, scale);
+    if (c->then) p->cu->ops->rope_store_attention_then_matmul(p->cu, dout[1], dq[1], dk, dv, c->nh, &kv[1], layer, &b, &rope, scale);
+    else p->cu->ops->rope_store_attention(p->cu, dout[1], dq[1], dk, dv, c->nh, &kv[1], layer, &b, &rope, scale);
     cuda_attn_set_fuse_fp8(p->cu, 0);
     uint8_t *pools[2] = {malloc(pool_bytes), malloc(pool_bytes)};
     float   *outs[2] = {malloc(nq * 4), malloc(nq * 4)}, *qs[2] = {malloc(nq * 4), malloc(nq * 4)};
@@ -770,8 +829,9 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
     }
     const bool fused = !start && c->nh / c->nkv <= 8 && (!kv[0].layout.has_scales || c->fuse_fp8);
     char       what[160];
-    snprintf(what, sizeof(what), "%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d", coopt_dtype_name(c->dt),
-             c->hd, c->nh, c->nkv, c->ps, c->layout, doff != NULL, c->lens[0], c->lens[n - 1]);
+    snprintf(what, sizeof(what), "%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d then %d",
+             coopt_dtype_name(c->dt), c->hd, c->nh, c->nkv, c->ps, c->layout, doff != NULL, c->lens[0], c->lens[n - 1],
+             c->then);
     bool ok = true;
     if (memcmp(pools[0], pools[1], pool_bytes) != 0) {
         size_t i = 0;
@@ -788,6 +848,8 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
         test_fail(t, __FILE__, __LINE__, "%s: q %s", what, fused ? "modified (the fused kernel did not run)" : "not rotated");
         ok = false;
     }
+    if (ok && c->then)
+        ok = check_staged(t, p, dout[1], outs[1], (int64_t)nq, n == 1 && c->hd % 16 == 0 && nq % 64 == 0, what);
     for (int j = 0; j < 2; j++) {
         p->cu->ops->kv_pool_free(p->cu, kv[j].pool, pool_bytes);
         p->cu->ops->free(p->cu, dq[j]), p->cu->ops->free(p->cu, dout[j]);
@@ -837,6 +899,20 @@ TEST(cuda_rope_store_attention) {
         c1.fuse_fp8 = false;
         if (!check_fused_attention(t, &p, &s, &c1)) goto done;
     }
+    // the then-op: one decode token's output is also staged for the o projection (check_staged),
+    // by the decode kernel (one partition) or the merge kernel (1100 positions); several tokens,
+    // and outputs that are not whole 64-row chunks (2 heads of 16), are not staged
+    const int32_t one_long[] = {1100}, one_short[] = {37};
+    const int32_t shapes[][3] = {{128, 32, 8}, {64, 8, 8}, {80, 64, 8}, {16, 8, 8}, {16, 2, 2}};
+    for (size_t a = 0; a < COOPT_ARRAY_LEN(shapes); a++)
+        for (size_t d = 0; d < COOPT_ARRAY_LEN(k_kvtypes); d++)
+            for (int r = 0; r < 3; r++) {
+                struct fused_case c = {.hd = shapes[a][0], .nh = shapes[a][1], .nkv = shapes[a][2], .ps = 16,
+                                       .dt = k_kvtypes[d], .layout = 1, .koffs = true, .fuse_fp8 = (d + r) % 2 == 0,
+                                       .then = true, .n_seqs = r == 2 ? 5 : 1,
+                                       .lens = r == 0 ? one_long : r == 1 ? one_short : lens};
+                if (!check_fused_attention(t, &p, &s, &c)) goto done;
+            }
 done:
     cu_pair_free(&p);
 }

@@ -1076,12 +1076,27 @@ static bool check_synth_model(struct test_ctx *t, bool act, int32_t gs) {
         ok = best >= 0, toks[0] = best;
     }
     cuda_gptq_set_gemv(CUDA_GPTQ_GEMV_MODE_DEFAULT);
-    // sequence B: a 24-token prompt (tensor-core path), then one step (the default GEMV)
+    // sequence B: a 24-token prompt (tensor-core path), then one step (the default GEMV). That step
+    // runs op by op (the first with its graph key since the GEMV mode changed) and, with direct
+    // weights and the tensor-core GEMV, every GEMV but the first q/k/v reads an input staged for
+    // it: o by the attention, gate/up by o, down by gate/up, the next q/k/v by down (launch
+    // counters: 3 L - 1 GEMVs staged an output, 4 L - 1 used one)
     for (int i = 0; i < 24; i++) toks[i] = 3 + (int32_t)((i * 40503u + 7) % 31000u), seqs[i] = s2;
     for (int step = 0; step < 2 && ok; step++) {
         snprintf(what, sizeof(what), "act %d gs %d seq B step %d", act, gs, step);
+        int64_t made0, used0, made1, used1;
+        cuda_gptq_xstage_counts(&made0, &used0);
         int32_t best = model_step(t, cc, cr, toks, seqs, step ? 1 : 24, nv, 2e-2, what);
         ok = best >= 0, toks[0] = best;
+        cuda_gptq_xstage_counts(&made1, &used1);
+        const int64_t L = sp.n_layers;
+        if (ok && step == 1 && !act && cuda_gptq_get_gemv() == CUDA_GPTQ_GEMV_MODE_H &&
+            (made1 - made0 != 3 * L - 1 || used1 - used0 != 4 * L - 1)) {
+            test_fail(t, __FILE__, __LINE__, "%s: %lld GEMVs staged an output, %lld used one; want %lld, %lld", what,
+                      (long long)(made1 - made0), (long long)(used1 - used0), (long long)(3 * L - 1),
+                      (long long)(4 * L - 1));
+            ok = false;
+        }
     }
     coopt_ctx_free(cc), coopt_ctx_free(cr);
     coopt_model_free(mc), coopt_model_free(mr);

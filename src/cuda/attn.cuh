@@ -39,6 +39,11 @@ struct attn_args {
     int32_t        part_size; // keys per partition (INT_MAX: no split)
     int32_t        tc_tokens; // tokens per tensor-core query tile; 0 = no tensor-core kernel this step
     float          scale;
+    // One decode token: the output also staged for the GEMV that reads it next (xstage.cuh, by the
+    // decode kernel where the token's range is one partition, else by the merge kernel); NULL =
+    // none. Needs head_dim % 16 == 0 (a 16-element tile in one 16-lane half).
+    __half        *xo;
+    float2        *xo_part;
     // Fused Opt-KV write (decode kernel only; fk == NULL: off): q is unrotated and the step's
     // K/V rows are not stored yet. Every CTA rotates its q heads as it loads them; the CTA of the
     // last partition of each (token, KV head) rotates and stores the token's K row (fk, less the

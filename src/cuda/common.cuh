@@ -144,6 +144,11 @@ static inline struct cuda_backend *cuda_impl(struct coopt_backend *be) { return 
 void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes);
 void *cuda_workspace2(struct cuda_backend *cb, size_t n_bytes);
 void *cuda_workspace_xstage(struct cuda_backend *cb, size_t n_bytes); // cb->xst (its contents are lost when it grows)
+// An op other than a GPTQ GEMV staging its output x (n values, one row) for the GEMV that reads x
+// next (matmul.cu keeps the record, see there): the slot to write (NULL: none), then, once the
+// op's launches are enqueued, the record.
+void *cuda_xstage_out_begin(struct cuda_backend *cb, int64_t n);
+void  cuda_xstage_out_end(struct cuda_backend *cb, const float *x, int64_t n);
 
 // n rounded up to a multiple of 256 (sub-buffers of one allocation keep cudaMalloc's alignment).
 static inline size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -329,6 +334,9 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
 void cuda_rope_store_attention(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
                                int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
                                const struct coopt_rope *rope, float scale);
+void cuda_rope_store_attention_then_matmul(struct coopt_backend *be, float *out, float *q, const float *k,
+                                           const float *v, int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer,
+                                           const struct coopt_batch *b, const struct coopt_rope *rope, float scale);
 // kv_pool.cu
 enum coopt_status cuda_kv_pool_init(struct coopt_backend *be, size_t n_bytes, void **out);
 void cuda_kv_pool_free(struct coopt_backend *be, void *pool, size_t n_bytes);

@@ -107,6 +107,7 @@
 #include "cuda/common.cuh"
 
 #include "cuda/gptq_dev.h"
+#include "cuda/xstage.cuh"
 
 #include <stdlib.h>
 #include <string.h>
@@ -503,9 +504,6 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 #define HG_RU 4 // 64-row chunks of codes each lane keeps in flight (a register ring; the loop is unrolled by it)
 #endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
-#ifndef HG_XS
-#define HG_XS 4 // x is staged as f16(x * 2^HG_XS) where a warp's amax is in [2^(-1-HG_XS), 2^(15-HG_XS))
-#endif
 // Register caps: every instance is compiled with both, and hgemv_auto_config takes the larger
 // where the grid still fits the GPU in one wave. With one cap for all, 80 was 4 % faster end to
 // end on llama2-7b and 72 4-7 % faster on llama3-8b / llama2-13b, whose 4-warp gate/up grids fit
@@ -549,15 +547,6 @@ struct hgemv_args {
     float2       *xo_part; // [column tiles] as xi_part
     const float  *xo_norm; // [out columns] the next GEMV's norm weights, NULL = none
 };
-
-// Index (in half2 units) of padded row k's pair inside the staged x of one token: chunk c = k / 64,
-// then [tq][j][hi] with k % 64 = 16 j + 8 hi + 2 tq + e (e: the half of the pair). Lane (gid, tq)
-// then finds its B fragments b0 (hi 0) and b1 (hi 1) of the chunk's four 16-row steps j in 32
-// contiguous bytes.
-__device__ __forceinline__ int32_t hg_pos(int32_t k) {
-    const int m = k & 63;
-    return (k >> 6) * 32 + (((m & 7) >> 1) << 3) + ((m >> 4) << 1) + ((m >> 3) & 1);
-}
 
 // out[r][o] for the 16 columns of tile blockIdx.x and up to 8 rows (see the file comment for the
 // code layout). Block: NW warps splitting the tile's chunks into contiguous ranges (swiglu: each
@@ -845,10 +834,7 @@ __global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_
         const int32_t o  = ot * 16 + (lane & 15);
         const bool    in = lane < 16 && o < n_out;
         const float   v  = in ? out[o] : 0.0f;
-        const float   g  = in ? v * (a.xo_norm ? a.xo_norm[o] : 1.0f) : 0.0f;
-        if (in) a.xo[2 * hg_pos(o & ~1) + (o & 1)] = __float2half_rn(g * fx);
-        const float ss = warp_sum(v * v), am = warp_max(fabsf(g));
-        if (lane == 0) a.xo_part[ot] = make_float2(ss, am);
+        xstage_put(a.xo, a.xo_part, o, in, lane < 16, v, in ? v * (a.xo_norm ? a.xo_norm[o] : 1.0f) : 0.0f);
     }
 }
 

@@ -99,6 +99,9 @@ static inline size_t cuda_gptq_xstage_part(int64_t n) { return ((size_t)n * 2 + 
 static inline size_t cuda_gptq_xstage_bytes(int64_t n) { return cuda_gptq_xstage_part(n) + (size_t)((n + 15) / 16) * 8; }
 // Launches so far that staged their output / used a staged input (tests).
 void cuda_gptq_xstage_counts(int64_t *made, int64_t *used);
+// (tests) The staged copy of x that the next GEMV op would take, if any: its device address and
+// length (layout of struct cuda_gptq_xstage). Returns false (NULL, 0) when none is recorded for x.
+bool cuda_xstage_peek(struct coopt_backend *be, const float *x, const void **buf, int64_t *n);
 
 // ---- for tests and benches ----
 

@@ -613,6 +613,27 @@ static void xst_end(struct cuda_backend *cb, const struct cuda_gptq_xstage *st, 
     cb->xst_x = out, cb->xst_norm = st->out_norm, cb->xst_n = n_out;
 }
 
+void *cuda_xstage_out_begin(struct cuda_backend *cb, int64_t n) {
+    struct cuda_gptq_xstage st;
+    xst_begin(cb, &st, NULL, NULL, n, NULL); // (drops the record)
+    return st.out && cuda_gptq_xstage_bytes(n) <= st.out_bytes ? st.out : NULL;
+}
+
+void cuda_xstage_out_end(struct cuda_backend *cb, const float *x, int64_t n) {
+    struct cuda_gptq_xstage st;
+    memset(&st, 0, sizeof(st));
+    st.staged = true;
+    xst_end(cb, &st, x, n);
+}
+
+extern "C" bool cuda_xstage_peek(struct coopt_backend *be, const float *x, const void **buf, int64_t *n) {
+    const struct cuda_backend *cb = cuda_impl(be);
+    *buf = NULL, *n = 0;
+    if (!cb->xst_valid || cb->xst_x != x) return false;
+    *buf = (const uint8_t *)cb->xst + (size_t)cb->xst_slot * xst_slot_bytes(cb), *n = cb->xst_n;
+    return true;
+}
+
 // ---- ops ----
 
 void cuda_matmul(struct coopt_backend *be, float *out, const float *x, const struct coopt_weight *w, int32_t n_rows) {

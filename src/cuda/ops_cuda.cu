@@ -488,6 +488,7 @@ static const struct coopt_ops cuda_ops = {
     .matmul_add_then_norm        = cuda_matmul_add_then_norm,
     .norm_matmul_swiglu_then_add = cuda_norm_matmul_swiglu_then_add,
     .rope_store_attention = cuda_rope_store_attention,
+    .rope_store_attention_then_matmul = cuda_rope_store_attention_then_matmul,
     .kv_pool_init    = cuda_kv_pool_init,
     .kv_pool_free    = cuda_kv_pool_free,
     .kv_pool_release = cuda_kv_pool_release,

@@ -52,6 +52,8 @@
  * score differences. Same cache bytes as the CPU reference, different summation order.
  */
 #include "cuda/attn.cuh"
+#include "cuda/gptq_dev.h"
+#include "cuda/xstage.cuh"
 
 #include <limits.h>
 #include <math.h>
@@ -474,29 +476,39 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 #pragma unroll
         for (int g = 0; g < G; g++) red_m[warp * G + g] = m[g], red_l[warp * G + g] = l[g];
     __syncthreads();
-    for (int idx = tid; idx < ng * hd; idx += ATTN_THREADS) {
-        const int g = idx / hd, d = idx % hd;
-        float     M = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, red_m[w * G + g]);
-        const float base = M == -INFINITY ? 0.0f : M;
-        float       S = 0.0f, A = 0.0f;
-#pragma unroll
-        for (int w = 0; w < ATTN_WARPS; w++) {
-            const float f = fast_exp2(red_m[w * G + g] - base);
-            S += red_l[w * G + g] * f;
-            A += red_acc[(w * G + g) * C::HDP + d] * f;
-        }
+    // (uniform trip count: the staging's shuffles need every lane; ng * hd is a multiple of 16
+    // where a.xo is set, so each 16-lane half is all in or all out)
+    const bool stage = a.xo != nullptr && parts_t == 1;
+    for (int i0 = 0; i0 < ng * hd; i0 += ATTN_THREADS) {
+        const int  idx = i0 + tid;
+        const bool in  = idx < ng * hd;
+        const int  g = in ? idx / hd : 0, d = in ? idx % hd : 0;
         const size_t th = (size_t)t * a.n_heads + h0 + g;
-        if (parts_t == 1) {
-            a.out[th * hd + d] = S > 0.0f ? A / S : 0.0f;
-        } else {
-            a.part_acc[(th * a.n_parts + part) * hd + d] = A;
-            if (d == 0) {
-                a.part_ml[(th * a.n_parts + part) * 2]     = M;
-                a.part_ml[(th * a.n_parts + part) * 2 + 1] = S;
+        float        y  = 0.0f;
+        if (in) {
+            float M = -INFINITY;
+#pragma unroll
+            for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, red_m[w * G + g]);
+            const float base = M == -INFINITY ? 0.0f : M;
+            float       S = 0.0f, A = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ATTN_WARPS; w++) {
+                const float f = fast_exp2(red_m[w * G + g] - base);
+                S += red_l[w * G + g] * f;
+                A += red_acc[(w * G + g) * C::HDP + d] * f;
+            }
+            if (parts_t == 1) {
+                y                  = S > 0.0f ? A / S : 0.0f;
+                a.out[th * hd + d] = y;
+            } else {
+                a.part_acc[(th * a.n_parts + part) * hd + d] = A;
+                if (d == 0) {
+                    a.part_ml[(th * a.n_parts + part) * 2]     = M;
+                    a.part_ml[(th * a.n_parts + part) * 2 + 1] = S;
+                }
             }
         }
+        if (stage) xstage_put(a.xo, a.xo_part, (int32_t)(th * hd) + d, in, in, y, y);
     }
 }
 
@@ -536,9 +548,16 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct a
     }
     __syncthreads();
     den = wred[1][0] + wred[1][1] + wred[1][2] + wred[1][3];
-    for (int d = tid; d < hd; d += ATTN_THREADS) {
-        const float num    = red[0][d] + red[1][d] + red[2][d] + red[3][d];
-        a.out[th * hd + d] = den > 0.0f ? num / den : 0.0f;
+    for (int d0 = 0; d0 < hd; d0 += ATTN_THREADS) { // (uniform trip count, as in the decode kernel)
+        const int  d  = d0 + tid;
+        const bool in = d < hd;
+        float      y  = 0.0f;
+        if (in) {
+            const float num    = red[0][d] + red[1][d] + red[2][d] + red[3][d];
+            y                  = den > 0.0f ? num / den : 0.0f;
+            a.out[th * hd + d] = y;
+        }
+        if (a.xo) xstage_put(a.xo, a.xo_part, (int32_t)(th * hd) + d, in, in, y, y);
     }
 }
 
@@ -605,10 +624,11 @@ int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batc
 void cuda_attn_set_route(struct coopt_backend *be, int route) { cuda_impl(be)->attn_route = route; }
 void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int on) { cuda_impl(be)->attn_fuse_fp8 = on != 0; }
 
-// cuda_attention; with fk != NULL, the fused write of cuda_rope_store_attention (attn_args.fk).
+// cuda_attention; with fk != NULL, the fused write of cuda_rope_store_attention (attn_args.fk);
+// stage: out is also staged for the GEMV that reads it next (attn_args.xo), where it applies.
 static void attention_run(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                           const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale,
-                          const float *fk, const float *fv, const struct coopt_rope *rope) {
+                          const float *fk, const float *fv, const struct coopt_rope *rope, bool stage) {
     const struct coopt_kv_layout *l  = &kv->layout;
     struct cuda_backend          *cb = cuda_impl(be);
     const int32_t                 nkv = l->n_kv_heads, hd = l->head_dim;
@@ -675,6 +695,13 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     a.scale        = scale;
     a.fk = fk, a.fv = fv, a.slots = b->slots, a.koff = NULL, a.seq_ids = b->seq_ids;
     a.pool_w = (uint8_t *)kv->pool, a.n_layers = l->n_layers;
+    a.xo = NULL, a.xo_part = NULL;
+    // one decode token whose n_heads * hd outputs are whole 64-row chunks of the next GEMV's input
+    const int64_t n_out = (int64_t)n_heads * hd;
+    if (stage && b->n_tokens == 1 && hd % 16 == 0 && n_out % 64 == 0) {
+        uint8_t *slot = (uint8_t *)cuda_xstage_out_begin(cb, n_out);
+        if (slot) a.xo = (__half *)slot, a.xo_part = (float2 *)(slot + cuda_gptq_xstage_part(n_out));
+    }
     memset(&a.rope, 0, sizeof(a.rope));
     if (fk) {
         a.rope = rope_params_make(rope);
@@ -711,11 +738,12 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
         attn_merge_kernel<<<dim3((unsigned)b->n_tokens, (unsigned)n_heads), 128, 0, cb->stream>>>(a, hd);
         CUDA_CHECK_LAUNCH();
     }
+    if (a.xo) cuda_xstage_out_end(cb, out, n_out);
 }
 
 void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                     const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale) {
-    attention_run(be, out, q, n_heads, kv, layer, b, scale, NULL, NULL, NULL);
+    attention_run(be, out, q, n_heads, kv, layer, b, scale, NULL, NULL, NULL, false);
 }
 
 // rope_store + attention. Decode steps (one token per sequence, none at position 0) run as one
@@ -726,9 +754,9 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
 // the fused kernel measured from 1.5 % slower to 0.9 % faster than the two (H100, llama2-7b /
 // llama3-8b gptq4, depth 0 and 4096), against 1.4-1.5 % faster with F16 (docs/BENCHMARKS.md).
 // (The kernel handles FP8: test cuda_rope_store_attention runs it through the test hook.)
-void cuda_rope_store_attention(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
-                               int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
-                               const struct coopt_rope *rope, float scale) {
+static void rope_store_attention(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
+                                 int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
+                                 const struct coopt_rope *rope, float scale, bool then_matmul) {
     const struct coopt_kv_layout *l     = &kv->layout;
     struct cuda_backend          *cb    = cuda_impl(be);
     const int32_t                 group = n_heads / l->n_kv_heads;
@@ -738,9 +766,23 @@ void cuda_rope_store_attention(struct coopt_backend *be, float *out, float *q, c
                       (!l->has_scales || cb->attn_fuse_fp8);
     if (!fuse) {
         cuda_rope_store(be, q, k, v, n_heads, kv, layer, b, rope);
-        cuda_attention(be, out, q, n_heads, kv, layer, b, scale);
+        attention_run(be, out, q, n_heads, kv, layer, b, scale, NULL, NULL, NULL, then_matmul);
         return;
     }
     cuda_kv_pool_prepare(be, kv); // (as cuda_rope_store: the pages this step writes)
-    attention_run(be, out, q, n_heads, kv, layer, b, scale, k, v, rope);
+    attention_run(be, out, q, n_heads, kv, layer, b, scale, k, v, rope, then_matmul);
+}
+
+void cuda_rope_store_attention(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
+                               int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
+                               const struct coopt_rope *rope, float scale) {
+    rope_store_attention(be, out, q, k, v, n_heads, kv, layer, b, rope, scale, false);
+}
+
+// The same, followed by a GEMV op reading out (backend.h): a decode token's output is also staged
+// for it (attn_args.xo).
+void cuda_rope_store_attention_then_matmul(struct coopt_backend *be, float *out, float *q, const float *k,
+                                           const float *v, int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer,
+                                           const struct coopt_batch *b, const struct coopt_rope *rope, float scale) {
+    rope_store_attention(be, out, q, k, v, n_heads, kv, layer, b, rope, scale, true);
 }

@@ -21,8 +21,9 @@
  * no_step_graphs) turns this off; COOPT_CUDA_GRAPH_MAX_TOKENS changes the batch limit.
  *
  * Other switches read here: COOPT_CUDA_FUSED=0 (no fused ops: the forward pass composes them),
- * COOPT_CUDA_FUSED_NORM=0 (no RMS norm inside the GEMVs), COOPT_CUDA_XSTAGE=0 (decode GEMVs do not
- * stage the next GEMV's input: matmul_add_then_norm, norm_matmul_swiglu_then_add), COOPT_CUDA_PDL=0 (GEMVs launch without
+ * COOPT_CUDA_FUSED_NORM=0 (no RMS norm inside the GEMVs), COOPT_CUDA_XSTAGE=0 (decode GEMVs and the
+ * decode attention do not stage the next GEMV's input: matmul_add_then_norm, norm_matmul_swiglu_then_add,
+ * rope_store_attention_then_matmul; COOPT_CUDA_XSTAGE_ATTN=0: the attention only), COOPT_CUDA_PDL=0 (GEMVs launch without
  * programmatic dependent launch), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
  * the automatic choice).
  *
@@ -288,6 +289,13 @@ static void p_rope_store_attention(struct coopt_backend *be, float *out, float *
     BASE(be)->rope_store_attention(be, out, q, k, v, nh, kv, layer, b, r, scale);
     prof_post(be, 0, "rope_store+attention r%d bound %lld", b->n_tokens, (long long)cuda_attn_bound(kv, b));
 }
+static void p_rope_store_attention_then_matmul(struct coopt_backend *be, float *out, float *q, const float *k,
+                                               const float *v, int32_t nh, struct coopt_kv_cache *kv, int32_t layer,
+                                               const struct coopt_batch *b, const struct coopt_rope *r, float scale) {
+    prof_pre(be);
+    BASE(be)->rope_store_attention_then_matmul(be, out, q, k, v, nh, kv, layer, b, r, scale);
+    prof_post(be, 0, "rope_store+attention r%d bound %lld", b->n_tokens, (long long)cuda_attn_bound(kv, b));
+}
 static void p_silu_mul(struct coopt_backend *be, float *out, const float *g, const float *u, int64_t n) {
     prof_pre(be);
     BASE(be)->silu_mul(be, out, g, u, n);
@@ -412,6 +420,10 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         cb->ops.matmul_add_then_norm        = NULL;
         cb->ops.norm_matmul_swiglu_then_add = NULL;
     }
+    // and the decode attention stages the o projection's input (COOPT_CUDA_XSTAGE=0 or
+    // COOPT_CUDA_XSTAGE_ATTN=0: it does not)
+    if (!cb->ops.rope_store_attention || !cb->ops.matmul_add_then_norm || !env_flag("COOPT_CUDA_XSTAGE_ATTN", true))
+        cb->ops.rope_store_attention_then_matmul = NULL;
     int cc = 0;
     CUDA_TRY(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device), COOPT_ERR_UNSUPPORTED);
     cb->pdl = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
@@ -432,6 +444,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         if (o->matmul_add_then_norm) o->matmul_add_then_norm = p_matmul_add_then_norm;
         if (o->norm_matmul_swiglu_then_add) o->norm_matmul_swiglu_then_add = p_norm_matmul_swiglu_then_add;
         if (o->rope_store_attention) o->rope_store_attention = p_rope_store_attention;
+        if (o->rope_store_attention_then_matmul) o->rope_store_attention_then_matmul = p_rope_store_attention_then_matmul;
     }
     be->ops = &cb->ops;
     return COOPT_OK;
