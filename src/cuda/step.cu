@@ -27,6 +27,11 @@
  * programmatic dependent launch), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
  * the automatic choice).
  *
+ * COOPT_CUDA_STEP_STATS=1 prints, when the backend is destroyed, how many steps ran op by op, were
+ * recorded and were replayed, and the replays' mean GPU span (events around each launch) against
+ * the GPU time from one replay's start to the next's: the difference is the time the GPU waits
+ * between consecutive replays (the logits copy, the host's turn, the next step's upload).
+ *
  * Profile (COOPT_CUDA_PROFILE=1, implies no graphs): every op of the table is wrapped; after each
  * op an event is recorded, and at each sync the time between consecutive events is charged to
  * the op that ended it (op name with weight type and shape for the matmuls). Since the host
@@ -74,6 +79,13 @@ struct cuda_step {
     struct step_graph       g[STEP_MAX_GRAPHS];
     struct step_graph      *recording;
     int64_t                 tick, n_eager, n_captures, n_replays;
+    // COOPT_CUDA_STEP_STATS: events around each replay (ring of 3; slot n_replays % 3), the sums of
+    // the replays' GPU spans and of the GPU time from one replay's start to the next's (consecutive
+    // replays only: the period includes the logits copy, the host's turn and the next step's upload)
+    bool        timing, chained; // chained: the previous step was a replay
+    cudaEvent_t ev_t0[3], ev_t1[3];
+    double      span_ms, period_ms;
+    int64_t     n_span, n_period, chain_len;
     // profile
     cudaEvent_t       ev_start, ev[PROF_MAX_PENDING];
     int32_t           pend[PROF_MAX_PENDING]; // entry of each pending event
@@ -114,10 +126,31 @@ static void graph_drop(struct step_graph *g) {
     g->exec = NULL;
 }
 
+// Launches a replay between two events (S->timing) and adds up what the previous replays' events
+// show; they are complete: the context synchronizes after every step.
+static void replay_timing(struct cuda_step *S, cudaStream_t st, cudaGraphExec_t exec, bool chained) {
+    const int cur = (int)(S->n_replays % 3), prev = (cur + 2) % 3, pprev = (cur + 1) % 3;
+    float     ms  = 0.0f;
+    if (chained && S->chain_len >= 1) {
+        CUDA_CHECK(cudaEventElapsedTime(&ms, S->ev_t0[prev], S->ev_t1[prev]));
+        S->span_ms += ms, S->n_span++;
+    }
+    if (chained && S->chain_len >= 2) {
+        CUDA_CHECK(cudaEventElapsedTime(&ms, S->ev_t0[pprev], S->ev_t0[prev]));
+        S->period_ms += ms, S->n_period++;
+    }
+    S->chain_len = chained ? S->chain_len + 1 : 1;
+    CUDA_CHECK(cudaEventRecord(S->ev_t0[cur], st));
+    CUDA_CHECK(cudaGraphLaunch(exec, st));
+    CUDA_CHECK(cudaEventRecord(S->ev_t1[cur], st));
+}
+
 bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, const struct coopt_batch *b) {
     struct cuda_backend *cb = cuda_impl(be);
     struct cuda_step    *S  = cb->step;
     COOPT_ASSERT(S && !S->recording);
+    const bool chained = S->chained;
+    S->chained         = false;
     if (!S->graphs || b->n_tokens > S->graph_max_tokens) {
         S->n_eager++;
         return false;
@@ -140,8 +173,10 @@ bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, 
     }
     g->last_use = S->tick;
     if (g->exec && g->epoch == cb->work_epoch) {
-        CUDA_CHECK(cudaGraphLaunch(g->exec, cb->stream));
+        if (S->timing) replay_timing(S, cb->stream, g->exec, chained);
+        else CUDA_CHECK(cudaGraphLaunch(g->exec, cb->stream));
         S->n_replays++;
+        S->chained = true;
         return true;
     }
     graph_drop(g); // a workspace moved since it was recorded
@@ -403,6 +438,11 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     S->graph_max_tokens = 128;
     const char *mt      = getenv("COOPT_CUDA_GRAPH_MAX_TOKENS");
     if (mt && *mt) S->graph_max_tokens = atoi(mt);
+    S->timing           = S->graphs && getenv("COOPT_CUDA_STEP_STATS");
+    for (int i = 0; i < 3 && S->timing; i++) {
+        CUDA_TRY(cudaEventCreate(&S->ev_t0[i]), COOPT_ERR_NOMEM);
+        CUDA_TRY(cudaEventCreate(&S->ev_t1[i]), COOPT_ERR_NOMEM);
+    }
     cb->ops = *base;
     if (!env_flag("COOPT_CUDA_FUSED", true)) { // ablation: the forward pass composes the fused ops
         cb->ops.matmul_multi  = NULL;
@@ -466,9 +506,20 @@ void cuda_step_free(struct cuda_backend *cb) {
         for (int i = 0; i < PROF_MAX_PENDING; i++)
             if (S->ev[i]) cudaEventDestroy(S->ev[i]);
     }
-    if (getenv("COOPT_CUDA_STEP_STATS"))
+    if (getenv("COOPT_CUDA_STEP_STATS")) {
         fprintf(stderr, "cuda steps: %lld op by op, %lld recorded, %lld replayed\n", (long long)S->n_eager,
                 (long long)S->n_captures, (long long)S->n_replays);
+        if (S->n_span > 0 && S->n_period > 0)
+            fprintf(stderr,
+                    "cuda steps: replays on the GPU %.1f us each (%lld), start to next start %.1f us (%lld): %.1f us "
+                    "between replays (logits copy, host, next upload)\n",
+                    1e3 * S->span_ms / (double)S->n_span, (long long)S->n_span, 1e3 * S->period_ms / (double)S->n_period,
+                    (long long)S->n_period, 1e3 * (S->period_ms / (double)S->n_period - S->span_ms / (double)S->n_span));
+    }
+    for (int i = 0; i < 3; i++) {
+        if (S->ev_t0[i]) cudaEventDestroy(S->ev_t0[i]);
+        if (S->ev_t1[i]) cudaEventDestroy(S->ev_t1[i]);
+    }
     free(S);
     cb->step = NULL;
 }
