@@ -41,6 +41,9 @@
  *   memory (no staging; slow but exact).
  *   Shared memory (dynamic): NST stages of [K SK rows][V SK rows][K scales][V scales][mask] per
  *   warp; reused at the end for the cross-warp merge. F16 hd 128: 65 KiB, FP8: 50 KiB.
+ *   Staged output (attn_args.xo; rope_store_attention_then_matmul, one decode token): the kernel
+ *   that writes a head's output (this one for a one-partition range, else the merge) also stores
+ *   it in the o projection GEMV's staged-input format (xstage.cuh), each 16-lane half a tile.
  *
  * attn_merge_kernel: Grid (n_tokens, n_heads); Block 128 threads. Skips tokens whose range fits
  *   in one partition (the decode kernel wrote them directly) and tokens of tensor-core tiles.
