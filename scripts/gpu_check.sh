@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gpu_check.sh -- the whole GPU check in one go, from the repository root on a machine with an
 # NVIDIA GPU and nvcc: build, every test (CPU and CUDA), compute-sanitizer on the CUDA tests,
-# kernel timings, and `coopt bench --device cuda` on the given models. Results go to ${OUT:-out}/.
+# kernel timings, `coopt bench --device cuda` on the given models, and the GPU's idle time between
+# decode steps on the first. Results go to ${OUT:-out}/.
 #
 #   scripts/gpu_check.sh [MODEL ...]        (default: the test models in $COOPT_MODELS)
 #
@@ -57,7 +58,7 @@ if [ "$SANITIZE" = 1 ] && command -v compute-sanitizer >/dev/null; then
         ./build/coopt-test cuda_memory cuda_embed cuda_rmsnorm cuda_elementwise cuda_matmul cuda_rope \
         cuda_rope_store cuda_rope_store_attention cuda_kv_offsets cuda_attention cuda_attention_prefill cuda_kv_pool cuda_forward \
         cuda_fused_ops cuda_step_graphs cuda_gptq_matmul cuda_gptq_multi cuda_gptq_fused cuda_gptq_fixtures cuda_gptq_cpu_match \
-        cuda_gptq_hgemv_settings cuda_head_dim_limit \
+        cuda_gptq_hgemv_settings cuda_gptq_xstage cuda_head_dim_limit \
         >"$OUT/memcheck.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && status=1
@@ -86,5 +87,11 @@ for m in "${models[@]}"; do
     done
 done
 [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+# the GPU's time per replayed decode step against the time from one step's start to the next's
+# (the difference: the GPU waiting for the host; step.cu COOPT_CUDA_STEP_STATS), first model
+if [ ${#models[@]} -gt 0 ]; then
+    COOPT_CUDA_STEP_STATS=1 ./build/coopt bench -m "${models[0]}" --device cuda -p 0 -n 128 -r 1 2>&1 |
+        grep '^cuda steps:' | sed "s|^|$(basename "${models[0]}"): |" | tee -a "$OUT/summary.txt"
+fi
 log "status $status"
 exit $status
