@@ -82,10 +82,11 @@ struct cuda_step {
     // COOPT_CUDA_STEP_STATS: events around each replay (ring of 3; slot n_replays % 3), the sums of
     // the replays' GPU spans and of the GPU time from one replay's start to the next's (consecutive
     // replays only: the period includes the logits copy, the host's turn and the next step's upload)
-    bool        timing, chained; // chained: the previous step was a replay
+    bool        timing;
     cudaEvent_t ev_t0[3], ev_t1[3];
     double      span_ms, period_ms;
-    int64_t     n_span, n_period, chain_len;
+    int64_t     n_span, n_period;
+    int64_t     chain_len; // replays in a row up to the last step (0: it was not a replay)
     // profile
     cudaEvent_t       ev_start, ev[PROF_MAX_PENDING];
     int32_t           pend[PROF_MAX_PENDING]; // entry of each pending event
@@ -126,20 +127,19 @@ static void graph_drop(struct step_graph *g) {
     g->exec = NULL;
 }
 
-// Launches a replay between two events (S->timing) and adds up what the previous replays' events
-// show; they are complete: the context synchronizes after every step.
-static void replay_timing(struct cuda_step *S, cudaStream_t st, cudaGraphExec_t exec, bool chained) {
+// Launches a replay between two events (S->timing) and adds up what the events of the `chain`
+// replays just before it show; they are complete: the context synchronizes after every step.
+static void replay_timing(struct cuda_step *S, cudaStream_t st, cudaGraphExec_t exec, int64_t chain) {
     const int cur = (int)(S->n_replays % 3), prev = (cur + 2) % 3, pprev = (cur + 1) % 3;
     float     ms  = 0.0f;
-    if (chained && S->chain_len >= 1) {
+    if (chain >= 1) {
         CUDA_CHECK(cudaEventElapsedTime(&ms, S->ev_t0[prev], S->ev_t1[prev]));
         S->span_ms += ms, S->n_span++;
     }
-    if (chained && S->chain_len >= 2) {
+    if (chain >= 2) {
         CUDA_CHECK(cudaEventElapsedTime(&ms, S->ev_t0[pprev], S->ev_t0[prev]));
         S->period_ms += ms, S->n_period++;
     }
-    S->chain_len = chained ? S->chain_len + 1 : 1;
     CUDA_CHECK(cudaEventRecord(S->ev_t0[cur], st));
     CUDA_CHECK(cudaGraphLaunch(exec, st));
     CUDA_CHECK(cudaEventRecord(S->ev_t1[cur], st));
@@ -149,8 +149,8 @@ bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, 
     struct cuda_backend *cb = cuda_impl(be);
     struct cuda_step    *S  = cb->step;
     COOPT_ASSERT(S && !S->recording);
-    const bool chained = S->chained;
-    S->chained         = false;
+    const int64_t chain = S->chain_len;
+    S->chain_len        = 0;
     if (!S->graphs || b->n_tokens > S->graph_max_tokens) {
         S->n_eager++;
         return false;
@@ -173,10 +173,10 @@ bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, 
     }
     g->last_use = S->tick;
     if (g->exec && g->epoch == cb->work_epoch) {
-        if (S->timing) replay_timing(S, cb->stream, g->exec, chained);
+        if (S->timing) replay_timing(S, cb->stream, g->exec, chain);
         else CUDA_CHECK(cudaGraphLaunch(g->exec, cb->stream));
         S->n_replays++;
-        S->chained = true;
+        S->chain_len = chain + 1;
         return true;
     }
     graph_drop(g); // a workspace moved since it was recorded
