@@ -86,6 +86,19 @@ static void on_page_free(void *ud, int32_t page) {
     c->be->ops->kv_pool_release(c->be, c->kv->pool, (size_t)page * c->kv->layout.page_bytes, c->kv->layout.page_bytes);
 }
 
+// Host memory that copies to and from the backend use: page-locked where the backend offers it
+// (host_alloc; *locked tells) and `lock` asks for it, else malloc'ed. NULL when out of memory.
+static void *host_buf_alloc(struct coopt_backend *be, size_t n, bool lock, bool *locked) {
+    void *p = NULL;
+    *locked = lock && be->ops->host_alloc && be->ops->host_free && be->ops->host_alloc(be, n, &p) == COOPT_OK;
+    return *locked ? p : coopt_malloc(n);
+}
+
+static void host_buf_free(struct coopt_backend *be, void *p, bool locked) {
+    if (locked) be->ops->host_free(be, p);
+    else free(p);
+}
+
 static void copy_page(void *ud, int32_t dst, int32_t src) {
     struct coopt_ctx *c = ud;
     c->be->ops->kv_page_copy(c->be, c->kv->pool, c->kv->layout.page_bytes, dst, src);
@@ -98,9 +111,8 @@ void coopt_ctx_free(struct coopt_ctx *c) {
         coopt_scratch_free(be, &c->scratch);
         be->ops->free(be, c->d_step);
         be->ops->free(be, c->d_k_offset);
-        if (c->h_step_backend) be->ops->host_free(be, c->h_step);
-        else free(c->h_step);
-        if (c->logits_backend) be->ops->host_free(be, c->logits), c->logits = NULL;
+        host_buf_free(be, c->h_step, c->h_step_backend);
+        host_buf_free(be, c->logits, c->logits_backend), c->logits = NULL;
         if (c->kv && c->kv->pool) be->ops->kv_pool_free(be, c->kv->pool, c->pool_bytes);
         if (c->dev_model && c->dev_model != c->model && be->ops->model_release) be->ops->model_release(be, c->dev_model);
     }
@@ -181,11 +193,7 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
     for (int32_t i = 0; i < p.n_seq_max; i++) c->seq_bidx[i] = -1;
     struct coopt_backend *be = c->be;
     c->step_bytes = step_layout_make(nb, p.n_seq_max, c->max_blocks).end;
-    if (be->ops->host_alloc && be->ops->host_alloc(be, c->step_bytes, (void **)&c->h_step) == COOPT_OK) {
-        c->h_step_backend = true;
-    } else if (!(c->h_step = coopt_malloc(c->step_bytes))) {
-        goto nomem;
-    }
+    if (!(c->h_step = host_buf_alloc(be, c->step_bytes, true, &c->h_step_backend))) goto nomem;
     memset(c->h_step, 0, c->step_bytes); // gaps of a packed step are copied too: keep them defined
     if ((st = be->ops->alloc(be, c->step_bytes, (void **)&c->d_step))) goto fail;
     if (layout.has_scales) { // K smoothing for FP8 caches (kv_cache.h)
@@ -294,16 +302,13 @@ static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_t
         c->n_index_cap = n_tokens;
     }
     if (n_want > c->n_logits_cap) {
-        const size_t          bytes  = (size_t)n_want * (size_t)c->model->config.n_vocab * sizeof(float);
-        struct coopt_backend *be     = c->be;
-        float                *p      = NULL;
-        bool                  pinned = be->ops->host_alloc && be->ops->host_free && bytes <= LOGITS_PIN_MAX &&
-                      be->ops->host_alloc(be, bytes, (void **)&p) == COOPT_OK;
-        if (!pinned && !(p = coopt_malloc(bytes))) return COOPT_ERR_NOMEM;
-        if (c->logits_backend) be->ops->host_free(be, c->logits);
-        else free(c->logits);
+        const size_t bytes  = (size_t)n_want * (size_t)c->model->config.n_vocab * sizeof(float);
+        bool         locked = false;
+        float       *p      = host_buf_alloc(c->be, bytes, bytes <= LOGITS_PIN_MAX, &locked);
+        if (!p) return COOPT_ERR_NOMEM;
+        host_buf_free(c->be, c->logits, c->logits_backend);
         c->logits         = p;
-        c->logits_backend = pinned;
+        c->logits_backend = locked;
         c->n_logits_cap   = n_want;
     }
     return COOPT_OK;
