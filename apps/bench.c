@@ -82,6 +82,7 @@ static double run_once(struct coopt_ctx *c, int64_t n_prompt, int64_t n_gen, int
     if (coopt_seq_new(c, &seq) != COOPT_OK) return -1;
     double secs = -1;
     if (fill_depth(c, seq, depth, n_vocab, toks, seqs) != COOPT_OK) goto out;
+    coopt_ctx_synchronize(c); // decodes return before a GPU finishes: each timed span ends with a wait
     int64_t t0 = coopt_time_us();
     if (n_prompt > 0) {
         for (int64_t i = 0; i < n_prompt; i++) {
@@ -96,6 +97,7 @@ static double run_once(struct coopt_ctx *c, int64_t n_prompt, int64_t n_gen, int
         struct coopt_batch_input b = {.n_tokens = 1, .tokens = &t, .seq_ids = &seq};
         if (coopt_ctx_decode(c, &b) != COOPT_OK) goto out;
     }
+    coopt_ctx_synchronize(c);
     secs = (coopt_time_us() - t0) / 1e6;
 out:
     coopt_seq_free(c, seq);
@@ -124,6 +126,7 @@ static int run_batched(struct coopt_ctx *c, int64_t B, int64_t n_prompt, int64_t
         struct coopt_batch_input in = {.n_tokens = (int32_t)(B * n_prompt), .tokens = toks, .seq_ids = sids};
         if (coopt_ctx_decode(c, &in) != COOPT_OK) goto out;
     }
+    coopt_ctx_synchronize(c);
     int64_t t1 = coopt_time_us();
     for (int64_t g = 0; g < n_gen; g++) {
         for (int64_t b = 0; b < B; b++) {
@@ -133,6 +136,7 @@ static int run_batched(struct coopt_ctx *c, int64_t B, int64_t n_prompt, int64_t
         struct coopt_batch_input in = {.n_tokens = (int32_t)B, .tokens = toks, .seq_ids = sids};
         if (coopt_ctx_decode(c, &in) != COOPT_OK) goto out;
     }
+    coopt_ctx_synchronize(c);
     *t_prompt = (t1 - t0) / 1e6;
     *t_gen    = (coopt_time_us() - t1) / 1e6;
     rc        = 0;
@@ -168,6 +172,7 @@ static int run_capacity(struct coopt_ctx *c, int64_t n, int32_t n_seq_max, int32
         struct coopt_batch_input b = {.n_tokens = (int32_t)n, .tokens = toks, .seq_ids = sids};
         if ((st = coopt_ctx_decode(c, &b)) != COOPT_OK) break;
     }
+    coopt_ctx_synchronize(c);
     coopt_ctx_kv_stats(c, &kvs);
     printf("capacity: %d sequences of %lld tokens (kv %s, %.2f GiB of KV held, %llu bytes per token; stopped by: %s) "
            "in %.1f s\n",

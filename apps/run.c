@@ -55,6 +55,7 @@ static enum coopt_status feed(struct gen *g, const int32_t *toks, size_t n) {
     struct coopt_batch_input b  = {.n_tokens = (int32_t)n, .tokens = toks, .seq_ids = seqs};
     int64_t                  t0 = coopt_time_us();
     enum coopt_status        st = coopt_ctx_decode(g->ctx, &b);
+    coopt_ctx_synchronize(g->ctx); // (a GPU decode returns before it finishes)
     g->t_prompt_us += coopt_time_us() - t0;
     g->n_prompt += (int64_t)n;
     free(seqs);
@@ -65,16 +66,19 @@ static enum coopt_status feed(struct gen *g, const int32_t *toks, size_t n) {
 // Generates up to n_predict tokens (or until end of generation). Logits of the last fed token
 // must be available as batch index last_idx.
 static enum coopt_status generate(struct gen *g, int64_t n_predict, int32_t last_idx) {
+    // A decode returns before a GPU finishes: each one is timed from its call to the moment its
+    // logits are there (the next coopt_ctx_logits, or the wait after the last one).
+    int64_t t0 = -1; // start of the decode whose logits have not been read yet
     for (int64_t i = 0; n_predict < 0 || i < n_predict; i++) {
         const float *logits = coopt_ctx_logits(g->ctx, last_idx);
-        int32_t      tok    = coopt_sampler_sample(g->smpl, logits);
+        if (t0 >= 0) g->t_gen_us += coopt_time_us() - t0, t0 = -1;
+        int32_t tok = coopt_sampler_sample(g->smpl, logits);
         if (coopt_tokenizer_is_eog(g->tok, tok)) break;
         coopt_sampler_accept(g->smpl, tok);
         emit(g, tok, true);
-        struct coopt_batch_input b  = {.n_tokens = 1, .tokens = &tok, .seq_ids = &g->seq};
-        int64_t                  t0 = coopt_time_us();
-        enum coopt_status        st = coopt_ctx_decode(g->ctx, &b);
-        g->t_gen_us += coopt_time_us() - t0;
+        struct coopt_batch_input b = {.n_tokens = 1, .tokens = &tok, .seq_ids = &g->seq};
+        t0                         = coopt_time_us();
+        enum coopt_status st       = coopt_ctx_decode(g->ctx, &b);
         g->n_gen++;
         if (st == COOPT_ERR_CTX_FULL) {
             fprintf(stderr, "\ncoopt: context full (%d tokens), stopping\n", coopt_seq_len(g->ctx, g->seq));
@@ -82,6 +86,10 @@ static enum coopt_status generate(struct gen *g, int64_t n_predict, int32_t last
         }
         if (st != COOPT_OK) return st;
         last_idx = 0;
+    }
+    if (t0 >= 0) {
+        coopt_ctx_synchronize(g->ctx);
+        g->t_gen_us += coopt_time_us() - t0;
     }
     return COOPT_OK;
 }

@@ -144,6 +144,12 @@ struct coopt_ops {
     // asynchronous: the caller must not rewrite it before the next sync. NULL = malloc/free.
     enum coopt_status (*host_alloc)(struct coopt_backend *be, size_t n_bytes, void **out);
     void (*host_free)(struct coopt_backend *be, void *p); // NULL ok
+    // (optional) Fences, so the host can prepare step k+1 while the device runs step k: fence
+    // enqueues a marker after the work enqueued so far and returns its number (> 0); fence_wait
+    // blocks until the device has passed marker n (n = 0 returns at once). NULL = every op has
+    // finished when it returns (host backends): nothing to wait for.
+    uint64_t (*fence)(struct coopt_backend *be);
+    void (*fence_wait)(struct coopt_backend *be, uint64_t n);
 
     // (optional) Makes a copy of the model whose weight pointers the backend can read (device
     // memory), with progress on stderr. NULL for host-memory backends (the model is used as is).

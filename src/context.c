@@ -35,9 +35,17 @@ struct coopt_ctx {
     // copy: h_step in host memory (page-locked where the backend offers it), d_step its backend
     // copy. Offsets depend only on the step's token count, so a recorded step (CUDA graph) finds
     // its arrays at the same addresses whenever the count repeats.
-    uint8_t *h_step, *d_step;
+    // Two host blocks, used in turn: the host fills one for step k+1 while the copy from the other
+    // (step k's) may still be queued behind the device's work; h_fence[i] is the backend fence
+    // after the last step that read h_step[i] (see run_step).
+    uint8_t *h_step[2], *d_step;
     size_t   step_bytes;
-    bool     h_step_backend; // h_step came from be->ops->host_alloc
+    bool     h_step_backend[2]; // h_step[i] came from be->ops->host_alloc
+    uint64_t h_fence[2];
+    int      h_cur;
+    // Work enqueued and not yet waited for (the last decode's steps and logits copy): the
+    // backend may still be running it; coopt_ctx_synchronize waits.
+    bool     pending;
     float   *d_k_offset; // K smoothing offsets of FP8 caches (kv_cache.h), NULL otherwise
     size_t   k_offset_seq_bytes; // bytes of one sequence's offsets
     // per-sequence bookkeeping [n_seq_max]
@@ -111,7 +119,8 @@ void coopt_ctx_free(struct coopt_ctx *c) {
         coopt_scratch_free(be, &c->scratch);
         be->ops->free(be, c->d_step);
         be->ops->free(be, c->d_k_offset);
-        host_buf_free(be, c->h_step, c->h_step_backend);
+        be->ops->sync(be);
+        for (int i = 0; i < 2; i++) host_buf_free(be, c->h_step[i], c->h_step_backend[i]);
         host_buf_free(be, c->logits, c->logits_backend), c->logits = NULL;
         if (c->kv && c->kv->pool) be->ops->kv_pool_free(be, c->kv->pool, c->pool_bytes);
         if (c->dev_model && c->dev_model != c->model && be->ops->model_release) be->ops->model_release(be, c->dev_model);
@@ -193,8 +202,10 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
     for (int32_t i = 0; i < p.n_seq_max; i++) c->seq_bidx[i] = -1;
     struct coopt_backend *be = c->be;
     c->step_bytes = step_layout_make(nb, p.n_seq_max, c->max_blocks).end;
-    if (!(c->h_step = host_buf_alloc(be, c->step_bytes, true, &c->h_step_backend))) goto nomem;
-    memset(c->h_step, 0, c->step_bytes); // gaps of a packed step are copied too: keep them defined
+    for (int i = 0; i < 2; i++) {
+        if (!(c->h_step[i] = host_buf_alloc(be, c->step_bytes, true, &c->h_step_backend[i]))) goto nomem;
+        memset(c->h_step[i], 0, c->step_bytes); // gaps of a packed step are copied too: keep them defined
+    }
     if ((st = be->ops->alloc(be, c->step_bytes, (void **)&c->d_step))) goto fail;
     if (layout.has_scales) { // K smoothing for FP8 caches (kv_cache.h)
         c->k_offset_seq_bytes = (size_t)cfg->n_layers * (size_t)cfg->n_kv_heads * (size_t)cfg->head_dim * sizeof(float);
@@ -279,8 +290,15 @@ void coopt_ctx_kv_stats(const struct coopt_ctx *c, struct coopt_kv_stats *out) {
 int32_t coopt_ctx_n_threads(const struct coopt_ctx *c) { return c->be->n_threads; }
 struct coopt_backend *coopt_ctx_backend(const struct coopt_ctx *c) { return c->be; }
 
-const float *coopt_ctx_logits(const struct coopt_ctx *c, int32_t i) {
+void coopt_ctx_synchronize(struct coopt_ctx *c) {
+    if (!c->pending) return;
+    c->be->ops->sync(c->be);
+    c->pending = false;
+}
+
+const float *coopt_ctx_logits(struct coopt_ctx *c, int32_t i) {
     if (i < 0 || i >= c->n_index_cap || c->logit_row[i] < 0) return NULL;
+    coopt_ctx_synchronize(c);
     return c->logits + (size_t)c->logit_row[i] * (size_t)c->model->config.n_vocab;
 }
 
@@ -306,6 +324,7 @@ static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_t
         bool         locked = false;
         float       *p      = host_buf_alloc(c->be, bytes, bytes <= LOGITS_PIN_MAX, &locked);
         if (!p) return COOPT_ERR_NOMEM;
+        coopt_ctx_synchronize(c); // the last decode's copy may still be writing the old buffer
         host_buf_free(c->be, c->logits, c->logits_backend);
         c->logits         = p;
         c->logits_backend = locked;
@@ -314,14 +333,22 @@ static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_t
     return COOPT_OK;
 }
 
-// Runs one forward step over user-batch tokens [start, start + n).
+// Runs one forward step over user-batch tokens [start, start + n). It returns once the step and
+// its logits copy are enqueued: where the backend has fences the device may still be running the
+// step (c->pending), and the host goes on to the next step or decode meanwhile. Only the host
+// block of the step before last must be free (its fence); everything else the next step touches
+// is either host bookkeeping or device memory used in stream order.
 static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, int32_t start, int32_t n,
                      int64_t *logits_row) {
+    struct coopt_backend  *be = c->be;
     struct coopt_kv_cache *kv = c->kv;
     int32_t                n_seqs = 0, n_out = 0;
     bool                   seq_start = false;
     struct step_layout     L  = step_layout_make(n, c->params.n_seq_max, c->max_blocks);
-    uint8_t               *h  = c->h_step;
+    const int              hb = c->h_cur;
+    uint8_t               *h  = c->h_step[hb];
+    c->h_cur                  = hb ^ 1;
+    if (be->ops->fence_wait) be->ops->fence_wait(be, c->h_fence[hb]);
     int64_t               *h_slots        = (int64_t *)(h + L.slots);
     int32_t               *h_tokens       = (int32_t *)(h + L.tokens), *h_pos = (int32_t *)(h + L.pos);
     int32_t               *h_tok_seq      = (int32_t *)(h + L.tok_seq), *h_out_rows = (int32_t *)(h + L.out_rows);
@@ -346,8 +373,7 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
         h_seq_lens[c->seq_bidx[s]] = (int32_t)(pos + 1);
         if (c->logit_row[t] >= 0) h_out_rows[n_out++] = i;
     }
-    struct coopt_backend *be = c->be;
-    uint8_t              *d  = c->d_step;
+    uint8_t *d = c->d_step;
     be->ops->upload(be, d, h, L.block_tables + (size_t)n_seqs * (size_t)c->max_blocks * sizeof(int32_t)); // one copy
     struct coopt_batch b = {
         .n_tokens = n, .tokens = (const int32_t *)(d + L.tokens), .pos = (const int32_t *)(d + L.pos),
@@ -366,7 +392,9 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
     }
     size_t nv = (size_t)c->model->config.n_vocab;
     if (n_out > 0) be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
-    be->ops->sync(be);
+    if (be->ops->fence) c->h_fence[hb] = be->ops->fence(be);
+    else be->ops->sync(be);
+    c->pending = true;
     *logits_row += n_out;
     for (int32_t i = 0; i < n; i++) {
         int32_t s = in->seq_ids[start + i];

@@ -103,6 +103,8 @@ struct cuda_driver {
     decltype(&::cuMemSetAccess)                 MemSetAccess;
 };
 
+#define CUDA_FENCES 4
+
 struct cuda_backend {
     int            device;
     int            n_sm;
@@ -132,6 +134,10 @@ struct cuda_backend {
     bool                 pdl;  // GEMVs launch with programmatic dependent launch (sm_90+, step.cu)
     int                  gemv_rows_per_task; // 0 = auto (matmul.cu), 1 or 2 forced (COOPT_CUDA_GEMV_ROWS)
     struct cuda_step    *step; // recorded decode steps (CUDA graphs) and op profiling, step.cu
+    // backend.h's fences: marker n is event fence_ev[n % CUDA_FENCES] (a later marker reuses it,
+    // and waiting on a later point of the one stream is still correct)
+    cudaEvent_t          fence_ev[CUDA_FENCES];
+    uint64_t             n_fence;
     struct coopt_ops     ops;  // this backend's table: cuda_ops, possibly wrapped (step.cu)
 };
 

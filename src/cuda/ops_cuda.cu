@@ -4,8 +4,9 @@
  *
  * Everything runs in order on the backend's one stream; upload/download are cudaMemcpyAsync on
  * it (from pageable memory the driver stages the copy and the host buffer can be reused when the
- * call returns; the context's batch arrays are page-locked (host_alloc) and stay untouched until
- * the next sync) and sync waits for the stream. Matmul and the fused projections live in
+ * call returns; the context's batch arrays and logits are page-locked (host_alloc) and the context
+ * leaves them alone until a fence or sync says the copy is done) and sync waits for the stream;
+ * fence / fence_wait are events on it. Matmul and the fused projections live in
  * matmul.cu, RoPE + KV store in rope_store.cu, attention in paged_attn.cu, the lazily mapped KV
  * pool in kv_pool.cu, CUDA-graph replay of decode steps and the op profile in step.cu.
  */
@@ -118,6 +119,19 @@ static void cuda_download(struct coopt_backend *be, void *dst, const void *src, 
 }
 
 static void cuda_sync(struct coopt_backend *be) { CUDA_CHECK(cudaStreamSynchronize(cuda_impl(be)->stream)); }
+
+static uint64_t cuda_fence(struct coopt_backend *be) {
+    struct cuda_backend *cb = cuda_impl(be);
+    const uint64_t       n  = ++cb->n_fence;
+    CUDA_CHECK(cudaEventRecord(cb->fence_ev[n % CUDA_FENCES], cb->stream));
+    return n;
+}
+
+static void cuda_fence_wait(struct coopt_backend *be, uint64_t n) {
+    struct cuda_backend *cb = cuda_impl(be);
+    COOPT_ASSERT(n <= cb->n_fence);
+    if (n > 0) CUDA_CHECK(cudaEventSynchronize(cb->fence_ev[n % CUDA_FENCES]));
+}
 
 // ---- embed ----
 //
@@ -458,6 +472,8 @@ static void cuda_destroy(struct coopt_backend *be) {
         if (cb->xst) cudaFree(cb->xst);
         if (cb->cublas_work) cudaFree(cb->cublas_work);
         if (cb->cublas) cublasDestroy(cb->cublas);
+        for (int i = 0; i < CUDA_FENCES; i++)
+            if (cb->fence_ev[i]) cudaEventDestroy(cb->fence_ev[i]);
         if (cb->stream) cudaStreamDestroy(cb->stream);
         free(cb);
     }
@@ -498,6 +514,8 @@ static const struct coopt_ops cuda_ops = {
     .step_end        = cuda_step_end,
     .host_alloc      = cuda_host_alloc,
     .host_free       = cuda_host_free,
+    .fence           = cuda_fence,
+    .fence_wait      = cuda_fence_wait,
     .model_upload    = cuda_model_upload,
     .model_release   = cuda_model_release,
     .destroy         = cuda_destroy,
@@ -563,6 +581,12 @@ extern "C" enum coopt_status coopt_cuda_backend_init(int32_t n_threads, struct c
         st = coopt_fail(COOPT_ERR_NOMEM, "device 'cuda': cannot create a stream (%s)", cudaGetErrorName(e));
         goto fail;
     }
+    for (int i = 0; i < CUDA_FENCES; i++)
+        if ((e = cudaEventCreateWithFlags(&cb->fence_ev[i], cudaEventDisableTiming)) != cudaSuccess) {
+            cb->fence_ev[i] = NULL;
+            st = coopt_fail(COOPT_ERR_NOMEM, "device 'cuda': cannot create an event (%s)", cudaGetErrorName(e));
+            goto fail;
+        }
     if (cublasCreate(&cb->cublas) != CUBLAS_STATUS_SUCCESS) {
         cb->cublas = NULL;
         st         = coopt_fail(COOPT_ERR_NOMEM, "device 'cuda': cannot create the cuBLAS handle");

@@ -50,6 +50,7 @@
 #define STEP_MAX_GRAPHS  64
 #define PROF_MAX_ENTRIES 256
 #define PROF_MAX_PENDING 4096
+#define STEP_TIMING_RING 4
 
 struct step_key {
     const void *pool, *tokens;
@@ -79,11 +80,12 @@ struct cuda_step {
     struct step_graph       g[STEP_MAX_GRAPHS];
     struct step_graph      *recording;
     int64_t                 tick, n_eager, n_captures, n_replays;
-    // COOPT_CUDA_STEP_STATS: events around each replay (ring of 3; slot n_replays % 3), the sums of
-    // the replays' GPU spans and of the GPU time from one replay's start to the next's (consecutive
-    // replays only: the period includes the logits copy, the host's turn and the next step's upload)
+    // COOPT_CUDA_STEP_STATS: events around each replay (ring of STEP_TIMING_RING; slot n_replays %
+    // STEP_TIMING_RING), the sums of the replays' GPU spans and of the GPU time from one replay's
+    // start to the next's (consecutive replays only: the period includes the logits copy, whatever
+    // the GPU waits for from the host, and the next step's upload)
     bool        timing;
-    cudaEvent_t ev_t0[3], ev_t1[3];
+    cudaEvent_t ev_t0[STEP_TIMING_RING], ev_t1[STEP_TIMING_RING];
     double      span_ms, period_ms;
     int64_t     n_span, n_period;
     int64_t     chain_len; // replays in a row up to the last step (0: it was not a replay)
@@ -127,17 +129,20 @@ static void graph_drop(struct step_graph *g) {
     g->exec = NULL;
 }
 
-// Launches a replay between two events (S->timing) and adds up what the events of the `chain`
-// replays just before it show; they are complete: the context synchronizes after every step.
+// Launches a replay between two events (S->timing) and adds up what the events of the replays
+// two and three before it show, if they are part of the `chain` of replays just before it. The
+// context has waited for the step before last (its fence) before it enqueues a step, so those
+// events are complete and the waits below return at once: the timing does not stall the host.
 static void replay_timing(struct cuda_step *S, cudaStream_t st, cudaGraphExec_t exec, int64_t chain) {
-    const int cur = (int)(S->n_replays % 3), prev = (cur + 2) % 3, pprev = (cur + 1) % 3;
-    float     ms  = 0.0f;
-    if (chain >= 1) {
-        CUDA_CHECK(cudaEventElapsedTime(&ms, S->ev_t0[prev], S->ev_t1[prev]));
+    const int R = STEP_TIMING_RING, cur = (int)(S->n_replays % R), k2 = (cur + R - 2) % R, k3 = (cur + R - 3) % R;
+    float     ms = 0.0f;
+    if (chain >= 2) {
+        CUDA_CHECK(cudaEventSynchronize(S->ev_t1[k2]));
+        CUDA_CHECK(cudaEventElapsedTime(&ms, S->ev_t0[k2], S->ev_t1[k2]));
         S->span_ms += ms, S->n_span++;
     }
-    if (chain >= 2) {
-        CUDA_CHECK(cudaEventElapsedTime(&ms, S->ev_t0[pprev], S->ev_t0[prev]));
+    if (chain >= 3) {
+        CUDA_CHECK(cudaEventElapsedTime(&ms, S->ev_t0[k3], S->ev_t0[k2]));
         S->period_ms += ms, S->n_period++;
     }
     CUDA_CHECK(cudaEventRecord(S->ev_t0[cur], st));
@@ -439,7 +444,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     const char *mt      = getenv("COOPT_CUDA_GRAPH_MAX_TOKENS");
     if (mt && *mt) S->graph_max_tokens = atoi(mt);
     S->timing           = S->graphs && getenv("COOPT_CUDA_STEP_STATS");
-    for (int i = 0; i < 3 && S->timing; i++) {
+    for (int i = 0; i < STEP_TIMING_RING && S->timing; i++) {
         CUDA_TRY(cudaEventCreate(&S->ev_t0[i]), COOPT_ERR_NOMEM);
         CUDA_TRY(cudaEventCreate(&S->ev_t1[i]), COOPT_ERR_NOMEM);
     }
@@ -516,7 +521,7 @@ void cuda_step_free(struct cuda_backend *cb) {
                     1e3 * S->span_ms / (double)S->n_span, (long long)S->n_span, 1e3 * S->period_ms / (double)S->n_period,
                     (long long)S->n_period, 1e3 * (S->period_ms / (double)S->n_period - S->span_ms / (double)S->n_span));
     }
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < STEP_TIMING_RING; i++) {
         if (S->ev_t0[i]) cudaEventDestroy(S->ev_t0[i]);
         if (S->ev_t1[i]) cudaEventDestroy(S->ev_t1[i]);
     }
