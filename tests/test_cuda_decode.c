@@ -392,77 +392,86 @@ TEST(cuda_step_graphs) {
 
 // ---- decodes that return before the GPU finishes ----
 
-// One script through two contexts on one model: `ce` reads the logits after every decode (so every
-// decode is waited for before the next is enqueued), `ca` only at checkpoints, so its host fills
-// the next step's batch arrays while the GPU still runs the step before (the two host blocks and
-// their fences, context.c). The script: a 100-token prompt in chunks of 32 (four steps inside one
-// decode), 240 single-token decodes (replayed graphs), a second sequence prefilled at step 80
-// and decoded beside the first (two-token batches), then freed at step 160 (its pages released
-// while the other sequence's steps may be in flight). Checkpoint logits must be bit-identical:
-// a step that read a half-rewritten or stale batch block (wrong token, position or slot) does not
-// reproduce them.
-static bool check_async(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt) {
-    struct coopt_ctx_params cp = coopt_ctx_default_params();
-    cp.n_ctx = 512, cp.n_seq_max = 2, cp.n_batch = 32, cp.kv_type = kvt;
-    struct coopt_ctx *ce = NULL, *ca = NULL;
-    if (coopt_ctx_init(m, &cp, &ce) != COOPT_OK || coopt_ctx_init(m, &cp, &ca) != COOPT_OK) {
-        test_fail(t, __FILE__, __LINE__, "context init failed");
-        coopt_ctx_free(ce);
-        return false;
-    }
-    int32_t nv = coopt_model_get_info(m)->n_vocab, s0 = -1, s1 = -1, se, sa;
-    bool    ok = coopt_seq_new(ce, &se) == COOPT_OK && coopt_seq_new(ca, &sa) == COOPT_OK && se == sa;
-    s0                   = se;
-    uint64_t rng         = 99;
-    int32_t  toks[128], sids[128];
-    int      n_checked   = 0;
-    for (int step = 0; step < 240 && ok; step++) {
+#define ASYNC_STEPS 240
+#define ASYNC_CHECKS 8 // checkpoints: steps 39, 79, 119, 159, 199, 239 and the two before a change
+
+static bool async_checkpoint(int step) { return step % 40 == 39 || step == 78 || step == 158; }
+
+// Runs the script of check_async on a fresh sequence of c; every_step: read the logits after each
+// decode (each decode is waited for before the next is enqueued), else only at the checkpoints.
+// Stores the checkpoints' last-token logits in out[ASYNC_CHECKS][nv]. Returns false after a FAIL.
+static bool async_script(struct test_ctx *t, struct coopt_ctx *c, int32_t nv, bool every_step, float *out) {
+    int32_t  s0 = -1, s1 = -1, toks[128], sids[128];
+    uint64_t rng = 99;
+    int      k   = 0;
+    if (coopt_seq_new(c, &s0) != COOPT_OK) return test_fail(t, __FILE__, __LINE__, "seq_new"), false;
+    for (int step = 0; step < ASYNC_STEPS; step++) {
         int32_t n = 0;
         if (step == 0) {
             for (int i = 0; i < 100; i++) toks[n] = (int32_t)(test_rand_u64(&rng) % (uint64_t)nv), sids[n++] = s0;
         } else if (step == 80) {
-            ok = coopt_seq_new(ce, &se) == COOPT_OK && coopt_seq_new(ca, &sa) == COOPT_OK && se == sa;
-            s1 = se;
+            if (coopt_seq_new(c, &s1) != COOPT_OK) return test_fail(t, __FILE__, __LINE__, "seq_new"), false;
             for (int i = 0; i < 40; i++) toks[n] = (int32_t)(test_rand_u64(&rng) % (uint64_t)nv), sids[n++] = s1;
         } else {
-            if (step == 160) {
-                coopt_seq_free(ce, s1);
-                coopt_seq_free(ca, s1);
-                s1 = -1;
-            }
+            if (step == 160) coopt_seq_free(c, s1), s1 = -1;
             toks[n] = (int32_t)(test_rand_u64(&rng) % (uint64_t)nv), sids[n++] = s0;
             if (s1 >= 0) toks[n] = (int32_t)(test_rand_u64(&rng) % (uint64_t)nv), sids[n++] = s1;
         }
         struct coopt_batch_input in = {.n_tokens = n, .tokens = toks, .seq_ids = sids};
-        enum coopt_status        a  = coopt_ctx_decode(ce, &in);
-        const float             *le = a == COOPT_OK ? coopt_ctx_logits(ce, n - 1) : NULL;
-        enum coopt_status        b  = coopt_ctx_decode(ca, &in);
-        if (a != COOPT_OK || b != COOPT_OK || !le) {
-            test_fail(t, __FILE__, __LINE__, "step %d: decode failed (%s / %s)", step, coopt_status_str(a), coopt_status_str(b));
-            ok = false;
-            break;
-        }
-        if (step % 40 != 39 && step != 79 && step != 159) continue; // checkpoints (and before each change)
-        const float *la = coopt_ctx_logits(ca, n - 1);
-        if (!la || memcmp(le, la, (size_t)nv * sizeof(float)) != 0) {
+        enum coopt_status        st = coopt_ctx_decode(c, &in);
+        const float             *l  = st == COOPT_OK && (every_step || async_checkpoint(step)) ? coopt_ctx_logits(c, n - 1) : NULL;
+        if (st != COOPT_OK || ((every_step || async_checkpoint(step)) && !l))
+            return test_fail(t, __FILE__, __LINE__, "step %d: decode failed (%s)", step, coopt_status_str(st)), false;
+        if (async_checkpoint(step)) memcpy(out + (size_t)k++ * (size_t)nv, l, (size_t)nv * sizeof(float));
+    }
+    coopt_seq_free(c, s0);
+    return k == ASYNC_CHECKS || (test_fail(t, __FILE__, __LINE__, "%d checkpoints, expected %d", k, ASYNC_CHECKS), false);
+}
+
+// One script through two contexts on one model: `ca` first, alone, reading logits only at the
+// checkpoints, so its host fills the next step's batch arrays while the GPU still runs earlier
+// steps (the two host blocks and their fences, context.c); then `ce`, which reads the logits after
+// every decode. The script: a 100-token prompt in chunks of 32 (four steps in one decode), single-
+// token decodes (replayed graphs), a second sequence prefilled at step 80 and decoded beside the
+// first (two-token batches), then freed at step 160 (its pages released while steps may be in
+// flight). Checkpoint logits must be bit-identical: a step that read a half-rewritten or stale
+// batch block (wrong token, position or slot) does not reproduce them. (Without the fence wait in
+// run_step this fails on an H100: the host runs ahead of story-lmrs's small steps.)
+static bool check_async(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt) {
+    struct coopt_ctx_params cp = coopt_ctx_default_params();
+    cp.n_ctx = 512, cp.n_seq_max = 2, cp.n_batch = 32, cp.kv_type = kvt;
+    struct coopt_ctx *ce = NULL, *ca = NULL;
+    int32_t           nv = coopt_model_get_info(m)->n_vocab;
+    float            *le = malloc((size_t)ASYNC_CHECKS * (size_t)nv * sizeof(float));
+    float            *la = malloc((size_t)ASYNC_CHECKS * (size_t)nv * sizeof(float));
+    if (!le || !la || coopt_ctx_init(m, &cp, &ce) != COOPT_OK || coopt_ctx_init(m, &cp, &ca) != COOPT_OK) {
+        test_fail(t, __FILE__, __LINE__, "context init failed");
+        coopt_ctx_free(ce);
+        free(le), free(la);
+        return false;
+    }
+    bool ok = async_script(t, ca, nv, false, la) && async_script(t, ce, nv, true, le);
+    for (int k = 0; k < ASYNC_CHECKS && ok; k++) {
+        const float *x = le + (size_t)k * (size_t)nv, *y = la + (size_t)k * (size_t)nv;
+        if (memcmp(x, y, (size_t)nv * sizeof(float)) != 0) {
             int32_t j = 0;
-            while (la && j < nv && le[j] == la[j]) j++;
-            test_fail(t, __FILE__, __LINE__, "%s KV, step %d: logits of the context that ran ahead differ (logit %d: %.7g vs %.7g)",
-                      coopt_dtype_name(kvt), step, j, j < nv ? le[j] : 0.0, la && j < nv ? la[j] : 0.0);
+            while (j < nv && x[j] == y[j]) j++;
+            test_fail(t, __FILE__, __LINE__, "%s KV, checkpoint %d: logits of the context that ran ahead differ (logit %d: %.7g vs %.7g)",
+                      coopt_dtype_name(kvt), k, j, j < nv ? x[j] : 0.0, j < nv ? y[j] : 0.0);
             ok = false;
         }
-        n_checked++;
     }
     int64_t e1, c1, r1;
     coopt_cuda_step_stats(coopt_ctx_backend(ca), &e1, &c1, &r1);
     fprintf(stderr, "  %s KV: %d checkpoints compared; %lld steps op by op, %lld recorded, %lld replayed\n",
-            coopt_dtype_name(kvt), n_checked, (long long)e1, (long long)c1, (long long)r1);
+            coopt_dtype_name(kvt), ASYNC_CHECKS, (long long)e1, (long long)c1, (long long)r1);
     if (ok && r1 < 200) {
         test_fail(t, __FILE__, __LINE__, "only %lld steps replayed: the run ahead was not tested on graphs", (long long)r1);
         ok = false;
     }
     coopt_ctx_free(ce);
     coopt_ctx_free(ca);
+    free(le), free(la);
     return ok;
 }
 
