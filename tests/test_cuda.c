@@ -320,7 +320,7 @@ TEST(cuda_rope_store) {
     struct cu_pair p;
     if (!cu_pair_init(t, &p)) return;
     uint64_t      s     = 13;
-    const int32_t hds[] = {8, 16, 64, 80, 128};
+    const int32_t hds[] = {8, 16, 64, 80, 128, 256};
     for (size_t kt = 0; kt < COOPT_ARRAY_LEN(k_kvtypes); kt++)
         for (size_t hi = 0; hi < COOPT_ARRAY_LEN(hds); hi++) {
             enum coopt_dtype dt = k_kvtypes[kt];
@@ -346,6 +346,11 @@ TEST(cuda_rope_store) {
             size_t nq = (size_t)n * nh * hd, nk = (size_t)n * nkv * hd;
             float *q = test_rand_array(&s, nq, -1, 1), *k = test_rand_array(&s, nk, -3, 3), *v = test_rand_array(&s, nk, -3, 3);
             for (int i = 0; i < hd; i++) v[i] = 0; // an all-zero row: scale 0, zeros
+            // FP8: a row whose candidate errors all overflow to inf (every candidate ties: the
+            // kernel's fast sum cannot decide and redoes it in the CPU's order, which keeps the
+            // first), and a row with one nonzero element (only the first candidate is exact)
+            for (int i = 0; i < hd; i++) v[(size_t)2 * nkv * hd + i] *= 1e30f;
+            for (int i = 0; i < hd; i++) v[(size_t)3 * nkv * hd + i] = i == 5 ? 2.5f : 0.0f;
             float *q_got = malloc(nq * 4), *k_got = malloc(nk * 4);
             float *dq = dev_copy(p.cu, q, nq * 4), *dk = dev_copy(p.cu, k, nk * 4), *dv = dev_copy(p.cu, v, nk * 4);
             int32_t *dpos = dev_copy(p.cu, pos, sizeof(pos)), *dseq = dev_copy(p.cu, seq, sizeof(seq));
@@ -369,7 +374,7 @@ TEST(cuda_rope_store) {
             CHECKF(t, ok, "%s: q", what);
             CHECKF(t, memcmp(k_got, k, nk * 4) == 0, "%s: k was modified", what);
             size_t n_diff = 0, n_bytes = 0;
-            float  a[128], r[128];
+            float  a[256], r[256];
             for (int i = 0; i < n; i++)
                 for (int h = 0; h < nkv; h++)
                     for (int kvi = 0; kvi < 2; kvi++) {
