@@ -346,9 +346,8 @@ TEST(cuda_rope_store) {
             size_t nq = (size_t)n * nh * hd, nk = (size_t)n * nkv * hd;
             float *q = test_rand_array(&s, nq, -1, 1), *k = test_rand_array(&s, nk, -3, 3), *v = test_rand_array(&s, nk, -3, 3);
             for (int i = 0; i < hd; i++) v[i] = 0; // an all-zero row: scale 0, zeros
-            // FP8: a row whose candidate errors all overflow to inf (every candidate ties: the
-            // kernel's fast sum cannot decide and redoes it in the CPU's order, which keeps the
-            // first), and a row with one nonzero element (only the first candidate is exact)
+            // FP8: a row whose candidate errors all overflow to inf (every candidate ties; the CPU
+            // keeps the first), and a row with one nonzero element (only the first candidate is exact)
             for (int i = 0; i < hd; i++) v[(size_t)2 * nkv * hd + i] *= 1e30f;
             for (int i = 0; i < hd; i++) v[(size_t)3 * nkv * hd + i] = i == 5 ? 2.5f : 0.0f;
             float *q_got = malloc(nq * 4), *k_got = malloc(nk * 4);

@@ -74,28 +74,8 @@ template <int KT> __device__ __forceinline__ void store_elem(uint8_t *dst, int i
 struct kv_store_smem {
     float e[2][16][ROPE_ERR_CHUNK + 1]; // rows padded: thread k's walk is conflict-free
     float red[4][2];
-    float part[4][32]; // the fast pass's partial sums [warp][16 row + candidate]
     float scale[2];
-    int   redo;
 };
-
-// Squared errors of elements [c0, c0 + n) of rows r < nr for candidate kk into sm.e[r][kk][i - c0]:
-// this thread takes elements i0, i0 + st, ... (the block covers all (candidate, element) pairs).
-template <int KT>
-__device__ __forceinline__ void kv_fp8_errors(const float *rows, int nr, int32_t hd, int c0, int n, int kk, int i0, int st,
-                                              const float *sc, const float *inv, kv_store_smem &sm) {
-#pragma unroll
-    for (int r = 0; r < 2; r++)
-        if (r < nr)
-            for (int i = i0; i < n; i += st) {
-                const float   x  = rows[r * hd + c0 + i];
-                const uint8_t cq = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(x, inv[r]))
-                                                              : f32_to_fp8_e5m2(__fmul_rn(x, inv[r]));
-                const float d = __fsub_rn(
-                    __fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(cq) : fp8_e5m2_to_f32(cq), sc[r]), x);
-                sm.e[r][kk][i] = __fmul_rn(d, d);
-            }
-}
 
 // Stores rows r < nr (1 or 2) of hd floats, rows + r * hd in shared memory, at dst[r] in the cache
 // type KT, with the FP8 scale at sdst[r]. All KV_STORE_THREADS threads of the block call it (it
@@ -103,15 +83,11 @@ __device__ __forceinline__ void kv_fp8_errors(const float *rows, int nr, int32_t
 // FP8: coopt_fp8_quant_row (dtype.c) with S = L.scale_search candidate scales per row. The squared
 // errors of all (row, candidate, element) triples are independent: the block computes them in
 // parallel, a chunk of ROPE_ERR_CHUNK elements at a time, into shared memory (thread: candidate
-// tid % S, elements tid / S, + 128 / S, ...; its scales and reciprocals computed once). The CPU
-// adds each candidate's errors in element order, a chain of hd dependent additions; here the four
-// warps each add a quarter of them and warp 0 adds the partials, a chain a quarter as long, and
-// takes each row's smallest sum, ties to the smallest k. That is provably the CPU's choice unless
-// two candidates' sums are within the two summations' error bounds (see the margin below); then
-// the block adds the errors again in the CPU's order (thread 16 r + k: row r, candidate k; same
-// operations, order and rounding, no FMA) and chooses from those, so the scale is bit-identical
-// either way. An all-zero row stores scale 0 and zeros. (One warp per row walking it was a long
-// dependent chain: 15-24 us per layer at decode.)
+// tid % S, elements tid / S, + 128 / S, ...; its scales and reciprocals computed once); then
+// thread 16 r + k (k < S) adds row r's candidate k errors in element order (same operations,
+// order and rounding as the CPU, no FMA, so the chosen scale is bit-identical), and warp 0 takes
+// each row's smallest error, ties to the smallest k. An all-zero row stores scale 0 and zeros.
+// (One warp per row walking it was a long dependent chain: 15-24 us per layer at decode.)
 template <int KT>
 __device__ void kv_store_rows(const float *rows, int nr, int32_t hd, uint8_t *const *dst, float *const *sdst,
                               int32_t scale_search, kv_store_smem &sm) {
@@ -139,68 +115,38 @@ __device__ void kv_store_rows(const float *rows, int nr, int32_t hd, uint8_t *co
             any     = any || amax[r] > 0.0f;
         }
         if (any) { // (uniform: every thread sees the same maxima)
-            // Fast pass: warp q adds quarter q of every chunk's errors of all 32 (row, candidate)
-            // pairs (lane = 16 r + k), warp 0 adds the four partials and takes each row's best.
-            const int kr = lane & 15, rr = lane >> 4;
-            float     part = 0.0f;
+            const int kr = tid & 15, rr = tid >> 4; // the (row, candidate) thread tid < 32 sums
+            float     err = rr < nr && kr < S ? 0.0f : INFINITY;
             for (int c0 = 0; c0 < hd; c0 += ROPE_ERR_CHUNK) {
                 const int n = min(ROPE_ERR_CHUNK, hd - c0);
-                kv_fp8_errors<KT>(rows, nr, hd, c0, n, kk, tid / S, st, sc, inv, sm);
+#pragma unroll
+                for (int r = 0; r < 2; r++)
+                    if (r < nr)
+                        for (int i = tid / S; i < n; i += st) {
+                            const float   x  = rows[r * hd + c0 + i];
+                            const uint8_t cq = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(x, inv[r]))
+                                                                          : f32_to_fp8_e5m2(__fmul_rn(x, inv[r]));
+                            const float d = __fsub_rn(
+                                __fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(cq) : fp8_e5m2_to_f32(cq), sc[r]), x);
+                            sm.e[r][kk][i] = __fmul_rn(d, d);
+                        }
                 __syncthreads();
-                if (rr < nr && kr < S)
-                    for (int i = warp * n / 4; i < (warp + 1) * n / 4; i++) part = __fadd_rn(part, sm.e[rr][kr][i]);
-                __syncthreads();
-            }
-            sm.part[warp][lane] = part;
-            __syncthreads();
-            if (warp == 0) {
-                float err = rr < nr && kr < S ? __fadd_rn(__fadd_rn(sm.part[0][lane], sm.part[1][lane]),
-                                                          __fadd_rn(sm.part[2][lane], sm.part[3][lane]))
-                                              : INFINITY;
-                // The CPU adds each candidate's errors in element order; these sums group them
-                // differently. Both are within g * sum of the exact sum (g = (2 hd + 16) 2^-24 covers
-                // the two chains of at most hd additions of non-negative terms, twice over). So
-                // where every other candidate's sum exceeds the best one by the two bounds, the
-                // CPU's choice is this one; otherwise (near ties, e.g. several exact scales) the
-                // block redoes the search with the CPU's order.
-                const float g    = (float)(2 * hd + 16) * 5.9604645e-8f;
-                float       best_e = err;
-                int         best   = kr;
-                for (int o = 8; o > 0; o >>= 1) {
-                    const float oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-                    const int   ob = __shfl_xor_sync(0xffffffffu, best, o);
-                    if (oe < best_e || (oe == best_e && ob < best)) best_e = oe, best = ob;
-                }
-                const bool clear = rr >= nr || kr >= S || kr == best || err * (1.0f - g) > best_e * (1.0f + g);
-                const unsigned all = __ballot_sync(0xffffffffu, clear);
-                if (kr == 0 && rr < nr) sm.scale[rr] = __fmul_rn(base[rr], c_fp8_scale_steps[best]);
-                if (lane == 0) sm.redo = all != 0xffffffffu;
-            }
-            __syncthreads();
-            if (sm.redo) { // exact: thread 16 r + k (< 32) adds row r's candidate k errors in element order
-                const int kr2 = tid & 15, rr2 = tid >> 4;
-                float     err = rr2 < nr && kr2 < S ? 0.0f : INFINITY;
-                for (int c0 = 0; c0 < hd; c0 += ROPE_ERR_CHUNK) {
-                    const int n = min(ROPE_ERR_CHUNK, hd - c0);
-                    kv_fp8_errors<KT>(rows, nr, hd, c0, n, kk, tid / S, st, sc, inv, sm);
-                    __syncthreads();
-                    if (tid < 32 && rr2 < nr && kr2 < S) {
+                if (tid < 32 && rr < nr && kr < S) {
 #pragma unroll 16
-                        for (int i = 0; i < n; i++) err = __fadd_rn(err, sm.e[rr2][kr2][i]); // loads run ahead of the chain
-                    }
-                    __syncthreads();
-                }
-                if (warp == 0) { // each 16-lane half: one row's candidates
-                    int best = kr2;
-                    for (int o = 8; o > 0; o >>= 1) {
-                        const float oe = __shfl_xor_sync(0xffffffffu, err, o);
-                        const int   ob = __shfl_xor_sync(0xffffffffu, best, o);
-                        if (oe < err || (oe == err && ob < best)) err = oe, best = ob;
-                    }
-                    if (kr2 == 0 && rr2 < nr) sm.scale[rr2] = __fmul_rn(base[rr2], c_fp8_scale_steps[best]);
+                    for (int i = 0; i < n; i++) err = __fadd_rn(err, sm.e[rr][kr][i]); // loads run ahead of the chain
                 }
                 __syncthreads();
             }
+            if (warp == 0) { // each 16-lane half: one row's candidates
+                int best = kr;
+                for (int o = 8; o > 0; o >>= 1) {
+                    const float oe = __shfl_xor_sync(0xffffffffu, err, o);
+                    const int   ob = __shfl_xor_sync(0xffffffffu, best, o);
+                    if (oe < err || (oe == err && ob < best)) err = oe, best = ob;
+                }
+                if (kr == 0 && rr < nr) sm.scale[rr] = __fmul_rn(base[rr], c_fp8_scale_steps[best]);
+            }
+            __syncthreads();
         }
 #pragma unroll
         for (int r = 0; r < 2; r++)

@@ -755,8 +755,10 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
 // starts, whose K offsets come first; several CTAs per KV head; forced tensor cores) run the two,
 // and so do FP8 caches: there the two rows' scale search sits in front of the CTA's key walk, and
 // the fused kernel measured from 1.5 % slower to 0.9 % faster than the two (H100, llama2-7b /
-// llama3-8b gptq4, depth 0 and 4096), against 1.4-1.5 % faster with F16 (docs/BENCHMARKS.md).
-// (The kernel handles FP8: test cuda_rope_store_attention runs it through the test hook.)
+// llama3-8b gptq4, depth 0 and 4096), against 1.4-1.5 % faster with F16 (docs/BENCHMARKS.md);
+// again at 109ea20: llama2-7b 0 / +1.7 %, llama3-8b -0.8 / -0.6 % at depth 0 / 4096.
+// (The kernel handles FP8: test cuda_rope_store_attention runs it through the test hook, and
+// COOPT_CUDA_FUSED_ATTN_FP8=1 turns it on for a run.)
 static void rope_store_attention(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
                                  int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
                                  const struct coopt_rope *rope, float scale, bool then_matmul) {

@@ -23,7 +23,8 @@
  * Other switches read here: COOPT_CUDA_FUSED=0 (no fused ops: the forward pass composes them),
  * COOPT_CUDA_FUSED_NORM=0 (no RMS norm inside the GEMVs), COOPT_CUDA_XSTAGE=0 (decode GEMVs and the
  * decode attention do not stage the next GEMV's input: matmul_add_then_norm, norm_matmul_swiglu_then_add,
- * rope_store_attention_then_matmul; COOPT_CUDA_XSTAGE_ATTN=0: the attention only), COOPT_CUDA_PDL=0 (GEMVs launch without
+ * rope_store_attention_then_matmul; COOPT_CUDA_XSTAGE_ATTN=0: the attention only),
+ * COOPT_CUDA_FUSED_ATTN_FP8=1 (FP8 caches also take the decode attention with the KV write fused in), COOPT_CUDA_PDL=0 (GEMVs launch without
  * programmatic dependent launch), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
  * the automatic choice).
  *
