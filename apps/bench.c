@@ -2,7 +2,7 @@
  * bench.c -- `coopt bench`: llama-bench-style speed tables.
  *
  *   ppN  prompt processing: N random tokens of one sequence in one decode call (chunked by -b)
- *   tgN  text generation: N tokens decoded one at a time
+ *   tgN  text generation: N tokens decoded one at a time, each waited for before the next
  *   -d   context depth: that many tokens are in the cache before the timed test (not timed)
  *
  * Each test runs once untimed (warm-up) and then -r times; t/s is mean ± sample stddev.
@@ -96,6 +96,9 @@ static double run_once(struct coopt_ctx *c, int64_t n_prompt, int64_t n_gen, int
         int32_t                  t = rand_token(n_vocab);
         struct coopt_batch_input b = {.n_tokens = 1, .tokens = &t, .seq_ids = &seq};
         if (coopt_ctx_decode(c, &b) != COOPT_OK) goto out;
+        // Each token waits for the one before, as in generation, where the next token comes from
+        // these logits (and as llama-bench's tg): without it a GPU would run the steps back to back.
+        coopt_ctx_synchronize(c);
     }
     coopt_ctx_synchronize(c);
     secs = (coopt_time_us() - t0) / 1e6;
@@ -135,8 +138,8 @@ static int run_batched(struct coopt_ctx *c, int64_t B, int64_t n_prompt, int64_t
         }
         struct coopt_batch_input in = {.n_tokens = (int32_t)B, .tokens = toks, .seq_ids = sids};
         if (coopt_ctx_decode(c, &in) != COOPT_OK) goto out;
+        coopt_ctx_synchronize(c); // (as in run_once)
     }
-    coopt_ctx_synchronize(c);
     *t_prompt = (t1 - t0) / 1e6;
     *t_gen    = (coopt_time_us() - t1) / 1e6;
     rc        = 0;
