@@ -370,7 +370,9 @@ static bool check_graphs(struct test_ctx *t, struct coopt_model *m, enum coopt_d
     return ok;
 }
 
-TEST(cuda_step_graphs) {
+// Runs check(t, m, kv) for F16 and FP8 KV on story-lmrs loaded on the GPU (the step-graph tests).
+typedef bool story_check_fn(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt);
+static void run_story_checks(struct test_ctx *t, story_check_fn *check) {
     if (coopt_cuda_device_count() <= 0) SKIP(t, "no CUDA device");
     const char *path = test_model_path("story-lmrs");
     NEED_FILE(t, path);
@@ -386,9 +388,11 @@ TEST(cuda_step_graphs) {
     }
     const enum coopt_dtype kvs[] = {COOPT_DTYPE_F16, COOPT_DTYPE_FP8_E4M3};
     for (size_t k = 0; k < COOPT_ARRAY_LEN(kvs); k++)
-        if (!check_graphs(t, m, kvs[k])) break;
+        if (!check(t, m, kvs[k])) break;
     coopt_model_free(m);
 }
+
+TEST(cuda_step_graphs) { run_story_checks(t, check_graphs); }
 
 // ---- decodes that return before the GPU finishes ----
 
@@ -475,25 +479,7 @@ static bool check_async(struct test_ctx *t, struct coopt_model *m, enum coopt_dt
     return ok;
 }
 
-TEST(cuda_decode_async) {
-    if (coopt_cuda_device_count() <= 0) SKIP(t, "no CUDA device");
-    const char *path = test_model_path("story-lmrs");
-    NEED_FILE(t, path);
-    coopt_log_set_quiet(1);
-    const char *env = getenv("COOPT_CUDA_GRAPHS");
-    if (env && !strcmp(env, "0")) SKIP(t, "COOPT_CUDA_GRAPHS=0");
-    struct coopt_model_params mp = coopt_model_default_params();
-    mp.device                    = "cuda";
-    struct coopt_model *m        = NULL;
-    if (coopt_model_load(path, &mp, &m) != COOPT_OK) {
-        test_fail(t, __FILE__, __LINE__, "story-lmrs: load on cuda");
-        return;
-    }
-    const enum coopt_dtype kvs[] = {COOPT_DTYPE_FP8_E4M3, COOPT_DTYPE_F16};
-    for (size_t k = 0; k < COOPT_ARRAY_LEN(kvs); k++)
-        if (!check_async(t, m, kvs[k])) break;
-    coopt_model_free(m);
-}
+TEST(cuda_decode_async) { run_story_checks(t, check_async); }
 
 // ---- timings (not a check): COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_decode_bench ----
 
