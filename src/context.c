@@ -116,10 +116,10 @@ void coopt_ctx_free(struct coopt_ctx *c) {
     if (!c) return;
     struct coopt_backend *be = c->be;
     if (be) {
+        be->ops->sync(be); // the last decode may still be running
         coopt_scratch_free(be, &c->scratch);
         be->ops->free(be, c->d_step);
         be->ops->free(be, c->d_k_offset);
-        be->ops->sync(be);
         for (int i = 0; i < 2; i++) host_buf_free(be, c->h_step[i], c->h_step_backend[i]);
         host_buf_free(be, c->logits, c->logits_backend), c->logits = NULL;
         if (c->kv && c->kv->pool) be->ops->kv_pool_free(be, c->kv->pool, c->pool_bytes);
