@@ -3,6 +3,8 @@
  * errors, all-or-nothing KV accounting, chunked vs one-shot prefill, forks, sliding-window page
  * release, lazy mapping (RSS follows tokens held), and the scheduler under page pressure.
  */
+#include "backend.h"
+#include "context.h"
 #include "coopt.h"
 #include "model.h"
 #include "test.h"
@@ -71,6 +73,76 @@ TEST(context_decode_errors) {
     CHECK(t, coopt_seq_new(c, &seq2) == COOPT_OK);
     CHECK(t, coopt_seq_new(c, &seq3) == COOPT_ERR_INVALID); // n_seq_max = 2
     coopt_ctx_free(c);
+    coopt_model_free(m);
+}
+
+// ---- the fences of run_step (context.c), on the CPU backend with counting fence ops ----
+
+static uint64_t g_fences;      // fences handed out
+static uint64_t g_waited[16];  // fence_wait's argument, per call
+static int      g_n_waits, g_n_syncs;
+static void (*g_cpu_sync)(struct coopt_backend *be);
+
+static uint64_t count_fence(struct coopt_backend *be) {
+    (void)be;
+    return ++g_fences;
+}
+static void count_fence_wait(struct coopt_backend *be, uint64_t n) {
+    (void)be;
+    if (g_n_waits < 16) g_waited[g_n_waits] = n;
+    g_n_waits++;
+}
+static void count_sync(struct coopt_backend *be) {
+    g_n_syncs++;
+    g_cpu_sync(be);
+}
+
+// With fences, a decode waits only for the fence of the step before last (its host block), never
+// for the whole device, and the logits wait once. Steps 0-4 are one 40-token prompt in chunks of 8,
+// step 5 a single token: step i waits for fence i - 1 (fences count from 1), 0 for the first two.
+TEST(context_fence_bookkeeping) {
+    struct coopt_model *m = load_260k(t);
+    if (!m) SKIP(t, "stories260K.gguf not available");
+    int32_t           nv = coopt_model_get_info(m)->n_vocab, seq, toks[41];
+    struct coopt_ctx *c = make_ctx(m, 8, 1, 0, 64), *r = make_ctx(m, 8, 1, 0, 64);
+    CHECK(t, c && r);
+    struct coopt_backend   *be = coopt_ctx_backend(c);
+    static struct coopt_ops ops;
+    ops = *be->ops, g_cpu_sync = ops.sync;
+    ops.fence = count_fence, ops.fence_wait = count_fence_wait, ops.sync = count_sync;
+    const struct coopt_ops *saved = be->ops;
+    be->ops                       = &ops;
+    g_fences = 0, g_n_waits = g_n_syncs = 0;
+    fill_tokens(toks, 41, 7);
+    float *a = malloc((size_t)nv * sizeof(float)), *b = malloc((size_t)nv * sizeof(float));
+    CHECK(t, coopt_seq_new(c, &seq) == COOPT_OK && a && b);
+    int32_t                 seqs[40] = {0};
+    struct coopt_batch_input in      = {.n_tokens = 40, .tokens = toks, .seq_ids = seqs};
+    CHECK(t, coopt_ctx_decode(c, &in) == COOPT_OK);
+    CHECKF(t, g_n_syncs == 0 && g_fences == 5 && g_n_waits == 5, "prompt: %d syncs, %llu fences, %d waits", g_n_syncs,
+           (unsigned long long)g_fences, g_n_waits);
+    const uint64_t want[6] = {0, 0, 1, 2, 3, 4};
+    for (int i = 0; i < 5 && i < g_n_waits; i++)
+        CHECKF(t, g_waited[i] == want[i], "step %d waited for fence %llu, not %llu", i, (unsigned long long)g_waited[i],
+               (unsigned long long)want[i]);
+    CHECK(t, coopt_ctx_logits(c, 39) != NULL && g_n_syncs == 1); // the logits wait once...
+    CHECK(t, coopt_ctx_logits(c, 39) != NULL && g_n_syncs == 1); // ...and only once
+    coopt_ctx_synchronize(c);
+    CHECK(t, g_n_syncs == 1);
+    struct coopt_batch_input one = {.n_tokens = 1, .tokens = &toks[40], .seq_ids = &seq};
+    CHECK(t, coopt_ctx_decode(c, &one) == COOPT_OK && g_n_waits == 6 && g_waited[5] == want[5] && g_n_syncs == 1);
+    coopt_ctx_synchronize(c);
+    CHECK(t, g_n_syncs == 2);
+    memcpy(a, coopt_ctx_logits(c, 0), (size_t)nv * sizeof(float));
+    // the same tokens through a context without fences: the same logits
+    CHECK(t, coopt_seq_new(r, &seq) == COOPT_OK && coopt_ctx_decode(r, &in) == COOPT_OK &&
+                 coopt_ctx_decode(r, &one) == COOPT_OK);
+    memcpy(b, coopt_ctx_logits(r, 0), (size_t)nv * sizeof(float));
+    CHECK(t, memcmp(a, b, (size_t)nv * sizeof(float)) == 0);
+    be->ops = saved;
+    free(a), free(b);
+    coopt_ctx_free(c);
+    coopt_ctx_free(r);
     coopt_model_free(m);
 }
 
