@@ -6,6 +6,8 @@
  * length and the page budget for the whole batch first, reserves every page, and only then runs
  * the forward steps (batches longer than n_batch are split into steps of n_batch tokens: chunked
  * prefill). Sliding-window models release pages that fell out of the window afterwards.
+ * On backends with fences (CUDA) the steps are only enqueued: the decode returns while the device
+ * runs them, and coopt_ctx_logits / coopt_ctx_synchronize wait (run_step says what may run ahead).
  */
 #include "backend.h"
 #include "context.h"
