@@ -197,9 +197,9 @@ struct coopt_batch_input {
 // Runs the forward pass. Returns COOPT_ERR_KV_FULL (cache unchanged) if pages run out,
 // COOPT_ERR_CTX_FULL if a sequence would pass n_ctx, COOPT_ERR_INVALID for bad ids.
 // On a GPU the call returns once the work is enqueued: the device may still be computing when
-// it returns, so the host can prepare the next batch meanwhile (and a caller that does not read
-// the logits in between, such as a benchmark's generation loop, keeps the device busy without a
-// gap). coopt_ctx_logits() and coopt_ctx_synchronize() wait for it.
+// it returns, so the host can prepare the next batch meanwhile (and a caller that enqueues the
+// next batch without reading these logits keeps the device busy without a gap).
+// coopt_ctx_logits() and coopt_ctx_synchronize() wait for it.
 enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch_input *batch);
 // Waits until the work of every coopt_ctx_decode() so far has finished (for timing).
 void coopt_ctx_synchronize(struct coopt_ctx *c);
