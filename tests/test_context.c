@@ -146,6 +146,75 @@ TEST(context_fence_bookkeeping) {
     coopt_model_free(m);
 }
 
+// ---- page-locked host buffers (host_buf_alloc, context.c): the fallback and the pairing ----
+
+static int g_ha_fail, g_ha_allocs, g_ha_frees; // host_alloc refuses; buffers handed out; host_free calls
+
+static enum coopt_status test_host_alloc(struct coopt_backend *be, size_t n, void **out) {
+    (void)be;
+    if (g_ha_fail) return COOPT_ERR_NOMEM;
+    *out = malloc(n);
+    if (!*out) return COOPT_ERR_NOMEM;
+    g_ha_allocs++;
+    return COOPT_OK;
+}
+static void test_host_free(struct coopt_backend *be, void *p) {
+    (void)be;
+    g_ha_frees++;
+    free(p);
+}
+
+// A backend whose host_alloc fails gets malloc'ed logits and still decodes correctly; one whose
+// host_alloc works gets its buffers back through host_free, each exactly once, also when the
+// logits buffer grows and when the growing allocation falls back (the flag follows the buffer).
+// The step blocks came from the CPU backend (no host_alloc) at init: never through host_free.
+TEST(context_host_alloc_fallback) {
+    struct coopt_model *m = load_260k(t);
+    if (!m) SKIP(t, "stories260K.gguf not available");
+    int32_t nv = coopt_model_get_info(m)->n_vocab, toks[30], seqs[20] = {0};
+    fill_tokens(toks, 30, 11);
+    uint8_t want[10];
+    memset(want, 1, sizeof(want));
+    struct coopt_batch_input prompt = {.n_tokens = 20, .tokens = toks, .seq_ids = seqs};
+    struct coopt_batch_input all    = {.n_tokens = 10, .tokens = toks + 20, .seq_ids = seqs, .want_logits = want};
+    // reference: the plain CPU backend
+    struct coopt_ctx *r = make_ctx(m, 32, 1, 0, 64);
+    int32_t           seq;
+    CHECK(t, r && coopt_seq_new(r, &seq) == COOPT_OK && seq == 0);
+    CHECK(t, coopt_ctx_decode(r, &prompt) == COOPT_OK && coopt_ctx_decode(r, &all) == COOPT_OK);
+    float *ref = malloc((size_t)10 * (size_t)nv * sizeof(float));
+    CHECK(t, ref != NULL);
+    for (int i = 0; i < 10; i++) memcpy(ref + (size_t)i * nv, coopt_ctx_logits(r, i), (size_t)nv * sizeof(float));
+    coopt_ctx_free(r);
+    // mode 0: host_alloc fails throughout; 1: works throughout; 2: works, then fails for the regrow
+    for (int mode = 0; mode < 3; mode++) {
+        struct coopt_ctx *c = make_ctx(m, 32, 1, 0, 64);
+        CHECK(t, c && coopt_seq_new(c, &seq) == COOPT_OK);
+        struct coopt_backend   *be = coopt_ctx_backend(c);
+        static struct coopt_ops ops;
+        ops = *be->ops, ops.host_alloc = test_host_alloc, ops.host_free = test_host_free;
+        be->ops = &ops; // (until the context and its backend are gone: host_free must stay)
+        g_ha_fail = mode == 0, g_ha_allocs = g_ha_frees = 0;
+        CHECK(t, coopt_ctx_decode(c, &prompt) == COOPT_OK); // one logits row
+        CHECKF(t, g_ha_allocs == (mode ? 1 : 0) && g_ha_frees == 0, "mode %d: %d allocs, %d frees", mode, g_ha_allocs,
+               g_ha_frees);
+        g_ha_fail = mode != 1;
+        CHECK(t, coopt_ctx_decode(c, &all) == COOPT_OK); // ten rows: the buffer grows
+        CHECKF(t, g_ha_allocs == (mode == 1 ? 2 : mode ? 1 : 0) && g_ha_frees == (mode ? 1 : 0), "mode %d: %d allocs, %d frees",
+               mode, g_ha_allocs, g_ha_frees);
+        for (int i = 0; i < 10; i++) {
+            const float *l = coopt_ctx_logits(c, i);
+            CHECKF(t, l && memcmp(l, ref + (size_t)i * nv, (size_t)nv * sizeof(float)) == 0,
+                   "mode %d: logits of token %d differ from the plain backend's", mode, i);
+        }
+        coopt_ctx_free(c);
+        CHECKF(t, g_ha_frees == g_ha_allocs, "mode %d: %d buffers from host_alloc, %d host_free calls", mode,
+               g_ha_allocs, g_ha_frees);
+    }
+    free(ref);
+    coopt_model_free(m);
+}
+
 TEST(context_kv_full_leaves_cache_unchanged) {
     struct coopt_model *m = load_260k(t);
     if (!m) SKIP(t, "stories260K.gguf not available");
