@@ -2,7 +2,11 @@
  * bench.c -- `coopt bench`: llama-bench-style speed tables.
  *
  *   ppN  prompt processing: N random tokens of one sequence in one decode call (chunked by -b)
- *   tgN  text generation: N tokens decoded one at a time, each waited for before the next
+ *   tgN  text generation: N tokens decoded one at a time, each depending on the one before: by
+ *        default greedy generation with the choice made on the device (coopt_ctx_generate, what
+ *        `coopt run --temp 0` does: a GPU runs the steps back to back and the host reads each
+ *        token one step behind); with --tg host each token's logits come back to the host and the
+ *        next decode waits for them, as when sampling (the test is then named tgN-host)
  *   -d   context depth: that many tokens are in the cache before the timed test (not timed)
  *
  * Each test runs once untimed (warm-up) and then -r times; t/s is mean ± sample stddev.
@@ -26,6 +30,9 @@ static void bench_usage(void) {
             "  -n, --n-gen N[,N..]     generation lengths (default 128; 0 = skip)\n"
             "  -d, --n-depth N[,N..]   context depth before the test (default 0)\n"
             "  -r, --repetitions N     (default 5)\n"
+            "  --tg device|host        tgN: the next token chosen on the device and fed without the host\n"
+            "                          (greedy, default), or the logits of every token copied to the host\n"
+            "                          and waited for before the next decode (as sampling does)\n"
             "  -o, --output md|json    (default md)\n"
             "  -B, --batch-seqs B[,B..] batched mode: B sequences, each prefilled with the first -p length,\n"
             "                          then decoded together for the first -n length; total tokens/s\n"
@@ -77,7 +84,7 @@ static enum coopt_status fill_depth(struct coopt_ctx *c, int32_t seq, int64_t de
 
 // One timed run; returns seconds or a negative value on error.
 static double run_once(struct coopt_ctx *c, int64_t n_prompt, int64_t n_gen, int64_t depth, int32_t n_vocab,
-                       int32_t *toks, int32_t *seqs) {
+                       int32_t *toks, int32_t *seqs, bool tg_host) {
     int32_t seq;
     if (coopt_seq_new(c, &seq) != COOPT_OK) return -1;
     double secs = -1;
@@ -92,13 +99,19 @@ static double run_once(struct coopt_ctx *c, int64_t n_prompt, int64_t n_gen, int
         struct coopt_batch_input b = {.n_tokens = (int32_t)n_prompt, .tokens = toks, .seq_ids = seqs};
         if (coopt_ctx_decode(c, &b) != COOPT_OK) goto out;
     }
-    for (int64_t i = 0; i < n_gen; i++) {
+    if (n_gen > 0 && !tg_host) {
+        int32_t fed = 0;
+        if (coopt_ctx_generate(c, seq, rand_token(n_vocab), (int32_t)n_gen, NULL, NULL, &fed) != COOPT_OK ||
+            fed != n_gen)
+            goto out;
+    }
+    for (int64_t i = 0; i < n_gen && tg_host; i++) {
         int32_t                  t = rand_token(n_vocab);
         struct coopt_batch_input b = {.n_tokens = 1, .tokens = &t, .seq_ids = &seq};
         if (coopt_ctx_decode(c, &b) != COOPT_OK) goto out;
-        // Each token waits for the one before, as in generation, where the next token comes from
+        // Each token waits for the one before, as in sampling, where the next token comes from
         // these logits (and as llama-bench's tg): without it a GPU would run the steps back to back.
-        coopt_ctx_synchronize(c);
+        if (!coopt_ctx_logits(c, 0)) goto out;
     }
     coopt_ctx_synchronize(c);
     secs = (coopt_time_us() - t0) / 1e6;
@@ -196,7 +209,7 @@ int cmd_bench(int argc, char **argv) {
     int64_t bs[MAX_LIST] = {0};
     int     n_pp = 1, n_tg = 1, n_dp = 1, n_bs = 0;
     int64_t reps = 5, capacity = 0;
-    bool    json = false;
+    bool    json = false, tg_host = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         int         r = app_opts_parse(&o, argc, argv, &i);
@@ -217,6 +230,13 @@ int cmd_bench(int argc, char **argv) {
             if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 1, 1 << 24, &capacity)) return 1;
         } else if (!strcmp(a, "-r") || !strcmp(a, "--repetitions")) {
             if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 1, 1000, &reps)) return 1;
+        } else if (!strcmp(a, "--tg")) {
+            if (!(v = app_next_arg(argc, argv, &i))) return 1;
+            if (strcmp(v, "device") && strcmp(v, "host")) {
+                fprintf(stderr, "coopt bench: --tg: expected device or host\n");
+                return 1;
+            }
+            tg_host = !strcmp(v, "host");
         } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
             if (!(v = app_next_arg(argc, argv, &i))) return 1;
             if (!strcmp(v, "json")) json = true;
@@ -276,9 +296,9 @@ int cmd_bench(int argc, char **argv) {
                 int64_t np = kind == 0 ? list[i] : 0, ng = kind == 1 ? list[i] : 0;
                 if (np + ng == 0) continue;
                 double tps[1000], sum = 0, sq = 0;
-                if (run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs) < 0) rc = 1; // warm-up
+                if (run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs, tg_host) < 0) rc = 1; // warm-up
                 for (int r = 0; r < reps && !rc; r++) {
-                    double s = run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs);
+                    double s = run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs, tg_host);
                     if (s <= 0) {
                         rc = 1;
                         break;
@@ -294,7 +314,8 @@ int cmd_bench(int argc, char **argv) {
                 for (int r = 0; r < reps; r++) sq += (tps[r] - mean) * (tps[r] - mean);
                 struct bench_result *br = &res[n_res++];
                 char                *name = malloc(32);
-                snprintf(name, 32, "%s%lld", kind == 0 ? "pp" : "tg", (long long)(np + ng));
+                snprintf(name, 32, "%s%lld%s", kind == 0 ? "pp" : "tg", (long long)(np + ng),
+                         kind == 1 && tg_host ? "-host" : "");
                 *br = (struct bench_result){.test = name, .n_prompt = np, .n_gen = ng, .depth = dp[d], .mean_tps = mean,
                                             .std_tps = reps > 1 ? sqrt(sq / (reps - 1)) : 0};
                 if (kind == 1) {

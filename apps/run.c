@@ -35,6 +35,7 @@ struct gen {
     int32_t                       seq;
     int64_t                       t_prompt_us, t_gen_us;
     int64_t                       n_prompt, n_gen;
+    bool                          greedy; // argmax without a penalty: chosen where the logits are
 };
 
 static void emit(struct gen *g, int32_t tok, bool print) {
@@ -63,9 +64,35 @@ static enum coopt_status feed(struct gen *g, const int32_t *toks, size_t n) {
     return st;
 }
 
+static bool gen_on_token(void *ud, int32_t tok) {
+    struct gen *g = ud;
+    if (coopt_tokenizer_is_eog(g->tok, tok)) return false;
+    coopt_sampler_accept(g->smpl, tok);
+    emit(g, tok, true);
+    return true;
+}
+
 // Generates up to n_predict tokens (or until end of generation). Logits of the last fed token
 // must be available as batch index last_idx.
 static enum coopt_status generate(struct gen *g, int64_t n_predict, int32_t last_idx) {
+    if (g->greedy && n_predict != 0) {
+        // The first token comes from the prompt's logits; coopt_ctx_generate feeds it and then
+        // every argmax, which it takes on the device without waiting for the host.
+        int32_t tok = coopt_sampler_sample(g->smpl, coopt_ctx_logits(g->ctx, last_idx));
+        if (!gen_on_token(g, tok)) return COOPT_OK;
+        int32_t           fed = 0;
+        int64_t           t0  = coopt_time_us();
+        enum coopt_status st  = coopt_ctx_generate(g->ctx, g->seq, tok, n_predict < 0 || n_predict > INT32_MAX ? INT32_MAX : (int32_t)n_predict,
+                                                   gen_on_token, g, &fed);
+        coopt_ctx_synchronize(g->ctx);
+        g->t_gen_us += coopt_time_us() - t0;
+        g->n_gen += fed;
+        if (st == COOPT_ERR_CTX_FULL) {
+            fprintf(stderr, "\ncoopt: context full (%d tokens), stopping\n", coopt_seq_len(g->ctx, g->seq));
+            return COOPT_OK;
+        }
+        return st;
+    }
     // A decode returns before a GPU finishes: each one is timed from its call to the moment its
     // logits are there (the next coopt_ctx_logits, or the wait after the last one).
     int64_t t0 = -1; // start of the decode whose logits have not been read yet
@@ -182,6 +209,7 @@ int cmd_run(int argc, char **argv) {
     enum coopt_status             st;
     const struct coopt_model_info *info = coopt_model_get_info(m);
     if ((st = coopt_sampler_init(&sp, info->n_vocab, &g.smpl))) goto done;
+    g.greedy = !(sp.temp > 0) && sp.repeat_penalty == 1.0f;
     if ((st = coopt_seq_new(ctx, &g.seq))) goto done;
     if ((st = coopt_tokenize(g.tok, prompt, strlen(prompt), (add_bos ? COOPT_TOKENIZE_ADD_BOS : 0) | COOPT_TOKENIZE_PARSE_SPECIAL,
                              &ids, &n_ids)))

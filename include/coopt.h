@@ -208,6 +208,21 @@ void coopt_ctx_synchronize(struct coopt_ctx *c);
 // has no logits.
 const float *coopt_ctx_logits(struct coopt_ctx *c, int32_t i);
 
+// Greedy generation with the choice made where the logits are. Feeds `token` to sequence seq,
+// then feeds each step's argmax (coopt_sampler_sample's greedy choice, without a repetition
+// penalty) to the next step, until n_max tokens were fed or on_token returns false. The argmax
+// is taken by the backend and fed to the next step without the host in between: on a GPU the
+// host enqueues step k+1 before it has seen step k's token, so the device runs the steps back to
+// back and only a token per step comes back. Each token that is fed after the first goes to
+// on_token(ud, token) as it arrives, before it counts; false stops the generation and that token
+// is not fed (the step that already ran with it is taken back). on_token may be NULL (all are
+// fed). The last step's argmax is not reported (nothing feeds it). *n_fed (may be NULL) receives
+// the tokens fed, `token` included. Errors as coopt_ctx_decode (CTX_FULL / KV_FULL when the next
+// step does not fit: the tokens fed so far stay). Afterwards coopt_ctx_logits has no rows.
+typedef bool coopt_gen_token_fn(void *ud, int32_t token);
+enum coopt_status coopt_ctx_generate(struct coopt_ctx *c, int32_t seq, int32_t token, int32_t n_max,
+                                     coopt_gen_token_fn *on_token, void *ud, int32_t *n_fed);
+
 struct coopt_kv_stats {
     int64_t n_pages, n_pages_used, page_size;
     size_t  page_bytes;    // bytes of one page (all layers, K and V)

@@ -30,6 +30,9 @@ struct coopt_batch {
     bool           no_seq_start; // true: no token of the step is at position 0 (K offsets stay as they are)
     int32_t        n_out;        // tokens whose logits are computed
     const int32_t *out_rows;     // [n_out] token indices, ascending
+    int32_t       *next_tokens;  // [n_out] backend memory, or NULL: receives the argmax of each output
+                                 // row's logits (the greedy choice, see the argmax op), which may be
+                                 // this step's own tokens array (the next step's input)
 };
 
 #endif // COOPT_BATCH_H

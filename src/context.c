@@ -69,19 +69,24 @@ struct coopt_ctx_params coopt_ctx_default_params(void) {
     };
 }
 
-// Where the arrays of a step of n tokens live inside h_step / d_step: the per-token arrays, then
-// the per-sequence arrays sized for min(n, n_seq_max) sequences, the block tables last so one
-// copy of [0, block_tables + n_seqs * max_blocks) carries everything the step uses.
+// Where the arrays of a step of n tokens live inside h_step / d_step: the tokens first (a
+// chained step, coopt_ctx_generate, finds its token already on the device and uploads from
+// `slots` on), the other per-token arrays, then the per-sequence arrays sized for min(n,
+// n_seq_max) sequences, the block tables last so one copy of [0, block_tables + n_seqs *
+// max_blocks) carries everything the step uses. A host block has STEP_RESULT_BYTES more after
+// `end` (at the largest n): where the token of a chained step comes back.
 struct step_layout {
-    size_t slots, tokens, pos, tok_seq, out_rows, seq_lens, seq_ids, block_tables, end;
+    size_t tokens, slots, pos, tok_seq, out_rows, seq_lens, seq_ids, block_tables, end;
 };
+
+#define STEP_RESULT_BYTES 64
 
 static struct step_layout step_layout_make(int32_t n, int32_t n_seq_max, int32_t max_blocks) {
     struct step_layout L;
     size_t             nt = (size_t)n, ns = (size_t)COOPT_MIN(n, n_seq_max);
-    L.slots        = 0; // int64_t first: 8-byte aligned
-    L.tokens       = L.slots + nt * sizeof(int64_t);
-    L.pos          = L.tokens + nt * sizeof(int32_t);
+    L.tokens       = 0;
+    L.slots        = (nt * sizeof(int32_t) + 7) & ~(size_t)7; // int64_t: 8-byte aligned
+    L.pos          = L.slots + nt * sizeof(int64_t);
     L.tok_seq      = L.pos + nt * sizeof(int32_t);
     L.out_rows     = L.tok_seq + nt * sizeof(int32_t);
     L.seq_lens     = L.out_rows + nt * sizeof(int32_t);
@@ -205,8 +210,9 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
     struct coopt_backend *be = c->be;
     c->step_bytes = step_layout_make(nb, p.n_seq_max, c->max_blocks).end;
     for (int i = 0; i < 2; i++) {
-        if (!(c->h_step[i] = host_buf_alloc(be, c->step_bytes, true, &c->h_step_backend[i]))) goto nomem;
-        memset(c->h_step[i], 0, c->step_bytes); // gaps of a packed step are copied too: keep them defined
+        size_t hb = c->step_bytes + STEP_RESULT_BYTES;
+        if (!(c->h_step[i] = host_buf_alloc(be, hb, true, &c->h_step_backend[i]))) goto nomem;
+        memset(c->h_step[i], 0, hb); // gaps of a packed step are copied too: keep them defined
     }
     if ((st = be->ops->alloc(be, c->step_bytes, (void **)&c->d_step))) goto fail;
     if (layout.has_scales) { // K smoothing for FP8 caches (kv_cache.h)
@@ -335,13 +341,23 @@ static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_t
     return COOPT_OK;
 }
 
+// Greedy chaining (coopt_ctx_generate) of a one-token step: the argmax of its logits is written
+// over the step's own token on the device (the input of the next one-token step) and copied
+// back into the host block's result area; the logits stay on the device. token_on_device: the
+// step's token is the one the step before left there (the upload skips it).
+struct step_chain {
+    bool token_on_device;
+};
+
 // Runs one forward step over user-batch tokens [start, start + n). It returns once the step and
 // its logits copy are enqueued: where the backend has fences the device may still be running the
 // step (c->pending), and the host goes on to the next step or decode meanwhile. Only the host
 // block of the step before last must be free (its fence); everything else the next step touches
-// is either host bookkeeping or device memory used in stream order.
-static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, int32_t start, int32_t n,
-                     int64_t *logits_row) {
+// is either host bookkeeping or device memory used in stream order. Returns the step's fence (0
+// where the backend has none: the step has finished); with `chain` its token is then at
+// step_result(c, block), block = the h_cur before the call.
+static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, int32_t start, int32_t n,
+                         int64_t *logits_row, const struct step_chain *chain) {
     struct coopt_backend  *be = c->be;
     struct coopt_kv_cache *kv = c->kv;
     int32_t                n_seqs = 0, n_out = 0;
@@ -375,15 +391,17 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
         h_seq_lens[c->seq_bidx[s]] = (int32_t)(pos + 1);
         if (c->logit_row[t] >= 0) h_out_rows[n_out++] = i;
     }
-    uint8_t *d = c->d_step;
-    be->ops->upload(be, d, h, L.block_tables + (size_t)n_seqs * (size_t)c->max_blocks * sizeof(int32_t)); // one copy
+    uint8_t     *d    = c->d_step;
+    const size_t from = chain && chain->token_on_device ? L.slots : 0;
+    be->ops->upload(be, d + from, h + from,
+                    L.block_tables + (size_t)n_seqs * (size_t)c->max_blocks * sizeof(int32_t) - from); // one copy
     struct coopt_batch b = {
         .n_tokens = n, .tokens = (const int32_t *)(d + L.tokens), .pos = (const int32_t *)(d + L.pos),
         .tok_seq = (const int32_t *)(d + L.tok_seq), .slots = (const int64_t *)(d + L.slots), .n_seqs = n_seqs,
         .max_blocks = c->max_blocks, .block_tables = (const int32_t *)(d + L.block_tables),
         .seq_lens = (const int32_t *)(d + L.seq_lens), .seq_ids = (const int32_t *)(d + L.seq_ids),
         .window = c->model->config.sliding_window, .no_seq_start = !seq_start, .n_out = n_out,
-        .out_rows = (const int32_t *)(d + L.out_rows),
+        .out_rows = (const int32_t *)(d + L.out_rows), .next_tokens = chain ? (int32_t *)(d + L.tokens) : NULL,
     };
     // A recorded step (CUDA graph) replaces the op-by-op forward pass where the backend has one
     // for this geometry; hooks observe ops as they run, so they force the op-by-op path.
@@ -393,8 +411,11 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
         if (record) be->ops->step_end(be);
     }
     size_t nv = (size_t)c->model->config.n_vocab;
-    if (n_out > 0) be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
-    if (be->ops->fence) c->h_fence[hb] = be->ops->fence(be);
+    if (chain) be->ops->download(be, h + c->step_bytes, d + L.tokens, (size_t)n_out * sizeof(int32_t));
+    else if (n_out > 0)
+        be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
+    uint64_t fence = 0;
+    if (be->ops->fence) fence = c->h_fence[hb] = be->ops->fence(be);
     else be->ops->sync(be);
     c->pending = true;
     *logits_row += n_out;
@@ -405,14 +426,21 @@ static void run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, in
         c->seq_bidx[s]     = -1;
         c->seq_step_cnt[s] = 0;
     }
+    return fence;
 }
 
-enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch_input *in) {
+// coopt_ctx_decode, and with `chain` (a one-token batch) a step of coopt_ctx_generate: its logits
+// stay on the device (no host rows: coopt_ctx_logits returns NULL afterwards), and a
+// sliding-window model keeps one more position than it needs, since the generation may take
+// the token back (the window's pages are released one step late). *fence: the last step's fence.
+static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_input *in, const struct step_chain *chain,
+                                uint64_t *fence) {
     if (!in || in->n_tokens <= 0 || !in->tokens || !in->seq_ids)
         return coopt_fail(COOPT_ERR_INVALID, "decode: empty batch");
     const struct coopt_model_config *cfg = &c->model->config;
     struct coopt_kv_cache           *kv  = c->kv;
     int32_t                          n   = in->n_tokens;
+    COOPT_ASSERT(!chain || n == 1);
     // validate ids, count tokens per sequence
     enum coopt_status st = COOPT_OK;
     for (int32_t i = 0; i < n; i++) {
@@ -474,7 +502,8 @@ enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch
         int64_t row = 0;
         for (int32_t i = 0; i < n; i++)
             if (c->logit_row[i] >= 0) c->logit_row[i] = (int32_t)row++;
-        st = ensure_result_capacity(c, n, n_want);
+        if (chain && n_want != 1) st = coopt_fail(COOPT_ERR_INVALID, "generate: the step must want its logits");
+        if (st == COOPT_OK) st = ensure_result_capacity(c, n, chain ? 0 : n_want);
     }
     memset(c->seq_add, 0, (size_t)c->params.n_seq_max * sizeof(int32_t));
     if (st != COOPT_OK) {
@@ -484,14 +513,61 @@ enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch
     for (int64_t i = n; i < c->n_index_cap; i++) c->logit_row[i] = -1;
     int64_t logits_row = 0;
     for (int32_t start = 0; start < n; start += c->params.n_batch)
-        run_step(c, in, start, COOPT_MIN(c->params.n_batch, n - start), &logits_row);
+        *fence = run_step(c, in, start, COOPT_MIN(c->params.n_batch, n - start), &logits_row, chain);
+    if (chain) c->logit_row[0] = -1; // the logits stayed on the device
     if (cfg->sliding_window > 0) {
         for (int32_t i = 0; i < n; i++) {
             int32_t s = in->seq_ids[i];
-            coopt_kv_seq_release_before(kv, s, kv->seqs[s].n_tokens - cfg->sliding_window + 1);
+            coopt_kv_seq_release_before(kv, s, kv->seqs[s].n_tokens - cfg->sliding_window + 1 - (chain ? 1 : 0));
         }
     }
     return COOPT_OK;
+}
+
+enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch_input *in) {
+    uint64_t fence;
+    return decode(c, in, NULL, &fence);
+}
+
+enum coopt_status coopt_ctx_generate(struct coopt_ctx *c, int32_t seq, int32_t token, int32_t n_max,
+                                     coopt_gen_token_fn *on_token, void *ud, int32_t *n_fed) {
+    if (n_fed) *n_fed = 0;
+    if (seq < 0 || seq >= c->params.n_seq_max || !c->kv->seqs[seq].live)
+        return coopt_fail(COOPT_ERR_INVALID, "generate: unknown sequence %d", seq);
+    if (n_max < 0) return coopt_fail(COOPT_ERR_INVALID, "generate: negative token limit %d", n_max);
+    if (n_max == 0) return COOPT_OK;
+    struct coopt_backend    *be  = c->be;
+    const struct step_chain  first = {.token_on_device = false}, next = {.token_on_device = true};
+    int32_t                  dummy = 0; // a chained step's token is on the device; this passes validation
+    struct coopt_batch_input in  = {.n_tokens = 1, .tokens = &token, .seq_ids = &seq};
+    uint64_t                 fence[2];
+    int                      blk[2]; // the host block (result area) of step j: index j % 2
+    blk[0]                       = c->h_cur;
+    enum coopt_status st         = decode(c, &in, &first, &fence[0]);
+    if (st != COOPT_OK) return st;
+    int32_t fed = 1; // steps enqueued and not taken back
+    in.tokens   = &dummy;
+    for (int32_t j = 0;; j++) {
+        // Step j+1 goes in before step j's token is known (it feeds that token from the device),
+        // so the device runs the steps back to back; the host reads token j meanwhile.
+        bool ahead = false;
+        if (fed < n_max) {
+            blk[(j + 1) % 2] = c->h_cur;
+            st               = decode(c, &in, &next, &fence[(j + 1) % 2]);
+            ahead            = st == COOPT_OK;
+        }
+        if (be->ops->fence_wait) be->ops->fence_wait(be, fence[j % 2]);
+        int32_t t = 0;
+        memcpy(&t, c->h_step[blk[j % 2]] + c->step_bytes, sizeof(t));
+        if (!ahead) break; // token j is fed by no step: the limit, or the next step could not run (st)
+        if (on_token && !on_token(ud, t)) {
+            coopt_kv_seq_truncate(c->kv, seq, c->kv->seqs[seq].n_tokens - 1); // take step j+1 back
+            break;
+        }
+        fed++;
+    }
+    if (n_fed) *n_fed = fed;
+    return st;
 }
 
 // ---- internal accessors (context.h) ----

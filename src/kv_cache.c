@@ -264,4 +264,13 @@ void coopt_kv_seq_release_before(struct coopt_kv_cache *kv, int32_t seq, int64_t
     }
 }
 
+void coopt_kv_seq_truncate(struct coopt_kv_cache *kv, int32_t seq, int64_t n) {
+    struct coopt_kv_seq *s = &kv->seqs[seq];
+    COOPT_ASSERT(kv_seq_live(kv, seq) && n >= 0 && n <= s->n_tokens);
+    // the blocks past the new end stay with the sequence, reserved ahead (it wrote them after
+    // any copy-on-write, so they are its own)
+    s->n_tokens = n;
+    s->n_blocks = (int32_t)kv_blocks_for(kv, n);
+}
+
 int64_t coopt_kv_pages_used(const struct coopt_kv_cache *kv) { return kv->n_pages - kv->n_free; }

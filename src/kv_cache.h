@@ -127,6 +127,9 @@ enum coopt_status coopt_kv_seq_fork(struct coopt_kv_cache *kv, int32_t src, int3
 // Releases pages wholly before position `first_pos` (sliding window); their table entries become -1.
 // Never releases the partial last page (first_pos is clamped to n_tokens).
 void coopt_kv_seq_release_before(struct coopt_kv_cache *kv, int32_t seq, int64_t first_pos);
+// Drops the positions from n on (n <= n_tokens; a generation taking back a step it ran ahead).
+// Pages past the new end stay reserved to the sequence; the slots are written again later.
+void coopt_kv_seq_truncate(struct coopt_kv_cache *kv, int32_t seq, int64_t n);
 int64_t coopt_kv_pages_used(const struct coopt_kv_cache *kv);
 
 #endif // COOPT_KV_CACHE_H

@@ -55,7 +55,13 @@ TEST(cli_run_stories_greedy) {
     CHECKF(t, rc == 0, "exit %d: %s", rc, out);
     CHECKF(t, strstr(out, "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."),
            "%s", out);
-    CHECK(t, strstr(out, "tok/s") != NULL);
+    CHECKF(t, strstr(out, "generation: 40 tokens"), "%s", out); // (greedy: the generation chained in the context)
+    // the same text from the host's sampler loop (a repetition penalty over no history keeps the
+    // logits, but takes generation off the chained path)
+    snprintf(args, sizeof(args), "run -m '%s' -p 'Once upon a time' -n 40 --temp 0 --repeat-penalty 1.5 --repeat-last-n 0 -t 1 --device cpu",
+             test_model_path("stories260K.gguf"));
+    rc = run_cli(args, out, sizeof(out));
+    CHECKF(t, rc == 0 && strstr(out, "there was a little girl named Lily. She loved to play outside in the park."), "exit %d: %s", rc, out);
 }
 
 TEST(cli_tokenize) {
@@ -77,6 +83,12 @@ TEST(cli_bench_table) {
     snprintf(args, sizeof(args), "bench -m '%s' -p 32 -n 8 -r 1 -t 1", test_model_path("stories260K.gguf"));
     CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
     CHECKF(t, strstr(out, "| pp32 |") && strstr(out, "| tg8 |"), "%s", out);
+    // the host-sampling form of tg, and a bad --tg
+    snprintf(args, sizeof(args), "bench -m '%s' -p 0 -n 8 -r 1 -t 1 --tg host", test_model_path("stories260K.gguf"));
+    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
+    CHECKF(t, strstr(out, "| tg8-host |"), "%s", out);
+    CHECK(t, run_cli("bench -m x --tg gpu", out, sizeof(out)) == 1);
+    CHECKF(t, strstr(out, "--tg: expected device or host"), "%s", out);
 }
 
 TEST(cli_errors) {

@@ -183,6 +183,39 @@ TEST(cuda_elementwise) {
     cu_pair_free(&p);
 }
 
+// ---- argmax ----
+
+// The CUDA argmax against the CPU's on rows of real vocabulary sizes (and odd ones, and one
+// shorter than a block) with ties across warps and blocks' strides, NaN and -inf sprinkled in,
+// and rows with nothing to choose. Exact: an index, no arithmetic.
+TEST(cuda_argmax) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t      s    = 17;
+    const int32_t ns[] = {100, 8191, 32000, 32001, 128256};
+    for (size_t k = 0; k < COOPT_ARRAY_LEN(ns); k++) {
+        const int32_t n = ns[k], R = 6;
+        float        *x = test_rand_array(&s, (size_t)R * n, -30, 30);
+        for (int32_t i = 0; i < n; i += 97) x[(size_t)2 * n + i] = NAN;
+        for (int32_t i = 50; i < n; i += 97) x[(size_t)2 * n + i] = -INFINITY;
+        x[n + n - 1] = x[n + n / 3] = x[n + 5] = 99; // row 1: three-way tie
+        x[(size_t)2 * n + n / 2] = 98;              // row 2: beside NaN and -inf
+        for (int32_t i = 0; i < n; i++) x[(size_t)3 * n + i] = -INFINITY, x[(size_t)4 * n + i] = NAN;
+        x[(size_t)5 * n + n - 1] = 1e30f; // row 5: the last element
+        int32_t want[6], got[6];
+        p.ref->ops->argmax(p.ref, want, x, R, n);
+        float   *dx = dev_copy(p.cu, x, (size_t)R * n * 4);
+        int32_t *dg = dev_copy(p.cu, NULL, sizeof(got));
+        p.cu->ops->argmax(p.cu, dg, dx, R, n);
+        dev_read(p.cu, got, dg, sizeof(got));
+        p.cu->ops->free(p.cu, dx), p.cu->ops->free(p.cu, dg);
+        free(x);
+        for (int r = 0; r < R; r++) CHECKF(t, got[r] == want[r], "n %d row %d: argmax %d, cpu %d", n, r, got[r], want[r]);
+        CHECK(t, want[1] == 5 && want[3] == 0 && want[4] == 0 && want[5] == n - 1);
+    }
+    cu_pair_free(&p);
+}
+
 // ---- matmul ----
 
 static bool check_matmul(struct test_ctx *t, struct cu_pair *p, uint64_t *s, enum coopt_dtype dt, int64_t n_in,

@@ -32,6 +32,7 @@
 #include "cuda/cuda.h"
 
 #include "test_cuda_util.h"
+#include "test_generate_util.h"
 
 static bool is_q(enum coopt_dtype d) { return d == COOPT_DTYPE_Q8_0 || d == COOPT_DTYPE_Q4_0; }
 
@@ -480,6 +481,17 @@ static bool check_async(struct test_ctx *t, struct coopt_model *m, enum coopt_dt
 }
 
 TEST(cuda_decode_async) { run_story_checks(t, check_async); }
+
+// ---- greedy generation with the argmax in the step (coopt_ctx_generate) ----
+
+// story-lmrs on the GPU (a 32000-token vocabulary): the generation, whose steps are chained on
+// the device and run ahead of the host, against the host loop on the same GPU
+// (tests/test_generate_util.h), bit-identical; the chained steps must have been replayed graphs.
+static bool check_generate_cuda(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt) {
+    return check_generate(t, m, kvt, 16);
+}
+
+TEST(cuda_generate) { run_story_checks(t, check_generate_cuda); }
 
 // ---- timings (not a check): COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_decode_bench ----
 

@@ -23,6 +23,7 @@
 #include "test.h"
 #include "util.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -245,6 +246,52 @@ TEST(ops_elementwise) {
     p.fast->ops->get_rows(p.fast, x, x, rows, 3, 3);
     float want_rows[9] = {3, 4, 5, 9, 10, 11, 12, 13, 14};
     CHECK_NEAR(t, x, want_rows, 9, 0, 0);
+    pair_free(&p);
+}
+
+// ---- argmax ----
+
+// The greedy choice: hand-made rows with known answers (ties, NaN, infinities, nothing to
+// choose), then random rows at vocabulary sizes against coopt_sampler's greedy choice.
+TEST(ops_argmax) {
+    struct be_pair p;
+    if (!pair_init(t, &p, 2)) return;
+    const float inf = INFINITY, nan = NAN;
+    struct {
+        int32_t n, want;
+        float   x[6];
+    } rows[] = {
+        {4, 1, {1, 3, 3, 2}},           {5, 2, {nan, -inf, 2, nan, 2}}, {3, 0, {-inf, -inf, -inf}},
+        {3, 0, {nan, nan, nan}},        {3, 1, {-inf, inf, 5}},          {2, 0, {-FLT_MAX, -inf}},
+        {2, 1, {-inf, -FLT_MAX}},       {1, 0, {-7}},                    {6, 5, {-1, -2, -3, -4, -5, 0}},
+    };
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(rows); i++) {
+        int32_t got[2] = {-1, -1};
+        p.fast->ops->argmax(p.fast, got, rows[i].x, 1, rows[i].n);
+        p.ref->ops->argmax(p.ref, got + 1, rows[i].x, 1, rows[i].n);
+        CHECKF(t, got[0] == rows[i].want && got[1] == rows[i].want, "row %zu: argmax %d / %d, want %d", i, got[0], got[1],
+               rows[i].want);
+    }
+    struct coopt_sampler_params sp = coopt_sampler_default_params();
+    sp.temp                        = 0;
+    uint64_t      s                = 5;
+    const int32_t ns[]             = {7, 32000, 32001};
+    for (size_t k = 0; k < COOPT_ARRAY_LEN(ns); k++) {
+        int32_t               n = ns[k], got[3];
+        float                *x = test_rand_array(&s, (size_t)3 * n, -4, 4);
+        struct coopt_sampler *smp;
+        CHECK(t, coopt_sampler_init(&sp, n, &smp) == COOPT_OK);
+        x[n + 3] = x[n + n - 2] = 9; // row 1: a tie, the lower index wins
+        x[2 * n + n - 1] = 10;       // row 2: the last element
+        p.fast->ops->argmax(p.fast, got, x, 3, n);
+        for (int r = 0; r < 3; r++) {
+            int32_t want = coopt_sampler_sample(smp, x + (size_t)r * n);
+            CHECKF(t, got[r] == want, "n %d row %d: argmax %d, sampler %d", n, r, got[r], want);
+        }
+        CHECK(t, got[1] == 3 && got[2] == n - 1);
+        coopt_sampler_free(smp);
+        free(x);
+    }
     pair_free(&p);
 }
 

@@ -345,6 +345,18 @@ static void get_rows_ref(struct coopt_backend *be, float *out, const float *x, c
         memmove(out + (size_t)j * dim, x + (size_t)rows[j] * dim, (size_t)dim * sizeof(float));
 }
 
+void cpu_argmax(struct coopt_backend *be, int32_t *out, const float *x, int32_t n_rows, int32_t n) {
+    (void)be;
+    for (int32_t r = 0; r < n_rows; r++) {
+        const float *row  = x + (size_t)r * (size_t)n;
+        int32_t      best = 0;
+        float        bl   = -INFINITY;
+        for (int32_t i = 0; i < n; i++)
+            if (row[i] > bl) best = i, bl = row[i]; // NaN and -inf never compare greater
+        out[r] = best;
+    }
+}
+
 const struct coopt_ops coopt_cpu_ref_ops = {
     .name            = "cpu-ref",
     .alloc           = cpu_alloc,
@@ -361,6 +373,7 @@ const struct coopt_ops coopt_cpu_ref_ops = {
     .silu_mul        = silu_mul_ref,
     .add             = add_ref,
     .get_rows        = get_rows_ref,
+    .argmax          = cpu_argmax,
     .kv_pool_init    = cpu_kv_pool_init,
     .kv_pool_free    = cpu_kv_pool_free,
     .kv_pool_release = cpu_kv_pool_release,

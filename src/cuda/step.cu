@@ -54,7 +54,7 @@
 #define STEP_TIMING_RING 4
 
 struct step_key {
-    const void *pool, *tokens;
+    const void *pool, *tokens, *next_tokens;
     int64_t     attn_bound;
     int32_t     n_tokens, n_seqs, n_out, max_blocks, window, kv_dtype, no_seq_start;
     uint32_t    kernels; // cuda_gptq_config_epoch(): a process-wide kernel choice changed since
@@ -113,6 +113,7 @@ static struct step_key step_key_make(const struct coopt_kv_cache *kv, const stru
     memset(&k, 0, sizeof(k)); // compared with memcmp: no padding garbage
     k.pool       = kv->pool;
     k.tokens     = b->tokens;
+    k.next_tokens = b->next_tokens;
     k.attn_bound = cuda_attn_bound(kv, b);
     k.n_tokens   = b->n_tokens;
     k.n_seqs     = b->n_seqs;
@@ -352,6 +353,11 @@ static void p_get_rows(struct coopt_backend *be, float *out, const float *x, con
     BASE(be)->get_rows(be, out, x, rows, n, dim);
     prof_post(be, 0, "get_rows");
 }
+static void p_argmax(struct coopt_backend *be, int32_t *out, const float *x, int32_t rows, int32_t n) {
+    prof_pre(be);
+    BASE(be)->argmax(be, out, x, rows, n);
+    prof_post(be, 0, "argmax r%d", rows);
+}
 static void p_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
                            const struct coopt_weight *const *ws, int32_t rows) {
     prof_pre(be);
@@ -485,6 +491,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         o->upload = p_upload, o->download = p_download, o->sync = p_sync, o->embed = p_embed;
         o->rmsnorm = p_rmsnorm, o->matmul = p_matmul, o->rope = p_rope, o->rope_store = p_rope_store;
         o->attention = p_attention, o->silu_mul = p_silu_mul, o->add = p_add, o->get_rows = p_get_rows;
+        o->argmax = p_argmax;
         if (o->matmul_multi) o->matmul_multi = p_matmul_multi;
         if (o->matmul_swiglu) o->matmul_swiglu = p_matmul_swiglu;
         if (o->matmul_add) o->matmul_add = p_matmul_add;

@@ -1,0 +1,175 @@
+/*
+ * test_generate_util.h -- the check of coopt_ctx_generate shared by the CPU test (test_context.c)
+ * and the CUDA test (test_cuda_decode.c): greedy generation with the choice made by the backend
+ * against the host loop on the same model and backend (decode, read the logits, the sampler's
+ * greedy choice, decode that token). Include after test.h.
+ *
+ * Everything is compared exactly: both contexts run the same single-token steps with the same
+ * kernels (the argmax reads the logits, it does not change them), so tokens and logits must be
+ * bit-identical.
+ */
+#ifndef COOPT_TEST_GENERATE_UTIL_H
+#define COOPT_TEST_GENERATE_UTIL_H
+
+#include "coopt.h"
+#include "test.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define GEN_P 10 // prompt tokens
+#define GEN_N 24 // tokens fed by the full generation
+
+// on_token: records the tokens; returns false once `stop_after` of them were taken (-1: never)
+struct gen_rec {
+    int32_t toks[GEN_N + 1];
+    int     n, stop_after, calls;
+    int32_t rejected;
+};
+
+static inline bool gen_rec_fn(void *ud, int32_t tok) {
+    struct gen_rec *r = (struct gen_rec *)ud;
+    r->calls++;
+    if (r->stop_after >= 0 && r->n == r->stop_after) {
+        r->rejected = tok;
+        return false;
+    }
+    if (r->n <= GEN_N) r->toks[r->n++] = tok;
+    return true;
+}
+
+// Decodes n tokens of seq one call; returns the status.
+static inline enum coopt_status gen_feed(struct coopt_ctx *c, int32_t seq, const int32_t *toks, int32_t n) {
+    int32_t seqs[GEN_P];
+    for (int32_t i = 0; i < n && i < GEN_P; i++) seqs[i] = seq;
+    struct coopt_batch_input b = {.n_tokens = n, .tokens = toks, .seq_ids = seqs};
+    return n <= GEN_P ? coopt_ctx_decode(c, &b) : COOPT_ERR_INVALID;
+}
+
+// The logits after a fresh sequence of r was fed prompt, then toks[0..n) one decode each. Copied
+// to out[nv]; the sequence is freed. Returns false on a decode failure.
+static inline bool gen_ref_logits(struct coopt_ctx *r, const int32_t *prompt, const int32_t *toks, int n, int32_t nv,
+                                  float *out) {
+    int32_t s = -1;
+    if (coopt_seq_new(r, &s) != COOPT_OK) return false;
+    bool ok = gen_feed(r, s, prompt, GEN_P) == COOPT_OK;
+    for (int i = 0; i < n && ok; i++) ok = gen_feed(r, s, toks + i, 1) == COOPT_OK;
+    const float *l = ok ? coopt_ctx_logits(r, n > 0 ? 0 : GEN_P - 1) : NULL;
+    if (l) memcpy(out, l, (size_t)nv * sizeof(float));
+    coopt_seq_free(r, s);
+    return l != NULL;
+}
+
+// The whole check on model m with the given KV type and page size. Returns false after a FAIL.
+static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt, int32_t page_size) {
+    const int32_t           nv = coopt_model_get_info(m)->n_vocab;
+    struct coopt_ctx_params cp = coopt_ctx_default_params();
+    cp.n_ctx = GEN_P + GEN_N + 8, cp.n_seq_max = 2, cp.n_batch = 32, cp.page_size = page_size, cp.kv_type = kvt;
+    struct coopt_ctx     *r = NULL, *g = NULL;
+    struct coopt_sampler *smp = NULL;
+    struct coopt_sampler_params sp = coopt_sampler_default_params();
+    sp.temp = 0, sp.repeat_penalty = 1;
+    float *lr = (float *)malloc((size_t)nv * sizeof(float));
+    bool   ok = lr && coopt_ctx_init(m, &cp, &r) == COOPT_OK && coopt_ctx_init(m, &cp, &g) == COOPT_OK &&
+              coopt_sampler_init(&sp, nv, &smp) == COOPT_OK;
+    const char *kn = coopt_dtype_name(kvt);
+    int32_t     prompt[GEN_P], ref[GEN_N + 1], s = -1, fed = -1;
+    uint64_t    rng = 77;
+    for (int i = 0; i < GEN_P; i++) prompt[i] = (int32_t)(test_rand_u64(&rng) % (uint64_t)nv);
+    if (!ok) test_fail(t, __FILE__, __LINE__, "%s KV: context or sampler init failed", kn);
+
+    // the host loop: ref[0] from the prompt's logits, ref[i] the choice after feeding ref[0..i)
+    if (ok) ok = coopt_seq_new(r, &s) == COOPT_OK && gen_feed(r, s, prompt, GEN_P) == COOPT_OK;
+    for (int i = 0; i <= GEN_N && ok; i++) {
+        ok     = (i == 0 || gen_feed(r, s, ref + i - 1, 1) == COOPT_OK) && coopt_ctx_logits(r, i ? 0 : GEN_P - 1);
+        ref[i] = ok ? coopt_sampler_sample(smp, coopt_ctx_logits(r, i ? 0 : GEN_P - 1)) : -1;
+    }
+    if (s >= 0) coopt_seq_free(r, s), s = -1;
+    if (!ok) test_fail(t, __FILE__, __LINE__, "%s KV: reference decode failed", kn);
+
+    // 1: the full generation reports ref[1..N) in order, feeds N tokens, and a decode after it
+    // continues the sequence exactly as the host loop's
+    struct gen_rec rec = {.stop_after = -1};
+    if (ok) ok = coopt_seq_new(g, &s) == COOPT_OK && gen_feed(g, s, prompt, GEN_P) == COOPT_OK;
+    enum coopt_status st = ok ? coopt_ctx_generate(g, s, ref[0], GEN_N, gen_rec_fn, &rec, &fed) : COOPT_ERR_INVALID;
+    if (ok && (st != COOPT_OK || fed != GEN_N || rec.n != GEN_N - 1 || coopt_seq_len(g, s) != GEN_P + GEN_N ||
+               coopt_ctx_logits(g, 0) != NULL)) {
+        test_fail(t, __FILE__, __LINE__, "%s KV: generate: %s, %d fed, %d reported, length %d (want ok, %d, %d, %d, no logits)",
+                  kn, coopt_status_str(st), fed, rec.n, coopt_seq_len(g, s), GEN_N, GEN_N - 1, GEN_P + GEN_N);
+        ok = false;
+    }
+    for (int i = 0; i < GEN_N - 1 && ok; i++)
+        if (rec.toks[i] != ref[i + 1]) {
+            test_fail(t, __FILE__, __LINE__, "%s KV: generated token %d is %d, the host loop's %d", kn, i + 1, rec.toks[i],
+                      ref[i + 1]);
+            ok = false;
+        }
+    if (ok) ok = gen_feed(g, s, ref + GEN_N, 1) == COOPT_OK && coopt_ctx_logits(g, 0) &&
+                 gen_ref_logits(r, prompt, ref, GEN_N + 1, nv, lr);
+    if (ok && memcmp(coopt_ctx_logits(g, 0), lr, (size_t)nv * sizeof(float)) != 0) {
+        test_fail(t, __FILE__, __LINE__, "%s KV: logits after the generation differ from the host loop's", kn);
+        ok = false;
+    }
+    if (s >= 0) coopt_seq_free(g, s), s = -1;
+
+    // 2: on_token stops after k tokens: k + 1 fed, the step that ran ahead with the rejected token
+    // is taken back (k = 1 and 5 take back the first position of a page when page_size is 4), and
+    // a different token decoded next lands where the host loop puts it
+    const int ks[] = {0, 1, 2, 5};
+    for (size_t q = 0; q < sizeof(ks) / sizeof(ks[0]) && ok; q++) {
+        int k = ks[q];
+        rec   = (struct gen_rec){.stop_after = k, .rejected = -1};
+        ok    = coopt_seq_new(g, &s) == COOPT_OK && gen_feed(g, s, prompt, GEN_P) == COOPT_OK;
+        st    = ok ? coopt_ctx_generate(g, s, ref[0], GEN_N, gen_rec_fn, &rec, &fed) : COOPT_ERR_INVALID;
+        if (!ok || st != COOPT_OK || fed != k + 1 || rec.n != k || rec.rejected != ref[k + 1] ||
+            coopt_seq_len(g, s) != GEN_P + k + 1) {
+            test_fail(t, __FILE__, __LINE__, "%s KV, stop after %d: %s, %d fed, rejected %d (want %d), length %d", kn, k,
+                      coopt_status_str(st), fed, rec.rejected, ref[k + 1], coopt_seq_len(g, s));
+            ok = false;
+            break;
+        }
+        int32_t path[GEN_N + 1];
+        memcpy(path, ref, (size_t)(k + 1) * sizeof(int32_t));
+        path[k + 1] = (ref[k + 1] + 1) % nv;
+        ok          = gen_feed(g, s, path + k + 1, 1) == COOPT_OK && coopt_ctx_logits(g, 0) &&
+             gen_ref_logits(r, prompt, path, k + 2, nv, lr);
+        if (ok && memcmp(coopt_ctx_logits(g, 0), lr, (size_t)nv * sizeof(float)) != 0) {
+            test_fail(t, __FILE__, __LINE__, "%s KV, stop after %d: the next decode differs from the host loop's", kn, k);
+            ok = false;
+        }
+        coopt_seq_free(g, s), s = -1;
+    }
+
+    // 3: arguments, limits and a full context
+    if (ok) ok = coopt_seq_new(g, &s) == COOPT_OK && gen_feed(g, s, prompt, GEN_P) == COOPT_OK;
+    if (ok) {
+        rec         = (struct gen_rec){.stop_after = -1};
+        bool args   = coopt_ctx_generate(g, 1, ref[0], 4, NULL, NULL, &fed) == COOPT_ERR_INVALID && fed == 0 && // seq 1 is not live
+                    coopt_ctx_generate(g, 9, ref[0], 4, NULL, NULL, NULL) == COOPT_ERR_INVALID &&
+                    coopt_ctx_generate(g, s, nv, 4, NULL, NULL, &fed) == COOPT_ERR_INVALID && fed == 0 &&
+                    coopt_ctx_generate(g, s, ref[0], -1, NULL, NULL, &fed) == COOPT_ERR_INVALID &&
+                    coopt_seq_len(g, s) == GEN_P && coopt_ctx_generate(g, s, ref[0], 0, gen_rec_fn, &rec, &fed) == COOPT_OK &&
+                    fed == 0 && coopt_seq_len(g, s) == GEN_P &&
+                    coopt_ctx_generate(g, s, ref[0], 1, gen_rec_fn, &rec, &fed) == COOPT_OK && fed == 1 && rec.calls == 0 &&
+                    coopt_seq_len(g, s) == GEN_P + 1;
+        if (!args) test_fail(t, __FILE__, __LINE__, "%s KV: bad arguments or limits 0 / 1 handled wrongly", kn);
+        ok = args;
+    }
+    if (ok) { // GEN_P + 1 held, n_ctx - that left: CTX_FULL once the next step does not fit
+        int left = cp.n_ctx - GEN_P - 1;
+        rec      = (struct gen_rec){.stop_after = -1};
+        st       = coopt_ctx_generate(g, s, ref[1], 1000, gen_rec_fn, &rec, &fed);
+        if (st != COOPT_ERR_CTX_FULL || fed != left || rec.calls != left - 1 || coopt_seq_len(g, s) != cp.n_ctx) {
+            test_fail(t, __FILE__, __LINE__, "%s KV: full context: %s, %d fed (want %d), %d reported, length %d", kn,
+                      coopt_status_str(st), fed, left, rec.calls, coopt_seq_len(g, s));
+            ok = false;
+        }
+    }
+    coopt_sampler_free(smp);
+    coopt_ctx_free(r);
+    coopt_ctx_free(g);
+    free(lr);
+    return ok;
+}
+
+#endif // COOPT_TEST_GENERATE_UTIL_H
