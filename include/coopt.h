@@ -6,6 +6,8 @@
  * cache; coopt_ctx_decode() runs one forward pass over a ragged batch of tokens from several
  * sequences (prefill chunks and single decode tokens mixed); coopt_ctx_logits() returns the
  * logits of the tokens that asked for them; a coopt_sampler picks the next token.
+ * coopt_ctx_generate() runs greedy generation with the choice made on the device, so a GPU runs
+ * the steps back to back instead of waiting for the host between tokens.
  *
  * Errors: every fallible function returns enum coopt_status (COOPT_OK == 0, errors < 0) and
  * prints the detail (file, tensor, expected value) to stderr at the point of failure.
