@@ -39,6 +39,13 @@ struct attn_args {
     int32_t        part_size; // keys per partition (INT_MAX: no split)
     int32_t        tc_tokens; // tokens per tensor-core query tile; 0 = no tensor-core kernel this step
     float          scale;
+    // Nonzero: every CTA of the merge kernel lets the kernel after it launch at once
+    // (griddepcontrol.launch_dependents), so the o projection's GEMV (programmatic dependent
+    // launch) takes the SMs the merge leaves idle and streams its first weights before it waits
+    // (pdl_wait): +0.6-1.5 % tg128 at depths 512-16384 (llama2-7b, docs/BENCHMARKS.md). The decode
+    // kernel does not: a GEMV resident beside it (one-partition ranges, no merge) made decode at
+    // depth 0 5 % slower.
+    int32_t        pdl_trigger;
     // One decode token: the output also staged for the GEMV that reads it next (xstage.cuh, by the
     // decode kernel where the token's range is one partition, else by the merge kernel); NULL =
     // none. Needs head_dim % 16 == 0 (a 16-element tile in one 16-lane half).

@@ -45,7 +45,8 @@
  *   that writes a head's output (this one for a one-partition range, else the merge) also stores
  *   it in the o projection GEMV's staged-input format (xstage.cuh), each 16-lane half a tile.
  *
- * attn_merge_kernel: Grid (n_tokens, n_heads); Block 128 threads. Skips tokens whose range fits
+ * attn_merge_kernel: Grid (n_tokens, n_heads); Block 128 threads. With attn_args.pdl_trigger it
+ *   first lets the next kernel (the o projection) launch. Skips tokens whose range fits
  *   in one partition (the decode kernel wrote them directly) and tokens of tensor-core tiles.
  *   Threads over partitions reduce the maxima and denominators; then warp w sums partitions w,
  *   w + 4, ... with lanes over dims (independent loads in flight), and shared memory adds the
@@ -518,6 +519,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct attn_args a, int32_t hd) {
     __shared__ float red[ATTN_WARPS][ATTN_MAX_HD];
     __shared__ float wred[2][ATTN_WARPS];
+    if (a.pdl_trigger) pdl_launch_dependents();
     const int        tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int32_t    t = blockIdx.x, h = blockIdx.y;
     if (a.tc_tokens > 0 && attn_tile_is_tc(a, t / a.tc_tokens)) return;
@@ -699,6 +701,7 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     a.fk = fk, a.fv = fv, a.slots = b->slots, a.koff = NULL, a.seq_ids = b->seq_ids;
     a.pool_w = (uint8_t *)kv->pool, a.n_layers = l->n_layers;
     a.xo = NULL, a.xo_part = NULL;
+    a.pdl_trigger = cb->attn_trigger;
     // one decode token whose n_heads * hd outputs are whole 64-row chunks of the next GEMV's input
     const int64_t n_out = (int64_t)n_heads * hd;
     if (stage && b->n_tokens == 1 && hd % 16 == 0 && n_out % 64 == 0) {

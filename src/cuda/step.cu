@@ -25,7 +25,8 @@
  * decode attention do not stage the next GEMV's input: matmul_add_then_norm, norm_matmul_swiglu_then_add,
  * rope_store_attention_then_matmul; COOPT_CUDA_XSTAGE_ATTN=0: the attention only),
  * COOPT_CUDA_FUSED_ATTN_FP8=1 (FP8 caches also take the decode attention with the KV write fused in), COOPT_CUDA_PDL=0 (GEMVs launch without
- * programmatic dependent launch), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
+ * programmatic dependent launch), COOPT_CUDA_ATTN_TRIGGER=0 (the attention's merge kernel does not let the
+ * o projection launch at its start), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
  * the automatic choice).
  *
  * COOPT_CUDA_STEP_STATS=1 prints, when the backend is destroyed, how many steps ran op by op, were
@@ -482,6 +483,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     int cc = 0;
     CUDA_TRY(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device), COOPT_ERR_UNSUPPORTED);
     cb->pdl = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
+    cb->attn_trigger = cb->pdl && env_flag("COOPT_CUDA_ATTN_TRIGGER", true);
     const char *rows = getenv("COOPT_CUDA_GEMV_ROWS");
     if (rows && (!strcmp(rows, "1") || !strcmp(rows, "2"))) cb->gemv_rows_per_task = atoi(rows);
     if (S->profile) {
