@@ -12,10 +12,15 @@
  *   - temperature scales the survivors' logits; the draw walks the cumulative weights with a
  *     uniform double from xoshiro256** (seeded through splitmix64), so a seed fixes the sequence.
  *
- * Cost per call is O(n_vocab) expected, and nothing is ever sorted: candidates are ordered by
- * (logit descending, id ascending), a total order, so ties always resolve to the lower token
- * id. Top-k with k <= n_vocab/16 is one pass with a bounded heap (almost every token is
- * rejected by one comparison); a larger k is a quickselect. Top-p is a quickselect on mass:
+ * Cost per call is O(n_vocab) expected, and the vocabulary is never sorted: candidates are
+ * ordered by (logit descending, id ascending), a total order, so ties always resolve to the lower
+ * token id. Top-k with k <= n_vocab/16 is one pass with a bounded heap; without a penalty it first
+ * takes the maxima of k slices of the row (vector loads), whose smallest bounds the k-th largest
+ * logit from below, and skips every 64-logit block whose maximum is under that bound, so the heap
+ * sees a few hundred logits instead of the vocabulary; the k are then sorted, so the draw does
+ * not depend on the order the heap saw them in (defaults, 32000 logits: 106 -> 10 us per call on
+ * the development machine, 128256: 391 -> 23 us). A larger k is a quickselect. Greedy without a
+ * penalty is the vector maximum and then its first index. Top-p is a quickselect on mass:
  * partition around a pivot, sum the weights ahead of it, and recurse into the side that holds
  * the cut. -inf and NaN logits are never candidates. Nothing is allocated per call: the
  * buffers are sized n_vocab at init.
@@ -29,6 +34,11 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define SAMPLER_BLOCK 64 // logits per block of the top-k scan's skip test
 
 struct sampler_cand {
     float   logit;
@@ -83,6 +93,11 @@ static void sampler_seed(struct coopt_sampler *s) {
 
 static inline bool cand_before(struct sampler_cand a, struct sampler_cand b) {
     return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+}
+
+static int cand_cmp(const void *a, const void *b) {
+    const struct sampler_cand *x = a, *y = b;
+    return cand_before(*x, *y) ? -1 : cand_before(*y, *x) ? 1 : 0;
 }
 
 static void cand_swap(struct sampler_cand *a, struct sampler_cand *b) {
@@ -271,6 +286,27 @@ static bool sampler_penalize(struct coopt_sampler *s, const float *logits) {
     return true;
 }
 
+// The largest x[i] by `>` (NaN never; -inf when there is nothing else). With AVX2, MAXPS keeps
+// its second operand (the running maximum) when the first is NaN, so NaN never enters it.
+static float max_of(const float *x, int32_t n) {
+    float   r = -INFINITY;
+    int32_t i = 0;
+#if defined(__AVX2__)
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    for (; i + 32 <= n; i += 32) {
+        m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
+        m1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m1);
+        m2 = _mm256_max_ps(_mm256_loadu_ps(x + i + 16), m2);
+        m3 = _mm256_max_ps(_mm256_loadu_ps(x + i + 24), m3);
+    }
+    float l[8];
+    _mm256_storeu_ps(l, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+    for (int j = 0; j < 8; j++) r = l[j] > r ? l[j] : r;
+#endif
+    for (; i < n; i++) r = x[i] > r ? x[i] : r;
+    return r;
+}
+
 // Logit of token i after the repetition penalty.
 static inline float sampler_logit(const struct coopt_sampler *s, const float *logits, bool pen, int32_t i) {
     return pen && s->stamp[i] == s->n_calls ? s->penalized[i] : logits[i];
@@ -282,6 +318,13 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits) {
     const bool    pen     = sampler_penalize(s, logits);
 
     // greedy: the first in candidate order (largest logit, lowest id); NaN never wins
+    if (!(s->p.temp > 0) && !pen) { // the maximum (vectors), then its first index
+        const float m = max_of(logits, n_vocab);
+        if (!(m > -INFINITY)) return 0;
+        int32_t i = 0;
+        while (logits[i] != m) i++;
+        return i;
+    }
     if (!(s->p.temp > 0)) {
         int32_t best   = 0;
         float   best_l = -INFINITY;
@@ -297,16 +340,50 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits) {
     int64_t              n     = 0;
     const int64_t        top_k = s->p.top_k;
     if (top_k > 0 && top_k <= n_vocab / 16) {
-        for (int32_t i = 0; i < n_vocab; i++) {
-            struct sampler_cand x = {sampler_logit(s, logits, pen, i), 0, i};
-            if (!(x.logit > -INFINITY)) continue;
-            if (n < top_k) {
-                heap_push(c, n++, x);
-            } else if (cand_before(x, c[0])) {
-                c[0] = x;
-                heap_sift_down(c, n, 0);
+        // Without the penalty, blocks whose maximum is below thr are skipped: thr starts as the
+        // smallest of the maxima of top_k slices, at most the k-th largest logit (the slices'
+        // maxima are top_k distinct elements >= thr), and rises to the heap's worst logit once
+        // the heap is full (the scan is in id order, so a later equal logit cannot enter
+        // either). So no skipped logit is among the k, and the heap sees the others in id order,
+        // as the plain scan does: the same k.
+        if (pen) {
+            for (int32_t i = 0; i < n_vocab; i++) {
+                struct sampler_cand x = {sampler_logit(s, logits, pen, i), 0, i};
+                if (!(x.logit > -INFINITY)) continue;
+                if (n < top_k) {
+                    heap_push(c, n++, x);
+                } else if (cand_before(x, c[0])) {
+                    c[0] = x;
+                    heap_sift_down(c, n, 0);
+                }
+            }
+        } else {
+            float thr = INFINITY;
+            for (int64_t j = 0; j < top_k; j++) {
+                const int32_t lo = (int32_t)(n_vocab * j / top_k), hi = (int32_t)(n_vocab * (j + 1) / top_k);
+                const float   m  = max_of(logits + lo, hi - lo);
+                thr              = m < thr ? m : thr;
+            }
+            for (int32_t i0 = 0; i0 < n_vocab; i0 += SAMPLER_BLOCK) {
+                const int32_t i1 = i0 + SAMPLER_BLOCK < n_vocab ? i0 + SAMPLER_BLOCK : n_vocab;
+                if (max_of(logits + i0, i1 - i0) < thr) continue;
+                for (int32_t i = i0; i < i1; i++) {
+                    const struct sampler_cand x = {logits[i], 0, i};
+                    if (!(x.logit >= thr) || !(x.logit > -INFINITY)) continue;
+                    if (n < top_k) {
+                        heap_push(c, n++, x);
+                    } else if (cand_before(x, c[0])) {
+                        c[0] = x;
+                        heap_sift_down(c, n, 0);
+                    } else {
+                        continue;
+                    }
+                    if (n == top_k && c[0].logit > thr) thr = c[0].logit;
+                }
             }
         }
+        // the heap's order depends on what it saw; sorted, the k are the same array either way
+        qsort(c, (size_t)n, sizeof(*c), cand_cmp);
     } else {
         for (int32_t i = 0; i < n_vocab; i++) {
             float l = sampler_logit(s, logits, pen, i);

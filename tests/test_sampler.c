@@ -543,3 +543,51 @@ TEST(sampler_invalid_params) {
     CHECK(t, coopt_sampler_init(&p, 10, &s) == COOPT_ERR_INVALID && s == NULL);
     coopt_sampler_free(NULL);
 }
+
+TEST(sampler_fast_scan_matches_plain) {
+    // Without a repetition penalty the sampler skips logit blocks under a bound of the k-th
+    // largest (top-k) or takes a vector maximum (greedy); with one it scans every logit. A penalty
+    // whose only history token has logit 0 changes no value (0 * penalty), so both samplers see the
+    // same row and, with one seed, must draw the same tokens. Rows: heavy-tailed random logits at
+    // vocabulary sizes, with NaN, -inf, ties at the top, and all-equal or mostly -inf rows.
+    static float  logits[128256];
+    const int32_t ns[] = {256, 1000, 32000, 32001, 128256};
+    uint64_t      r    = 99;
+    for (size_t q = 0; q < sizeof(ns) / sizeof(ns[0]); q++) {
+        const int32_t n = ns[q];
+        for (int kind = 0; kind < 4; kind++) {
+            for (int32_t i = 0; i < n; i++) {
+                double u  = (double)(test_rand_u64(&r) >> 11) / 9007199254740992.0;
+                logits[i] = kind == 2 ? 1.0f : (float)(-log(1.0 - u) * 3.0 - 5.0); // exponential tail
+                if (kind == 3 && i % 97 != 5) logits[i] = -INFINITY;
+            }
+            if (kind == 1) { // ties at the top and scattered NaN / -inf
+                for (int32_t i = 0; i < n; i += 37) logits[i] = NAN;
+                for (int32_t i = 11; i < n; i += 53) logits[i] = -INFINITY;
+                logits[n / 3] = logits[n / 2] = logits[n - 1] = 100.0f;
+                logits[n / 5] = logits[n / 7] = 99.0f;
+            }
+            const int32_t z = 1 + n / 11; // the penalty's history token: logit 0, unchanged by it
+            logits[z]        = 0.0f;
+            const int32_t ks[] = {1, 2, 3, 40, n / 16};
+            for (size_t kk = 0; kk < sizeof(ks) / sizeof(ks[0]); kk++) {
+                for (int greedy = 0; greedy < 2; greedy++) {
+                    struct coopt_sampler_params p = coopt_sampler_default_params();
+                    p.top_k = ks[kk], p.seed = 1000 + kk, p.temp = greedy ? 0.0f : 1.5f, p.top_p = 0.99f, p.min_p = 0.001f;
+                    struct coopt_sampler *a = NULL, *b = NULL;
+                    CHECK(t, coopt_sampler_init(&p, n, &a) == COOPT_OK);
+                    p.repeat_penalty = 2.0f;
+                    CHECK(t, coopt_sampler_init(&p, n, &b) == COOPT_OK);
+                    coopt_sampler_accept(b, z);
+                    for (int d = 0; d < 50; d++) {
+                        int32_t ta = coopt_sampler_sample(a, logits), tb = coopt_sampler_sample(b, logits);
+                        CHECKF(t, ta == tb, "n %d kind %d top_k %d greedy %d draw %d: fast scan %d, plain scan %d", n,
+                               kind, ks[kk], greedy, d, ta, tb);
+                    }
+                    coopt_sampler_free(a);
+                    coopt_sampler_free(b);
+                }
+            }
+        }
+    }
+}
