@@ -200,6 +200,18 @@ static void heap_push(struct sampler_cand *h, int64_t n, struct sampler_cand x) 
     }
 }
 
+// Offers x to the bounded heap c[0..*n) of the best k (worst at the root); true if it entered.
+static bool heap_offer(struct sampler_cand *c, int64_t *n, int64_t k, struct sampler_cand x) {
+    if (*n < k) {
+        heap_push(c, (*n)++, x);
+        return true;
+    }
+    if (!cand_before(x, c[0])) return false;
+    c[0] = x;
+    heap_sift_down(c, *n, 0);
+    return true;
+}
+
 // ---- the chain ----
 
 struct coopt_sampler_params coopt_sampler_default_params(void) {
@@ -348,14 +360,8 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits) {
         // as the plain scan does: the same k.
         if (pen) {
             for (int32_t i = 0; i < n_vocab; i++) {
-                struct sampler_cand x = {sampler_logit(s, logits, pen, i), 0, i};
-                if (!(x.logit > -INFINITY)) continue;
-                if (n < top_k) {
-                    heap_push(c, n++, x);
-                } else if (cand_before(x, c[0])) {
-                    c[0] = x;
-                    heap_sift_down(c, n, 0);
-                }
+                const struct sampler_cand x = {sampler_logit(s, logits, pen, i), 0, i};
+                if (x.logit > -INFINITY) heap_offer(c, &n, top_k, x);
             }
         } else {
             float thr = INFINITY;
@@ -369,16 +375,9 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits) {
                 if (max_of(logits + i0, i1 - i0) < thr) continue;
                 for (int32_t i = i0; i < i1; i++) {
                     const struct sampler_cand x = {logits[i], 0, i};
-                    if (!(x.logit >= thr) || !(x.logit > -INFINITY)) continue;
-                    if (n < top_k) {
-                        heap_push(c, n++, x);
-                    } else if (cand_before(x, c[0])) {
-                        c[0] = x;
-                        heap_sift_down(c, n, 0);
-                    } else {
-                        continue;
-                    }
-                    if (n == top_k && c[0].logit > thr) thr = c[0].logit;
+                    if (x.logit >= thr && x.logit > -INFINITY && heap_offer(c, &n, top_k, x) && n == top_k &&
+                        c[0].logit > thr)
+                        thr = c[0].logit;
                 }
             }
         }
