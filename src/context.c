@@ -354,8 +354,8 @@ struct step_chain {
 // step (c->pending), and the host goes on to the next step or decode meanwhile. Only the host
 // block of the step before last must be free (its fence); everything else the next step touches
 // is either host bookkeeping or device memory used in stream order. Returns the step's fence (0
-// where the backend has none: the step has finished); with `chain` its token is then at
-// step_result(c, block), block = the h_cur before the call.
+// where the backend has none: the step has finished); with `chain` its token is then in the
+// result area of the host block it used, h_step[b] + step_bytes with b = h_cur before the call.
 static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, int32_t start, int32_t n,
                          int64_t *logits_row, const struct step_chain *chain) {
     struct coopt_backend  *be = c->be;
