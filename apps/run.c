@@ -80,10 +80,10 @@ static enum coopt_status generate(struct gen *g, int64_t n_predict, int32_t last
         // every argmax, which it takes on the device without waiting for the host.
         int32_t tok = coopt_sampler_sample(g->smpl, coopt_ctx_logits(g->ctx, last_idx));
         if (!gen_on_token(g, tok)) return COOPT_OK;
-        int32_t           fed = 0;
-        int64_t           t0  = coopt_time_us();
-        enum coopt_status st  = coopt_ctx_generate(g->ctx, g->seq, tok, n_predict < 0 || n_predict > INT32_MAX ? INT32_MAX : (int32_t)n_predict,
-                                                   gen_on_token, g, &fed);
+        const int32_t     n_max = n_predict < 0 || n_predict > INT32_MAX ? INT32_MAX : (int32_t)n_predict;
+        int32_t           fed   = 0;
+        int64_t           t0    = coopt_time_us();
+        enum coopt_status st    = coopt_ctx_generate(g->ctx, g->seq, tok, n_max, gen_on_token, g, &fed);
         coopt_ctx_synchronize(g->ctx);
         g->t_gen_us += coopt_time_us() - t0;
         g->n_gen += fed;

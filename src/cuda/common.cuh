@@ -132,7 +132,7 @@ struct cuda_backend {
     struct cuda_kv_pool *pools; // linked list of live KV pools
     struct cuda_driver   drv;
     bool                 pdl;  // GEMVs launch with programmatic dependent launch (sm_90+, step.cu)
-    bool                 attn_trigger; // the attention's merge kernel lets the next kernel launch at its start (attn_args)
+    bool                 attn_trigger; // the attention's merge kernel triggers the next launch (attn_args)
     int                  gemv_rows_per_task; // 0 = auto (matmul.cu), 1 or 2 forced (COOPT_CUDA_GEMV_ROWS)
     struct cuda_step    *step; // recorded decode steps (CUDA graphs) and op profiling, step.cu
     // backend.h's fences: marker n is event fence_ev[n % CUDA_FENCES] (a later marker reuses it,
