@@ -74,8 +74,10 @@ struct coopt_ops {
                      int32_t dim);
     // out[r] = the index of the largest x[r][i], the lowest such index on ties; NaN and -inf are
     // never chosen, and a row with nothing else gives 0 (coopt_sampler_sample's greedy choice).
-    // x: [n_rows][n]; out: [n_rows] int32 in backend memory
-    void (*argmax)(struct coopt_backend *be, int32_t *out, const float *x, int32_t n_rows, int32_t n);
+    // x: [n_rows][n]; out: [n_rows] int32 in backend memory; out_host (NULL = none): page-locked
+    // host memory (host_alloc) that receives the same values directly
+    void (*argmax)(struct coopt_backend *be, int32_t *out, int32_t *out_host, const float *x, int32_t n_rows,
+                   int32_t n);
 
     // ---- fused ops (optional: NULL = the forward pass composes them from the ops above) ----
     // outs[j][r][:] = x[r] · ws[j] for j < n (1 <= n <= 4): several projections of one input in

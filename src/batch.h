@@ -33,6 +33,7 @@ struct coopt_batch {
     int32_t       *next_tokens;  // [n_out] backend memory, or NULL: receives the argmax of each output
                                  // row's logits (the greedy choice, see the argmax op), which may be
                                  // this step's own tokens array (the next step's input)
+    int32_t       *next_tokens_host; // [n_out] page-locked host memory the backend also writes them to, or NULL
 };
 
 #endif // COOPT_BATCH_H

@@ -342,8 +342,10 @@ static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_t
 }
 
 // Greedy chaining (coopt_ctx_generate) of a one-token step: the argmax of its logits is written
-// over the step's own token on the device (the input of the next one-token step) and copied
-// back into the host block's result area; the logits stay on the device. token_on_device: the
+// over the step's own token on the device (the input of the next one-token step) and into the
+// host block's result area -- by the argmax op itself where the block is page-locked (a kernel
+// stores it over the bus: no copy in the stream between two steps), else by a download; the
+// logits stay on the device. token_on_device: the
 // step's token is the one the step before left there (the upload skips it).
 struct step_chain {
     bool token_on_device;
@@ -402,6 +404,7 @@ static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in
         .seq_lens = (const int32_t *)(d + L.seq_lens), .seq_ids = (const int32_t *)(d + L.seq_ids),
         .window = c->model->config.sliding_window, .no_seq_start = !seq_start, .n_out = n_out,
         .out_rows = (const int32_t *)(d + L.out_rows), .next_tokens = chain ? (int32_t *)(d + L.tokens) : NULL,
+        .next_tokens_host = chain && c->h_step_backend[hb] ? (int32_t *)(h + c->step_bytes) : NULL,
     };
     // A recorded step (CUDA graph) replaces the op-by-op forward pass where the backend has one
     // for this geometry; hooks observe ops as they run, so they force the op-by-op path.
@@ -411,8 +414,9 @@ static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in
         if (record) be->ops->step_end(be);
     }
     size_t nv = (size_t)c->model->config.n_vocab;
-    if (chain) be->ops->download(be, h + c->step_bytes, d + L.tokens, (size_t)n_out * sizeof(int32_t));
-    else if (n_out > 0)
+    if (chain) {
+        if (!b.next_tokens_host) be->ops->download(be, h + c->step_bytes, d + L.tokens, (size_t)n_out * sizeof(int32_t));
+    } else if (n_out > 0)
         be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
     uint64_t fence = 0;
     if (be->ops->fence) fence = c->h_fence[hb] = be->ops->fence(be);

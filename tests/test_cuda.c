@@ -203,14 +203,19 @@ TEST(cuda_argmax) {
         for (int32_t i = 0; i < n; i++) x[(size_t)3 * n + i] = -INFINITY, x[(size_t)4 * n + i] = NAN;
         x[(size_t)5 * n + n - 1] = 1e30f; // row 5: the last element
         int32_t want[6], got[6];
-        p.ref->ops->argmax(p.ref, want, x, R, n);
+        p.ref->ops->argmax(p.ref, want, NULL, x, R, n);
         float   *dx = dev_copy(p.cu, x, (size_t)R * n * 4);
         int32_t *dg = dev_copy(p.cu, NULL, sizeof(got));
-        p.cu->ops->argmax(p.cu, dg, dx, R, n);
+        int32_t *hg = NULL;
+        CHECK(t, p.cu->ops->host_alloc(p.cu, sizeof(got), (void **)&hg) == COOPT_OK);
+        p.cu->ops->argmax(p.cu, dg, hg, dx, R, n);
         dev_read(p.cu, got, dg, sizeof(got));
         p.cu->ops->free(p.cu, dx), p.cu->ops->free(p.cu, dg);
         free(x);
-        for (int r = 0; r < R; r++) CHECKF(t, got[r] == want[r], "n %d row %d: argmax %d, cpu %d", n, r, got[r], want[r]);
+        for (int r = 0; r < R; r++)
+            CHECKF(t, got[r] == want[r] && hg[r] == want[r], "n %d row %d: argmax %d (host copy %d), cpu %d", n, r, got[r],
+                   hg[r], want[r]);
+        p.cu->ops->host_free(p.cu, hg);
         CHECK(t, want[1] == 5 && want[3] == 0 && want[4] == 0 && want[5] == n - 1);
     }
     cu_pair_free(&p);

@@ -267,8 +267,8 @@ TEST(ops_argmax) {
     };
     for (size_t i = 0; i < COOPT_ARRAY_LEN(rows); i++) {
         int32_t got[2] = {-1, -1};
-        p.fast->ops->argmax(p.fast, got, rows[i].x, 1, rows[i].n);
-        p.ref->ops->argmax(p.ref, got + 1, rows[i].x, 1, rows[i].n);
+        p.fast->ops->argmax(p.fast, got, NULL, rows[i].x, 1, rows[i].n);
+        p.ref->ops->argmax(p.ref, got + 1, NULL, rows[i].x, 1, rows[i].n);
         CHECKF(t, got[0] == rows[i].want && got[1] == rows[i].want, "row %zu: argmax %d / %d, want %d", i, got[0], got[1],
                rows[i].want);
     }
@@ -283,7 +283,7 @@ TEST(ops_argmax) {
         CHECK(t, coopt_sampler_init(&sp, n, &smp) == COOPT_OK);
         x[n + 3] = x[n + n - 2] = 9; // row 1: a tie, the lower index wins
         x[2 * n + n - 1] = 10;       // row 2: the last element
-        p.fast->ops->argmax(p.fast, got, x, 3, n);
+        p.fast->ops->argmax(p.fast, got, NULL, x, 3, n);
         for (int r = 0; r < 3; r++) {
             int32_t want = coopt_sampler_sample(smp, x + (size_t)r * n);
             CHECKF(t, got[r] == want, "n %d row %d: argmax %d, sampler %d", n, r, got[r], want);

@@ -345,7 +345,7 @@ static void get_rows_ref(struct coopt_backend *be, float *out, const float *x, c
         memmove(out + (size_t)j * dim, x + (size_t)rows[j] * dim, (size_t)dim * sizeof(float));
 }
 
-void cpu_argmax(struct coopt_backend *be, int32_t *out, const float *x, int32_t n_rows, int32_t n) {
+void cpu_argmax(struct coopt_backend *be, int32_t *out, int32_t *out_host, const float *x, int32_t n_rows, int32_t n) {
     (void)be;
     for (int32_t r = 0; r < n_rows; r++) {
         const float *row  = x + (size_t)r * (size_t)n;
@@ -354,6 +354,7 @@ void cpu_argmax(struct coopt_backend *be, int32_t *out, const float *x, int32_t 
         for (int32_t i = 0; i < n; i++)
             if (row[i] > bl) best = i, bl = row[i]; // NaN and -inf never compare greater
         out[r] = best;
+        if (out_host) out_host[r] = best;
     }
 }
 

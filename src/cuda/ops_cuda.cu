@@ -285,7 +285,7 @@ __device__ __forceinline__ void argmax_take(float v, int32_t i, float *bv, int32
     if (v > *bv || (v == *bv && i < *bi)) *bv = v, *bi = i;
 }
 
-__global__ void __launch_bounds__(ARGMAX_THREADS) argmax_kernel(int32_t *out, const float *__restrict__ x, int32_t n) {
+__global__ void __launch_bounds__(ARGMAX_THREADS) argmax_kernel(int32_t *out, int32_t *out_host, const float *__restrict__ x, int32_t n) {
     __shared__ float   sv[ARGMAX_THREADS / 32];
     __shared__ int32_t si[ARGMAX_THREADS / 32];
     const float *row = x + (size_t)blockIdx.x * (size_t)n;
@@ -313,13 +313,17 @@ __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_kernel(int32_t *out, co
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1)
             argmax_take(__shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o), &bv, &bi);
-        if (lane == 0) out[blockIdx.x] = bi == INT32_MAX ? 0 : bi;
+        if (lane == 0) {
+            out[blockIdx.x] = bi == INT32_MAX ? 0 : bi;
+            if (out_host) out_host[blockIdx.x] = bi == INT32_MAX ? 0 : bi; // over the bus (mapped, UVA)
+        }
     }
 }
 
-static void cuda_argmax(struct coopt_backend *be, int32_t *out, const float *x, int32_t n_rows, int32_t n) {
+static void cuda_argmax(struct coopt_backend *be, int32_t *out, int32_t *out_host, const float *x, int32_t n_rows,
+                        int32_t n) {
     if (n_rows <= 0) return;
-    argmax_kernel<<<n_rows, ARGMAX_THREADS, 0, cuda_impl(be)->stream>>>(out, x, n);
+    argmax_kernel<<<n_rows, ARGMAX_THREADS, 0, cuda_impl(be)->stream>>>(out, out_host, x, n);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -55,7 +55,7 @@
 #define STEP_TIMING_RING 4
 
 struct step_key {
-    const void *pool, *tokens, *next_tokens;
+    const void *pool, *tokens, *next_tokens, *next_tokens_host;
     int64_t     attn_bound;
     int32_t     n_tokens, n_seqs, n_out, max_blocks, window, kv_dtype, no_seq_start;
     uint32_t    kernels; // cuda_gptq_config_epoch(): a process-wide kernel choice changed since
@@ -115,6 +115,7 @@ static struct step_key step_key_make(const struct coopt_kv_cache *kv, const stru
     k.pool       = kv->pool;
     k.tokens     = b->tokens;
     k.next_tokens = b->next_tokens;
+    k.next_tokens_host = b->next_tokens_host;
     k.attn_bound = cuda_attn_bound(kv, b);
     k.n_tokens   = b->n_tokens;
     k.n_seqs     = b->n_seqs;
@@ -354,9 +355,9 @@ static void p_get_rows(struct coopt_backend *be, float *out, const float *x, con
     BASE(be)->get_rows(be, out, x, rows, n, dim);
     prof_post(be, 0, "get_rows");
 }
-static void p_argmax(struct coopt_backend *be, int32_t *out, const float *x, int32_t rows, int32_t n) {
+static void p_argmax(struct coopt_backend *be, int32_t *out, int32_t *oh, const float *x, int32_t rows, int32_t n) {
     prof_pre(be);
-    BASE(be)->argmax(be, out, x, rows, n);
+    BASE(be)->argmax(be, out, oh, x, rows, n);
     prof_post(be, 0, "argmax r%d", rows);
 }
 static void p_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
