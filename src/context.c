@@ -345,8 +345,8 @@ static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_t
 // over the step's own token on the device (the input of the next one-token step) and into the
 // host block's result area -- by the argmax op itself where the block is page-locked (a kernel
 // stores it over the bus: no copy in the stream between two steps), else by a download; the
-// logits stay on the device. token_on_device: the
-// step's token is the one the step before left there (the upload skips it).
+// logits stay on the device. token_on_device: the step's token is the one the step before left
+// there (the upload skips it).
 struct step_chain {
     bool token_on_device;
 };
