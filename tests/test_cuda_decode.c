@@ -484,10 +484,11 @@ TEST(cuda_decode_async) { run_story_checks(t, check_async); }
 
 // ---- greedy generation with the argmax in the step (coopt_ctx_generate) ----
 
-// story-lmrs on the GPU (2048-token vocabulary; cuda_argmax covers 32000-128256): the generation, whose steps are chained on
-// the device and run ahead of the host, against the host loop on the same GPU
-// (tests/test_generate_util.h), bit-identical. (A chained step's geometry is recorded on its second step and
-// replayed from the third; this test does not count the replays, cuda_step_graphs does for plain steps.)
+// story-lmrs on the GPU (2048-token vocabulary; cuda_argmax covers 32000-128256): the generation,
+// whose steps are chained on the device and run ahead of the host, against the host loop on the
+// same GPU (tests/test_generate_util.h), bit-identical. (A chained step's geometry is recorded on
+// its second step and replayed from the third; this test does not count the replays,
+// cuda_step_graphs does for plain steps.)
 static bool check_generate_cuda(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt) {
     return check_generate(t, m, kvt, 16);
 }
