@@ -18,8 +18,8 @@
  * takes the maxima of k slices of the row (vector loads), whose smallest bounds the k-th largest
  * logit from below, and skips every 64-logit block whose maximum is under that bound, so the heap
  * sees a few hundred logits instead of the vocabulary; the k are then sorted, so the draw does
- * not depend on the order the heap saw them in (defaults, 32000 logits: 106 -> 10 us per call on
- * the development machine, 128256: 391 -> 23 us). A larger k is a quickselect. Greedy without a
+ * not depend on the order the heap saw them in (defaults, 32000 logits: 106 -> 13 us per call on
+ * the development machine, 128256: 391 -> 26 us). A larger k is a quickselect. Greedy without a
  * penalty is the vector maximum and then its first index. Top-p is a quickselect on mass:
  * partition around a pivot, sum the weights ahead of it, and recurse into the side that holds
  * the cut. -inf and NaN logits are never candidates. Nothing is allocated per call: the
