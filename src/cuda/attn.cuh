@@ -42,7 +42,7 @@ struct attn_args {
     // Nonzero: every CTA of the merge kernel lets the kernel after it launch at once
     // (griddepcontrol.launch_dependents), so the o projection's GEMV (programmatic dependent
     // launch) takes the SMs the merge leaves idle and streams its first weights before it waits
-    // (pdl_wait): +0.6-1.5 % tg128 at depths 512-16384 (llama2-7b, docs/BENCHMARKS.md). The decode
+    // (pdl_wait): +0.4-1.5 % tg128 at depths 512-16384 (llama2-7b, docs/BENCHMARKS.md). The decode
     // kernel does not: a GEMV resident beside it (one-partition ranges, no merge) made decode at
     // depth 0 5 % slower.
     int32_t        pdl_trigger;
