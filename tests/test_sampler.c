@@ -12,6 +12,7 @@
 #include "test.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -588,6 +589,31 @@ TEST(sampler_fast_scan_matches_plain) {
                     coopt_sampler_free(b);
                 }
             }
+        }
+    }
+}
+
+// ---- timing (not a check): COOPT_SAMPLER_BENCH=1 ./build/coopt-test sampler_bench ----
+
+// 1000 calls of coopt_sampler_sample on one row of uniform logits in [-5, 5) at two vocabulary
+// sizes, with the default parameters and greedy; us per call on stderr (docs/BENCHMARKS.md).
+TEST(sampler_bench) {
+    if (!getenv("COOPT_SAMPLER_BENCH")) SKIP(t, "set COOPT_SAMPLER_BENCH=1 to time the sampler");
+    static float  logits[128256];
+    const int32_t ns[] = {32000, 128256};
+    uint64_t      r    = 3;
+    for (size_t q = 0; q < sizeof(ns) / sizeof(ns[0]); q++) {
+        test_fill_uniform(&r, logits, (size_t)ns[q], -5, 5);
+        for (int greedy = 0; greedy < 2; greedy++) {
+            struct coopt_sampler_params p = coopt_sampler_default_params();
+            p.seed = 1, p.temp = greedy ? 0.0f : p.temp;
+            struct coopt_sampler *s = NULL;
+            CHECK(t, coopt_sampler_init(&p, ns[q], &s) == COOPT_OK);
+            int64_t t0 = coopt_time_us(), acc = 0;
+            for (int i = 0; i < 1000; i++) acc += coopt_sampler_sample(s, logits);
+            fprintf(stderr, "bench: sampler n_vocab %d %s: %.1f us per call (%lld)\n", ns[q], greedy ? "greedy" : "defaults",
+                    (double)(coopt_time_us() - t0) / 1000.0, (long long)(acc & 1));
+            coopt_sampler_free(s);
         }
     }
 }
