@@ -365,7 +365,10 @@ TEST(safetensors_real_model) {
     CHECK(t, coopt_safetensors_open(p, &st) == COOPT_OK);
     CHECK(t, st->n_tensors == 20);
     CHECK(t, strcmp(coopt_safetensors_meta(st, "format"), "pt") == 0);
+    // tied embeddings: the one matrix is stored as lm_head.weight or as model.embed_tokens.weight
+    // (both are Hugging Face encodings of the same tied model; the shared copy has been each)
     const struct coopt_st_tensor *lm = coopt_safetensors_find(st, "lm_head.weight");
+    if (!lm) lm = coopt_safetensors_find(st, "model.embed_tokens.weight");
     bool ok = lm && lm->dtype == COOPT_DTYPE_F32 && lm->shape[0] == 2048 && lm->shape[1] == 128 &&
               ((const float *)lm->data)[0] == -0.68359375f &&
               ((const float *)lm->data)[2048 * 128 - 1] == -0.421875f;
