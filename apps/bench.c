@@ -6,7 +6,11 @@
  *        default greedy generation with the choice made on the device (coopt_ctx_generate, what
  *        `coopt run --temp 0` does: a GPU runs the steps back to back and the host reads each
  *        token one step behind); with --tg host each token's logits come back to the host and the
- *        next decode waits for them, as when sampling (the test is then named tgN-host)
+ *        next decode waits for them, as when sampling (the test is then named tgN-host); --tg
+ *        sample draws each token with the default sampler (temperature 0.8, top-k 40, top-p 0.95,
+ *        min-p 0.05, a fixed seed) where the logits are (coopt_ctx_generate with a sampler, what
+ *        `coopt run` does by default; tgN-sample), --tg sample-host with the host sampler on
+ *        logits copied back each token (tgN-sample-host)
  *   -d   context depth: that many tokens are in the cache before the timed test (not timed)
  *
  * Each test runs once untimed (warm-up) and then -r times; t/s is mean ± sample stddev.
@@ -30,9 +34,10 @@ static void bench_usage(void) {
             "  -n, --n-gen N[,N..]     generation lengths (default 128; 0 = skip)\n"
             "  -d, --n-depth N[,N..]   context depth before the test (default 0)\n"
             "  -r, --repetitions N     (default 5)\n"
-            "  --tg device|host        tgN: the next token chosen on the device and fed without the host\n"
-            "                          (greedy, default), or the logits of every token copied to the host\n"
-            "                          and waited for before the next decode (as sampling does)\n"
+            "  --tg MODE               tgN: device: the next token chosen on the device and fed without the\n"
+            "                          host (greedy, default); host: the logits of every token copied to the\n"
+            "                          host and waited for before the next decode; sample / sample-host:\n"
+            "                          drawn by the default sampler (fixed seed) on the device / on the host\n"
             "  -o, --output md|json    (default md)\n"
             "  -B, --batch-seqs B[,B..] batched mode: B sequences, each prefilled with the first -p length,\n"
             "                          then decoded together for the first -n length; total tokens/s\n"
@@ -82,9 +87,13 @@ static enum coopt_status fill_depth(struct coopt_ctx *c, int32_t seq, int64_t de
     return coopt_ctx_decode(c, &b);
 }
 
-// One timed run; returns seconds or a negative value on error.
+enum tg_mode { TG_DEVICE, TG_HOST, TG_SAMPLE, TG_SAMPLE_HOST };
+static const char *const tg_mode_names[] = {"device", "host", "sample", "sample-host"};
+
+// One timed run; returns seconds or a negative value on error. smp: the sampler of the sample
+// modes (reset for each run, so every run draws the same tokens).
 static double run_once(struct coopt_ctx *c, int64_t n_prompt, int64_t n_gen, int64_t depth, int32_t n_vocab,
-                       int32_t *toks, int32_t *seqs, bool tg_host) {
+                       int32_t *toks, int32_t *seqs, enum tg_mode tg, struct coopt_sampler *smp) {
     int32_t seq;
     if (coopt_seq_new(c, &seq) != COOPT_OK) return -1;
     double secs = -1;
@@ -99,19 +108,23 @@ static double run_once(struct coopt_ctx *c, int64_t n_prompt, int64_t n_gen, int
         struct coopt_batch_input b = {.n_tokens = (int32_t)n_prompt, .tokens = toks, .seq_ids = seqs};
         if (coopt_ctx_decode(c, &b) != COOPT_OK) goto out;
     }
-    if (n_gen > 0 && !tg_host) {
+    if (smp) coopt_sampler_reset(smp);
+    if (n_gen > 0 && (tg == TG_DEVICE || tg == TG_SAMPLE)) {
         int32_t fed = 0;
-        if (coopt_ctx_generate(c, seq, rand_token(n_vocab), (int32_t)n_gen, NULL, NULL, &fed) != COOPT_OK ||
+        if (coopt_ctx_generate(c, seq, rand_token(n_vocab), (int32_t)n_gen, tg == TG_SAMPLE ? smp : NULL, NULL, NULL,
+                               &fed) != COOPT_OK ||
             fed != n_gen)
             goto out;
     }
-    for (int64_t i = 0; i < n_gen && tg_host; i++) {
-        int32_t                  t = rand_token(n_vocab);
+    int32_t t = rand_token(n_vocab);
+    for (int64_t i = 0; n_gen > 0 && i < n_gen && (tg == TG_HOST || tg == TG_SAMPLE_HOST); i++) {
         struct coopt_batch_input b = {.n_tokens = 1, .tokens = &t, .seq_ids = &seq};
         if (coopt_ctx_decode(c, &b) != COOPT_OK) goto out;
         // Each token waits for the one before, as in sampling, where the next token comes from
         // these logits (and as llama-bench's tg): without it a GPU would run the steps back to back.
-        if (!coopt_ctx_logits(c, 0)) goto out;
+        const float *l = coopt_ctx_logits(c, 0);
+        if (!l) goto out;
+        t = tg == TG_SAMPLE_HOST ? coopt_sampler_sample(smp, l) : rand_token(n_vocab);
     }
     coopt_ctx_synchronize(c);
     secs = (coopt_time_us() - t0) / 1e6;
@@ -209,7 +222,8 @@ int cmd_bench(int argc, char **argv) {
     int64_t bs[MAX_LIST] = {0};
     int     n_pp = 1, n_tg = 1, n_dp = 1, n_bs = 0;
     int64_t reps = 5, capacity = 0;
-    bool    json = false, tg_host = false;
+    bool         json = false;
+    enum tg_mode tg_m = TG_DEVICE;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         int         r = app_opts_parse(&o, argc, argv, &i);
@@ -232,11 +246,13 @@ int cmd_bench(int argc, char **argv) {
             if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_int(a, v, 1, 1000, &reps)) return 1;
         } else if (!strcmp(a, "--tg")) {
             if (!(v = app_next_arg(argc, argv, &i))) return 1;
-            if (strcmp(v, "device") && strcmp(v, "host")) {
-                fprintf(stderr, "coopt bench: --tg: expected device or host\n");
+            int mode = 0;
+            while (mode < 4 && strcmp(v, tg_mode_names[mode])) mode++;
+            if (mode == 4) {
+                fprintf(stderr, "coopt bench: --tg: expected device, host, sample or sample-host\n");
                 return 1;
             }
-            tg_host = !strcmp(v, "host");
+            tg_m = (enum tg_mode)mode;
         } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
             if (!(v = app_next_arg(argc, argv, &i))) return 1;
             if (!strcmp(v, "json")) json = true;
@@ -285,8 +301,16 @@ int cmd_bench(int argc, char **argv) {
     struct coopt_kv_stats          kvs;
     coopt_ctx_kv_stats(c, &kvs);
     int32_t *toks = malloc((size_t)max_pp * sizeof(int32_t)), *seqs = malloc((size_t)max_pp * sizeof(int32_t));
+    struct coopt_sampler       *smp = NULL;
+    struct coopt_sampler_params sp  = coopt_sampler_default_params();
+    sp.seed                         = 1234;
+    int                         rc  = 0;
+    if ((tg_m == TG_SAMPLE || tg_m == TG_SAMPLE_HOST) && coopt_sampler_init(&sp, info->n_vocab, &smp) != COOPT_OK) {
+        fprintf(stderr, "coopt bench: sampler init failed\n");
+        rc = 1;
+    }
     struct bench_result res[MAX_LIST * MAX_LIST * 2];
-    int                 n_res = 0, rc = 0;
+    int                 n_res = 0;
     int                 n_threads = coopt_ctx_n_threads(c);
     for (int d = 0; d < n_dp && !rc; d++) {
         for (int kind = 0; kind < 2 && !rc; kind++) {
@@ -296,9 +320,9 @@ int cmd_bench(int argc, char **argv) {
                 int64_t np = kind == 0 ? list[i] : 0, ng = kind == 1 ? list[i] : 0;
                 if (np + ng == 0) continue;
                 double tps[1000], sum = 0, sq = 0;
-                if (run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs, tg_host) < 0) rc = 1; // warm-up
+                if (run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs, tg_m, smp) < 0) rc = 1; // warm-up
                 for (int r = 0; r < reps && !rc; r++) {
-                    double s = run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs, tg_host);
+                    double s = run_once(c, np, ng, dp[d], info->n_vocab, toks, seqs, tg_m, smp);
                     if (s <= 0) {
                         rc = 1;
                         break;
@@ -314,8 +338,8 @@ int cmd_bench(int argc, char **argv) {
                 for (int r = 0; r < reps; r++) sq += (tps[r] - mean) * (tps[r] - mean);
                 struct bench_result *br = &res[n_res++];
                 char                *name = malloc(32);
-                snprintf(name, 32, "%s%lld%s", kind == 0 ? "pp" : "tg", (long long)(np + ng),
-                         kind == 1 && tg_host ? "-host" : "");
+                snprintf(name, 32, "%s%lld%s%s", kind == 0 ? "pp" : "tg", (long long)(np + ng),
+                         kind == 1 && tg_m != TG_DEVICE ? "-" : "", kind == 1 && tg_m != TG_DEVICE ? tg_mode_names[tg_m] : "");
                 *br = (struct bench_result){.test = name, .n_prompt = np, .n_gen = ng, .depth = dp[d], .mean_tps = mean,
                                             .std_tps = reps > 1 ? sqrt(sq / (reps - 1)) : 0};
                 if (kind == 1) {
@@ -393,6 +417,7 @@ int cmd_bench(int argc, char **argv) {
         }
     }
     for (int i = 0; i < n_res; i++) free((void *)res[i].test);
+    coopt_sampler_free(smp);
     free(toks);
     free(seqs);
     coopt_ctx_free(c);

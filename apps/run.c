@@ -35,7 +35,7 @@ struct gen {
     int32_t                       seq;
     int64_t                       t_prompt_us, t_gen_us;
     int64_t                       n_prompt, n_gen;
-    bool                          greedy; // argmax without a penalty: chosen where the logits are
+    bool                          chained; // the sampler's choice is made where the logits are (coopt_ctx_generate)
 };
 
 static void emit(struct gen *g, int32_t tok, bool print) {
@@ -75,15 +75,15 @@ static bool gen_on_token(void *ud, int32_t tok) {
 // Generates up to n_predict tokens (or until end of generation). Logits of the last fed token
 // must be available as batch index last_idx.
 static enum coopt_status generate(struct gen *g, int64_t n_predict, int32_t last_idx) {
-    if (g->greedy && n_predict != 0) {
+    if (g->chained && n_predict != 0) {
         // The first token comes from the prompt's logits; coopt_ctx_generate feeds it and then
-        // every argmax, which it takes on the device without waiting for the host.
+        // every choice (argmax or draw), which it makes on the device without waiting for the host.
         int32_t tok = coopt_sampler_sample(g->smpl, coopt_ctx_logits(g->ctx, last_idx));
         if (!gen_on_token(g, tok)) return COOPT_OK;
         const int32_t     n_max = n_predict < 0 || n_predict > INT32_MAX ? INT32_MAX : (int32_t)n_predict;
         int32_t           fed   = 0;
         int64_t           t0    = coopt_time_us();
-        enum coopt_status st    = coopt_ctx_generate(g->ctx, g->seq, tok, n_max, gen_on_token, g, &fed);
+        enum coopt_status st    = coopt_ctx_generate(g->ctx, g->seq, tok, n_max, g->smpl, gen_on_token, g, &fed);
         coopt_ctx_synchronize(g->ctx);
         g->t_gen_us += coopt_time_us() - t0;
         g->n_gen += fed;
@@ -209,7 +209,7 @@ int cmd_run(int argc, char **argv) {
     enum coopt_status             st;
     const struct coopt_model_info *info = coopt_model_get_info(m);
     if ((st = coopt_sampler_init(&sp, info->n_vocab, &g.smpl))) goto done;
-    g.greedy = !(sp.temp > 0) && sp.repeat_penalty == 1.0f;
+    g.chained = coopt_sampler_chainable(g.smpl);
     if ((st = coopt_seq_new(ctx, &g.seq))) goto done;
     if ((st = coopt_tokenize(g.tok, prompt, strlen(prompt), (add_bos ? COOPT_TOKENIZE_ADD_BOS : 0) | COOPT_TOKENIZE_PARSE_SPECIAL,
                              &ids, &n_ids)))

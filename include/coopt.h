@@ -210,20 +210,26 @@ void coopt_ctx_synchronize(struct coopt_ctx *c);
 // has no logits.
 const float *coopt_ctx_logits(struct coopt_ctx *c, int32_t i);
 
-// Greedy generation with the choice made where the logits are. Feeds `token` to sequence seq,
-// then feeds each step's argmax (coopt_sampler_sample's greedy choice, without a repetition
-// penalty) to the next step, until n_max tokens were fed or on_token returns false. The argmax
-// is taken by the backend and fed to the next step without the host in between: on a GPU the
-// host enqueues step k+1 before it has seen step k's token, so the device runs the steps back to
-// back and only a token per step comes back. Each token that is fed after the first goes to
+// Generation with the choice made where the logits are. Feeds `token` to sequence seq, then
+// feeds each step's choice to the next step, until n_max tokens were fed or on_token returns
+// false. The choice is the argmax (smp NULL, or a greedy sampler: temperature <= 0 without a
+// repetition penalty) or the token coopt_sampler_sample(smp, logits) would draw -- the same
+// token, bit for bit, with smp's random stream -- where coopt_sampler_chainable(smp); another
+// sampler is COOPT_ERR_INVALID. The choice is made by the backend and fed to the next step
+// without the host in between: on a GPU the host enqueues step k+1 before it has seen step k's
+// token, so the device runs the steps back to back and only a token (and the random state)
+// per step comes back. Afterwards smp's random state is as after drawing the last token passed
+// to on_token (its penalty history is not touched: on_token may call coopt_sampler_accept). Each token that is fed after the first goes to
 // on_token(ud, token) as it arrives, before it counts; false stops the generation and that token
 // is not fed (the step that already ran with it is taken back). on_token may be NULL (all are
 // fed). The last step's argmax is not reported (nothing feeds it). *n_fed (may be NULL) receives
 // the tokens fed, `token` included. Errors as coopt_ctx_decode (CTX_FULL / KV_FULL when the next
 // step does not fit: the tokens fed so far stay). Afterwards coopt_ctx_logits has no rows.
 typedef bool coopt_gen_token_fn(void *ud, int32_t token);
+struct coopt_sampler;
 enum coopt_status coopt_ctx_generate(struct coopt_ctx *c, int32_t seq, int32_t token, int32_t n_max,
-                                     coopt_gen_token_fn *on_token, void *ud, int32_t *n_fed);
+                                     struct coopt_sampler *smp, coopt_gen_token_fn *on_token, void *ud,
+                                     int32_t *n_fed);
 
 struct coopt_kv_stats {
     int64_t n_pages, n_pages_used, page_size;
@@ -259,6 +265,10 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits);
 void coopt_sampler_accept(struct coopt_sampler *s, int32_t token);
 // Clears the penalty history and restarts the random sequence from the seed.
 void coopt_sampler_reset(struct coopt_sampler *s);
+// Whether coopt_ctx_generate can make this sampler's choice where the logits are: greedy without
+// a repetition penalty, or temperature > 0 without a penalty with 1 <= top_k <= 64 (the
+// defaults) and a vocabulary of at most 262144 at top_k 64 (more at smaller k).
+bool coopt_sampler_chainable(const struct coopt_sampler *s);
 
 // ---- scheduler: continuous batching over a context ----
 //

@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 struct coopt_backend;
+struct pick_state;
 
 // RoPE parameters, precomputed once per model: inv_freq[i] for i < head_dim/2 already includes
 // theta, linear and llama3 scaling.
@@ -78,6 +79,13 @@ struct coopt_ops {
     // host memory (host_alloc) that receives the same values directly
     void (*argmax)(struct coopt_backend *be, int32_t *out, int32_t *out_host, const float *x, int32_t n_rows,
                    int32_t n);
+    // out[0] = the token coopt_sampler_sample draws from the one row x[0, n) for the sampler whose
+    // state ps holds (pick.h): the same token, and ps->rng advanced as the sampler's would be. ps:
+    // a block of pick_block_bytes(n) bytes of backend memory, the scratch after the state zeroed
+    // once when allocated. out_host (NULL = none): page-locked host memory (host_alloc) that
+    // receives the token at byte 0 and ps->rng after the draw at byte 8 (PICK_RESULT_BYTES).
+    void (*sample)(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n,
+                   struct pick_state *ps);
 
     // ---- fused ops (optional: NULL = the forward pass composes them from the ops above) ----
     // outs[j][r][:] = x[r] · ws[j] for j < n (1 <= n <= 4): several projections of one input in

@@ -15,6 +15,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+struct pick_state;
+
 struct coopt_batch {
     int32_t        n_tokens;
     const int32_t *tokens;       // [n_tokens]
@@ -34,6 +36,9 @@ struct coopt_batch {
                                  // row's logits (the greedy choice, see the argmax op), which may be
                                  // this step's own tokens array (the next step's input)
     int32_t       *next_tokens_host; // [n_out] page-locked host memory the backend also writes them to, or NULL
+    struct pick_state *pick;     // or NULL; with next_tokens and one output row: the token is drawn by the
+                                 // sample op from this sampler state (pick.h) instead of the argmax, and
+                                 // next_tokens_host is the op's out_host (token and random state)
 };
 
 #endif // COOPT_BATCH_H

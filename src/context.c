@@ -16,6 +16,8 @@
 #include "forward.h"
 #include "kv_cache.h"
 #include "model.h"
+#include "pick.h"
+#include "sampler.h"
 #include "util.h"
 
 #include <stdlib.h>
@@ -48,6 +50,7 @@ struct coopt_ctx {
     // Work enqueued and not yet waited for (the last decode's steps and logits copy): the
     // backend may still be running it; coopt_ctx_synchronize waits.
     bool     pending;
+    uint8_t *d_pick;     // the sample op's block (pick.h) for sampled coopt_ctx_generate
     float   *d_k_offset; // K smoothing offsets of FP8 caches (kv_cache.h), NULL otherwise
     size_t   k_offset_seq_bytes; // bytes of one sequence's offsets
     // per-sequence bookkeeping [n_seq_max]
@@ -80,6 +83,8 @@ struct step_layout {
 };
 
 #define STEP_RESULT_BYTES 64
+_Static_assert(STEP_RESULT_BYTES >= PICK_RESULT_BYTES, "the result area holds a sample op's result");
+_Static_assert(sizeof(struct pick_state) <= PICK_COUNTER_OFF, "the pick state fits before the counter");
 
 static struct step_layout step_layout_make(int32_t n, int32_t n_seq_max, int32_t max_blocks) {
     struct step_layout L;
@@ -127,6 +132,7 @@ void coopt_ctx_free(struct coopt_ctx *c) {
         coopt_scratch_free(be, &c->scratch);
         be->ops->free(be, c->d_step);
         be->ops->free(be, c->d_k_offset);
+        be->ops->free(be, c->d_pick);
         for (int i = 0; i < 2; i++) host_buf_free(be, c->h_step[i], c->h_step_backend[i]);
         host_buf_free(be, c->logits, c->logits_backend), c->logits = NULL;
         if (c->kv && c->kv->pool) be->ops->kv_pool_free(be, c->kv->pool, c->pool_bytes);
@@ -215,6 +221,11 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
         memset(c->h_step[i], 0, hb); // gaps of a packed step are copied too: keep them defined
     }
     if ((st = be->ops->alloc(be, c->step_bytes, (void **)&c->d_step))) goto fail;
+    if ((st = be->ops->alloc(be, pick_block_bytes(cfg->n_vocab), (void **)&c->d_pick))) goto fail;
+    {
+        static const uint8_t zeros[PICK_CANDS_OFF]; // the state and the segment counter
+        be->ops->upload(be, c->d_pick, zeros, sizeof(zeros));
+    }
     if (layout.has_scales) { // K smoothing for FP8 caches (kv_cache.h)
         c->k_offset_seq_bytes = (size_t)cfg->n_layers * (size_t)cfg->n_kv_heads * (size_t)cfg->head_dim * sizeof(float);
         size_t bytes          = c->k_offset_seq_bytes * (size_t)p.n_seq_max;
@@ -341,14 +352,16 @@ static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_t
     return COOPT_OK;
 }
 
-// Greedy chaining (coopt_ctx_generate) of a one-token step: the argmax of its logits is written
-// over the step's own token on the device (the input of the next one-token step) and into the
-// host block's result area -- by the argmax op itself where the block is page-locked (a kernel
-// stores it over the bus: no copy in the stream between two steps), else by a download; the
-// logits stay on the device. token_on_device: the step's token is the one the step before left
-// there (the upload skips it).
+// Chaining (coopt_ctx_generate) of a one-token step: the argmax of its logits, or with `pick`
+// the token the sample op draws from them, is written over the step's own token on the device
+// (the input of the next one-token step) and into the host block's result area (the token at
+// byte 0; a drawn one with the random state after it at byte 8) -- by the op itself where the
+// block is page-locked (a kernel stores it over the bus: no copy in the stream between two
+// steps), else by downloads; the logits stay on the device. token_on_device: the step's token is
+// the one the step before left there (the upload skips it).
 struct step_chain {
-    bool token_on_device;
+    bool               token_on_device;
+    struct pick_state *pick; // the sample op's block (backend memory), NULL = argmax
 };
 
 // Runs one forward step over user-batch tokens [start, start + n). It returns once the step and
@@ -405,6 +418,7 @@ static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in
         .window = c->model->config.sliding_window, .no_seq_start = !seq_start, .n_out = n_out,
         .out_rows = (const int32_t *)(d + L.out_rows), .next_tokens = chain ? (int32_t *)(d + L.tokens) : NULL,
         .next_tokens_host = chain && c->h_step_backend[hb] ? (int32_t *)(h + c->step_bytes) : NULL,
+        .pick = chain ? chain->pick : NULL,
     };
     // A recorded step (CUDA graph) replaces the op-by-op forward pass where the backend has one
     // for this geometry; hooks observe ops as they run, so they force the op-by-op path.
@@ -415,7 +429,11 @@ static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in
     }
     size_t nv = (size_t)c->model->config.n_vocab;
     if (chain) {
-        if (!b.next_tokens_host) be->ops->download(be, h + c->step_bytes, d + L.tokens, (size_t)n_out * sizeof(int32_t));
+        if (!b.next_tokens_host) {
+            be->ops->download(be, h + c->step_bytes, d + L.tokens, (size_t)n_out * sizeof(int32_t));
+            if (chain->pick)
+                be->ops->download(be, h + c->step_bytes + 8, chain->pick->rng, sizeof(chain->pick->rng));
+        }
     } else if (n_out > 0)
         be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
     uint64_t fence = 0;
@@ -533,15 +551,33 @@ enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch
     return decode(c, in, NULL, &fence);
 }
 
+bool coopt_sampler_chainable(const struct coopt_sampler *s) {
+    struct pick_state ps;
+    return coopt_sampler_greedy(s) || coopt_sampler_pick_state(s, &ps);
+}
+
 enum coopt_status coopt_ctx_generate(struct coopt_ctx *c, int32_t seq, int32_t token, int32_t n_max,
-                                     coopt_gen_token_fn *on_token, void *ud, int32_t *n_fed) {
+                                     struct coopt_sampler *smp, coopt_gen_token_fn *on_token, void *ud,
+                                     int32_t *n_fed) {
     if (n_fed) *n_fed = 0;
     if (seq < 0 || seq >= c->params.n_seq_max || !c->kv->seqs[seq].live)
         return coopt_fail(COOPT_ERR_INVALID, "generate: unknown sequence %d", seq);
     if (n_max < 0) return coopt_fail(COOPT_ERR_INVALID, "generate: negative token limit %d", n_max);
+    struct pick_state ps;
+    const bool        sampled = smp && !coopt_sampler_greedy(smp);
+    if (sampled && !coopt_sampler_pick_state(smp, &ps))
+        return coopt_fail(COOPT_ERR_INVALID,
+                          "generate: this sampler's choice needs the logits on the host (a repetition penalty, "
+                          "top_k 0 or above %d, or a vocabulary of %d too large for top_k); see coopt_sampler_chainable",
+                          PICK_MAX_K, c->model->config.n_vocab);
     if (n_max == 0) return COOPT_OK;
-    struct coopt_backend    *be  = c->be;
-    const struct step_chain  first = {.token_on_device = false}, next = {.token_on_device = true};
+    struct coopt_backend *be   = c->be;
+    struct pick_state    *pick = sampled ? (struct pick_state *)c->d_pick : NULL;
+    if (pick) be->ops->upload(be, pick, &ps, sizeof(ps)); // in stream order, before the first step
+    const struct step_chain first = {.token_on_device = false, .pick = pick},
+                            next  = {.token_on_device = true, .pick = pick};
+    uint64_t last_rng[4];
+    bool     drawn = false; // a token drawn by the op was reported: last_rng is the state after it
     int32_t                  dummy = 0; // a chained step's token is on the device; this passes validation
     struct coopt_batch_input in  = {.n_tokens = 1, .tokens = &token, .seq_ids = &seq};
     uint64_t                 fence[2];
@@ -564,6 +600,7 @@ enum coopt_status coopt_ctx_generate(struct coopt_ctx *c, int32_t seq, int32_t t
         int32_t t = 0;
         memcpy(&t, c->h_step[blk[j % 2]] + c->step_bytes, sizeof(t));
         if (!ahead) break; // token j is fed by no step: the limit, or the next step could not run (st)
+        if (pick) memcpy(last_rng, c->h_step[blk[j % 2]] + c->step_bytes + 8, sizeof(last_rng)), drawn = true;
         if (on_token && !on_token(ud, t)) {
             coopt_kv_seq_truncate(c->kv, seq, c->kv->seqs[seq].n_tokens - 1); // take step j+1 back
             break;
@@ -571,6 +608,7 @@ enum coopt_status coopt_ctx_generate(struct coopt_ctx *c, int32_t seq, int32_t t
         fed++;
     }
     if (n_fed) *n_fed = fed;
+    if (drawn) coopt_sampler_set_rng(smp, last_rng); // the sampler as after the draws reported
     return st;
 }
 

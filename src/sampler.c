@@ -30,6 +30,8 @@
  * clears the penalty history and restarts the random sequence from the same seed.
  */
 #include "coopt.h"
+#include "pick.h"
+#include "sampler.h"
 #include "util.h"
 
 #include <math.h>
@@ -68,22 +70,6 @@ static uint64_t splitmix64(uint64_t *x) {
     z          = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
-
-static uint64_t rotl64(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-static uint64_t xoshiro_next(uint64_t s[4]) {
-    uint64_t r = rotl64(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl64(s[3], 45);
-    return r;
-}
-
-// Uniform in [0, 1) with 53 random bits.
-static double rng_uniform(uint64_t s[4]) { return (double)(xoshiro_next(s) >> 11) * 0x1.0p-53; }
 
 static void sampler_seed(struct coopt_sampler *s) {
     uint64_t x = s->seed;
@@ -213,6 +199,78 @@ static bool heap_offer(struct sampler_cand *c, int64_t *n, int64_t k, struct sam
     return true;
 }
 
+// The largest x[i] by `>` (NaN never; -inf when there is nothing else). With AVX2, MAXPS keeps
+// its second operand (the running maximum) when the first is NaN, so NaN never enters it.
+static float max_of(const float *x, int32_t n) {
+    float   r = -INFINITY;
+    int32_t i = 0;
+#if defined(__AVX2__)
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    for (; i + 32 <= n; i += 32) {
+        m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
+        m1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m1);
+        m2 = _mm256_max_ps(_mm256_loadu_ps(x + i + 16), m2);
+        m3 = _mm256_max_ps(_mm256_loadu_ps(x + i + 24), m3);
+    }
+    float l[8];
+    _mm256_storeu_ps(l, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+    for (int j = 0; j < 8; j++) r = l[j] > r ? l[j] : r;
+#endif
+    for (; i < n; i++) r = x[i] > r ? x[i] : r;
+    return r;
+}
+
+// The k first logits in candidate order, sorted, into c[0, k') (k' <= k: fewer where the row
+// has fewer that are not -inf or NaN); returns k'. One pass with the bounded heap, which sees
+// only the 64-logit blocks that can hold one of the k: thr starts as the smallest of the maxima
+// of k slices of the row, at most the k-th largest logit (the slices' maxima are k distinct
+// elements >= thr), and rises to the heap's worst logit once the heap is full (the scan is in id
+// order, so a later equal logit cannot enter either). So no skipped logit is among the k, and
+// the heap sees the others in id order, as a plain scan does: the same k.
+static int64_t topk_scan(const float *logits, int32_t n_vocab, int64_t k, struct sampler_cand *c) {
+    int64_t n = 0;
+    k         = COOPT_MIN(k, (int64_t)n_vocab);
+    float thr = INFINITY;
+    for (int64_t j = 0; j < k; j++) {
+        const int32_t lo = (int32_t)(n_vocab * j / k), hi = (int32_t)(n_vocab * (j + 1) / k);
+        const float   m  = max_of(logits + lo, hi - lo);
+        thr              = m < thr ? m : thr;
+    }
+    for (int32_t i0 = 0; i0 < n_vocab; i0 += SAMPLER_BLOCK) {
+        const int32_t i1 = i0 + SAMPLER_BLOCK < n_vocab ? i0 + SAMPLER_BLOCK : n_vocab;
+        if (max_of(logits + i0, i1 - i0) < thr) continue;
+        for (int32_t i = i0; i < i1; i++) {
+            const struct sampler_cand x = {logits[i], 0, i};
+            if (x.logit >= thr && x.logit > -INFINITY && heap_offer(c, &n, k, x) && n == k && c[0].logit > thr)
+                thr = c[0].logit;
+        }
+    }
+    // the heap's order depends on what it saw; sorted, the k are the same array either way
+    qsort(c, (size_t)n, sizeof(*c), cand_cmp);
+    return n;
+}
+
+static struct pick_params pick_params_of(const struct coopt_sampler_params *sp) {
+    return (struct pick_params){
+        .inv_temp  = 1.0f / sp->temp,
+        .top_p     = sp->top_p,
+        .log_min_p = sp->min_p > 0.0f ? logf(sp->min_p) : 0.0f,
+        .top_k     = sp->top_k,
+        .has_min_p = sp->min_p > 0.0f,
+    };
+}
+
+// The tail of the chain (pick.h) over n <= PICK_MAX_K sorted candidates; 0 when there are none.
+static int32_t pick_cands(const struct sampler_cand *c, int64_t n, const struct coopt_sampler_params *sp,
+                          uint64_t rng[4]) {
+    float              l[PICK_MAX_K], w[PICK_MAX_K];
+    int32_t            id[PICK_MAX_K];
+    struct pick_params pp = pick_params_of(sp);
+    if (n == 0) return 0; // nothing is possible: every logit is -inf or NaN
+    for (int64_t i = 0; i < n; i++) l[i] = c[i].logit, id[i] = c[i].id;
+    return pick_sorted(l, id, w, (int32_t)n, &pp, rng);
+}
+
 // ---- the chain ----
 
 struct coopt_sampler_params coopt_sampler_default_params(void) {
@@ -299,27 +357,6 @@ static bool sampler_penalize(struct coopt_sampler *s, const float *logits) {
     return true;
 }
 
-// The largest x[i] by `>` (NaN never; -inf when there is nothing else). With AVX2, MAXPS keeps
-// its second operand (the running maximum) when the first is NaN, so NaN never enters it.
-static float max_of(const float *x, int32_t n) {
-    float   r = -INFINITY;
-    int32_t i = 0;
-#if defined(__AVX2__)
-    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
-    for (; i + 32 <= n; i += 32) {
-        m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
-        m1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m1);
-        m2 = _mm256_max_ps(_mm256_loadu_ps(x + i + 16), m2);
-        m3 = _mm256_max_ps(_mm256_loadu_ps(x + i + 24), m3);
-    }
-    float l[8];
-    _mm256_storeu_ps(l, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
-    for (int j = 0; j < 8; j++) r = l[j] > r ? l[j] : r;
-#endif
-    for (; i < n; i++) r = x[i] > r ? x[i] : r;
-    return r;
-}
-
 // Logit of token i after the repetition penalty.
 static inline float sampler_logit(const struct coopt_sampler *s, const float *logits, bool pen, int32_t i) {
     return pen && s->stamp[i] == s->n_calls ? s->penalized[i] : logits[i];
@@ -357,38 +394,17 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits) {
     struct sampler_cand *c     = s->cand;
     int64_t              n     = 0;
     const int64_t        top_k = s->p.top_k;
-    if (top_k > 0 && top_k <= n_vocab / 16) {
-        // Without the penalty, blocks whose maximum is below thr are skipped: thr starts as the
-        // smallest of the maxima of top_k slices, at most the k-th largest logit (the slices'
-        // maxima are top_k distinct elements >= thr), and rises to the heap's worst logit once
-        // the heap is full (the scan is in id order, so a later equal logit cannot enter
-        // either). So no skipped logit is among the k, and the heap sees the others in id order,
-        // as the plain scan does: the same k.
+    if (top_k > 0 && (top_k <= PICK_MAX_K || top_k <= n_vocab / 16)) {
         if (pen) {
             for (int32_t i = 0; i < n_vocab; i++) {
                 const struct sampler_cand x = {sampler_logit(s, logits, pen, i), 0, i};
                 if (x.logit > -INFINITY) heap_offer(c, &n, top_k, x);
             }
+            qsort(c, (size_t)n, sizeof(*c), cand_cmp);
         } else {
-            float thr = INFINITY;
-            for (int64_t j = 0; j < top_k; j++) {
-                const int32_t lo = (int32_t)(n_vocab * j / top_k), hi = (int32_t)(n_vocab * (j + 1) / top_k);
-                const float   m  = max_of(logits + lo, hi - lo);
-                thr              = m < thr ? m : thr;
-            }
-            for (int32_t i0 = 0; i0 < n_vocab; i0 += SAMPLER_BLOCK) {
-                const int32_t i1 = i0 + SAMPLER_BLOCK < n_vocab ? i0 + SAMPLER_BLOCK : n_vocab;
-                if (max_of(logits + i0, i1 - i0) < thr) continue;
-                for (int32_t i = i0; i < i1; i++) {
-                    const struct sampler_cand x = {logits[i], 0, i};
-                    if (x.logit >= thr && x.logit > -INFINITY && heap_offer(c, &n, top_k, x) && n == top_k &&
-                        c[0].logit > thr)
-                        thr = c[0].logit;
-                }
-            }
+            n = topk_scan(logits, n_vocab, top_k, c);
         }
-        // the heap's order depends on what it saw; sorted, the k are the same array either way
-        qsort(c, (size_t)n, sizeof(*c), cand_cmp);
+        if (top_k <= PICK_MAX_K) return pick_cands(c, n, &s->p, s->rng);
     } else {
         for (int32_t i = 0; i < n_vocab; i++) {
             float l = sampler_logit(s, logits, pen, i);
@@ -441,7 +457,7 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits) {
         c[i].w = isinf(max_l) ? 1.0f : expf((c[i].logit - max_l) * inv_t);
         sum += c[i].w;
     }
-    double u = rng_uniform(s->rng) * sum, cum = 0;
+    double u = pick_uniform(s->rng) * sum, cum = 0;
     for (int64_t i = 0; i < n; i++) {
         cum += c[i].w;
         if (u < cum) return c[i].id;
@@ -450,4 +466,38 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits) {
     for (int64_t i = n - 1; i > 0; i--)
         if (c[i].w > 0) return c[i].id;
     return c[0].id;
+}
+
+// ---- the sample op's state (sampler.h) ----
+
+static bool sampler_no_penalty(const struct coopt_sampler_params *p) {
+    return p->repeat_penalty == 1.0f || p->repeat_last_n <= 0;
+}
+
+bool coopt_sampler_greedy(const struct coopt_sampler *s) { return !(s->p.temp > 0) && sampler_no_penalty(&s->p); }
+
+bool coopt_sampler_pick_state(const struct coopt_sampler *s, struct pick_state *out) {
+    const struct coopt_sampler_params *p = &s->p;
+    const int64_t segs = ((int64_t)s->n_vocab + PICK_SEG - 1) / PICK_SEG;
+    if (!(p->temp > 0) || !sampler_no_penalty(p) || p->top_k < 1 ||
+        p->top_k > PICK_MAX_K || segs * p->top_k > PICK_SEG)
+        return false;
+    memset(out, 0, sizeof(*out));
+    out->p = pick_params_of(p);
+    memcpy(out->rng, s->rng, sizeof(out->rng));
+    return true;
+}
+
+void coopt_sampler_set_rng(struct coopt_sampler *s, const uint64_t rng[4]) { memcpy(s->rng, rng, sizeof(s->rng)); }
+
+void coopt_sampler_get_rng(const struct coopt_sampler *s, uint64_t rng[4]) { memcpy(rng, s->rng, sizeof(s->rng)); }
+
+int32_t coopt_pick_row(const float *x, int32_t n, struct pick_state *ps) {
+    struct sampler_cand c[PICK_MAX_K];
+    float               l[PICK_MAX_K], w[PICK_MAX_K];
+    int32_t             id[PICK_MAX_K];
+    const int64_t       k = topk_scan(x, n, ps->p.top_k, c);
+    if (k == 0) return 0;
+    for (int64_t i = 0; i < k; i++) l[i] = c[i].logit, id[i] = c[i].id;
+    return pick_sorted(l, id, w, (int32_t)k, &ps->p, ps->rng);
 }

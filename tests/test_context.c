@@ -221,14 +221,17 @@ TEST(context_host_alloc_fallback) {
 // taken-back steps on the first position of a page; FP8 covers the scaled cache types. With a
 // sliding window of 9, the step taken back after 0 tokens (position 11) would have released the
 // page of position 3, which the window of position 11 still needs, if generation released pages
-// for the positions it ran ahead to.
+// for the positions it ran ahead to. Each greedy and sampled (the sample op drawing with the
+// sampler's random stream).
 TEST(context_generate) {
     struct coopt_model *m = load_260k(t);
     if (!m) SKIP(t, "stories260K.gguf not available");
-    bool ok = check_generate(t, m, COOPT_DTYPE_F32, 4) && check_generate(t, m, COOPT_DTYPE_FP8_E4M3, 4) &&
-              check_generate(t, m, COOPT_DTYPE_F16, 16);
+    bool ok = true;
+    for (int sampled = 0; sampled < 2 && ok; sampled++)
+        ok = check_generate(t, m, COOPT_DTYPE_F32, 4, sampled) && check_generate(t, m, COOPT_DTYPE_FP8_E4M3, 4, sampled) &&
+             check_generate(t, m, COOPT_DTYPE_F16, 16, sampled);
     m->config.sliding_window = 9;
-    ok = ok && check_generate(t, m, COOPT_DTYPE_F32, 4);
+    ok = ok && check_generate(t, m, COOPT_DTYPE_F32, 4, false) && check_generate(t, m, COOPT_DTYPE_F32, 4, true);
     (void)ok;
     coopt_model_free(m);
 }

@@ -28,6 +28,8 @@
  *     models within 0.1 * max|logit| (an ulp flip of an FP8 value moves a logit by ~1e-2).
  */
 #include "backend.h"
+#include "pick.h"
+#include "sampler.h"
 #include "coopt.h"
 #include "dtype.h"
 #include "forward.h"
@@ -218,6 +220,101 @@ TEST(cuda_argmax) {
         p.cu->ops->host_free(p.cu, hg);
         CHECK(t, want[1] == 5 && want[3] == 0 && want[4] == 0 && want[5] == n - 1);
     }
+    cu_pair_free(&p);
+}
+
+// ---- sample (the pick kernel) ----
+
+// Rows of n logits of kind 0-6: random; a few levels (ties everywhere, also at the k-th);
+// NaN and -inf sprinkled; two +inf; -0 and +0 on top (ties by id, the sign kept); everything
+// -inf or NaN; fewer valid logits than k (the rest -inf).
+static void sample_row(float *x, int32_t n, int kind, uint64_t *s) {
+    for (int32_t i = 0; i < n; i++) x[i] = (float)(test_rand_u64(s) % 2000000) * 1e-5f - 10.0f;
+    if (kind == 1)
+        for (int32_t i = 0; i < n; i++) x[i] = (float)(test_rand_u64(s) % 5);
+    if (kind == 2)
+        for (int32_t i = 0; i < n; i += 3) x[i] = i % 2 ? NAN : -INFINITY;
+    if (kind == 3) x[n / 3] = x[n - 1] = INFINITY;
+    if (kind == 4) {
+        for (int32_t i = 0; i < n; i++) x[i] = -fabsf(x[i]) - 1.0f;
+        for (int32_t i = n / 7; i < n; i += n / 5 + 1) x[i] = (i / 7) % 2 ? -0.0f : 0.0f;
+    }
+    if (kind == 5)
+        for (int32_t i = 0; i < n; i++) x[i] = i % 2 ? NAN : -INFINITY;
+    if (kind == 6)
+        for (int32_t i = 0; i < n; i++)
+            if (i % (n / 5 + 1)) x[i] = -INFINITY;
+}
+
+// The sample op against coopt_pick_row (the host sampler's code) on rows of 512 to 262144 logits,
+// every row kind above, top_k 1 / 7 / 40 / 64, with and without top-p and min-p, temperature 0.3
+// and 2: the same token, the same random state after each of 6 draws per row (on the device, in
+// the page-locked result and on the host), for segment counts 1 to 64 and a last segment of one
+// logit (4097).
+TEST(cuda_sample) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t      s    = 29;
+    const int32_t ns[] = {512, 2048, 4096, 4097, 32000, 128256, 262144};
+    struct {
+        int32_t k;
+        float   temp, top_p, min_p;
+    } const ps_set[] = {{40, 2.0f, 0.95f, 0.05f}, {1, 2.0f, 1.0f, 0.0f}, {7, 0.3f, 1.0f, 0.0f}, {64, 2.0f, 0.5f, 0.0f},
+                        {64, 2.0f, 1.0f, 0.2f}};
+    uint8_t *hres = NULL;
+    CHECK(t, p.cu->ops->host_alloc(p.cu, PICK_RESULT_BYTES, (void **)&hres) == COOPT_OK);
+    int n_rows = 0, n_draws = 0, n_moved = 0;
+    for (size_t a = 0; a < COOPT_ARRAY_LEN(ns) && !t->failed; a++) {
+        const int32_t n  = ns[a];
+        float        *x  = malloc((size_t)n * sizeof(float));
+        float        *dx = dev_copy(p.cu, NULL, (size_t)n * sizeof(float));
+        uint8_t      *blk = dev_copy(p.cu, NULL, pick_block_bytes(n));
+        int32_t      *dout = dev_copy(p.cu, NULL, sizeof(int32_t));
+        uint8_t       zeros[PICK_CANDS_OFF] = {0};
+        p.cu->ops->upload(p.cu, blk, zeros, sizeof(zeros));
+        for (int kind = 0; kind < 7 && !t->failed; kind++) {
+            sample_row(x, n, kind, &s);
+            p.cu->ops->upload(p.cu, dx, x, (size_t)n * sizeof(float));
+            for (size_t q = 0; q < COOPT_ARRAY_LEN(ps_set) && !t->failed; q++) {
+                struct coopt_sampler_params sp = coopt_sampler_default_params();
+                sp.top_k = ps_set[q].k, sp.temp = ps_set[q].temp, sp.top_p = ps_set[q].top_p, sp.min_p = ps_set[q].min_p;
+                sp.seed = 1000 + (uint64_t)q;
+                struct coopt_sampler *smp = NULL;
+                struct pick_state     hs;
+                CHECK(t, coopt_sampler_init(&sp, n, &smp) == COOPT_OK && coopt_sampler_pick_state(smp, &hs));
+                coopt_sampler_free(smp);
+                p.cu->ops->upload(p.cu, blk, &hs, sizeof(hs));
+                int32_t first = -1;
+                for (int d = 0; d < 6 && !t->failed; d++) {
+                    const int32_t want = coopt_pick_row(x, n, &hs);
+                    memset(hres, 0xff, PICK_RESULT_BYTES);
+                    p.cu->ops->sample(p.cu, dout, hres, dx, n, (struct pick_state *)blk);
+                    int32_t           got = -1, hgot = -1;
+                    struct pick_state ds;
+                    dev_read(p.cu, &got, dout, sizeof(got));
+                    dev_read(p.cu, &ds, blk, sizeof(ds));
+                    memcpy(&hgot, hres, sizeof(hgot));
+                    CHECKF(t, got == want && hgot == want, "n %d kind %d params %zu draw %d: token %d (result %d), host %d", n,
+                           kind, q, d, got, hgot, want);
+                    CHECKF(t, !memcmp(ds.rng, hs.rng, sizeof(hs.rng)) && !memcmp(hres + 8, hs.rng, sizeof(hs.rng)),
+                           "n %d kind %d params %zu draw %d: random state differs", n, kind, q, d);
+                    if (d == 0) first = want;
+                    n_moved += d > 0 && want != first;
+                    n_draws++;
+                }
+                n_rows++;
+            }
+        }
+        uint32_t counter = 1;
+        dev_read(p.cu, &counter, blk + PICK_COUNTER_OFF, sizeof(counter));
+        CHECKF(t, counter == 0, "n %d: the segment counter is %u after the calls", n, counter);
+        p.cu->ops->free(p.cu, dx), p.cu->ops->free(p.cu, blk), p.cu->ops->free(p.cu, dout);
+        free(x);
+    }
+    p.cu->ops->host_free(p.cu, hres);
+    CHECKF(t, n_moved > n_draws / 8, "only %d of %d draws moved away from a row's first: the test sees no draws", n_moved,
+           n_draws);
+    (void)n_rows;
     cu_pair_free(&p);
 }
 

@@ -488,9 +488,10 @@ TEST(cuda_decode_async) { run_story_checks(t, check_async); }
 // whose steps are chained on the device and run ahead of the host, against the host loop on the
 // same GPU (tests/test_generate_util.h), bit-identical. (A chained step's geometry is recorded on
 // its second step and replayed from the third; this test does not count the replays,
-// cuda_step_graphs does for plain steps.)
+// cuda_step_graphs does for plain steps.) Greedy, then sampled (the pick kernel; cuda_sample
+// covers vocabularies up to 128256).
 static bool check_generate_cuda(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt) {
-    return check_generate(t, m, kvt, 16);
+    return check_generate(t, m, kvt, 16, false) && check_generate(t, m, kvt, 16, true);
 }
 
 TEST(cuda_generate) { run_story_checks(t, check_generate_cuda); }

@@ -5,13 +5,18 @@
  * greedy choice, decode that token). Include after test.h.
  *
  * Everything is compared exactly: both contexts run the same single-token steps with the same
- * kernels (the argmax reads the logits, it does not change them), so tokens and logits must be
- * bit-identical.
+ * kernels (the argmax or the draw reads the logits, it does not change them), so tokens and
+ * logits must be bit-identical. With `sampled`, the generation draws with a sampler (the
+ * defaults at temperature 1.5, so the draws are not the argmax, seed fixed) and the host loop
+ * draws with coopt_sampler_sample from a sampler of the same seed: the same tokens, and the
+ * generation's sampler ends with the random state the host loop's had after the last token
+ * reported.
  */
 #ifndef COOPT_TEST_GENERATE_UTIL_H
 #define COOPT_TEST_GENERATE_UTIL_H
 
 #include "coopt.h"
+#include "sampler.h"
 #include "test.h"
 
 #include <stdlib.h>
@@ -60,20 +65,41 @@ static inline bool gen_ref_logits(struct coopt_ctx *r, const int32_t *prompt, co
     return l != NULL;
 }
 
-// The whole check on model m with the given KV type and page size. Returns false after a FAIL.
-static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt, int32_t page_size) {
+// The random state after the generation's last report equals want (sampled), or is untouched.
+static inline bool gen_rng_is(struct test_ctx *t, struct coopt_sampler *smp, const uint64_t want[4], const char *what,
+                              const char *kn) {
+    uint64_t got[4];
+    coopt_sampler_get_rng(smp, got);
+    if (memcmp(got, want, sizeof(got)) == 0) return true;
+    test_fail(t, __FILE__, __LINE__, "%s KV, %s: the sampler's random state after the generation is not the host loop's", kn,
+              what);
+    return false;
+}
+
+// The whole check on model m with the given KV type and page size, greedy or sampled. Returns
+// false after a FAIL.
+static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt, int32_t page_size,
+                                  bool sampled) {
     const int32_t           nv = coopt_model_get_info(m)->n_vocab;
     struct coopt_ctx_params cp = coopt_ctx_default_params();
     cp.n_ctx = GEN_P + GEN_N + 8, cp.n_seq_max = 2, cp.n_batch = 32, cp.page_size = page_size, cp.kv_type = kvt;
     struct coopt_ctx     *r = NULL, *g = NULL;
-    struct coopt_sampler *smp = NULL;
+    struct coopt_sampler *smp = NULL, *gsmp = NULL; // the host loop's, the generation's
     struct coopt_sampler_params sp = coopt_sampler_default_params();
-    sp.temp = 0, sp.repeat_penalty = 1;
+    sp.repeat_penalty = 1, sp.seed = 4242;
+    sp.temp           = sampled ? 1.5f : 0.0f;
     float *lr = (float *)malloc((size_t)nv * sizeof(float));
     bool   ok = lr && coopt_ctx_init(m, &cp, &r) == COOPT_OK && coopt_ctx_init(m, &cp, &g) == COOPT_OK &&
-              coopt_sampler_init(&sp, nv, &smp) == COOPT_OK;
-    const char *kn = coopt_dtype_name(kvt);
+              coopt_sampler_init(&sp, nv, &smp) == COOPT_OK && coopt_sampler_init(&sp, nv, &gsmp) == COOPT_OK;
+    const char *kn = sampled ? (kvt == COOPT_DTYPE_F32 ? "f32 (sampled)" : kvt == COOPT_DTYPE_F16 ? "f16 (sampled)" : "fp8 (sampled)")
+                             : coopt_dtype_name(kvt);
     int32_t     prompt[GEN_P], ref[GEN_N + 1], s = -1, fed = -1;
+    uint64_t    rng_after[GEN_N + 1][4]; // the host loop's random state after drawing ref[i]
+    int         n_distinct = 0;          // (sampled) draws that are not the argmax: the test sees real draws
+    if (ok && !coopt_sampler_chainable(gsmp)) {
+        test_fail(t, __FILE__, __LINE__, "%s KV: the sampler is not chainable", kn);
+        ok = false;
+    }
     uint64_t    rng = 77;
     for (int i = 0; i < GEN_P; i++) prompt[i] = (int32_t)(test_rand_u64(&rng) % (uint64_t)nv);
     if (!ok) test_fail(t, __FILE__, __LINE__, "%s KV: context or sampler init failed", kn);
@@ -82,8 +108,21 @@ static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enu
     if (ok) ok = coopt_seq_new(r, &s) == COOPT_OK && gen_feed(r, s, prompt, GEN_P) == COOPT_OK;
     for (int i = 0; i <= GEN_N && ok; i++) {
         ok     = (i == 0 || gen_feed(r, s, ref + i - 1, 1) == COOPT_OK) && coopt_ctx_logits(r, i ? 0 : GEN_P - 1);
-        ref[i] = ok ? coopt_sampler_sample(smp, coopt_ctx_logits(r, i ? 0 : GEN_P - 1)) : -1;
+        const float *l = ok ? coopt_ctx_logits(r, i ? 0 : GEN_P - 1) : NULL;
+        ref[i]         = ok ? coopt_sampler_sample(smp, l) : -1;
+        coopt_sampler_get_rng(smp, rng_after[i]);
+        if (ok) {
+            int32_t am = 0;
+            for (int32_t j = 1; j < nv; j++) am = l[j] > l[am] ? j : am;
+            n_distinct += ref[i] != am;
+        }
     }
+    if (ok && sampled && n_distinct < 3) {
+        test_fail(t, __FILE__, __LINE__, "%s KV: only %d of %d draws differ from the argmax", kn, n_distinct, GEN_N + 1);
+        ok = false;
+    }
+    uint64_t rng0[4]; // the generation's sampler has drawn ref[0] (as coopt run does before generating)
+    memcpy(rng0, rng_after[0], sizeof(rng0));
     if (s >= 0) coopt_seq_free(r, s), s = -1;
     if (!ok) test_fail(t, __FILE__, __LINE__, "%s KV: reference decode failed", kn);
 
@@ -91,7 +130,9 @@ static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enu
     // continues the sequence exactly as the host loop's
     struct gen_rec rec = {.stop_after = -1};
     if (ok) ok = coopt_seq_new(g, &s) == COOPT_OK && gen_feed(g, s, prompt, GEN_P) == COOPT_OK;
-    enum coopt_status st = ok ? coopt_ctx_generate(g, s, ref[0], GEN_N, gen_rec_fn, &rec, &fed) : COOPT_ERR_INVALID;
+    coopt_sampler_set_rng(gsmp, rng0);
+    enum coopt_status st = ok ? coopt_ctx_generate(g, s, ref[0], GEN_N, sampled ? gsmp : NULL, gen_rec_fn, &rec, &fed)
+                              : COOPT_ERR_INVALID;
     if (ok && (st != COOPT_OK || fed != GEN_N || rec.n != GEN_N - 1 || coopt_seq_len(g, s) != GEN_P + GEN_N ||
                coopt_ctx_logits(g, 0) != NULL)) {
         test_fail(t, __FILE__, __LINE__, "%s KV: generate: %s, %d fed, %d reported, length %d (want ok, %d, %d, %d, no logits)",
@@ -104,6 +145,7 @@ static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enu
                       ref[i + 1]);
             ok = false;
         }
+    if (ok) ok = gen_rng_is(t, gsmp, sampled ? rng_after[GEN_N - 1] : rng0, "full", kn);
     if (ok) ok = gen_feed(g, s, ref + GEN_N, 1) == COOPT_OK && coopt_ctx_logits(g, 0) &&
                  gen_ref_logits(r, prompt, ref, GEN_N + 1, nv, lr);
     if (ok && memcmp(coopt_ctx_logits(g, 0), lr, (size_t)nv * sizeof(float)) != 0) {
@@ -120,11 +162,16 @@ static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enu
         int k = ks[q];
         rec   = (struct gen_rec){.stop_after = k, .rejected = -1};
         ok    = coopt_seq_new(g, &s) == COOPT_OK && gen_feed(g, s, prompt, GEN_P) == COOPT_OK;
-        st    = ok ? coopt_ctx_generate(g, s, ref[0], GEN_N, gen_rec_fn, &rec, &fed) : COOPT_ERR_INVALID;
+        coopt_sampler_set_rng(gsmp, rng0);
+        st = ok ? coopt_ctx_generate(g, s, ref[0], GEN_N, sampled ? gsmp : NULL, gen_rec_fn, &rec, &fed) : COOPT_ERR_INVALID;
         if (!ok || st != COOPT_OK || fed != k + 1 || rec.n != k || rec.rejected != ref[k + 1] ||
             coopt_seq_len(g, s) != GEN_P + k + 1) {
             test_fail(t, __FILE__, __LINE__, "%s KV, stop after %d: %s, %d fed, rejected %d (want %d), length %d", kn, k,
                       coopt_status_str(st), fed, rec.rejected, ref[k + 1], coopt_seq_len(g, s));
+            ok = false;
+            break;
+        }
+        if (!gen_rng_is(t, gsmp, sampled ? rng_after[k + 1] : rng0, "stopped", kn)) {
             ok = false;
             break;
         }
@@ -144,13 +191,14 @@ static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enu
     if (ok) ok = coopt_seq_new(g, &s) == COOPT_OK && gen_feed(g, s, prompt, GEN_P) == COOPT_OK;
     if (ok) {
         rec         = (struct gen_rec){.stop_after = -1};
-        bool args   = coopt_ctx_generate(g, 1, ref[0], 4, NULL, NULL, &fed) == COOPT_ERR_INVALID && fed == 0 && // seq 1 is not live
-                    coopt_ctx_generate(g, 9, ref[0], 4, NULL, NULL, NULL) == COOPT_ERR_INVALID &&
-                    coopt_ctx_generate(g, s, nv, 4, NULL, NULL, &fed) == COOPT_ERR_INVALID && fed == 0 &&
-                    coopt_ctx_generate(g, s, ref[0], -1, NULL, NULL, &fed) == COOPT_ERR_INVALID &&
-                    coopt_seq_len(g, s) == GEN_P && coopt_ctx_generate(g, s, ref[0], 0, gen_rec_fn, &rec, &fed) == COOPT_OK &&
+        struct coopt_sampler *q = sampled ? gsmp : NULL;
+        bool args = coopt_ctx_generate(g, 1, ref[0], 4, q, NULL, NULL, &fed) == COOPT_ERR_INVALID && fed == 0 && // seq 1 is not live
+                    coopt_ctx_generate(g, 9, ref[0], 4, q, NULL, NULL, NULL) == COOPT_ERR_INVALID &&
+                    coopt_ctx_generate(g, s, nv, 4, q, NULL, NULL, &fed) == COOPT_ERR_INVALID && fed == 0 &&
+                    coopt_ctx_generate(g, s, ref[0], -1, q, NULL, NULL, &fed) == COOPT_ERR_INVALID &&
+                    coopt_seq_len(g, s) == GEN_P && coopt_ctx_generate(g, s, ref[0], 0, q, gen_rec_fn, &rec, &fed) == COOPT_OK &&
                     fed == 0 && coopt_seq_len(g, s) == GEN_P &&
-                    coopt_ctx_generate(g, s, ref[0], 1, gen_rec_fn, &rec, &fed) == COOPT_OK && fed == 1 && rec.calls == 0 &&
+                    coopt_ctx_generate(g, s, ref[0], 1, q, gen_rec_fn, &rec, &fed) == COOPT_OK && fed == 1 && rec.calls == 0 &&
                     coopt_seq_len(g, s) == GEN_P + 1;
         if (!args) test_fail(t, __FILE__, __LINE__, "%s KV: bad arguments or limits 0 / 1 handled wrongly", kn);
         ok = args;
@@ -158,14 +206,26 @@ static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enu
     if (ok) { // GEN_P + 1 held, n_ctx - that left: CTX_FULL once the next step does not fit
         int left = cp.n_ctx - GEN_P - 1;
         rec      = (struct gen_rec){.stop_after = -1};
-        st       = coopt_ctx_generate(g, s, ref[1], 1000, gen_rec_fn, &rec, &fed);
+        st       = coopt_ctx_generate(g, s, ref[1], 1000, sampled ? gsmp : NULL, gen_rec_fn, &rec, &fed);
         if (st != COOPT_ERR_CTX_FULL || fed != left || rec.calls != left - 1 || coopt_seq_len(g, s) != cp.n_ctx) {
             test_fail(t, __FILE__, __LINE__, "%s KV: full context: %s, %d fed (want %d), %d reported, length %d", kn,
                       coopt_status_str(st), fed, left, rec.calls, coopt_seq_len(g, s));
             ok = false;
         }
     }
+    if (ok && sampled) { // a sampler whose choice needs the host: refused before anything runs
+        struct coopt_sampler_params bp = sp;
+        struct coopt_sampler       *bad = NULL;
+        bp.repeat_penalty = 1.1f;
+        int32_t len = coopt_seq_len(g, s);
+        ok = coopt_sampler_init(&bp, nv, &bad) == COOPT_OK && !coopt_sampler_chainable(bad) &&
+             coopt_ctx_generate(g, s, ref[0], 4, bad, NULL, NULL, &fed) == COOPT_ERR_INVALID && fed == 0 &&
+             coopt_seq_len(g, s) == len;
+        coopt_sampler_free(bad);
+        if (!ok) test_fail(t, __FILE__, __LINE__, "%s KV: a sampler with a repetition penalty was not refused", kn);
+    }
     coopt_sampler_free(smp);
+    coopt_sampler_free(gsmp);
     coopt_ctx_free(r);
     coopt_ctx_free(g);
     free(lr);

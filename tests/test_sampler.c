@@ -9,7 +9,10 @@
  * (another temperature) is rejected, so the tolerance is known to have power.
  */
 #include "coopt.h"
+#include "pick.h"
+#include "sampler.h"
 #include "test.h"
+#include "util.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -615,5 +618,82 @@ TEST(sampler_bench) {
                     (double)(coopt_time_us() - t0) / 1000.0, (long long)(acc & 1));
             coopt_sampler_free(s);
         }
+    }
+}
+
+// ---- the sampler's tail shared with the device (pick.h) ----
+
+// pick_expf against exp in double over its range [-86, 0] (the sampler's arguments are never
+// positive) and a little beyond: within 2 ulp of the float nearest exp(x), exactly 1 at 0,
+// exactly 0 below -86, and monotonic on a fine grid.
+TEST(pick_expf_accuracy) {
+    double worst = 0;
+    float  prev  = 0;
+    for (int64_t i = -8600000; i <= 500000; i++) {
+        const float  x = (float)i * 1e-5f, y = pick_expf(x);
+        const double e = exp((double)x), ulp = ldexp(1.0, ilogb(e) - 23);
+        if (x > -86.0f) worst = fmax(worst, fabs((double)y - e) / ulp);
+        else CHECKF(t, y == 0.0f, "pick_expf(%.7g) = %g, want 0", x, y);
+        CHECKF(t, y >= prev, "pick_expf not monotonic at %.7g", x);
+        prev = y;
+    }
+    CHECKF(t, worst <= 2.0, "pick_expf: %.2f ulp", worst);
+    CHECK(t, pick_expf(0.0f) == 1.0f && pick_expf(-0.0f) == 1.0f && pick_expf(-86.5f) == 0.0f &&
+                 pick_expf(-INFINITY) == 0.0f && pick_expf(NAN) == 0.0f && pick_expf(100.0f) == INFINITY);
+}
+
+// coopt_pick_row (what the CPU backend's sample op runs, and the device must match) draws what
+// coopt_sampler_sample draws from the same state, with the random state advanced alike; and
+// coopt_sampler_pick_state refuses the samplers it cannot serve.
+TEST(sampler_pick_row) {
+    uint64_t      s    = 5;
+    const int32_t ns[] = {100, 512, 4097, 32000};
+    for (size_t a = 0; a < COOPT_ARRAY_LEN(ns); a++) {
+        const int32_t n = ns[a];
+        float        *x = test_rand_array(&s, (size_t)n, -8, 8);
+        for (int32_t i = 0; i < n; i += 11) x[i] = i % 2 ? NAN : -INFINITY;
+        x[n / 2] = x[n / 2 + 1]; // a tie
+        for (int q = 0; q < 4; q++) {
+            struct coopt_sampler_params sp = coopt_sampler_default_params();
+            sp.seed = 77 + (uint64_t)q, sp.temp = q == 1 ? 0.2f : 3.0f, sp.top_k = q == 2 ? 64 : q == 3 ? 1 : 40;
+            sp.top_p = q == 3 ? 1.0f : 0.9f, sp.min_p = q == 0 ? 0.05f : 0.0f;
+            struct coopt_sampler *smp = NULL;
+            struct pick_state     ps;
+            if (coopt_sampler_init(&sp, n, &smp) != COOPT_OK || !coopt_sampler_pick_state(smp, &ps)) {
+                coopt_sampler_free(smp), free(x);
+                CHECKF(t, false, "n %d params %d: not chainable", n, q);
+            }
+            for (int d = 0; d < 20; d++) {
+                const int32_t want = coopt_sampler_sample(smp, x), got = coopt_pick_row(x, n, &ps);
+                uint64_t      rng[4];
+                coopt_sampler_get_rng(smp, rng);
+                if (got != want || memcmp(rng, ps.rng, sizeof(rng))) {
+                    coopt_sampler_free(smp), free(x);
+                    CHECKF(t, false, "n %d params %d draw %d: pick_row %d, sampler %d (or the random state differs)", n,
+                           q, d, got, want);
+                }
+            }
+            coopt_sampler_free(smp);
+        }
+        free(x);
+    }
+    // refusals: greedy, a penalty, top_k 0 / 65, a vocabulary too large for top_k 64 (65 segments)
+    struct {
+        float   temp, pen;
+        int32_t k, n;
+        bool    ok;
+    } const cases[] = {{0.8f, 1.0f, 40, 32000, true},     {0.0f, 1.0f, 40, 32000, false}, {0.8f, 1.1f, 40, 32000, false},
+                       {0.8f, 1.0f, 0, 32000, false},     {0.8f, 1.0f, 65, 32000, false}, {0.8f, 1.0f, 64, 262144, true},
+                       {0.8f, 1.0f, 64, 262145, false},   {0.8f, 1.0f, 40, 262145, true}};
+    for (size_t i = 0; i < COOPT_ARRAY_LEN(cases); i++) {
+        struct coopt_sampler_params sp = coopt_sampler_default_params();
+        sp.temp = cases[i].temp, sp.repeat_penalty = cases[i].pen, sp.top_k = cases[i].k;
+        struct coopt_sampler *smp = NULL;
+        struct pick_state     ps;
+        CHECK(t, coopt_sampler_init(&sp, cases[i].n, &smp) == COOPT_OK);
+        const bool got = coopt_sampler_pick_state(smp, &ps), chain = coopt_sampler_chainable(smp);
+        coopt_sampler_free(smp);
+        CHECKF(t, got == cases[i].ok && chain == (cases[i].ok || cases[i].temp == 0.0f),
+               "case %zu: pick_state %d (want %d), chainable %d", i, got, cases[i].ok, chain);
     }
 }

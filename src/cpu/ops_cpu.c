@@ -273,6 +273,7 @@ const struct coopt_ops coopt_cpu_fast_ops = {
     .add             = add_fast,
     .get_rows        = get_rows_fast,
     .argmax          = cpu_argmax,
+    .sample          = cpu_sample,
     .matmul_multi    = cpu_matmul_multi,
     .matmul_swiglu   = cpu_matmul_swiglu,
     .matmul_add      = cpu_matmul_add,

@@ -11,6 +11,7 @@
 
 #include "dtype.h"
 #include "gptq.h"
+#include "sampler.h"
 #include "util.h"
 
 #include <math.h>
@@ -345,6 +346,17 @@ static void get_rows_ref(struct coopt_backend *be, float *out, const float *x, c
         memmove(out + (size_t)j * dim, x + (size_t)rows[j] * dim, (size_t)dim * sizeof(float));
 }
 
+// The host sampler's own code (coopt_pick_row), so the two agree by construction.
+void cpu_sample(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n, struct pick_state *ps) {
+    (void)be;
+    const int32_t t = coopt_pick_row(x, n, ps);
+    out[0]          = t;
+    if (out_host) {
+        memcpy(out_host, &t, sizeof(t));
+        memcpy((uint8_t *)out_host + 8, ps->rng, sizeof(ps->rng));
+    }
+}
+
 void cpu_argmax(struct coopt_backend *be, int32_t *out, int32_t *out_host, const float *x, int32_t n_rows, int32_t n) {
     (void)be;
     for (int32_t r = 0; r < n_rows; r++) {
@@ -375,6 +387,7 @@ const struct coopt_ops coopt_cpu_ref_ops = {
     .add             = add_ref,
     .get_rows        = get_rows_ref,
     .argmax          = cpu_argmax,
+    .sample          = cpu_sample,
     .kv_pool_init    = cpu_kv_pool_init,
     .kv_pool_free    = cpu_kv_pool_free,
     .kv_pool_release = cpu_kv_pool_release,

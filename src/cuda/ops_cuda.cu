@@ -12,6 +12,7 @@
  */
 #include "cuda/common.cuh"
 #include "cuda/gptq_dev.h"
+#include "pick.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -327,6 +328,154 @@ static void cuda_argmax(struct coopt_backend *be, int32_t *out, int32_t *out_hos
     CUDA_CHECK_LAUNCH();
 }
 
+// ---- sample (pick.h) ----
+//
+// The token coopt_sampler_sample draws (cpu_sample's), for sampled generation chained on the
+// device. Grid: one block of PICK_THREADS per PICK_SEG-logit segment of the row. Each block turns
+// its segment into 64-bit keys in shared memory -- the float's order key in the high half (-0 as
+// +0; NaN and -inf as 0: never candidates), ~id in the low half, so the keys are distinct and
+// their order is the sampler's candidate order (logit descending, id ascending) -- finds its k-th
+// largest key by a radix select (pick_threshold) and writes its (up to) k keys to the segment's
+// slots of the scratch. The last block to finish (a counter in the block, which that block resets)
+// selects the k largest of all the segments' keys the same way, sorts them by rank, reads each
+// one's logit back from x (bit for bit, -0 included), and one thread runs pick_sorted with the
+// state's random stream, writes the state back and stores the token (and, over the bus, the token
+// and the state into out_host). A decode step's logits were just written by the LM head and come
+// from L2; 32 segments of llama3's 128256.
+#define PICK_THREADS 512
+
+__device__ __forceinline__ uint64_t pick_key(float v, int32_t i) {
+    uint32_t b = __float_as_uint(v);
+    if (v != v || v == -INFINITY) return 0;
+    if (b == 0x80000000u) b = 0;
+    const uint32_t u = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return (uint64_t)u << 32 | (uint64_t)(~(uint32_t)i);
+}
+
+// The largest T such that exactly min(k, z) of the nonzero keys of keys[0, m) are >= T (z: how
+// many are nonzero; T = 1 when z <= k). Radix select over 8-bit digits from the top: a histogram
+// of the digit among the keys that share the digits fixed so far, then the bin holding the k-th;
+// it stops as soon as that bin holds exactly the ones still needed (after the logit's 32 bits at
+// the latest unless logits tie). Every thread of the block calls it and gets the same T.
+__device__ uint64_t pick_threshold(const uint64_t *keys, int32_t m, int32_t k, uint32_t *hist, uint64_t *bcast) {
+    uint64_t prefix = 0; // the digits above `shift` fixed so far
+    uint32_t need   = (uint32_t)k;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int i = (int)threadIdx.x; i < 256; i += PICK_THREADS) hist[i] = 0;
+        __syncthreads();
+        // every lane of a warp runs the same iterations; lanes with the same digit add once (the
+        // first digits of a row's logits take a handful of values: one atomic each would serialize)
+        for (int32_t i0 = 0; i0 < m; i0 += PICK_THREADS) {
+            const int32_t  i   = i0 + (int32_t)threadIdx.x;
+            const uint64_t key = i < m ? keys[i] : 0;
+            const uint32_t d   = key != 0 && (shift == 56 || (key >> (shift + 8)) == prefix)
+                                     ? (uint32_t)(key >> shift) & 255u : 256u;
+            const uint32_t peers = __match_any_sync(0xffffffffu, d);
+            if (d != 256u && (threadIdx.x & 31) == (uint32_t)(__ffs(peers) - 1)) atomicAdd(&hist[d], (uint32_t)__popc(peers));
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) { // lane l holds bins 255 - 8l - j, j = 0..7: descending order
+            const int lane = (int)threadIdx.x;
+            uint32_t  h[8], s = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) s += h[j] = hist[255 - 8 * lane - j];
+            uint32_t incl = s;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const uint32_t t = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += t;
+            }
+            const uint32_t total = __shfl_sync(0xffffffffu, incl, 31), excl = incl - s;
+            if (total < need) { // (first digit only) fewer nonzero keys than k: all of them
+                if (lane == 0) bcast[0] = 0, bcast[1] = 1; // "done" with nothing left: T = 1
+            } else if (excl < need && need <= incl) {
+                uint32_t above = excl;
+                int      j     = 0;
+                while (above + h[j] < need) above += h[j++];
+                const uint32_t left = need - above;
+                bcast[0]            = prefix << 8 | (uint64_t)(255 - 8 * lane - j);
+                bcast[1]            = (uint64_t)left << 1 | (h[j] == left ? 1u : 0u);
+            }
+        }
+        __syncthreads();
+        const uint64_t p = bcast[0], f = bcast[1];
+        __syncthreads(); // bcast is written again only after this
+        prefix = p, need = (uint32_t)(f >> 1); // (at least 1 unless all are taken)
+        if (f & 1) return need == 0 ? 1 : prefix << shift;
+    }
+    return prefix;
+}
+
+__global__ void __launch_bounds__(PICK_THREADS)
+    pick_kernel(int32_t *out, uint8_t *out_host, const float *__restrict__ x, int32_t n, uint8_t *blk) {
+    __shared__ uint64_t keys[PICK_SEG];
+    __shared__ uint64_t fin[PICK_MAX_K], sorted[PICK_MAX_K], bcast[2];
+    __shared__ uint32_t hist[256];
+    __shared__ int32_t  cnt;
+    __shared__ bool     last;
+    struct pick_state *ps      = (struct pick_state *)blk;
+    uint32_t          *counter = (uint32_t *)(blk + PICK_COUNTER_OFF);
+    uint64_t          *cands   = (uint64_t *)(blk + PICK_CANDS_OFF);
+    const int32_t      k       = min(max(ps->p.top_k, 1), PICK_MAX_K);
+    const int32_t      tid = (int32_t)threadIdx.x, seg0 = (int32_t)blockIdx.x * PICK_SEG, m = min(PICK_SEG, n - seg0);
+
+    for (int32_t i = tid; i < m; i += PICK_THREADS) keys[i] = pick_key(x[seg0 + i], seg0 + i);
+    if (tid == 0) cnt = 0;
+    __syncthreads();
+    uint64_t  t    = pick_threshold(keys, m, k, hist, bcast);
+    uint64_t *mine = cands + (size_t)blockIdx.x * PICK_MAX_K;
+    for (int32_t i = tid; i < m; i += PICK_THREADS)
+        if (keys[i] != 0 && keys[i] >= t) mine[atomicAdd(&cnt, 1)] = keys[i];
+    __syncthreads();
+    for (int32_t i = cnt + tid; i < k; i += PICK_THREADS) mine[i] = 0; // fewer than k: empty slots
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+
+    // the last block: the k largest of every segment's, sorted, then the draw
+    __threadfence();
+    const int32_t m2 = (int32_t)gridDim.x * k; // <= PICK_SEG (coopt_sampler_pick_state)
+    for (int32_t i = tid; i < m2; i += PICK_THREADS) keys[i] = __ldcg(cands + (size_t)(i / k) * PICK_MAX_K + i % k);
+    if (tid == 0) cnt = 0;
+    __syncthreads();
+    t = pick_threshold(keys, m2, k, hist, bcast);
+    for (int32_t i = tid; i < m2; i += PICK_THREADS)
+        if (keys[i] != 0 && keys[i] >= t) fin[atomicAdd(&cnt, 1)] = keys[i];
+    __syncthreads();
+    const int32_t nf = cnt;
+    if (tid < nf) { // distinct keys: the rank is the position
+        int32_t r = 0;
+        for (int32_t j = 0; j < nf; j++) r += fin[j] > fin[tid];
+        sorted[r] = fin[tid];
+    }
+    __syncthreads();
+    if (tid == 0) {
+        float              l[PICK_MAX_K], w[PICK_MAX_K];
+        int32_t            id[PICK_MAX_K];
+        uint64_t           rng[4] = {ps->rng[0], ps->rng[1], ps->rng[2], ps->rng[3]};
+        struct pick_params pp     = ps->p;
+        for (int32_t i = 0; i < nf; i++) id[i] = (int32_t)~(uint32_t)sorted[i], l[i] = x[id[i]];
+        const int32_t tok = nf > 0 ? pick_sorted(l, id, w, nf, &pp, rng) : 0;
+        for (int j = 0; j < 4; j++) ps->rng[j] = rng[j];
+        out[0] = tok;
+        if (out_host) { // over the bus (mapped, UVA)
+            *(int32_t *)out_host = tok;
+            for (int j = 0; j < 4; j++) ((uint64_t *)(out_host + 8))[j] = rng[j];
+        }
+        *counter = 0;
+    }
+}
+
+static void cuda_sample(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n,
+                        struct pick_state *ps) {
+    if (n <= 0) return;
+    pick_kernel<<<(n + PICK_SEG - 1) / PICK_SEG, PICK_THREADS, 0, cuda_impl(be)->stream>>>(out, (uint8_t *)out_host, x, n,
+                                                                                         (uint8_t *)ps);
+    CUDA_CHECK_LAUNCH();
+}
+
 // ---- model upload ----
 //
 // The device model is a struct coopt_model whose weight pointers are device copies; it lives
@@ -554,6 +703,7 @@ static const struct coopt_ops cuda_ops = {
     .add             = cuda_add,
     .get_rows        = cuda_get_rows,
     .argmax          = cuda_argmax,
+    .sample          = cuda_sample,
     .matmul_multi    = cuda_matmul_multi,
     .matmul_swiglu   = cuda_matmul_swiglu,
     .matmul_add      = cuda_matmul_add,

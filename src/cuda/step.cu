@@ -55,7 +55,7 @@
 #define STEP_TIMING_RING 4
 
 struct step_key {
-    const void *pool, *tokens, *next_tokens, *next_tokens_host;
+    const void *pool, *tokens, *next_tokens, *next_tokens_host, *pick;
     int64_t     attn_bound;
     int32_t     n_tokens, n_seqs, n_out, max_blocks, window, kv_dtype, no_seq_start;
     uint32_t    kernels; // cuda_gptq_config_epoch(): a process-wide kernel choice changed since
@@ -116,6 +116,7 @@ static struct step_key step_key_make(const struct coopt_kv_cache *kv, const stru
     k.tokens     = b->tokens;
     k.next_tokens = b->next_tokens;
     k.next_tokens_host = b->next_tokens_host;
+    k.pick       = b->pick;
     k.attn_bound = cuda_attn_bound(kv, b);
     k.n_tokens   = b->n_tokens;
     k.n_seqs     = b->n_seqs;
@@ -360,6 +361,12 @@ static void p_argmax(struct coopt_backend *be, int32_t *out, int32_t *oh, const 
     BASE(be)->argmax(be, out, oh, x, rows, n);
     prof_post(be, 0, "argmax r%d", rows);
 }
+static void p_sample(struct coopt_backend *be, int32_t *out, void *oh, const float *x, int32_t n,
+                     struct pick_state *ps) {
+    prof_pre(be);
+    BASE(be)->sample(be, out, oh, x, n, ps);
+    prof_post(be, 0, "sample");
+}
 static void p_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
                            const struct coopt_weight *const *ws, int32_t rows) {
     prof_pre(be);
@@ -494,7 +501,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         o->upload = p_upload, o->download = p_download, o->sync = p_sync, o->embed = p_embed;
         o->rmsnorm = p_rmsnorm, o->matmul = p_matmul, o->rope = p_rope, o->rope_store = p_rope_store;
         o->attention = p_attention, o->silu_mul = p_silu_mul, o->add = p_add, o->get_rows = p_get_rows;
-        o->argmax = p_argmax;
+        o->argmax = p_argmax, o->sample = p_sample;
         if (o->matmul_multi) o->matmul_multi = p_matmul_multi;
         if (o->matmul_swiglu) o->matmul_swiglu = p_matmul_swiglu;
         if (o->matmul_add) o->matmul_add = p_matmul_add;
