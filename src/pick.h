@@ -100,13 +100,24 @@ PICK_FN float pick_expf(float x) {
     return y * s;
 }
 
-// The draw over n >= 1 candidates sorted as above (logit[i], id[i]); w is scratch for n floats.
+// The two weights of candidate i, each a function of its logit and the largest (logit[0]) only,
+// so they can be computed in any order (on the device, one thread each): wp[i] for top-p, the
+// softmax at temperature 1, and wt[i] for the draw, at the temperature (1 where the largest is
+// +inf: the +inf logits share the mass).
+PICK_FN void pick_weights(const float *logit, int32_t i, const struct pick_params *p, float *wp, float *wt) {
+    const float max_l = logit[0];
+    wp[i]             = pick_expf(logit[i] - max_l);
+    wt[i]             = isinf(max_l) ? 1.0f : pick_expf((logit[i] - max_l) * p->inv_temp);
+}
+
+// The draw over n >= 1 candidates sorted as above (logit[i], id[i]) with their pick_weights.
 // top-p keeps the shortest prefix whose softmax mass at temperature 1 reaches top_p, min-p the
 // candidates with logit >= max + log(min_p) (each keeps at least one); then a draw from the
 // softmax at the temperature, one value of the stream, and only where more than one is left.
-// +inf logits take all the mass (top-p and min-p do not apply): a uniform draw among them.
-PICK_FN int32_t pick_sorted(const float *logit, const int32_t *id, float *w, int32_t n, const struct pick_params *p,
-                            uint64_t rng[4]) {
+// +inf logits take all the mass (top-p and min-p do not apply): a uniform draw among them. The
+// sums are in double, in candidate order.
+PICK_FN int32_t pick_sorted_w(const float *logit, const int32_t *id, const float *wp, const float *wt, int32_t n,
+                              const struct pick_params *p, uint64_t rng[4]) {
     const float max_l = logit[0];
     const bool  inf   = isinf(max_l);
     if (inf) {
@@ -116,16 +127,13 @@ PICK_FN int32_t pick_sorted(const float *logit, const int32_t *id, float *w, int
     }
     if (p->top_p < 1.0f && n > 1 && !inf) {
         double sum = 0;
-        for (int32_t i = 0; i < n; i++) {
-            w[i] = pick_expf(logit[i] - max_l);
-            sum += (double)w[i];
-        }
+        for (int32_t i = 0; i < n; i++) sum += (double)wp[i];
         const double target = (double)p->top_p * sum;
         int32_t      m      = 1;
         if (target > 0) {
             double acc = 0;
             for (m = 0; m < n;) {
-                acc += (double)w[m++];
+                acc += (double)wp[m++];
                 if (acc >= target) break;
             }
         }
@@ -139,19 +147,23 @@ PICK_FN int32_t pick_sorted(const float *logit, const int32_t *id, float *w, int
     }
     if (n == 1) return id[0];
     double sum = 0;
-    for (int32_t i = 0; i < n; i++) {
-        w[i] = inf ? 1.0f : pick_expf((logit[i] - max_l) * p->inv_temp);
-        sum += (double)w[i];
-    }
+    for (int32_t i = 0; i < n; i++) sum += (double)wt[i];
     const double u   = pick_uniform(rng) * sum;
     double       cum = 0;
     for (int32_t i = 0; i < n; i++) {
-        cum += (double)w[i];
+        cum += (double)wt[i];
         if (u < cum) return id[i];
     }
     for (int32_t i = n - 1; i > 0; i--) // rounding left u just past the total: the last with weight
-        if (w[i] > 0) return id[i];
+        if (wt[i] > 0) return id[i];
     return id[0];
+}
+
+// pick_sorted_w with the weights computed here; w: scratch for 2n floats.
+PICK_FN int32_t pick_sorted(const float *logit, const int32_t *id, float *w, int32_t n, const struct pick_params *p,
+                            uint64_t rng[4]) {
+    for (int32_t i = 0; i < n; i++) pick_weights(logit, i, p, w, w + n);
+    return pick_sorted_w(logit, id, w, w + n, n, p, rng);
 }
 
 #endif // COOPT_PICK_H

@@ -263,7 +263,7 @@ static struct pick_params pick_params_of(const struct coopt_sampler_params *sp) 
 // The tail of the chain (pick.h) over n <= PICK_MAX_K sorted candidates; 0 when there are none.
 static int32_t pick_cands(const struct sampler_cand *c, int64_t n, const struct coopt_sampler_params *sp,
                           uint64_t rng[4]) {
-    float              l[PICK_MAX_K], w[PICK_MAX_K];
+    float              l[PICK_MAX_K], w[2 * PICK_MAX_K];
     int32_t            id[PICK_MAX_K];
     struct pick_params pp = pick_params_of(sp);
     if (n == 0) return 0; // nothing is possible: every logit is -inf or NaN
@@ -494,7 +494,7 @@ void coopt_sampler_get_rng(const struct coopt_sampler *s, uint64_t rng[4]) { mem
 
 int32_t coopt_pick_row(const float *x, int32_t n, struct pick_state *ps) {
     struct sampler_cand c[PICK_MAX_K];
-    float               l[PICK_MAX_K], w[PICK_MAX_K];
+    float               l[PICK_MAX_K], w[2 * PICK_MAX_K];
     int32_t             id[PICK_MAX_K];
     const int64_t       k = topk_scan(x, n, ps->p.top_k, c);
     if (k == 0) return 0;

@@ -87,8 +87,15 @@ TEST(cli_bench_table) {
     snprintf(args, sizeof(args), "bench -m '%s' -p 0 -n 8 -r 1 -t 1 --tg host", test_model_path("stories260K.gguf"));
     CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
     CHECKF(t, strstr(out, "| tg8-host |"), "%s", out);
+    // the two sampled forms
+    snprintf(args, sizeof(args), "bench -m '%s' -p 0 -n 8 -r 1 -t 1 --tg sample", test_model_path("stories260K.gguf"));
+    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
+    CHECKF(t, strstr(out, "| tg8-sample |"), "%s", out);
+    snprintf(args, sizeof(args), "bench -m '%s' -p 0 -n 8 -r 1 -t 1 --tg sample-host", test_model_path("stories260K.gguf"));
+    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
+    CHECKF(t, strstr(out, "| tg8-sample-host |"), "%s", out);
     CHECK(t, run_cli("bench -m x --tg gpu", out, sizeof(out)) == 1);
-    CHECKF(t, strstr(out, "--tg: expected device or host"), "%s", out);
+    CHECKF(t, strstr(out, "--tg: expected device, host, sample or sample-host"), "%s", out);
 }
 
 TEST(cli_errors) {

@@ -356,13 +356,14 @@ __device__ __forceinline__ uint64_t pick_key(float v, int32_t i) {
 // many are nonzero; T = 1 when z <= k). Radix select over 8-bit digits from the top: a histogram
 // of the digit among the keys that share the digits fixed so far, then the bin holding the k-th;
 // it stops as soon as that bin holds exactly the ones still needed (after the logit's 32 bits at
-// the latest unless logits tie). Every thread of the block calls it and gets the same T.
-__device__ uint64_t pick_threshold(const uint64_t *keys, int32_t m, int32_t k, uint32_t *hist, uint64_t *bcast) {
+// the latest unless logits tie). Every thread of the block calls it and gets the same T. Two
+// histograms and two broadcast slots in turn, so a digit costs two barriers: hist[0] must be
+// zero on entry (the caller clears it before a barrier); it is left nonzero.
+__device__ uint64_t pick_threshold(const uint64_t *keys, int32_t m, int32_t k, uint32_t (*hist)[256],
+                                   uint64_t (*bcast)[2]) {
     uint64_t prefix = 0; // the digits above `shift` fixed so far
     uint32_t need   = (uint32_t)k;
-    for (int shift = 56; shift >= 0; shift -= 8) {
-        for (int i = (int)threadIdx.x; i < 256; i += PICK_THREADS) hist[i] = 0;
-        __syncthreads();
+    for (int shift = 56, b = 0; shift >= 0; shift -= 8, b ^= 1) {
         // every lane of a warp runs the same iterations; lanes with the same digit add once (the
         // first digits of a row's logits take a handful of values: one atomic each would serialize)
         for (int32_t i0 = 0; i0 < m; i0 += PICK_THREADS) {
@@ -371,14 +372,15 @@ __device__ uint64_t pick_threshold(const uint64_t *keys, int32_t m, int32_t k, u
             const uint32_t d   = key != 0 && (shift == 56 || (key >> (shift + 8)) == prefix)
                                      ? (uint32_t)(key >> shift) & 255u : 256u;
             const uint32_t peers = __match_any_sync(0xffffffffu, d);
-            if (d != 256u && (threadIdx.x & 31) == (uint32_t)(__ffs(peers) - 1)) atomicAdd(&hist[d], (uint32_t)__popc(peers));
+            if (d != 256u && (threadIdx.x & 31) == (uint32_t)(__ffs(peers) - 1))
+                atomicAdd(&hist[b][d], (uint32_t)__popc(peers));
         }
         __syncthreads();
         if (threadIdx.x < 32) { // lane l holds bins 255 - 8l - j, j = 0..7: descending order
             const int lane = (int)threadIdx.x;
             uint32_t  h[8], s = 0;
 #pragma unroll
-            for (int j = 0; j < 8; j++) s += h[j] = hist[255 - 8 * lane - j];
+            for (int j = 0; j < 8; j++) s += h[j] = hist[b][255 - 8 * lane - j];
             uint32_t incl = s;
 #pragma unroll
             for (int o = 1; o < 32; o <<= 1) {
@@ -387,19 +389,20 @@ __device__ uint64_t pick_threshold(const uint64_t *keys, int32_t m, int32_t k, u
             }
             const uint32_t total = __shfl_sync(0xffffffffu, incl, 31), excl = incl - s;
             if (total < need) { // (first digit only) fewer nonzero keys than k: all of them
-                if (lane == 0) bcast[0] = 0, bcast[1] = 1; // "done" with nothing left: T = 1
+                if (lane == 0) bcast[b][0] = 0, bcast[b][1] = 1; // "done" with nothing left: T = 1
             } else if (excl < need && need <= incl) {
                 uint32_t above = excl;
                 int      j     = 0;
                 while (above + h[j] < need) above += h[j++];
                 const uint32_t left = need - above;
-                bcast[0]            = prefix << 8 | (uint64_t)(255 - 8 * lane - j);
-                bcast[1]            = (uint64_t)left << 1 | (h[j] == left ? 1u : 0u);
+                bcast[b][0]         = prefix << 8 | (uint64_t)(255 - 8 * lane - j);
+                bcast[b][1]         = (uint64_t)left << 1 | (h[j] == left ? 1u : 0u);
             }
+        } else {
+            for (int i = (int)threadIdx.x - 32; i < 256; i += PICK_THREADS - 32) hist[b ^ 1][i] = 0; // the next digit's
         }
         __syncthreads();
-        const uint64_t p = bcast[0], f = bcast[1];
-        __syncthreads(); // bcast is written again only after this
+        const uint64_t p = bcast[b][0], f = bcast[b][1];
         prefix = p, need = (uint32_t)(f >> 1); // (at least 1 unless all are taken)
         if (f & 1) return need == 0 ? 1 : prefix << shift;
     }
@@ -409,8 +412,10 @@ __device__ uint64_t pick_threshold(const uint64_t *keys, int32_t m, int32_t k, u
 __global__ void __launch_bounds__(PICK_THREADS)
     pick_kernel(int32_t *out, uint8_t *out_host, const float *__restrict__ x, int32_t n, uint8_t *blk) {
     __shared__ uint64_t keys[PICK_SEG];
-    __shared__ uint64_t fin[PICK_MAX_K], sorted[PICK_MAX_K], bcast[2];
-    __shared__ uint32_t hist[256];
+    __shared__ uint64_t fin[PICK_MAX_K], bcast[2][2];
+    __shared__ uint32_t hist[2][256];
+    __shared__ float    sl[PICK_MAX_K], wp[PICK_MAX_K], wt[PICK_MAX_K];
+    __shared__ int32_t  sid[PICK_MAX_K];
     __shared__ int32_t  cnt;
     __shared__ bool     last;
     struct pick_state *ps      = (struct pick_state *)blk;
@@ -420,6 +425,7 @@ __global__ void __launch_bounds__(PICK_THREADS)
     const int32_t      tid = (int32_t)threadIdx.x, seg0 = (int32_t)blockIdx.x * PICK_SEG, m = min(PICK_SEG, n - seg0);
 
     for (int32_t i = tid; i < m; i += PICK_THREADS) keys[i] = pick_key(x[seg0 + i], seg0 + i);
+    if (tid < 256) hist[0][tid] = 0;
     if (tid == 0) cnt = 0;
     __syncthreads();
     uint64_t  t    = pick_threshold(keys, m, k, hist, bcast);
@@ -438,6 +444,7 @@ __global__ void __launch_bounds__(PICK_THREADS)
     __threadfence();
     const int32_t m2 = (int32_t)gridDim.x * k; // <= PICK_SEG (coopt_sampler_pick_state)
     for (int32_t i = tid; i < m2; i += PICK_THREADS) keys[i] = __ldcg(cands + (size_t)(i / k) * PICK_MAX_K + i % k);
+    if (tid < 256) hist[0][tid] = 0;
     if (tid == 0) cnt = 0;
     __syncthreads();
     t = pick_threshold(keys, m2, k, hist, bcast);
@@ -445,19 +452,19 @@ __global__ void __launch_bounds__(PICK_THREADS)
         if (keys[i] != 0 && keys[i] >= t) fin[atomicAdd(&cnt, 1)] = keys[i];
     __syncthreads();
     const int32_t nf = cnt;
-    if (tid < nf) { // distinct keys: the rank is the position
+    if (tid < nf) { // distinct keys: the rank is the position; the logit bit for bit from x
         int32_t r = 0;
         for (int32_t j = 0; j < nf; j++) r += fin[j] > fin[tid];
-        sorted[r] = fin[tid];
+        sid[r] = (int32_t)~(uint32_t)fin[tid];
+        sl[r]  = x[sid[r]];
     }
     __syncthreads();
+    struct pick_params pp = ps->p;
+    if (tid < nf) pick_weights(sl, tid, &pp, wp, wt);
+    __syncthreads();
     if (tid == 0) {
-        float              l[PICK_MAX_K], w[PICK_MAX_K];
-        int32_t            id[PICK_MAX_K];
-        uint64_t           rng[4] = {ps->rng[0], ps->rng[1], ps->rng[2], ps->rng[3]};
-        struct pick_params pp     = ps->p;
-        for (int32_t i = 0; i < nf; i++) id[i] = (int32_t)~(uint32_t)sorted[i], l[i] = x[id[i]];
-        const int32_t tok = nf > 0 ? pick_sorted(l, id, w, nf, &pp, rng) : 0;
+        uint64_t      rng[4] = {ps->rng[0], ps->rng[1], ps->rng[2], ps->rng[3]};
+        const int32_t tok    = nf > 0 ? pick_sorted_w(sl, sid, wp, wt, nf, &pp, rng) : 0;
         for (int j = 0; j < 4; j++) ps->rng[j] = rng[j];
         out[0] = tok;
         if (out_host) { // over the bus (mapped, UVA)
