@@ -214,7 +214,8 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
     if (!c->seq_add || !c->seq_bidx || !c->seq_step_cnt) goto nomem;
     for (int32_t i = 0; i < p.n_seq_max; i++) c->seq_bidx[i] = -1;
     struct coopt_backend *be = c->be;
-    c->step_bytes = step_layout_make(nb, p.n_seq_max, c->max_blocks).end;
+    // rounded up: the result area after it is 8-byte aligned (the sample op stores 64-bit words there)
+    c->step_bytes = (step_layout_make(nb, p.n_seq_max, c->max_blocks).end + 7) & ~(size_t)7;
     for (int i = 0; i < 2; i++) {
         size_t hb = c->step_bytes + STEP_RESULT_BYTES;
         if (!(c->h_step[i] = host_buf_alloc(be, hb, true, &c->h_step_backend[i]))) goto nomem;
@@ -408,6 +409,7 @@ static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in
     }
     uint8_t     *d    = c->d_step;
     const size_t from = chain && chain->token_on_device ? L.slots : 0;
+    COOPT_ASSERT(((uintptr_t)(h + c->step_bytes) & 7) == 0); // the result area (see coopt_ctx_init)
     be->ops->upload(be, d + from, h + from,
                     L.block_tables + (size_t)n_seqs * (size_t)c->max_blocks * sizeof(int32_t) - from); // one copy
     struct coopt_batch b = {
