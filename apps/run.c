@@ -23,6 +23,9 @@ static void run_usage(void) {
             "  --repeat-penalty F     (default 1.0 = off)\n"
             "  --repeat-last-n N      (default 64)\n"
             "  -s, --seed N           RNG seed (default: random)\n"
+            "  --host-sampling        copy every token's logits to the host and sample there, instead of\n"
+            "                         choosing where the logits are (the default wherever the sampler\n"
+            "                         allows: no repetition penalty, top-k 1..64 or greedy; same tokens)\n"
             "  --no-bos               do not prepend BOS\n");
     app_opts_usage();
 }
@@ -128,7 +131,7 @@ int cmd_run(int argc, char **argv) {
     struct coopt_sampler_params sp = coopt_sampler_default_params();
     const char                 *prompt = NULL, *prompt_file = NULL;
     int64_t                     n_predict = 256;
-    bool                        interactive = false, add_bos = true;
+    bool                        interactive = false, add_bos = true, host_sampling = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         int64_t     n;
@@ -149,6 +152,8 @@ int cmd_run(int argc, char **argv) {
             interactive = true;
         } else if (!strcmp(a, "--no-bos")) {
             add_bos = false;
+        } else if (!strcmp(a, "--host-sampling")) {
+            host_sampling = true;
         } else if (!strcmp(a, "--temp")) {
             if (!(v = app_next_arg(argc, argv, &i)) || !app_parse_float(a, v, 0, 100, &f)) return 1;
             sp.temp = (float)f;
@@ -209,7 +214,7 @@ int cmd_run(int argc, char **argv) {
     enum coopt_status             st;
     const struct coopt_model_info *info = coopt_model_get_info(m);
     if ((st = coopt_sampler_init(&sp, info->n_vocab, &g.smpl))) goto done;
-    g.chained = coopt_sampler_chainable(g.smpl);
+    g.chained = !host_sampling && coopt_sampler_chainable(g.smpl);
     if ((st = coopt_seq_new(ctx, &g.seq))) goto done;
     if ((st = coopt_tokenize(g.tok, prompt, strlen(prompt), (add_bos ? COOPT_TOKENIZE_ADD_BOS : 0) | COOPT_TOKENIZE_PARSE_SPECIAL,
                              &ids, &n_ids)))

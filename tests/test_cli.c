@@ -56,12 +56,39 @@ TEST(cli_run_stories_greedy) {
     CHECKF(t, strstr(out, "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."),
            "%s", out);
     CHECKF(t, strstr(out, "generation: 40 tokens"), "%s", out); // (greedy: the generation chained in the context)
-    // the same text from the host's sampler loop (a repetition penalty over no history keeps the
-    // logits, but takes generation off the chained path)
-    snprintf(args, sizeof(args), "run -m '%s' -p 'Once upon a time' -n 40 --temp 0 --repeat-penalty 1.5 --repeat-last-n 0 -t 1 --device cpu",
+    // the same text from the host's sampler loop
+    snprintf(args, sizeof(args), "run -m '%s' -p 'Once upon a time' -n 40 --temp 0 --host-sampling -t 1 --device cpu",
              test_model_path("stories260K.gguf"));
     rc = run_cli(args, out, sizeof(out));
     CHECKF(t, rc == 0 && strstr(out, "there was a little girl named Lily. She loved to play outside in the park."), "exit %d: %s", rc, out);
+}
+
+// Sampled (the defaults, a fixed seed): the draw made by the context's sample op
+// (coopt_ctx_generate) and the host sampler's loop (--host-sampling) print the same text, and
+// another seed prints another.
+TEST(cli_run_stories_sampled) {
+    NEED_BIN(t);
+    static char out[3][65536];
+    char        args[2048];
+    const char *how[3] = {"-s 7", "-s 7 --host-sampling", "-s 8"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(args, sizeof(args), "run -m '%s' -p 'Once upon a time' -n 60 %s -t 1 --device cpu",
+                 test_model_path("stories260K.gguf"), how[i]);
+        int rc = run_cli(args, out[i], sizeof(out[i]));
+        CHECKF(t, rc == 0, "%s: exit %d: %s", how[i], rc, out[i]);
+        // the text only: drop the log lines (timings differ from run to run)
+        char *w = out[i];
+        for (const char *r = out[i]; *r;) {
+            const char *e = strchr(r, '\n');
+            size_t      n = e ? (size_t)(e - r) + 1 : strlen(r);
+            if (strncmp(r, "coopt:", 6) != 0) memmove(w, r, n), w += n;
+            r += n;
+        }
+        *w = 0;
+        CHECKF(t, strlen(out[i]) > 40, "%s: %s", how[i], out[i]);
+    }
+    CHECKF(t, !strcmp(out[0], out[1]), "chained and host sampling differ:\n%s\n---\n%s", out[0], out[1]);
+    CHECKF(t, strcmp(out[0], out[2]), "seeds 7 and 8 printed the same text: %s", out[0]);
 }
 
 TEST(cli_tokenize) {
