@@ -15,7 +15,9 @@
  *     log-probs of every scored token, ~2 bytes x n_vocab each); --kl-divergence FILE re-runs the
  *     baseline's tokens and prints llama.cpp's per-chunk table and final statistics (PPL of both,
  *     ln ratio, PPL difference, mean/percentile KLD, Delta p, "Same top p").
- * Log-softmax is computed in double. Progress goes to stderr, results to stdout.
+ * Log-softmax is computed in double, the rows of a window on -t threads (default: every core; the
+ * result does not depend on the count: each row is scored alone and the sums are taken in row
+ * order). Progress goes to stderr, results to stdout.
  */
 #include "common.h"
 #include "eval.h"
@@ -59,6 +61,12 @@ struct ppl_run {
     float                 *kld_values, *p_diff_values; // [n_chunk * n_scored] (KLD mode)
     struct coopt_eval_base base;
     uint16_t              *recs; // [n_scored * rec_len] one chunk of records (save / KLD modes)
+    // one window's rows, scored in parallel (score_row)
+    int                          n_threads;
+    const int32_t               *w_src;    // the window's tokens
+    const float                **w_logits; // [n_scored]
+    double                      *w_nll;    // [n_scored]
+    struct coopt_eval_kld_token *w_kt;     // [n_scored] (KLD mode)
     bool                   save, compare;
     bool                   created; // save_path was created by this run
 };
@@ -142,6 +150,22 @@ static void kld_final(struct ppl_run *r) {
 }
 
 // Scores windows [w0, w0 + n) in one decode call. Returns 0 or 1 after printing an error.
+// Scores row j of the current window (its logits in w_logits[j]) into w_nll[j] / w_kt[j], and in
+// save mode its record: nothing shared is written.
+static void score_row(void *ud, int32_t j) {
+    struct ppl_run *r      = ud;
+    const int32_t   pos    = coopt_eval_ppl_first(r->n_ctx) + j, target = r->w_src[pos + 1];
+    const float    *logits = r->w_logits[j];
+    if (r->compare) {
+        coopt_eval_kld_token(logits, r->recs + (size_t)j * r->base.rec_len, r->n_vocab, target, &r->w_kt[j]);
+        r->w_nll[j] = r->w_kt[j].nll;
+    } else if (r->save) {
+        r->w_nll[j] = coopt_eval_lp_encode(logits, r->n_vocab, target, r->recs + (size_t)j * r->base.rec_len);
+    } else {
+        r->w_nll[j] = coopt_eval_nll(logits, r->n_vocab, target);
+    }
+}
+
 static int run_windows(struct ppl_run *r, int32_t w0, int32_t n) {
     const int32_t first = coopt_eval_ppl_first(r->n_ctx), n_scored = coopt_eval_ppl_n_scored(r->n_ctx);
     int32_t      *seqs = r->seqs;
@@ -179,29 +203,26 @@ static int run_windows(struct ppl_run *r, int32_t w0, int32_t n) {
             rc = 1;
             goto out;
         }
+        // the logits first (the first call waits for the decode), then the rows in parallel, then
+        // the sums in row order
         for (int32_t j = 0; j < n_scored; j++) {
-            int32_t      pos    = first + j;
-            const float *logits = coopt_ctx_logits(r->ctx, w * r->n_ctx + pos);
-            int32_t      target = src[pos + 1];
-            if (!logits) {
+            int32_t pos = first + j;
+            if (!(r->w_logits[j] = coopt_ctx_logits(r->ctx, w * r->n_ctx + pos))) {
                 fprintf(stderr, "coopt perplexity: no logits for chunk %d position %d\n", chunk + 1, pos);
                 rc = 1;
                 goto out;
             }
+        }
+        r->w_src = src;
+        eval_parallel_for(n_scored, r->n_threads, score_row, r);
+        for (int32_t j = 0; j < n_scored; j++) {
             if (r->compare) {
-                struct coopt_eval_kld_token kt;
-                coopt_eval_kld_token(logits, r->recs + (size_t)j * r->base.rec_len, r->n_vocab, target, &kt);
-                size_t at               = (size_t)r->kld.count;
-                r->kld_values[at]       = (float)kt.kld;
-                r->p_diff_values[at]    = (float)kt.p_diff;
-                coopt_eval_kld_add(&r->kld, &kt);
-                coopt_eval_ppl_add(&r->ppl, kt.nll);
-            } else if (r->save) {
-                coopt_eval_ppl_add(&r->ppl, coopt_eval_lp_encode(logits, r->n_vocab, target,
-                                                                 r->recs + (size_t)j * r->base.rec_len));
-            } else {
-                coopt_eval_ppl_add(&r->ppl, coopt_eval_nll(logits, r->n_vocab, target));
+                size_t at            = (size_t)r->kld.count;
+                r->kld_values[at]    = (float)r->w_kt[j].kld;
+                r->p_diff_values[at] = (float)r->w_kt[j].p_diff;
+                coopt_eval_kld_add(&r->kld, &r->w_kt[j]);
             }
+            coopt_eval_ppl_add(&r->ppl, r->w_nll[j]);
         }
         if (r->save && coopt_eval_base_write_chunk(&r->base, r->recs) != COOPT_OK) {
             rc = 1;
@@ -385,6 +406,11 @@ int cmd_perplexity(int argc, char **argv) {
         r.p_diff_values = malloc((size_t)r.n_chunk * (size_t)n_scored * sizeof(float));
         if (!r.kld_values || !r.p_diff_values) goto nomem;
     }
+    r.n_threads = eval_threads(o.n_threads);
+    r.w_logits  = malloc((size_t)n_scored * sizeof(*r.w_logits));
+    r.w_nll     = malloc((size_t)n_scored * sizeof(*r.w_nll));
+    r.w_kt      = malloc((size_t)n_scored * sizeof(*r.w_kt));
+    if (!r.w_logits || !r.w_nll || !r.w_kt) goto nomem;
     if (r.n_par > r.n_chunk) r.n_par = r.n_chunk;
     size_t nb = (size_t)r.n_par * (size_t)r.n_ctx;
     r.b_tok   = malloc(nb * sizeof(int32_t));
@@ -436,6 +462,9 @@ out:
     free(r.b_seq);
     free(r.b_want);
     free(r.recs);
+    free((void *)r.w_logits);
+    free(r.w_nll);
+    free(r.w_kt);
     free(r.kld_values);
     free(r.p_diff_values);
     free(toks);
