@@ -14,17 +14,21 @@
  *
  * Cost per call is O(n_vocab) expected, and the vocabulary is never sorted: candidates are
  * ordered by (logit descending, id ascending), a total order, so ties always resolve to the lower
- * token id. Top-k with k <= n_vocab/16 is one pass with a bounded heap; without a penalty it first
- * takes the maxima of k slices of the row (vector loads), whose smallest bounds the k-th largest
- * logit from below, and skips every 64-logit block whose maximum is under that bound, so the heap
- * sees a few hundred logits instead of the vocabulary; the k are then sorted, so the draw does
- * not depend on the order the heap saw them in (defaults, 32000 logits: 106 -> 13 us per call on
- * the development machine, 128256: 391 -> 25 us; test sampler_bench). A larger k is a
- * quickselect. Greedy without a penalty takes vector maxima of 64-logit blocks, then the first
- * index of the largest in the first block holding it. Top-p is a quickselect on mass:
- * partition around a pivot, sum the weights ahead of it, and recurse into the side that holds
- * the cut. -inf and NaN logits are never candidates. Nothing is allocated per call: the
- * buffers are sized n_vocab at init.
+ * token id. Top-k with k <= 64 or k <= n_vocab/16 is one pass with a bounded heap; without a
+ * penalty it first takes the maxima of k slices of the row (vector loads), whose smallest bounds
+ * the k-th largest logit from below, and skips every 64-logit block whose maximum is under that
+ * bound, so the heap sees a few hundred logits instead of the vocabulary; the k are then sorted,
+ * so the draw does not depend on the order the heap saw them in (defaults, 32000 logits: 106 ->
+ * 13 us per call on the development machine, 128256: 391 -> 25 us; test sampler_bench). A larger
+ * k is a quickselect. With k <= 64 (PICK_MAX_K) the rest of the chain is pick.h's, the code the
+ * backends' sample op runs on the same sorted candidates (top-p as the shortest prefix by a
+ * running sum, its own expf), so a draw made where the logits are is this draw, bit for bit
+ * (coopt_ctx_generate with a sampler; coopt_pick_row is the host version of the op). Greedy
+ * without a penalty takes vector maxima of 64-logit blocks, then the first index of the
+ * largest in the first block holding it. Otherwise top-p is a quickselect on mass: partition
+ * around a pivot, sum the weights ahead of it, and recurse into the side that holds the cut.
+ * -inf and NaN logits are never candidates. Nothing is allocated per call: the buffers are sized
+ * n_vocab at init.
  *
  * Seed 0 means "seed from the clock"; any other value is used as is. coopt_sampler_reset()
  * clears the penalty history and restarts the random sequence from the same seed.
