@@ -41,7 +41,8 @@ static void ppl_usage(void) {
             "  --save-logits FILE         save the log-probs of every scored token as a KL-divergence baseline\n"
             "                             (llama.cpp --kl-divergence-base format; ~2 x n_vocab bytes per token)\n"
             "  --kl-divergence FILE       compare against a baseline: KLD, top-1 agreement, PPL of both\n"
-            "  --kl-divergence-base FILE  llama.cpp spelling: saves FILE, or reads it with a bare --kl-divergence\n",
+            "  --kl-divergence-base FILE  llama.cpp spelling: saves FILE, or reads it with a bare --kl-divergence\n"
+            "  (the scored rows' log-softmax runs on -t threads; default: every core)\n",
             PPL_DEFAULT_CTX);
     app_opts_usage();
 }
