@@ -265,14 +265,12 @@ static struct pick_params pick_params_of(const struct coopt_sampler_params *sp) 
 }
 
 // The tail of the chain (pick.h) over n <= PICK_MAX_K sorted candidates; 0 when there are none.
-static int32_t pick_cands(const struct sampler_cand *c, int64_t n, const struct coopt_sampler_params *sp,
-                          uint64_t rng[4]) {
-    float              l[PICK_MAX_K], w[2 * PICK_MAX_K];
-    int32_t            id[PICK_MAX_K];
-    struct pick_params pp = pick_params_of(sp);
+static int32_t pick_cands(const struct sampler_cand *c, int64_t n, const struct pick_params *pp, uint64_t rng[4]) {
+    float   l[PICK_MAX_K], w[2 * PICK_MAX_K];
+    int32_t id[PICK_MAX_K];
     if (n == 0) return 0; // nothing is possible: every logit is -inf or NaN
     for (int64_t i = 0; i < n; i++) l[i] = c[i].logit, id[i] = c[i].id;
-    return pick_sorted(l, id, w, (int32_t)n, &pp, rng);
+    return pick_sorted(l, id, w, (int32_t)n, pp, rng);
 }
 
 // ---- the chain ----
@@ -408,7 +406,10 @@ int32_t coopt_sampler_sample(struct coopt_sampler *s, const float *logits) {
         } else {
             n = topk_scan(logits, n_vocab, top_k, c);
         }
-        if (top_k <= PICK_MAX_K) return pick_cands(c, n, &s->p, s->rng);
+        if (top_k <= PICK_MAX_K) {
+            const struct pick_params pp = pick_params_of(&s->p);
+            return pick_cands(c, n, &pp, s->rng);
+        }
     } else {
         for (int32_t i = 0; i < n_vocab; i++) {
             float l = sampler_logit(s, logits, pen, i);
@@ -498,10 +499,6 @@ void coopt_sampler_get_rng(const struct coopt_sampler *s, uint64_t rng[4]) { mem
 
 int32_t coopt_pick_row(const float *x, int32_t n, struct pick_state *ps) {
     struct sampler_cand c[PICK_MAX_K];
-    float               l[PICK_MAX_K], w[2 * PICK_MAX_K];
-    int32_t             id[PICK_MAX_K];
-    const int64_t       k = topk_scan(x, n, ps->p.top_k, c);
-    if (k == 0) return 0;
-    for (int64_t i = 0; i < k; i++) l[i] = c[i].logit, id[i] = c[i].id;
-    return pick_sorted(l, id, w, (int32_t)k, &ps->p, ps->rng);
+    COOPT_ASSERT(ps->p.top_k >= 1 && ps->p.top_k <= PICK_MAX_K); // (coopt_sampler_pick_state's)
+    return pick_cands(c, topk_scan(x, n, ps->p.top_k, c), &ps->p, ps->rng);
 }
