@@ -6,8 +6,6 @@
 #include "coopt.h"
 
 #include <errno.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,36 +72,3 @@ void eval_progress_end(struct eval_progress *p) {
     if (p->live) fputc('\n', stderr);
 }
 
-// ---- parallel rows ----
-
-struct par_job {
-    void (*fn)(void *ud, int32_t i);
-    void          *ud;
-    int32_t        n;
-    atomic_int_fast32_t next;
-};
-
-static void *par_worker(void *arg) {
-    struct par_job *j = arg;
-    for (int32_t i; (i = (int32_t)atomic_fetch_add(&j->next, 1)) < j->n;) j->fn(j->ud, i);
-    return NULL;
-}
-
-void eval_parallel_for(int32_t n, int n_threads, void (*fn)(void *ud, int32_t i), void *ud) {
-    struct par_job j = {.fn = fn, .ud = ud, .n = n};
-    atomic_init(&j.next, 0);
-    pthread_t th[64];
-    int       started = 0;
-    if (n_threads > n) n_threads = n;
-    if (n_threads > 64) n_threads = 64;
-    for (int t = 1; t < n_threads; t++)
-        if (pthread_create(&th[started], NULL, par_worker, &j) == 0) started++;
-    par_worker(&j);
-    for (int t = 0; t < started; t++) pthread_join(th[t], NULL);
-}
-
-int eval_threads(int32_t opt_threads) {
-    if (opt_threads > 0) return opt_threads;
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : n > 64 ? 64 : (int)n;
-}

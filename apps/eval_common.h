@@ -30,11 +30,4 @@ void eval_progress_update(struct eval_progress *p, int64_t done, const char *ext
 // Ends a live line.
 void eval_progress_end(struct eval_progress *p);
 
-// fn(ud, i) for i in [0, n), on up to n_threads threads (the caller's among them); returns when
-// all are done. Each i must touch only its own results, so the outcome does not depend on the
-// thread count. Threads that cannot be started leave their share to the others.
-void eval_parallel_for(int32_t n, int n_threads, void (*fn)(void *ud, int32_t i), void *ud);
-// Threads for eval_parallel_for: the -t value when given, else the cores online (at most 64).
-int eval_threads(int32_t opt_threads);
-
 #endif

@@ -20,6 +20,7 @@
  * order). Progress goes to stderr, results to stdout.
  */
 #include "common.h"
+#include "cpu/threads.h"
 #include "eval.h"
 #include "eval_common.h"
 
@@ -62,8 +63,8 @@ struct ppl_run {
     float                 *kld_values, *p_diff_values; // [n_chunk * n_scored] (KLD mode)
     struct coopt_eval_base base;
     uint16_t              *recs; // [n_scored * rec_len] one chunk of records (save / KLD modes)
-    // one window's rows, scored in parallel (score_row)
-    int                          n_threads;
+    // one window's rows, scored in parallel (score_rows)
+    struct coopt_threadpool     *pool;
     const int32_t               *w_src;    // the window's tokens
     const float                **w_logits; // [n_scored]
     double                      *w_nll;    // [n_scored]
@@ -151,19 +152,23 @@ static void kld_final(struct ppl_run *r) {
 }
 
 // Scores windows [w0, w0 + n) in one decode call. Returns 0 or 1 after printing an error.
-// Scores row j of the current window (its logits in w_logits[j]) into w_nll[j] / w_kt[j], and in
-// save mode its record: nothing shared is written.
-static void score_row(void *ud, int32_t j) {
-    struct ppl_run *r      = ud;
-    const int32_t   pos    = coopt_eval_ppl_first(r->n_ctx) + j, target = r->w_src[pos + 1];
-    const float    *logits = r->w_logits[j];
-    if (r->compare) {
-        coopt_eval_kld_token(logits, r->recs + (size_t)j * r->base.rec_len, r->n_vocab, target, &r->w_kt[j]);
-        r->w_nll[j] = r->w_kt[j].nll;
-    } else if (r->save) {
-        r->w_nll[j] = coopt_eval_lp_encode(logits, r->n_vocab, target, r->recs + (size_t)j * r->base.rec_len);
-    } else {
-        r->w_nll[j] = coopt_eval_nll(logits, r->n_vocab, target);
+// Thread ith of nth scores its share of the current window's rows: row j (its logits in
+// w_logits[j]) into w_nll[j] / w_kt[j], and in save mode its record; nothing shared is written.
+static void score_rows(void *ud, int32_t ith, int32_t nth) {
+    struct ppl_run *r = ud;
+    int64_t         j0, j1;
+    coopt_split_range(coopt_eval_ppl_n_scored(r->n_ctx), ith, nth, &j0, &j1);
+    for (int64_t j = j0; j < j1; j++) {
+        const int32_t pos    = coopt_eval_ppl_first(r->n_ctx) + (int32_t)j, target = r->w_src[pos + 1];
+        const float  *logits = r->w_logits[j];
+        if (r->compare) {
+            coopt_eval_kld_token(logits, r->recs + (size_t)j * r->base.rec_len, r->n_vocab, target, &r->w_kt[j]);
+            r->w_nll[j] = r->w_kt[j].nll;
+        } else if (r->save) {
+            r->w_nll[j] = coopt_eval_lp_encode(logits, r->n_vocab, target, r->recs + (size_t)j * r->base.rec_len);
+        } else {
+            r->w_nll[j] = coopt_eval_nll(logits, r->n_vocab, target);
+        }
     }
 }
 
@@ -215,7 +220,7 @@ static int run_windows(struct ppl_run *r, int32_t w0, int32_t n) {
             }
         }
         r->w_src = src;
-        eval_parallel_for(n_scored, r->n_threads, score_row, r);
+        coopt_threadpool_run(r->pool, score_rows, r);
         for (int32_t j = 0; j < n_scored; j++) {
             if (r->compare) {
                 size_t at            = (size_t)r->kld.count;
@@ -407,7 +412,7 @@ int cmd_perplexity(int argc, char **argv) {
         r.p_diff_values = malloc((size_t)r.n_chunk * (size_t)n_scored * sizeof(float));
         if (!r.kld_values || !r.p_diff_values) goto nomem;
     }
-    r.n_threads = eval_threads(o.n_threads);
+    if (coopt_threadpool_init(o.n_threads, &r.pool) != COOPT_OK) goto nomem; // -t, else every core
     r.w_logits  = malloc((size_t)n_scored * sizeof(*r.w_logits));
     r.w_nll     = malloc((size_t)n_scored * sizeof(*r.w_nll));
     r.w_kt      = malloc((size_t)n_scored * sizeof(*r.w_kt));
@@ -463,6 +468,7 @@ out:
     free(r.b_seq);
     free(r.b_want);
     free(r.recs);
+    coopt_threadpool_free(r.pool);
     free((void *)r.w_logits);
     free(r.w_nll);
     free(r.w_kt);
