@@ -71,4 +71,3 @@ void eval_progress_update(struct eval_progress *p, int64_t done, const char *ext
 void eval_progress_end(struct eval_progress *p) {
     if (p->live) fputc('\n', stderr);
 }
-
