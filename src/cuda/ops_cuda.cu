@@ -409,6 +409,21 @@ __device__ uint64_t pick_threshold(const uint64_t *keys, int32_t m, int32_t k, u
     return prefix;
 }
 
+// The min(k, z) largest nonzero keys of keys[0, m) into dst (any order; z: the nonzero ones);
+// returns how many, the same in every thread. Its first barrier also orders the caller's stores
+// of keys before the reads; hist, bcast and *cnt are its scratch.
+__device__ int32_t pick_select(const uint64_t *keys, int32_t m, int32_t k, uint64_t *dst, uint32_t (*hist)[256],
+                               uint64_t (*bcast)[2], int32_t *cnt) {
+    if (threadIdx.x < 256) hist[0][threadIdx.x] = 0;
+    if (threadIdx.x == 0) *cnt = 0;
+    __syncthreads();
+    const uint64_t t = pick_threshold(keys, m, k, hist, bcast);
+    for (int32_t i = (int32_t)threadIdx.x; i < m; i += PICK_THREADS)
+        if (keys[i] != 0 && keys[i] >= t) dst[atomicAdd(cnt, 1)] = keys[i];
+    __syncthreads();
+    return *cnt;
+}
+
 __global__ void __launch_bounds__(PICK_THREADS)
     pick_kernel(int32_t *out, uint8_t *out_host, const float *__restrict__ x, int32_t n, uint8_t *blk) {
     __shared__ uint64_t keys[PICK_SEG];
@@ -425,15 +440,9 @@ __global__ void __launch_bounds__(PICK_THREADS)
     const int32_t      tid = (int32_t)threadIdx.x, seg0 = (int32_t)blockIdx.x * PICK_SEG, m = min(PICK_SEG, n - seg0);
 
     for (int32_t i = tid; i < m; i += PICK_THREADS) keys[i] = pick_key(x[seg0 + i], seg0 + i);
-    if (tid < 256) hist[0][tid] = 0;
-    if (tid == 0) cnt = 0;
-    __syncthreads();
-    uint64_t  t    = pick_threshold(keys, m, k, hist, bcast);
-    uint64_t *mine = cands + (size_t)blockIdx.x * PICK_MAX_K;
-    for (int32_t i = tid; i < m; i += PICK_THREADS)
-        if (keys[i] != 0 && keys[i] >= t) mine[atomicAdd(&cnt, 1)] = keys[i];
-    __syncthreads();
-    for (int32_t i = cnt + tid; i < k; i += PICK_THREADS) mine[i] = 0; // fewer than k: empty slots
+    uint64_t     *mine = cands + (size_t)blockIdx.x * PICK_MAX_K;
+    const int32_t nm   = pick_select(keys, m, k, mine, hist, bcast, &cnt);
+    for (int32_t i = nm + tid; i < k; i += PICK_THREADS) mine[i] = 0; // fewer than k: empty slots
     __threadfence();
     __syncthreads();
     if (tid == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
@@ -444,14 +453,7 @@ __global__ void __launch_bounds__(PICK_THREADS)
     __threadfence();
     const int32_t m2 = (int32_t)gridDim.x * k; // <= PICK_SEG (coopt_sampler_pick_state)
     for (int32_t i = tid; i < m2; i += PICK_THREADS) keys[i] = __ldcg(cands + (size_t)(i / k) * PICK_MAX_K + i % k);
-    if (tid < 256) hist[0][tid] = 0;
-    if (tid == 0) cnt = 0;
-    __syncthreads();
-    t = pick_threshold(keys, m2, k, hist, bcast);
-    for (int32_t i = tid; i < m2; i += PICK_THREADS)
-        if (keys[i] != 0 && keys[i] >= t) fin[atomicAdd(&cnt, 1)] = keys[i];
-    __syncthreads();
-    const int32_t nf = cnt;
+    const int32_t nf = pick_select(keys, m2, k, fin, hist, bcast, &cnt);
     if (tid < nf) { // distinct keys: the rank is the position; the logit bit for bit from x
         int32_t r = 0;
         for (int32_t j = 0; j < nf; j++) r += fin[j] > fin[tid];
