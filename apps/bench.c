@@ -117,7 +117,7 @@ static double run_once(struct coopt_ctx *c, int64_t n_prompt, int64_t n_gen, int
             goto out;
     }
     int32_t t = rand_token(n_vocab);
-    for (int64_t i = 0; n_gen > 0 && i < n_gen && (tg == TG_HOST || tg == TG_SAMPLE_HOST); i++) {
+    for (int64_t i = 0; i < n_gen && (tg == TG_HOST || tg == TG_SAMPLE_HOST); i++) {
         struct coopt_batch_input b = {.n_tokens = 1, .tokens = &t, .seq_ids = &seq};
         if (coopt_ctx_decode(c, &b) != COOPT_OK) goto out;
         // Each token waits for the one before, as in sampling, where the next token comes from

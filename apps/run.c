@@ -103,9 +103,7 @@ static enum coopt_status generate(struct gen *g, int64_t n_predict, int32_t last
         const float *logits = coopt_ctx_logits(g->ctx, last_idx);
         if (t0 >= 0) g->t_gen_us += coopt_time_us() - t0, t0 = -1;
         int32_t tok = coopt_sampler_sample(g->smpl, logits);
-        if (coopt_tokenizer_is_eog(g->tok, tok)) break;
-        coopt_sampler_accept(g->smpl, tok);
-        emit(g, tok, true);
+        if (!gen_on_token(g, tok)) break;
         struct coopt_batch_input b = {.n_tokens = 1, .tokens = &tok, .seq_ids = &g->seq};
         t0                         = coopt_time_us();
         enum coopt_status st       = coopt_ctx_decode(g->ctx, &b);
