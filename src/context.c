@@ -553,11 +553,6 @@ enum coopt_status coopt_ctx_decode(struct coopt_ctx *c, const struct coopt_batch
     return decode(c, in, NULL, &fence);
 }
 
-bool coopt_sampler_chainable(const struct coopt_sampler *s) {
-    struct pick_state ps;
-    return coopt_sampler_greedy(s) || coopt_sampler_pick_state(s, &ps);
-}
-
 enum coopt_status coopt_ctx_generate(struct coopt_ctx *c, int32_t seq, int32_t token, int32_t n_max,
                                      struct coopt_sampler *smp, coopt_gen_token_fn *on_token, void *ud,
                                      int32_t *n_fed) {

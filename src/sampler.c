@@ -493,6 +493,11 @@ bool coopt_sampler_pick_state(const struct coopt_sampler *s, struct pick_state *
     return true;
 }
 
+bool coopt_sampler_chainable(const struct coopt_sampler *s) {
+    struct pick_state ps;
+    return coopt_sampler_greedy(s) || coopt_sampler_pick_state(s, &ps);
+}
+
 void coopt_sampler_set_rng(struct coopt_sampler *s, const uint64_t rng[4]) { memcpy(s->rng, rng, sizeof(s->rng)); }
 
 void coopt_sampler_get_rng(const struct coopt_sampler *s, uint64_t rng[4]) { memcpy(rng, s->rng, sizeof(s->rng)); }
