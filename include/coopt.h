@@ -197,7 +197,9 @@ struct coopt_batch_input {
 };
 
 // Runs the forward pass. Returns COOPT_ERR_KV_FULL (cache unchanged) if pages run out,
-// COOPT_ERR_CTX_FULL if a sequence would pass n_ctx, COOPT_ERR_INVALID for bad ids.
+// COOPT_ERR_CTX_FULL if a sequence would pass n_ctx, COOPT_ERR_INVALID for bad ids,
+// COOPT_ERR_NOMEM (with a message; the sequences keep their lengths, the batch has no logits,
+// a later call may succeed) when the device runs out of memory for the cache or the pass.
 // On a GPU the call returns once the work is enqueued: the device may still be computing when
 // it returns, so the host can prepare the next batch meanwhile (and a caller that enqueues the
 // next batch without reading these logits keeps the device busy without a gap).

@@ -59,6 +59,7 @@ if [ "$SANITIZE" = 1 ] && command -v compute-sanitizer >/dev/null; then
         cuda_rope_store cuda_rope_store_attention cuda_kv_offsets cuda_attention cuda_attention_prefill cuda_kv_pool cuda_forward \
         cuda_fused_ops cuda_step_graphs cuda_gptq_matmul cuda_gptq_multi cuda_gptq_fused cuda_gptq_fixtures cuda_gptq_cpu_match \
         cuda_gptq_hgemv_settings cuda_gptq_xstage cuda_head_dim_limit cuda_decode_async cuda_argmax cuda_sample cuda_generate \
+        cuda_workspace_oom \
         >"$OUT/memcheck.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && status=1

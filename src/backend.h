@@ -8,7 +8,8 @@
  * Conventions: activations are f32, row-major [n_rows][n], in memory owned by the backend
  * (host memory for cpu, device memory for cuda). Weights are struct coopt_weight whose data
  * lives where the backend can read it (see upload_weight). An op enqueues work and returns;
- * shapes are checked with COOPT_ASSERT; only memory functions can fail at runtime.
+ * shapes are checked with COOPT_ASSERT; only memory functions can fail at runtime, and an op
+ * that needs device memory it cannot get (a workspace) reports it through take_error.
  */
 #ifndef COOPT_BACKEND_H
 #define COOPT_BACKEND_H
@@ -170,6 +171,13 @@ struct coopt_ops {
     enum coopt_status (*model_upload)(struct coopt_backend *be, const struct coopt_model *host,
                                       struct coopt_model **out);
     void (*model_release)(struct coopt_backend *be, struct coopt_model *dev); // NULL ok
+
+    // (optional) The first failure an op met since the last call (COOPT_ERR_NOMEM: a workspace
+    // could not grow; the message is logged) and COOPT_OK if none; the call clears it. An op that
+    // failed enqueued nothing more, so the step's results are undefined: the context checks this
+    // after each forward step and fails the step (the sequences keep their lengths). NULL = ops
+    // cannot fail (host backends).
+    enum coopt_status (*take_error)(struct coopt_backend *be);
 
     void (*destroy)(struct coopt_backend *be);
 };

@@ -119,9 +119,17 @@ static void host_buf_free(struct coopt_backend *be, void *p, bool locked) {
     else free(p);
 }
 
-static void copy_page(void *ud, int32_t dst, int32_t src) {
-    struct coopt_ctx *c = ud;
-    c->be->ops->kv_page_copy(c->be, c->kv->pool, c->kv->layout.page_bytes, dst, src);
+// Copy-on-write of a shared page (coopt_kv_seq_reserve). Where the backend commits pool memory
+// explicitly the new page is committed first, so running out of device memory is a status.
+static enum coopt_status copy_page(void *ud, int32_t dst, int32_t src) {
+    struct coopt_ctx *c  = ud;
+    size_t            pb = c->kv->layout.page_bytes;
+    if (c->be->ops->kv_pool_commit) {
+        enum coopt_status st = c->be->ops->kv_pool_commit(c->be, c->kv->pool, (size_t)dst * pb, pb);
+        if (st != COOPT_OK) return st;
+    }
+    c->be->ops->kv_page_copy(c->be, c->kv->pool, pb, dst, src);
+    return COOPT_OK;
 }
 
 void coopt_ctx_free(struct coopt_ctx *c) {
@@ -369,11 +377,13 @@ struct step_chain {
 // its logits copy are enqueued: where the backend has fences the device may still be running the
 // step (c->pending), and the host goes on to the next step or decode meanwhile. Only the host
 // block of the step before last must be free (its fence); everything else the next step touches
-// is either host bookkeeping or device memory used in stream order. Returns the step's fence (0
-// where the backend has none: the step has finished); with `chain` its token is then in the
-// result area of the host block it used, h_step[b] + step_bytes with b = h_cur before the call.
-static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, int32_t start, int32_t n,
-                         int64_t *logits_row, const struct step_chain *chain) {
+// is either host bookkeeping or device memory used in stream order. Sets *fence to the step's
+// fence (0 where the backend has none: the step has finished); with `chain` its token is then in
+// the result area of the host block it used, h_step[b] + step_bytes with b = h_cur before the
+// call. An op that failed (take_error: out of device memory) fails the step: its sequences are
+// not advanced, the status is returned.
+static enum coopt_status run_step(struct coopt_ctx *c, const struct coopt_batch_input *in, int32_t start, int32_t n,
+                                  int64_t *logits_row, const struct step_chain *chain, uint64_t *fence) {
     struct coopt_backend  *be = c->be;
     struct coopt_kv_cache *kv = c->kv;
     int32_t                n_seqs = 0, n_out = 0;
@@ -429,6 +439,18 @@ static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in
         coopt_forward(c->dev_model, be, kv, &c->rope, &c->scratch, &b, c->hook.fn ? &c->hook : NULL);
         if (record) be->ops->step_end(be);
     }
+    enum coopt_status st = be->ops->take_error ? be->ops->take_error(be) : COOPT_OK;
+    if (st != COOPT_OK) {
+        be->ops->sync(be); // (the upload from h may still be running; the next steps find everything idle)
+        c->h_fence[hb] = 0;
+        for (int32_t i = 0; i < n; i++) {
+            int32_t s          = in->seq_ids[start + i];
+            c->seq_bidx[s]     = -1;
+            c->seq_step_cnt[s] = 0;
+        }
+        *fence = 0;
+        return st;
+    }
     size_t nv = (size_t)c->model->config.n_vocab;
     if (chain) {
         if (!b.next_tokens_host) {
@@ -438,8 +460,8 @@ static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in
         }
     } else if (n_out > 0)
         be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
-    uint64_t fence = 0;
-    if (be->ops->fence) fence = c->h_fence[hb] = be->ops->fence(be);
+    *fence = 0;
+    if (be->ops->fence) *fence = c->h_fence[hb] = be->ops->fence(be);
     else be->ops->sync(be);
     c->pending = true;
     *logits_row += n_out;
@@ -450,7 +472,7 @@ static uint64_t run_step(struct coopt_ctx *c, const struct coopt_batch_input *in
         c->seq_bidx[s]     = -1;
         c->seq_step_cnt[s] = 0;
     }
-    return fence;
+    return COOPT_OK;
 }
 
 // coopt_ctx_decode, and with `chain` (a one-token batch) a step of coopt_ctx_generate: its logits
@@ -536,8 +558,19 @@ static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_in
     }
     for (int64_t i = n; i < c->n_index_cap; i++) c->logit_row[i] = -1;
     int64_t logits_row = 0;
-    for (int32_t start = 0; start < n; start += c->params.n_batch)
-        *fence = run_step(c, in, start, COOPT_MIN(c->params.n_batch, n - start), &logits_row, chain);
+    for (int32_t start = 0; start < n; start += c->params.n_batch) {
+        st = run_step(c, in, start, COOPT_MIN(c->params.n_batch, n - start), &logits_row, chain, fence);
+        if (st != COOPT_OK) { // the batch fails whole: the steps before this one are taken back
+            for (int32_t i = 0; i < start; i++) c->seq_add[in->seq_ids[i]]++;
+            for (int32_t i = 0; i < start; i++) {
+                int32_t s = in->seq_ids[i];
+                if (c->seq_add[s]) coopt_kv_seq_truncate(kv, s, kv->seqs[s].n_tokens - c->seq_add[s]);
+                c->seq_add[s] = 0;
+            }
+            for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1;
+            return st;
+        }
+    }
     if (chain) c->logit_row[0] = -1; // the logits stayed on the device
     if (cfg->sliding_window > 0) {
         for (int32_t i = 0; i < n; i++) {

@@ -189,7 +189,7 @@ int64_t coopt_kv_pages_needed(const struct coopt_kv_cache *kv, int32_t seq, int6
 }
 
 enum coopt_status coopt_kv_seq_reserve(struct coopt_kv_cache *kv, int32_t seq, int64_t n,
-                                       void (*copy_page)(void *ud, int32_t dst, int32_t src), void *ud) {
+                                       enum coopt_status (*copy_page)(void *ud, int32_t dst, int32_t src), void *ud) {
     if (!kv_seq_live(kv, seq))
         return coopt_fail(COOPT_ERR_INVALID, "KV cache: reserve on unknown sequence %d", seq);
     if (n < 0 || n > INT64_MAX / 2)
@@ -205,8 +205,12 @@ enum coopt_status coopt_kv_seq_reserve(struct coopt_kv_cache *kv, int32_t seq, i
     if (cow) {
         int32_t b   = s->n_blocks - 1;
         int32_t src = s->pages[b];
-        int32_t dst = kv_page_alloc(kv);
-        if (copy_page) copy_page(ud, dst, src);
+        int32_t           dst = kv_page_alloc(kv);
+        enum coopt_status st  = copy_page ? copy_page(ud, dst, src) : COOPT_OK;
+        if (st != COOPT_OK) {
+            kv_page_unref(kv, dst);
+            return st;
+        }
         s->pages[b] = dst;
         kv_page_unref(kv, src); // refcount was > 1: never freed here
     }

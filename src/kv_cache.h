@@ -112,11 +112,13 @@ void coopt_kv_seq_free(struct coopt_kv_cache *kv, int32_t seq);
 // partial last page, and nothing for pages already reserved). -1 for a dead/unknown seq.
 int64_t coopt_kv_pages_needed(const struct coopt_kv_cache *kv, int32_t seq, int64_t n);
 // Makes room for n more tokens: allocates pages, and copies a shared partial last page
-// (copy-on-write; `copy_page(ud, dst, src)` copies page contents). Does not advance n_tokens.
-// Returns KV_FULL (nothing changed) if not enough free pages, CTX_FULL (nothing changed) past
-// max_pages_per_seq; both silently (expected at runtime). INVALID (logged) for a dead seq.
+// (copy-on-write; `copy_page(ud, dst, src)` copies page contents, NULL = no copy). Does not
+// advance n_tokens. Returns KV_FULL (nothing changed) if not enough free pages, CTX_FULL
+// (nothing changed) past max_pages_per_seq; both silently (expected at runtime). INVALID
+// (logged) for a dead seq. A copy that fails (e.g. out of device memory for the new page) makes
+// the reserve fail with its status, nothing changed (the new page goes back to the free list).
 enum coopt_status coopt_kv_seq_reserve(struct coopt_kv_cache *kv, int32_t seq, int64_t n,
-                                       void (*copy_page)(void *ud, int32_t dst, int32_t src), void *ud);
+                                       enum coopt_status (*copy_page)(void *ud, int32_t dst, int32_t src), void *ud);
 // Advances the sequence by n tokens (after a successful reserve and forward).
 void coopt_kv_seq_advance(struct coopt_kv_cache *kv, int32_t seq, int64_t n);
 // Slot of position pos of seq: page * page_size + pos % page_size. Page must be allocated.

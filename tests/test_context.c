@@ -147,6 +147,56 @@ TEST(context_fence_bookkeeping) {
     coopt_model_free(m);
 }
 
+// ---- an op that fails inside a step (take_error: a GPU out of memory for a workspace) ----
+
+static int g_te_calls, g_te_fail_at; // take_error calls so far; the call (1-based) that reports NOMEM
+
+static enum coopt_status test_take_error(struct coopt_backend *be) {
+    (void)be;
+    return ++g_te_calls == g_te_fail_at ? COOPT_ERR_NOMEM : COOPT_OK;
+}
+
+// A step whose op failed fails the decode with the op's status: the sequences keep their lengths
+// (steps of the same call that ran before it are taken back), the batch has no logits, and the
+// same batch afterwards gives the logits of a context that never failed. Generation stops with
+// the status after the tokens fed so far. Mutations caught: the status ignored (OK returned),
+// the failed step's tokens advanced, the earlier steps of the call kept.
+TEST(context_op_failure_is_a_status) {
+    struct coopt_model *m = load_260k(t);
+    if (!m) SKIP(t, "stories260K.gguf not available");
+    int32_t nv = coopt_model_get_info(m)->n_vocab, toks[30];
+    fill_tokens(toks, 30, 5);
+    float *ref = malloc((size_t)nv * sizeof(float)), *got = malloc((size_t)nv * sizeof(float));
+    struct coopt_ctx *r = make_ctx(m, 8, 2, 0, 64), *c = make_ctx(m, 8, 2, 0, 64);
+    int32_t           a = -1, b = -1;
+    CHECK(t, ref && got && r && c && coopt_seq_new(r, &a) == COOPT_OK && coopt_seq_new(c, &b) == COOPT_OK);
+    CHECK(t, feed(r, a, toks, 20, ref, nv) == COOPT_OK);
+    struct coopt_backend   *be = coopt_ctx_backend(c);
+    static struct coopt_ops ops;
+    ops = *be->ops, ops.take_error = test_take_error;
+    be->ops = &ops;
+    // 20 tokens in steps of 8: the first (k = 1), the second (2) or the last (3) step fails
+    for (int k = 1; k <= 3; k++) {
+        g_te_calls = 0, g_te_fail_at = k;
+        CHECKF(t, feed(c, b, toks, 20, NULL, nv) == COOPT_ERR_NOMEM, "step %d failed: decode did not return NOMEM", k);
+        CHECKF(t, coopt_seq_len(c, b) == 0 && coopt_ctx_logits(c, 19) == NULL && g_te_calls == k,
+               "step %d failed: sequence length %d, %d steps ran", k, coopt_seq_len(c, b), g_te_calls);
+    }
+    g_te_fail_at = 0;
+    CHECK(t, feed(c, b, toks, 20, got, nv) == COOPT_OK && coopt_seq_len(c, b) == 20);
+    CHECK(t, memcmp(got, ref, (size_t)nv * sizeof(float)) == 0);
+    // generation: the third step fails -- two tokens fed, then the status
+    g_te_calls = 0, g_te_fail_at = 3;
+    int32_t n_fed = -1;
+    CHECK(t, coopt_ctx_generate(c, b, toks[20], 8, NULL, NULL, NULL, &n_fed) == COOPT_ERR_NOMEM);
+    CHECKF(t, n_fed == 2 && coopt_seq_len(c, b) == 22, "n_fed %d, length %d", n_fed, coopt_seq_len(c, b));
+    g_te_fail_at = 0;
+    coopt_ctx_free(c);
+    coopt_ctx_free(r);
+    free(ref), free(got);
+    coopt_model_free(m);
+}
+
 // ---- page-locked host buffers (host_buf_alloc, context.c): the fallback and the pairing ----
 
 static int g_ha_fail, g_ha_allocs, g_ha_frees; // host_alloc refuses; buffers handed out; host_free calls

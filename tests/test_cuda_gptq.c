@@ -48,6 +48,7 @@
  * Outputs are poisoned (NaN) before every run, so an unwritten element fails.
  * COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_gptq_bench times the kernels (not a check).
  */
+#include "context.h"
 #include "coopt.h"
 #include "cpu/threads.h"
 #include "dtype.h"
@@ -1026,20 +1027,30 @@ static int32_t model_step(struct test_ctx *t, struct coopt_ctx *cc, struct coopt
     return best;
 }
 
-static bool check_synth_model(struct test_ctx *t, bool act, int32_t gs) {
-    char dir[512];
-    if (!st_test_mkdtemp(dir, sizeof(dir))) {
-        test_fail(t, __FILE__, __LINE__, "mkdtemp");
-        return false;
-    }
-    strncat(dir, "/m", sizeof(dir) - strlen(dir) - 1);
+// A 2-layer tinyllama-1.1b GPTQ model (coopt synth) in dir/m, dir a new temporary directory
+// (remove it with synth_tiny_remove). n_layers: 2 in this file's tests.
+static enum coopt_status synth_tiny(char *dir, size_t cap, bool act, int32_t gs, int32_t n_layers) {
+    if (!st_test_mkdtemp(dir, cap)) return COOPT_ERR_IO;
+    strncat(dir, "/m", cap - strlen(dir) - 1);
     struct coopt_synth_params sp = coopt_synth_default_params();
-    sp.arch = "tinyllama-1.1b", sp.dtype = COOPT_DTYPE_Q4_GPTQ, sp.n_layers = 2, sp.seed = 3;
+    sp.arch = "tinyllama-1.1b", sp.dtype = COOPT_DTYPE_Q4_GPTQ, sp.n_layers = n_layers, sp.seed = 3;
     sp.act_order = act, sp.group_size = gs, sp.out_dir = dir;
     sp.tokenizer = test_model_path("llama2-tokenizer/tokenizer.model");
     st_test_capture_begin();
     enum coopt_status rc = coopt_synth_write(&sp, NULL);
     st_test_capture_end();
+    return rc;
+}
+
+static void synth_tiny_remove(char *dir) {
+    dir[strlen(dir) - 2] = 0;
+    st_test_rmtree(dir);
+}
+
+static bool check_synth_model(struct test_ctx *t, bool act, int32_t gs) {
+    char                      dir[512];
+    const int32_t             n_layers = 2;
+    enum coopt_status         rc       = synth_tiny(dir, sizeof(dir), act, gs, n_layers);
     struct coopt_model       *mc = NULL, *mr = NULL;
     struct coopt_ctx         *cc = NULL, *cr = NULL;
     struct coopt_model_params mp = coopt_model_default_params();
@@ -1089,7 +1100,7 @@ static bool check_synth_model(struct test_ctx *t, bool act, int32_t gs) {
         int32_t best = model_step(t, cc, cr, toks, seqs, step ? 1 : 24, nv, 2e-2, what);
         ok = best >= 0, toks[0] = best;
         cuda_gptq_xstage_counts(&made1, &used1);
-        const int64_t L = sp.n_layers;
+        const int64_t L = n_layers;
         if (ok && step == 1 && !act && cuda_gptq_get_gemv() == CUDA_GPTQ_GEMV_MODE_H &&
             (made1 - made0 != 3 * L - 1 || used1 - used0 != 4 * L - 1)) {
             test_fail(t, __FILE__, __LINE__, "%s: %lld GEMVs staged an output, %lld used one; want %lld, %lld", what,
@@ -1100,8 +1111,7 @@ static bool check_synth_model(struct test_ctx *t, bool act, int32_t gs) {
     }
     coopt_ctx_free(cc), coopt_ctx_free(cr);
     coopt_model_free(mc), coopt_model_free(mr);
-    dir[strlen(dir) - 2] = 0;
-    st_test_rmtree(dir);
+    synth_tiny_remove(dir);
     return ok;
 }
 
@@ -1111,6 +1121,101 @@ TEST(cuda_gptq_model) {
     coopt_log_set_quiet(1);
     if (!check_synth_model(t, true, 128)) return;
     if (!check_synth_model(t, false, 32)) return;
+}
+
+// ---- out of device memory inside a step ----
+
+struct oom_rec {
+    int32_t *toks; // [4]
+    int      n;
+};
+
+static bool oom_rec_fn(void *ud, int32_t tok) {
+    struct oom_rec *r = (struct oom_rec *)ud;
+    if (r->n < 4) r->toks[r->n] = tok;
+    r->n++;
+    return true;
+}
+
+// The n tokens fed to sequence *seq of c (created when < 0); the last one's logits to out (NULL: none).
+static enum coopt_status oom_feed(struct coopt_ctx *c, const int32_t *toks, int32_t n, float *out, int32_t nv,
+                                  int32_t *seq) {
+    int32_t seqs[32];
+    if (*seq < 0 && coopt_seq_new(c, seq) != COOPT_OK) return COOPT_ERR_INVALID;
+    for (int32_t i = 0; i < n; i++) seqs[i] = *seq;
+    struct coopt_batch_input b  = {.n_tokens = n, .tokens = toks, .seq_ids = seqs};
+    enum coopt_status        st = coopt_ctx_decode(c, &b);
+    const float             *l  = st == COOPT_OK ? coopt_ctx_logits(c, n - 1) : NULL;
+    if (l && out) memcpy(out, l, (size_t)nv * sizeof(float));
+    return st;
+}
+
+// A GPU out of memory for a workspace inside a step (cuda_set_workspace_limit makes the growth
+// fail as cudaMalloc would) is a status with a message, not an abort: the decode returns
+// COOPT_ERR_NOMEM, the sequence keeps its length and the batch has no logits; the same call
+// fails the same way again (its launch geometry must not be recorded into a CUDA graph after the
+// failed first sight: recording it would grow the workspace inside the capture, which aborts);
+// once memory is there the same prompt gives the logits of a context that never failed, bit for
+// bit, and generation (whose first step fails the same way before memory is there) the same
+// tokens. Act-order weights: the GEMVs gather x into the workspace at one row too.
+TEST(cuda_workspace_oom) {
+    if (coopt_cuda_device_count() <= 0) SKIP(t, "no CUDA device");
+    if (!test_have_file(test_model_path("llama2-tokenizer/tokenizer.model"))) SKIP(t, "llama2-tokenizer not available");
+    coopt_log_set_quiet(1);
+    char                      dir[512];
+    struct coopt_model       *m  = NULL;
+    struct coopt_ctx         *cr = NULL, *cc = NULL;
+    struct coopt_model_params mp = coopt_model_default_params();
+    mp.device                    = "cuda";
+    struct coopt_ctx_params cp   = coopt_ctx_default_params();
+    cp.n_ctx = 128, cp.n_seq_max = 4, cp.n_batch = 64, cp.kv_type = COOPT_DTYPE_FP8_E4M3;
+    bool ok = synth_tiny(dir, sizeof(dir), true, 128, 2) == COOPT_OK && coopt_model_load(dir, &mp, &m) == COOPT_OK &&
+              coopt_ctx_init(m, &cp, &cr) == COOPT_OK && coopt_ctx_init(m, &cp, &cc) == COOPT_OK;
+    if (!ok) test_fail(t, __FILE__, __LINE__, "synth/load/context failed");
+    int32_t nv = ok ? coopt_model_get_info(m)->n_vocab : 0, toks[24], sr = -1, sc = -1;
+    for (int i = 0; i < 24; i++) toks[i] = 3 + (int32_t)((i * 40503u + 11) % 31000u);
+    float *ref = malloc((size_t)COOPT_MAX(nv, 1) * sizeof(float)), *got = malloc((size_t)COOPT_MAX(nv, 1) * sizeof(float));
+    ok = ok && ref && got && oom_feed(cr, toks, 24, ref, nv, &sr) == COOPT_OK;
+    struct coopt_backend *be = ok ? coopt_ctx_backend(cc) : NULL;
+    for (int k = 0; k < 2 && ok; k++) {
+        cuda_set_workspace_limit(be, 1);
+        st_test_capture_begin();
+        enum coopt_status st  = oom_feed(cc, toks, 24, NULL, nv, &sc);
+        const char       *msg = st_test_capture_end();
+        CHECKF(t, st == COOPT_ERR_NOMEM && coopt_seq_len(cc, sc) == 0 && coopt_ctx_logits(cc, 23) == NULL,
+               "attempt %d: status %d, sequence length %d", k, (int)st, coopt_seq_len(cc, sc));
+        CHECKF(t, msg && strstr(msg, "out of GPU memory") && strstr(msg, "workspace"), "attempt %d: message '%s'", k,
+               msg ? msg : "(none)");
+        ok = !t->failed;
+    }
+    cuda_set_workspace_limit(be, 0);
+    ok = ok && oom_feed(cc, toks, 24, got, nv, &sc) == COOPT_OK;
+    CHECK(t, ok && coopt_seq_len(cc, sc) == 24 && memcmp(got, ref, (size_t)nv * sizeof(float)) == 0);
+    // generation from a fresh context: the first step fails before any token is fed
+    struct coopt_ctx *cg = NULL;
+    int32_t           sg = -1, sr2 = -1, n_fed = -1, tok_ref[4] = {0}, tok_got[4] = {0};
+    ok = ok && coopt_ctx_init(m, &cp, &cg) == COOPT_OK && coopt_seq_new(cg, &sg) == COOPT_OK &&
+         coopt_seq_new(cr, &sr2) == COOPT_OK;
+    if (ok) {
+        cuda_set_workspace_limit(coopt_ctx_backend(cg), 1);
+        st_test_capture_begin();
+        enum coopt_status st = coopt_ctx_generate(cg, sg, toks[0], 4, NULL, NULL, NULL, &n_fed);
+        st_test_capture_end();
+        CHECKF(t, st == COOPT_ERR_NOMEM && n_fed == 0 && coopt_seq_len(cg, sg) == 0, "generate: status %d, %d fed",
+               (int)st, n_fed);
+        cuda_set_workspace_limit(coopt_ctx_backend(cg), 0);
+        struct oom_rec rr = {tok_ref, 0}, rg = {tok_got, 0};
+        CHECK(t, coopt_ctx_generate(cr, sr2, toks[0], 5, NULL, oom_rec_fn, &rr, NULL) == COOPT_OK &&
+                     coopt_ctx_generate(cg, sg, toks[0], 5, NULL, oom_rec_fn, &rg, &n_fed) == COOPT_OK);
+        CHECKF(t, rr.n == 4 && rg.n == 4 && n_fed == 5 && memcmp(tok_ref, tok_got, sizeof(tok_ref)) == 0,
+               "generate after the failure: %d / %d tokens, %d fed, first %d / %d", rr.n, rg.n, n_fed, tok_ref[0],
+               tok_got[0]);
+    }
+    coopt_ctx_free(cg);
+    coopt_ctx_free(cc), coopt_ctx_free(cr);
+    coopt_model_free(m);
+    free(ref), free(got);
+    synth_tiny_remove(dir);
 }
 
 // ---- kernel timings (not a check): COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_gptq_bench ----

@@ -25,14 +25,17 @@ struct fake_pool {
     int64_t   n_reports;
     int64_t   n_errors;  // callback misuse seen (double report, report of a referenced page)
     bool      strict;    // checked after every operation: a second report without reuse is an error
+    bool      fail_copy; // fake_copy_page fails (out of device memory for the new page)
     struct coopt_kv_cache *kv;
 };
 
-static void fake_copy_page(void *ud, int32_t dst, int32_t src) {
+static enum coopt_status fake_copy_page(void *ud, int32_t dst, int32_t src) {
     struct fake_pool *fp = ud;
+    if (fp->fail_copy) return COOPT_ERR_NOMEM;
     memcpy(fp->data + (size_t)dst * fp->page_size, fp->data + (size_t)src * fp->page_size,
            (size_t)fp->page_size * sizeof(uint32_t));
     fp->n_copies++;
+    return COOPT_OK;
 }
 
 static void fake_on_page_free(void *ud, int32_t page) {
@@ -381,6 +384,16 @@ TEST(kv_cache_copy_on_write) {
     CHECK(t, coopt_kv_seq_fork(kv, 0, 1) == COOPT_OK);
     CHECK(t, kv->refcount[p0] == 2 && kv->refcount[p1] == 2 && coopt_kv_pages_used(kv) == 2);
     CHECK(t, fp.n_copies == 0);
+
+    // a copy that fails (the backend is out of memory for the new page): the reserve fails with
+    // its status and nothing changes -- the new page is free again, the fork still shares p1
+    struct snapshot before, after;
+    take_snapshot(kv, &before);
+    fp.fail_copy = true;
+    CHECK(t, coopt_kv_seq_reserve(kv, 1, 1, fake_copy_page, &fp) == COOPT_ERR_NOMEM);
+    fp.fail_copy = false;
+    take_snapshot(kv, &after);
+    CHECK(t, memcmp(&before, &after, sizeof(before)) == 0 && fp.n_copies == 0 && !check_invariants(kv, &fp));
 
     // the fork appends into the shared partial page: exactly one copy, old page keeps one ref
     uint32_t v = 777;

@@ -128,6 +128,8 @@ struct cuda_backend {
     const float         *xst_x, *xst_norm; // what it holds: x (times norm, NULL = none)
     int64_t              xst_n;
     uint64_t             work_epoch;  // bumped when work/work2 move: recorded steps hold their addresses
+    size_t               work_limit;  // tests (cuda_set_workspace_limit): growth past it fails; 0 = none
+    enum coopt_status    op_error;    // the first failure since take_error (ops return void)
     void                *cublas_work; // fixed cuBLAS workspace (graph capture must not allocate)
     struct cuda_kv_pool *pools; // linked list of live KV pools
     struct cuda_driver   drv;
@@ -144,8 +146,9 @@ struct cuda_backend {
 
 static inline struct cuda_backend *cuda_impl(struct coopt_backend *be) { return (struct cuda_backend *)be->impl; }
 
-// Returns a workspace of at least n_bytes (grows it; the old contents are lost). Aborts with a
-// message if the device is out of memory: ops cannot return a status.
+// Returns a workspace of at least n_bytes (grows it; the old contents are lost), or NULL when the
+// device is out of memory (or an op of this step already failed): the failure is logged and kept
+// in cb->op_error for take_error (backend.h), and the op enqueues nothing more.
 // The buffers move only between steps: growing one while a step is being recorded is a bug
 // (recording starts only after a step of the same geometry ran op by op) and aborts.
 void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes);

@@ -40,6 +40,9 @@ int coopt_cuda_membw(size_t n_bytes, int reps, double *copy_gbs, double *read_gb
 // that carry prefill chunks, 1 = the tensor-core kernel wherever it is compiled (head dims 64, 80,
 // 96, 128 with F16/FP8 KV), even for one-token tiles, 2 = always the decode kernel.
 void cuda_attn_set_route(struct coopt_backend *be, int route);
+// Test hook: a workspace that would grow past n_bytes fails as if the device were out of memory
+// (0 = no limit).
+void cuda_set_workspace_limit(struct coopt_backend *be, size_t n_bytes);
 // Tests: rope_store_attention fuses FP8 caches too (1) or not (0, the default: see paged_attn.cu).
 void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int on);
 

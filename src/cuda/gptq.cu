@@ -1528,6 +1528,7 @@ static void gemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, c
     }
     const size_t xp_bytes = align256((size_t)n_rows * (size_t)k_pad * 4);
     uint8_t     *wsp      = n_h ? (uint8_t *)cuda_workspace(cb, xp_bytes * n_h) : NULL;
+    if (n_h && !wsp) return; // (out of memory: cb->op_error)
     for (int h = 0; h < n_h; h++)
         for (int32_t j = 0; j < n; j++)
             if (slot[j] == h) {
@@ -1716,6 +1717,7 @@ static bool hgemv_multi(struct cuda_backend *cb, int32_t n, float *const *outs, 
         a.x = x, a.ldx = n_in;
     } else { // one gathered copy, k_pad wide with zero padding rows
         float *xp = (float *)cuda_workspace(cb, (size_t)n_rows * (size_t)k_pad * 4);
+        if (!xp) return true; // handled: out of memory (cb->op_error)
         gather(cb->stream, xp, false, x, ws[0], n_rows);
         a.x = xp, a.ldx = k_pad;
     }
@@ -1822,6 +1824,7 @@ static void i8_multi(struct cuda_backend *cb, int32_t n, float *const *outs, con
     const size_t xs_bytes = align256((size_t)n_rg * (size_t)nblk * I8_ROWS * sizeof(int2));
     const size_t pt_bytes = n_split > 1 ? (size_t)tiles * (size_t)n_split * I8_ROWS * 16 * 4 : 0;
     uint8_t     *wsp      = (uint8_t *)cuda_workspace(cb, (size_t)n_h * (xq_bytes + xs_bytes) + pt_bytes);
+    if (!wsp) return; // (out of memory: cb->op_error)
     const bool   pdl      = pdl_enabled(cb);
     for (int h = 0; h < n_h; h++) {
         uint8_t      *base = wsp + (size_t)h * (xq_bytes + xs_bytes);
@@ -1888,6 +1891,7 @@ static void mma_launch(struct cuda_backend *cb, float *out, const float *x, cons
     const size_t xp_bytes = align256((size_t)n_rows * (size_t)w->k_pad * 2);
     const size_t pt_bytes = n_split > 1 ? (size_t)n_split * (size_t)n_rows * (size_t)w->n_out * 4 : 0;
     uint8_t     *wsp      = (uint8_t *)cuda_workspace(cb, xp_bytes + pt_bytes);
+    if (!wsp) return; // (out of memory: cb->op_error)
     __half      *xp = (__half *)wsp;
     float       *part = n_split > 1 ? (float *)(wsp + xp_bytes) : NULL;
     gather(cb->stream, xp, true, x, w, n_rows);
@@ -1910,6 +1914,7 @@ static void cublas_launch(struct cuda_backend *cb, float *out, const float *x, c
     const size_t xp_bytes = align256((size_t)n_rows * (size_t)w->k_pad * 2);
     const size_t wd_bytes = (size_t)w->n_ot * 16 * (size_t)w->k_pad * 2;
     uint8_t     *wsp      = (uint8_t *)cuda_workspace(cb, xp_bytes + wd_bytes);
+    if (!wsp) return; // (out of memory: cb->op_error)
     __half      *xp = (__half *)wsp, *wd = (__half *)(wsp + xp_bytes);
     gather(cb->stream, xp, true, x, w, n_rows);
     dim3 grid((unsigned)w->n_ot, (unsigned)((w->n_kc + 3) / 4));

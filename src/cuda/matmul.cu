@@ -450,6 +450,7 @@ static void gemv_run(struct cuda_backend *cb, enum coopt_dtype dt, struct gemv_a
         int64_t nblk = (int64_t)a.n_rows * (n_in / COOPT_QK);
         size_t  qb   = ((size_t)nblk * COOPT_QK + 15) / 16 * 16;
         uint8_t *w   = (uint8_t *)cuda_workspace(cb, qb + (size_t)nblk * sizeof(float2));
+        if (!w) return; // (out of memory: cb->op_error)
         a.xq         = (const int8_t *)w;
         a.xds        = (const float2 *)(w + qb);
         if (norm)
@@ -536,6 +537,7 @@ static void gemm_cublas(struct cuda_backend *cb, float *out, const float *x, con
     } else {
         int64_t   nx = (int64_t)n_rows * w->n_in;
         uint16_t *xh = (uint16_t *)cuda_workspace(cb, (size_t)nx * sizeof(uint16_t));
+        if (!xh) return; // (out of memory: cb->op_error)
         if (w->dtype == COOPT_DTYPE_F16)
             convert_x_kernel<COOPT_DTYPE_F16><<<cuda_grid_1d(nx, 256), 256, 0, cb->stream>>>(xh, x, nx);
         else
@@ -602,7 +604,7 @@ static void xst_begin(struct cuda_backend *cb, struct cuda_gptq_xstage *st, cons
     if (cb->xst_valid && cb->xst_x == x && cb->xst_norm == norm)
         st->in = (const uint8_t *)cb->xst + (size_t)cb->xst_slot * slot, st->n_in = cb->xst_n;
     cb->xst_valid = false;
-    if (n_out > 0) st->out = (uint8_t *)cb->xst + (size_t)(1 - cb->xst_slot) * slot, st->out_bytes = slot;
+    if (n_out > 0 && slot) st->out = (uint8_t *)cb->xst + (size_t)(1 - cb->xst_slot) * slot, st->out_bytes = slot;
     st->out_norm = next_norm;
 }
 
@@ -695,11 +697,12 @@ static bool gptq_fused(struct coopt_backend *be, enum cuda_gptq_fused mode, int3
     return cuda_gptq_gemv_fused(be, mode, n, outs, x, norm, eps, gw, bias, n_rows, st);
 }
 
-// x normed into the second workspace (for the paths that need it materialized).
+// x normed into the second workspace (for the paths that need it materialized); NULL when out of
+// memory (cb->op_error).
 static const float *normed_copy(struct coopt_backend *be, const float *x, const float *norm, float eps, int64_t n_in,
                                 int32_t n_rows) {
     float *xn = (float *)cuda_workspace2(cuda_impl(be), (size_t)n_rows * (size_t)n_in * sizeof(float));
-    be->ops->rmsnorm(be, xn, x, norm, n_rows, (int32_t)n_in, eps);
+    if (xn) be->ops->rmsnorm(be, xn, x, norm, n_rows, (int32_t)n_in, eps);
     return xn;
 }
 
@@ -727,7 +730,8 @@ void cuda_norm_matmul_multi(struct coopt_backend *be, int32_t n, float *const *o
         return;
     }
     if (gptq_fused(be, CUDA_GPTQ_FUSED_STORE, n, outs, x, norm, eps, ws, n_rows, &st)) return;
-    cuda_matmul_multi(be, n, outs, normed_copy(be, x, norm, eps, ws[0]->n_in, n_rows), ws, n_rows);
+    const float *xn = normed_copy(be, x, norm, eps, ws[0]->n_in, n_rows);
+    if (xn) cuda_matmul_multi(be, n, outs, xn, ws, n_rows);
 }
 
 static void swiglu_launch(struct coopt_backend *be, float *out, const float *x, const float *norm, float eps,
@@ -788,7 +792,8 @@ static void norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp,
         xst_end(cb, &st, out, wg->n_out);
         return;
     }
-    cuda_matmul_swiglu(be, out, tmp, normed_copy(be, x, norm, eps, wg->n_in, n_rows), wg, wu, n_rows);
+    const float *xn = normed_copy(be, x, norm, eps, wg->n_in, n_rows);
+    if (xn) cuda_matmul_swiglu(be, out, tmp, xn, wg, wu, n_rows);
 }
 
 void cuda_norm_matmul_swiglu(struct coopt_backend *be, float *out, float *tmp, const float *x, const float *norm,
@@ -819,6 +824,7 @@ static void matmul_add(struct coopt_backend *be, float *out, const float *x, con
     } else {
         // another file's matmul (it may use the workspace): the product goes to the second one
         float *tmp = (float *)cuda_workspace2(cb, (size_t)n_rows * (size_t)w->n_out * sizeof(float));
+        if (!tmp) return; // (out of memory: cb->op_error)
         cuda_matmul(be, tmp, x, w, n_rows);
         be->ops->add(be, out, out, tmp, (int64_t)n_rows * w->n_out);
     }

@@ -67,6 +67,7 @@ static void *workspace_grow(struct cuda_backend *cb, void **buf, size_t *bytes, 
         coopt_log_error("CUDA workspace: must grow to %zu bytes while a step is recorded", n_bytes);
         coopt_abort(__FILE__, __LINE__, "workspace growth during CUDA graph capture");
     }
+    if (cb->op_error != COOPT_OK) return NULL; // the step already failed: enqueue nothing more
     // Grows geometrically so a slowly growing context does not reallocate every step.
     size_t want = n_bytes + n_bytes / 4;
     CUDA_CHECK(cudaStreamSynchronize(cb->stream));
@@ -74,10 +75,12 @@ static void *workspace_grow(struct cuda_backend *cb, void **buf, size_t *bytes, 
     *buf          = NULL;
     *bytes        = 0;
     cb->work_epoch++;
-    cudaError_t e = cudaMalloc(buf, want);
+    cudaError_t e = cb->work_limit && want > cb->work_limit ? cudaErrorMemoryAllocation : cudaMalloc(buf, want);
     if (e != cudaSuccess) {
-        coopt_log_error("CUDA workspace: cannot allocate %zu bytes of device memory (%s)", want, cudaGetErrorName(e));
-        coopt_abort(__FILE__, __LINE__, "out of GPU memory inside an op");
+        *buf          = NULL;
+        cb->op_error  = coopt_fail(COOPT_ERR_NOMEM, "device 'cuda': out of GPU memory for a %zu-byte workspace (%s)",
+                                   want, cudaGetErrorName(e));
+        return NULL;
     }
     *bytes = want;
     return *buf;
@@ -675,6 +678,17 @@ fail:
 
 // ---- backend lifecycle ----
 
+static enum coopt_status cuda_take_error(struct coopt_backend *be) {
+    struct cuda_backend *cb = cuda_impl(be);
+    enum coopt_status    st = cb->op_error;
+    cb->op_error            = COOPT_OK;
+    return st;
+}
+
+extern "C" void cuda_set_workspace_limit(struct coopt_backend *be, size_t n_bytes) {
+    cuda_impl(be)->work_limit = n_bytes;
+}
+
 static void cuda_destroy(struct coopt_backend *be) {
     if (!be) return;
     struct cuda_backend *cb = cuda_impl(be);
@@ -735,6 +749,7 @@ static const struct coopt_ops cuda_ops = {
     .fence_wait      = cuda_fence_wait,
     .model_upload    = cuda_model_upload,
     .model_release   = cuda_model_release,
+    .take_error      = cuda_take_error,
     .destroy         = cuda_destroy,
 };
 

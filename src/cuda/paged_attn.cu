@@ -716,6 +716,7 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     if (n_parts > 1) {
         size_t n_th = (size_t)b->n_tokens * (size_t)n_heads * (size_t)n_parts;
         float *w    = (float *)cuda_workspace(cb, n_th * ((size_t)hd + 2) * sizeof(float));
+        if (!w) return; // (out of memory: cb->op_error)
         a.part_acc  = w;
         a.part_ml   = w + n_th * (size_t)hd;
     }

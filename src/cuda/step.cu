@@ -81,6 +81,7 @@ struct cuda_step {
     int32_t                 graph_max_tokens;
     struct step_graph       g[STEP_MAX_GRAPHS];
     struct step_graph      *recording;
+    struct step_graph      *fresh; // the key first seen by the step running op by op (forgotten if an op fails)
     int64_t                 tick, n_eager, n_captures, n_replays;
     // COOPT_CUDA_STEP_STATS: events around each replay (ring of STEP_TIMING_RING; slot n_replays %
     // STEP_TIMING_RING), the sums of the replays' GPU spans and of the GPU time from one replay's
@@ -159,6 +160,7 @@ bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, 
     struct cuda_backend *cb = cuda_impl(be);
     struct cuda_step    *S  = cb->step;
     COOPT_ASSERT(S && !S->recording);
+    S->fresh = NULL;
     const int64_t chain = S->chain_len;
     S->chain_len        = 0;
     if (!S->graphs || b->n_tokens > S->graph_max_tokens) {
@@ -178,6 +180,7 @@ bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, 
         victim->key      = key;
         victim->used     = true;
         victim->last_use = S->tick;
+        S->fresh         = victim;
         S->n_eager++;
         return false;
     }
@@ -199,6 +202,10 @@ void cuda_step_end(struct coopt_backend *be) {
     struct cuda_backend *cb = cuda_impl(be);
     struct cuda_step    *S  = cb->step;
     struct step_graph   *g  = S->recording;
+    // A step whose op failed (out of memory) did not size the workspaces: record its geometry
+    // only after a first sight that succeeds (growth inside a capture is not allowed).
+    if (S->fresh && cb->op_error != COOPT_OK) S->fresh->used = false;
+    S->fresh = NULL;
     if (!g) return;
     S->recording      = NULL;
     cudaGraph_t graph = NULL;
