@@ -152,9 +152,11 @@ struct coopt_ops {
     // backend derives the geometry from b's sizes and kv (key-range bucket); the caller promises
     // that steps of equal sizes use the same model, scratch, cache and batch-array addresses, and
     // that every KV page the step writes is committed (kv_pool_commit) before step_begin, since
-    // nothing host-side runs at replay.
+    // nothing host-side runs at replay. step_end returns false when the recording could not be
+    // made launchable (the device out of memory for the graph): nothing of the step ran, and the
+    // caller runs coopt_forward again (op by op; no step_end after it).
     bool (*step_begin)(struct coopt_backend *be, const struct coopt_kv_cache *kv, const struct coopt_batch *b);
-    void (*step_end)(struct coopt_backend *be);
+    bool (*step_end)(struct coopt_backend *be);
     // (optional) Host memory the backend copies from fastest (page-locked). Uploads from it are
     // asynchronous: the caller must not rewrite it before the next sync. NULL = malloc/free.
     enum coopt_status (*host_alloc)(struct coopt_backend *be, size_t n_bytes, void **out);

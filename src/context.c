@@ -437,7 +437,7 @@ static enum coopt_status run_step(struct coopt_ctx *c, const struct coopt_batch_
     bool record = !c->hook.fn && !c->params.no_step_graphs && be->ops->step_begin;
     if (!record || !be->ops->step_begin(be, kv, &b)) {
         coopt_forward(c->dev_model, be, kv, &c->rope, &c->scratch, &b, c->hook.fn ? &c->hook : NULL);
-        if (record) be->ops->step_end(be);
+        if (record && !be->ops->step_end(be)) coopt_forward(c->dev_model, be, kv, &c->rope, &c->scratch, &b, NULL);
     }
     enum coopt_status st = be->ops->take_error ? be->ops->take_error(be) : COOPT_OK;
     if (st != COOPT_OK) {

@@ -285,7 +285,8 @@ TEST(cuda_gemv_shapes) {
 // recording: ragged batches of 1-3 sequences with 1-2 tokens each, prefill chunks in between
 // (which grow the workspaces, so recorded steps must be re-recorded), a freed and reused
 // sequence, contexts crossing the 128/256/512 attention buckets, and a 12-token batch twice in a
-// row (cuBLAS inside a captured step). Every logit row must be bit-identical, and the recording
+// row (cuBLAS inside a captured step), whose second recording is made to fail (the step then runs
+// op by op: cuda_step_fail_next_graph). Every logit row must be bit-identical, and the recording
 // context must really have replayed steps.
 static bool check_graphs(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt) {
     struct coopt_ctx_params cp = coopt_ctx_default_params();
@@ -331,8 +332,19 @@ static bool check_graphs(struct test_ctx *t, struct coopt_model *m, enum coopt_d
             }
         }
         if (!ok) break;
+        // step 201's recording fails (as if out of memory for the graph): the step runs op by op
+        // instead (its logits below), nothing is recorded, and the geometry stays op by op
+        int64_t e_a = 0, c_a = 0, r_a = 0, e_b = 0, c_b = 0, r_b = 0;
+        if (step == 201) cuda_step_fail_next_graph(coopt_ctx_backend(cg));
+        coopt_cuda_step_stats(coopt_ctx_backend(cg), &e_a, &c_a, &r_a);
         struct coopt_batch_input in = {.n_tokens = n, .tokens = toks, .seq_ids = sids};
         enum coopt_status        a  = coopt_ctx_decode(ce, &in), b = coopt_ctx_decode(cg, &in);
+        coopt_cuda_step_stats(coopt_ctx_backend(cg), &e_b, &c_b, &r_b);
+        if (step == 201 && (c_b != c_a || r_b != r_a || e_b != e_a + 1)) {
+            test_fail(t, __FILE__, __LINE__, "step 201: the failed recording counted as %lld recorded, %lld replayed",
+                      (long long)(c_b - c_a), (long long)(r_b - r_a));
+            ok = false;
+        }
         if (a != COOPT_OK || b != COOPT_OK) {
             test_fail(t, __FILE__, __LINE__, "step %d: decode failed (%s / %s)", step, coopt_status_str(a), coopt_status_str(b));
             ok = false;

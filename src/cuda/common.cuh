@@ -327,7 +327,7 @@ void cuda_norm_matmul_swiglu_then_add(struct coopt_backend *be, float *out, floa
 enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_ops *base);
 void cuda_step_free(struct cuda_backend *cb);
 bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, const struct coopt_batch *b);
-void cuda_step_end(struct coopt_backend *be);
+bool cuda_step_end(struct coopt_backend *be);
 enum coopt_status cuda_host_alloc(struct coopt_backend *be, size_t n_bytes, void **out);
 void cuda_host_free(struct coopt_backend *be, void *p);
 // rope_store.cu

@@ -40,6 +40,9 @@ int coopt_cuda_membw(size_t n_bytes, int reps, double *copy_gbs, double *read_gb
 // that carry prefill chunks, 1 = the tensor-core kernel wherever it is compiled (head dims 64, 80,
 // 96, 128 with F16/FP8 KV), even for one-token tiles, 2 = always the decode kernel.
 void cuda_attn_set_route(struct coopt_backend *be, int route);
+// Test hook: the next recording of a decode step fails as if the device were out of memory for
+// the CUDA graph (the step then runs op by op, and so do later steps of its shape).
+void cuda_step_fail_next_graph(struct coopt_backend *be);
 // Test hook: a workspace that would grow past n_bytes fails as if the device were out of memory
 // (0 = no limit).
 void cuda_set_workspace_limit(struct coopt_backend *be, size_t n_bytes);

@@ -65,6 +65,7 @@ struct step_graph {
     struct step_key key;
     bool            used;     // the slot holds a key
     cudaGraphExec_t exec;     // NULL until recorded
+    bool            eager;    // recording failed (out of memory for the graph): runs op by op
     uint64_t        epoch;    // cb->work_epoch at recording
     int64_t         last_use;
 };
@@ -83,6 +84,7 @@ struct cuda_step {
     struct step_graph      *recording;
     struct step_graph      *fresh; // the key first seen by the step running op by op (forgotten if an op fails)
     int64_t                 tick, n_eager, n_captures, n_replays;
+    bool                    fail_next_graph; // tests (cuda_step_fail_next_graph)
     // COOPT_CUDA_STEP_STATS: events around each replay (ring of STEP_TIMING_RING; slot n_replays %
     // STEP_TIMING_RING), the sums of the replays' GPU spans and of the GPU time from one replay's
     // start to the next's (consecutive replays only: the period includes the logits copy, whatever
@@ -179,12 +181,17 @@ bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, 
         graph_drop(victim);
         victim->key      = key;
         victim->used     = true;
+        victim->eager    = false;
         victim->last_use = S->tick;
         S->fresh         = victim;
         S->n_eager++;
         return false;
     }
     g->last_use = S->tick;
+    if (g->eager) {
+        S->n_eager++;
+        return false;
+    }
     if (g->exec && g->epoch == cb->work_epoch) {
         if (S->timing) replay_timing(S, cb->stream, g->exec, chain);
         else CUDA_CHECK(cudaGraphLaunch(g->exec, cb->stream));
@@ -198,7 +205,7 @@ bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, 
     return false;
 }
 
-void cuda_step_end(struct coopt_backend *be) {
+bool cuda_step_end(struct coopt_backend *be) {
     struct cuda_backend *cb = cuda_impl(be);
     struct cuda_step    *S  = cb->step;
     struct step_graph   *g  = S->recording;
@@ -206,16 +213,30 @@ void cuda_step_end(struct coopt_backend *be) {
     // only after a first sight that succeeds (growth inside a capture is not allowed).
     if (S->fresh && cb->op_error != COOPT_OK) S->fresh->used = false;
     S->fresh = NULL;
-    if (!g) return;
+    if (!g) return true;
     S->recording      = NULL;
     cudaGraph_t graph = NULL;
-    CUDA_CHECK(cudaStreamEndCapture(cb->stream, &graph));
-    CUDA_CHECK(cudaGraphInstantiate(&g->exec, graph, 0));
-    CUDA_CHECK(cudaGraphDestroy(graph));
+    cudaError_t e     = cudaStreamEndCapture(cb->stream, &graph);
+    if (e == cudaSuccess && S->fail_next_graph) e = cudaErrorMemoryAllocation;
+    S->fail_next_graph = false;
+    if (e == cudaSuccess) e = cudaGraphInstantiate(&g->exec, graph, 0);
+    if (graph) CUDA_CHECK(cudaGraphDestroy(graph));
+    if (e != cudaSuccess) {
+        // Nothing of the step ran (it was recorded, not launched): the caller runs it op by op,
+        // and so will every later step of this geometry.
+        (void)cudaGetLastError(); // (not a sticky error: the context stays usable)
+        coopt_log_error("CUDA graph of a decode step: %s; steps of this shape run op by op", cudaGetErrorName(e));
+        g->exec  = NULL;
+        g->eager = true;
+        return false;
+    }
     g->epoch = cb->work_epoch;
     CUDA_CHECK(cudaGraphLaunch(g->exec, cb->stream));
     S->n_captures++;
+    return true;
 }
+
+extern "C" void cuda_step_fail_next_graph(struct coopt_backend *be) { cuda_impl(be)->step->fail_next_graph = true; }
 
 extern "C" int coopt_cuda_step_stats(struct coopt_backend *be, int64_t *eager, int64_t *captures, int64_t *replays) {
     *eager = *captures = *replays = 0;
