@@ -38,6 +38,8 @@ static void bench_usage(void) {
             "                          host (greedy, default); host: the logits of every token copied to the\n"
             "                          host and waited for before the next decode; sample / sample-host:\n"
             "                          drawn by the default sampler (fixed seed) on the device / on the host\n"
+            "                          (with -B: device / host feed random tokens, sample / sample-host\n"
+            "                          each sequence's own sampler's draws)\n"
             "  -o, --output md|json    (default md)\n"
             "  -B, --batch-seqs B[,B..] batched mode: B sequences, each prefilled with the first -p length,\n"
             "                          then decoded together for the first -n length; total tokens/s\n"
@@ -135,14 +137,25 @@ out:
 
 // Batched mode: B sequences prefilled with n_prompt tokens each (one call, chunked by -b), then
 // n_gen steps that decode one token of every sequence in one call. Returns 0 and the two times.
+// Batched mode. Each decode step feeds every sequence a token: a random one (--tg device / host),
+// or the one its own sampler (the defaults, seed 1 + b) drew from its logits -- where the logits
+// are (--tg sample: coopt_batch_input.samplers, coopt_ctx_token; on a GPU only the tokens come
+// back) or on the host (--tg sample-host: every row's logits copied back, coopt_sampler_sample).
 static int run_batched(struct coopt_ctx *c, int64_t B, int64_t n_prompt, int64_t n_gen, int32_t n_vocab,
-                       double *t_prompt, double *t_gen) {
+                       enum tg_mode tg, double *t_prompt, double *t_gen) {
     int32_t *seq  = malloc((size_t)B * sizeof(int32_t));
     int32_t *toks = malloc((size_t)(B * n_prompt + B) * sizeof(int32_t));
     int32_t *sids = malloc((size_t)(B * n_prompt + B) * sizeof(int32_t));
-    int      rc   = -1;
-    int64_t  made = 0;
-    if (!seq || !toks || !sids) goto out;
+    const bool             sampled = tg == TG_SAMPLE || tg == TG_SAMPLE_HOST;
+    struct coopt_sampler **smp     = sampled ? calloc((size_t)B, sizeof(*smp)) : NULL;
+    int                    rc      = -1;
+    int64_t                made    = 0;
+    if (!seq || !toks || !sids || (sampled && !smp)) goto out;
+    for (int64_t b = 0; b < B && sampled; b++) {
+        struct coopt_sampler_params sp = coopt_sampler_default_params();
+        sp.seed                        = 1 + (uint64_t)b;
+        if (coopt_sampler_init(&sp, n_vocab, &smp[b]) != COOPT_OK) goto out;
+    }
     for (; made < B; made++)
         if (coopt_seq_new(c, &seq[made]) != COOPT_OK) goto out;
     for (int64_t b = 0; b < B; b++)
@@ -157,20 +170,24 @@ static int run_batched(struct coopt_ctx *c, int64_t B, int64_t n_prompt, int64_t
     }
     coopt_ctx_synchronize(c);
     int64_t t1 = coopt_time_us();
+    for (int64_t b = 0; b < B; b++) toks[b] = rand_token(n_vocab), sids[b] = seq[b];
     for (int64_t g = 0; g < n_gen; g++) {
-        for (int64_t b = 0; b < B; b++) {
-            toks[b] = rand_token(n_vocab);
-            sids[b] = seq[b];
-        }
-        struct coopt_batch_input in = {.n_tokens = (int32_t)B, .tokens = toks, .seq_ids = sids};
+        struct coopt_batch_input in = {
+            .n_tokens = (int32_t)B, .tokens = toks, .seq_ids = sids, .samplers = tg == TG_SAMPLE ? smp : NULL};
         if (coopt_ctx_decode(c, &in) != COOPT_OK) goto out;
         coopt_ctx_synchronize(c); // (as in run_once)
+        for (int64_t b = 0; b < B; b++)
+            toks[b] = tg == TG_SAMPLE        ? coopt_ctx_token(c, (int32_t)b)
+                      : tg == TG_SAMPLE_HOST ? coopt_sampler_sample(smp[b], coopt_ctx_logits(c, (int32_t)b))
+                                             : rand_token(n_vocab);
     }
     *t_prompt = (t1 - t0) / 1e6;
     *t_gen    = (coopt_time_us() - t1) / 1e6;
     rc        = 0;
 out:
     for (int64_t b = 0; b < made; b++) coopt_seq_free(c, seq[b]);
+    for (int64_t b = 0; smp && b < B; b++) coopt_sampler_free(smp[b]);
+    free(smp);
     free(seq);
     free(toks);
     free(sids);
@@ -354,9 +371,9 @@ int cmd_bench(int argc, char **argv) {
     for (int i = 0; i < n_bs && !rc; i++) {
         int64_t B = bs[i];
         double  sum_p = 0, sum_g = 0, tp[1000], tgv[1000], tpp, tgg;
-        if (run_batched(c, B, pp[0], tg[0], info->n_vocab, &tpp, &tgg)) rc = 1; // warm-up
+        if (run_batched(c, B, pp[0], tg[0], info->n_vocab, tg_m, &tpp, &tgg)) rc = 1; // warm-up
         for (int r = 0; r < reps && !rc; r++) {
-            if (run_batched(c, B, pp[0], tg[0], info->n_vocab, &tpp, &tgg)) {
+            if (run_batched(c, B, pp[0], tg[0], info->n_vocab, tg_m, &tpp, &tgg)) {
                 rc = 1;
                 break;
             }
@@ -375,8 +392,9 @@ int cmd_bench(int argc, char **argv) {
             for (int r = 0; r < reps; r++) sq += (v[r] - mean) * (v[r] - mean);
             struct bench_result *br   = &res[n_res++];
             char                *name = malloc(48);
-            snprintf(name, 48, "%s%lld x B%lld", kind == 0 ? "pp" : "tg", (long long)(kind == 0 ? pp[0] : tg[0]),
-                     (long long)B);
+            snprintf(name, 48, "%s%lld x B%lld%s%s", kind == 0 ? "pp" : "tg", (long long)(kind == 0 ? pp[0] : tg[0]),
+                     (long long)B, kind == 1 && (tg_m == TG_SAMPLE || tg_m == TG_SAMPLE_HOST) ? "-" : "",
+                     kind == 1 && (tg_m == TG_SAMPLE || tg_m == TG_SAMPLE_HOST) ? tg_mode_names[tg_m] : "");
             *br = (struct bench_result){.test = name, .n_prompt = kind == 0 ? pp[0] : 0, .n_gen = kind == 1 ? tg[0] : 0,
                                         .depth = 0, .mean_tps = mean, .std_tps = reps > 1 ? sqrt(sq / (reps - 1)) : 0};
             if (kind == 1) {

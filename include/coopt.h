@@ -185,15 +185,22 @@ enum coopt_status coopt_seq_fork(struct coopt_ctx *c, int32_t src, int32_t *seq_
 // Number of tokens held by the sequence (its next token's position), or -1 if unknown.
 int32_t coopt_seq_len(const struct coopt_ctx *c, int32_t seq_id);
 
+struct coopt_sampler;
+
 // One call's worth of tokens. Token i is appended to sequence seq_ids[i] at the next position
 // of that sequence (tokens of one sequence must appear in order). Entries of one sequence may
 // be interleaved with others'. want_logits[i] != 0 asks for token i's logits (NULL: only the
-// last token of each sequence in the batch).
+// last token of each sequence in the batch). samplers[i] (samplers NULL, or an entry NULL:
+// none) asks for the next token drawn from token i's logits by that sampler: coopt_ctx_token.
+// Where coopt_sampler_chainable(sampler) the draw is made where the logits are (on a GPU only
+// the token and the random state come back, and coopt_ctx_logits(i) is NULL); otherwise the
+// host draws from the logits. A sampler may appear once per batch.
 struct coopt_batch_input {
-    int32_t        n_tokens;
-    const int32_t *tokens;      // [n_tokens]
-    const int32_t *seq_ids;     // [n_tokens]
-    const uint8_t *want_logits; // [n_tokens] or NULL
+    int32_t                      n_tokens;
+    const int32_t               *tokens;      // [n_tokens]
+    const int32_t               *seq_ids;     // [n_tokens]
+    const uint8_t               *want_logits; // [n_tokens] or NULL
+    struct coopt_sampler *const *samplers;    // [n_tokens] or NULL
 };
 
 // Runs the forward pass. Returns COOPT_ERR_KV_FULL (cache unchanged) if pages run out,
@@ -211,6 +218,13 @@ void coopt_ctx_synchronize(struct coopt_ctx *c);
 // decode to finish. Borrowed pointer, valid until the next coopt_ctx_decode(). NULL if token i
 // has no logits.
 const float *coopt_ctx_logits(struct coopt_ctx *c, int32_t i);
+// The token samplers[i] of the last decode drew for batch token i (see coopt_batch_input):
+// exactly the token coopt_sampler_sample(samplers[i], logits of token i) returns, with the
+// sampler's random state left as that call leaves it (its penalty history is not touched: call
+// coopt_sampler_accept). The draw counts when read: the first call waits for the decode and
+// advances the sampler; later calls return the same token. -1 when token i has no logits or no
+// sampler, or after the next decode.
+int32_t coopt_ctx_token(struct coopt_ctx *c, int32_t i);
 
 // Generation with the choice made where the logits are. Feeds `token` to sequence seq, then
 // feeds each step's choice to the next step, until n_max tokens were fed or on_token returns

@@ -80,13 +80,14 @@ struct coopt_ops {
     // host memory (host_alloc) that receives the same values directly
     void (*argmax)(struct coopt_backend *be, int32_t *out, int32_t *out_host, const float *x, int32_t n_rows,
                    int32_t n);
-    // out[0] = the token coopt_sampler_sample draws from the one row x[0, n) for the sampler whose
-    // state ps holds (pick.h): the same token, and ps->rng advanced as the sampler's would be. ps:
-    // a block of pick_block_bytes(n) bytes of backend memory, the scratch after the state zeroed
-    // once when allocated. out_host (NULL = none): page-locked host memory (host_alloc) that
-    // receives the token at byte 0 and ps->rng after the draw at byte 8 (PICK_RESULT_BYTES).
-    void (*sample)(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n,
-                   struct pick_state *ps);
+    // out[r] = the token coopt_sampler_sample draws from row x[r][0, n) for the sampler whose state
+    // ps[r] holds (pick.h), for r < n_rows: the same token, and ps[r].rng advanced as the
+    // sampler's would be; a row whose ps[r].p.top_k is 0 is skipped (nothing written). ps: [n_rows]
+    // in backend memory; scratch: n_rows blocks of pick_scratch_bytes(n) bytes of backend memory,
+    // zeroed once when allocated. out_host (NULL = none): page-locked host memory (host_alloc)
+    // that receives, PICK_RESULT_BYTES per row, the token at byte 0 and ps[r].rng after the draw at 8.
+    void (*sample)(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n_rows,
+                   int32_t n, struct pick_state *ps, uint8_t *scratch);
 
     // ---- fused ops (optional: NULL = the forward pass composes them from the ops above) ----
     // outs[j][r][:] = x[r] · ws[j] for j < n (1 <= n <= 4): several projections of one input in

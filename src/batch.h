@@ -36,9 +36,11 @@ struct coopt_batch {
                                  // row's logits (the greedy choice, see the argmax op), which may be
                                  // this step's own tokens array (the next step's input)
     int32_t       *next_tokens_host; // [n_out] page-locked host memory the backend also writes them to, or NULL
-    struct pick_state *pick;     // or NULL; with next_tokens and one output row: the token is drawn by the
-                                 // sample op from this sampler state (pick.h) instead of the argmax, and
-                                 // next_tokens_host is the op's out_host (token and random state)
+    struct pick_state *pick;     // [n_out] or NULL; with next_tokens: the tokens are drawn by the sample
+                                 // op from these sampler states (pick.h) instead of the argmax (a row
+                                 // whose top_k is 0 gets none), and next_tokens_host is the op's
+                                 // out_host (token and random state, PICK_RESULT_BYTES a row)
+    uint8_t       *pick_scratch; // with pick: the op's scratch (n_out blocks of pick_scratch_bytes)
 };
 
 #endif // COOPT_BATCH_H

@@ -50,7 +50,7 @@ struct coopt_ctx {
     // Work enqueued and not yet waited for (the last decode's steps and logits copy): the
     // backend may still be running it; coopt_ctx_synchronize waits.
     bool     pending;
-    uint8_t *d_pick;     // the sample op's block (pick.h) for sampled coopt_ctx_generate
+    uint8_t *d_pick;     // sampled coopt_ctx_generate: the sample op's state (pick.h), at 64 its scratch
     float   *d_k_offset; // K smoothing offsets of FP8 caches (kv_cache.h), NULL otherwise
     size_t   k_offset_seq_bytes; // bytes of one sequence's offsets
     // per-sequence bookkeeping [n_seq_max]
@@ -63,6 +63,19 @@ struct coopt_ctx {
     bool     logits_backend; // logits came from be->ops->host_alloc (see ensure_result_capacity)
     int32_t *logit_row;    // [n_index_cap] row in logits per batch token, -1 = none
     int64_t  n_index_cap;
+    // Tokens drawn by the batch's samplers (coopt_batch_input.samplers, coopt_ctx_token): per
+    // batch token its sampler until the token is read (NULL: none, or read), whether the sample
+    // op draws it (else the host, from its logits), and its logits row until read, then the
+    // token (-1: none). The op's results, PICK_RESULT_BYTES per logits row, go to tok_res (host;
+    // page-locked where the backend has host_alloc, else no draw is made there); its scratch for
+    // n_batch rows and its n_batch tokens are d_rows (backend memory, allocated on first use).
+    struct coopt_sampler **tok_smp; // [n_index_cap]
+    int32_t               *tok_val; // [n_index_cap]
+    uint8_t               *tok_dev; // [n_index_cap]
+    uint8_t               *tok_res; // [n_res_cap][PICK_RESULT_BYTES]
+    int64_t                n_res_cap;
+    bool                   tok_res_backend;
+    uint8_t               *d_rows;
 };
 
 struct coopt_ctx_params coopt_ctx_default_params(void) {
@@ -79,12 +92,14 @@ struct coopt_ctx_params coopt_ctx_default_params(void) {
 // max_blocks) carries everything the step uses. A host block has STEP_RESULT_BYTES more after
 // `end` (at the largest n): where the token of a chained step comes back.
 struct step_layout {
-    size_t tokens, slots, pos, tok_seq, out_rows, seq_lens, seq_ids, block_tables, end;
+    size_t tokens, slots, pos, tok_seq, out_rows, seq_lens, seq_ids, picks, block_tables, end;
 };
 
 #define STEP_RESULT_BYTES 64
 _Static_assert(STEP_RESULT_BYTES >= PICK_RESULT_BYTES, "the result area holds a sample op's result");
-_Static_assert(sizeof(struct pick_state) <= PICK_COUNTER_OFF, "the pick state fits before the counter");
+#define PICK_STATE_BYTES 64 // d_pick: the state, then the scratch
+_Static_assert(sizeof(struct pick_state) <= PICK_STATE_BYTES && sizeof(struct pick_state) % 8 == 0,
+               "the pick state fits before the scratch; an array of them keeps 8-byte alignment");
 
 static struct step_layout step_layout_make(int32_t n, int32_t n_seq_max, int32_t max_blocks) {
     struct step_layout L;
@@ -96,7 +111,8 @@ static struct step_layout step_layout_make(int32_t n, int32_t n_seq_max, int32_t
     L.out_rows     = L.tok_seq + nt * sizeof(int32_t);
     L.seq_lens     = L.out_rows + nt * sizeof(int32_t);
     L.seq_ids      = L.seq_lens + ns * sizeof(int32_t);
-    L.block_tables = L.seq_ids + ns * sizeof(int32_t);
+    L.picks        = (L.seq_ids + ns * sizeof(int32_t) + 7) & ~(size_t)7; // [n] struct pick_state
+    L.block_tables = L.picks + nt * sizeof(struct pick_state);
     L.end          = L.block_tables + ns * (size_t)max_blocks * sizeof(int32_t);
     return L;
 }
@@ -141,6 +157,8 @@ void coopt_ctx_free(struct coopt_ctx *c) {
         be->ops->free(be, c->d_step);
         be->ops->free(be, c->d_k_offset);
         be->ops->free(be, c->d_pick);
+        be->ops->free(be, c->d_rows);
+        host_buf_free(be, c->tok_res, c->tok_res_backend), c->tok_res = NULL;
         for (int i = 0; i < 2; i++) host_buf_free(be, c->h_step[i], c->h_step_backend[i]);
         host_buf_free(be, c->logits, c->logits_backend), c->logits = NULL;
         if (c->kv && c->kv->pool) be->ops->kv_pool_free(be, c->kv->pool, c->pool_bytes);
@@ -149,7 +167,8 @@ void coopt_ctx_free(struct coopt_ctx *c) {
     if (c->kv) c->kv->pool = NULL;
     coopt_kv_cache_free(c->kv);
     coopt_backend_free(be);
-    void *h[] = {c->inv_freq, c->seq_add, c->seq_bidx, c->seq_step_cnt, c->logits, c->logit_row};
+    void *h[] = {c->inv_freq, c->seq_add, c->seq_bidx, c->seq_step_cnt, c->logits, c->logit_row, c->tok_smp, c->tok_val,
+                 c->tok_dev};
     for (size_t i = 0; i < COOPT_ARRAY_LEN(h); i++) free(h[i]);
     free(c);
 }
@@ -230,9 +249,9 @@ enum coopt_status coopt_ctx_init(struct coopt_model *m, const struct coopt_ctx_p
         memset(c->h_step[i], 0, hb); // gaps of a packed step are copied too: keep them defined
     }
     if ((st = be->ops->alloc(be, c->step_bytes, (void **)&c->d_step))) goto fail;
-    if ((st = be->ops->alloc(be, pick_block_bytes(cfg->n_vocab), (void **)&c->d_pick))) goto fail;
+    if ((st = be->ops->alloc(be, PICK_STATE_BYTES + pick_scratch_bytes(cfg->n_vocab), (void **)&c->d_pick))) goto fail;
     {
-        static const uint8_t zeros[PICK_CANDS_OFF]; // the state and the segment counter
+        static const uint8_t zeros[PICK_STATE_BYTES + PICK_CANDS_OFF]; // the state and the segment counter
         be->ops->upload(be, c->d_pick, zeros, sizeof(zeros));
     }
     if (layout.has_scales) { // K smoothing for FP8 caches (kv_cache.h)
@@ -330,6 +349,25 @@ const float *coopt_ctx_logits(struct coopt_ctx *c, int32_t i) {
     return c->logits + (size_t)c->logit_row[i] * (size_t)c->model->config.n_vocab;
 }
 
+int32_t coopt_ctx_token(struct coopt_ctx *c, int32_t i) {
+    if (i < 0 || i >= c->n_index_cap) return -1;
+    struct coopt_sampler *s = c->tok_smp[i];
+    if (!s) return c->tok_val[i]; // read already, or none
+    int32_t t = -1;
+    if (c->tok_dev[i]) {
+        coopt_ctx_synchronize(c);
+        const uint8_t *r = c->tok_res + (size_t)c->tok_val[i] * PICK_RESULT_BYTES;
+        uint64_t       rng[4];
+        memcpy(&t, r, sizeof(t));
+        memcpy(rng, r + 8, sizeof(rng));
+        coopt_sampler_set_rng(s, rng);
+    } else {
+        t = coopt_sampler_sample(s, coopt_ctx_logits(c, i));
+    }
+    c->tok_smp[i] = NULL, c->tok_val[i] = t;
+    return t;
+}
+
 // Logits buffers up to this size are page-locked where the backend offers it (host_alloc): the
 // copy from the device is then a direct DMA instead of one staged through the driver's buffer
 // (on the H100 the GPU's idle time between replayed decode steps was 94-104 us for llama3-8b's
@@ -342,9 +380,15 @@ const float *coopt_ctx_logits(struct coopt_ctx *c, int32_t i) {
 // the decode that grows them overwrites them.
 static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_tokens, int64_t n_want) {
     if (n_tokens > c->n_index_cap) {
-        int32_t *p = coopt_realloc(c->logit_row, (size_t)n_tokens * sizeof(int32_t));
-        if (!p) return COOPT_ERR_NOMEM;
-        c->logit_row   = p;
+        int32_t               *p = coopt_realloc(c->logit_row, (size_t)n_tokens * sizeof(int32_t));
+        if (p) c->logit_row = p;
+        struct coopt_sampler **s = p ? coopt_realloc(c->tok_smp, (size_t)n_tokens * sizeof(*s)) : NULL;
+        if (s) c->tok_smp = s;
+        int32_t *v = s ? coopt_realloc(c->tok_val, (size_t)n_tokens * sizeof(int32_t)) : NULL;
+        if (v) c->tok_val = v;
+        uint8_t *d = v ? coopt_realloc(c->tok_dev, (size_t)n_tokens) : NULL;
+        if (!d) return COOPT_ERR_NOMEM; // (the arrays grown so far stay: n_index_cap is the smallest)
+        c->tok_dev     = d;
         c->n_index_cap = n_tokens;
     }
     if (n_want > c->n_logits_cap) {
@@ -359,6 +403,40 @@ static enum coopt_status ensure_result_capacity(struct coopt_ctx *c, int64_t n_t
         c->n_logits_cap   = n_want;
     }
     return COOPT_OK;
+}
+
+// Room for the sample op's results of n_want logits rows (page-locked where the backend has
+// host_alloc: the op writes them over the bus) and, on first use, its scratch and tokens for
+// n_batch rows. Returns false when the op cannot draw for this context (no page-locked memory
+// on such a backend): the host then draws from the logits. NOMEM in *st when memory ran out.
+static bool ensure_token_results(struct coopt_ctx *c, int64_t n_want, enum coopt_status *st) {
+    struct coopt_backend *be = c->be;
+    *st                      = COOPT_OK;
+    if (n_want > c->n_res_cap) {
+        bool     locked = false;
+        uint8_t *p      = host_buf_alloc(be, (size_t)n_want * PICK_RESULT_BYTES, true, &locked);
+        if (!p) {
+            *st = COOPT_ERR_NOMEM;
+            return false;
+        }
+        coopt_ctx_synchronize(c); // the last decode's op may still be writing the old buffer
+        host_buf_free(be, c->tok_res, c->tok_res_backend);
+        c->tok_res = p, c->tok_res_backend = locked, c->n_res_cap = n_want;
+    }
+    if (be->ops->host_alloc && !c->tok_res_backend) return false;
+    if (!c->d_rows) {
+        const size_t nb = (size_t)c->params.n_batch, sb = pick_scratch_bytes(c->model->config.n_vocab) * nb;
+        uint8_t     *z  = coopt_calloc(1, sb); // the segment counters start at zero
+        if (!z || (*st = be->ops->alloc(be, sb + nb * sizeof(int32_t), (void **)&c->d_rows)) != COOPT_OK) {
+            free(z);
+            if (*st == COOPT_OK) *st = COOPT_ERR_NOMEM;
+            return false;
+        }
+        be->ops->upload(be, c->d_rows, z, sb);
+        be->ops->sync(be);
+        free(z);
+    }
+    return true;
 }
 
 // Chaining (coopt_ctx_generate) of a one-token step: the argmax of its logits, or with `pick`
@@ -417,6 +495,17 @@ static enum coopt_status run_step(struct coopt_ctx *c, const struct coopt_batch_
         h_seq_lens[c->seq_bidx[s]] = (int32_t)(pos + 1);
         if (c->logit_row[t] >= 0) h_out_rows[n_out++] = i;
     }
+    // rows whose token the sample op draws (coopt_ctx_token): their sampler states; the others
+    // get top_k 0 (skipped) and their logits come back
+    struct pick_state *h_picks  = (struct pick_state *)(h + L.picks);
+    bool               any_dev  = false, host_rows = false;
+    for (int32_t j = 0; j < n_out && !chain; j++) {
+        const int32_t t = start + h_out_rows[j];
+        memset(&h_picks[j], 0, sizeof(h_picks[j]));
+        if (c->tok_smp[t] && c->tok_dev[t]) any_dev |= coopt_sampler_pick_state(c->tok_smp[t], &h_picks[j]);
+        else host_rows = true;
+    }
+    const size_t rows_scratch = (size_t)c->params.n_batch * pick_scratch_bytes(c->model->config.n_vocab);
     uint8_t     *d    = c->d_step;
     const size_t from = chain && chain->token_on_device ? L.slots : 0;
     COOPT_ASSERT(((uintptr_t)(h + c->step_bytes) & 7) == 0); // the result area (see coopt_ctx_init)
@@ -428,9 +517,12 @@ static enum coopt_status run_step(struct coopt_ctx *c, const struct coopt_batch_
         .max_blocks = c->max_blocks, .block_tables = (const int32_t *)(d + L.block_tables),
         .seq_lens = (const int32_t *)(d + L.seq_lens), .seq_ids = (const int32_t *)(d + L.seq_ids),
         .window = c->model->config.sliding_window, .no_seq_start = !seq_start, .n_out = n_out,
-        .out_rows = (const int32_t *)(d + L.out_rows), .next_tokens = chain ? (int32_t *)(d + L.tokens) : NULL,
-        .next_tokens_host = chain && c->h_step_backend[hb] ? (int32_t *)(h + c->step_bytes) : NULL,
-        .pick = chain ? chain->pick : NULL,
+        .out_rows = (const int32_t *)(d + L.out_rows),
+        .next_tokens = chain ? (int32_t *)(d + L.tokens) : any_dev ? (int32_t *)(c->d_rows + rows_scratch) : NULL,
+        .next_tokens_host = chain ? (c->h_step_backend[hb] ? (int32_t *)(h + c->step_bytes) : NULL)
+                          : any_dev ? (int32_t *)(c->tok_res + (size_t)*logits_row * PICK_RESULT_BYTES) : NULL,
+        .pick = chain ? chain->pick : any_dev ? (struct pick_state *)(d + L.picks) : NULL,
+        .pick_scratch = chain && chain->pick ? (uint8_t *)chain->pick + PICK_STATE_BYTES : any_dev ? c->d_rows : NULL,
     };
     // A recorded step (CUDA graph) replaces the op-by-op forward pass where the backend has one
     // for this geometry; hooks observe ops as they run, so they force the op-by-op path.
@@ -458,7 +550,7 @@ static enum coopt_status run_step(struct coopt_ctx *c, const struct coopt_batch_
             if (chain->pick)
                 be->ops->download(be, h + c->step_bytes + 8, chain->pick->rng, sizeof(chain->pick->rng));
         }
-    } else if (n_out > 0)
+    } else if (n_out > 0 && (host_rows || !any_dev))
         be->ops->download(be, c->logits + (size_t)*logits_row * nv, c->scratch.logits, (size_t)n_out * nv * sizeof(float));
     *fence = 0;
     if (be->ops->fence) *fence = c->h_fence[hb] = be->ops->fence(be);
@@ -552,8 +644,21 @@ static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_in
         if (st == COOPT_OK) st = ensure_result_capacity(c, n, chain ? 0 : n_want);
     }
     memset(c->seq_add, 0, (size_t)c->params.n_seq_max * sizeof(int32_t));
+    // the batch's samplers: drawn by the sample op where it can (a chainable sampler, results
+    // memory the op can write), else by coopt_ctx_token from the logits
+    for (int64_t i = 0; i < c->n_index_cap; i++) c->tok_smp[i] = NULL, c->tok_val[i] = -1, c->tok_dev[i] = 0;
+    if (st == COOPT_OK && in->samplers && !chain) {
+        const bool dev = ensure_token_results(c, n_want, &st);
+        for (int32_t i = 0; i < n && st == COOPT_OK; i++) {
+            if (c->logit_row[i] < 0 || !in->samplers[i]) continue;
+            struct pick_state ps;
+            c->tok_smp[i] = in->samplers[i];
+            c->tok_val[i] = c->logit_row[i];
+            c->tok_dev[i] = dev && coopt_sampler_pick_state(in->samplers[i], &ps);
+        }
+    }
     if (st != COOPT_OK) {
-        for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1;
+        for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1, c->tok_smp[i] = NULL;
         return st;
     }
     for (int64_t i = n; i < c->n_index_cap; i++) c->logit_row[i] = -1;
@@ -567,11 +672,13 @@ static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_in
                 if (c->seq_add[s]) coopt_kv_seq_truncate(kv, s, kv->seqs[s].n_tokens - c->seq_add[s]);
                 c->seq_add[s] = 0;
             }
-            for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1;
+            for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1, c->tok_smp[i] = NULL;
             return st;
         }
     }
     if (chain) c->logit_row[0] = -1; // the logits stayed on the device
+    for (int32_t i = 0; i < n; i++)
+        if (c->tok_dev[i]) c->logit_row[i] = -1; // drawn by the op: coopt_ctx_token only
     if (cfg->sliding_window > 0) {
         for (int32_t i = 0; i < n; i++) {
             int32_t s = in->seq_ids[i];

@@ -167,7 +167,8 @@ void coopt_forward(const struct coopt_model *m, struct coopt_backend *be, struct
     op->rmsnorm(be, s->xo, s->xo, m->out_norm, b->n_out, (int32_t)dim, c->norm_eps);
     op->matmul(be, s->logits, s->xo, &m->output, b->n_out);
     if (b->next_tokens && b->pick)
-        op->sample(be, b->next_tokens, b->next_tokens_host, s->logits, (int32_t)m->output.n_out, b->pick);
+        op->sample(be, b->next_tokens, b->next_tokens_host, s->logits, b->n_out, (int32_t)m->output.n_out, b->pick,
+                   b->pick_scratch);
     else if (b->next_tokens)
         op->argmax(be, b->next_tokens, b->next_tokens_host, s->logits, b->n_out, (int32_t)m->output.n_out);
 }

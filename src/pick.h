@@ -35,13 +35,12 @@
 #define PICK_MAX_K 64
 #define PICK_SEG   4096
 
-// The sample op's block in backend memory: the pick_state, at PICK_COUNTER_OFF a counter of the
-// segments done (zero between calls), at PICK_CANDS_OFF the candidates of every segment
-// (PICK_MAX_K 64-bit keys each); the counter and the candidates are the CUDA kernel's scratch.
-#define PICK_COUNTER_OFF  64
-#define PICK_CANDS_OFF    128
-#define PICK_RESULT_BYTES 40 // what the op writes to out_host: the token (int32) at 0, the random state at 8
-PICK_FN size_t pick_block_bytes(int32_t n) {
+// The sample op's scratch for one row of n logits, in backend memory (zeroed once when
+// allocated; the CUDA kernel's): a counter of the segments done at 0 (zero between calls), at
+// PICK_CANDS_OFF the candidates of every segment (PICK_MAX_K 64-bit keys each).
+#define PICK_CANDS_OFF    64
+#define PICK_RESULT_BYTES 40 // what the op writes to out_host per row: the token (int32) at 0, the random state at 8
+PICK_FN size_t pick_scratch_bytes(int32_t n) {
     return PICK_CANDS_OFF + (size_t)((n + PICK_SEG - 1) / PICK_SEG) * PICK_MAX_K * sizeof(uint64_t);
 }
 
@@ -49,7 +48,7 @@ struct pick_params {
     float   inv_temp;  // 1 / temperature (> 0)
     float   top_p;     // >= 1: off
     float   log_min_p; // log(min_p), computed on the host; min_p <= 0: off (has_min_p false)
-    int32_t top_k;     // 1 .. PICK_MAX_K
+    int32_t top_k;     // 1 .. PICK_MAX_K; 0: the sample op skips the row (writes nothing)
     int32_t has_min_p;
 };
 

@@ -484,6 +484,12 @@ bool coopt_sampler_greedy(const struct coopt_sampler *s) { return !(s->p.temp > 
 bool coopt_sampler_pick_state(const struct coopt_sampler *s, struct pick_state *out) {
     const struct coopt_sampler_params *p = &s->p;
     const int64_t segs = ((int64_t)s->n_vocab + PICK_SEG - 1) / PICK_SEG;
+    if (coopt_sampler_greedy(s) && segs <= PICK_SEG) { // the argmax: the one largest candidate, no draw
+        memset(out, 0, sizeof(*out));
+        out->p = (struct pick_params){.inv_temp = 1.0f, .top_p = 1.0f, .top_k = 1};
+        memcpy(out->rng, s->rng, sizeof(out->rng));
+        return true;
+    }
     if (!(p->temp > 0) || !sampler_no_penalty(p) || p->top_k < 1 ||
         p->top_k > PICK_MAX_K || segs * p->top_k > PICK_SEG)
         return false;

@@ -9,9 +9,10 @@
 #include "pick.h"
 
 // The sampler's parameters and random state as a pick_state, if its choice can be made by the
-// sample op: temperature > 0, no repetition penalty, 1 <= top_k <= PICK_MAX_K, and a vocabulary
-// the device's two-level top-k holds (ceil(n_vocab / PICK_SEG) * top_k <= PICK_SEG). Then the op
-// draws exactly what coopt_sampler_sample draws from the same logits. false otherwise.
+// sample op: greedy (as top_k 1: the largest candidate, no draw), or temperature > 0, no
+// repetition penalty, 1 <= top_k <= PICK_MAX_K, and a vocabulary the device's two-level top-k
+// holds (ceil(n_vocab / PICK_SEG) * top_k <= PICK_SEG). Then the op draws exactly what
+// coopt_sampler_sample draws from the same logits. false otherwise.
 bool coopt_sampler_pick_state(const struct coopt_sampler *s, struct pick_state *out);
 // Whether the sampler's choice is the argmax of any logits (temperature <= 0, no penalty).
 bool coopt_sampler_greedy(const struct coopt_sampler *s);

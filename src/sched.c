@@ -40,6 +40,7 @@ struct coopt_sched {
     int32_t                  *b_tokens, *b_seqs;
     uint8_t                  *b_want;
     struct req              **b_req;   // request of each logits-producing token (by batch index)
+    struct coopt_sampler    **b_smp;   // the sampler drawing each token's successor (NULL: none)
     struct coopt_sched_stats  stats;
 };
 
@@ -58,6 +59,7 @@ void coopt_sched_free(struct coopt_sched *s) {
     free(s->b_seqs);
     free(s->b_want);
     free(s->b_req);
+    free(s->b_smp);
     free(s);
 }
 
@@ -75,7 +77,8 @@ enum coopt_status coopt_sched_init(struct coopt_ctx *c, const struct coopt_sched
     s->b_seqs   = coopt_malloc(n * sizeof(int32_t));
     s->b_want   = coopt_malloc(n);
     s->b_req    = coopt_malloc(n * sizeof(struct req *));
-    if (!s->b_tokens || !s->b_seqs || !s->b_want || !s->b_req) {
+    s->b_smp    = coopt_malloc(n * sizeof(struct coopt_sampler *));
+    if (!s->b_tokens || !s->b_seqs || !s->b_want || !s->b_req || !s->b_smp) {
         coopt_sched_free(s);
         return COOPT_ERR_NOMEM;
     }
@@ -217,6 +220,7 @@ enum coopt_status coopt_sched_step(struct coopt_sched *s, int32_t *n_active) {
         s->b_tokens[n] = r->tokens[r->n_computed];
         s->b_seqs[n]   = r->seq;
         s->b_want[n]   = 1;
+        s->b_smp[n]    = r->smpl;
         s->b_req[n]    = r;
         n++;
         budget--;
@@ -246,6 +250,7 @@ enum coopt_status coopt_sched_step(struct coopt_sched *s, int32_t *n_active) {
             s->b_tokens[n] = r->tokens[r->n_computed + j];
             s->b_seqs[n]   = r->seq;
             s->b_want[n]   = (r->n_computed + j == r->n_tokens - 1);
+            s->b_smp[n]    = s->b_want[n] ? r->smpl : NULL;
             s->b_req[n]    = r;
             n++;
         }
@@ -258,7 +263,9 @@ enum coopt_status coopt_sched_step(struct coopt_sched *s, int32_t *n_active) {
         if (n_order > 0 && !newest_running(s, NULL)) finish(s, order[0], "kv");
         goto out;
     }
-    struct coopt_batch_input b = {.n_tokens = n, .tokens = s->b_tokens, .seq_ids = s->b_seqs, .want_logits = s->b_want};
+    // the samplers draw where the logits are (coopt_ctx_token): on a GPU only the tokens come back
+    struct coopt_batch_input b = {
+        .n_tokens = n, .tokens = s->b_tokens, .seq_ids = s->b_seqs, .want_logits = s->b_want, .samplers = s->b_smp};
     st                         = coopt_ctx_decode(s->ctx, &b);
     if (st != COOPT_OK) goto out;
     s->stats.n_steps++;
@@ -268,7 +275,7 @@ enum coopt_status coopt_sched_step(struct coopt_sched *s, int32_t *n_active) {
         struct req *r = s->b_req[t];
         if (r->n_gen == 0 && r->n_computed == r->n_prompt) s->stats.n_prompt_tokens += r->n_prompt;
         if (r->n_computed != r->n_tokens) continue; // recompute in progress
-        int32_t tok = coopt_sampler_sample(r->smpl, coopt_ctx_logits(s->ctx, t));
+        int32_t tok = coopt_ctx_token(s->ctx, t);
         const struct coopt_tokenizer *tk = coopt_model_tokenizer(coopt_ctx_model(s->ctx));
         if (coopt_tokenizer_is_eog(tk, tok)) {
             finish(s, r, "eos");

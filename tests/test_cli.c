@@ -121,6 +121,13 @@ TEST(cli_bench_table) {
     snprintf(args, sizeof(args), "bench -m '%s' -p 0 -n 8 -r 1 -t 1 --tg sample-host", test_model_path("stories260K.gguf"));
     CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
     CHECKF(t, strstr(out, "| tg8-sample-host |"), "%s", out);
+    // batched, each sequence drawn by its own sampler where the logits are / on the host
+    snprintf(args, sizeof(args), "bench -m '%s' -p 4 -n 8 -B 3 -r 1 -t 1 --tg sample", test_model_path("stories260K.gguf"));
+    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
+    CHECKF(t, strstr(out, "| tg8 x B3-sample |"), "%s", out);
+    snprintf(args, sizeof(args), "bench -m '%s' -p 4 -n 8 -B 3 -r 1 -t 1 --tg sample-host", test_model_path("stories260K.gguf"));
+    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
+    CHECKF(t, strstr(out, "| tg8 x B3-sample-host |"), "%s", out);
     CHECK(t, run_cli("bench -m x --tg gpu", out, sizeof(out)) == 1);
     CHECKF(t, strstr(out, "--tg: expected device, host, sample or sample-host"), "%s", out);
 }

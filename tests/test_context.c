@@ -197,6 +197,24 @@ TEST(context_op_failure_is_a_status) {
     coopt_model_free(m);
 }
 
+// ---- a batch drawn by its samplers (coopt_batch_input.samplers, coopt_ctx_token) ----
+
+// Four sequences decoded together, each with its own sampler -- the defaults, greedy, top-k 7 at
+// temperature 1.3, and one with a repetition penalty (not chainable: the host draws it from the
+// logits) -- a 24-token prompt batch in steps of 8, then 6 rounds of one token each: every token
+// equals coopt_sampler_sample's on a reference context's logits with a sampler of the same
+// settings, and so does every sampler's random state afterwards; rows drawn by the sample op have
+// no host logits, the host-drawn row has them; a second read returns the same token without
+// another draw; a token without a sampler gives -1. Run by the CPU backend's sample op here, by
+// the CUDA kernel in test_cuda_decode.c (check_batch_samplers in test_generate_util.h).
+TEST(context_batch_samplers) {
+    struct coopt_model *m = load_260k(t);
+    if (!m) SKIP(t, "stories260K.gguf not available");
+    check_batch_samplers(t, m, COOPT_DTYPE_F32, 8);
+    check_batch_samplers(t, m, COOPT_DTYPE_FP8_E4M3, 8);
+    coopt_model_free(m);
+}
+
 // ---- page-locked host buffers (host_buf_alloc, context.c): the fallback and the pairing ----
 
 static int g_ha_fail, g_ha_allocs, g_ha_frees; // host_alloc refuses; buffers handed out; host_free calls

@@ -268,7 +268,8 @@ TEST(cuda_sample) {
         const int32_t n  = ns[a];
         float        *x  = malloc((size_t)n * sizeof(float));
         float        *dx = dev_copy(p.cu, NULL, (size_t)n * sizeof(float));
-        uint8_t      *blk = dev_copy(p.cu, NULL, pick_block_bytes(n));
+        uint8_t      *blk = dev_copy(p.cu, NULL, pick_scratch_bytes(n));
+        struct pick_state *dst = dev_copy(p.cu, NULL, sizeof(struct pick_state));
         int32_t      *dout = dev_copy(p.cu, NULL, sizeof(int32_t));
         uint8_t       zeros[PICK_CANDS_OFF] = {0};
         p.cu->ops->upload(p.cu, blk, zeros, sizeof(zeros));
@@ -283,16 +284,16 @@ TEST(cuda_sample) {
                 struct pick_state     hs;
                 CHECK(t, coopt_sampler_init(&sp, n, &smp) == COOPT_OK && coopt_sampler_pick_state(smp, &hs));
                 coopt_sampler_free(smp);
-                p.cu->ops->upload(p.cu, blk, &hs, sizeof(hs));
+                p.cu->ops->upload(p.cu, dst, &hs, sizeof(hs));
                 int32_t first = -1;
                 for (int d = 0; d < 6 && !t->failed; d++) {
                     const int32_t want = coopt_pick_row(x, n, &hs);
                     memset(hres, 0xff, PICK_RESULT_BYTES);
-                    p.cu->ops->sample(p.cu, dout, hres, dx, n, (struct pick_state *)blk);
+                    p.cu->ops->sample(p.cu, dout, hres, dx, 1, n, dst, blk);
                     int32_t           got = -1, hgot = -1;
                     struct pick_state ds;
                     dev_read(p.cu, &got, dout, sizeof(got));
-                    dev_read(p.cu, &ds, blk, sizeof(ds));
+                    dev_read(p.cu, &ds, dst, sizeof(ds));
                     memcpy(&hgot, hres, sizeof(hgot));
                     CHECKF(t, got == want && hgot == want, "n %d kind %d params %zu draw %d: token %d (result %d), host %d", n,
                            kind, q, d, got, hgot, want);
@@ -306,15 +307,82 @@ TEST(cuda_sample) {
             }
         }
         uint32_t counter = 1;
-        dev_read(p.cu, &counter, blk + PICK_COUNTER_OFF, sizeof(counter));
+        dev_read(p.cu, &counter, blk, sizeof(counter));
         CHECKF(t, counter == 0, "n %d: the segment counter is %u after the calls", n, counter);
-        p.cu->ops->free(p.cu, dx), p.cu->ops->free(p.cu, blk), p.cu->ops->free(p.cu, dout);
+        p.cu->ops->free(p.cu, dx), p.cu->ops->free(p.cu, blk), p.cu->ops->free(p.cu, dout), p.cu->ops->free(p.cu, dst);
         free(x);
     }
     p.cu->ops->host_free(p.cu, hres);
     CHECKF(t, n_moved > n_draws / 8, "only %d of %d draws moved away from a row's first: the test sees no draws", n_moved,
            n_draws);
     (void)n_rows;
+    cu_pair_free(&p);
+}
+
+// The op over several rows at once (a batch drawn where its logits are): 5 rows of 32000 or
+// 128256 logits, each its own parameters, kind and random state, row 2 skipped (top_k 0: its
+// token, result and state untouched), 3 draws: every other row's token and state equal
+// coopt_pick_row's on that row (a kernel that mixed up the rows' logits, states or scratch
+// would not), the scratch counters zero afterwards.
+TEST(cuda_sample_rows) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    uint64_t s = 31;
+    enum { R = 5 };
+    uint8_t *hres = NULL;
+    CHECK(t, p.cu->ops->host_alloc(p.cu, R * PICK_RESULT_BYTES, (void **)&hres) == COOPT_OK);
+    const int32_t ns[] = {32000, 128256};
+    for (size_t a = 0; a < COOPT_ARRAY_LEN(ns) && !t->failed; a++) {
+        const int32_t      n = ns[a];
+        const size_t       sb = pick_scratch_bytes(n);
+        float             *x  = malloc((size_t)R * (size_t)n * sizeof(float));
+        struct pick_state  hs[R];
+        uint8_t           *zeros = calloc(R, sb);
+        for (int r = 0; r < R; r++) {
+            sample_row(x + (size_t)r * n, n, r % 2 ? 1 : 0, &s);
+            struct coopt_sampler_params sp = coopt_sampler_default_params();
+            sp.top_k = r == 3 ? 64 : 40 - r, sp.temp = 1.5f + 0.1f * (float)r, sp.seed = 77 + (uint64_t)r;
+            struct coopt_sampler *smp = NULL;
+            CHECK(t, coopt_sampler_init(&sp, n, &smp) == COOPT_OK && coopt_sampler_pick_state(smp, &hs[r]));
+            coopt_sampler_free(smp);
+        }
+        hs[2].p.top_k      = 0;
+        float             *dx   = dev_copy(p.cu, x, (size_t)R * (size_t)n * sizeof(float));
+        uint8_t           *blk  = dev_copy(p.cu, zeros, R * sb);
+        struct pick_state *dst  = dev_copy(p.cu, hs, sizeof(hs));
+        int32_t            sent[R] = {-7, -7, -7, -7, -7};
+        int32_t           *dout = dev_copy(p.cu, sent, sizeof(sent));
+        struct pick_state  skipped = hs[2];
+        memset(hres, 0xee, R * PICK_RESULT_BYTES);
+        for (int d = 0; d < 3 && !t->failed; d++) {
+            p.cu->ops->sample(p.cu, dout, hres, dx, R, n, dst, blk);
+            int32_t           got[R];
+            struct pick_state ds[R];
+            dev_read(p.cu, got, dout, sizeof(got));
+            dev_read(p.cu, ds, dst, sizeof(ds));
+            for (int r = 0; r < R; r++) {
+                const uint8_t *h = hres + (size_t)r * PICK_RESULT_BYTES;
+                if (r == 2) {
+                    CHECKF(t, got[r] == -7 && h[0] == 0xee && !memcmp(&ds[r], &skipped, sizeof(skipped)),
+                           "n %d draw %d: the skipped row was written (token %d)", n, d, got[r]);
+                    continue;
+                }
+                const int32_t want = coopt_pick_row(x + (size_t)r * n, n, &hs[r]);
+                int32_t       hgot = -1;
+                memcpy(&hgot, h, sizeof(hgot));
+                CHECKF(t, got[r] == want && hgot == want && !memcmp(ds[r].rng, hs[r].rng, sizeof(hs[r].rng)) &&
+                              !memcmp(h + 8, hs[r].rng, sizeof(hs[r].rng)),
+                       "n %d draw %d row %d: token %d (result %d), host %d, or the random state differs", n, d, r, got[r],
+                       hgot, want);
+            }
+        }
+        uint32_t counters[R];
+        for (int r = 0; r < R; r++) dev_read(p.cu, &counters[r], blk + (size_t)r * sb, sizeof(uint32_t));
+        for (int r = 0; r < R; r++) CHECKF(t, counters[r] == 0, "n %d row %d: segment counter %u", n, r, counters[r]);
+        p.cu->ops->free(p.cu, dx), p.cu->ops->free(p.cu, blk), p.cu->ops->free(p.cu, dst), p.cu->ops->free(p.cu, dout);
+        free(x), free(zeros);
+    }
+    p.cu->ops->host_free(p.cu, hres);
     cu_pair_free(&p);
 }
 

@@ -508,6 +508,15 @@ static bool check_generate_cuda(struct test_ctx *t, struct coopt_model *m, enum 
 
 TEST(cuda_generate) { run_story_checks(t, check_generate_cuda); }
 
+// A batch drawn by its samplers on the GPU (the pick kernel over the batch's rows, inside the
+// recorded steps from the third round on) against coopt_sampler_sample on a reference context's
+// logits: tests/test_generate_util.h check_batch_samplers, as context_batch_samplers on the CPU.
+static bool check_batch_samplers_cuda(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt) {
+    return check_batch_samplers(t, m, kvt, 8);
+}
+
+TEST(cuda_batch_samplers) { run_story_checks(t, check_batch_samplers_cuda); }
+
 // ---- timings (not a check): COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_decode_bench ----
 
 // Device bandwidth (copy and read-only kernel), then the decode GEMVs of llama2-7b (and 13b's

@@ -232,4 +232,76 @@ static inline bool check_generate(struct test_ctx *t, struct coopt_model *m, enu
     return ok;
 }
 
+// ---- a batch drawn by its samplers (context_batch_samplers, cuda_batch_samplers) ----
+
+#define BS_SEQ 4
+
+static inline struct coopt_sampler *bs_sampler(int k, int32_t nv) {
+    struct coopt_sampler_params sp = coopt_sampler_default_params();
+    sp.seed                        = 100 + (uint64_t)k;
+    if (k == 1) sp.temp = 0.0f;
+    if (k == 2) sp.top_k = 7, sp.temp = 1.3f;
+    if (k == 3) sp.repeat_penalty = 1.3f;
+    struct coopt_sampler *s = NULL;
+    return coopt_sampler_init(&sp, nv, &s) == COOPT_OK ? s : NULL;
+}
+
+// The check of context_batch_samplers (test_context.c) on model m, context n_batch nb.
+static inline bool check_batch_samplers(struct test_ctx *t, struct coopt_model *m, enum coopt_dtype kvt, int32_t nb) {
+    struct coopt_ctx_params cp = coopt_ctx_default_params();
+    cp.n_ctx = 64, cp.n_seq_max = BS_SEQ, cp.n_batch = nb, cp.kv_type = kvt, cp.page_size = 16;
+    struct coopt_ctx     *c = NULL, *r = NULL;
+    int32_t               nv = coopt_model_get_info(m)->n_vocab, seq[BS_SEQ], toks[6 * BS_SEQ], sids[6 * BS_SEQ];
+    struct coopt_sampler *sc[6 * BS_SEQ] = {0}, *sr[BS_SEQ] = {0}, *own[BS_SEQ] = {0};
+    bool ok = coopt_ctx_init(m, &cp, &c) == COOPT_OK && coopt_ctx_init(m, &cp, &r) == COOPT_OK;
+    for (int k = 0; k < BS_SEQ && ok; k++) {
+        int32_t a = -1, b = -1;
+        own[k] = bs_sampler(k, nv), sr[k] = bs_sampler(k, nv);
+        ok     = own[k] && sr[k] && coopt_seq_new(c, &a) == COOPT_OK && coopt_seq_new(r, &b) == COOPT_OK && a == b;
+        seq[k] = a;
+    }
+    if (!ok) test_fail(t, __FILE__, __LINE__, "%s KV: context / sampler setup failed", coopt_dtype_name(kvt));
+    int32_t n = 6 * BS_SEQ; // the prompt: 6 tokens a sequence, interleaved; samplers on each sequence's last
+    for (int i = 0; i < n; i++) toks[i] = 3 + (i * 37) % (nv - 3), sids[i] = seq[i % BS_SEQ];
+    for (int i = 0; i < n; i++) sc[i] = i >= n - BS_SEQ ? own[i % BS_SEQ] : NULL;
+    for (int round = 0; round < 7 && ok; round++) {
+        struct coopt_batch_input in = {.n_tokens = n, .tokens = toks, .seq_ids = sids, .samplers = sc};
+        struct coopt_batch_input ir = {.n_tokens = n, .tokens = toks, .seq_ids = sids};
+        ok = coopt_ctx_decode(c, &in) == COOPT_OK && coopt_ctx_decode(r, &ir) == COOPT_OK;
+        if (!ok) {
+            test_fail(t, __FILE__, __LINE__, "%s KV, round %d: decode failed", coopt_dtype_name(kvt), round);
+            break;
+        }
+        int32_t next[BS_SEQ];
+        for (int i = n - BS_SEQ; i < n && ok; i++) {
+            const int k = i % BS_SEQ;
+            const int32_t want = coopt_sampler_sample(sr[k], coopt_ctx_logits(r, i));
+            const bool    host = k == 3; // the penalty: drawn on the host from the logits
+            const float  *l    = coopt_ctx_logits(c, i);
+            const int32_t got = coopt_ctx_token(c, i), again = coopt_ctx_token(c, i);
+            uint64_t      ga[4], gb[4];
+            coopt_sampler_get_rng(own[k], ga), coopt_sampler_get_rng(sr[k], gb);
+            if (got != want || again != got || memcmp(ga, gb, sizeof(ga)) != 0 || (l != NULL) != host) {
+                test_fail(t, __FILE__, __LINE__,
+                          "%s KV, round %d, sampler %d: token %d (again %d), host %d; random state %s; logits %s",
+                          coopt_dtype_name(kvt), round, k, got, again, want, memcmp(ga, gb, sizeof(ga)) ? "differs" : "same",
+                          l ? "present" : "absent");
+                ok = false;
+            }
+            coopt_sampler_accept(own[k], got), coopt_sampler_accept(sr[k], want);
+            next[k] = got;
+        }
+        if (ok && n > BS_SEQ && coopt_ctx_token(c, 0) != -1) {
+            test_fail(t, __FILE__, __LINE__, "a token without a sampler has a drawn token");
+            ok = false;
+        }
+        n = BS_SEQ; // the next round: one token a sequence
+        for (int k = 0; k < BS_SEQ; k++) toks[k] = next[k], sids[k] = seq[k], sc[k] = own[k];
+    }
+    for (int k = 0; k < BS_SEQ; k++) coopt_sampler_free(own[k]), coopt_sampler_free(sr[k]);
+    coopt_ctx_free(c);
+    coopt_ctx_free(r);
+    return ok;
+}
+
 #endif // COOPT_TEST_GENERATE_UTIL_H

@@ -39,7 +39,8 @@ void cpu_kv_page_copy(struct coopt_backend *be, void *pool, size_t page_bytes, i
 void cpu_destroy(struct coopt_backend *be);
 // argmax (backend.h): one scalar loop, the same in both tables (it reads n floats once)
 void cpu_argmax(struct coopt_backend *be, int32_t *out, int32_t *out_host, const float *x, int32_t n_rows, int32_t n);
-void cpu_sample(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n, struct pick_state *ps);
+void cpu_sample(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n_rows, int32_t n,
+                struct pick_state *ps, uint8_t *scratch);
 
 // Largest finite value of an FP8 cache type (448 for E4M3, 57344 for E5M2), 0 for other types.
 float cpu_kv_fp8_max(enum coopt_dtype t);

@@ -347,13 +347,18 @@ static void get_rows_ref(struct coopt_backend *be, float *out, const float *x, c
 }
 
 // The host sampler's own code (coopt_pick_row), so the two agree by construction.
-void cpu_sample(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n, struct pick_state *ps) {
-    (void)be;
-    const int32_t t = coopt_pick_row(x, n, ps);
-    out[0]          = t;
-    if (out_host) {
-        memcpy(out_host, &t, sizeof(t));
-        memcpy((uint8_t *)out_host + 8, ps->rng, sizeof(ps->rng));
+void cpu_sample(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n_rows, int32_t n,
+                struct pick_state *ps, uint8_t *scratch) {
+    (void)be, (void)scratch;
+    for (int32_t r = 0; r < n_rows; r++) {
+        if (ps[r].p.top_k <= 0) continue;
+        const int32_t t = coopt_pick_row(x + (size_t)r * (size_t)n, n, &ps[r]);
+        out[r]          = t;
+        if (out_host) {
+            uint8_t *h = (uint8_t *)out_host + (size_t)r * PICK_RESULT_BYTES;
+            memcpy(h, &t, sizeof(t));
+            memcpy(h + 8, ps[r].rng, sizeof(ps[r].rng));
+        }
     }
 }
 

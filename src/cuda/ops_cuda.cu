@@ -334,12 +334,13 @@ static void cuda_argmax(struct coopt_backend *be, int32_t *out, int32_t *out_hos
 // ---- sample (pick.h) ----
 //
 // The token coopt_sampler_sample draws (cpu_sample's), for sampled generation chained on the
-// device. Grid: one block of PICK_THREADS per PICK_SEG-logit segment of the row. Each block turns
+// device and for batches drawn where the logits are. Grid: (PICK_SEG-logit segments of a row,
+// rows), blocks of PICK_THREADS; a row's blocks skip it whose state has top_k 0. Each block turns
 // its segment into 64-bit keys in shared memory -- the float's order key in the high half (-0 as
 // +0; NaN and -inf as 0: never candidates), ~id in the low half, so the keys are distinct and
 // their order is the sampler's candidate order (logit descending, id ascending) -- finds its k-th
 // largest key by a radix select (pick_threshold) and writes its (up to) k keys to the segment's
-// slots of the scratch. The last block to finish (a counter in the block, which that block resets)
+// slots of the row's scratch. The last block to finish (a counter in the scratch, which that block resets)
 // selects the k largest of all the segments' keys the same way, sorts them by rank, reads each
 // one's logit back from x (bit for bit, -0 included), and one thread runs pick_sorted with the
 // state's random stream, writes the state back and stores the token (and, over the bus, the token
@@ -428,7 +429,8 @@ __device__ int32_t pick_select(const uint64_t *keys, int32_t m, int32_t k, uint6
 }
 
 __global__ void __launch_bounds__(PICK_THREADS)
-    pick_kernel(int32_t *out, uint8_t *out_host, const float *__restrict__ x, int32_t n, uint8_t *blk) {
+    pick_kernel(int32_t *out, uint8_t *out_host, const float *__restrict__ x, int32_t n, struct pick_state *states,
+                uint8_t *scratch) {
     __shared__ uint64_t keys[PICK_SEG];
     __shared__ uint64_t fin[PICK_MAX_K], bcast[2][2];
     __shared__ uint32_t hist[2][256];
@@ -436,10 +438,15 @@ __global__ void __launch_bounds__(PICK_THREADS)
     __shared__ int32_t  sid[PICK_MAX_K];
     __shared__ int32_t  cnt;
     __shared__ bool     last;
-    struct pick_state *ps      = (struct pick_state *)blk;
-    uint32_t          *counter = (uint32_t *)(blk + PICK_COUNTER_OFF);
+    const int32_t      row     = (int32_t)blockIdx.y;
+    struct pick_state *ps      = states + row;
+    uint8_t           *blk     = scratch + (size_t)row * pick_scratch_bytes(n);
+    uint32_t          *counter = (uint32_t *)blk;
     uint64_t          *cands   = (uint64_t *)(blk + PICK_CANDS_OFF);
-    const int32_t      k       = min(max(ps->p.top_k, 1), PICK_MAX_K);
+    if (ps->p.top_k <= 0) return; // (the row's every block)
+    const int32_t k = min(ps->p.top_k, PICK_MAX_K);
+    x += (size_t)row * (size_t)n, out += row;
+    if (out_host) out_host += (size_t)row * PICK_RESULT_BYTES;
     const int32_t      tid = (int32_t)threadIdx.x, seg0 = (int32_t)blockIdx.x * PICK_SEG, m = min(PICK_SEG, n - seg0);
 
     for (int32_t i = tid; i < m; i += PICK_THREADS) keys[i] = pick_key(x[seg0 + i], seg0 + i);
@@ -480,11 +487,11 @@ __global__ void __launch_bounds__(PICK_THREADS)
     }
 }
 
-static void cuda_sample(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n,
-                        struct pick_state *ps) {
-    if (n <= 0) return;
-    pick_kernel<<<(n + PICK_SEG - 1) / PICK_SEG, PICK_THREADS, 0, cuda_impl(be)->stream>>>(out, (uint8_t *)out_host, x, n,
-                                                                                         (uint8_t *)ps);
+static void cuda_sample(struct coopt_backend *be, int32_t *out, void *out_host, const float *x, int32_t n_rows,
+                        int32_t n, struct pick_state *ps, uint8_t *scratch) {
+    if (n <= 0 || n_rows <= 0) return;
+    dim3 grid((unsigned)((n + PICK_SEG - 1) / PICK_SEG), (unsigned)n_rows);
+    pick_kernel<<<grid, PICK_THREADS, 0, cuda_impl(be)->stream>>>(out, (uint8_t *)out_host, x, n, ps, scratch);
     CUDA_CHECK_LAUNCH();
 }
 

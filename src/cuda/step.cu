@@ -389,10 +389,10 @@ static void p_argmax(struct coopt_backend *be, int32_t *out, int32_t *oh, const 
     BASE(be)->argmax(be, out, oh, x, rows, n);
     prof_post(be, 0, "argmax r%d", rows);
 }
-static void p_sample(struct coopt_backend *be, int32_t *out, void *oh, const float *x, int32_t n,
-                     struct pick_state *ps) {
+static void p_sample(struct coopt_backend *be, int32_t *out, void *oh, const float *x, int32_t rows, int32_t n,
+                     struct pick_state *ps, uint8_t *scratch) {
     prof_pre(be);
-    BASE(be)->sample(be, out, oh, x, n, ps);
+    BASE(be)->sample(be, out, oh, x, rows, n, ps, scratch);
     prof_post(be, 0, "sample");
 }
 static void p_matmul_multi(struct coopt_backend *be, int32_t n, float *const *outs, const float *x,
