@@ -333,7 +333,8 @@ static bool check_graphs(struct test_ctx *t, struct coopt_model *m, enum coopt_d
         }
         if (!ok) break;
         // step 201's recording fails (as if out of memory for the graph): the step runs op by op
-        // instead (its logits below), nothing is recorded, and the geometry stays op by op
+        // instead (its logits below; counted op by op), nothing is recorded, and the geometry
+        // stays op by op (without the failure the step would count as recorded)
         int64_t e_a = 0, c_a = 0, r_a = 0, e_b = 0, c_b = 0, r_b = 0;
         if (step == 201) cuda_step_fail_next_graph(coopt_ctx_backend(cg));
         coopt_cuda_step_stats(coopt_ctx_backend(cg), &e_a, &c_a, &r_a);

@@ -228,6 +228,7 @@ bool cuda_step_end(struct coopt_backend *be) {
         coopt_log_error("CUDA graph of a decode step: %s; steps of this shape run op by op", cudaGetErrorName(e));
         g->exec  = NULL;
         g->eager = true;
+        S->n_eager++; // (the caller's run)
         return false;
     }
     g->epoch = cb->work_epoch;
