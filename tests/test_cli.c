@@ -110,24 +110,20 @@ TEST(cli_bench_table) {
     snprintf(args, sizeof(args), "bench -m '%s' -p 32 -n 8 -r 1 -t 1", test_model_path("stories260K.gguf"));
     CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
     CHECKF(t, strstr(out, "| pp32 |") && strstr(out, "| tg8 |"), "%s", out);
-    // the host-sampling form of tg, and a bad --tg
-    snprintf(args, sizeof(args), "bench -m '%s' -p 0 -n 8 -r 1 -t 1 --tg host", test_model_path("stories260K.gguf"));
-    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
-    CHECKF(t, strstr(out, "| tg8-host |"), "%s", out);
-    // the two sampled forms
-    snprintf(args, sizeof(args), "bench -m '%s' -p 0 -n 8 -r 1 -t 1 --tg sample", test_model_path("stories260K.gguf"));
-    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
-    CHECKF(t, strstr(out, "| tg8-sample |"), "%s", out);
-    snprintf(args, sizeof(args), "bench -m '%s' -p 0 -n 8 -r 1 -t 1 --tg sample-host", test_model_path("stories260K.gguf"));
-    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
-    CHECKF(t, strstr(out, "| tg8-sample-host |"), "%s", out);
-    // batched, each sequence drawn by its own sampler where the logits are / on the host
-    snprintf(args, sizeof(args), "bench -m '%s' -p 4 -n 8 -B 3 -r 1 -t 1 --tg sample", test_model_path("stories260K.gguf"));
-    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
-    CHECKF(t, strstr(out, "| tg8 x B3-sample |"), "%s", out);
-    snprintf(args, sizeof(args), "bench -m '%s' -p 4 -n 8 -B 3 -r 1 -t 1 --tg sample-host", test_model_path("stories260K.gguf"));
-    CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
-    CHECKF(t, strstr(out, "| tg8 x B3-sample-host |"), "%s", out);
+    // the other forms of tg: host sampling, the two sampled ones, and batched with each sequence
+    // drawn by its own sampler where the logits are / on the host; then a bad --tg
+    static const char *const forms[][2] = {
+        {"-p 0 -n 8 --tg host", "| tg8-host |"},
+        {"-p 0 -n 8 --tg sample", "| tg8-sample |"},
+        {"-p 0 -n 8 --tg sample-host", "| tg8-sample-host |"},
+        {"-p 4 -n 8 -B 3 --tg sample", "| tg8 x B3-sample |"},
+        {"-p 4 -n 8 -B 3 --tg sample-host", "| tg8 x B3-sample-host |"},
+    };
+    for (size_t f = 0; f < sizeof(forms) / sizeof(forms[0]); f++) {
+        snprintf(args, sizeof(args), "bench -m '%s' -r 1 -t 1 %s", test_model_path("stories260K.gguf"), forms[f][0]);
+        CHECKF(t, run_cli(args, out, sizeof(out)) == 0, "%s", out);
+        CHECKF(t, strstr(out, forms[f][1]), "%s: %s", forms[f][0], out);
+    }
     CHECK(t, run_cli("bench -m x --tg gpu", out, sizeof(out)) == 1);
     CHECKF(t, strstr(out, "--tg: expected device, host, sample or sample-host"), "%s", out);
 }
