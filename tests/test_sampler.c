@@ -643,7 +643,8 @@ TEST(pick_expf_accuracy) {
 }
 
 // coopt_pick_row (what the CPU backend's sample op runs, and the device must match) draws what
-// coopt_sampler_sample draws from the same state, with the random state advanced alike; and
+// coopt_sampler_sample draws from the same state, with the random state advanced alike -- a
+// greedy sampler's state (top_k 1) gives its argmax, ties at the maximum to the lower id; and
 // coopt_sampler_pick_state refuses the samplers it cannot serve.
 TEST(sampler_pick_row) {
     uint64_t      s    = 5;
@@ -653,9 +654,10 @@ TEST(sampler_pick_row) {
         float        *x = test_rand_array(&s, (size_t)n, -8, 8);
         for (int32_t i = 0; i < n; i += 11) x[i] = i % 2 ? NAN : -INFINITY;
         x[n / 2] = x[n / 2 + 1]; // a tie
-        for (int q = 0; q < 4; q++) {
+        x[n - 5] = x[n - 2] = 9.0f; // the largest, twice
+        for (int q = 0; q < 5; q++) {
             struct coopt_sampler_params sp = coopt_sampler_default_params();
-            sp.seed = 77 + (uint64_t)q, sp.temp = q == 1 ? 0.2f : 3.0f, sp.top_k = q == 2 ? 64 : q == 3 ? 1 : 40;
+            sp.seed = 77 + (uint64_t)q, sp.temp = q == 1 ? 0.2f : q == 4 ? 0.0f : 3.0f, sp.top_k = q == 2 ? 64 : q == 3 ? 1 : 40;
             sp.top_p = q == 3 ? 1.0f : 0.9f, sp.min_p = q == 0 ? 0.05f : 0.0f;
             struct coopt_sampler *smp = NULL;
             struct pick_state     ps;
@@ -677,12 +679,13 @@ TEST(sampler_pick_row) {
         }
         free(x);
     }
-    // refusals: greedy, a penalty, top_k 0 / 65, a vocabulary too large for top_k 64 (65 segments)
+    // greedy (as top_k 1), and the refusals: a penalty, top_k 0 / 65, a vocabulary too large for
+    // top_k 64 (65 segments)
     struct {
         float   temp, pen;
         int32_t k, n;
         bool    ok;
-    } const cases[] = {{0.8f, 1.0f, 40, 32000, true},     {0.0f, 1.0f, 40, 32000, false}, {0.8f, 1.1f, 40, 32000, false},
+    } const cases[] = {{0.8f, 1.0f, 40, 32000, true},     {0.0f, 1.0f, 40, 32000, true}, {0.8f, 1.1f, 40, 32000, false},
                        {0.8f, 1.0f, 0, 32000, false},     {0.8f, 1.0f, 65, 32000, false}, {0.8f, 1.0f, 64, 262144, true},
                        {0.8f, 1.0f, 64, 262145, false},   {0.8f, 1.0f, 40, 262145, true}};
     for (size_t i = 0; i < COOPT_ARRAY_LEN(cases); i++) {
