@@ -191,7 +191,8 @@ struct coopt_sampler;
 // of that sequence (tokens of one sequence must appear in order). Entries of one sequence may
 // be interleaved with others'. want_logits[i] != 0 asks for token i's logits (NULL: only the
 // last token of each sequence in the batch). samplers[i] (samplers NULL, or an entry NULL:
-// none) asks for the next token drawn from token i's logits by that sampler: coopt_ctx_token.
+// none) asks for the next token drawn from token i's logits (if it gets logits) by that
+// sampler: coopt_ctx_token.
 // Where coopt_sampler_chainable(sampler) the draw is made where the logits are (on a GPU only
 // the token and the random state come back, and coopt_ctx_logits(i) is NULL); otherwise the
 // host draws from the logits. A sampler may appear once per batch.

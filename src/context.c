@@ -647,7 +647,10 @@ static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_in
     // the batch's samplers: drawn by the sample op where it can (a chainable sampler, results
     // memory the op can write), else by coopt_ctx_token from the logits
     for (int64_t i = 0; i < c->n_index_cap; i++) c->tok_smp[i] = NULL, c->tok_val[i] = -1, c->tok_dev[i] = 0;
-    if (st == COOPT_OK && in->samplers && !chain) {
+    bool any_smp = false;
+    for (int32_t i = 0; i < n && st == COOPT_OK && in->samplers && !chain; i++)
+        any_smp |= c->logit_row[i] >= 0 && in->samplers[i];
+    if (any_smp) {
         const bool dev = ensure_token_results(c, n_want, &st);
         for (int32_t i = 0; i < n && st == COOPT_OK; i++) {
             if (c->logit_row[i] < 0 || !in->samplers[i]) continue;
