@@ -195,7 +195,7 @@ struct coopt_sampler;
 // sampler: coopt_ctx_token.
 // Where coopt_sampler_chainable(sampler) the draw is made where the logits are (on a GPU only
 // the token and the random state come back, and coopt_ctx_logits(i) is NULL); otherwise the
-// host draws from the logits. A sampler may appear once per batch.
+// host draws from the logits. A sampler may draw once per batch (twice is COOPT_ERR_INVALID).
 struct coopt_batch_input {
     int32_t                      n_tokens;
     const int32_t               *tokens;      // [n_tokens]

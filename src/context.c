@@ -648,9 +648,14 @@ static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_in
     // memory the op can write), else by coopt_ctx_token from the logits
     for (int64_t i = 0; i < c->n_index_cap; i++) c->tok_smp[i] = NULL, c->tok_val[i] = -1, c->tok_dev[i] = 0;
     bool any_smp = false;
-    for (int32_t i = 0; i < n && st == COOPT_OK && in->samplers && !chain; i++)
-        any_smp |= c->logit_row[i] >= 0 && in->samplers[i];
-    if (any_smp) {
+    for (int32_t i = 0; i < n && st == COOPT_OK && in->samplers && !chain; i++) {
+        if (c->logit_row[i] < 0 || !in->samplers[i]) continue;
+        any_smp = true;
+        for (int32_t j = 0; j < i && st == COOPT_OK; j++) // (each draw starts from the sampler's state)
+            if (c->logit_row[j] >= 0 && in->samplers[j] == in->samplers[i])
+                st = coopt_fail(COOPT_ERR_INVALID, "decode: tokens %d and %d have the same sampler", j, i);
+    }
+    if (any_smp && st == COOPT_OK) {
         const bool dev = ensure_token_results(c, n_want, &st);
         for (int32_t i = 0; i < n && st == COOPT_OK; i++) {
             if (c->logit_row[i] < 0 || !in->samplers[i]) continue;

@@ -205,7 +205,8 @@ TEST(context_op_failure_is_a_status) {
 // equals coopt_sampler_sample's on a reference context's logits with a sampler of the same
 // settings, and so does every sampler's random state afterwards; rows drawn by the sample op have
 // no host logits, the host-drawn row has them; a second read returns the same token without
-// another draw; a token without a sampler gives -1. Run by the CPU backend's sample op here, by
+// another draw; a token without a sampler gives -1; one sampler for two tokens of a batch is
+// refused (COOPT_ERR_INVALID, nothing decoded). Run by the CPU backend's sample op here, by
 // the CUDA kernel in test_cuda_decode.c (check_batch_samplers in test_generate_util.h).
 TEST(context_batch_samplers) {
     struct coopt_model *m = load_260k(t);

@@ -264,6 +264,16 @@ static inline bool check_batch_samplers(struct test_ctx *t, struct coopt_model *
     int32_t n = 6 * BS_SEQ; // the prompt: 6 tokens a sequence, interleaved; samplers on each sequence's last
     for (int i = 0; i < n; i++) toks[i] = 3 + (i * 37) % (nv - 3), sids[i] = seq[i % BS_SEQ];
     for (int i = 0; i < n; i++) sc[i] = i >= n - BS_SEQ ? own[i % BS_SEQ] : NULL;
+    if (ok) { // one sampler drawing for two tokens: refused, nothing decoded
+        struct coopt_sampler    *dup[6 * BS_SEQ] = {0};
+        uint8_t                  want[6 * BS_SEQ] = {0};
+        want[0] = want[1] = 1, dup[0] = dup[1] = own[0];
+        struct coopt_batch_input in = {.n_tokens = n, .tokens = toks, .seq_ids = sids, .want_logits = want, .samplers = dup};
+        if (coopt_ctx_decode(c, &in) != COOPT_ERR_INVALID || coopt_seq_len(c, seq[0]) != 0) {
+            test_fail(t, __FILE__, __LINE__, "a sampler drawing twice in one batch was not refused");
+            ok = false;
+        }
+    }
     for (int round = 0; round < 7 && ok; round++) {
         struct coopt_batch_input in = {.n_tokens = n, .tokens = toks, .seq_ids = sids, .samplers = sc};
         struct coopt_batch_input ir = {.n_tokens = n, .tokens = toks, .seq_ids = sids};
