@@ -362,7 +362,8 @@ int32_t coopt_ctx_token(struct coopt_ctx *c, int32_t i) {
         memcpy(rng, r + 8, sizeof(rng));
         coopt_sampler_set_rng(s, rng);
     } else {
-        t = coopt_sampler_sample(s, coopt_ctx_logits(c, i));
+        const float *l = coopt_ctx_logits(c, i);
+        if (l) t = coopt_sampler_sample(s, l);
     }
     c->tok_smp[i] = NULL, c->tok_val[i] = t;
     return t;
@@ -666,7 +667,7 @@ static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_in
         }
     }
     if (st != COOPT_OK) {
-        for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1, c->tok_smp[i] = NULL;
+        for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1, c->tok_smp[i] = NULL, c->tok_val[i] = -1;
         return st;
     }
     for (int64_t i = n; i < c->n_index_cap; i++) c->logit_row[i] = -1;
@@ -680,7 +681,7 @@ static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_in
                 if (c->seq_add[s]) coopt_kv_seq_truncate(kv, s, kv->seqs[s].n_tokens - c->seq_add[s]);
                 c->seq_add[s] = 0;
             }
-            for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1, c->tok_smp[i] = NULL;
+            for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1, c->tok_smp[i] = NULL, c->tok_val[i] = -1;
             return st;
         }
     }

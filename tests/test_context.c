@@ -182,6 +182,17 @@ TEST(context_op_failure_is_a_status) {
         CHECKF(t, coopt_seq_len(c, b) == 0 && coopt_ctx_logits(c, 19) == NULL && g_te_calls == k,
                "step %d failed: sequence length %d, %d steps ran", k, coopt_seq_len(c, b), g_te_calls);
     }
+    // the same with a sampler on the last token: no token to read afterwards
+    struct coopt_sampler_params sp = coopt_sampler_default_params();
+    struct coopt_sampler       *smp = NULL, *smps[20] = {0};
+    int32_t                     seqs[20];
+    for (int i = 0; i < 20; i++) seqs[i] = b;
+    CHECK(t, coopt_sampler_init(&sp, nv, &smp) == COOPT_OK);
+    smps[19] = smp;
+    struct coopt_batch_input in = {.n_tokens = 20, .tokens = toks, .seq_ids = seqs, .samplers = smps};
+    g_te_calls = 0, g_te_fail_at = 3;
+    CHECK(t, coopt_ctx_decode(c, &in) == COOPT_ERR_NOMEM && coopt_ctx_token(c, 19) == -1 && coopt_seq_len(c, b) == 0);
+    coopt_sampler_free(smp);
     g_te_fail_at = 0;
     CHECK(t, feed(c, b, toks, 20, got, nv) == COOPT_OK && coopt_seq_len(c, b) == 20);
     CHECK(t, memcmp(got, ref, (size_t)nv * sizeof(float)) == 0);

@@ -269,7 +269,8 @@ static inline bool check_batch_samplers(struct test_ctx *t, struct coopt_model *
         uint8_t                  want[6 * BS_SEQ] = {0};
         want[0] = want[1] = 1, dup[0] = dup[1] = own[0];
         struct coopt_batch_input in = {.n_tokens = n, .tokens = toks, .seq_ids = sids, .want_logits = want, .samplers = dup};
-        if (coopt_ctx_decode(c, &in) != COOPT_ERR_INVALID || coopt_seq_len(c, seq[0]) != 0) {
+        if (coopt_ctx_decode(c, &in) != COOPT_ERR_INVALID || coopt_seq_len(c, seq[0]) != 0 ||
+            coopt_ctx_token(c, 0) != -1 || coopt_ctx_token(c, 1) != -1) {
             test_fail(t, __FILE__, __LINE__, "a sampler drawing twice in one batch was not refused");
             ok = false;
         }
