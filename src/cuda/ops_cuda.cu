@@ -335,7 +335,7 @@ static void cuda_argmax(struct coopt_backend *be, int32_t *out, int32_t *out_hos
 //
 // The token coopt_sampler_sample draws (cpu_sample's), for sampled generation chained on the
 // device and for batches drawn where the logits are. Grid: (PICK_SEG-logit segments of a row,
-// rows), blocks of PICK_THREADS; a row's blocks skip it whose state has top_k 0. Each block turns
+// rows), blocks of PICK_THREADS; the blocks of a row whose state has top_k 0 return at once. Each block turns
 // its segment into 64-bit keys in shared memory -- the float's order key in the high half (-0 as
 // +0; NaN and -inf as 0: never candidates), ~id in the low half, so the keys are distinct and
 // their order is the sampler's candidate order (logit descending, id ascending) -- finds its k-th
