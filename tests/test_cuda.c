@@ -1205,6 +1205,42 @@ TEST(cuda_kv_pool) {
     cu_pair_free(&p);
 }
 
+// A GPU out of memory inside a KV op (an uncommitted destination page of kv_page_copy; the
+// context commits pages itself, direct users of the op may not) is kept for take_error and the op
+// enqueues nothing -- no abort: with the device memory taken by one large allocation, pages are
+// committed until kv_pool_commit says NOMEM, then a copy into a page that could not be committed
+// reports NOMEM through take_error; once memory is back the same copy works.
+TEST(cuda_kv_pool_oom) {
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    struct coopt_backend *be = p.cu;
+    const size_t          page_bytes = (size_t)32 << 20, n_pages = 64, bytes = page_bytes * n_pages; // 2 GiB
+    void                 *pool = NULL, *fill = NULL;
+    CHECK(t, be->ops->kv_pool_init(be, bytes, &pool) == COOPT_OK);
+    int64_t room = gpu_free_bytes() - ((int64_t)256 << 20); // leave 256 MiB: a few pages fit
+    CHECK(t, room > 0 && be->ops->alloc(be, (size_t)room, &fill) == COOPT_OK);
+    int32_t n_ok = 0;
+    st_test_capture_begin(); // (the failed commits log their errors)
+    while (n_ok < (int32_t)n_pages && be->ops->kv_pool_commit(be, pool, (size_t)n_ok * page_bytes, page_bytes) == COOPT_OK)
+        n_ok++;
+    CHECKF(t, n_ok >= 1 && n_ok < (int32_t)n_pages, "%d of %zu pages committed with the memory taken", n_ok, n_pages);
+    CHECK(t, be->ops->take_error(be) == COOPT_OK); // (kv_pool_commit returned its status)
+    be->ops->kv_page_copy(be, pool, page_bytes, n_ok, 0);
+    be->ops->sync(be);
+    st_test_capture_end();
+    CHECK(t, be->ops->take_error(be) == COOPT_ERR_NOMEM && be->ops->take_error(be) == COOPT_OK);
+    be->ops->free(be, fill);
+    uint8_t *pat = malloc(page_bytes), *back = malloc(page_bytes);
+    for (size_t i = 0; i < page_bytes; i++) pat[i] = (uint8_t)(i * 13 + 5);
+    be->ops->upload(be, pool, pat, page_bytes);
+    be->ops->kv_page_copy(be, pool, page_bytes, n_ok, 0);
+    dev_read(be, back, (uint8_t *)pool + (size_t)n_ok * page_bytes, page_bytes);
+    CHECK(t, be->ops->take_error(be) == COOPT_OK && memcmp(back, pat, page_bytes) == 0);
+    be->ops->kv_pool_free(be, pool, bytes);
+    free(pat), free(back);
+    cu_pair_free(&p);
+}
+
 // ---- whole forward pass on random models ----
 
 struct rnd_model {

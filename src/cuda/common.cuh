@@ -353,8 +353,9 @@ void cuda_kv_pool_free(struct coopt_backend *be, void *pool, size_t n_bytes);
 void cuda_kv_pool_release(struct coopt_backend *be, void *pool, size_t off, size_t n_bytes);
 enum coopt_status cuda_kv_pool_commit(struct coopt_backend *be, void *pool, size_t off, size_t n_bytes);
 void cuda_kv_page_copy(struct coopt_backend *be, void *pool, size_t page_bytes, int32_t dst, int32_t src);
-// Maps every page that this step may write (called by rope_store before its launch).
-void cuda_kv_pool_prepare(struct coopt_backend *be, struct coopt_kv_cache *kv);
+// Maps every page that this step may write (called by rope_store before its launch). false: out
+// of device memory (kept in cb->op_error): the caller enqueues nothing.
+bool cuda_kv_pool_prepare(struct coopt_backend *be, struct coopt_kv_cache *kv);
 void cuda_kv_pools_free_all(struct cuda_backend *cb);
 
 #endif // COOPT_CUDA_COMMON_CUH

@@ -15,6 +15,7 @@
  *     sequence's pages from its last used block to the end of its reservation (the pages this
  *     step can write); a cache without a page manager (tests) commits the whole pool;
  *   - kv_page_copy, for the destination page.
+ * In the two ops out of memory is kept for take_error (backend.h) and the op enqueues nothing.
  * The page size is learned from the first of these calls (kv_pool_* only see byte ranges).
  * Unmapping synchronizes the stream first so no kernel in flight still reads the chunk.
  * Newly mapped memory is not zeroed: every row is written by rope_store before attention reads it.
@@ -233,34 +234,35 @@ enum coopt_status cuda_kv_pool_commit(struct coopt_backend *be, void *pool, size
     return COOPT_OK;
 }
 
-static void page_commit_or_abort(struct cuda_backend *cb, struct cuda_kv_pool *P, int64_t page) {
-    if (page_commit(cb, P, page) != COOPT_OK) {
-        // Ops cannot return a status; the context avoids this by committing pages when it
-        // reserves them (kv_pool_commit), where a failure is a COOPT_ERR_NOMEM.
-        coopt_log_error("KV cache: out of GPU memory while writing page %lld", (long long)page);
-        coopt_abort(__FILE__, __LINE__, "out of GPU memory for the KV cache");
-    }
+// An op's commit: ops cannot return a status, so a failure (out of device memory) is kept for
+// take_error (cb->op_error, backend.h) and the op enqueues nothing. The context never gets here
+// with an uncommitted page: it commits pages when it reserves them (kv_pool_commit).
+static bool page_commit_op(struct cuda_backend *cb, struct cuda_kv_pool *P, int64_t page) {
+    const enum coopt_status st = page_commit(cb, P, page);
+    if (st != COOPT_OK && cb->op_error == COOPT_OK) cb->op_error = st;
+    return st == COOPT_OK;
 }
 
 void cuda_kv_page_copy(struct coopt_backend *be, void *pool, size_t page_bytes, int32_t dst, int32_t src) {
     struct cuda_backend *cb = cuda_impl(be);
     struct cuda_kv_pool *P  = pool_find(cb, pool);
     pool_set_page_bytes(P, page_bytes);
-    page_commit_or_abort(cb, P, dst);
+    if (!page_commit_op(cb, P, dst)) return;
     uint8_t *p = (uint8_t *)pool;
     CUDA_CHECK(cudaMemcpyAsync(p + (size_t)dst * page_bytes, p + (size_t)src * page_bytes, page_bytes,
                                cudaMemcpyDeviceToDevice, cb->stream));
 }
 
-void cuda_kv_pool_prepare(struct coopt_backend *be, struct coopt_kv_cache *kv) {
+bool cuda_kv_pool_prepare(struct coopt_backend *be, struct coopt_kv_cache *kv) {
     struct cuda_backend *cb = cuda_impl(be);
     struct cuda_kv_pool *P  = pool_find(cb, kv->pool);
     pool_set_page_bytes(P, kv->layout.page_bytes);
     if (!kv->seqs) { // a bare cache (tests): commit everything, once
-        if (P->all_committed) return;
-        for (int64_t p = 0; p < P->n_pages; p++) page_commit_or_abort(cb, P, p);
+        if (P->all_committed) return true;
+        for (int64_t p = 0; p < P->n_pages; p++)
+            if (!page_commit_op(cb, P, p)) return false;
         P->all_committed = true;
-        return;
+        return true;
     }
     for (int32_t s = 0; s < kv->n_seq_max; s++) {
         const struct coopt_kv_seq *q = &kv->seqs[s];
@@ -272,7 +274,8 @@ void cuda_kv_pool_prepare(struct coopt_backend *be, struct coopt_kv_cache *kv) {
                 if (i >= q->n_blocks) break;
                 continue;
             }
-            page_commit_or_abort(cb, P, q->pages[i]);
+            if (!page_commit_op(cb, P, q->pages[i])) return false;
         }
     }
+    return true;
 }

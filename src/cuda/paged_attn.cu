@@ -778,7 +778,7 @@ static void rope_store_attention(struct coopt_backend *be, float *out, float *q,
         attention_run(be, out, q, n_heads, kv, layer, b, scale, NULL, NULL, NULL, then_matmul);
         return;
     }
-    cuda_kv_pool_prepare(be, kv); // (as cuda_rope_store: the pages this step writes)
+    if (!cuda_kv_pool_prepare(be, kv)) return; // (as cuda_rope_store: the pages this step writes; out of memory: cb->op_error)
     attention_run(be, out, q, n_heads, kv, layer, b, scale, k, v, rope, then_matmul);
 }
 

@@ -201,7 +201,7 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
     if (b->n_tokens <= 0) return;
     // Commit physical memory for every page this step writes (lazy mapping, kv_pool.cu). Every
     // layer checks (a few table entries per live sequence): callers may start at any layer.
-    cuda_kv_pool_prepare(be, kv);
+    if (!cuda_kv_pool_prepare(be, kv)) return; // (out of memory: cb->op_error)
     struct rope_params   p  = rope_params_make(rope);
     struct kv_dev_layout L  = kv_dev_layout_make(l);
     cudaStream_t         st = cuda_impl(be)->stream;
