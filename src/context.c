@@ -568,6 +568,11 @@ static enum coopt_status run_step(struct coopt_ctx *c, const struct coopt_batch_
     return COOPT_OK;
 }
 
+// A failed decode leaves no logits and no token to read.
+static void results_forget(struct coopt_ctx *c) {
+    for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1, c->tok_smp[i] = NULL, c->tok_val[i] = -1;
+}
+
 // coopt_ctx_decode, and with `chain` (a one-token batch) a step of coopt_ctx_generate: its logits
 // stay on the device (no host rows: coopt_ctx_logits returns NULL afterwards), and a
 // sliding-window model keeps one more position than it needs, since the generation may take
@@ -667,7 +672,7 @@ static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_in
         }
     }
     if (st != COOPT_OK) {
-        for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1, c->tok_smp[i] = NULL, c->tok_val[i] = -1;
+        results_forget(c);
         return st;
     }
     for (int64_t i = n; i < c->n_index_cap; i++) c->logit_row[i] = -1;
@@ -681,7 +686,7 @@ static enum coopt_status decode(struct coopt_ctx *c, const struct coopt_batch_in
                 if (c->seq_add[s]) coopt_kv_seq_truncate(kv, s, kv->seqs[s].n_tokens - c->seq_add[s]);
                 c->seq_add[s] = 0;
             }
-            for (int64_t i = 0; i < c->n_index_cap; i++) c->logit_row[i] = -1, c->tok_smp[i] = NULL, c->tok_val[i] = -1;
+            results_forget(c);
             return st;
         }
     }
