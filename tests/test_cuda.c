@@ -776,10 +776,16 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
                             .max_blocks = max_blocks, .block_tables = bt, .window = c->window};
     size_t  n_o  = (size_t)n_tok * c->nh * c->hd;
     float  *q    = test_rand_array(s, n_o, -2, 2);
-    // whether the tensor-core kernel can take part (the launcher's rule, paged_attn.cu)
-    bool tc_shape = (c->hd == 64 || c->hd == 80 || c->hd == 96 || c->hd == 128) &&
+    // whether a tensor-core kernel can take part (the launcher's rules, paged_attn.cu): the prefill
+    // kernel, or the decode kernel's tensor-core walk (cuda_attn_tc_decode, same tolerance)
+    bool    tc_shape = (c->hd == 64 || c->hd == 80 || c->hd == 96 || c->hd == 128) &&
                     (c->dt == COOPT_DTYPE_F16 || c->dt == COOPT_DTYPE_FP8_E4M3 || c->dt == COOPT_DTYPE_FP8_E5M2);
-    bool tc       = tc_shape && (c->route == 1 || (c->route == 0 && n_tok >= 16 && n_tok >= 4 * c->n_seqs));
+    int32_t sub_g = 1;
+    if (!p->cu->attn_per_head)
+        while (sub_g < c->nh / c->nkv && sub_g < 8) sub_g *= 2;
+    cuda_attn_set_route(p->cu, c->route);
+    bool tc = (tc_shape && (c->route == 1 || (c->route == 0 && n_tok >= 16 && n_tok >= 4 * c->n_seqs))) ||
+              cuda_attn_tc_decode(p->cu, c->hd, c->dt, sub_g);
     if (tc)
         for (size_t i = 0; i < n_o; i++) q[i] = coopt_f16_to_f32(coopt_f32_to_f16(q[i])); // see the tolerances
     float  *got  = malloc(n_o * sizeof(float)), *want = malloc(n_o * sizeof(float));
@@ -793,7 +799,6 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
     float *nan = malloc(n_o * sizeof(float));
     for (size_t i = 0; i < n_o; i++) nan[i] = NAN;
     p->cu->ops->upload(p->cu, dout, nan, n_o * 4);
-    cuda_attn_set_route(p->cu, c->route);
     p->cu->ops->attention(p->cu, dout, dq, c->nh, &kv, 1, &db, scale);
     cuda_attn_set_route(p->cu, 0);
     dev_read(p->cu, got, dout, n_o * 4);
@@ -803,8 +808,8 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
                  : test_near(t, __FILE__, __LINE__, got, want, n_o, 2e-5, 1e-4);
     if (!ok) {
         char extra[200];
-        snprintf(extra, sizeof(extra), " [hd %d heads %d/%d page %d window %d %s, %d seqs, max len %d, route %d]", c->hd,
-                 c->nh, c->nkv, c->ps, c->window, coopt_dtype_name(c->dt), c->n_seqs, max_len, c->route);
+        snprintf(extra, sizeof(extra), " [hd %d heads %d/%d page %d window %d %s, %d seqs, max len %d, route %d, tc %d]",
+                 c->hd, c->nh, c->nkv, c->ps, c->window, coopt_dtype_name(c->dt), c->n_seqs, max_len, c->route, tc);
         strncat(t->msg, extra, sizeof(t->msg) - strlen(t->msg) - 1);
     }
     p->cu->ops->kv_pool_free(p->cu, dpool, pool_bytes);
@@ -813,6 +818,10 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
     free(bt), free(perm), free(pos), free(seq), free(slots), free(inv), free(qa), free(ka), free(va), free(q);
     free(got), free(want), free(host_pool), free(qpos), free(qseq), free(nan);
     return ok;
+}
+
+static bool attn_tc_kv_type(enum coopt_dtype dt) {
+    return dt == COOPT_DTYPE_F16 || dt == COOPT_DTYPE_FP8_E4M3 || dt == COOPT_DTYPE_FP8_E5M2;
 }
 
 // The decode kernel (and its split-K merge) on ragged batches: route 2 keeps the tensor-core
@@ -859,6 +868,23 @@ TEST(cuda_attention) {
                               .n_seqs = 2, .lens = lens2, .n_q = n_q2, .route = 2};
         if (!check_attention(t, &p, &s, &c)) return;
     }
+    // the decode kernel's tensor-core walk (head dims 64 and 128, F16 and FP8): 1, 2, 4 and 8 query
+    // heads per KV head (1 only when forced: cuda_attn_set_tc_decode 1), ranges around partition
+    // and sub-tile edges, windows over released pages, odd page sizes
+    const int32_t groups[] = {1, 2, 4, 8};
+    for (size_t a = 0; a < 2; a++)
+        for (size_t g = 0; g < COOPT_ARRAY_LEN(groups); g++)
+            for (size_t d = 0; d < COOPT_ARRAY_LEN(k_kvtypes); d++) {
+                if (!attn_tc_kv_type(k_kvtypes[d])) continue;
+                const int32_t    nkv = 4 - 2 * (int32_t)a;
+                struct attn_case c = {.hd = a ? 64 : 128, .nh = nkv * groups[g], .nkv = nkv, .ps = (g + d) % 3 == 2 ? 7 : 16 << (d % 2),
+                                      .window = (g + d) % 2 ? 1000 : 0, .dt = k_kvtypes[d], .n_seqs = 6,
+                                      .lens = lens3, .n_q = n_q3, .route = 0};
+                cuda_attn_set_tc_decode(p.cu, groups[g] == 1 ? 1 : 0);
+                bool ok = check_attention(t, &p, &s, &c);
+                cuda_attn_set_tc_decode(p.cu, 0);
+                if (!ok) return;
+            }
     for (int ab = 0; ab < 2; ab++) {
         p.cu->attn_per_head  = ab == 0;
         p.cu->attn_partition = ab == 0 ? 512 : 0;

@@ -101,6 +101,29 @@ template <int KT> __device__ __forceinline__ __half2 fp8x2_to_half2(uint16_t v) 
     return __half2(h);
 }
 
+// ---- tensor-core operands (both kernels) ----
+
+// Four 8x8 b16 matrices from shared memory (lane l gives the address of row l % 8 of matrix l / 8),
+// as mma fragments; _t: transposed.
+__device__ __forceinline__ void ldsm_x4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, const void *p) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, const void *p) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
+}
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi); // .x (low 16 bits) = lo
+    return *(uint32_t *)&h;
+}
+// The f16x2 bits of h.
+__device__ __forceinline__ uint32_t half2_bits(__half2 h) { return *(uint32_t *)&h; }
+
 // Bytes per element of a KV type.
 template <int KT> struct kv_type_info {
     static constexpr int  EB     = KT == COOPT_DTYPE_F32 ? 4 : (KT == COOPT_DTYPE_F16 || KT == COOPT_DTYPE_BF16) ? 2 : 1;

@@ -110,6 +110,8 @@ struct cuda_backend {
     int            n_sm;
     int            attn_route; // attention routing (cuda_attn_set_route): 0 auto, 1 tensor cores wherever compiled, 2 never
     int            attn_fuse_fp8; // rope_store_attention fuses FP8 caches too (cuda_attn_set_fuse_fp8; tests)
+    int            attn_tc_decode; // decode kernel on tensor cores (cuda_attn_tc_decode): 0 auto, 1 every group, -1 never
+    float          attn_tc_occ;    // tensor-core decode: partitions are halved until CTAs >= this many per SM
     cudaStream_t   stream;
     cublasHandle_t cublas;
     // One growable device workspace shared by ops (x converted to f16/bf16 for cuBLAS, split-K
@@ -255,6 +257,16 @@ __device__ __forceinline__ void mma_16816_nv(float (&c)[4], const uint32_t (&a)[
         "{%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// c += A B for an A whose rows 8-15 are zero (a1 = a3 = 0): only the accumulators of rows 0-7 (c0,
+// c1) are kept; rows 8-15 go to scratch. The decode attention's query heads (at most 8) are A's rows.
+__device__ __forceinline__ void mma_16816_top(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+    [[maybe_unused]] float d2, d3;
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %5}, {%7, %8}, "
+                 "{%0, %1, %9, %9};"
+                 : "+f"(c[0]), "+f"(c[1]), "=f"(d2), "=f"(d3)
+                 : "r"(a0), "r"(0u), "r"(a2), "r"(b0), "r"(b1), "f"(0.0f));
 }
 
 // ---- element conversions (match dtype.c) ----

@@ -40,6 +40,13 @@ int coopt_cuda_membw(size_t n_bytes, int reps, double *copy_gbs, double *read_gb
 // that carry prefill chunks, 1 = the tensor-core kernel wherever it is compiled (head dims 64, 80,
 // 96, 128 with F16/FP8 KV), even for one-token tiles, 2 = always the decode kernel.
 void cuda_attn_set_route(struct coopt_backend *be, int route);
+// Test hook: the decode attention's tensor-core key walk (head dims 64, 128 with F16/FP8 KV):
+// 0 (default) for 2 or more query heads per CTA, 1 for every group, -1 never. Route 2 (above)
+// keeps it off too.
+void cuda_attn_set_tc_decode(struct coopt_backend *be, int mode);
+// Whether the decode attention walks the keys on tensor cores for this shape (heads_per_cta: the
+// query heads one CTA serves, a power of two up to 8).
+bool cuda_attn_tc_decode(const struct coopt_backend *be, int32_t head_dim, enum coopt_dtype kv_type, int32_t heads_per_cta);
 // Test hook: the next recording of a decode step fails as if the device were out of memory for
 // the CUDA graph (the step then runs op by op, and so do later steps of its shape).
 void cuda_step_fail_next_graph(struct coopt_backend *be);

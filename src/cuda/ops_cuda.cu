@@ -807,6 +807,7 @@ extern "C" enum coopt_status coopt_cuda_backend_init(int32_t n_threads, struct c
         goto fail;
     }
     cb->n_sm = prop.multiProcessorCount;
+    cb->attn_tc_occ = 0.5f; // (paged_attn.cu: the split-K partition size)
     if (!driver_load(cb)) {
         st = COOPT_ERR_UNSUPPORTED;
         goto fail;

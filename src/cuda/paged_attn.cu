@@ -31,6 +31,13 @@
  *              score and the probability, not the elements). Scores are reduced over the LPK
  *              lanes with shuffles; each key group keeps its own running max / sum / acc.
  *   At the end the key groups (shuffles) and the 4 warps (shared memory) are merged.
+ *   Tensor-core walk (TC; head dims 64 and 128, F16 and FP8 caches, cuda_attn_tc_decode: by
+ *   default where a CTA serves 2 or more query heads): the same grid, stages and merges, but each
+ *   warp computes a sub-tile (32 FP8 / 16 F16 keys, rows padded by 16 bytes) with mma m16n8k16
+ *   whose A rows are the CTA's query heads: q rounded to f16 (as the prefill kernel), K and V
+ *   exact in f16, P rounded to f16 (FP8: times vs / the largest V scale seen, see the walk). On
+ *   CUDA cores every key costs G dot products of shuffled partial sums; a GQA group of 4 (llama3-8b)
+ *   left the walk instruction-bound at 0.9-1.5 TB/s at 16k (docs/BENCHMARKS.md).
  *   Fused Opt-KV write (cuda_rope_store_attention, attn_args.fk; decode steps): before its first
  *   load, the CTA of a (token, KV head)'s last partition rotates the token's K row, converts K
  *   and V to the cache type (kv_store_rows, as rope_store) and stores them; every CTA rotates its
@@ -73,24 +80,25 @@
 
 static constexpr int pow2ceil_c(int x) { return x <= 1 ? 1 : 2 * pow2ceil_c((x + 1) / 2); }
 
-// Compile-time geometry of one decode kernel instance.
-template <int HD, int KT, int G> struct dec_cfg {
+// Compile-time geometry of one decode kernel instance (TC: the tensor-core key walk).
+template <int HD, int KT, int G, bool TC> struct dec_cfg {
     static constexpr bool FAST   = HD > 0;
     static constexpr int  EB     = kv_type_info<KT>::EB;
     static constexpr bool SCALED = kv_type_info<KT>::SCALED;
     static constexpr int  LPK    = FAST ? pow2ceil_c(HD / 8) : WARP_SIZE; // lanes per key
     static constexpr int  KG     = WARP_SIZE / LPK;                       // key groups per warp
     static constexpr int  NKB    = G <= 4 ? 8 : 4;                        // keys per group per sub-tile
-    static constexpr int  SK     = KG * NKB;                              // keys per sub-tile
+    static constexpr int  SK     = TC ? (EB == 1 ? 32 : 16) : KG * NKB;   // keys per sub-tile
     static constexpr int  RB     = FAST ? HD * EB : 0;                    // bytes per cache row
+    static constexpr int  RS     = TC ? RB + 16 : RB; // row stride in a stage (TC: conflict-free fragment loads)
     static constexpr int  CPR    = RB / 16;                               // 16-byte chunks per row
-    // stage: [K SK*RB][V SK*RB][K scales SK*4][V scales SK*4][valid mask 16]
-    static constexpr int  OFF_V  = SK * RB;
-    static constexpr int  OFF_KS = 2 * SK * RB;
+    // stage: [K SK*RS][V SK*RS][K scales SK*4][V scales SK*4][valid mask 16]
+    static constexpr int  OFF_V  = SK * RS;
+    static constexpr int  OFF_KS = 2 * SK * RS;
     static constexpr int  OFF_VS = OFF_KS + SK * 4;
     static constexpr int  OFF_M  = OFF_VS + SK * 4;
     static constexpr int  STAGE  = FAST ? OFF_M + 16 : 0;
-    static constexpr int  NST    = STAGE <= 6144 ? 3 : 2;
+    static constexpr int  NST    = TC || STAGE <= 6144 ? 3 : 2;
     static constexpr int  HDP    = FAST ? HD : ATTN_MAX_HD;
     static constexpr int  RED    = ATTN_WARPS * G * (HDP + 2) * 4; // cross-warp merge buffers
     static constexpr int  SMEM0  = ATTN_WARPS * NST * STAGE > RED ? ATTN_WARPS * NST * STAGE : RED;
@@ -99,6 +107,8 @@ template <int HD, int KT, int G> struct dec_cfg {
     static constexpr int  SMEM   = SMEM0 > FUSE ? SMEM0 : FUSE;
     static_assert(!FAST || (HD % 8 == 0 && RB % 16 == 0), "fast path needs 16-byte rows of 8-dim chunks");
     static_assert(SK <= WARP_SIZE, "one lane per key of a sub-tile");
+    static_assert(!TC || ((HD == 64 || HD == 128) && (KT == COOPT_DTYPE_F16 || SCALED)),
+                  "tensor-core walk: head dims 64, 128; F16 or FP8 caches");
 };
 
 // The 8 elements at p (8-dim chunk of a row in shared memory) as f32.
@@ -162,9 +172,9 @@ template <int HD> __device__ __forceinline__ int dec_dim(int lig, int e) {
 
 static_assert(ATTN_THREADS == KV_STORE_THREADS, "the fused write runs kv_store_rows on the attention block");
 
-template <int HD, int KT, int G>
+template <int HD, int KT, int G, bool TC>
 __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct attn_args a, const struct kv_dev_layout L) {
-    using C = dec_cfg<HD, KT, G>;
+    using C = dec_cfg<HD, KT, G, TC>;
     extern __shared__ __align__(16) uint8_t smem[];
     const int     tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int32_t t   = blockIdx.x;
@@ -225,46 +235,35 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         __syncthreads(); // (CTA-scope ordering: the stores before this CTA's later copies)
     }
 
+    // Element d of query head h0 + g (g < ng); fused: rotated here, with the same operations as
+    // rope_store (the element and its pair partner read, one cos/sin per dim).
+    auto q_at = [&](int g, int d) -> float {
+        const float *qh = a.q + ((size_t)t * a.n_heads + h0 + g) * hd;
+        float        x  = qh[d];
+        if (fused) {
+            const int i = min(a.rope.layout == COOPT_ROPE_INTERLEAVED ? d / 2 : d % (hd / 2), ROPE_MAX_HALF - 1);
+            int       i0, i1;
+            rope_pair(a.rope, i, &i0, &i1);
+            const float xp = qh[d == i0 ? i1 : i0];
+            float       y0, y1;
+            if (d == i0) rope_rotate(x, xp, rope_c[i], rope_s[i], &y0, &y1);
+            else rope_rotate(xp, x, rope_c[i], rope_s[i], &y0, &y1);
+            x = d == i0 ? y0 : y1;
+        }
+        return x;
+    };
     // q of the CTA's heads at this lane's 8 dims, in log2 units (loaded after the first K/V
-    // copies are issued, so the two latencies overlap). Fused: rotated here, with the same
-    // operations as rope_store (the element and its pair partner read, one cos/sin per dim).
+    // copies are issued, so the two latencies overlap).
     float qr[G][8];
     auto  load_q = [&]() {
         const float qs = a.scale * ATTN_LOG2E;
-        float       cs[8], sn[8];
-        int         pd[8]; // the pair partner of each dim; which of the pair it is
-        bool        first[8];
-        if (fused) {
 #pragma unroll
-            for (int e = 0; e < 8; e++) {
-                const int d = dec_dim<HD>(lig, e), half = hd / 2;
-                const int i = min(a.rope.layout == COOPT_ROPE_INTERLEAVED ? d / 2 : d % half, ROPE_MAX_HALF - 1);
-                int       i0, i1;
-                rope_pair(a.rope, i, &i0, &i1);
-                first[e] = d == i0, pd[e] = d == i0 ? i1 : i0;
-                cs[e] = rope_c[i], sn[e] = rope_s[i];
-            }
-        }
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            const float *qh = a.q + ((size_t)t * a.n_heads + h0 + min(g, ng - 1)) * hd;
+        for (int g = 0; g < G; g++)
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 const int d = dec_dim<HD>(lig, e);
-                float     x = 0.0f;
-                if (g < ng && d < hd) {
-                    x = qh[d];
-                    if (fused) {
-                        const float xp = qh[pd[e]];
-                        float       y0, y1;
-                        if (first[e]) rope_rotate(x, xp, cs[e], sn[e], &y0, &y1);
-                        else rope_rotate(xp, x, cs[e], sn[e], &y0, &y1);
-                        x = first[e] ? y0 : y1;
-                    }
-                }
-                qr[g][e] = x * qs;
+                qr[g][e]    = g < ng && d < hd ? q_at(g, d) * qs : 0.0f;
             }
-        }
     };
     float m[G], l[G], acc[G][8];
 #pragma unroll
@@ -273,6 +272,9 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
     }
+    // the tensor-core walk's state of row lane / 4: output dims (see there), max, sum, V scale
+    float tc_o[TC ? HD / 8 : 1][2];
+    float tc_m = -INFINITY, tc_l = 0.0f, tc_sig = 0.0f;
 
     const uint64_t vdelta = (uint64_t)L.n_kv_heads * L.head_bytes;              // K row -> V row
     const uint64_t sdelta = (uint64_t)L.n_kv_heads * (uint64_t)L.page_size * 4; // K scale -> V scale
@@ -330,8 +332,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 const uint64_t o  = shfl_u64(off, j);
                 const bool     v  = c < C::SK * C::CPR && ((vm >> j) & 1);
                 if (c < C::SK * C::CPR) {
-                    cp_async16(st + j * C::RB + ch * 16, a.pool + (v ? o + ch * 16 : 0), v);
-                    cp_async16(st + C::OFF_V + j * C::RB + ch * 16, a.pool + (v ? o + vdelta + ch * 16 : 0), v);
+                    cp_async16(st + j * C::RS + ch * 16, a.pool + (v ? o + ch * 16 : 0), v);
+                    cp_async16(st + C::OFF_V + j * C::RS + ch * 16, a.pool + (v ? o + vdelta + ch * 16 : 0), v);
                 }
             }
             if (C::SCALED && lane < C::SK) {
@@ -345,6 +347,158 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             if (k < my_n) load(k);
             cp_async_commit();
         }
+        if constexpr (TC) {
+            // Tensor-core walk (mma m16n8k16, f16 in, f32 accumulators). Rows of A are the CTA's
+            // query heads (gq = lane / 4 < G <= 8; rows 8-15 are zero), so lane (gq, tq = lane % 4)
+            // holds row gq's scores of keys 8j + 2tq, +1 (S = Q K^T, one MMA per 8 keys and 16
+            // dims) and its output dims (O = P V, one MMA per 16 keys and 8 dims).
+            //   F16: K and V fragments by ldmatrix (V transposed), dims in natural order.
+            //   FP8: each lane reads its bytes itself and converts them (exact in f16): for S the
+            //   mma's 16-dim step kk pairs with dims tq * HD/4 + 4 kk + {0..3} (q is loaded in the
+            //   same order: a dot product does not care), one 16- or 32-byte load per key; for
+            //   O = P V lane gq's column of 8-dim group n is dim gq * HD/8 + n (four 16-byte loads
+            //   per 16 keys, bytes of two keys paired by PRMT). The K scale multiplies the score;
+            //   the V scale goes into P relative to the largest V scale seen so far (sigma, folded
+            //   into the running rescale like a new maximum), so P stays in f16's normal range.
+            const int gq = lane >> 2, tq = lane & 3;
+            uint32_t  qa[HD / 16][2]; // row gq's A fragments (a0, a2) of each 16-dim step, unscaled f16
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    const int d = C::EB == 1 ? tq * (HD / 4) + 4 * kk + 2 * hf : 16 * kk + 8 * hf + 2 * tq;
+                    qa[kk][hf]  = gq < ng ? pack_half2(q_at(gq, d), q_at(gq, d + 1)) : 0u;
+                }
+            const float qk = a.scale * ATTN_LOG2E;
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) tc_o[n][0] = tc_o[n][1] = 0.0f;
+            for (int32_t k = 0; k < my_n; k++) {
+                if (k + C::NST - 1 < my_n) load(k + C::NST - 1); // into the stage computed at k - 1
+                cp_async_commit();
+                cp_async_wait<C::NST - 1>();
+                __syncwarp();
+                const uint8_t *st = wsm + (k % C::NST) * C::STAGE;
+                const uint32_t vm = *(const uint32_t *)(st + C::OFF_M);
+                float          s[C::SK / 8][2];
+#pragma unroll
+                for (int j = 0; j < C::SK / 8; j++) s[j][0] = s[j][1] = 0.0f;
+                if constexpr (C::EB == 1) {
+#pragma unroll
+                    for (int j = 0; j < C::SK / 8; j++) {
+                        const uint4 *kr = (const uint4 *)(st + (8 * j + gq) * C::RS + tq * (HD / 4));
+                        uint32_t     kw[HD / 16];
+#pragma unroll
+                        for (int u = 0; u < HD / 64; u++) {
+                            const uint4 x = kr[u];
+                            kw[4 * u] = x.x, kw[4 * u + 1] = x.y, kw[4 * u + 2] = x.z, kw[4 * u + 3] = x.w;
+                        }
+#pragma unroll
+                        for (int kk = 0; kk < HD / 16; kk++)
+                            mma_16816_top(s[j], qa[kk][0], qa[kk][1], half2_bits(fp8x2_to_half2<KT>((uint16_t)kw[kk])),
+                                          half2_bits(fp8x2_to_half2<KT>((uint16_t)(kw[kk] >> 16))));
+                    }
+                } else {
+                    const __half *Kt = (const __half *)st;
+#pragma unroll
+                    for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+                        for (int j = 0; j < C::SK / 8; j += 2) {
+                            uint32_t b0, b1, b2, b3;
+                            ldsm_x4(b0, b1, b2, b3,
+                                    Kt + (8 * j + (lane & 7) + (lane >> 4) * 8) * (C::RS / 2) + kk * 16 + ((lane >> 3) & 1) * 8);
+                            mma_16816_top(s[j], qa[kk][0], qa[kk][1], b0, b1);
+                            mma_16816_top(s[j + 1], qa[kk][0], qa[kk][1], b2, b3);
+                        }
+                }
+                // scale (log2 units; FP8: times each key's K scale), mask, online softmax of row gq
+                // (its four lanes reduce the maximum with two shuffles)
+                float mx = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < C::SK / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int   key = 8 * j + 2 * tq + e;
+                        const float f   = C::SCALED ? qk * ((const float *)(st + C::OFF_KS))[key] : qk;
+                        s[j][e]         = (vm >> key) & 1 ? s[j][e] * f : -INFINITY;
+                        mx              = fmaxf(mx, s[j][e]);
+                    }
+                mx               = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx               = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float mn   = fmaxf(tc_m, mx), base = mn == -INFINITY ? 0.0f : mn;
+                float       corr = fast_exp2(tc_m - base);
+                tc_m             = mn;
+                tc_l *= corr;
+#pragma unroll
+                for (int j = 0; j < C::SK / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        s[j][e] = fast_exp2(s[j][e] - base);
+                        tc_l += s[j][e];
+                    }
+                if constexpr (C::SCALED) { // P times vs / sigma (C::SK == 32: one V scale per lane)
+                    const float *vsc = (const float *)(st + C::OFF_VS);
+                    const float  smx = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(vsc[lane])));
+                    if (smx > tc_sig) { // (sigma 0: nothing accumulated yet)
+                        corr *= tc_sig / smx;
+                        tc_sig = smx;
+                    }
+                    const float inv = tc_sig > 0.0f ? 1.0f / tc_sig : 0.0f;
+#pragma unroll
+                    for (int j = 0; j < C::SK / 8; j++) {
+                        const float2 vs = *(const float2 *)(vsc + 8 * j + 2 * tq);
+                        s[j][0] *= vs.x * inv, s[j][1] *= vs.y * inv;
+                    }
+                }
+#pragma unroll
+                for (int n = 0; n < HD / 8; n++) tc_o[n][0] *= corr, tc_o[n][1] *= corr;
+                // O += P V, 16 keys at a time
+#pragma unroll
+                for (int c = 0; c < C::SK / 16; c++) {
+                    const uint32_t pa0 = pack_half2(s[2 * c][0], s[2 * c][1]), pa2 = pack_half2(s[2 * c + 1][0], s[2 * c + 1][1]);
+                    if constexpr (C::EB == 1) {
+                        // rows 16c + 2tq + {0, 1, 8, 9}, bytes [gq * HD/8, +HD/8)
+                        const uint8_t *vb = st + C::OFF_V + (16 * c + 2 * tq) * C::RS + gq * (HD / 8);
+                        uint32_t       x[4][HD / 32];
+#pragma unroll
+                        for (int r = 0; r < 4; r++) {
+                            const uint8_t *row = vb + ((r & 1) + (r >> 1) * 8) * C::RS;
+                            if constexpr (HD == 128) {
+                                const uint4 u = *(const uint4 *)row;
+                                x[r][0] = u.x, x[r][1] = u.y, x[r][2] = u.z, x[r][3] = u.w;
+                            } else {
+                                const uint2 u = *(const uint2 *)row;
+                                x[r][0] = u.x, x[r][1] = u.y;
+                            }
+                        }
+#pragma unroll
+                        for (int w = 0; w < HD / 32; w++) {
+                            // bytes b of keys (r0, r1) and (r2, r3) paired: dims gq * HD/8 + 4w + b
+                            const uint32_t l01 = __byte_perm(x[0][w], x[1][w], 0x5140), h01 = __byte_perm(x[0][w], x[1][w], 0x7362);
+                            const uint32_t l23 = __byte_perm(x[2][w], x[3][w], 0x5140), h23 = __byte_perm(x[2][w], x[3][w], 0x7362);
+                            const uint32_t pr[4][2] = {{l01, l23}, {l01 >> 16, l23 >> 16}, {h01, h23}, {h01 >> 16, h23 >> 16}};
+#pragma unroll
+                            for (int b = 0; b < 4; b++)
+                                mma_16816_top(tc_o[4 * w + b], pa0, pa2, half2_bits(fp8x2_to_half2<KT>((uint16_t)pr[b][0])),
+                                              half2_bits(fp8x2_to_half2<KT>((uint16_t)pr[b][1])));
+                        }
+                    } else {
+                        const __half *Vt = (const __half *)(st + C::OFF_V);
+#pragma unroll
+                        for (int n = 0; n < HD / 8; n += 2) {
+                            uint32_t b0, b1, b2, b3;
+                            ldsm_x4_t(b0, b1, b2, b3,
+                                      Vt + (16 * c + (lane & 7) + ((lane >> 3) & 1) * 8) * (C::RS / 2) + n * 8 + (lane >> 4) * 8);
+                            mma_16816_top(tc_o[n], pa0, pa2, b0, b1);
+                            mma_16816_top(tc_o[n + 1], pa0, pa2, b2, b3);
+                        }
+                    }
+                }
+                __syncwarp(); // the stage is overwritten by the load issued next iteration
+            }
+            cp_async_wait<0>();
+            tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 1);
+            tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 2);
+        } else {
         load_q();
         const bool lane_dims = lig * 8 < (HD > 0 ? HD : 1); // lanes past head_dim (hd 80, 96) hold zeros
         for (int32_t k = 0; k < my_n; k++) {
@@ -405,6 +559,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 for (int e = 0; e < 8; e++) acc[g][e] = acc[g][e] * fa + __shfl_xor_sync(0xffffffffu, acc[g][e], o) * fb;
             }
         }
+        } // (TC)
     } else {
         // generic head_dim: one key at a time for the whole warp, rows read from global memory
         load_q();
@@ -467,18 +622,33 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     float *red_acc = (float *)smem;                            // [W][G][HDP]
     float *red_m   = red_acc + ATTN_WARPS * G * C::HDP;        // [W][G]
     float *red_l   = red_m + ATTN_WARPS * G;                   // [W][G]
-    if (kg == 0) {
+    if constexpr (TC) {
+        const int gq = lane >> 2, tq = lane & 3;
+        if (gq < G) {
+            const float sg = C::SCALED ? tc_sig : 1.0f;
 #pragma unroll
-        for (int g = 0; g < G; g++)
+            for (int n = 0; n < HD / 8; n++)
 #pragma unroll
-            for (int e = 0; e < 8; e++) {
-                const int d = dec_dim<HD>(lig, e);
-                if (d < hd) red_acc[(warp * G + g) * C::HDP + d] = acc[g][e];
-            }
+                for (int e = 0; e < 2; e++) {
+                    const int d = C::EB == 1 ? (2 * tq + e) * (HD / 8) + n : 8 * n + 2 * tq + e;
+                    red_acc[(warp * G + gq) * C::HDP + d] = tc_o[n][e] * sg;
+                }
+            if (tq == 0) red_m[warp * G + gq] = tc_m, red_l[warp * G + gq] = tc_l;
+        }
+    } else {
+        if (kg == 0) {
+#pragma unroll
+            for (int g = 0; g < G; g++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    const int d = dec_dim<HD>(lig, e);
+                    if (d < hd) red_acc[(warp * G + g) * C::HDP + d] = acc[g][e];
+                }
+        }
+        if (lane == 0)
+#pragma unroll
+            for (int g = 0; g < G; g++) red_m[warp * G + g] = m[g], red_l[warp * G + g] = l[g];
     }
-    if (lane == 0)
-#pragma unroll
-        for (int g = 0; g < G; g++) red_m[warp * G + g] = m[g], red_l[warp * G + g] = l[g];
     __syncthreads();
     // (uniform trip count: the staging's shuffles need every lane; ng * hd is a multiple of 16
     // where a.xo is set, so each 16-lane half is all in or all out)
@@ -566,35 +736,50 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct a
     }
 }
 
-template <int HD, int KT, int G>
+template <int HD, int KT, int G, bool TC>
 static void attn_decode_launch(dim3 grid, cudaStream_t st, const struct attn_args &a, const struct kv_dev_layout &L) {
-    using C = dec_cfg<HD, KT, G>;
+    using C = dec_cfg<HD, KT, G, TC>;
     static bool opted[64];
-    cuda_smem_opt_in(attn_decode_kernel<HD, KT, G>, C::SMEM, opted);
-    attn_decode_kernel<HD, KT, G><<<grid, ATTN_THREADS, C::SMEM, st>>>(a, L);
+    cuda_smem_opt_in(attn_decode_kernel<HD, KT, G, TC>, C::SMEM, opted);
+    attn_decode_kernel<HD, KT, G, TC><<<grid, ATTN_THREADS, C::SMEM, st>>>(a, L);
     CUDA_CHECK_LAUNCH();
 }
 
-template <int HD, int KT>
+template <int HD, int KT, bool TC>
 static void attn_decode_launch_g(int32_t g, dim3 grid, cudaStream_t st, const struct attn_args &a,
                                  const struct kv_dev_layout &L) {
     switch (g) {
-    case 1: attn_decode_launch<HD, KT, 1>(grid, st, a, L); break;
-    case 2: attn_decode_launch<HD, KT, 2>(grid, st, a, L); break;
-    case 4: attn_decode_launch<HD, KT, 4>(grid, st, a, L); break;
-    default: attn_decode_launch<HD, KT, 8>(grid, st, a, L); break;
+    case 1: attn_decode_launch<HD, KT, 1, TC>(grid, st, a, L); break;
+    case 2: attn_decode_launch<HD, KT, 2, TC>(grid, st, a, L); break;
+    case 4: attn_decode_launch<HD, KT, 4, TC>(grid, st, a, L); break;
+    default: attn_decode_launch<HD, KT, 8, TC>(grid, st, a, L); break;
     }
 }
 
+// True when the tensor-core key walk is compiled for the shape (dec_cfg).
+static bool attn_decode_tc_supported(int32_t hd, enum coopt_dtype dt) {
+    return (hd == 64 || hd == 128) && (dt == COOPT_DTYPE_F16 || dt == COOPT_DTYPE_FP8_E4M3 || dt == COOPT_DTYPE_FP8_E5M2);
+}
+
 template <int HD>
-static void attn_decode_launch_hd(int32_t g, dim3 grid, cudaStream_t st, const struct attn_args &a,
+static void attn_decode_launch_hd(int32_t g, bool tc, dim3 grid, cudaStream_t st, const struct attn_args &a,
                                   const struct kv_dev_layout &L) {
+    if constexpr (HD == 64 || HD == 128) {
+        if (tc) {
+            switch (L.dtype) {
+            case COOPT_DTYPE_F16: attn_decode_launch_g<HD, COOPT_DTYPE_F16, true>(g, grid, st, a, L); return;
+            case COOPT_DTYPE_FP8_E4M3: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E4M3, true>(g, grid, st, a, L); return;
+            case COOPT_DTYPE_FP8_E5M2: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E5M2, true>(g, grid, st, a, L); return;
+            default: break;
+            }
+        }
+    }
     switch (L.dtype) {
-    case COOPT_DTYPE_F32: attn_decode_launch_g<HD, COOPT_DTYPE_F32>(g, grid, st, a, L); break;
-    case COOPT_DTYPE_F16: attn_decode_launch_g<HD, COOPT_DTYPE_F16>(g, grid, st, a, L); break;
-    case COOPT_DTYPE_BF16: attn_decode_launch_g<HD, COOPT_DTYPE_BF16>(g, grid, st, a, L); break;
-    case COOPT_DTYPE_FP8_E4M3: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E4M3>(g, grid, st, a, L); break;
-    case COOPT_DTYPE_FP8_E5M2: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E5M2>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_F32: attn_decode_launch_g<HD, COOPT_DTYPE_F32, false>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_F16: attn_decode_launch_g<HD, COOPT_DTYPE_F16, false>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_BF16: attn_decode_launch_g<HD, COOPT_DTYPE_BF16, false>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_FP8_E4M3: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E4M3, false>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_FP8_E5M2: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E5M2, false>(g, grid, st, a, L); break;
     default:
         coopt_log_error("cuda attention: KV type %s is not supported", coopt_dtype_name((enum coopt_dtype)L.dtype));
         COOPT_ASSERT(!"unsupported KV type");
@@ -627,6 +812,16 @@ int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batc
 }
 
 void cuda_attn_set_route(struct coopt_backend *be, int route) { cuda_impl(be)->attn_route = route; }
+void cuda_attn_set_tc_decode(struct coopt_backend *be, int mode) { cuda_impl(be)->attn_tc_decode = mode; }
+
+// Whether the decode kernel walks the keys on tensor cores (attn_decode_kernel's TC; route 2 and
+// attn_tc_decode -1 keep it off; 0, the default, takes it for query groups of 2 or more heads per
+// CTA, 1 for every group).
+bool cuda_attn_tc_decode(const struct coopt_backend *be, int32_t head_dim, enum coopt_dtype kv_type, int32_t heads_per_cta) {
+    const struct cuda_backend *cb = (const struct cuda_backend *)be->impl;
+    return cb->attn_route != 2 && cb->attn_tc_decode >= 0 && attn_decode_tc_supported(head_dim, kv_type) &&
+           (cb->attn_tc_decode == 1 || heads_per_cta >= 2);
+}
 void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int on) { cuda_impl(be)->attn_fuse_fp8 = on != 0; }
 
 // cuda_attention; with fk != NULL, the fused write of cuda_rope_store_attention (attn_args.fk);
@@ -651,14 +846,18 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
         while (sub_g < group && sub_g < ATTN_MAX_G) sub_g *= 2;
     const int32_t n_sub = (group + sub_g - 1) / sub_g;
 
-    const int64_t bound = cuda_attn_bound(kv, b);
+    const int64_t bound  = cuda_attn_bound(kv, b);
+    const bool    tc_dec = cuda_attn_tc_decode(be, hd, l->dtype, sub_g);
 
     // Split-K (flash-decoding): partitions of ATTN_PART positions of an F16 cache (or the
     // context's attn_partition), i.e. a fixed number of bytes: twice the positions for FP8, half
     // for F32. Halved while the live CTAs would be fewer than 3 per SM (live: the bucket is up to
-    // twice the real ranges, so half of it is what the grid is sure to cover), doubled while the
-    // grid would have more than 16 CTAs per SM (keeps the partial workspace small for big
-    // batches). attn_partition 0 (the ablation) walks each range in one CTA.
+    // twice the real ranges, so half of it is what the grid is sure to cover); with the
+    // tensor-core walk fewer than attn_tc_occ per SM (0.5 by default: 1024 FP8 keys a CTA at 16k
+    // on llama3-8b; 0.5-0.75 measured best, 1-1.5 up to 3 % slower at 4k, 2 12 % slower, H100,
+    // docs/BENCHMARKS.md), and never below one sub-tile per warp. Doubled while the grid would
+    // have more than 16 CTAs per SM (keeps the partial workspace small for big batches).
+    // attn_partition 0 (the ablation) walks each range in one CTA.
     const int64_t ctas      = (int64_t)b->n_tokens * nkv * n_sub;
     int64_t       part_size = ATTN_PART;
     if (be->attn_partition > 0) {
@@ -666,8 +865,9 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
         while (part_size * 2 <= be->attn_partition) part_size *= 2;
     }
     part_size       = part_size * 2 / (int64_t)l->elem_bytes;
-    const int64_t live = bound / 2;
-    while (part_size > ATTN_PART_MIN && ctas * ((live + part_size - 1) / part_size) < 3LL * cb->n_sm) part_size /= 2;
+    const int64_t live = bound / 2, min_ctas = (int64_t)((tc_dec ? cb->attn_tc_occ : 3.0f) * (float)cb->n_sm);
+    const int64_t part_min = tc_dec ? ATTN_PART_MIN * 2 / (int64_t)l->elem_bytes : ATTN_PART_MIN;
+    while (part_size > part_min && ctas * ((live + part_size - 1) / part_size) < min_ctas) part_size /= 2;
     while (part_size < bound && ctas * ((bound + part_size - 1) / part_size) > 16LL * cb->n_sm) part_size *= 2;
     int64_t n_parts = (bound + part_size - 1) / part_size;
     // Short ranges in one pass: up to ATTN_NOSPLIT positions a CTA walks them in about the time of
@@ -735,11 +935,11 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
 
     dim3 grid((unsigned)b->n_tokens, (unsigned)(nkv * n_sub), (unsigned)n_parts);
     switch (hd) {
-    case 64: attn_decode_launch_hd<64>(sub_g, grid, cb->stream, a, L); break;
-    case 80: attn_decode_launch_hd<80>(sub_g, grid, cb->stream, a, L); break;
-    case 96: attn_decode_launch_hd<96>(sub_g, grid, cb->stream, a, L); break;
-    case 128: attn_decode_launch_hd<128>(sub_g, grid, cb->stream, a, L); break;
-    default: attn_decode_launch_hd<0>(sub_g, grid, cb->stream, a, L); break; // generic: any even head_dim <= 256
+    case 64: attn_decode_launch_hd<64>(sub_g, tc_dec, grid, cb->stream, a, L); break;
+    case 80: attn_decode_launch_hd<80>(sub_g, tc_dec, grid, cb->stream, a, L); break;
+    case 96: attn_decode_launch_hd<96>(sub_g, tc_dec, grid, cb->stream, a, L); break;
+    case 128: attn_decode_launch_hd<128>(sub_g, tc_dec, grid, cb->stream, a, L); break;
+    default: attn_decode_launch_hd<0>(sub_g, false, grid, cb->stream, a, L); break; // generic: any even head_dim <= 256
     }
     if (n_parts > 1) {
         attn_merge_kernel<<<dim3((unsigned)b->n_tokens, (unsigned)n_heads), 128, 0, cb->stream>>>(a, hd);

@@ -521,6 +521,12 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     CUDA_TRY(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device), COOPT_ERR_UNSUPPORTED);
     cb->pdl = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
     cb->attn_trigger = cb->pdl && env_flag("COOPT_CUDA_ATTN_TRIGGER", true);
+    // the decode attention's tensor-core walk: auto (default), all (every query group), 0 (never);
+    // COOPT_CUDA_ATTN_TC_OCC: CTAs per SM its partition sizing aims at
+    const char *atc = getenv("COOPT_CUDA_ATTN_TC");
+    if (atc && *atc) cb->attn_tc_decode = !strcmp(atc, "0") ? -1 : !strcmp(atc, "all") ? 1 : 0;
+    const char *occ = getenv("COOPT_CUDA_ATTN_TC_OCC");
+    if (occ && atof(occ) > 0.0) cb->attn_tc_occ = (float)atof(occ);
     const char *rows = getenv("COOPT_CUDA_GEMV_ROWS");
     if (rows && (!strcmp(rows, "1") || !strcmp(rows, "2"))) cb->gemv_rows_per_task = atoi(rows);
     if (S->profile) {
