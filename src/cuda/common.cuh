@@ -261,9 +261,10 @@ __device__ __forceinline__ void mma_16816_nv(float (&c)[4], const uint32_t (&a)[
 
 // c += A B for an A whose rows 8-15 are zero (a1 = a3 = 0): only the accumulators of rows 0-7 (c0,
 // c1) are kept; rows 8-15 go to scratch. The decode attention's query heads (at most 8) are A's rows.
+// Not volatile: the compiler interleaves independent accumulator chains.
 __device__ __forceinline__ void mma_16816_top(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
     [[maybe_unused]] float d2, d3;
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %5}, {%7, %8}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %5}, {%7, %8}, "
                  "{%0, %1, %9, %9};"
                  : "+f"(c[0]), "+f"(c[1]), "=f"(d2), "=f"(d3)
                  : "r"(a0), "r"(0u), "r"(a2), "r"(b0), "r"(b1), "f"(0.0f));

@@ -383,20 +383,24 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 #pragma unroll
                 for (int j = 0; j < C::SK / 8; j++) s[j][0] = s[j][1] = 0.0f;
                 if constexpr (C::EB == 1) {
+                    // every key group's bytes first, then the MMAs with the groups innermost: four
+                    // independent accumulator chains in flight instead of one
+                    uint32_t kw[C::SK / 8][HD / 16];
 #pragma unroll
                     for (int j = 0; j < C::SK / 8; j++) {
                         const uint4 *kr = (const uint4 *)(st + (8 * j + gq) * C::RS + tq * (HD / 4));
-                        uint32_t     kw[HD / 16];
 #pragma unroll
                         for (int u = 0; u < HD / 64; u++) {
                             const uint4 x = kr[u];
-                            kw[4 * u] = x.x, kw[4 * u + 1] = x.y, kw[4 * u + 2] = x.z, kw[4 * u + 3] = x.w;
+                            kw[j][4 * u] = x.x, kw[j][4 * u + 1] = x.y, kw[j][4 * u + 2] = x.z, kw[j][4 * u + 3] = x.w;
                         }
-#pragma unroll
-                        for (int kk = 0; kk < HD / 16; kk++)
-                            mma_16816_top(s[j], qa[kk][0], qa[kk][1], half2_bits(fp8x2_to_half2<KT>((uint16_t)kw[kk])),
-                                          half2_bits(fp8x2_to_half2<KT>((uint16_t)(kw[kk] >> 16))));
                     }
+#pragma unroll
+                    for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+                        for (int j = 0; j < C::SK / 8; j++)
+                            mma_16816_top(s[j], qa[kk][0], qa[kk][1], half2_bits(fp8x2_to_half2<KT>((uint16_t)kw[j][kk])),
+                                          half2_bits(fp8x2_to_half2<KT>((uint16_t)(kw[j][kk] >> 16))));
                 } else {
                     const __half *Kt = (const __half *)st;
 #pragma unroll
@@ -414,14 +418,16 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 // (its four lanes reduce the maximum with two shuffles)
                 float mx = -INFINITY;
 #pragma unroll
-                for (int j = 0; j < C::SK / 8; j++)
+                for (int j = 0; j < C::SK / 8; j++) {
+                    const float2 ks = C::SCALED ? *(const float2 *)(st + C::OFF_KS + (8 * j + 2 * tq) * 4) : make_float2(1.0f, 1.0f);
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         const int   key = 8 * j + 2 * tq + e;
-                        const float f   = C::SCALED ? qk * ((const float *)(st + C::OFF_KS))[key] : qk;
+                        const float f   = C::SCALED ? qk * (e ? ks.y : ks.x) : qk;
                         s[j][e]         = (vm >> key) & 1 ? s[j][e] * f : -INFINITY;
                         mx              = fmaxf(mx, s[j][e]);
                     }
+                }
                 mx               = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx               = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float mn   = fmaxf(tc_m, mx), base = mn == -INFINITY ? 0.0f : mn;
@@ -442,7 +448,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                         corr *= tc_sig / smx;
                         tc_sig = smx;
                     }
-                    const float inv = tc_sig > 0.0f ? 1.0f / tc_sig : 0.0f;
+                    const float inv = tc_sig > 0.0f ? __frcp_rn(tc_sig) : 0.0f;
 #pragma unroll
                     for (int j = 0; j < C::SK / 8; j++) {
                         const float2 vs = *(const float2 *)(vsc + 8 * j + 2 * tq);
