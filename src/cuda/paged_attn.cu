@@ -235,8 +235,9 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         __syncthreads(); // (CTA-scope ordering: the stores before this CTA's later copies)
     }
 
-    // Element d of query head h0 + g (g < ng); fused: rotated here, with the same operations as
-    // rope_store (the element and its pair partner read, one cos/sin per dim).
+    // Element d of query head h0 + g (g < ng), unscaled (the tensor-core walk); fused: rotated
+    // here, with the same operations as rope_store (the element and its pair partner read, one
+    // cos/sin per dim).
     auto q_at = [&](int g, int d) -> float {
         const float *qh = a.q + ((size_t)t * a.n_heads + h0 + g) * hd;
         float        x  = qh[d];
@@ -253,17 +254,45 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         return x;
     };
     // q of the CTA's heads at this lane's 8 dims, in log2 units (loaded after the first K/V
-    // copies are issued, so the two latencies overlap).
+    // copies are issued, so the two latencies overlap); fused: rotated as q_at does, with each
+    // dim's pair partner and cos/sin looked up once for all heads.
     float qr[G][8];
     auto  load_q = [&]() {
         const float qs = a.scale * ATTN_LOG2E;
+        float       cs[8], sn[8];
+        int         pd[8]; // the pair partner of each dim; which of the pair it is
+        bool        first[8];
+        if (fused) {
 #pragma unroll
-        for (int g = 0; g < G; g++)
+            for (int e = 0; e < 8; e++) {
+                const int d = dec_dim<HD>(lig, e), half = hd / 2;
+                const int i = min(a.rope.layout == COOPT_ROPE_INTERLEAVED ? d / 2 : d % half, ROPE_MAX_HALF - 1);
+                int       i0, i1;
+                rope_pair(a.rope, i, &i0, &i1);
+                first[e] = d == i0, pd[e] = d == i0 ? i1 : i0;
+                cs[e] = rope_c[i], sn[e] = rope_s[i];
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            const float *qh = a.q + ((size_t)t * a.n_heads + h0 + min(g, ng - 1)) * hd;
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 const int d = dec_dim<HD>(lig, e);
-                qr[g][e]    = g < ng && d < hd ? q_at(g, d) * qs : 0.0f;
+                float     x = 0.0f;
+                if (g < ng && d < hd) {
+                    x = qh[d];
+                    if (fused) {
+                        const float xp = qh[pd[e]];
+                        float       y0, y1;
+                        if (first[e]) rope_rotate(x, xp, cs[e], sn[e], &y0, &y1);
+                        else rope_rotate(xp, x, cs[e], sn[e], &y0, &y1);
+                        x = first[e] ? y0 : y1;
+                    }
+                }
+                qr[g][e] = x * qs;
             }
+        }
     };
     float m[G], l[G], acc[G][8];
 #pragma unroll
