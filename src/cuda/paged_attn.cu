@@ -370,6 +370,15 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 cp_async4(st + C::OFF_VS + lane * 4, a.pool + (valid ? soff + sdelta : 0), valid);
             }
         };
+        // Sub-tile k of the warp, landed: first the copies of sub-tile k + NST - 1 go out (into
+        // the stage computed at k - 1), then the wait for k's group.
+        auto stage_in = [&](int32_t k) -> const uint8_t * {
+            if (k + C::NST - 1 < my_n) load(k + C::NST - 1);
+            cp_async_commit();
+            cp_async_wait<C::NST - 1>();
+            __syncwarp();
+            return wsm + (k % C::NST) * C::STAGE;
+        };
         // prologue: NST - 1 sub-tiles in flight (empty groups keep the group count uniform)
 #pragma unroll
         for (int k = 0; k < C::NST - 1; k++) {
@@ -402,11 +411,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 #pragma unroll
             for (int n = 0; n < HD / 8; n++) tc_o[n][0] = tc_o[n][1] = 0.0f;
             for (int32_t k = 0; k < my_n; k++) {
-                if (k + C::NST - 1 < my_n) load(k + C::NST - 1); // into the stage computed at k - 1
-                cp_async_commit();
-                cp_async_wait<C::NST - 1>();
-                __syncwarp();
-                const uint8_t *st = wsm + (k % C::NST) * C::STAGE;
+                const uint8_t *st = stage_in(k);
                 const uint32_t vm = *(const uint32_t *)(st + C::OFF_M);
                 float          s[C::SK / 8][2];
 #pragma unroll
@@ -537,11 +542,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         load_q();
         const bool lane_dims = lig * 8 < (HD > 0 ? HD : 1); // lanes past head_dim (hd 80, 96) hold zeros
         for (int32_t k = 0; k < my_n; k++) {
-            if (k + C::NST - 1 < my_n) load(k + C::NST - 1); // into the stage computed at k - 1
-            cp_async_commit();
-            cp_async_wait<C::NST - 1>();
-            __syncwarp();
-            const uint8_t *st = wsm + (k % C::NST) * C::STAGE;
+            const uint8_t *st = stage_in(k);
             const uint32_t vm = *(const uint32_t *)(st + C::OFF_M);
             float          s[G][C::NKB];
 #pragma unroll
