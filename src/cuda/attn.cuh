@@ -1,8 +1,9 @@
 /*
- * attn.cuh -- what the two attention kernels share: paged_attn.cu (decode and split-K, on CUDA
- * cores, every KV type and head_dim) and attn_prefill.cu (chunked prefill on tensor cores, F16 and
- * FP8 KV, head dims 64/80/96/128). The argument block, the rule that splits one step's tokens
- * between the two kernels, and the cp.async / FP8 / ex2 helpers.
+ * attn.cuh -- what the two attention kernels share: paged_attn.cu (decode and split-K, every KV
+ * type and head_dim, on CUDA cores or, for query groups with head dims 64/128 and F16/FP8 KV, on
+ * tensor cores) and attn_prefill.cu (chunked prefill on tensor cores, F16 and FP8 KV, head dims
+ * 64/80/96/128). The argument block, the rule that splits one step's tokens between the two
+ * kernels, and the cp.async / FP8 / ex2 / fragment helpers.
  *
  * Routing. When the launcher runs the tensor-core kernel (tc_tokens > 0), the step's tokens are
  * cut into query tiles of tc_tokens consecutive batch tokens. A tile whose tokens all belong to one
