@@ -715,6 +715,11 @@ struct attn_case {
 //     dequantized rows <= 1.07): atol 1.5e-3. A key wrongly inside or outside a row's range moves
 //     that row by ~|v| / (keys in range), which the short ranges of every case (prefill from
 //     position 0, window edges) expose.
+// The KV types the tensor-core attention kernels are compiled for.
+static bool attn_tc_kv_type(enum coopt_dtype dt) {
+    return dt == COOPT_DTYPE_F16 || dt == COOPT_DTYPE_FP8_E4M3 || dt == COOPT_DTYPE_FP8_E5M2;
+}
+
 static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, const struct attn_case *c) {
     int32_t max_len = 0, n_pages = 0, n_all = 0, n_tok = 0;
     for (int i = 0; i < c->n_seqs; i++) {
@@ -778,8 +783,7 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
     float  *q    = test_rand_array(s, n_o, -2, 2);
     // whether a tensor-core kernel can take part (the launcher's rules, paged_attn.cu): the prefill
     // kernel, or the decode kernel's tensor-core walk (cuda_attn_tc_decode, same tolerance)
-    bool    tc_shape = (c->hd == 64 || c->hd == 80 || c->hd == 96 || c->hd == 128) &&
-                    (c->dt == COOPT_DTYPE_F16 || c->dt == COOPT_DTYPE_FP8_E4M3 || c->dt == COOPT_DTYPE_FP8_E5M2);
+    bool    tc_shape = (c->hd == 64 || c->hd == 80 || c->hd == 96 || c->hd == 128) && attn_tc_kv_type(c->dt);
     int32_t sub_g = 1;
     if (!p->cu->attn_per_head)
         while (sub_g < c->nh / c->nkv && sub_g < 8) sub_g *= 2;
@@ -818,10 +822,6 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
     free(bt), free(perm), free(pos), free(seq), free(slots), free(inv), free(qa), free(ka), free(va), free(q);
     free(got), free(want), free(host_pool), free(qpos), free(qseq), free(nan);
     return ok;
-}
-
-static bool attn_tc_kv_type(enum coopt_dtype dt) {
-    return dt == COOPT_DTYPE_F16 || dt == COOPT_DTYPE_FP8_E4M3 || dt == COOPT_DTYPE_FP8_E5M2;
 }
 
 // The decode kernel (and its split-K merge) on ragged batches: route 2 keeps the tensor-core
@@ -881,6 +881,8 @@ TEST(cuda_attention) {
                                       .window = (g + d) % 2 ? 1000 : 0, .dt = k_kvtypes[d], .n_seqs = 6,
                                       .lens = lens3, .n_q = n_q3, .route = 0};
                 cuda_attn_set_tc_decode(p.cu, groups[g] == 1 ? 1 : 0);
+                CHECKF(t, cuda_attn_tc_decode(p.cu, c.hd, c.dt, groups[g]), "hd %d %s, %d heads per KV head: not routed to tensor cores",
+                       c.hd, coopt_dtype_name(c.dt), groups[g]);
                 bool ok = check_attention(t, &p, &s, &c);
                 cuda_attn_set_tc_decode(p.cu, 0);
                 if (!ok) return;

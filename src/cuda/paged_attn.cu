@@ -792,9 +792,10 @@ static void attn_decode_launch_g(int32_t g, dim3 grid, cudaStream_t st, const st
     }
 }
 
-// True when the tensor-core key walk is compiled for the shape (dec_cfg).
+// True when the tensor-core key walk is compiled for the shape (dec_cfg): the prefill kernel's KV
+// types, head dims 64 and 128 of its.
 static bool attn_decode_tc_supported(int32_t hd, enum coopt_dtype dt) {
-    return (hd == 64 || hd == 128) && (dt == COOPT_DTYPE_F16 || dt == COOPT_DTYPE_FP8_E4M3 || dt == COOPT_DTYPE_FP8_E5M2);
+    return (hd == 64 || hd == 128) && cuda_attn_prefill_supported(hd, dt);
 }
 
 template <int HD>
@@ -890,7 +891,7 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     // for F32. Halved while the live CTAs would be fewer than 3 per SM (live: the bucket is up to
     // twice the real ranges, so half of it is what the grid is sure to cover); with the
     // tensor-core walk fewer than attn_tc_occ per SM (0.5 by default: 1024 FP8 keys a CTA at 16k
-    // on llama3-8b; 0.5-0.75 measured best, 1-1.5 up to 3 % slower at 4k, 2 12 % slower, H100,
+    // on llama3-8b; 0.5-0.75 measured best, 1-1.5 up to 3 % slower at 4k, 2 10-12 % slower, H100,
     // docs/BENCHMARKS.md), and never below one sub-tile per warp. Doubled while the grid would
     // have more than 16 CTAs per SM (keeps the partial workspace small for big batches).
     // attn_partition 0 (the ablation) walks each range in one CTA.
