@@ -908,7 +908,8 @@ struct fused_case {
     int              layout;     // 1: COOPT_ROPE_HALF, 0: interleaved
     bool             koffs;      // K smoothing offsets (FP8 caches)
     bool             seq_start;  // the first sequence's token is at position 0 (not fusable)
-    bool             fuse_fp8;   // cuda_attn_set_fuse_fp8 (FP8 caches are not fused by default)
+    bool             fuse_fp8;   // cuda_attn_set_fuse_fp8 1 (fused) or -1 (two kernels) for FP8 caches
+    bool             fuse_auto;  // cuda_attn_set_fuse_fp8 0, the default: fused from CUDA_ATTN_FUSE_FP8_BOUND
     bool             then;       // the second run is rope_store_attention_then_matmul (check_staged)
     int32_t          n_seqs;
     const int32_t   *lens;       // [n_seqs] positions held after the step; the step has the last one of each
@@ -974,8 +975,8 @@ static bool check_staged(struct test_ctx *t, struct cu_pair *p, const float *dou
 // fused decode kernel runs the same operations as the two kernels (rope_store's rotation and FP8
 // scale search, attention's loop), so the cache bytes and the output must be bit-identical, and
 // it leaves q unrotated: q unchanged is how the test knows the fused kernel ran. Steps it does
-// not fuse (a sequence start, query groups over 8, FP8 caches unless cuda_attn_set_fuse_fp8) run
-// the two kernels: q rotated.
+// not fuse (a sequence start, query groups over 8, FP8 caches where cuda_attn_set_fuse_fp8 says
+// not) run the two kernels: q rotated.
 static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, const struct fused_case *c) {
     const int32_t n_layers = 2, layer = 1, n = c->n_seqs;
     int32_t       max_len = 0, n_pages = 0, n_fill = 0;
@@ -1051,7 +1052,7 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
     const float scale = 1.0f / sqrtf((float)c->hd);
     p->cu->ops->rope_store(p->cu, dq[0], dk, dv, c->nh, &kv[0], layer, &b, &rope);
     p->cu->ops->attention(p->cu, dout[0], dq[0], c->nh, &kv[0], layer, &b, scale);
-    cuda_attn_set_fuse_fp8(p->cu, c->fuse_fp8);
+    cuda_attn_set_fuse_fp8(p->cu, c->fuse_auto ? 0 : c->fuse_fp8 ? 1 : -1);
     if (c->then) p->cu->ops->rope_store_attention_then_matmul(p->cu, dout[1], dq[1], dk, dv, c->nh, &kv[1], layer, &b, &rope, scale);
     else p->cu->ops->rope_store_attention(p->cu, dout[1], dq[1], dk, dv, c->nh, &kv[1], layer, &b, &rope, scale);
     cuda_attn_set_fuse_fp8(p->cu, 0);
@@ -1062,11 +1063,14 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
         dev_read(p->cu, outs[j], dout[j], nq * 4);
         dev_read(p->cu, qs[j], dq[j], nq * 4);
     }
-    const bool fused = !start && c->nh / c->nkv <= 8 && (!kv[0].layout.has_scales || c->fuse_fp8);
+    int64_t bound = 128; // cuda_attn_bound: no page manager here, so the block table's span, bucketed
+    while (bound < (int64_t)max_blocks * c->ps) bound *= 2;
+    const bool fp8_fused = c->fuse_auto ? bound >= CUDA_ATTN_FUSE_FP8_BOUND : c->fuse_fp8;
+    const bool fused     = !start && c->nh / c->nkv <= 8 && (!kv[0].layout.has_scales || fp8_fused);
     char       what[160];
-    snprintf(what, sizeof(what), "%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d then %d",
+    snprintf(what, sizeof(what), "%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d then %d fuse_fp8 %s",
              coopt_dtype_name(c->dt), c->hd, c->nh, c->nkv, c->ps, c->layout, doff != NULL, c->lens[0], c->lens[n - 1],
-             c->then);
+             c->then, c->fuse_auto ? "auto" : c->fuse_fp8 ? "on" : "off");
     bool ok = true;
     if (memcmp(pools[0], pools[1], pool_bytes) != 0) {
         size_t i = 0;
@@ -1133,6 +1137,13 @@ TEST(cuda_rope_store_attention) {
         if (!check_fused_attention(t, &p, &s, &c1)) goto done;
         c1.fuse_fp8 = false;
         if (!check_fused_attention(t, &p, &s, &c1)) goto done;
+        // the default for FP8: two kernels below CUDA_ATTN_FUSE_FP8_BOUND, fused from it
+        c1.fuse_auto = true;
+        if (!check_fused_attention(t, &p, &s, &c1)) goto done;
+        const int32_t lens_deep[] = {CUDA_ATTN_FUSE_FP8_BOUND + 9, 37};
+        struct fused_case c2 = {.hd = 128, .nh = 8, .nkv = 2, .ps = 16, .dt = k_kvtypes[d], .layout = 1,
+                                .koffs = true, .fuse_auto = true, .n_seqs = 2, .lens = lens_deep};
+        if (!check_fused_attention(t, &p, &s, &c2)) goto done;
     }
     // the then-op: one decode token's output is also staged for the o projection (check_staged),
     // by the decode kernel (one partition) or the merge kernel (1100 positions); several tokens,

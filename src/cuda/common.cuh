@@ -109,7 +109,7 @@ struct cuda_backend {
     int            device;
     int            n_sm;
     int            attn_route; // attention routing (cuda_attn_set_route): 0 auto, 1 tensor cores wherever compiled, 2 never
-    int            attn_fuse_fp8; // rope_store_attention fuses FP8 caches too (cuda_attn_set_fuse_fp8; tests)
+    int            attn_fuse_fp8; // rope_store_attention fuses FP8 caches: 0 by depth, 1 always, -1 never (cuda_attn_set_fuse_fp8)
     int            attn_tc_decode; // decode kernel on tensor cores (cuda_attn_tc_decode): 0 auto, 1 every group, -1 never
     float          attn_tc_occ;    // tensor-core decode: partitions are halved until CTAs >= this many per SM
     cudaStream_t   stream;

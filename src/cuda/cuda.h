@@ -53,8 +53,11 @@ void cuda_step_fail_next_graph(struct coopt_backend *be);
 // Test hook: a workspace that would grow past n_bytes fails as if the device were out of memory
 // (0 = no limit).
 void cuda_set_workspace_limit(struct coopt_backend *be, size_t n_bytes);
-// Tests: rope_store_attention fuses FP8 caches too (1) or not (0, the default: see paged_attn.cu).
-void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int on);
+// Test hook: rope_store_attention fuses the write of FP8 caches into the attention always (1),
+// never (-1), or where the step's key-range bound (cuda_attn_bound) is at least
+// CUDA_ATTN_FUSE_FP8_BOUND (0, the default; see paged_attn.cu).
+void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int mode);
+#define CUDA_ATTN_FUSE_FP8_BOUND 8192
 
 #ifdef __cplusplus
 }

@@ -859,7 +859,7 @@ bool cuda_attn_tc_decode(const struct coopt_backend *be, int32_t head_dim, enum 
     return cb->attn_route != 2 && cb->attn_tc_decode >= 0 && attn_decode_tc_supported(head_dim, kv_type) &&
            (cb->attn_tc_decode == 1 || heads_per_cta >= 2);
 }
-void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int on) { cuda_impl(be)->attn_fuse_fp8 = on != 0; }
+void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int mode) { cuda_impl(be)->attn_fuse_fp8 = mode; }
 
 // cuda_attention; with fk != NULL, the fused write of cuda_rope_store_attention (attn_args.fk);
 // stage: out is also staged for the GEMV that reads it next (attn_args.xo), where it applies.
@@ -994,12 +994,13 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
 // kernel (attn_args.fk): the launch and the drain of rope_store's kernel go, and q is read
 // unrotated and left so. Other steps (prefill chunks, which read rows other CTAs store; sequence
 // starts, whose K offsets come first; several CTAs per KV head; forced tensor cores) run the two,
-// and so do FP8 caches: there the two rows' scale search sits in front of the CTA's key walk, and
-// the fused kernel measured from 1.5 % slower to 0.9 % faster than the two (H100, llama2-7b /
-// llama3-8b gptq4, depth 0 and 4096), against 1.4-1.5 % faster with F16 (docs/BENCHMARKS.md);
-// again at 109ea20: llama2-7b 0 / +1.7 %, llama3-8b -0.8 / -0.6 % at depth 0 / 4096.
-// (The kernel handles FP8: test cuda_rope_store_attention runs it through the test hook, and
-// COOPT_CUDA_FUSED_ATTN_FP8=1 turns it on for a run.)
+// and so do FP8 caches over short ranges: there the two rows' scale search sits in front of the
+// CTA's key walk. Over ranges split into several partitions only the last one's CTA (the shortest
+// walk) stores, so the search leaves the critical path: FP8 is fused where the step's bound is at
+// least CUDA_ATTN_FUSE_FP8_BOUND. Measured (H100, gptq4, tg128 with the tensor-core walk, fused
+// against two kernels): llama3-8b -2.7 / -0.5 / 0.0 / +2.1 %, llama2-7b -0.8 / -1.2 / +1.4 / +4.0 %
+// at depths 0 / 1024 / 4096 / 16384 (bounds 256 / 2048 / 8192 / 32768; docs/BENCHMARKS.md).
+// (COOPT_CUDA_FUSED_ATTN_FP8=1 fuses FP8 always, =0 never; tests use cuda_attn_set_fuse_fp8.)
 static void rope_store_attention(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
                                  int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
                                  const struct coopt_rope *rope, float scale, bool then_matmul) {
@@ -1009,7 +1010,8 @@ static void rope_store_attention(struct coopt_backend *be, float *out, float *q,
     const bool fuse = b->n_tokens > 0 && b->n_tokens == b->n_seqs && b->no_seq_start && cb->attn_route != 1 &&
                       n_heads % l->n_kv_heads == 0 && group <= ATTN_MAX_G && (!be->attn_per_head || group == 1) &&
                       rope->head_dim == l->head_dim && layer >= 0 && layer < l->n_layers &&
-                      (!l->has_scales || cb->attn_fuse_fp8);
+                      (!l->has_scales || cb->attn_fuse_fp8 > 0 ||
+                       (cb->attn_fuse_fp8 == 0 && cuda_attn_bound(kv, b) >= CUDA_ATTN_FUSE_FP8_BOUND));
     if (!fuse) {
         cuda_rope_store(be, q, k, v, n_heads, kv, layer, b, rope);
         attention_run(be, out, q, n_heads, kv, layer, b, scale, NULL, NULL, NULL, then_matmul);

@@ -503,7 +503,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     if (!env_flag("COOPT_CUDA_FUSED", true) || !env_flag("COOPT_CUDA_FUSED_ATTN", true)) cb->ops.rope_store_attention = NULL;
     // FP8 caches too (paged_attn.cu: rope_store_attention says when each is faster)
     const char *f8 = getenv("COOPT_CUDA_FUSED_ATTN_FP8");
-    if (f8 && *f8) cb->attn_fuse_fp8 = strcmp(f8, "0") != 0;
+    if (f8 && *f8) cb->attn_fuse_fp8 = strcmp(f8, "0") != 0 ? 1 : -1;
     if (!env_flag("COOPT_CUDA_FUSED", true) || !env_flag("COOPT_CUDA_FUSED_NORM", true)) {
         cb->ops.norm_matmul_multi  = NULL;
         cb->ops.norm_matmul_swiglu = NULL;
