@@ -24,7 +24,8 @@
  * COOPT_CUDA_FUSED_NORM=0 (no RMS norm inside the GEMVs), COOPT_CUDA_XSTAGE=0 (decode GEMVs and the
  * decode attention do not stage the next GEMV's input: matmul_add_then_norm, norm_matmul_swiglu_then_add,
  * rope_store_attention_then_matmul; COOPT_CUDA_XSTAGE_ATTN=0: the attention only),
- * COOPT_CUDA_FUSED_ATTN_FP8=1 (FP8 caches also take the decode attention with the KV write fused in), COOPT_CUDA_PDL=0 (GEMVs launch without
+ * COOPT_CUDA_FUSED_ATTN_FP8=1|0 (FP8 caches take the decode attention with the KV write fused in always, or
+ * never; by default from a key-range bound of CUDA_ATTN_FUSE_FP8_BOUND), COOPT_CUDA_PDL=0 (GEMVs launch without
  * programmatic dependent launch), COOPT_CUDA_ATTN_TRIGGER=0 (the attention's merge kernel does not let the
  * o projection launch at its start), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
  * the automatic choice).
