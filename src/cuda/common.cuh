@@ -137,6 +137,7 @@ struct cuda_backend {
     struct cuda_driver   drv;
     bool                 pdl;  // GEMVs launch with programmatic dependent launch (sm_90+, step.cu)
     bool                 attn_trigger; // the attention's merge kernel triggers the next launch (attn_args)
+    bool                 attn_pdl;     // rope_store and the decode attention launch programmatically dependent
     int                  gemv_rows_per_task; // 0 = auto (matmul.cu), 1 or 2 forced (COOPT_CUDA_GEMV_ROWS)
     struct cuda_step    *step; // recorded decode steps (CUDA graphs) and op profiling, step.cu
     // backend.h's fences: marker n is event fence_ev[n % CUDA_FENCES] (a later marker reuses it,
@@ -202,6 +203,23 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+// Launches kern<<<grid, block, smem, st>>>(args...), as a programmatic dependent launch when
+// `pdl` (it may start while the previous kernel of the stream finishes: see pdl_wait).
+template <typename... P, typename... A>
+static cudaError_t cuda_launch_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                                   A... args) {
+    cudaLaunchConfig_t  cfg   = {};
+    cudaLaunchAttribute at[1] = {};
+    cfg.gridDim               = grid;
+    cfg.blockDim              = block;
+    cfg.dynamicSmemBytes      = smem;
+    cfg.stream                = st;
+    at[0].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs                                        = at;
+    cfg.numAttrs                                     = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kern, args...);
 }
 __device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 

@@ -1434,24 +1434,13 @@ static bool pdl_enabled(const struct cuda_backend *cb) {
 template <typename... P, typename... A>
 static void launch_maybe_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
                              A... args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim            = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream   = st;
-    cudaLaunchAttribute at[1] = {};
-    at[0].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs                                        = at;
-    cfg.numAttrs                                     = pdl ? 1 : 0;
-    cudaError_t e                                    = cudaLaunchKernelEx(&cfg, kern, args...);
+    cudaError_t e = cuda_launch_pdl(pdl, kern, grid, block, smem, st, args...);
     if (e != cudaSuccess && pdl) {
         coopt_log_error("cuda: launch with programmatic dependent launch failed (%s); launching without it",
                         cudaGetErrorName(e));
         (void)cudaGetLastError();
-        g_pdl_fail   = 1;
-        cfg.numAttrs = 0;
-        e            = cudaLaunchKernelEx(&cfg, kern, args...);
+        g_pdl_fail = 1;
+        e          = cuda_launch_pdl(false, kern, grid, block, smem, st, args...);
     }
     CUDA_CHECK(e);
     CUDA_CHECK_LAUNCH();

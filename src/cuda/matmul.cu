@@ -404,16 +404,9 @@ static bool gemv_type(enum coopt_dtype t) {
 // One launch; with cb->pdl as a programmatic dependent launch (the kernel's prologue overlaps the
 // previous kernel's tail, see pdl_wait).
 template <int T, int NR, bool VEC, bool NORM> static void gemv_launch_k(struct cuda_backend *cb, const struct gemv_args &a) {
-    cudaLaunchConfig_t  cfg     = {};
-    cudaLaunchAttribute attr[1] = {};
-    cfg.gridDim                                        = dim3((unsigned)((a.n_tasks + GEMV_WARPS - 1) / GEMV_WARPS));
-    cfg.blockDim                                       = dim3(GEMV_WARPS * WARP_SIZE);
-    cfg.stream                                         = cb->stream;
-    attr[0].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs                                          = attr;
-    cfg.numAttrs                                       = cb->pdl ? 1 : 0;
-    CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<T, NR, VEC, NORM>, a));
+    CUDA_CHECK(cuda_launch_pdl(cb->pdl, gemv_kernel<T, NR, VEC, NORM>,
+                               dim3((unsigned)((a.n_tasks + GEMV_WARPS - 1) / GEMV_WARPS)), dim3(GEMV_WARPS * WARP_SIZE),
+                               0, cb->stream, a));
 }
 
 template <int T, bool VEC, bool NORM> static void gemv_launch_t(struct cuda_backend *cb, const struct gemv_args &a, int nr) {

@@ -10,7 +10,9 @@
  * before this runs, so causality inside a prefill chunk needs no special case.
  *
  * attn_decode_kernel<HD, KT, G>: one CTA per (token, KV head, query-head subgroup, partition).
- *   Grid: (n_tokens, n_kv_heads * n_sub, n_parts); Block: 128 threads = 4 warps.
+ *   Grid: (n_tokens, n_kv_heads * n_sub, n_parts); Block: 128 threads = 4 warps. A programmatic
+ *   dependent launch with cuda_backend.attn_pdl (sm_90, the default): its CTAs are resident
+ *   while the kernel before (rope_store, or the q/k/v GEMV) finishes, and wait for it first.
  *   Opt-GQA: the CTA serves G (1, 2, 4 or 8) query heads of its KV group from ONE read of each K
  *   and V row; larger groups are split into n_sub = ceil(group / G) subgroups (each reads the rows
  *   once); groups that are not a power of two leave the last heads of a subgroup idle.
@@ -176,6 +178,7 @@ template <int HD, int KT, int G, bool TC>
 __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct attn_args a, const struct kv_dev_layout L) {
     using C = dec_cfg<HD, KT, G, TC>;
     extern __shared__ __align__(16) uint8_t smem[];
+    pdl_wait(); // (launched early with cuda_backend.attn_pdl: everything below may read the previous kernel's output)
     const int     tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int32_t t   = blockIdx.x;
     if (a.tc_tokens > 0 && attn_tile_is_tc(a, t / a.tc_tokens)) return; // computed by the tensor-core kernel
@@ -777,7 +780,7 @@ static void attn_decode_launch(dim3 grid, cudaStream_t st, const struct attn_arg
     using C = dec_cfg<HD, KT, G, TC>;
     static bool opted[64];
     cuda_smem_opt_in(attn_decode_kernel<HD, KT, G, TC>, C::SMEM, opted);
-    attn_decode_kernel<HD, KT, G, TC><<<grid, ATTN_THREADS, C::SMEM, st>>>(a, L);
+    CUDA_CHECK(cuda_launch_pdl(a.pdl_attn != 0, attn_decode_kernel<HD, KT, G, TC>, grid, dim3(ATTN_THREADS), C::SMEM, st, a, L));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -939,6 +942,7 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     a.pool_w = (uint8_t *)kv->pool, a.n_layers = l->n_layers;
     a.xo = NULL, a.xo_part = NULL;
     a.pdl_trigger = cb->attn_trigger;
+    a.pdl_attn    = cb->attn_pdl;
     // one decode token whose n_heads * hd outputs are whole 64-row chunks of the next GEMV's input
     const int64_t n_out = (int64_t)n_heads * hd;
     if (stage && b->n_tokens == 1 && hd % 16 == 0 && n_out % 64 == 0) {

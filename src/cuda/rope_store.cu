@@ -21,8 +21,11 @@
  *                   before them), then kv_store_rows (kv_store.cuh): block amax, FP8 scale search
  *                   over all 128 threads, quantized store.
  *                   Shared memory: head_dim floats (<= 256) + kv_store_smem (FP8).
- * Decode steps with 16/32-bit caches do this write inside the attention kernel instead
- * (cuda_rope_store_attention, paged_attn.cu).
+ *                   With cuda_backend.attn_pdl (sm_90, the default) it is a programmatic
+ *                   dependent launch, and every block first lets the next kernel (the attention,
+ *                   which waits for it) launch, then waits for the kernel before it.
+ * Decode steps with 16/32-bit caches, and with FP8 caches over long ranges, do this write inside
+ * the attention kernel instead (cuda_rope_store_attention, paged_attn.cu).
  */
 #include "cuda/kv_store.cuh"
 
@@ -125,6 +128,8 @@ __global__ void __launch_bounds__(128)
                       const float *__restrict__ koff, const int32_t *__restrict__ tok_seq,
                       const int32_t *__restrict__ seq_ids, int32_t n_layers) {
     constexpr bool FP8 = KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2;
+    pdl_launch_dependents(); // the attention may launch now; it waits for our completion
+    pdl_wait();              // (launched early with cuda_backend.attn_pdl) q, k, v come from the kernel before
     __shared__ float b[2 * ROPE_MAX_HALF];
     __shared__ __align__(16) uint8_t sm_raw[FP8 ? sizeof(kv_store_smem) : 16];
     const int32_t    t = blockIdx.x, hd = L.head_dim, half = hd / 2, nkv = L.n_kv_heads;
@@ -205,6 +210,7 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
     struct rope_params   p  = rope_params_make(rope);
     struct kv_dev_layout L  = kv_dev_layout_make(l);
     cudaStream_t         st = cuda_impl(be)->stream;
+    const bool           pdl = cuda_impl(be)->attn_pdl;
     // Grid (n_tokens, 2 * n_kv_heads): one block per K or V row, so the FP8 scale searches of a
     // token's rows run in parallel, 4 warps each; each block also rotates its share of q's heads.
     dim3 n(b->n_tokens, 2 * l->n_kv_heads);
@@ -214,27 +220,19 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
             k, b->n_tokens, l->n_kv_heads, b->pos, b->tok_seq, b->seq_ids, kv->k_offset, L, l->n_layers, layer, p);
         CUDA_CHECK_LAUNCH();
     }
+#define ROPE_STORE_LAUNCH(KT)                                                                                          \
+    CUDA_CHECK(cuda_launch_pdl(pdl, rope_store_kernel<KT>, n, dim3(128), 0, st, q, k, v, n_heads, kv->pool, L, layer,      \
+                               b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers))
     switch (l->dtype) {
-    case COOPT_DTYPE_F32:
-        rope_store_kernel<COOPT_DTYPE_F32><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
-        break;
-    case COOPT_DTYPE_F16:
-        rope_store_kernel<COOPT_DTYPE_F16><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
-        break;
-    case COOPT_DTYPE_BF16:
-        rope_store_kernel<COOPT_DTYPE_BF16><<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
-        break;
-    case COOPT_DTYPE_FP8_E4M3:
-        rope_store_kernel<COOPT_DTYPE_FP8_E4M3>
-            <<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
-        break;
-    case COOPT_DTYPE_FP8_E5M2:
-        rope_store_kernel<COOPT_DTYPE_FP8_E5M2>
-            <<<n, 128, 0, st>>>(q, k, v, n_heads, kv->pool, L, layer, b->pos, b->slots, p, koff, b->tok_seq, b->seq_ids, l->n_layers);
-        break;
+    case COOPT_DTYPE_F32: ROPE_STORE_LAUNCH(COOPT_DTYPE_F32); break;
+    case COOPT_DTYPE_F16: ROPE_STORE_LAUNCH(COOPT_DTYPE_F16); break;
+    case COOPT_DTYPE_BF16: ROPE_STORE_LAUNCH(COOPT_DTYPE_BF16); break;
+    case COOPT_DTYPE_FP8_E4M3: ROPE_STORE_LAUNCH(COOPT_DTYPE_FP8_E4M3); break;
+    case COOPT_DTYPE_FP8_E5M2: ROPE_STORE_LAUNCH(COOPT_DTYPE_FP8_E5M2); break;
     default:
         coopt_log_error("cuda rope_store: KV type %s is not supported", coopt_dtype_name(l->dtype));
         COOPT_ASSERT(!"unsupported KV type");
     }
+#undef ROPE_STORE_LAUNCH
     CUDA_CHECK_LAUNCH();
 }

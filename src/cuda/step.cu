@@ -26,7 +26,8 @@
  * rope_store_attention_then_matmul; COOPT_CUDA_XSTAGE_ATTN=0: the attention only),
  * COOPT_CUDA_FUSED_ATTN_FP8=1|0 (FP8 caches take the decode attention with the KV write fused in always, or
  * never; by default from a key-range bound of CUDA_ATTN_FUSE_FP8_BOUND), COOPT_CUDA_PDL=0 (GEMVs launch without
- * programmatic dependent launch), COOPT_CUDA_ATTN_TRIGGER=0 (the attention's merge kernel does not let the
+ * programmatic dependent launch), COOPT_CUDA_ATTN_PDL=0 (rope_store and the decode attention neither),
+ * COOPT_CUDA_ATTN_TRIGGER=0 (the attention's merge kernel does not let the
  * o projection launch at its start), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
  * the automatic choice).
  *
@@ -522,6 +523,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     CUDA_TRY(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device), COOPT_ERR_UNSUPPORTED);
     cb->pdl = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
     cb->attn_trigger = cb->pdl && env_flag("COOPT_CUDA_ATTN_TRIGGER", true);
+    cb->attn_pdl     = cb->pdl && env_flag("COOPT_CUDA_ATTN_PDL", true);
     // the decode attention's tensor-core walk: auto (default), all (every query group), 0 (never);
     // COOPT_CUDA_ATTN_TC_OCC: CTAs per SM its partition sizing aims at
     const char *atc = getenv("COOPT_CUDA_ATTN_TC");
