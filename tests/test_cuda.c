@@ -1063,9 +1063,9 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
         dev_read(p->cu, outs[j], dout[j], nq * 4);
         dev_read(p->cu, qs[j], dq[j], nq * 4);
     }
-    int64_t bound = 128; // cuda_attn_bound: no page manager here, so the block table's span, bucketed
-    while (bound < (int64_t)max_blocks * c->ps) bound *= 2;
-    const bool fp8_fused = c->fuse_auto ? bound >= CUDA_ATTN_FUSE_FP8_BOUND : c->fuse_fp8;
+    // the step's bound (cuda_attn_bound): no page manager here, so the block table's span, bucketed
+    const int64_t bound     = cuda_attn_bound_bucket((int64_t)max_blocks * c->ps);
+    const bool    fp8_fused = c->fuse_auto ? bound >= CUDA_ATTN_FUSE_FP8_BOUND : c->fuse_fp8;
     const bool fused     = !start && c->nh / c->nkv <= 8 && (!kv[0].layout.has_scales || fp8_fused);
     char       what[160];
     snprintf(what, sizeof(what), "%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d then %d fuse_fp8 %s",

@@ -368,7 +368,6 @@ void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const f
                      struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
                      const struct coopt_rope *rope);
 // paged_attn.cu
-int64_t cuda_attn_bound_bucket(int64_t bound); // the key-range bucket that fixes the launch geometry
 int64_t cuda_attn_bound(const struct coopt_kv_cache *kv, const struct coopt_batch *b); // bucketed bound of a step
 void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_t n_heads,
                     const struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b, float scale);

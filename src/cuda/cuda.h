@@ -58,6 +58,9 @@ void cuda_set_workspace_limit(struct coopt_backend *be, size_t n_bytes);
 // CUDA_ATTN_FUSE_FP8_BOUND (0, the default; see paged_attn.cu).
 void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int mode);
 #define CUDA_ATTN_FUSE_FP8_BOUND 8192
+// The key-range bucket (a power of two, at least 128) that fixes the attention's launch geometry
+// for a key-range bound; a step's bucket (cuda_attn_bound) is also what CUDA graphs are keyed on.
+int64_t cuda_attn_bound_bucket(int64_t bound);
 
 #ifdef __cplusplus
 }
