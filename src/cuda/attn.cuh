@@ -36,7 +36,7 @@ struct attn_args {
     int32_t        n_tokens, max_blocks, window, layer, n_heads;
     int32_t        group;     // query heads per KV head
     int32_t        n_sub;     // CTAs per KV head: ceil(group / heads per CTA)
-    int32_t        n_parts;   // split-K partitions per token (grid.z of the decode kernel)
+    int32_t        n_parts;   // split-K partials per token (grid.z of the decode kernel; with kv_sep grid.z - 1)
     int32_t        part_size; // keys per partition (INT_MAX: no split)
     int32_t        tc_tokens; // tokens per tensor-core query tile; 0 = no tensor-core kernel this step
     float          scale;
@@ -64,6 +64,12 @@ struct attn_args {
     const int32_t *seq_ids;     // [n_seqs] (with koff)
     uint8_t       *pool_w;      // the pool, written
     int32_t        n_layers;
+    // With fk: nonzero = the stores go to two CTAs of their own after the token's partitions of
+    // [lo, pos) (z = parts - 1 stores the K row, z = parts the V row; parts = attn_parts_of), which
+    // also write the last partial, the token's own key (the K CTA its max and sum, the V CTA its
+    // acc); the partitions never wait for a store, and the merge kernel always runs. Zero: the
+    // last partition's CTA stores both rows before it walks [.., pos].
+    int32_t        kv_sep;
     struct rope_params rope;
 };
 
@@ -82,10 +88,11 @@ __device__ __forceinline__ int32_t attn_lo(const struct attn_args &a, int32_t po
     return a.window > 0 ? max(0, pos - a.window + 1) : 0;
 }
 
-// Number of split-K partitions token t's range [lo, pos] occupies.
+// Number of split-K partials of token t: the partitions of its range [lo, pos], or with kv_sep
+// those of [lo, pos) plus the store CTA's (the last).
 __device__ __forceinline__ int32_t attn_parts_of(const struct attn_args &a, int32_t pos) {
-    const int64_t n_keys = (int64_t)pos - attn_lo(a, pos) + 1;
-    return (int32_t)((n_keys + a.part_size - 1) / a.part_size);
+    const int64_t n_keys = (int64_t)pos - attn_lo(a, pos) + 1 - (a.kv_sep ? 1 : 0);
+    return (int32_t)((n_keys + a.part_size - 1) / a.part_size) + (a.kv_sep ? 1 : 0);
 }
 
 // 2^x (ex2.approx: relative error ~2^-22; ex2(-inf) = +0).

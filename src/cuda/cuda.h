@@ -53,11 +53,19 @@ void cuda_step_fail_next_graph(struct coopt_backend *be);
 // Test hook: a workspace that would grow past n_bytes fails as if the device were out of memory
 // (0 = no limit).
 void cuda_set_workspace_limit(struct coopt_backend *be, size_t n_bytes);
-// Test hook: rope_store_attention fuses the write of FP8 caches into the attention always (1),
-// never (-1), or where the step's key-range bound (cuda_attn_bound) is at least
-// CUDA_ATTN_FUSE_FP8_BOUND (0, the default; see paged_attn.cu).
-void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int mode);
-#define CUDA_ATTN_FUSE_FP8_BOUND 8192
+// Test hook: rope_store_attention fuses the write of FP8 caches into the decode attention (true,
+// the default) or runs rope_store and the attention as two kernels (false).
+void cuda_attn_set_fuse_fp8(struct coopt_backend *be, bool fuse);
+// Test hook: the fused decode attention stores the token's K and V rows from two CTAs of their
+// own (1), from the last partition's CTA (-1), or (0, the default) the first for FP8 caches where
+// the step's key-range bound (cuda_attn_bound) is below CUDA_ATTN_STORE_CTA_BOUND, else the second
+// (see paged_attn.cu).
+void cuda_attn_set_store_cta(struct coopt_backend *be, int mode);
+#define CUDA_ATTN_STORE_CTA_BOUND 16384
+// Whether a fused decode step of this shape writes the token's K/V rows from two store CTAs (under
+// the setting above) rather than from the last partition's CTA.
+bool cuda_attn_store_ctas(const struct coopt_backend *be, const struct coopt_kv_cache *kv, const struct coopt_batch *b,
+                          int32_t n_heads);
 // The key-range bucket (a power of two, at least 128) that fixes the attention's launch geometry
 // for a key-range bound; a step's bucket (cuda_attn_bound) is also what CUDA graphs are keyed on.
 int64_t cuda_attn_bound_bucket(int64_t bound);

@@ -44,6 +44,10 @@
  *   load, the CTA of a (token, KV head)'s last partition rotates the token's K row, converts K
  *   and V to the cache type (kv_store_rows, as rope_store) and stores them; every CTA rotates its
  *   q heads while loading them (cos/sin of the token's angles computed once in shared memory).
+ *   FP8 caches below CUDA_ATTN_STORE_CTA_BOUND (attn_args.kv_sep): two store CTAs per (token, KV
+ *   head) after the partitions, one per row, take the write off the walks (the partitions then
+ *   cover [lo, pos)); each reads its row back as stored, and together they write the last
+ *   partial, the token's own key: its score per query head (K CTA) and its V row (V CTA).
  *   Head dims 64, 80, 96, 128 are template parameters (LPK = 8 or 16 lanes per key); any other
  *   even head_dim up to 256 (the test models' 8 and 16 included) runs the generic path HD = 0:
  *   one key per warp, lane i holds dims {2i, 2i+1, 2i+64, ...}, rows read straight from global
@@ -189,13 +193,18 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     const int32_t lo  = attn_lo(a, pos);
     const int32_t parts_t = attn_parts_of(a, pos);
     const int32_t part    = blockIdx.z;
-    if (part >= parts_t) return; // a partition past this token's range (bucketed grid)
+    if (part >= parts_t + (a.kv_sep ? 1 : 0)) return; // past this token's range (bucketed grid)
     const int32_t  k_begin = (int32_t)((int64_t)lo + (int64_t)part * a.part_size);
-    const int32_t  k_end   = (int32_t)min((int64_t)pos + 1, (int64_t)k_begin + a.part_size);
+    const int32_t  k_end   = (int32_t)min((int64_t)pos + (a.kv_sep ? 0 : 1), (int64_t)k_begin + a.part_size);
     const int32_t  h0      = kvh * a.group + g0; // first query head of the CTA
     const int32_t *bt      = a.block_tables + (size_t)a.tok_seq[t] * (size_t)a.max_blocks;
     const int      kg = lane / C::LPK, lig = lane % C::LPK;
     const bool     fused = a.fk != nullptr;
+    // this CTA writes the token's K/V rows (both, or with kv_sep the K row in CTA parts_t - 1 and
+    // the V row in CTA parts_t, the store CTAs, which walk no keys)
+    const bool     store = fused && part >= parts_t - 1;
+    const bool     sep   = store && a.kv_sep;
+    const int      srow  = sep ? part - (parts_t - 1) : 0; // the store CTA's row: 0 K, 1 V
     // Fused: cos / sin of the token's angles, computed once for the CTA (pair i of every head)
     __shared__ float rope_c[ROPE_MAX_HALF], rope_s[ROPE_MAX_HALF];
     if (fused) {
@@ -208,15 +217,16 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 
     // Fused write: the last partition's CTA stores the token's K and V rows of this KV head (as
     // rope_store_kernel: rotated K less its offset, V as is, then kv_store_rows) before any of
-    // its loads; the barrier orders them before its cp.async copies.
-    if (fused && part == parts_t - 1) {
+    // its loads; the barrier orders them before its cp.async copies. With kv_sep each store CTA
+    // stores its row (at rows, as the first of the two) and reads it back as stored.
+    if (store) {
         float         *rows = (float *)smem; // [2][hd]; the stages are not in use yet
         kv_store_smem &sm   = *(kv_store_smem *)(smem + 2 * ATTN_MAX_HD * 4);
         const float   *kr = a.fk + ((size_t)t * L.n_kv_heads + kvh) * hd, *vr = a.fv + ((size_t)t * L.n_kv_heads + kvh) * hd;
         const float   *c  = a.koff ? a.koff + kv_koff_index(a.n_layers, L.n_kv_heads, hd, a.seq_ids[a.tok_seq[t]],
                                                             a.layer, kvh)
                                    : nullptr;
-        for (int i = tid; i < hd / 2; i += ATTN_THREADS) {
+        for (int i = tid; i < hd / 2 && srow == 0; i += ATTN_THREADS) {
             int i0, i1;
             rope_pair(a.rope, i, &i0, &i1);
             float y0, y1;
@@ -224,7 +234,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             rows[i0] = c ? __fsub_rn(y0, c[i0]) : y0;
             rows[i1] = c ? __fsub_rn(y1, c[i1]) : y1;
         }
-        for (int i = tid; i < hd; i += ATTN_THREADS) rows[hd + i] = vr[i];
+        float *vrow = rows + (sep ? 0 : hd);
+        for (int i = tid; i < hd && (!sep || srow == 1); i += ATTN_THREADS) vrow[i] = vr[i];
         __syncthreads();
         const int64_t page = a.slots[t] / L.page_size;
         const int32_t row  = (int32_t)(a.slots[t] % L.page_size);
@@ -234,8 +245,14 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         if (C::SCALED)
             sdst[0] = (float *)(a.pool_w + kv_scale_offset(L, page, a.layer, 0, kvh, row)),
             sdst[1] = (float *)(a.pool_w + kv_scale_offset(L, page, a.layer, 1, kvh, row));
-        kv_store_rows<KT>(rows, 2, hd, dst, sdst, L.scale_search, sm);
+        const int nr = sep ? 1 : 2;
+        kv_store_rows<KT>(rows, nr, hd, dst + srow, sdst + srow, L.scale_search, sm);
         __syncthreads(); // (CTA-scope ordering: the stores before this CTA's later copies)
+        if (sep) { // the row as the walk would read it back (the scale: written by thread 0 above)
+            const float sc = C::SCALED ? *sdst[srow] : 1.0f;
+            for (int i = tid; i < hd; i += ATTN_THREADS) rows[i] = load_elem<KT>(dst[srow], i) * sc;
+            __syncthreads();
+        }
     }
 
     // Element d of query head h0 + g (g < ng), unscaled (the tensor-core walk); fused: rotated
@@ -256,6 +273,27 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         }
         return x;
     };
+    // The store CTAs: the last partial, the token's own key, for each query head: (max, sum) =
+    // (score, 1) in log2 units from the K CTA (the tensor-core walk's q rounded to f16 as that
+    // walk rounds it), acc = v from the V CTA.
+    if (sep) {
+        const float *row = (const float *)smem; // the CTA's row as stored, dequantized (above)
+        for (int g = warp; g < ng; g += ATTN_WARPS) {
+            const size_t pi = ((size_t)t * a.n_heads + h0 + g) * a.n_parts + parts_t - 1;
+            if (srow == 1) {
+                for (int d = lane; d < hd; d += WARP_SIZE) a.part_acc[pi * hd + d] = row[d];
+                continue;
+            }
+            float sc = 0.0f;
+            for (int d = lane; d < hd; d += WARP_SIZE) {
+                const float x = TC ? __half2float(__float2half_rn(q_at(g, d))) : q_at(g, d);
+                sc            = fmaf(x, row[d], sc);
+            }
+            sc = warp_sum(sc);
+            if (lane == 0) a.part_ml[pi * 2] = sc * (a.scale * ATTN_LOG2E), a.part_ml[pi * 2 + 1] = 1.0f;
+        }
+        return;
+    }
     // q of the CTA's heads at this lane's 8 dims, in log2 units (loaded after the first K/V
     // copies are issued, so the two latencies overlap); fused: rotated as q_at does, with each
     // dim's pair partner and cos/sin looked up once for all heads.
@@ -733,7 +771,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct a
     const int32_t    t = blockIdx.x, h = blockIdx.y;
     if (a.tc_tokens > 0 && attn_tile_is_tc(a, t / a.tc_tokens)) return;
     const int32_t parts_t = attn_parts_of(a, a.pos[t]);
-    if (parts_t <= 1) return; // written by the decode kernel directly
+    if (parts_t <= 1 && !a.kv_sep) return; // written by the decode kernel directly
     const size_t th = (size_t)t * a.n_heads + h;
     const float *ml = a.part_ml + th * a.n_parts * 2;
     const float *pa = a.part_acc + th * a.n_parts * hd;
@@ -862,7 +900,86 @@ bool cuda_attn_tc_decode(const struct coopt_backend *be, int32_t head_dim, enum 
     return cb->attn_route != 2 && cb->attn_tc_decode >= 0 && attn_decode_tc_supported(head_dim, kv_type) &&
            (cb->attn_tc_decode == 1 || heads_per_cta >= 2);
 }
-void cuda_attn_set_fuse_fp8(struct coopt_backend *be, int mode) { cuda_impl(be)->attn_fuse_fp8 = mode; }
+void cuda_attn_set_fuse_fp8(struct coopt_backend *be, bool fuse) { cuda_impl(be)->attn_unfused_fp8 = !fuse; }
+void cuda_attn_set_store_cta(struct coopt_backend *be, int mode) { cuda_impl(be)->attn_store_cta = mode; }
+
+// Whether a fused decode step (cuda_rope_store_attention) stores the token's K and V rows from
+// two CTAs of their own (attn_args.kv_sep) for a step of key-range bound `bound`: by default for
+// FP8 caches, whose scale search would otherwise sit in front of a partition's key walk, where the
+// bound is below CUDA_ATTN_STORE_CTA_BOUND. Measured (H100, gptq4, tg128, FP8, two rounds, store
+// CTAs against the last partition's CTA storing): llama3-8b +3.3 / +4.2 / +4.0 / -0.7 / -4.8 %,
+// llama2-7b +0.1 / +5.1 / +1.2 / +3.0 / -0.4 % at depths 0 / 512 / 1024 / 4096 / 16384 (the
+// first two against two kernels, which were as fast there as the last partition storing;
+// docs/BENCHMARKS.md). F16's store is cheap and stays in the last partition (-1.7 to +1.2 %).
+static bool attn_store_cta(const struct cuda_backend *cb, const struct coopt_kv_layout *l, int64_t bound) {
+    return cb->attn_store_cta > 0 || (cb->attn_store_cta == 0 && l->has_scales && bound < CUDA_ATTN_STORE_CTA_BOUND);
+}
+
+// The decode attention's launch geometry for a step (host side; depends on the key range only
+// through its bucket, see cuda_attn_bound).
+struct attn_geom {
+    int32_t sub_g, n_sub; // query heads per CTA (a power of two), CTAs per KV head
+    bool    tc_dec;       // the tensor-core key walk
+    int64_t bound, part_size, n_parts;
+    bool    store_ctas;   // a fused step writes the token's rows from two store CTAs (attn_store_cta)
+};
+
+static struct attn_geom attn_geometry(const struct coopt_backend *be, const struct coopt_kv_cache *kv,
+                                      const struct coopt_batch *b, int32_t n_heads) {
+    const struct coopt_kv_layout *l   = &kv->layout;
+    const struct cuda_backend    *cb  = (const struct cuda_backend *)be->impl;
+    const int32_t                 nkv = l->n_kv_heads, hd = l->head_dim;
+    struct attn_geom              g;
+    // Heads per CTA: the whole KV group up to 8 (Opt-GQA), rounded up to a power of two; the
+    // per-head ablation (struct coopt_backend) makes every CTA serve one query head.
+    const int32_t group = n_heads / nkv;
+    g.sub_g             = 1;
+    if (!be->attn_per_head)
+        while (g.sub_g < group && g.sub_g < ATTN_MAX_G) g.sub_g *= 2;
+    g.n_sub  = (group + g.sub_g - 1) / g.sub_g;
+    g.bound  = cuda_attn_bound(kv, b);
+    g.tc_dec = cuda_attn_tc_decode(be, hd, l->dtype, g.sub_g);
+    const int64_t bound = g.bound;
+    // Split-K (flash-decoding): partitions of ATTN_PART positions of an F16 cache (or the
+    // context's attn_partition), i.e. a fixed number of bytes: twice the positions for FP8, half
+    // for F32. Halved while the live CTAs would be fewer than 3 per SM (live: the bucket is up to
+    // twice the real ranges, so half of it is what the grid is sure to cover); with the
+    // tensor-core walk fewer than attn_tc_occ per SM (0.5 by default: 1024 FP8 keys a CTA at 16k
+    // on llama3-8b; 0.5-0.75 measured best, 1-1.5 up to 3 % slower at 4k, 2 10-12 % slower, H100,
+    // docs/BENCHMARKS.md), and never below one sub-tile per warp. Doubled while the grid would
+    // have more than 16 CTAs per SM (keeps the partial workspace small for big batches).
+    // attn_partition 0 (the ablation) walks each range in one CTA.
+    const int64_t ctas      = (int64_t)b->n_tokens * nkv * g.n_sub;
+    int64_t       part_size = ATTN_PART;
+    if (be->attn_partition > 0) {
+        part_size = ATTN_PART_MIN;
+        while (part_size * 2 <= be->attn_partition) part_size *= 2;
+    }
+    part_size       = part_size * 2 / (int64_t)l->elem_bytes;
+    const int64_t live = bound / 2, min_ctas = (int64_t)((g.tc_dec ? cb->attn_tc_occ : 3.0f) * (float)cb->n_sm);
+    const int64_t part_min = g.tc_dec ? ATTN_PART_MIN * 2 / (int64_t)l->elem_bytes : ATTN_PART_MIN;
+    while (part_size > part_min && ctas * ((live + part_size - 1) / part_size) < min_ctas) part_size /= 2;
+    while (part_size < bound && ctas * ((bound + part_size - 1) / part_size) > 16LL * cb->n_sm) part_size *= 2;
+    int64_t n_parts = (bound + part_size - 1) / part_size;
+    // Short ranges in one pass: up to ATTN_NOSPLIT positions a CTA walks them in about the time of
+    // the merge kernel alone (llama2-7b decode at context <= 128: 2 parts 5.0 us + merge 2.8 us).
+    if (n_parts <= 1 || be->attn_partition == 0 || bound <= ATTN_NOSPLIT) n_parts = 1;
+    while (n_parts > 65533) { // grid.z limit (only for tiny grids over enormous bounds; two left for store CTAs)
+        part_size *= 2;
+        n_parts = (bound + part_size - 1) / part_size;
+    }
+    // A fused step's write: in two store CTAs (attn_args.kv_sep: one more partial per (token,
+    // head), so the merge kernel always runs) or in the last partition's CTA.
+    g.part_size = part_size, g.n_parts = n_parts;
+    g.store_ctas = attn_store_cta(cb, l, bound);
+    return g;
+}
+
+// (cuda.h) Whether a fused decode step of this shape writes the token's rows from two store CTAs.
+bool cuda_attn_store_ctas(const struct coopt_backend *be, const struct coopt_kv_cache *kv, const struct coopt_batch *b,
+                          int32_t n_heads) {
+    return attn_geometry(be, kv, b, n_heads).store_ctas;
+}
 
 // cuda_attention; with fk != NULL, the fused write of cuda_rope_store_attention (attn_args.fk);
 // stage: out is also staged for the GEMV that reads it next (attn_args.xo), where it applies.
@@ -878,45 +995,12 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
         coopt_log_error("cuda attention: head_dim %d is not supported (even, at most %d)", hd, ATTN_MAX_HD);
         COOPT_ASSERT(!"unsupported head_dim");
     }
-    // Heads per CTA: the whole KV group up to 8 (Opt-GQA), rounded up to a power of two; the
-    // per-head ablation (struct coopt_backend) makes every CTA serve one query head.
-    const int32_t group = n_heads / nkv;
-    int32_t       sub_g = 1;
-    if (!be->attn_per_head)
-        while (sub_g < group && sub_g < ATTN_MAX_G) sub_g *= 2;
-    const int32_t n_sub = (group + sub_g - 1) / sub_g;
-
-    const int64_t bound  = cuda_attn_bound(kv, b);
-    const bool    tc_dec = cuda_attn_tc_decode(be, hd, l->dtype, sub_g);
-
-    // Split-K (flash-decoding): partitions of ATTN_PART positions of an F16 cache (or the
-    // context's attn_partition), i.e. a fixed number of bytes: twice the positions for FP8, half
-    // for F32. Halved while the live CTAs would be fewer than 3 per SM (live: the bucket is up to
-    // twice the real ranges, so half of it is what the grid is sure to cover); with the
-    // tensor-core walk fewer than attn_tc_occ per SM (0.5 by default: 1024 FP8 keys a CTA at 16k
-    // on llama3-8b; 0.5-0.75 measured best, 1-1.5 up to 3 % slower at 4k, 2 10-12 % slower, H100,
-    // docs/BENCHMARKS.md), and never below one sub-tile per warp. Doubled while the grid would
-    // have more than 16 CTAs per SM (keeps the partial workspace small for big batches).
-    // attn_partition 0 (the ablation) walks each range in one CTA.
-    const int64_t ctas      = (int64_t)b->n_tokens * nkv * n_sub;
-    int64_t       part_size = ATTN_PART;
-    if (be->attn_partition > 0) {
-        part_size = ATTN_PART_MIN;
-        while (part_size * 2 <= be->attn_partition) part_size *= 2;
-    }
-    part_size       = part_size * 2 / (int64_t)l->elem_bytes;
-    const int64_t live = bound / 2, min_ctas = (int64_t)((tc_dec ? cb->attn_tc_occ : 3.0f) * (float)cb->n_sm);
-    const int64_t part_min = tc_dec ? ATTN_PART_MIN * 2 / (int64_t)l->elem_bytes : ATTN_PART_MIN;
-    while (part_size > part_min && ctas * ((live + part_size - 1) / part_size) < min_ctas) part_size /= 2;
-    while (part_size < bound && ctas * ((bound + part_size - 1) / part_size) > 16LL * cb->n_sm) part_size *= 2;
-    int64_t n_parts = (bound + part_size - 1) / part_size;
-    // Short ranges in one pass: up to ATTN_NOSPLIT positions a CTA walks them in about the time of
-    // the merge kernel alone (llama2-7b decode at context <= 128: 2 parts 5.0 us + merge 2.8 us).
-    if (n_parts <= 1 || be->attn_partition == 0 || bound <= ATTN_NOSPLIT) n_parts = 1;
-    while (n_parts > 65535) { // grid.z limit (only for tiny grids over enormous bounds)
-        part_size *= 2;
-        n_parts = (bound + part_size - 1) / part_size;
-    }
+    const struct attn_geom geo = attn_geometry(be, kv, b, n_heads);
+    const int32_t group = n_heads / nkv, sub_g = geo.sub_g, n_sub = geo.n_sub;
+    const int64_t n_parts = geo.n_parts, part_size = geo.part_size;
+    const bool    tc_dec  = geo.tc_dec;
+    const bool    sep     = fk && geo.store_ctas;
+    const int64_t n_grid = n_parts + (sep ? 1 : 0); // partials
 
     struct attn_args a;
     a.out          = out;
@@ -934,11 +1018,11 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     a.n_heads      = n_heads;
     a.group        = group;
     a.n_sub        = n_sub;
-    a.n_parts      = (int32_t)n_parts;
+    a.n_parts      = (int32_t)n_grid;
     a.part_size    = n_parts > 1 ? (int32_t)part_size : INT_MAX;
     a.tc_tokens    = 0;
     a.scale        = scale;
-    a.fk = fk, a.fv = fv, a.slots = b->slots, a.koff = NULL, a.seq_ids = b->seq_ids;
+    a.fk = fk, a.fv = fv, a.slots = b->slots, a.koff = NULL, a.seq_ids = b->seq_ids, a.kv_sep = sep;
     a.pool_w = (uint8_t *)kv->pool, a.n_layers = l->n_layers;
     a.xo = NULL, a.xo_part = NULL;
     a.pdl_trigger = cb->attn_trigger;
@@ -954,8 +1038,8 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
         a.rope = rope_params_make(rope);
         a.koff = (l->has_scales && kv->k_offset && b->seq_ids) ? kv->k_offset : NULL; // as cuda_rope_store
     }
-    if (n_parts > 1) {
-        size_t n_th = (size_t)b->n_tokens * (size_t)n_heads * (size_t)n_parts;
+    if (n_grid > 1) {
+        size_t n_th = (size_t)b->n_tokens * (size_t)n_heads * (size_t)n_grid;
         float *w    = (float *)cuda_workspace(cb, n_th * ((size_t)hd + 2) * sizeof(float));
         if (!w) return; // (out of memory: cb->op_error)
         a.part_acc  = w;
@@ -974,7 +1058,7 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
         cuda_attn_prefill_launch(cb->stream, a, L, sub_g);
     }
 
-    dim3 grid((unsigned)b->n_tokens, (unsigned)(nkv * n_sub), (unsigned)n_parts);
+    dim3 grid((unsigned)b->n_tokens, (unsigned)(nkv * n_sub), (unsigned)(n_grid + (sep ? 1 : 0)));
     switch (hd) {
     case 64: attn_decode_launch_hd<64>(sub_g, tc_dec, grid, cb->stream, a, L); break;
     case 80: attn_decode_launch_hd<80>(sub_g, tc_dec, grid, cb->stream, a, L); break;
@@ -982,7 +1066,7 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     case 128: attn_decode_launch_hd<128>(sub_g, tc_dec, grid, cb->stream, a, L); break;
     default: attn_decode_launch_hd<0>(sub_g, false, grid, cb->stream, a, L); break; // generic: any even head_dim <= 256
     }
-    if (n_parts > 1) {
+    if (n_grid > 1) {
         attn_merge_kernel<<<dim3((unsigned)b->n_tokens, (unsigned)n_heads), 128, 0, cb->stream>>>(a, hd);
         CUDA_CHECK_LAUNCH();
     }
@@ -997,14 +1081,10 @@ void cuda_attention(struct coopt_backend *be, float *out, const float *q, int32_
 // rope_store + attention. Decode steps (one token per sequence, none at position 0) run as one
 // kernel (attn_args.fk): the launch and the drain of rope_store's kernel go, and q is read
 // unrotated and left so. Other steps (prefill chunks, which read rows other CTAs store; sequence
-// starts, whose K offsets come first; several CTAs per KV head; forced tensor cores) run the two,
-// and so do FP8 caches over short ranges: there the two rows' scale search sits in front of the
-// CTA's key walk. Over ranges split into several partitions only the last one's CTA (the shortest
-// walk) stores, so the search leaves the critical path: FP8 is fused where the step's bound is at
-// least CUDA_ATTN_FUSE_FP8_BOUND. Measured (H100, gptq4, tg128 with the tensor-core walk, fused
-// against two kernels): llama3-8b -2.7 / -0.5 / 0.0 / +2.1 %, llama2-7b -0.8 / -1.2 / +1.4 / +4.0 %
-// at depths 0 / 1024 / 4096 / 16384 (bounds 256 / 2048 / 8192 / 32768; docs/BENCHMARKS.md).
-// (COOPT_CUDA_FUSED_ATTN_FP8=1 fuses FP8 always, =0 never; tests use cuda_attn_set_fuse_fp8.)
+// starts, whose K offsets come first; several CTAs per KV head; forced tensor cores) run the two.
+// FP8 caches are fused too: their two rows' scale search would sit in front of a CTA's key walk,
+// so the stores go to CTAs of their own (attn_store_cta) or, at depth, to the last partition's
+// CTA, the shortest walk. (COOPT_CUDA_FUSED_ATTN_FP8=0 and cuda_attn_set_fuse_fp8: two kernels.)
 static void rope_store_attention(struct coopt_backend *be, float *out, float *q, const float *k, const float *v,
                                  int32_t n_heads, struct coopt_kv_cache *kv, int32_t layer, const struct coopt_batch *b,
                                  const struct coopt_rope *rope, float scale, bool then_matmul) {
@@ -1014,8 +1094,7 @@ static void rope_store_attention(struct coopt_backend *be, float *out, float *q,
     const bool fuse = b->n_tokens > 0 && b->n_tokens == b->n_seqs && b->no_seq_start && cb->attn_route != 1 &&
                       n_heads % l->n_kv_heads == 0 && group <= ATTN_MAX_G && (!be->attn_per_head || group == 1) &&
                       rope->head_dim == l->head_dim && layer >= 0 && layer < l->n_layers &&
-                      (!l->has_scales || cb->attn_fuse_fp8 > 0 ||
-                       (cb->attn_fuse_fp8 == 0 && cuda_attn_bound(kv, b) >= CUDA_ATTN_FUSE_FP8_BOUND));
+                      (!l->has_scales || !cb->attn_unfused_fp8);
     if (!fuse) {
         cuda_rope_store(be, q, k, v, n_heads, kv, layer, b, rope);
         attention_run(be, out, q, n_heads, kv, layer, b, scale, NULL, NULL, NULL, then_matmul);
