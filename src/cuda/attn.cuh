@@ -70,6 +70,12 @@ struct attn_args {
     // acc); the partitions never wait for a store, and the merge kernel always runs. Zero: the
     // last partition's CTA stores both rows before it walks [.., pos].
     int32_t        kv_sep;
+    // With kv_sep and one partition: nonzero = the grid is (store K, store V, partition) in z, and
+    // the partition's CTA waits for the store CTAs' partial (flags: a count per (token, KV head),
+    // zero between kernels) and writes the output itself: no merge kernel. The store CTAs never
+    // wait and precede every partition CTA in launch order.
+    int32_t        kv_wait;
+    int32_t       *flags;
     struct rope_params rope;
 };
 

@@ -110,7 +110,8 @@ struct cuda_backend {
     int            n_sm;
     int            attn_route; // attention routing (cuda_attn_set_route): 0 auto, 1 tensor cores wherever compiled, 2 never
     int            attn_store_cta; // fused decode attention, K/V stores in CTAs of their own: 0 by type and depth, 1 always, -1 never
-    bool           attn_unfused_fp8; // rope_store_attention runs two kernels for FP8 caches (cuda_attn_set_fuse_fp8)
+    bool           attn_unfused_fp8;
+    bool           attn_store_nowait; // store CTAs over one partition: the merge kernel instead of the partition's CTA waiting // rope_store_attention runs two kernels for FP8 caches (cuda_attn_set_fuse_fp8)
     int            attn_tc_decode; // decode kernel on tensor cores (cuda_attn_tc_decode): 0 auto, 1 every group, -1 never
     float          attn_tc_occ;    // tensor-core decode: partitions are halved until CTAs >= this many per SM
     cudaStream_t   stream;
@@ -126,6 +127,8 @@ struct cuda_backend {
     // consumes or drops.
     void                *xst;
     size_t               xst_bytes; // the buffer's, both slots
+    void                *flags;     // cuda_attn_flags
+    size_t               flags_bytes;
     int                  xst_slot;  // the record's slot
     bool                 xst_valid;
     const float         *xst_x, *xst_norm; // what it holds: x (times norm, NULL = none)
@@ -158,6 +161,9 @@ static inline struct cuda_backend *cuda_impl(struct coopt_backend *be) { return 
 void *cuda_workspace(struct cuda_backend *cb, size_t n_bytes);
 void *cuda_workspace2(struct cuda_backend *cb, size_t n_bytes);
 void *cuda_workspace_xstage(struct cuda_backend *cb, size_t n_bytes); // cb->xst (its contents are lost when it grows)
+// n counters, zero whenever no kernel runs (those that count reset them): the decode attention's
+// store-CTA waits (attn_args.kv_wait); zeroed when it grows.
+int32_t *cuda_attn_flags(struct cuda_backend *cb, size_t n);
 // An op other than a GPTQ GEMV staging its output x (n values, one row) for the GEMV that reads x
 // next (matmul.cu keeps the record, see there): the slot to write (NULL: none), then, once the
 // op's launches are enqueued, the record.
@@ -234,6 +240,13 @@ template <typename... P> static void cuda_smem_opt_in(void (*kern)(P...), size_t
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
     if (dev >= 0 && dev < 64) done[dev] = true;
+}
+
+// Load with acquire semantics at GPU scope (a flag another CTA sets after a fence).
+__device__ __forceinline__ int32_t ld_acquire_gpu(const int32_t *p) {
+    int32_t v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
 }
 
 // ---- cp.async (sm_80+) ----

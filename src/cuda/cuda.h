@@ -62,6 +62,9 @@ void cuda_attn_set_fuse_fp8(struct coopt_backend *be, bool fuse);
 // (see paged_attn.cu).
 void cuda_attn_set_store_cta(struct coopt_backend *be, int mode);
 #define CUDA_ATTN_STORE_CTA_BOUND 16384
+// Test hook: over one partition, the store CTAs' partial is merged by the partition's CTA, which
+// waits for it (true, the default), or by the merge kernel (false).
+void cuda_attn_set_store_wait(struct coopt_backend *be, bool wait);
 // Whether a fused decode step of this shape writes the token's K/V rows from two store CTAs (under
 // the setting above) rather than from the last partition's CTA.
 bool cuda_attn_store_ctas(const struct coopt_backend *be, const struct coopt_kv_cache *kv, const struct coopt_batch *b,

@@ -93,6 +93,12 @@ void *cuda_workspace2(struct cuda_backend *cb, size_t n_bytes) {
 void *cuda_workspace_xstage(struct cuda_backend *cb, size_t n_bytes) {
     return workspace_grow(cb, &cb->xst, &cb->xst_bytes, n_bytes);
 }
+int32_t *cuda_attn_flags(struct cuda_backend *cb, size_t n) {
+    const size_t had = cb->flags_bytes;
+    int32_t     *f   = (int32_t *)workspace_grow(cb, &cb->flags, &cb->flags_bytes, n * sizeof(int32_t));
+    if (f && cb->flags_bytes != had) CUDA_CHECK(cudaMemset(f, 0, cb->flags_bytes)); // (a new buffer: synchronous)
+    return f;
+}
 
 // ---- memory ----
 
@@ -706,6 +712,7 @@ static void cuda_destroy(struct coopt_backend *be) {
         if (cb->work) cudaFree(cb->work);
         if (cb->work2) cudaFree(cb->work2);
         if (cb->xst) cudaFree(cb->xst);
+        if (cb->flags) cudaFree(cb->flags);
         if (cb->cublas_work) cudaFree(cb->cublas_work);
         if (cb->cublas) cublasDestroy(cb->cublas);
         for (int i = 0; i < CUDA_FENCES; i++)

@@ -192,7 +192,10 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     const int32_t pos = a.pos[t];
     const int32_t lo  = attn_lo(a, pos);
     const int32_t parts_t = attn_parts_of(a, pos);
-    const int32_t part    = blockIdx.z;
+    // kv_wait (one partition): z 0 and 1 are the store CTAs (dispatched before the walk, which
+    // waits for them), z 2 the partition
+    const bool    waits   = a.kv_wait && blockIdx.z == 2;
+    const int32_t part    = a.kv_wait ? (waits ? 0 : parts_t - 1 + (int32_t)blockIdx.z) : (int32_t)blockIdx.z;
     if (part >= parts_t + (a.kv_sep ? 1 : 0)) return; // past this token's range (bucketed grid)
     const int32_t  k_begin = (int32_t)((int64_t)lo + (int64_t)part * a.part_size);
     const int32_t  k_end   = (int32_t)min((int64_t)pos + (a.kv_sep ? 0 : 1), (int64_t)k_begin + a.part_size);
@@ -202,7 +205,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     const bool     fused = a.fk != nullptr;
     // this CTA writes the token's K/V rows (both, or with kv_sep the K row in CTA parts_t - 1 and
     // the V row in CTA parts_t, the store CTAs, which walk no keys)
-    const bool     store = fused && part >= parts_t - 1;
+    const bool     store = fused && !waits && part >= parts_t - 1;
     const bool     sep   = store && a.kv_sep;
     const int      srow  = sep ? part - (parts_t - 1) : 0; // the store CTA's row: 0 K, 1 V
     // Fused: cos / sin of the token's angles, computed once for the CTA (pair i of every head)
@@ -291,6 +294,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             }
             sc = warp_sum(sc);
             if (lane == 0) a.part_ml[pi * 2] = sc * (a.scale * ATTN_LOG2E), a.part_ml[pi * 2 + 1] = 1.0f;
+        }
+        if (a.kv_wait) { // the partition's CTA waits for both counts (see there)
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) atomicAdd(a.flags + (size_t)t * L.n_kv_heads + kvh, 1);
         }
         return;
     }
@@ -726,10 +734,19 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 #pragma unroll
             for (int g = 0; g < G; g++) red_m[warp * G + g] = m[g], red_l[warp * G + g] = l[g];
     }
+    // kv_wait: the token's own key is the store CTAs' partial (index parts_t - 1); each counts
+    // (a fence, then an atomic add) when its part is written. Thread 0 waits for both and resets
+    // the count for the next layer (a later kernel); the partial is then read through L2.
+    if (waits && tid == 0) {
+        int32_t *f = a.flags + (size_t)t * L.n_kv_heads + kvh;
+        while (ld_acquire_gpu(f) < 2) __nanosleep(32);
+        *f = 0;
+    }
     __syncthreads();
     // (uniform trip count: the staging's shuffles need every lane; ng * hd is a multiple of 16
     // where a.xo is set, so each 16-lane half is all in or all out)
-    const bool stage = a.xo != nullptr && parts_t == 1;
+    const bool direct = parts_t == 1 || waits; // the output written here
+    const bool stage  = a.xo != nullptr && direct;
     for (int i0 = 0; i0 < ng * hd; i0 += ATTN_THREADS) {
         const int  idx = i0 + tid;
         const bool in  = idx < ng * hd;
@@ -740,6 +757,9 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             float M = -INFINITY;
 #pragma unroll
             for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, red_m[w * G + g]);
+            const size_t pi = th * a.n_parts + parts_t - 1; // (waits) the own key's partial
+            const float  om = waits ? __ldcg(a.part_ml + pi * 2) : -INFINITY;
+            M               = fmaxf(M, om);
             const float base = M == -INFINITY ? 0.0f : M;
             float       S = 0.0f, A = 0.0f;
 #pragma unroll
@@ -748,7 +768,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 S += red_l[w * G + g] * f;
                 A += red_acc[(w * G + g) * C::HDP + d] * f;
             }
-            if (parts_t == 1) {
+            if (waits) {
+                const float f = fast_exp2(om - base);
+                S += f, A += __ldcg(a.part_acc + pi * hd + d) * f;
+            }
+            if (direct) {
                 y                  = S > 0.0f ? A / S : 0.0f;
                 a.out[th * hd + d] = y;
             } else {
@@ -902,6 +926,7 @@ bool cuda_attn_tc_decode(const struct coopt_backend *be, int32_t head_dim, enum 
 }
 void cuda_attn_set_fuse_fp8(struct coopt_backend *be, bool fuse) { cuda_impl(be)->attn_unfused_fp8 = !fuse; }
 void cuda_attn_set_store_cta(struct coopt_backend *be, int mode) { cuda_impl(be)->attn_store_cta = mode; }
+void cuda_attn_set_store_wait(struct coopt_backend *be, bool wait) { cuda_impl(be)->attn_store_nowait = !wait; }
 
 // Whether a fused decode step (cuda_rope_store_attention) stores the token's K and V rows from
 // two CTAs of their own (attn_args.kv_sep) for a step of key-range bound `bound`: by default for
@@ -1000,6 +1025,7 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     const int64_t n_parts = geo.n_parts, part_size = geo.part_size;
     const bool    tc_dec  = geo.tc_dec;
     const bool    sep     = fk && geo.store_ctas;
+    const bool    wait    = sep && n_parts == 1 && !cb->attn_store_nowait; // attn_args.kv_wait: no merge kernel
     const int64_t n_grid = n_parts + (sep ? 1 : 0); // partials
 
     struct attn_args a;
@@ -1022,7 +1048,9 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     a.part_size    = n_parts > 1 ? (int32_t)part_size : INT_MAX;
     a.tc_tokens    = 0;
     a.scale        = scale;
-    a.fk = fk, a.fv = fv, a.slots = b->slots, a.koff = NULL, a.seq_ids = b->seq_ids, a.kv_sep = sep;
+    a.fk = fk, a.fv = fv, a.slots = b->slots, a.koff = NULL, a.seq_ids = b->seq_ids, a.kv_sep = sep, a.kv_wait = wait;
+    a.flags = wait ? cuda_attn_flags(cb, (size_t)b->n_tokens * (size_t)nkv) : NULL;
+    if (wait && !a.flags) return; // (out of memory: cb->op_error)
     a.pool_w = (uint8_t *)kv->pool, a.n_layers = l->n_layers;
     a.xo = NULL, a.xo_part = NULL;
     a.pdl_trigger = cb->attn_trigger;
@@ -1066,7 +1094,7 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     case 128: attn_decode_launch_hd<128>(sub_g, tc_dec, grid, cb->stream, a, L); break;
     default: attn_decode_launch_hd<0>(sub_g, false, grid, cb->stream, a, L); break; // generic: any even head_dim <= 256
     }
-    if (n_grid > 1) {
+    if (n_grid > 1 && !wait) {
         attn_merge_kernel<<<dim3((unsigned)b->n_tokens, (unsigned)n_heads), 128, 0, cb->stream>>>(a, hd);
         CUDA_CHECK_LAUNCH();
     }

@@ -26,7 +26,9 @@
  * rope_store_attention_then_matmul; COOPT_CUDA_XSTAGE_ATTN=0: the attention only),
  * COOPT_CUDA_FUSED_ATTN_FP8=0 (FP8 caches run rope_store and the decode attention as two kernels instead of
  * the attention with the KV write fused in), COOPT_CUDA_ATTN_STORE_CTA=1|0 (the fused write from two CTAs
- * of their own always, or never; by default for FP8 caches below CUDA_ATTN_STORE_CTA_BOUND), COOPT_CUDA_PDL=0 (GEMVs launch without
+ * of their own always, or never; by default for FP8 caches below CUDA_ATTN_STORE_CTA_BOUND),
+ * COOPT_CUDA_ATTN_STORE_WAIT=0 (over one partition the store CTAs' partial goes through the merge kernel
+ * instead of the partition's CTA waiting for it), COOPT_CUDA_PDL=0 (GEMVs launch without
  * programmatic dependent launch), COOPT_CUDA_ATTN_PDL=0 (rope_store and the decode attention neither),
  * COOPT_CUDA_ATTN_TRIGGER=0 (the attention's merge kernel does not let the
  * o projection launch at its start), COOPT_CUDA_GEMV_ROWS=1|2 (weight rows per GEMV warp instead of
@@ -509,6 +511,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     cb->attn_unfused_fp8 = f8 && strcmp(f8, "0") == 0;
     const char *sc = getenv("COOPT_CUDA_ATTN_STORE_CTA");
     if (sc && *sc) cb->attn_store_cta = strcmp(sc, "0") != 0 ? 1 : -1;
+    cb->attn_store_nowait = !env_flag("COOPT_CUDA_ATTN_STORE_WAIT", true);
     if (!env_flag("COOPT_CUDA_FUSED", true) || !env_flag("COOPT_CUDA_FUSED_NORM", true)) {
         cb->ops.norm_matmul_multi  = NULL;
         cb->ops.norm_matmul_swiglu = NULL;
