@@ -47,7 +47,10 @@
  *   FP8 caches below CUDA_ATTN_STORE_CTA_BOUND (attn_args.kv_sep): two store CTAs per (token, KV
  *   head) after the partitions, one per row, take the write off the walks (the partitions then
  *   cover [lo, pos)); each reads its row back as stored, and together they write the last
- *   partial, the token's own key: its score per query head (K CTA) and its V row (V CTA).
+ *   partial, the token's own key: its score per query head (K CTA) and its V row (V CTA). Over
+ *   one partition (attn_args.kv_wait) they come first in z, count their part as written (a fence
+ *   and an atomic add per (token, KV head)), and the partition's CTA waits for both counts after
+ *   its walk and merges that partial itself, so no merge kernel runs.
  *   Head dims 64, 80, 96, 128 are template parameters (LPK = 8 or 16 lanes per key); any other
  *   even head_dim up to 256 (the test models' 8 and 16 included) runs the generic path HD = 0:
  *   one key per warp, lane i holds dims {2i, 2i+1, 2i+64, ...}, rows read straight from global
@@ -60,7 +63,8 @@
  *
  * attn_merge_kernel: Grid (n_tokens, n_heads); Block 128 threads. With attn_args.pdl_trigger it
  *   first lets the next kernel (the o projection) launch. Skips tokens whose range fits
- *   in one partition (the decode kernel wrote them directly) and tokens of tensor-core tiles.
+ *   in one partition without store CTAs (the decode kernel wrote them directly) and tokens of
+ *   tensor-core tiles. (Not launched for attn_args.kv_wait.)
  *   Threads over partitions reduce the maxima and denominators; then warp w sums partitions w,
  *   w + 4, ... with lanes over dims (independent loads in flight), and shared memory adds the
  *   four warps' sums.
