@@ -47,7 +47,6 @@ struct attn_args {
     // kernel does not: a GEMV resident beside it (one-partition ranges, no merge) made decode at
     // depth 0 5 % slower.
     int32_t        pdl_trigger;
-    int32_t        pdl_attn; // the decode kernel is launched programmatically dependent (host side only)
     // One decode token: the output also staged for the GEMV that reads it next (xstage.cuh, by the
     // decode kernel where the token's range is one partition, else by the merge kernel); NULL =
     // none. Needs head_dim % 16 == 0 (a 16-element tile in one 16-lane half).

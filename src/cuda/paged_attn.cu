@@ -841,23 +841,31 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct a
     }
 }
 
+// How the decode kernel is launched: grid, stream, and whether as a programmatic dependent launch
+// (cuda_backend.attn_pdl).
+struct dec_launch {
+    dim3         grid;
+    cudaStream_t st;
+    bool         pdl;
+};
+
 template <int HD, int KT, int G, bool TC>
-static void attn_decode_launch(dim3 grid, cudaStream_t st, const struct attn_args &a, const struct kv_dev_layout &L) {
+static void attn_decode_launch(const struct dec_launch &dl, const struct attn_args &a, const struct kv_dev_layout &L) {
     using C = dec_cfg<HD, KT, G, TC>;
     static bool opted[64];
     cuda_smem_opt_in(attn_decode_kernel<HD, KT, G, TC>, C::SMEM, opted);
-    CUDA_CHECK(cuda_launch_pdl(a.pdl_attn != 0, attn_decode_kernel<HD, KT, G, TC>, grid, dim3(ATTN_THREADS), C::SMEM, st, a, L));
+    CUDA_CHECK(cuda_launch_pdl(dl.pdl, attn_decode_kernel<HD, KT, G, TC>, dl.grid, dim3(ATTN_THREADS), C::SMEM, dl.st, a, L));
     CUDA_CHECK_LAUNCH();
 }
 
 template <int HD, int KT, bool TC>
-static void attn_decode_launch_g(int32_t g, dim3 grid, cudaStream_t st, const struct attn_args &a,
+static void attn_decode_launch_g(int32_t g, const struct dec_launch &dl, const struct attn_args &a,
                                  const struct kv_dev_layout &L) {
     switch (g) {
-    case 1: attn_decode_launch<HD, KT, 1, TC>(grid, st, a, L); break;
-    case 2: attn_decode_launch<HD, KT, 2, TC>(grid, st, a, L); break;
-    case 4: attn_decode_launch<HD, KT, 4, TC>(grid, st, a, L); break;
-    default: attn_decode_launch<HD, KT, 8, TC>(grid, st, a, L); break;
+    case 1: attn_decode_launch<HD, KT, 1, TC>(dl, a, L); break;
+    case 2: attn_decode_launch<HD, KT, 2, TC>(dl, a, L); break;
+    case 4: attn_decode_launch<HD, KT, 4, TC>(dl, a, L); break;
+    default: attn_decode_launch<HD, KT, 8, TC>(dl, a, L); break;
     }
 }
 
@@ -868,24 +876,24 @@ static bool attn_decode_tc_supported(int32_t hd, enum coopt_dtype dt) {
 }
 
 template <int HD>
-static void attn_decode_launch_hd(int32_t g, bool tc, dim3 grid, cudaStream_t st, const struct attn_args &a,
+static void attn_decode_launch_hd(int32_t g, bool tc, const struct dec_launch &dl, const struct attn_args &a,
                                   const struct kv_dev_layout &L) {
     if constexpr (HD == 64 || HD == 128) {
         if (tc) {
             switch (L.dtype) {
-            case COOPT_DTYPE_F16: attn_decode_launch_g<HD, COOPT_DTYPE_F16, true>(g, grid, st, a, L); return;
-            case COOPT_DTYPE_FP8_E4M3: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E4M3, true>(g, grid, st, a, L); return;
-            case COOPT_DTYPE_FP8_E5M2: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E5M2, true>(g, grid, st, a, L); return;
+            case COOPT_DTYPE_F16: attn_decode_launch_g<HD, COOPT_DTYPE_F16, true>(g, dl, a, L); return;
+            case COOPT_DTYPE_FP8_E4M3: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E4M3, true>(g, dl, a, L); return;
+            case COOPT_DTYPE_FP8_E5M2: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E5M2, true>(g, dl, a, L); return;
             default: break;
             }
         }
     }
     switch (L.dtype) {
-    case COOPT_DTYPE_F32: attn_decode_launch_g<HD, COOPT_DTYPE_F32, false>(g, grid, st, a, L); break;
-    case COOPT_DTYPE_F16: attn_decode_launch_g<HD, COOPT_DTYPE_F16, false>(g, grid, st, a, L); break;
-    case COOPT_DTYPE_BF16: attn_decode_launch_g<HD, COOPT_DTYPE_BF16, false>(g, grid, st, a, L); break;
-    case COOPT_DTYPE_FP8_E4M3: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E4M3, false>(g, grid, st, a, L); break;
-    case COOPT_DTYPE_FP8_E5M2: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E5M2, false>(g, grid, st, a, L); break;
+    case COOPT_DTYPE_F32: attn_decode_launch_g<HD, COOPT_DTYPE_F32, false>(g, dl, a, L); break;
+    case COOPT_DTYPE_F16: attn_decode_launch_g<HD, COOPT_DTYPE_F16, false>(g, dl, a, L); break;
+    case COOPT_DTYPE_BF16: attn_decode_launch_g<HD, COOPT_DTYPE_BF16, false>(g, dl, a, L); break;
+    case COOPT_DTYPE_FP8_E4M3: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E4M3, false>(g, dl, a, L); break;
+    case COOPT_DTYPE_FP8_E5M2: attn_decode_launch_g<HD, COOPT_DTYPE_FP8_E5M2, false>(g, dl, a, L); break;
     default:
         coopt_log_error("cuda attention: KV type %s is not supported", coopt_dtype_name((enum coopt_dtype)L.dtype));
         COOPT_ASSERT(!"unsupported KV type");
@@ -1058,7 +1066,6 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     a.pool_w = (uint8_t *)kv->pool, a.n_layers = l->n_layers;
     a.xo = NULL, a.xo_part = NULL;
     a.pdl_trigger = cb->attn_trigger;
-    a.pdl_attn    = cb->attn_pdl;
     // one decode token whose n_heads * hd outputs are whole 64-row chunks of the next GEMV's input
     const int64_t n_out = (int64_t)n_heads * hd;
     if (stage && b->n_tokens == 1 && hd % 16 == 0 && n_out % 64 == 0) {
@@ -1090,13 +1097,14 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
         cuda_attn_prefill_launch(cb->stream, a, L, sub_g);
     }
 
-    dim3 grid((unsigned)b->n_tokens, (unsigned)(nkv * n_sub), (unsigned)(n_grid + (sep ? 1 : 0)));
+    const struct dec_launch dl = {dim3((unsigned)b->n_tokens, (unsigned)(nkv * n_sub), (unsigned)(n_grid + (sep ? 1 : 0))),
+                                  cb->stream, cb->attn_pdl};
     switch (hd) {
-    case 64: attn_decode_launch_hd<64>(sub_g, tc_dec, grid, cb->stream, a, L); break;
-    case 80: attn_decode_launch_hd<80>(sub_g, tc_dec, grid, cb->stream, a, L); break;
-    case 96: attn_decode_launch_hd<96>(sub_g, tc_dec, grid, cb->stream, a, L); break;
-    case 128: attn_decode_launch_hd<128>(sub_g, tc_dec, grid, cb->stream, a, L); break;
-    default: attn_decode_launch_hd<0>(sub_g, false, grid, cb->stream, a, L); break; // generic: any even head_dim <= 256
+    case 64: attn_decode_launch_hd<64>(sub_g, tc_dec, dl, a, L); break;
+    case 80: attn_decode_launch_hd<80>(sub_g, tc_dec, dl, a, L); break;
+    case 96: attn_decode_launch_hd<96>(sub_g, tc_dec, dl, a, L); break;
+    case 128: attn_decode_launch_hd<128>(sub_g, tc_dec, dl, a, L); break;
+    default: attn_decode_launch_hd<0>(sub_g, false, dl, a, L); break; // generic: any even head_dim <= 256
     }
     if (n_grid > 1 && !wait) {
         attn_merge_kernel<<<dim3((unsigned)b->n_tokens, (unsigned)n_heads), 128, 0, cb->stream>>>(a, hd);
