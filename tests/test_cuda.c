@@ -720,6 +720,16 @@ static bool attn_tc_kv_type(enum coopt_dtype dt) {
     return dt == COOPT_DTYPE_F16 || dt == COOPT_DTYPE_FP8_E4M3 || dt == COOPT_DTYPE_FP8_E5M2;
 }
 
+// Whether the decode kernel walks the keys on tensor cores for these shapes: the query heads a CTA
+// serves are the launcher's (paged_attn.cu: the KV group up to 8, rounded up to a power of two;
+// one with the per-head ablation).
+static bool decode_tc(struct cu_pair *p, int32_t nh, int32_t nkv, int32_t hd, enum coopt_dtype dt) {
+    int32_t sub_g = 1;
+    if (!p->cu->attn_per_head)
+        while (sub_g < nh / nkv && sub_g < 8) sub_g *= 2;
+    return cuda_attn_tc_decode(p->cu, hd, dt, sub_g);
+}
+
 static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, const struct attn_case *c) {
     int32_t max_len = 0, n_pages = 0, n_all = 0, n_tok = 0;
     for (int i = 0; i < c->n_seqs; i++) {
@@ -784,12 +794,9 @@ static bool check_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, 
     // whether a tensor-core kernel can take part (the launcher's rules, paged_attn.cu): the prefill
     // kernel, or the decode kernel's tensor-core walk (cuda_attn_tc_decode, same tolerance)
     bool    tc_shape = (c->hd == 64 || c->hd == 80 || c->hd == 96 || c->hd == 128) && attn_tc_kv_type(c->dt);
-    int32_t sub_g = 1;
-    if (!p->cu->attn_per_head)
-        while (sub_g < c->nh / c->nkv && sub_g < 8) sub_g *= 2;
     cuda_attn_set_route(p->cu, c->route);
     bool tc = (tc_shape && (c->route == 1 || (c->route == 0 && n_tok >= 16 && n_tok >= 4 * c->n_seqs))) ||
-              cuda_attn_tc_decode(p->cu, c->hd, c->dt, sub_g);
+              decode_tc(p, c->nh, c->nkv, c->hd, c->dt);
     if (tc)
         for (size_t i = 0; i < n_o; i++) q[i] = coopt_f16_to_f32(coopt_f32_to_f16(q[i])); // see the tolerances
     float  *got  = malloc(n_o * sizeof(float)), *want = malloc(n_o * sizeof(float));
@@ -982,9 +989,10 @@ static bool check_staged(struct test_ctx *t, struct cu_pair *p, const float *dou
 // Where two store CTAs do (cuda_attn_set_store_cta; cuda_attn_store_ctas tells), the token's own
 // key is a partial of one key merged with the rest (by the merge kernel, or over one partition by
 // the partition's CTA after waiting for the store CTAs: cuda_attn_set_store_wait), and its
-// partition's running maximum may differ, so the output matches to a tolerance: on the tensor-core walk P is rounded to f16 (2^-11 relative) for that
-// key and that partition's keys, each side, so |error| <= 2^-9 max|v| = 3.9e-3 (|v| <= 2 here);
-// on CUDA cores only the f32 order of the sums differs (1e-4 absolute and relative). The test's
+// partition's running maximum may differ, so the output matches to a tolerance: on the
+// tensor-core walk P is rounded to f16 (2^-11 relative) for that key and that partition's keys,
+// each side, so |error| <= 2^-9 max|v| = 3.9e-3 (|v| <= 2 here); on CUDA cores only the f32
+// order of the sums differs (1e-4 absolute and relative). The test's
 // short ranges (2, 33, 37 positions) give the own key a weight that a missing or wrong partial
 // would move far past these.
 static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_t *s, const struct fused_case *c) {
@@ -1080,9 +1088,7 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
     }
     const bool scaled = kv[0].layout.has_scales;
     const bool fused  = !start && c->nh / c->nkv <= 8 && (!scaled || !c->unfused);
-    int32_t       sub_g     = 1;
-    while (sub_g < c->nh / c->nkv && sub_g < 8) sub_g *= 2;
-    const bool tc = cuda_attn_tc_decode(p->cu, c->hd, c->dt, sub_g);
+    const bool tc     = decode_tc(p, c->nh, c->nkv, c->hd, c->dt);
     char       what[200];
     snprintf(what, sizeof(what),
              " [%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d then %d fused %d store_ctas %d tc %d]",
@@ -1159,8 +1165,9 @@ TEST(cuda_rope_store_attention) {
         struct fused_case c = {.hd = 128, .nh = 32, .nkv = 8, .ps = 16, .dt = k_kvtypes[d], .layout = 1,
                                .koffs = true, .seq_start = true, .n_seqs = 2, .lens = lens0};
         if (!check_fused_attention(t, &p, &s, &c)) goto done;
-        // short ranges (one partition): the default (FP8: store CTAs), the last partition's CTA
-        // storing, FP8 in two kernels
+        // short ranges (one partition): the default (FP8: store CTAs, the partition's CTA waiting
+        // for them), the same through the merge kernel, the last partition's CTA storing, FP8 in
+        // two kernels
         const bool        f8 = k_kvtypes[d] == COOPT_DTYPE_FP8_E4M3 || k_kvtypes[d] == COOPT_DTYPE_FP8_E5M2;
         struct fused_case c1 = {.hd = 128, .nh = 32, .nkv = 8, .ps = 16, .dt = k_kvtypes[d], .layout = 1,
                                 .koffs = true, .n_seqs = 3, .lens = lens1, .want_ctas = f8 ? 2 : 1};
