@@ -79,7 +79,7 @@ if [ "$SANITIZE" = 1 ] && command -v compute-sanitizer >/dev/null; then
 fi
 
 # ---- kernel timings ----
-COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_bench cuda_decode_bench cuda_gptq_bench >"$OUT/kernels.txt" 2>&1
+COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_bench cuda_attn_bench cuda_decode_bench cuda_gptq_bench >"$OUT/kernels.txt" 2>&1
 grep '^bench:' "$OUT/kernels.txt" | sed 's/^bench: //' | tee -a "$OUT/summary.txt"
 
 # ---- coopt bench on models ----

@@ -919,6 +919,7 @@ struct fused_case {
     int              store_cta;  // cuda_attn_set_store_cta: 0 default (FP8 caches, by depth), 1 always, -1 never
     int              want_ctas;  // what cuda_attn_store_ctas must report: 1 false, 2 true, 0 not checked
     bool             no_wait;    // cuda_attn_set_store_wait(false): one partition's store CTAs through the merge kernel
+    bool             no_pre;     // cuda_attn_set_prefetch(false): every CTA waits for the kernel before first
     bool             then;       // the second run is rope_store_attention_then_matmul (check_staged)
     int32_t          n_seqs;
     const int32_t   *lens;       // [n_seqs] positions held after the step; the step has the last one of each
@@ -1073,12 +1074,14 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
     cuda_attn_set_fuse_fp8(p->cu, !c->unfused);
     cuda_attn_set_store_cta(p->cu, c->store_cta);
     cuda_attn_set_store_wait(p->cu, !c->no_wait);
+    cuda_attn_set_prefetch(p->cu, !c->no_pre);
     const bool store_ctas = cuda_attn_store_ctas(p->cu, &kv[1], &b, c->nh);
     if (c->then) p->cu->ops->rope_store_attention_then_matmul(p->cu, dout[1], dq[1], dk, dv, c->nh, &kv[1], layer, &b, &rope, scale);
     else p->cu->ops->rope_store_attention(p->cu, dout[1], dq[1], dk, dv, c->nh, &kv[1], layer, &b, &rope, scale);
     cuda_attn_set_fuse_fp8(p->cu, true);
     cuda_attn_set_store_cta(p->cu, 0);
     cuda_attn_set_store_wait(p->cu, true);
+    cuda_attn_set_prefetch(p->cu, true);
     uint8_t *pools[2] = {malloc(pool_bytes), malloc(pool_bytes)};
     float   *outs[2] = {malloc(nq * 4), malloc(nq * 4)}, *qs[2] = {malloc(nq * 4), malloc(nq * 4)};
     for (int j = 0; j < 2; j++) {
@@ -1091,9 +1094,9 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
     const bool tc     = decode_tc(p, c->nh, c->nkv, c->hd, c->dt);
     char       what[200];
     snprintf(what, sizeof(what),
-             " [%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d then %d fused %d store_ctas %d tc %d]",
+             " [%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d then %d fused %d store_ctas %d tc %d pre %d]",
              coopt_dtype_name(c->dt), c->hd, c->nh, c->nkv, c->ps, c->layout, doff != NULL, c->lens[0], c->lens[n - 1],
-             c->then, fused, store_ctas, tc);
+             c->then, fused, store_ctas, tc, !c->no_pre);
     bool ok = true;
     if (memcmp(pools[0], pools[1], pool_bytes) != 0) {
         size_t i = 0;
@@ -1155,7 +1158,7 @@ TEST(cuda_rope_store_attention) {
                 struct fused_case c = {.hd = hds[a], .nh = heads[h][0], .nkv = heads[h][1], .ps = i % 2 ? 16 : 32,
                                        .dt = k_kvtypes[d], .layout = i % 3 != 0, .koffs = i % 2 == 0,
                                        .unfused = i % 4 == 3, .store_cta = i % 3 == 2 ? 1 : i % 5 == 4 ? -1 : 0,
-                                       .no_wait = i % 7 == 1,
+                                       .no_wait = i % 7 == 1, .no_pre = i % 6 == 5,
                                        .n_seqs = 5, .lens = lens};
                 if (!check_fused_attention(t, &p, &s, &c)) goto done;
             }
@@ -1679,13 +1682,35 @@ TEST(cuda_bench) {
     }
     be->ops->free(be, dx), be->ops->free(be, dout);
     free(wf), free(xh);
+    cu_pair_free(&p);
+}
 
-    // attention, one layer, head_dim 128, page 16: MHA (32/32 heads, llama2-7b) and GQA (32/8,
-    // llama3-8b). Decode: B tokens at context L, GB/s of K/V (+ FP8 scales) read. Prefill: one
-    // 512-token chunk at positions [L - 512, L) of one sequence, tensor cores (auto route) and,
-    // at 4k, the decode kernel (route 2); TFLOP/s counts 4 * hd flops per (query, key, head).
+// ---- attention timings (not a check): COOPT_CUDA_BENCH=1 ./build/coopt-test cuda_attn_bench ----
+//
+// One layer, head_dim 128, page 16: MHA (32/32 heads, llama2-7b) and GQA (32/8, llama3-8b).
+// Decode: B tokens at context L, GB/s of K/V (+ FP8 scales) read. Prefill: one 512-token chunk
+// at positions [L - 512, L) of one sequence, tensor cores (auto route) and, at 4k, the decode
+// kernel (route 2); TFLOP/s counts 4 * hd flops per (query, key, head). The pool has 32 layers
+// (a real model's page stride) where that fits in 24 GiB, else 1. Filters (unset: all):
+// COOPT_CUDA_BENCH_HEADS=MHA|GQA, COOPT_CUDA_BENCH_KV=<kv type>, COOPT_CUDA_BENCH_CTX=<L>,
+// COOPT_CUDA_BENCH_B=<B>, COOPT_CUDA_BENCH_PREFILL=0 (decode only), COOPT_CUDA_BENCH_REPS=<n>
+// (decode calls timed, 20).
+static bool bench_pick(const char *env, const char *val) {
+    const char *e = getenv(env);
+    return !e || !*e || !strcmp(e, val);
+}
+
+TEST(cuda_attn_bench) {
+    if (!getenv("COOPT_CUDA_BENCH")) SKIP(t, "set COOPT_CUDA_BENCH=1 to time the kernels");
+    struct cu_pair p;
+    if (!cu_pair_init(t, &p)) return;
+    struct coopt_backend *be = p.cu;
+    uint64_t              s  = 1;
     const int32_t hd = 128, ps = 16, chunk = 4096, n_pf = 512;
     const int32_t hcfg[][2] = {{32, 32}, {32, 8}};
+    const char   *re = getenv("COOPT_CUDA_BENCH_REPS"), *pf = getenv("COOPT_CUDA_BENCH_PREFILL");
+    const int     reps = re && atoi(re) > 0 ? atoi(re) : 20;
+    const bool    prefill = !pf || strcmp(pf, "0") != 0;
     printf("bench: attention head_dim %d, page %d (one layer)\n", hd, ps);
     printf("bench: %-5s %-9s %-7s %3s %6s %10s %10s\n", "heads", "kv", "step", "B", "ctx", "us/call", "GB/s|TF/s");
     const enum coopt_dtype kts[] = {COOPT_DTYPE_F16, COOPT_DTYPE_FP8_E4M3};
@@ -1699,12 +1724,22 @@ TEST(cuda_bench) {
         for (size_t kt = 0; kt < COOPT_ARRAY_LEN(kts); kt++)
             for (int32_t L = 4096; L <= 16384; L *= 4)
                 for (int32_t B = 1; B <= 8; B *= 8) {
-                    const int32_t         nh = hcfg[hc][0], nkv = hcfg[hc][1];
+                    const int32_t nh = hcfg[hc][0], nkv = hcfg[hc][1];
+                    const char   *hname = nkv == nh ? "MHA" : "GQA";
+                    char          lb[16], bb[16];
+                    snprintf(lb, sizeof lb, "%d", L), snprintf(bb, sizeof bb, "%d", B);
+                    if (!bench_pick("COOPT_CUDA_BENCH_HEADS", hname) ||
+                        !bench_pick("COOPT_CUDA_BENCH_KV", coopt_dtype_name(kts[kt])) ||
+                        !bench_pick("COOPT_CUDA_BENCH_CTX", lb) || !bench_pick("COOPT_CUDA_BENCH_B", bb))
+                        continue;
                     struct coopt_kv_cache kv = {0};
-                    COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], 1, nkv, hd, ps) == COOPT_OK);
-                    int32_t mb = L / ps;
-                    size_t  n_pages = (size_t)B * mb, pool_bytes = n_pages * kv.layout.page_bytes;
-                    void   *pool;
+                    int32_t               mb = L / ps;
+                    size_t                n_pages = (size_t)B * mb;
+                    COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], 32, nkv, hd, ps) == COOPT_OK);
+                    if (n_pages * kv.layout.page_bytes > ((size_t)24 << 30))
+                        COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], 1, nkv, hd, ps) == COOPT_OK);
+                    size_t pool_bytes = n_pages * kv.layout.page_bytes;
+                    void  *pool;
                     COOPT_ASSERT(be->ops->kv_pool_init(be, pool_bytes, &pool) == COOPT_OK);
                     kv.pool      = pool;
                     int32_t *bt  = malloc(sizeof(int32_t) * n_pages), *pos = malloc(sizeof(int32_t) * chunk);
@@ -1724,18 +1759,17 @@ TEST(cuda_bench) {
                             struct coopt_batch fb = {.n_tokens = chunk, .pos = dpos, .tok_seq = dsq, .slots = dsl};
                             be->ops->rope_store(be, dq, dk, dv, nh, &kv, 0, &fb, &rope);
                         }
-                    const char *hname = nkv == nh ? "MHA" : "GQA";
                     // decode: the last position of each of the B sequences
                     for (int32_t b = 0; b < B; b++) pos[b] = L - 1, sq[b] = b;
                     be->ops->upload(be, dpos, pos, sizeof(int32_t) * B);
                     be->ops->upload(be, dsq, sq, sizeof(int32_t) * B);
                     struct coopt_batch ab = {.n_tokens = B, .pos = dpos, .tok_seq = dsq, .n_seqs = B, .max_blocks = mb,
                                              .block_tables = dbt};
-                    double us = BENCH_US(be, 20, be->ops->attention(be, dao, dq, nh, &kv, 0, &ab, 0.088f));
+                    double us = BENCH_US(be, reps, be->ops->attention(be, dao, dq, nh, &kv, 0, &ab, 0.088f));
                     double kv_bytes = (double)B * L * 2 * nkv * (hd * kv.layout.elem_bytes + (kv.layout.has_scales ? 4 : 0));
-                    printf("bench: %-5s %-9s %-7s %3d %6d %10.1f %10.1f\n", hname, coopt_dtype_name(kts[kt]), "decode", B, L,
-                           us, kv_bytes / us / 1e3);
-                    if (B == 1) { // prefill: a 512-token chunk ending at L
+                    printf("bench: %-5s %-9s %-7s %3d %6d %10.1f %10.1f  (%d-layer pool)\n", hname, coopt_dtype_name(kts[kt]),
+                           "decode", B, L, us, kv_bytes / us / 1e3, kv.layout.n_layers);
+                    if (B == 1 && prefill) { // prefill: a 512-token chunk ending at L
                         for (int32_t i = 0; i < n_pf; i++) pos[i] = L - n_pf + i, sq[i] = 0;
                         be->ops->upload(be, dpos, pos, sizeof(int32_t) * n_pf);
                         be->ops->upload(be, dsq, sq, sizeof(int32_t) * n_pf);

@@ -75,6 +75,11 @@ struct attn_args {
     // wait and precede every partition CTA in launch order.
     int32_t        kv_wait;
     int32_t       *flags;
+    // With fk (rows [lo, pos) were all stored by earlier steps, and the block tables, positions
+    // and slots were uploaded before the step's first kernel): nonzero = a CTA that stores no row
+    // issues its first sub-tiles' copies before it waits for the kernel before (pdl_wait), so
+    // their latency overlaps that kernel's tail; only q, fk and fv come from that kernel.
+    int32_t        pre;
     struct rope_params rope;
 };
 

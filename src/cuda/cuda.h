@@ -65,6 +65,9 @@ void cuda_attn_set_store_cta(struct coopt_backend *be, int mode);
 // Test hook: over one partition, the store CTAs' partial is merged by the partition's CTA, which
 // waits for it (true, the default), or by the merge kernel (false).
 void cuda_attn_set_store_wait(struct coopt_backend *be, bool wait);
+// Test hook: the fused decode attention's CTAs that store no row issue their first copies before
+// they wait for the kernel before (true, the default; attn_args.pre) or after (false).
+void cuda_attn_set_prefetch(struct coopt_backend *be, bool pre);
 // Whether a fused decode step of this shape writes the token's K/V rows from two store CTAs (under
 // the setting above) rather than from the last partition's CTA.
 bool cuda_attn_store_ctas(const struct coopt_backend *be, const struct coopt_kv_cache *kv, const struct coopt_batch *b,

@@ -77,6 +77,14 @@
 #include "cuda/xstage.cuh"
 
 #include <limits.h>
+#ifndef ATTN_EXP
+#define ATTN_EXP 0
+#endif
+#if ATTN_EXP == 3
+#include <cstdio>
+__device__ __forceinline__ unsigned long long exp_gt() { unsigned long long t; asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t)); return t; }
+#define EXP_SEL(a, t) ((a).layer == 5 && (t) == 0 && (a).pos[0] % 1024 == 6)
+#endif
 #include <math.h>
 
 #define ATTN_WARPS   4
@@ -110,7 +118,10 @@ template <int HD, int KT, int G, bool TC> struct dec_cfg {
     static constexpr int  STAGE  = FAST ? OFF_M + 16 : 0;
     static constexpr int  NST    = TC || STAGE <= 6144 ? 3 : 2;
     static constexpr int  HDP    = FAST ? HD : ATTN_MAX_HD;
-    static constexpr int  RED    = ATTN_WARPS * G * (HDP + 2) * 4; // cross-warp merge buffers
+    // cross-warp merge buffers: acc rows of HDS floats, dim d at d + d / 32 (red_at), so the
+    // tensor-core walk's scattered writes (lanes of 4 heads x 4 column groups) hit 16 banks, not one
+    static constexpr int  HDS    = HDP + HDP / 32 + 8;
+    static constexpr int  RED    = ATTN_WARPS * G * (HDS + 2) * 4;
     static constexpr int  SMEM0  = ATTN_WARPS * NST * STAGE > RED ? ATTN_WARPS * NST * STAGE : RED;
     // the fused K/V store (attn_args.fk) uses the space first: two rows and kv_store_rows' scratch
     static constexpr int  FUSE   = 2 * ATTN_MAX_HD * 4 + (int)sizeof(kv_store_smem);
@@ -174,6 +185,9 @@ __device__ __forceinline__ uint64_t shfl_u64(uint64_t v, int src) {
     return ((uint64_t)hi << 32) | lo;
 }
 
+// Where dim d sits in a row of the decode kernel's cross-warp merge buffer (dec_cfg::HDS).
+__device__ __forceinline__ int red_at(int d) { return d + (d >> 5); }
+
 // Dim held by element e (0..7) of lane `lig` in its key group.
 template <int HD> __device__ __forceinline__ int dec_dim(int lig, int e) {
     if constexpr (HD > 0) return lig * 8 + e;
@@ -186,7 +200,19 @@ template <int HD, int KT, int G, bool TC>
 __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct attn_args a, const struct kv_dev_layout L) {
     using C = dec_cfg<HD, KT, G, TC>;
     extern __shared__ __align__(16) uint8_t smem[];
-    pdl_wait(); // (launched early with cuda_backend.attn_pdl: everything below may read the previous kernel's output)
+#if ATTN_EXP == 3
+    __shared__ unsigned long long exp_t[20];
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < 20; i++) exp_t[i] = 0;
+        exp_t[0] = exp_gt();
+    }
+#endif
+    // (launched early with cuda_backend.attn_pdl: everything after pdl_wait may read the previous
+    // kernel's output; with attn_args.pre a CTA that stores no row waits after issuing its first copies)
+    if (!a.pre) pdl_wait();
+#if ATTN_EXP == 3
+    if (threadIdx.x == 0) exp_t[1] = exp_gt();
+#endif
     const int     tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int32_t t   = blockIdx.x;
     if (a.tc_tokens > 0 && attn_tile_is_tc(a, t / a.tc_tokens)) return; // computed by the tensor-core kernel
@@ -212,6 +238,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     const bool     store = fused && !waits && part >= parts_t - 1;
     const bool     sep   = store && a.kv_sep;
     const int      srow  = sep ? part - (parts_t - 1) : 0; // the store CTA's row: 0 K, 1 V
+    const bool     pre   = a.pre && C::FAST && !store;
+    if (a.pre && !pre) pdl_wait(); // (the store reads fk and fv)
     // Fused: cos / sin of the token's angles, computed once for the CTA (pair i of every head)
     __shared__ float rope_c[ROPE_MAX_HALF], rope_s[ROPE_MAX_HALF];
     if (fused) {
@@ -220,6 +248,9 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             rope_c[i] = cosf(an), rope_s[i] = sinf(an);
         }
         __syncthreads();
+#if ATTN_EXP == 3
+        if (tid == 0) exp_t[15] = exp_gt();
+#endif
     }
 
     // Fused write: the last partition's CTA stores the token's K and V rows of this KV head (as
@@ -262,21 +293,37 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         }
     }
 
-    // Element d of query head h0 + g (g < ng), unscaled (the tensor-core walk); fused: rotated
-    // here, with the same operations as rope_store (the element and its pair partner read, one
-    // cos/sin per dim).
-    auto q_at = [&](int g, int d) -> float {
-        const float *qh = a.q + ((size_t)t * a.n_heads + h0 + g) * hd;
-        float        x  = qh[d];
+#if ATTN_EXP == 3
+    if (tid == 0) exp_t[16] = exp_gt();
+#endif
+    // Element d of query head h0 + g (g < ng, row q_head(g)), unscaled; fused: rotated here, with
+    // the same operations as rope_store (the element and its pair partner, one cos/sin per dim).
+    // q_partner gives the dim to read beside d (d itself when not fused) and q_rot the value from
+    // the two, so callers issue all their loads first: q comes from L2 or DRAM, and a load per
+    // element used at once made the prologue a chain of round trips (3-4.5 us on an H100).
+    auto q_head    = [&](int g) -> const float * { return a.q + ((size_t)t * a.n_heads + h0 + g) * hd; };
+    auto q_pairing = [&](int d, int *pd, bool *first) -> int { // d's angle, its partner, whether d is i0
+        const int i = min(a.rope.layout == COOPT_ROPE_INTERLEAVED ? d / 2 : d % (hd / 2), ROPE_MAX_HALF - 1);
+        int       i0, i1;
+        rope_pair(a.rope, i, &i0, &i1);
+        *first = d == i0, *pd = d == i0 ? i1 : i0;
+        return i;
+    };
+    auto q_partner = [&](int d) -> int {
+        int  pd = d;
+        bool first;
+        if (fused) q_pairing(d, &pd, &first);
+        return pd;
+    };
+    auto q_rot = [&](int d, float x, float xp) -> float {
         if (fused) {
-            const int i = min(a.rope.layout == COOPT_ROPE_INTERLEAVED ? d / 2 : d % (hd / 2), ROPE_MAX_HALF - 1);
-            int       i0, i1;
-            rope_pair(a.rope, i, &i0, &i1);
-            const float xp = qh[d == i0 ? i1 : i0];
+            int         pd;
+            bool        first;
+            const int   i = q_pairing(d, &pd, &first);
             float       y0, y1;
-            if (d == i0) rope_rotate(x, xp, rope_c[i], rope_s[i], &y0, &y1);
+            if (first) rope_rotate(x, xp, rope_c[i], rope_s[i], &y0, &y1);
             else rope_rotate(xp, x, rope_c[i], rope_s[i], &y0, &y1);
-            x = d == i0 ? y0 : y1;
+            x = first ? y0 : y1;
         }
         return x;
     };
@@ -291,10 +338,23 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 for (int d = lane; d < hd; d += WARP_SIZE) a.part_acc[pi * hd + d] = row[d];
                 continue;
             }
+            // this lane's dims of q (and partners) loaded first, then the dot product
+            constexpr int NI = ATTN_MAX_HD / WARP_SIZE;
+            const float  *qh = q_head(g);
+            float         qx[NI], qp[NI];
+#pragma unroll
+            for (int i = 0; i < NI; i++) {
+                const int d = min(lane + i * WARP_SIZE, hd - 1);
+                qx[i] = qh[d], qp[i] = qh[q_partner(d)];
+            }
             float sc = 0.0f;
-            for (int d = lane; d < hd; d += WARP_SIZE) {
-                const float x = TC ? __half2float(__float2half_rn(q_at(g, d))) : q_at(g, d);
-                sc            = fmaf(x, row[d], sc);
+#pragma unroll
+            for (int i = 0; i < NI; i++) {
+                const int d = lane + i * WARP_SIZE;
+                if (d < hd) {
+                    const float x = q_rot(d, qx[i], qp[i]);
+                    sc            = fmaf(TC ? __half2float(__float2half_rn(x)) : x, row[d], sc);
+                }
             }
             sc = warp_sum(sc);
             if (lane == 0) a.part_ml[pi * 2] = sc * (a.scale * ATTN_LOG2E), a.part_ml[pi * 2 + 1] = 1.0f;
@@ -307,43 +367,24 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         return;
     }
     // q of the CTA's heads at this lane's 8 dims, in log2 units (loaded after the first K/V
-    // copies are issued, so the two latencies overlap); fused: rotated as q_at does, with each
-    // dim's pair partner and cos/sin looked up once for all heads.
+    // copies are issued, so the two latencies overlap; a head's 16 loads before any use); fused:
+    // rotated by q_rot.
     float qr[G][8];
     auto  load_q = [&]() {
         const float qs = a.scale * ATTN_LOG2E;
-        float       cs[8], sn[8];
-        int         pd[8]; // the pair partner of each dim; which of the pair it is
-        bool        first[8];
-        if (fused) {
+        int         dd[8], pd[8]; // the dims (clamped: lanes past head_dim hold zeros) and their partners
 #pragma unroll
-            for (int e = 0; e < 8; e++) {
-                const int d = dec_dim<HD>(lig, e), half = hd / 2;
-                const int i = min(a.rope.layout == COOPT_ROPE_INTERLEAVED ? d / 2 : d % half, ROPE_MAX_HALF - 1);
-                int       i0, i1;
-                rope_pair(a.rope, i, &i0, &i1);
-                first[e] = d == i0, pd[e] = d == i0 ? i1 : i0;
-                cs[e] = rope_c[i], sn[e] = rope_s[i];
-            }
-        }
+        for (int e = 0; e < 8; e++) dd[e] = min(dec_dim<HD>(lig, e), hd - 1), pd[e] = q_partner(dd[e]);
 #pragma unroll
         for (int g = 0; g < G; g++) {
-            const float *qh = a.q + ((size_t)t * a.n_heads + h0 + min(g, ng - 1)) * hd;
+            const float *qh = q_head(min(g, ng - 1));
+            float        x[8], xp[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) x[e] = qh[dd[e]], xp[e] = qh[pd[e]]; // (all loads first)
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 const int d = dec_dim<HD>(lig, e);
-                float     x = 0.0f;
-                if (g < ng && d < hd) {
-                    x = qh[d];
-                    if (fused) {
-                        const float xp = qh[pd[e]];
-                        float       y0, y1;
-                        if (first[e]) rope_rotate(x, xp, cs[e], sn[e], &y0, &y1);
-                        else rope_rotate(xp, x, cs[e], sn[e], &y0, &y1);
-                        x = first[e] ? y0 : y1;
-                    }
-                }
-                qr[g][e] = x * qs;
+                qr[g][e]    = g < ng && d < hd ? q_rot(d, x[e], xp[e]) * qs : 0.0f;
             }
         }
     };
@@ -401,6 +442,9 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     if constexpr (C::FAST) {
         uint8_t *wsm = smem + (size_t)warp * C::NST * C::STAGE;
         auto     load = [&](int32_t k) {
+#if ATTN_EXP == 2
+            if (TC && k >= C::NST - 1) return;
+#endif
             uint8_t       *st = wsm + (k % C::NST) * C::STAGE;
             uint64_t       off, soff;
             const bool     valid = key_loc(k, &off, &soff);
@@ -438,6 +482,15 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             if (k < my_n) load(k);
             cp_async_commit();
         }
+#if ATTN_EXP == 3
+        if (tid == 0) exp_t[17] = exp_gt();
+#endif
+        if (pre) {
+            pdl_wait();
+#if ATTN_EXP == 3
+            if (threadIdx.x == 0) exp_t[1] = exp_gt();
+#endif
+        }
         if constexpr (TC) {
             // Tensor-core walk (mma m16n8k16, f16 in, f32 accumulators). Rows of A are the CTA's
             // query heads (gq = lane / 4 < G <= 8; rows 8-15 are zero), so lane (gq, tq = lane % 4)
@@ -453,18 +506,70 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             //   into the running rescale like a new maximum), so P stays in f16's normal range.
             const int gq = lane >> 2, tq = lane & 3;
             uint32_t  qa[HD / 16][2]; // row gq's A fragments (a0, a2) of each 16-dim step, unscaled f16
+            {
+                // The CTA's q rows staged in warp 0's last stage (no copy lands there before that
+                // warp's walk starts): one 16-byte load per thread, rotated in place, rows padded
+                // as the merge buffer (red_at) so the fragment reads below spread over the banks.
+                constexpr int NIT = (G * HD + 4 * ATTN_THREADS - 1) / (4 * ATTN_THREADS);
+                static_assert(G * C::HDS * 4 <= C::STAGE, "q rows fit a stage");
+                float       *qs = (float *)(smem + (C::NST - 1) * C::STAGE);
+                const float *qb = q_head(0);
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++)
-#pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    const int d = C::EB == 1 ? tq * (HD / 4) + 4 * kk + 2 * hf : 16 * kk + 8 * hf + 2 * tq;
-                    qa[kk][hf]  = gq < ng ? pack_half2(q_at(gq, d), q_at(gq, d + 1)) : 0u;
+                for (int it = 0; it < NIT; it++) {
+                    const int i = 4 * (tid + it * ATTN_THREADS);
+                    if (i < ng * HD) {
+                        const float4 v = *(const float4 *)(qb + i);
+                        float       *r = qs + (i / HD) * C::HDS;
+                        const int    d = i % HD;
+                        r[red_at(d)] = v.x, r[red_at(d + 1)] = v.y, r[red_at(d + 2)] = v.z, r[red_at(d + 3)] = v.w;
+                    }
                 }
+                __syncthreads();
+                if (fused) {
+                    float y[NIT][4];
+#pragma unroll
+                    for (int it = 0; it < NIT; it++) {
+                        const int    i = 4 * (tid + it * ATTN_THREADS), d = i % HD;
+                        const float *r = qs + min(i / HD, ng - 1) * C::HDS;
+#pragma unroll
+                        for (int e = 0; e < 4; e++) y[it][e] = q_rot(d + e, r[red_at(d + e)], r[red_at(q_partner(d + e))]);
+                    }
+                    __syncthreads();
+#pragma unroll
+                    for (int it = 0; it < NIT; it++) {
+                        const int i = 4 * (tid + it * ATTN_THREADS);
+                        if (i < ng * HD) {
+                            float *r = qs + (i / HD) * C::HDS;
+#pragma unroll
+                            for (int e = 0; e < 4; e++) r[red_at(i % HD + e)] = y[it][e];
+                        }
+                    }
+                    __syncthreads();
+                }
+                const float *r = qs + min(gq, ng - 1) * C::HDS;
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+                    for (int hf = 0; hf < 2; hf++) {
+                        const int d = C::EB == 1 ? tq * (HD / 4) + 4 * kk + 2 * hf : 16 * kk + 8 * hf + 2 * tq;
+                        qa[kk][hf]  = gq < ng ? pack_half2(r[red_at(d)], r[red_at(d + 1)]) : 0u;
+                    }
+                __syncthreads(); // (warp 0's walk fills the stage next)
+            }
             const float qk = a.scale * ATTN_LOG2E;
 #pragma unroll
             for (int n = 0; n < HD / 8; n++) tc_o[n][0] = tc_o[n][1] = 0.0f;
+#if ATTN_EXP == 3
+            if (lane == 0) exp_t[2 + warp] = exp_gt(), exp_t[6 + warp] = 0;
+#endif
             for (int32_t k = 0; k < my_n; k++) {
                 const uint8_t *st = stage_in(k);
+#if ATTN_EXP == 3
+                if (k == 0 && lane == 0) exp_t[6 + warp] = exp_gt();
+#endif
+#if ATTN_EXP == 1
+                if (st) { __syncwarp(); continue; }
+#endif
                 const uint32_t vm = *(const uint32_t *)(st + C::OFF_M);
                 float          s[C::SK / 8][2];
 #pragma unroll
@@ -589,6 +694,9 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 __syncwarp(); // the stage is overwritten by the load issued next iteration
             }
             cp_async_wait<0>();
+#if ATTN_EXP == 3
+            if (lane == 0) exp_t[10 + warp] = exp_gt();
+#endif
             tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 1);
             tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 2);
         } else {
@@ -708,8 +816,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 
     // merge the 4 warps through shared memory (the stages are dead: every copy has landed)
     __syncthreads();
-    float *red_acc = (float *)smem;                            // [W][G][HDP]
-    float *red_m   = red_acc + ATTN_WARPS * G * C::HDP;        // [W][G]
+#if ATTN_EXP == 3
+    if (tid == 0) exp_t[14] = exp_gt();
+#endif
+    float *red_acc = (float *)smem;                            // [W][G][HDS], dim d at red_at(d)
+    float *red_m   = red_acc + ATTN_WARPS * G * C::HDS;        // [W][G]
     float *red_l   = red_m + ATTN_WARPS * G;                   // [W][G]
     if constexpr (TC) {
         const int gq = lane >> 2, tq = lane & 3;
@@ -720,7 +831,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const int d = C::EB == 1 ? (2 * tq + e) * (HD / 8) + n : 8 * n + 2 * tq + e;
-                    red_acc[(warp * G + gq) * C::HDP + d] = tc_o[n][e] * sg;
+                    red_acc[(warp * G + gq) * C::HDS + red_at(d)] = tc_o[n][e] * sg;
                 }
             if (tq == 0) red_m[warp * G + gq] = tc_m, red_l[warp * G + gq] = tc_l;
         }
@@ -731,7 +842,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 #pragma unroll
                 for (int e = 0; e < 8; e++) {
                     const int d = dec_dim<HD>(lig, e);
-                    if (d < hd) red_acc[(warp * G + g) * C::HDP + d] = acc[g][e];
+                    if (d < hd) red_acc[(warp * G + g) * C::HDS + red_at(d)] = acc[g][e];
                 }
         }
         if (lane == 0)
@@ -770,7 +881,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             for (int w = 0; w < ATTN_WARPS; w++) {
                 const float f = fast_exp2(red_m[w * G + g] - base);
                 S += red_l[w * G + g] * f;
-                A += red_acc[(w * G + g) * C::HDP + d] * f;
+                A += red_acc[(w * G + g) * C::HDS + red_at(d)] * f;
             }
             if (waits) {
                 const float f = fast_exp2(om - base);
@@ -789,11 +900,23 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         }
         if (stage) xstage_put(a.xo, a.xo_part, (int32_t)(th * hd) + d, in, in, y, y);
     }
+#if ATTN_EXP == 3
+    __syncthreads();
+    if (tid == 0 && EXP_SEL(a, t)) {
+        const unsigned long long e = exp_gt();
+        printf("EXPD y %d z %d n %d pos %d sep %d t %llu %llu ws %llu %llu %llu %llu wf %llu %llu %llu %llu we %llu %llu %llu %llu epi %llu end %llu rope %llu store %llu pro %llu\n",
+               (int)blockIdx.y, (int)blockIdx.z, (int)n_st, (int)pos, (int)sep, exp_t[0], exp_t[1], exp_t[2], exp_t[3], exp_t[4], exp_t[5],
+               exp_t[6], exp_t[7], exp_t[8], exp_t[9], exp_t[10], exp_t[11], exp_t[12], exp_t[13], exp_t[14], e, exp_t[15], exp_t[16], exp_t[17]);
+    }
+#endif
 }
 
 __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct attn_args a, int32_t hd) {
     __shared__ float red[ATTN_WARPS][ATTN_MAX_HD];
     __shared__ float wred[2][ATTN_WARPS];
+#if ATTN_EXP == 3
+    unsigned long long exp_m0 = exp_gt();
+#endif
     if (a.pdl_trigger) pdl_launch_dependents();
     const int        tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int32_t    t = blockIdx.x, h = blockIdx.y;
@@ -839,6 +962,9 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct a
         }
         if (a.xo) xstage_put(a.xo, a.xo_part, (int32_t)(th * hd) + d, in, in, y, y);
     }
+#if ATTN_EXP == 3
+    if (threadIdx.x == 0 && EXP_SEL(a, t)) printf("EXPM y %d pos %d t0 %llu end %llu\n", (int)blockIdx.y, (int)a.pos[0], exp_m0, exp_gt());
+#endif
 }
 
 // How the decode kernel is launched: grid, stream, and whether as a programmatic dependent launch
@@ -939,6 +1065,7 @@ bool cuda_attn_tc_decode(const struct coopt_backend *be, int32_t head_dim, enum 
 void cuda_attn_set_fuse_fp8(struct coopt_backend *be, bool fuse) { cuda_impl(be)->attn_unfused_fp8 = !fuse; }
 void cuda_attn_set_store_cta(struct coopt_backend *be, int mode) { cuda_impl(be)->attn_store_cta = mode; }
 void cuda_attn_set_store_wait(struct coopt_backend *be, bool wait) { cuda_impl(be)->attn_store_nowait = !wait; }
+void cuda_attn_set_prefetch(struct coopt_backend *be, bool pre) { cuda_impl(be)->attn_no_pre = !pre; }
 
 // Whether a fused decode step (cuda_rope_store_attention) stores the token's K and V rows from
 // two CTAs of their own (attn_args.kv_sep) for a step of key-range bound `bound`: by default for
@@ -1061,6 +1188,7 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     a.tc_tokens    = 0;
     a.scale        = scale;
     a.fk = fk, a.fv = fv, a.slots = b->slots, a.koff = NULL, a.seq_ids = b->seq_ids, a.kv_sep = sep, a.kv_wait = wait;
+    a.pre = fk && !cb->attn_no_pre;
     a.flags = wait ? cuda_attn_flags(cb, (size_t)b->n_tokens * (size_t)nkv) : NULL;
     if (wait && !a.flags) return; // (out of memory: cb->op_error)
     a.pool_w = (uint8_t *)kv->pool, a.n_layers = l->n_layers;

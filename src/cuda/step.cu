@@ -512,6 +512,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     const char *sc = getenv("COOPT_CUDA_ATTN_STORE_CTA");
     if (sc && *sc) cb->attn_store_cta = strcmp(sc, "0") != 0 ? 1 : -1;
     cb->attn_store_nowait = !env_flag("COOPT_CUDA_ATTN_STORE_WAIT", true);
+    cb->attn_no_pre       = !env_flag("COOPT_CUDA_ATTN_PREFETCH", true);
     if (!env_flag("COOPT_CUDA_FUSED", true) || !env_flag("COOPT_CUDA_FUSED_NORM", true)) {
         cb->ops.norm_matmul_multi  = NULL;
         cb->ops.norm_matmul_swiglu = NULL;
