@@ -77,14 +77,6 @@
 #include "cuda/xstage.cuh"
 
 #include <limits.h>
-#ifndef ATTN_EXP
-#define ATTN_EXP 0
-#endif
-#if ATTN_EXP == 3
-#include <cstdio>
-__device__ __forceinline__ unsigned long long exp_gt() { unsigned long long t; asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t)); return t; }
-#define EXP_SEL(a, t) ((a).layer == 5 && (t) == 0 && (a).pos[0] % 1024 == 6)
-#endif
 #include <math.h>
 
 #define ATTN_WARPS   4
@@ -200,19 +192,9 @@ template <int HD, int KT, int G, bool TC>
 __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct attn_args a, const struct kv_dev_layout L) {
     using C = dec_cfg<HD, KT, G, TC>;
     extern __shared__ __align__(16) uint8_t smem[];
-#if ATTN_EXP == 3
-    __shared__ unsigned long long exp_t[20];
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < 20; i++) exp_t[i] = 0;
-        exp_t[0] = exp_gt();
-    }
-#endif
     // (launched early with cuda_backend.attn_pdl: everything after pdl_wait may read the previous
     // kernel's output; with attn_args.pre a CTA that stores no row waits after issuing its first copies)
     if (!a.pre) pdl_wait();
-#if ATTN_EXP == 3
-    if (threadIdx.x == 0) exp_t[1] = exp_gt();
-#endif
     const int     tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int32_t t   = blockIdx.x;
     if (a.tc_tokens > 0 && attn_tile_is_tc(a, t / a.tc_tokens)) return; // computed by the tensor-core kernel
@@ -248,9 +230,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             rope_c[i] = cosf(an), rope_s[i] = sinf(an);
         }
         __syncthreads();
-#if ATTN_EXP == 3
-        if (tid == 0) exp_t[15] = exp_gt();
-#endif
     }
 
     // Fused write: the last partition's CTA stores the token's K and V rows of this KV head (as
@@ -293,9 +272,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         }
     }
 
-#if ATTN_EXP == 3
-    if (tid == 0) exp_t[16] = exp_gt();
-#endif
     // Element d of query head h0 + g (g < ng, row q_head(g)), unscaled; fused: rotated here, with
     // the same operations as rope_store (the element and its pair partner, one cos/sin per dim).
     // q_partner gives the dim to read beside d (d itself when not fused) and q_rot the value from
@@ -442,9 +418,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     if constexpr (C::FAST) {
         uint8_t *wsm = smem + (size_t)warp * C::NST * C::STAGE;
         auto     load = [&](int32_t k) {
-#if ATTN_EXP == 2
-            if (TC && k >= C::NST - 1) return;
-#endif
             uint8_t       *st = wsm + (k % C::NST) * C::STAGE;
             uint64_t       off, soff;
             const bool     valid = key_loc(k, &off, &soff);
@@ -482,14 +455,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             if (k < my_n) load(k);
             cp_async_commit();
         }
-#if ATTN_EXP == 3
-        if (tid == 0) exp_t[17] = exp_gt();
-#endif
         if (pre) {
             pdl_wait();
-#if ATTN_EXP == 3
-            if (threadIdx.x == 0) exp_t[1] = exp_gt();
-#endif
         }
         if constexpr (TC) {
             // Tensor-core walk (mma m16n8k16, f16 in, f32 accumulators). Rows of A are the CTA's
@@ -559,17 +526,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             const float qk = a.scale * ATTN_LOG2E;
 #pragma unroll
             for (int n = 0; n < HD / 8; n++) tc_o[n][0] = tc_o[n][1] = 0.0f;
-#if ATTN_EXP == 3
-            if (lane == 0) exp_t[2 + warp] = exp_gt(), exp_t[6 + warp] = 0;
-#endif
             for (int32_t k = 0; k < my_n; k++) {
                 const uint8_t *st = stage_in(k);
-#if ATTN_EXP == 3
-                if (k == 0 && lane == 0) exp_t[6 + warp] = exp_gt();
-#endif
-#if ATTN_EXP == 1
-                if (st) { __syncwarp(); continue; }
-#endif
                 const uint32_t vm = *(const uint32_t *)(st + C::OFF_M);
                 float          s[C::SK / 8][2];
 #pragma unroll
@@ -694,9 +652,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 __syncwarp(); // the stage is overwritten by the load issued next iteration
             }
             cp_async_wait<0>();
-#if ATTN_EXP == 3
-            if (lane == 0) exp_t[10 + warp] = exp_gt();
-#endif
             tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 1);
             tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 2);
         } else {
@@ -816,9 +771,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 
     // merge the 4 warps through shared memory (the stages are dead: every copy has landed)
     __syncthreads();
-#if ATTN_EXP == 3
-    if (tid == 0) exp_t[14] = exp_gt();
-#endif
     float *red_acc = (float *)smem;                            // [W][G][HDS], dim d at red_at(d)
     float *red_m   = red_acc + ATTN_WARPS * G * C::HDS;        // [W][G]
     float *red_l   = red_m + ATTN_WARPS * G;                   // [W][G]
@@ -900,23 +852,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         }
         if (stage) xstage_put(a.xo, a.xo_part, (int32_t)(th * hd) + d, in, in, y, y);
     }
-#if ATTN_EXP == 3
-    __syncthreads();
-    if (tid == 0 && EXP_SEL(a, t)) {
-        const unsigned long long e = exp_gt();
-        printf("EXPD y %d z %d n %d pos %d sep %d t %llu %llu ws %llu %llu %llu %llu wf %llu %llu %llu %llu we %llu %llu %llu %llu epi %llu end %llu rope %llu store %llu pro %llu\n",
-               (int)blockIdx.y, (int)blockIdx.z, (int)n_st, (int)pos, (int)sep, exp_t[0], exp_t[1], exp_t[2], exp_t[3], exp_t[4], exp_t[5],
-               exp_t[6], exp_t[7], exp_t[8], exp_t[9], exp_t[10], exp_t[11], exp_t[12], exp_t[13], exp_t[14], e, exp_t[15], exp_t[16], exp_t[17]);
-    }
-#endif
 }
 
 __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct attn_args a, int32_t hd) {
     __shared__ float red[ATTN_WARPS][ATTN_MAX_HD];
     __shared__ float wred[2][ATTN_WARPS];
-#if ATTN_EXP == 3
-    unsigned long long exp_m0 = exp_gt();
-#endif
     if (a.pdl_trigger) pdl_launch_dependents();
     const int        tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int32_t    t = blockIdx.x, h = blockIdx.y;
@@ -962,9 +902,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct a
         }
         if (a.xo) xstage_put(a.xo, a.xo_part, (int32_t)(th * hd) + d, in, in, y, y);
     }
-#if ATTN_EXP == 3
-    if (threadIdx.x == 0 && EXP_SEL(a, t)) printf("EXPM y %d pos %d t0 %llu end %llu\n", (int)blockIdx.y, (int)a.pos[0], exp_m0, exp_gt());
-#endif
 }
 
 // How the decode kernel is launched: grid, stream, and whether as a programmatic dependent launch
