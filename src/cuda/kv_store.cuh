@@ -70,6 +70,31 @@ template <int KT> __device__ __forceinline__ void store_elem(uint8_t *dst, int i
     }
 }
 
+// store_elem, returning the element as load_elem<KT> reads it back from the cache.
+template <int KT> __device__ __forceinline__ float store_elem_back(uint8_t *dst, int i, float v) {
+    if constexpr (KT == COOPT_DTYPE_F32) {
+        ((float *)dst)[i] = v;
+        return v;
+    } else if constexpr (KT == COOPT_DTYPE_F16) {
+        const uint16_t h = __half_as_ushort(__float2half_rn(v));
+        ((uint16_t *)dst)[i] = h;
+        return f16_bits_to_f32(h);
+    } else if constexpr (KT == COOPT_DTYPE_BF16) {
+        const uint16_t h = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+        ((uint16_t *)dst)[i] = h;
+        return bf16_bits_to_f32(h);
+    } else if constexpr (KT == COOPT_DTYPE_FP8_E4M3) {
+        const uint8_t q = f32_to_fp8_e4m3(v);
+        dst[i]          = q;
+        return fp8_e4m3_to_f32(q);
+    } else {
+        static_assert(KT == COOPT_DTYPE_FP8_E5M2, "store_elem_back: not a KV type");
+        const uint8_t q = f32_to_fp8_e5m2(v);
+        dst[i]          = q;
+        return fp8_e5m2_to_f32(q);
+    }
+}
+
 // Shared memory kv_store_rows needs (FP8: the error table of two rows and the reductions).
 struct kv_store_smem {
     float e[2][16][ROPE_ERR_CHUNK + 1]; // rows padded: thread k's walk is conflict-free
@@ -88,9 +113,12 @@ struct kv_store_smem {
 // order and rounding as the CPU, no FMA, so the chosen scale is bit-identical), and warp 0 takes
 // each row's smallest error, ties to the smallest k. An all-zero row stores scale 0 and zeros.
 // (One warp per row walking it was a long dependent chain: 15-24 us per layer at decode.)
+// back != NULL: row r's elements as a reader of the cache dequantizes them (the stored element
+// as load_elem reads it, times the stored scale) go to back + r * hd (back may be rows: each
+// thread overwrites what it read), with no read of the cache.
 template <int KT>
-__device__ void kv_store_rows(const float *rows, int nr, int32_t hd, uint8_t *const *dst, float *const *sdst,
-                              int32_t scale_search, kv_store_smem &sm) {
+__device__ void kv_store_rows(float *rows, int nr, int32_t hd, uint8_t *const *dst, float *const *sdst,
+                              int32_t scale_search, kv_store_smem &sm, float *back = nullptr) {
     constexpr bool FP8 = KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2;
     const int      tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if constexpr (FP8) {
@@ -154,12 +182,18 @@ __device__ void kv_store_rows(const float *rows, int nr, int32_t hd, uint8_t *co
                 const float s  = amax[r] > 0.0f ? sm.scale[r] : base[r];
                 const float is = s == 0.0f ? 0.0f : __frcp_rn(s);
                 if (tid == 0) *sdst[r] = s;
-                for (int i = tid; i < hd; i += KV_STORE_THREADS) store_elem<KT>(dst[r], i, __fmul_rn(rows[r * hd + i], is));
+                for (int i = tid; i < hd; i += KV_STORE_THREADS) {
+                    const float y = store_elem_back<KT>(dst[r], i, __fmul_rn(rows[r * hd + i], is));
+                    if (back) back[r * hd + i] = y * s;
+                }
             }
     } else {
         (void)sdst, (void)scale_search, (void)sm;
         for (int r = 0; r < nr; r++)
-            for (int i = tid; i < hd; i += KV_STORE_THREADS) store_elem<KT>(dst[r], i, rows[r * hd + i]);
+            for (int i = tid; i < hd; i += KV_STORE_THREADS) {
+                const float y = store_elem_back<KT>(dst[r], i, rows[r * hd + i]);
+                if (back) back[r * hd + i] = y;
+            }
     }
 }
 

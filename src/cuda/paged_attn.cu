@@ -232,46 +232,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         __syncthreads();
     }
 
-    // Fused write: the last partition's CTA stores the token's K and V rows of this KV head (as
-    // rope_store_kernel: rotated K less its offset, V as is, then kv_store_rows) before any of
-    // its loads; the barrier orders them before its cp.async copies. With kv_sep each store CTA
-    // stores its row (at rows, as the first of the two) and reads it back as stored.
-    if (store) {
-        float         *rows = (float *)smem; // [2][hd]; the stages are not in use yet
-        kv_store_smem &sm   = *(kv_store_smem *)(smem + 2 * ATTN_MAX_HD * 4);
-        const float   *kr = a.fk + ((size_t)t * L.n_kv_heads + kvh) * hd, *vr = a.fv + ((size_t)t * L.n_kv_heads + kvh) * hd;
-        const float   *c  = a.koff ? a.koff + kv_koff_index(a.n_layers, L.n_kv_heads, hd, a.seq_ids[a.tok_seq[t]],
-                                                            a.layer, kvh)
-                                   : nullptr;
-        for (int i = tid; i < hd / 2 && srow == 0; i += ATTN_THREADS) {
-            int i0, i1;
-            rope_pair(a.rope, i, &i0, &i1);
-            float y0, y1;
-            rope_rotate(kr[i0], kr[i1], rope_c[i], rope_s[i], &y0, &y1);
-            rows[i0] = c ? __fsub_rn(y0, c[i0]) : y0;
-            rows[i1] = c ? __fsub_rn(y1, c[i1]) : y1;
-        }
-        float *vrow = rows + (sep ? 0 : hd);
-        for (int i = tid; i < hd && (!sep || srow == 1); i += ATTN_THREADS) vrow[i] = vr[i];
-        __syncthreads();
-        const int64_t page = a.slots[t] / L.page_size;
-        const int32_t row  = (int32_t)(a.slots[t] % L.page_size);
-        uint8_t      *dst[2]  = {a.pool_w + kv_offset(L, page, a.layer, 0, kvh, row),
-                                 a.pool_w + kv_offset(L, page, a.layer, 1, kvh, row)};
-        float        *sdst[2] = {nullptr, nullptr};
-        if (C::SCALED)
-            sdst[0] = (float *)(a.pool_w + kv_scale_offset(L, page, a.layer, 0, kvh, row)),
-            sdst[1] = (float *)(a.pool_w + kv_scale_offset(L, page, a.layer, 1, kvh, row));
-        const int nr = sep ? 1 : 2;
-        kv_store_rows<KT>(rows, nr, hd, dst + srow, sdst + srow, L.scale_search, sm);
-        __syncthreads(); // (CTA-scope ordering: the stores before this CTA's later copies)
-        if (sep) { // the row as the walk would read it back (the scale: written by thread 0 above)
-            const float sc = C::SCALED ? *sdst[srow] : 1.0f;
-            for (int i = tid; i < hd; i += ATTN_THREADS) rows[i] = load_elem<KT>(dst[srow], i) * sc;
-            __syncthreads();
-        }
-    }
-
     // Element d of query head h0 + g (g < ng, row q_head(g)), unscaled; fused: rotated here, with
     // the same operations as rope_store (the element and its pair partner, one cos/sin per dim).
     // q_partner gives the dim to read beside d (d itself when not fused) and q_rot the value from
@@ -303,32 +263,77 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         }
         return x;
     };
+    // The K store CTA's q (its warp's heads g = warp, warp + ATTN_WARPS, ...), loaded before the
+    // scale search so the own key's score (below) waits for no load.
+    constexpr int NI = (HD > 0 ? HD + WARP_SIZE - 1 : ATTN_MAX_HD) / WARP_SIZE, NGW = (G + ATTN_WARPS - 1) / ATTN_WARPS;
+    float         sqx[NGW][NI], sqp[NGW][NI];
+    // Fused write: the last partition's CTA stores the token's K and V rows of this KV head (as
+    // rope_store_kernel: rotated K less its offset, V as is, then kv_store_rows) before any of
+    // its loads; the barrier orders them before its cp.async copies. With kv_sep each store CTA
+    // stores its row (at rows, as the first of the two) and keeps it as a reader dequantizes it.
+    if (store) {
+        float         *rows = (float *)smem; // [2][hd]; the stages are not in use yet
+        kv_store_smem &sm   = *(kv_store_smem *)(smem + 2 * ATTN_MAX_HD * 4);
+        const float   *kr = a.fk + ((size_t)t * L.n_kv_heads + kvh) * hd, *vr = a.fv + ((size_t)t * L.n_kv_heads + kvh) * hd;
+        const float   *c  = a.koff ? a.koff + kv_koff_index(a.n_layers, L.n_kv_heads, hd, a.seq_ids[a.tok_seq[t]],
+                                                            a.layer, kvh)
+                                   : nullptr;
+        for (int i = tid; i < hd / 2 && srow == 0; i += ATTN_THREADS) {
+            int i0, i1;
+            rope_pair(a.rope, i, &i0, &i1);
+            float y0, y1;
+            rope_rotate(kr[i0], kr[i1], rope_c[i], rope_s[i], &y0, &y1);
+            rows[i0] = c ? __fsub_rn(y0, c[i0]) : y0;
+            rows[i1] = c ? __fsub_rn(y1, c[i1]) : y1;
+        }
+        float *vrow = rows + (sep ? 0 : hd);
+        for (int i = tid; i < hd && (!sep || srow == 1); i += ATTN_THREADS) vrow[i] = vr[i];
+        __syncthreads();
+        const int64_t page = a.slots[t] / L.page_size;
+        const int32_t row  = (int32_t)(a.slots[t] % L.page_size);
+        uint8_t      *dst[2]  = {a.pool_w + kv_offset(L, page, a.layer, 0, kvh, row),
+                                 a.pool_w + kv_offset(L, page, a.layer, 1, kvh, row)};
+        float        *sdst[2] = {nullptr, nullptr};
+        if (C::SCALED)
+            sdst[0] = (float *)(a.pool_w + kv_scale_offset(L, page, a.layer, 0, kvh, row)),
+            sdst[1] = (float *)(a.pool_w + kv_scale_offset(L, page, a.layer, 1, kvh, row));
+        const int nr = sep ? 1 : 2;
+        if (sep && srow == 0) {
+#pragma unroll
+            for (int j = 0; j < NGW; j++) {
+                const float *qh = q_head(min(warp + j * ATTN_WARPS, ng - 1));
+#pragma unroll
+                for (int i = 0; i < NI; i++) {
+                    const int d = min(lane + i * WARP_SIZE, hd - 1);
+                    sqx[j][i] = qh[d], sqp[j][i] = qh[q_partner(d)];
+                }
+            }
+        }
+        // (sep: the row comes back as the walk would read it, in place)
+        kv_store_rows<KT>(rows, nr, hd, dst + srow, sdst + srow, L.scale_search, sm, sep ? rows : nullptr);
+        __syncthreads(); // (CTA-scope ordering: the stores before this CTA's later copies)
+    }
+
     // The store CTAs: the last partial, the token's own key, for each query head: (max, sum) =
     // (score, 1) in log2 units from the K CTA (the tensor-core walk's q rounded to f16 as that
     // walk rounds it), acc = v from the V CTA.
     if (sep) {
-        const float *row = (const float *)smem; // the CTA's row as stored, dequantized (above)
-        for (int g = warp; g < ng; g += ATTN_WARPS) {
+        const float *row = (const float *)smem; // the CTA's row as stored, dequantized (kv_store_rows)
+#pragma unroll
+        for (int j = 0; j < NGW; j++) {
+            const int g = warp + j * ATTN_WARPS;
+            if (g >= ng) break;
             const size_t pi = ((size_t)t * a.n_heads + h0 + g) * a.n_parts + parts_t - 1;
             if (srow == 1) {
                 for (int d = lane; d < hd; d += WARP_SIZE) a.part_acc[pi * hd + d] = row[d];
                 continue;
-            }
-            // this lane's dims of q (and partners) loaded first, then the dot product
-            constexpr int NI = ATTN_MAX_HD / WARP_SIZE;
-            const float  *qh = q_head(g);
-            float         qx[NI], qp[NI];
-#pragma unroll
-            for (int i = 0; i < NI; i++) {
-                const int d = min(lane + i * WARP_SIZE, hd - 1);
-                qx[i] = qh[d], qp[i] = qh[q_partner(d)];
             }
             float sc = 0.0f;
 #pragma unroll
             for (int i = 0; i < NI; i++) {
                 const int d = lane + i * WARP_SIZE;
                 if (d < hd) {
-                    const float x = q_rot(d, qx[i], qp[i]);
+                    const float x = q_rot(d, sqx[j][i], sqp[j][i]);
                     sc            = fmaf(TC ? __half2float(__float2half_rn(x)) : x, row[d], sc);
                 }
             }
