@@ -55,22 +55,8 @@ static inline struct rope_params rope_params_make(const struct coopt_rope *rope)
 
 static __constant__ float c_fp8_scale_steps[16] = COOPT_FP8_SCALE_STEPS_INIT;
 
-template <int KT> __device__ __forceinline__ void store_elem(uint8_t *dst, int i, float v) {
-    if constexpr (KT == COOPT_DTYPE_F32) {
-        ((float *)dst)[i] = v;
-    } else if constexpr (KT == COOPT_DTYPE_F16) {
-        ((uint16_t *)dst)[i] = __half_as_ushort(__float2half_rn(v));
-    } else if constexpr (KT == COOPT_DTYPE_BF16) {
-        ((uint16_t *)dst)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
-    } else if constexpr (KT == COOPT_DTYPE_FP8_E4M3) {
-        dst[i] = f32_to_fp8_e4m3(v);
-    } else {
-        static_assert(KT == COOPT_DTYPE_FP8_E5M2, "store_elem: not a KV type");
-        dst[i] = f32_to_fp8_e5m2(v);
-    }
-}
-
-// store_elem, returning the element as load_elem<KT> reads it back from the cache.
+// Element i of a cache row of type KT (dst) set to v, rounded as dtype.c rounds it; returns the
+// element as load_elem<KT> reads it back.
 template <int KT> __device__ __forceinline__ float store_elem_back(uint8_t *dst, int i, float v) {
     if constexpr (KT == COOPT_DTYPE_F32) {
         ((float *)dst)[i] = v;
@@ -117,7 +103,7 @@ struct kv_store_smem {
 // as load_elem reads it, times the stored scale) go to back + r * hd (back may be rows: each
 // thread overwrites what it read), with no read of the cache.
 template <int KT>
-__device__ void kv_store_rows(float *rows, int nr, int32_t hd, uint8_t *const *dst, float *const *sdst,
+__device__ void kv_store_rows(const float *rows, int nr, int32_t hd, uint8_t *const *dst, float *const *sdst,
                               int32_t scale_search, kv_store_smem &sm, float *back = nullptr) {
     constexpr bool FP8 = KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2;
     const int      tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;

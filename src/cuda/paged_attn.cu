@@ -460,9 +460,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             if (k < my_n) load(k);
             cp_async_commit();
         }
-        if (pre) {
-            pdl_wait();
-        }
+        if (pre) pdl_wait();
         if constexpr (TC) {
             // Tensor-core walk (mma m16n8k16, f16 in, f32 accumulators). Rows of A are the CTA's
             // query heads (gq = lane / 4 < G <= 8; rows 8-15 are zero), so lane (gq, tq = lane % 4)
