@@ -62,7 +62,9 @@
  *   that writes a head's output (this one for a one-partition range, else the merge) also stores
  *   it in the o projection GEMV's staged-input format (xstage.cuh), each 16-lane half a tile.
  *
- * attn_merge_kernel: Grid (n_tokens, n_heads); Block 128 threads. With attn_args.pdl_trigger it
+ * attn_merge_kernel (merging in the decode kernel's last CTA per KV head instead, counted with a
+ *   fence and an atomic, measured 5-13 % slower at depth on llama3-8b; docs/BENCHMARKS.md):
+ *   Grid (n_tokens, n_heads); Block 128 threads. With attn_args.pdl_trigger it
  *   first lets the next kernel (the o projection) launch. Skips tokens whose range fits
  *   in one partition without store CTAs (the decode kernel wrote them directly) and tokens of
  *   tensor-core tiles. (Not launched for attn_args.kv_wait.)
@@ -1074,7 +1076,9 @@ static struct attn_geom attn_geometry(const struct coopt_backend *be, const stru
     // on llama3-8b; 0.5-0.75 measured best, 1-1.5 up to 3 % slower at 4k, 2 10-12 % slower, H100,
     // docs/BENCHMARKS.md), and never below one sub-tile per warp. Doubled while the grid would
     // have more than 16 CTAs per SM (keeps the partial workspace small for big batches).
-    // attn_partition 0 (the ablation) walks each range in one CTA.
+    // attn_partition 0 (the ablation) walks each range in one CTA. (A grid for the live half only,
+    // ranges past it cut into longer partitions on the device so no CTA exits at once, measured no
+    // faster on llama3-8b and 2.2 % slower on llama2-7b at 16k; docs/BENCHMARKS.md.)
     const int64_t ctas      = (int64_t)b->n_tokens * nkv * g.n_sub;
     int64_t       part_size = ATTN_PART;
     if (be->attn_partition > 0) {
