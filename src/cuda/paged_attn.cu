@@ -841,7 +841,24 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     // where a.xo is set, so each 16-lane half is all in or all out)
     const bool direct = parts_t == 1 || waits; // the output written here
     const bool stage  = a.xo != nullptr && direct;
-    for (int i0 = 0; i0 < ng * hd; i0 += ATTN_THREADS) {
+    // (waits) the own key's partial at every element this thread merges, loaded at once (a load
+    // inside the loop sits behind stores it cannot be moved across: llama2-7b FP8 at depth 0
+    // +0.4 %, llama3-8b unchanged)
+    constexpr int NWI = (G * C::HDP + ATTN_THREADS - 1) / ATTN_THREADS;
+    float         wml[NWI], wacc[NWI];
+#pragma unroll
+    for (int it = 0; it < NWI; it++) {
+        const int idx = it * ATTN_THREADS + tid;
+        wml[it] = -INFINITY, wacc[it] = 0.0f;
+        if (waits && idx < ng * hd) {
+            const size_t pi = ((size_t)t * a.n_heads + h0 + idx / hd) * a.n_parts + parts_t - 1;
+            wml[it] = __ldcg(a.part_ml + pi * 2), wacc[it] = __ldcg(a.part_acc + pi * hd + idx % hd);
+        }
+    }
+#pragma unroll
+    for (int it = 0; it < NWI; it++) {
+        const int i0 = it * ATTN_THREADS;
+        if (i0 >= ng * hd) break;
         const int  idx = i0 + tid;
         const bool in  = idx < ng * hd;
         const int  g = in ? idx / hd : 0, d = in ? idx % hd : 0;
@@ -851,9 +868,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             float M = -INFINITY;
 #pragma unroll
             for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, red_m[w * G + g]);
-            const size_t pi = th * a.n_parts + parts_t - 1; // (waits) the own key's partial
-            const float  om = waits ? __ldcg(a.part_ml + pi * 2) : -INFINITY;
-            M               = fmaxf(M, om);
+            const float om = wml[it]; // (waits; else -inf)
+            M              = fmaxf(M, om);
             const float base = M == -INFINITY ? 0.0f : M;
             float       S = 0.0f, A = 0.0f;
 #pragma unroll
@@ -864,7 +880,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             }
             if (waits) {
                 const float f = fast_exp2(om - base);
-                S += f, A += __ldcg(a.part_acc + pi * hd + d) * f;
+                S += f, A += wacc[it] * f;
             }
             if (direct) {
                 y                  = S > 0.0f ? A / S : 0.0f;
