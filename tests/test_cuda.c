@@ -1694,7 +1694,8 @@ TEST(cuda_bench) {
 // (a real model's page stride) where that fits in 24 GiB, else 1. Filters (unset: all):
 // COOPT_CUDA_BENCH_HEADS=MHA|GQA, COOPT_CUDA_BENCH_KV=<kv type>, COOPT_CUDA_BENCH_CTX=<L>,
 // COOPT_CUDA_BENCH_B=<B>, COOPT_CUDA_BENCH_PREFILL=0 (decode only), COOPT_CUDA_BENCH_REPS=<n>
-// (decode calls timed, 20).
+// (decode calls timed, 20), COOPT_CUDA_BENCH_LAYERS=<n> (layers of the pool's pages, 32; 1 puts a
+// sequence's rows of a layer in one contiguous run), COOPT_CUDA_BENCH_PAGE=<positions a page, 16>.
 static bool bench_pick(const char *env, const char *val) {
     const char *e = getenv(env);
     return !e || !*e || !strcmp(e, val);
@@ -1706,10 +1707,13 @@ TEST(cuda_attn_bench) {
     if (!cu_pair_init(t, &p)) return;
     struct coopt_backend *be = p.cu;
     uint64_t              s  = 1;
-    const int32_t hd = 128, ps = 16, chunk = 4096, n_pf = 512;
+    const char   *pse = getenv("COOPT_CUDA_BENCH_PAGE");
+    const int32_t hd = 128, ps = pse && atoi(pse) > 0 ? atoi(pse) : 16, chunk = 4096, n_pf = 512;
     const int32_t hcfg[][2] = {{32, 32}, {32, 8}};
     const char   *re = getenv("COOPT_CUDA_BENCH_REPS"), *pf = getenv("COOPT_CUDA_BENCH_PREFILL");
     const int     reps = re && atoi(re) > 0 ? atoi(re) : 20;
+    const char   *nl = getenv("COOPT_CUDA_BENCH_LAYERS");
+    const int32_t n_layers = nl && atoi(nl) > 0 ? atoi(nl) : 32;
     const bool    prefill = !pf || strcmp(pf, "0") != 0;
     printf("bench: attention head_dim %d, page %d (one layer)\n", hd, ps);
     printf("bench: %-5s %-9s %-7s %3s %6s %10s %10s\n", "heads", "kv", "step", "B", "ctx", "us/call", "GB/s|TF/s");
@@ -1735,7 +1739,7 @@ TEST(cuda_attn_bench) {
                     struct coopt_kv_cache kv = {0};
                     int32_t               mb = L / ps;
                     size_t                n_pages = (size_t)B * mb;
-                    COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], 32, nkv, hd, ps) == COOPT_OK);
+                    COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], n_layers, nkv, hd, ps) == COOPT_OK);
                     if (n_pages * kv.layout.page_bytes > ((size_t)24 << 30))
                         COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], 1, nkv, hd, ps) == COOPT_OK);
                     size_t pool_bytes = n_pages * kv.layout.page_bytes;

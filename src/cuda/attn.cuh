@@ -140,6 +140,13 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi); // .x (low 16 bits) = lo
     return *(uint32_t *)&h;
 }
+// The 8x8 b16 matrix whose row lane / 4 holds elements 2 (lane % 4), +1 in each lane's x,
+// transposed in the same layout (movmatrix, sm_75+).
+__device__ __forceinline__ uint32_t movmatrix_t(uint32_t x) {
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
 // The f16x2 bits of h.
 __device__ __forceinline__ uint32_t half2_bits(__half2 h) { return *(uint32_t *)&h; }
 

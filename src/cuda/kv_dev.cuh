@@ -11,6 +11,7 @@
 struct kv_dev_layout {
     int32_t  dtype; // enum coopt_dtype
     int32_t  n_kv_heads, head_dim, page_size;
+    int32_t  page_shift; // log2(page_size) for a power of two, else -1 (kv_page_of, kv_row_of)
     uint64_t elem_bytes, head_bytes, data_bytes, page_bytes;
     int32_t  has_scales;
     int32_t  scale_search; // FP8 scale candidates per row (1 or COOPT_KV_SCALE_SEARCH)
@@ -22,6 +23,9 @@ static inline struct kv_dev_layout kv_dev_layout_make(const struct coopt_kv_layo
     d.n_kv_heads = l->n_kv_heads;
     d.head_dim   = l->head_dim;
     d.page_size  = l->page_size;
+    d.page_shift = -1;
+    for (int32_t b = 0; b < 31; b++)
+        if (l->page_size == (int32_t)1 << b) d.page_shift = b;
     d.elem_bytes = l->elem_bytes;
     d.head_bytes = l->head_bytes;
     d.data_bytes = l->data_bytes;
@@ -29,6 +33,15 @@ static inline struct kv_dev_layout kv_dev_layout_make(const struct coopt_kv_layo
     d.has_scales = l->has_scales;
     d.scale_search = l->scale_search;
     return d;
+}
+
+// Block-table index and row in the page of position p (p >= 0): a shift and a mask for a power-of-two
+// page size (the default 16) instead of an integer division.
+__device__ __forceinline__ int32_t kv_page_of(const struct kv_dev_layout &l, int32_t p) {
+    return l.page_shift >= 0 ? p >> l.page_shift : p / l.page_size;
+}
+__device__ __forceinline__ int32_t kv_row_of(const struct kv_dev_layout &l, int32_t p) {
+    return l.page_shift >= 0 ? p & (l.page_size - 1) : p % l.page_size;
 }
 
 // Byte offset of the head_dim elements of (page, layer, kv, head, row).

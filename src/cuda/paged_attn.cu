@@ -37,8 +37,9 @@
  *   Tensor-core walk (TC; head dims 64 and 128, F16 and FP8 caches, cuda_attn_tc_decode: by
  *   default where a CTA serves 2 or more query heads): the same grid, stages and merges, but each
  *   warp computes a sub-tile (32 FP8 / 16 F16 keys, rows padded by 16 bytes) with mma m16n8k16
- *   whose A rows are the CTA's query heads: q rounded to f16 (as the prefill kernel), K and V
- *   exact in f16, P rounded to f16 (FP8: times vs / the largest V scale seen, see the walk). On
+ *   whose rows are the CTA's query heads (F16) or the sub-tile's keys (FP8: S^T = K Q^T, O^T =
+ *   V^T P^T, no padding rows): q rounded to f16 (as the prefill kernel), K and V exact in f16, P
+ *   rounded to f16 (FP8: times vs / the largest V scale seen, see the walk). On
  *   CUDA cores every key costs G dot products of shuffled partial sums; a GQA group of 4 (llama3-8b)
  *   left the walk instruction-bound at 0.9-1.5 TB/s at 16k (docs/BENCHMARKS.md).
  *   Fused Opt-KV write (cuda_rope_store_attention, attn_args.fk; decode steps): before its first
@@ -388,29 +389,34 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
     }
-    // the tensor-core walk's state of row lane / 4: output dims (see there), max, sum, V scale
+    // the tensor-core walk's state: F16 row lane / 4's output dims (see there), max, sum; FP8
+    // (tc_o, tc_m8, tc_l8) heads 2 (lane % 4), +1; the largest V scale seen
     float tc_o[TC ? HD / 8 : 1][2];
     float tc_m = -INFINITY, tc_l = 0.0f, tc_sig = 0.0f;
+    float tc_m8[2] = {-INFINITY, -INFINITY}, tc_l8[2] = {0.0f, 0.0f}; // FP8: heads 2 tq, 2 tq + 1 (see there)
 
     const uint64_t vdelta = (uint64_t)L.n_kv_heads * L.head_bytes;              // K row -> V row
     const uint64_t sdelta = (uint64_t)L.n_kv_heads * (uint64_t)L.page_size * 4; // K scale -> V scale
     const int32_t  n_st   = (k_end - k_begin + C::SK - 1) / C::SK;             // sub-tiles of the partition
     const int32_t  my_n   = warp < n_st ? (n_st - 1 - warp) / ATTN_WARPS + 1 : 0;
 
-    // Lane j < SK: the block-table entry of key j of sub-tile k (the warp's k-th), -1 past the
-    // range (as a released page)
+    // Lane j < SK: the position of key j of sub-tile k (the warp's k-th); its block-table entry,
+    // -1 past the range (as a released page); where it lives given that entry (false if masked).
+    // The row offsets are (page * page_bytes + k_row0 + row * row bytes): k_row0 is row 0 of this
+    // (layer, K, KV head) in page 0.
+    const uint64_t k_row0 = kv_offset(L, 0, a.layer, 0, kvh, 0), s_row0 = C::SCALED ? kv_scale_offset(L, 0, a.layer, 0, kvh, 0) : 0;
+    const uint64_t row_bytes = (uint64_t)L.head_dim * L.elem_bytes;
+    auto key_pos  = [&](int32_t k) -> int32_t { return k_begin + (warp + k * ATTN_WARPS) * C::SK + lane; };
     auto key_page = [&](int32_t k) -> int32_t {
-        const int32_t p = k_begin + (warp + k * ATTN_WARPS) * C::SK + lane;
-        return lane < C::SK && p < k_end ? bt[p / L.page_size] : -1;
+        const int32_t p = key_pos(k);
+        return lane < C::SK && p < k_end ? bt[kv_page_of(L, p)] : -1;
     };
-    // Lane j < SK: where key j of sub-tile k lives, given its entry `page`; false if masked.
     auto key_loc = [&](int32_t k, int32_t page, uint64_t *off, uint64_t *soff) -> bool {
-        const int32_t p = k_begin + (warp + k * ATTN_WARPS) * C::SK + lane;
         *off = 0, *soff = 0;
         if (page < 0) return false; // past the range, or a released page: never read
-        const int32_t row = p % L.page_size;
-        *off              = kv_offset(L, page, a.layer, 0, kvh, row);
-        if (C::SCALED) *soff = kv_scale_offset(L, page, a.layer, 0, kvh, row);
+        const int32_t row = kv_row_of(L, key_pos(k));
+        *off              = (uint64_t)page * L.page_bytes + k_row0 + (uint64_t)row * row_bytes;
+        if (C::SCALED) *soff = (uint64_t)page * L.page_bytes + s_row0 + (uint64_t)row * 4;
         return true;
     };
 
@@ -451,16 +457,19 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             if (TC) pg0 = pg1, pg1 = pg2, pg2 = key_page(k + 3);
             const uint32_t vm    = __ballot_sync(0xffffffffu, valid);
             if (lane == 0) *(uint32_t *)(st + C::OFF_M) = vm;
-            // K and V rows of the sub-tile, 16-byte chunks (uniform trip count: shuffles inside)
+            // K and V rows of the sub-tile, 16-byte chunks, whole rows per instruction (coalesced;
+            // four lanes a key, each instruction reading half rows of eight keys, measured 5-12 %
+            // slower on F16 caches). A masked key's offset is 0, so its (zero-filled, never read)
+            // addresses stay inside the pool with no selects. (uniform trip count: shuffles inside)
 #pragma unroll
             for (int c0 = 0; c0 < C::SK * C::CPR; c0 += WARP_SIZE) {
-                const int      c  = c0 + lane;
-                const int      j  = min(c / C::CPR, C::SK - 1), ch = c % C::CPR;
-                const uint64_t o  = shfl_u64(off, j);
-                const bool     v  = c < C::SK * C::CPR && ((vm >> j) & 1);
+                const int      c   = c0 + lane;
+                const int      j   = min(c / C::CPR, C::SK - 1), ch = c % C::CPR;
+                const uint8_t *src = a.pool + shfl_u64(off, j) + ch * 16;
+                const bool     v   = (vm >> j) & 1;
                 if (c < C::SK * C::CPR) {
-                    cp_async16(st + j * C::RS + ch * 16, a.pool + (v ? o + ch * 16 : 0), v);
-                    cp_async16(st + C::OFF_V + j * C::RS + ch * 16, a.pool + (v ? o + vdelta + ch * 16 : 0), v);
+                    cp_async16(st + j * C::RS + ch * 16, src, v);
+                    cp_async16(st + C::OFF_V + j * C::RS + ch * 16, src + vdelta, v);
                 }
             }
             if (C::SCALED && lane < C::SK) {
@@ -486,20 +495,20 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         if (late) rope_table();
         if (pre) pdl_wait();
         if constexpr (TC) {
-            // Tensor-core walk (mma m16n8k16, f16 in, f32 accumulators). Rows of A are the CTA's
-            // query heads (gq = lane / 4 < G <= 8; rows 8-15 are zero), so lane (gq, tq = lane % 4)
-            // holds row gq's scores of keys 8j + 2tq, +1 (S = Q K^T, one MMA per 8 keys and 16
-            // dims) and its output dims (O = P V, one MMA per 16 keys and 8 dims).
-            //   F16: K and V fragments by ldmatrix (V transposed), dims in natural order.
-            //   FP8: each lane reads its bytes itself and converts them (exact in f16): for S the
-            //   mma's 16-dim step kk pairs with dims tq * HD/4 + 4 kk + {0..3} (q is loaded in the
-            //   same order: a dot product does not care), one 16- or 32-byte load per key; for
-            //   O = P V lane gq's column of 8-dim group n is dim gq * HD/8 + n (four 16-byte loads
-            //   per 16 keys, bytes of two keys paired by PRMT). The K scale multiplies the score;
-            //   the V scale goes into P relative to the largest V scale seen so far (sigma, folded
-            //   into the running rescale like a new maximum), so P stays in f16's normal range.
+            // Tensor-core walk (mma m16n8k16, f16 in, f32 accumulators); gq = lane / 4, tq = lane % 4.
+            //   F16: rows of A are the CTA's query heads (gq < G <= 8; rows 8-15 are zero), so lane
+            //   (gq, tq) holds row gq's scores of keys 8j + 2tq, +1 (S = Q K^T, one MMA per 8 keys
+            //   and 16 dims) and its output dims (O = P V, one MMA per 16 keys and 8 dims); K and V
+            //   fragments by ldmatrix (V transposed), dims in natural order.
+            //   FP8: the keys are the rows (S^T = K Q^T, O^T = V^T P^T; see there); each lane reads
+            //   its bytes itself and converts them (exact in f16); the mma's 16-dim step kk pairs
+            //   with dims tq * HD/4 + 4 kk + {0..3} (q is loaded in the same order: a dot product
+            //   does not care). The K scale multiplies the score; the V scale goes into P relative
+            //   to the largest V scale seen so far (sigma, folded into the running rescale like a
+            //   new maximum), so P stays in f16's normal range.
+            // qa[kk] holds head gq's dims of step kk: F16 A's row gq (a0, a2), FP8 B's column gq.
             const int gq = lane >> 2, tq = lane & 3;
-            uint32_t  qa[HD / 16][2]; // row gq's A fragments (a0, a2) of each 16-dim step, unscaled f16
+            uint32_t  qa[HD / 16][2]; // head gq's fragments of each 16-dim step (above), unscaled f16
             {
                 // The CTA's q rows staged in warp 0's last stage (no copy lands there before that
                 // warp's walk starts): one 16-byte load per thread, rotated in place, rows padded
@@ -551,20 +560,27 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 __syncthreads(); // (warp 0's walk fills the stage next)
             }
             const float qk = a.scale * ATTN_LOG2E;
+            if constexpr (C::EB == 1) {
+                // FP8: keys are the MMAs' rows, so no row is padding. S^T = K Q^T (A: 16 keys x 16
+                // dims, converted from the lane's own bytes; B: qa, head gq's column): lane (gq, tq)
+                // holds the scores of keys 16 mt + gq (+8) for heads 2 tq, 2 tq + 1. Its key row
+                // bytes [tq * HD/4, +HD/4) give dims tq * HD/4 + 4 kk + {0, 1} (a0, a1) and {2, 3}
+                // (a2, a3) of step kk, the order qa was loaded in. Per-head softmax state reduces
+                // over the 8 lanes of a tq (shuffles 4, 8, 16). P^T (B of O^T = V^T P^T) is S^T's
+                // fragment transposed by movmatrix; V^T (A: 16 dims x 16 keys) comes from the
+                // lane's 16 bytes of keys 2 tq, +1, +8, +9 paired by PRMT, so row gq + 8 h of M-tile
+                // mt is dim gq * HD/8 + 2 mt + h, and tc_o[2 mt + h][e] = O[that dim][head 2 tq + e].
+                // 16 + 16 MMAs a sub-tile for HD 128 (32 + 32 with the heads as rows, 3/4 of them
+                // padding at 4 heads, each re-pairing its fragments with zero registers).
+                constexpr int MT = C::SK / 16, NKK = HD / 16;
 #pragma unroll
-            for (int n = 0; n < HD / 8; n++) tc_o[n][0] = tc_o[n][1] = 0.0f;
-            for (int32_t k = 0; k < my_n; k++) {
-                const uint8_t *st = stage_in(k);
-                const uint32_t vm = *(const uint32_t *)(st + C::OFF_M);
-                float          s[C::SK / 8][2];
+                for (int n = 0; n < HD / 8; n++) tc_o[n][0] = tc_o[n][1] = 0.0f;
+                for (int32_t k = 0; k < my_n; k++) {
+                    const uint8_t *st = stage_in(k);
+                    const uint32_t vm = *(const uint32_t *)(st + C::OFF_M);
+                    uint32_t       kw[2 * MT][NKK]; // key 8 j + gq, bytes [tq * HD/4, +HD/4)
 #pragma unroll
-                for (int j = 0; j < C::SK / 8; j++) s[j][0] = s[j][1] = 0.0f;
-                if constexpr (C::EB == 1) {
-                    // every key group's bytes first, then the MMAs with the groups innermost: four
-                    // independent accumulator chains in flight instead of one
-                    uint32_t kw[C::SK / 8][HD / 16];
-#pragma unroll
-                    for (int j = 0; j < C::SK / 8; j++) {
+                    for (int j = 0; j < 2 * MT; j++) {
                         const uint4 *kr = (const uint4 *)(st + (8 * j + gq) * C::RS + tq * (HD / 4));
 #pragma unroll
                         for (int u = 0; u < HD / 64; u++) {
@@ -572,73 +588,76 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                             kw[j][4 * u] = x.x, kw[j][4 * u + 1] = x.y, kw[j][4 * u + 2] = x.z, kw[j][4 * u + 3] = x.w;
                         }
                     }
+                    float sc[MT][2][4]; // [M-tile][step parity]: two accumulator chains per tile
 #pragma unroll
-                    for (int kk = 0; kk < HD / 16; kk++)
+                    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                        for (int j = 0; j < C::SK / 8; j++)
-                            mma_16816_top(s[j], qa[kk][0], qa[kk][1], half2_bits(fp8x2_to_half2<KT>((uint16_t)kw[j][kk])),
-                                          half2_bits(fp8x2_to_half2<KT>((uint16_t)(kw[j][kk] >> 16))));
-                } else {
-                    const __half *Kt = (const __half *)st;
+                        for (int i = 0; i < 8; i++) sc[mt][i / 4][i % 4] = 0.0f;
 #pragma unroll
-                    for (int kk = 0; kk < HD / 16; kk++)
+                    for (int kk = 0; kk < NKK; kk++)
 #pragma unroll
-                        for (int j = 0; j < C::SK / 8; j += 2) {
-                            uint32_t b0, b1, b2, b3;
-                            ldsm_x4(b0, b1, b2, b3,
-                                    Kt + (8 * j + (lane & 7) + (lane >> 4) * 8) * (C::RS / 2) + kk * 16 + ((lane >> 3) & 1) * 8);
-                            mma_16816_top(s[j], qa[kk][0], qa[kk][1], b0, b1);
-                            mma_16816_top(s[j + 1], qa[kk][0], qa[kk][1], b2, b3);
+                        for (int mt = 0; mt < MT; mt++) {
+                            const uint32_t w0 = kw[2 * mt][kk], w1 = kw[2 * mt + 1][kk];
+                            const uint32_t af[4] = {half2_bits(fp8x2_to_half2<KT>((uint16_t)w0)),
+                                                    half2_bits(fp8x2_to_half2<KT>((uint16_t)w1)),
+                                                    half2_bits(fp8x2_to_half2<KT>((uint16_t)(w0 >> 16))),
+                                                    half2_bits(fp8x2_to_half2<KT>((uint16_t)(w1 >> 16)))};
+                            mma_16816_nv(sc[mt][kk & 1], af, qa[kk][0], qa[kk][1]);
                         }
-                }
-                // scale (log2 units; FP8: times each key's K scale), mask, online softmax of row gq
-                // (its four lanes reduce the maximum with two shuffles)
-                float mx = -INFINITY;
+                    // scale (log2 units, times each key's K scale), mask; s[mt][h][e]: key 16 mt +
+                    // 8 h + gq, head 2 tq + e
+                    const float *ksc = (const float *)(st + C::OFF_KS), *vsc = (const float *)(st + C::OFF_VS);
+                    float        s[MT][2][2], mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-                for (int j = 0; j < C::SK / 8; j++) {
-                    const float2 ks = C::SCALED ? *(const float2 *)(st + C::OFF_KS + (8 * j + 2 * tq) * 4) : make_float2(1.0f, 1.0f);
+                    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int   key = 8 * j + 2 * tq + e;
-                        const float f   = C::SCALED ? qk * (e ? ks.y : ks.x) : qk;
-                        s[j][e]         = (vm >> key) & 1 ? s[j][e] * f : -INFINITY;
-                        mx              = fmaxf(mx, s[j][e]);
-                    }
-                }
-                mx               = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx               = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float mn   = fmaxf(tc_m, mx), base = mn == -INFINITY ? 0.0f : mn;
-                float       corr = fast_exp2(tc_m - base);
-                tc_m             = mn;
-                tc_l *= corr;
+                        for (int h = 0; h < 2; h++) {
+                            const int   key = 16 * mt + 8 * h + gq;
+                            const float f   = qk * ksc[key];
+                            const bool  ok  = (vm >> key) & 1;
 #pragma unroll
-                for (int j = 0; j < C::SK / 8; j++)
+                            for (int e = 0; e < 2; e++) {
+                                s[mt][h][e] = ok ? (sc[mt][0][2 * h + e] + sc[mt][1][2 * h + e]) * f : -INFINITY;
+                                mx[e]       = fmaxf(mx[e], s[mt][h][e]);
+                            }
+                        }
+                    float corr[2], base[2];
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
-                        s[j][e] = fast_exp2(s[j][e] - base);
-                        tc_l += s[j][e];
+#pragma unroll
+                        for (int o = 4; o < WARP_SIZE; o <<= 1) mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], o));
+                        const float mn = fmaxf(tc_m8[e], mx[e]);
+                        base[e]        = mn == -INFINITY ? 0.0f : mn;
+                        corr[e]        = fast_exp2(tc_m8[e] - base[e]);
+                        tc_m8[e]       = mn;
+                        tc_l8[e] *= corr[e];
                     }
-                if constexpr (C::SCALED) { // P times vs / sigma (C::SK == 32: one V scale per lane)
-                    const float *vsc = (const float *)(st + C::OFF_VS);
-                    const float  smx = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(vsc[lane])));
-                    if (smx > tc_sig) { // (sigma 0: nothing accumulated yet)
-                        corr *= tc_sig / smx;
+                    // P times vs / sigma, sigma the largest V scale seen (see above)
+                    const float smx = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(vsc[lane])));
+                    if (smx > tc_sig) {
+                        corr[0] *= tc_sig / smx, corr[1] *= tc_sig / smx;
                         tc_sig = smx;
                     }
                     const float inv = tc_sig > 0.0f ? __frcp_rn(tc_sig) : 0.0f;
 #pragma unroll
-                    for (int j = 0; j < C::SK / 8; j++) {
-                        const float2 vs = *(const float2 *)(vsc + 8 * j + 2 * tq);
-                        s[j][0] *= vs.x * inv, s[j][1] *= vs.y * inv;
-                    }
-                }
+                    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (int n = 0; n < HD / 8; n++) tc_o[n][0] *= corr, tc_o[n][1] *= corr;
-                // O += P V, 16 keys at a time
+                        for (int h = 0; h < 2; h++) {
+                            const float vs = vsc[16 * mt + 8 * h + gq] * inv;
 #pragma unroll
-                for (int c = 0; c < C::SK / 16; c++) {
-                    const uint32_t pa0 = pack_half2(s[2 * c][0], s[2 * c][1]), pa2 = pack_half2(s[2 * c + 1][0], s[2 * c + 1][1]);
-                    if constexpr (C::EB == 1) {
+                            for (int e = 0; e < 2; e++) {
+                                const float p = fast_exp2(s[mt][h][e] - base[e]);
+                                tc_l8[e] += p;
+                                s[mt][h][e] = p * vs;
+                            }
+                        }
+#pragma unroll
+                    for (int n = 0; n < HD / 8; n++) tc_o[n][0] *= corr[0], tc_o[n][1] *= corr[1];
+                    // O^T += V^T P^T, 16 keys at a time
+#pragma unroll
+                    for (int c = 0; c < MT; c++) {
+                        const uint32_t pb0 = movmatrix_t(pack_half2(s[c][0][0], s[c][0][1])); // keys 16c + 2tq, +1
+                        const uint32_t pb1 = movmatrix_t(pack_half2(s[c][1][0], s[c][1][1])); // keys 16c + 8 + 2tq, +1
                         // rows 16c + 2tq + {0, 1, 8, 9}, bytes [gq * HD/8, +HD/8)
                         const uint8_t *vb = st + C::OFF_V + (16 * c + 2 * tq) * C::RS + gq * (HD / 8);
                         uint32_t       x[4][HD / 32];
@@ -655,17 +674,84 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                         }
 #pragma unroll
                         for (int w = 0; w < HD / 32; w++) {
-                            // bytes b of keys (r0, r1) and (r2, r3) paired: dims gq * HD/8 + 4w + b
+                            // bytes b of keys (r0, r1) and (r2, r3) paired: dims gq * HD/8 + 4w + b,
+                            // M-tiles 2w (b = 0, 1) and 2w + 1 (b = 2, 3)
                             const uint32_t l01 = __byte_perm(x[0][w], x[1][w], 0x5140), h01 = __byte_perm(x[0][w], x[1][w], 0x7362);
                             const uint32_t l23 = __byte_perm(x[2][w], x[3][w], 0x5140), h23 = __byte_perm(x[2][w], x[3][w], 0x7362);
-                            const uint32_t pr[4][2] = {{l01, l23}, {l01 >> 16, l23 >> 16}, {h01, h23}, {h01 >> 16, h23 >> 16}};
+                            const uint32_t pr[2][2] = {{l01, l23}, {h01, h23}};
 #pragma unroll
-                            for (int b = 0; b < 4; b++)
-                                mma_16816_top(tc_o[4 * w + b], pa0, pa2, half2_bits(fp8x2_to_half2<KT>((uint16_t)pr[b][0])),
-                                              half2_bits(fp8x2_to_half2<KT>((uint16_t)pr[b][1])));
+                            for (int hb = 0; hb < 2; hb++) {
+                                const int      mt   = 2 * w + hb;
+                                const uint32_t af[4] = {half2_bits(fp8x2_to_half2<KT>((uint16_t)pr[hb][0])),
+                                                        half2_bits(fp8x2_to_half2<KT>((uint16_t)(pr[hb][0] >> 16))),
+                                                        half2_bits(fp8x2_to_half2<KT>((uint16_t)pr[hb][1])),
+                                                        half2_bits(fp8x2_to_half2<KT>((uint16_t)(pr[hb][1] >> 16)))};
+                                float          o[4] = {tc_o[2 * mt][0], tc_o[2 * mt][1], tc_o[2 * mt + 1][0], tc_o[2 * mt + 1][1]};
+                                mma_16816_nv(o, af, pb0, pb1);
+                                tc_o[2 * mt][0] = o[0], tc_o[2 * mt][1] = o[1], tc_o[2 * mt + 1][0] = o[2], tc_o[2 * mt + 1][1] = o[3];
+                            }
                         }
-                    } else {
-                        const __half *Vt = (const __half *)(st + C::OFF_V);
+                    }
+                    __syncwarp(); // the stage is overwritten by the load issued next iteration
+                }
+                cp_async_wait<0>();
+#pragma unroll
+                for (int e = 0; e < 2; e++)
+#pragma unroll
+                    for (int o = 4; o < WARP_SIZE; o <<= 1) tc_l8[e] += __shfl_xor_sync(0xffffffffu, tc_l8[e], o);
+            } else {
+                // F16: the CTA's query heads are the MMAs' rows (S = Q K^T, O = P V), K and V
+                // fragments by ldmatrix (V transposed), dims in natural order.
+#pragma unroll
+                for (int n = 0; n < HD / 8; n++) tc_o[n][0] = tc_o[n][1] = 0.0f;
+                for (int32_t k = 0; k < my_n; k++) {
+                    const uint8_t *st = stage_in(k);
+                    const uint32_t vm = *(const uint32_t *)(st + C::OFF_M);
+                    float          s[C::SK / 8][2];
+#pragma unroll
+                    for (int j = 0; j < C::SK / 8; j++) s[j][0] = s[j][1] = 0.0f;
+                    const __half *Kt = (const __half *)st;
+#pragma unroll
+                    for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+                        for (int j = 0; j < C::SK / 8; j += 2) {
+                            uint32_t b0, b1, b2, b3;
+                            ldsm_x4(b0, b1, b2, b3,
+                                    Kt + (8 * j + (lane & 7) + (lane >> 4) * 8) * (C::RS / 2) + kk * 16 + ((lane >> 3) & 1) * 8);
+                            mma_16816_top(s[j], qa[kk][0], qa[kk][1], b0, b1);
+                            mma_16816_top(s[j + 1], qa[kk][0], qa[kk][1], b2, b3);
+                        }
+                    // scale (log2 units), mask, online softmax of row gq (its four lanes reduce the
+                    // maximum with two shuffles)
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int j = 0; j < C::SK / 8; j++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const int key = 8 * j + 2 * tq + e;
+                            s[j][e]       = (vm >> key) & 1 ? s[j][e] * qk : -INFINITY;
+                            mx            = fmaxf(mx, s[j][e]);
+                        }
+                    mx               = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx               = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float mn   = fmaxf(tc_m, mx), base = mn == -INFINITY ? 0.0f : mn;
+                    const float corr = fast_exp2(tc_m - base);
+                    tc_m             = mn;
+                    tc_l *= corr;
+#pragma unroll
+                    for (int j = 0; j < C::SK / 8; j++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            s[j][e] = fast_exp2(s[j][e] - base);
+                            tc_l += s[j][e];
+                        }
+#pragma unroll
+                    for (int n = 0; n < HD / 8; n++) tc_o[n][0] *= corr, tc_o[n][1] *= corr;
+                    // O += P V, 16 keys at a time
+#pragma unroll
+                    for (int c = 0; c < C::SK / 16; c++) {
+                        const uint32_t pa0 = pack_half2(s[2 * c][0], s[2 * c][1]), pa2 = pack_half2(s[2 * c + 1][0], s[2 * c + 1][1]);
+                        const __half  *Vt  = (const __half *)(st + C::OFF_V);
 #pragma unroll
                         for (int n = 0; n < HD / 8; n += 2) {
                             uint32_t b0, b1, b2, b3;
@@ -675,12 +761,12 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                             mma_16816_top(tc_o[n + 1], pa0, pa2, b2, b3);
                         }
                     }
+                    __syncwarp(); // the stage is overwritten by the load issued next iteration
                 }
-                __syncwarp(); // the stage is overwritten by the load issued next iteration
+                cp_async_wait<0>();
+                tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 1);
+                tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 2);
             }
-            cp_async_wait<0>();
-            tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 1);
-            tc_l += __shfl_xor_sync(0xffffffffu, tc_l, 2);
         } else {
         load_q();
         const bool lane_dims = lig * 8 < (HD > 0 ? HD : 1); // lanes past head_dim (hd 80, 96) hold zeros
@@ -803,15 +889,20 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     float *red_l   = red_m + ATTN_WARPS * G;                   // [W][G]
     if constexpr (TC) {
         const int gq = lane >> 2, tq = lane & 3;
-        if (gq < G) {
-            const float sg = C::SCALED ? tc_sig : 1.0f;
+        if constexpr (C::EB == 1) { // tc_o[n][e]: dim gq * HD/8 + n, head 2 tq + e
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int hq = 2 * tq + e;
+                if (hq >= G) continue;
+#pragma unroll
+                for (int n = 0; n < HD / 8; n++) red_acc[(warp * G + hq) * C::HDS + red_at(gq * (HD / 8) + n)] = tc_o[n][e] * tc_sig;
+                if (gq == 0) red_m[warp * G + hq] = tc_m8[e], red_l[warp * G + hq] = tc_l8[e];
+            }
+        } else if (gq < G) { // tc_o[n][e]: head gq, dim 8 n + 2 tq + e
 #pragma unroll
             for (int n = 0; n < HD / 8; n++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int d = C::EB == 1 ? (2 * tq + e) * (HD / 8) + n : 8 * n + 2 * tq + e;
-                    red_acc[(warp * G + gq) * C::HDS + red_at(d)] = tc_o[n][e] * sg;
-                }
+                for (int e = 0; e < 2; e++) red_acc[(warp * G + gq) * C::HDS + red_at(8 * n + 2 * tq + e)] = tc_o[n][e];
             if (tq == 0) red_m[warp * G + gq] = tc_m, red_l[warp * G + gq] = tc_l;
         }
     } else {
