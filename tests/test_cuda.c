@@ -919,6 +919,7 @@ struct fused_case {
     int              store_cta;  // cuda_attn_set_store_cta: 0 default (FP8 caches, by depth), 1 always, -1 never
     int              want_ctas;  // what cuda_attn_store_ctas must report: 1 false, 2 true, 0 not checked
     bool             no_wait;    // cuda_attn_set_store_wait(false): one partition's store CTAs through the merge kernel
+    bool             no_cluster; // cuda_attn_set_cluster(false): their partial through global memory and a count
     bool             no_pre;     // cuda_attn_set_prefetch(false): every CTA waits for the kernel before first
     bool             then;       // the second run is rope_store_attention_then_matmul (check_staged)
     int32_t          n_seqs;
@@ -1074,6 +1075,7 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
     cuda_attn_set_fuse_fp8(p->cu, !c->unfused);
     cuda_attn_set_store_cta(p->cu, c->store_cta);
     cuda_attn_set_store_wait(p->cu, !c->no_wait);
+    cuda_attn_set_cluster(p->cu, !c->no_cluster);
     cuda_attn_set_prefetch(p->cu, !c->no_pre);
     const bool store_ctas = cuda_attn_store_ctas(p->cu, &kv[1], &b, c->nh);
     if (c->then) p->cu->ops->rope_store_attention_then_matmul(p->cu, dout[1], dq[1], dk, dv, c->nh, &kv[1], layer, &b, &rope, scale);
@@ -1081,6 +1083,7 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
     cuda_attn_set_fuse_fp8(p->cu, true);
     cuda_attn_set_store_cta(p->cu, 0);
     cuda_attn_set_store_wait(p->cu, true);
+    cuda_attn_set_cluster(p->cu, true);
     cuda_attn_set_prefetch(p->cu, true);
     uint8_t *pools[2] = {malloc(pool_bytes), malloc(pool_bytes)};
     float   *outs[2] = {malloc(nq * 4), malloc(nq * 4)}, *qs[2] = {malloc(nq * 4), malloc(nq * 4)};
@@ -1094,9 +1097,9 @@ static bool check_fused_attention(struct test_ctx *t, struct cu_pair *p, uint64_
     const bool tc     = decode_tc(p, c->nh, c->nkv, c->hd, c->dt);
     char       what[200];
     snprintf(what, sizeof(what),
-             " [%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d then %d fused %d store_ctas %d tc %d pre %d]",
+             " [%s hd %d heads %d/%d page %d layout %d koffs %d lens %d..%d then %d fused %d store_ctas %d tc %d pre %d wait %d cluster %d]",
              coopt_dtype_name(c->dt), c->hd, c->nh, c->nkv, c->ps, c->layout, doff != NULL, c->lens[0], c->lens[n - 1],
-             c->then, fused, store_ctas, tc, !c->no_pre);
+             c->then, fused, store_ctas, tc, !c->no_pre, !c->no_wait, !c->no_cluster);
     bool ok = true;
     if (memcmp(pools[0], pools[1], pool_bytes) != 0) {
         size_t i = 0;
@@ -1158,7 +1161,7 @@ TEST(cuda_rope_store_attention) {
                 struct fused_case c = {.hd = hds[a], .nh = heads[h][0], .nkv = heads[h][1], .ps = i % 2 ? 16 : 32,
                                        .dt = k_kvtypes[d], .layout = i % 3 != 0, .koffs = i % 2 == 0,
                                        .unfused = i % 4 == 3, .store_cta = i % 3 == 2 ? 1 : i % 5 == 4 ? -1 : 0,
-                                       .no_wait = i % 7 == 1, .no_pre = i % 6 == 5,
+                                       .no_wait = i % 7 == 1, .no_cluster = i % 4 == 1, .no_pre = i % 6 == 5,
                                        .n_seqs = 5, .lens = lens};
                 if (!check_fused_attention(t, &p, &s, &c)) goto done;
             }
@@ -1175,7 +1178,9 @@ TEST(cuda_rope_store_attention) {
         struct fused_case c1 = {.hd = 128, .nh = 32, .nkv = 8, .ps = 16, .dt = k_kvtypes[d], .layout = 1,
                                 .koffs = true, .n_seqs = 3, .lens = lens1, .want_ctas = f8 ? 2 : 1};
         if (!check_fused_attention(t, &p, &s, &c1)) goto done;
-        c1.no_wait = true;
+        c1.no_cluster = true; // (sm_90+: the count in global memory instead of the cluster)
+        if (!check_fused_attention(t, &p, &s, &c1)) goto done;
+        c1.no_cluster = false, c1.no_wait = true;
         if (!check_fused_attention(t, &p, &s, &c1)) goto done;
         c1.store_cta = -1, c1.want_ctas = 1;
         if (!check_fused_attention(t, &p, &s, &c1)) goto done;

@@ -75,6 +75,11 @@ struct attn_args {
     // wait and precede every partition CTA in launch order.
     int32_t        kv_wait;
     int32_t       *flags;
+    // With kv_wait (sm_90+): nonzero = each (store K, store V, partition) triple is one thread-block
+    // cluster; the store CTAs write the own key's score per query head and its V row into the
+    // partition CTA's shared memory (past the decode kernel's dynamic shared memory, attn_own_bytes)
+    // and all three meet at a cluster barrier: no fence, count or L2 round trip (flags unused).
+    int32_t        kv_cluster;
     // With fk (rows [lo, pos) were all stored by earlier steps, and the block tables, positions
     // and slots were uploaded before the step's first kernel): nonzero = a CTA that stores no row
     // issues its first sub-tiles' copies before it waits for the kernel before (pdl_wait), so

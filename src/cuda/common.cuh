@@ -112,6 +112,7 @@ struct cuda_backend {
     int            attn_store_cta; // fused decode attention, K/V stores in CTAs of their own: 0 by type and depth, 1 always, -1 never
     bool           attn_unfused_fp8;  // rope_store_attention runs two kernels for FP8 caches (cuda_attn_set_fuse_fp8)
     bool           attn_store_nowait; // store CTAs over one partition: the merge kernel, not the partition's CTA waiting
+    bool           attn_cluster;      // and the partition's CTA waits in a cluster with them (sm_90+, attn_args.kv_cluster)
     bool           attn_no_pre;       // fused decode: every CTA waits for the kernel before first (attn_args.pre off)
     int            attn_tc_decode; // decode kernel on tensor cores (cuda_attn_tc_decode): 0 auto, 1 every group, -1 never
     float          attn_tc_occ;    // tensor-core decode: partitions are halved until CTAs >= this many per SM

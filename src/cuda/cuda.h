@@ -65,6 +65,10 @@ void cuda_attn_set_store_cta(struct coopt_backend *be, int mode);
 // Test hook: over one partition, the store CTAs' partial is merged by the partition's CTA, which
 // waits for it (true, the default), or by the merge kernel (false).
 void cuda_attn_set_store_wait(struct coopt_backend *be, bool wait);
+// Test hook: with that wait, the store CTAs hand their partial to the partition's CTA through a
+// thread-block cluster's shared memory (true, the default on sm_90+; attn_args.kv_cluster) or
+// through global memory and a count (false; always below sm_90).
+void cuda_attn_set_cluster(struct coopt_backend *be, bool cluster);
 // Test hook: the fused decode attention's CTAs that store no row issue their first copies before
 // they wait for the kernel before (true, the default; attn_args.pre) or after (false).
 void cuda_attn_set_prefetch(struct coopt_backend *be, bool pre);

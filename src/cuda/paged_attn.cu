@@ -52,7 +52,9 @@
  *   partial, the token's own key: its score per query head (K CTA) and its V row (V CTA). Over
  *   one partition (attn_args.kv_wait) they come first in z, count their part as written (a fence
  *   and an atomic add per (token, KV head)), and the partition's CTA waits for both counts after
- *   its walk and merges that partial itself, so no merge kernel runs.
+ *   its walk and merges that partial itself, so no merge kernel runs. On sm_90 the three CTAs
+ *   are one thread-block cluster (attn_args.kv_cluster): the store CTAs write the partial into the
+ *   partition CTA's shared memory and all three meet at the cluster barrier instead.
  *   Head dims 64, 80, 96, 128 are template parameters (LPK = 8 or 16 lanes per key); any other
  *   even head_dim up to 256 (the test models' 8 and 16 included) runs the generic path HD = 0:
  *   one key per warp, lane i holds dims {2i, 2i+1, 2i+64, ...}, rows read straight from global
@@ -122,6 +124,8 @@ template <int HD, int KT, int G, bool TC> struct dec_cfg {
     // the fused K/V store (attn_args.fk) uses the space first: two rows and kv_store_rows' scratch
     static constexpr int  FUSE   = 2 * ATTN_MAX_HD * 4 + (int)sizeof(kv_store_smem);
     static constexpr int  SMEM   = SMEM0 > FUSE ? SMEM0 : FUSE;
+    // attn_args.kv_cluster: the own key's V row and score per query head, past SMEM
+    static constexpr int  OWN    = (HDP + ATTN_MAX_G) * 4;
     static_assert(!FAST || (HD % 8 == 0 && RB % 16 == 0), "fast path needs 16-byte rows of 8-dim chunks");
     static_assert(SK <= WARP_SIZE, "one lane per key of a sub-tile");
     static_assert(!TC || ((HD == 64 || HD == 128) && (KT == COOPT_DTYPE_F16 || SCALED)),
@@ -183,6 +187,25 @@ __device__ __forceinline__ uint64_t shfl_u64(uint64_t v, int src) {
 
 // Where dim d sits in a row of the decode kernel's cross-warp merge buffer (dec_cfg::HDS).
 __device__ __forceinline__ int red_at(int d) { return d + (d >> 5); }
+
+// Thread-block clusters (sm_90+; attn_args.kv_cluster): *p = v in the shared memory of CTA `rank`
+// of this CTA's cluster (p: this CTA's address of the same variable), and the cluster barrier
+// (every thread of every CTA of the cluster; shared-memory writes before it, release, are seen
+// after it, acquire).
+__device__ __forceinline__ void cluster_store(float *p, uint32_t rank, float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"((uint32_t)__cvta_generic_to_shared(p)), "r"(rank));
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(r), "f"(v) : "memory");
+#else
+    (void)p, (void)rank, (void)v;
+#endif
+}
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
 
 // Dim held by element e (0..7) of lane `lig` in its key group.
 template <int HD> __device__ __forceinline__ int dec_dim(int lig, int e) {
@@ -332,13 +355,17 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     // walk rounds it), acc = v from the V CTA.
     if (sep) {
         const float *row = (const float *)smem; // the CTA's row as stored, dequantized (kv_store_rows)
+        float       *own = (float *)(smem + C::SMEM); // kv_cluster: [V row hd][score per head], in CTA 2
 #pragma unroll
         for (int j = 0; j < NGW; j++) {
             const int g = warp + j * ATTN_WARPS;
             if (g >= ng) break;
             const size_t pi = ((size_t)t * a.n_heads + h0 + g) * a.n_parts + parts_t - 1;
             if (srow == 1) {
-                for (int d = lane; d < hd; d += WARP_SIZE) a.part_acc[pi * hd + d] = row[d];
+                if (!a.kv_cluster)
+                    for (int d = lane; d < hd; d += WARP_SIZE) a.part_acc[pi * hd + d] = row[d];
+                else if (g == 0) // (one V row serves every head)
+                    for (int d = lane; d < hd; d += WARP_SIZE) cluster_store(own + d, 2, row[d]);
                 continue;
             }
             float sc = 0.0f;
@@ -351,9 +378,12 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 }
             }
             sc = warp_sum(sc);
-            if (lane == 0) a.part_ml[pi * 2] = sc * (a.scale * ATTN_LOG2E), a.part_ml[pi * 2 + 1] = 1.0f;
+            if (lane == 0 && a.kv_cluster) cluster_store(own + C::HDP + g, 2, sc * (a.scale * ATTN_LOG2E));
+            else if (lane == 0) a.part_ml[pi * 2] = sc * (a.scale * ATTN_LOG2E), a.part_ml[pi * 2 + 1] = 1.0f;
         }
-        if (a.kv_wait) { // the partition's CTA waits for both counts (see there)
+        if (a.kv_wait && a.kv_cluster) { // the partition's CTA reads it after the cluster barrier (see there)
+            cluster_barrier();
+        } else if (a.kv_wait) { // the partition's CTA waits for both counts (see there)
             __threadfence();
             __syncthreads();
             if (tid == 0) atomicAdd(a.flags + (size_t)t * L.n_kv_heads + kvh, 1);
@@ -922,12 +952,13 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     // kv_wait: the token's own key is the store CTAs' partial (index parts_t - 1); each counts
     // (a fence, then an atomic add) when its part is written. Thread 0 waits for both and resets
     // the count for the next layer (a later kernel); the partial is then read through L2.
-    if (waits && tid == 0) {
+    if (waits && !a.kv_cluster && tid == 0) {
         int32_t *f = a.flags + (size_t)t * L.n_kv_heads + kvh;
         while (ld_acquire_gpu(f) < 2) __nanosleep(32);
         *f = 0;
     }
     __syncthreads();
+    if (waits && a.kv_cluster) cluster_barrier(); // (kv_cluster: the partial is in this CTA's shared memory)
     // (uniform trip count: the staging's shuffles need every lane; ng * hd is a multiple of 16
     // where a.xo is set, so each 16-lane half is all in or all out)
     const bool direct = parts_t == 1 || waits; // the output written here
@@ -941,7 +972,10 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     for (int it = 0; it < NWI; it++) {
         const int idx = it * ATTN_THREADS + tid;
         wml[it] = -INFINITY, wacc[it] = 0.0f;
-        if (waits && idx < ng * hd) {
+        if (waits && idx < ng * hd && a.kv_cluster) {
+            const float *own = (const float *)(smem + C::SMEM);
+            wml[it] = own[C::HDP + idx / hd], wacc[it] = own[idx % hd];
+        } else if (waits && idx < ng * hd) {
             const size_t pi = ((size_t)t * a.n_heads + h0 + idx / hd) * a.n_parts + parts_t - 1;
             wml[it] = __ldcg(a.part_ml + pi * 2), wacc[it] = __ldcg(a.part_acc + pi * hd + idx % hd);
         }
@@ -1050,8 +1084,20 @@ template <int HD, int KT, int G, bool TC>
 static void attn_decode_launch(const struct dec_launch &dl, const struct attn_args &a, const struct kv_dev_layout &L) {
     using C = dec_cfg<HD, KT, G, TC>;
     static bool opted[64];
-    cuda_smem_opt_in(attn_decode_kernel<HD, KT, G, TC>, C::SMEM, opted);
-    CUDA_CHECK(cuda_launch_pdl(dl.pdl, attn_decode_kernel<HD, KT, G, TC>, dl.grid, dim3(ATTN_THREADS), C::SMEM, dl.st, a, L));
+    cuda_smem_opt_in(attn_decode_kernel<HD, KT, G, TC>, C::SMEM + C::OWN, opted);
+    if (!a.kv_cluster) {
+        CUDA_CHECK(cuda_launch_pdl(dl.pdl, attn_decode_kernel<HD, KT, G, TC>, dl.grid, dim3(ATTN_THREADS), C::SMEM, dl.st, a, L));
+    } else { // clusters of the (store K, store V, partition) CTAs in z, the own key's partial past SMEM
+        cudaLaunchConfig_t  cfg = {};
+        cudaLaunchAttribute at[2] = {};
+        cfg.gridDim = dl.grid, cfg.blockDim = dim3(ATTN_THREADS), cfg.dynamicSmemBytes = C::SMEM + C::OWN, cfg.stream = dl.st;
+        at[0].id               = cudaLaunchAttributeClusterDimension;
+        at[0].val.clusterDim.x = 1, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 3;
+        at[1].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[1].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = at, cfg.numAttrs = dl.pdl ? 2 : 1;
+        CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_decode_kernel<HD, KT, G, TC>, a, L));
+    }
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1136,6 +1182,12 @@ bool cuda_attn_tc_decode(const struct coopt_backend *be, int32_t head_dim, enum 
 void cuda_attn_set_fuse_fp8(struct coopt_backend *be, bool fuse) { cuda_impl(be)->attn_unfused_fp8 = !fuse; }
 void cuda_attn_set_store_cta(struct coopt_backend *be, int mode) { cuda_impl(be)->attn_store_cta = mode; }
 void cuda_attn_set_store_wait(struct coopt_backend *be, bool wait) { cuda_impl(be)->attn_store_nowait = !wait; }
+void cuda_attn_set_cluster(struct coopt_backend *be, bool cluster) {
+    struct cuda_backend *cb = cuda_impl(be);
+    int                  cc = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device));
+    cb->attn_cluster = cluster && cc >= 9;
+}
 void cuda_attn_set_prefetch(struct coopt_backend *be, bool pre) { cuda_impl(be)->attn_no_pre = !pre; }
 
 // Whether a fused decode step (cuda_rope_store_attention) stores the token's K and V rows from
@@ -1262,8 +1314,9 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     a.scale        = scale;
     a.fk = fk, a.fv = fv, a.slots = b->slots, a.koff = NULL, a.seq_ids = b->seq_ids, a.kv_sep = sep, a.kv_wait = wait;
     a.pre = fk && !cb->attn_no_pre;
-    a.flags = wait ? cuda_attn_flags(cb, (size_t)b->n_tokens * (size_t)nkv) : NULL;
-    if (wait && !a.flags) return; // (out of memory: cb->op_error)
+    a.kv_cluster = wait && cb->attn_cluster;
+    a.flags      = wait && !a.kv_cluster ? cuda_attn_flags(cb, (size_t)b->n_tokens * (size_t)nkv) : NULL;
+    if (wait && !a.kv_cluster && !a.flags) return; // (out of memory: cb->op_error)
     a.pool_w = (uint8_t *)kv->pool, a.n_layers = l->n_layers;
     a.xo = NULL, a.xo_part = NULL;
     a.pdl_trigger = cb->attn_trigger;

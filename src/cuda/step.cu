@@ -531,6 +531,7 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     cb->pdl = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
     cb->attn_trigger = cb->pdl && env_flag("COOPT_CUDA_ATTN_TRIGGER", true);
     cb->attn_pdl     = cb->pdl && env_flag("COOPT_CUDA_ATTN_PDL", true);
+    cb->attn_cluster = cc >= 9 && env_flag("COOPT_CUDA_ATTN_CLUSTER", true);
     // the decode attention's tensor-core walk: auto (default), all (every query group), 0 (never);
     // COOPT_CUDA_ATTN_TC_OCC: CTAs per SM its partition sizing aims at
     const char *atc = getenv("COOPT_CUDA_ATTN_TC");
