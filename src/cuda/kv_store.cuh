@@ -55,6 +55,14 @@ static inline struct rope_params rope_params_make(const struct coopt_rope *rope)
 
 static __constant__ float c_fp8_scale_steps[16] = COOPT_FP8_SCALE_STEPS_INIT;
 
+// This thread's candidate step of the FP8 scale search (candidate threadIdx.x % scale_search; see
+// kv_store_rows). A __constant__ read indexed per thread that misses the constant cache sits on
+// the store's critical path, so callers load it early (the decode attention before its wait for the
+// kernel before).
+__device__ __forceinline__ float kv_store_step(int32_t scale_search) {
+    return c_fp8_scale_steps[threadIdx.x % (uint32_t)scale_search];
+}
+
 // Element i of a cache row of type KT (dst) set to v, rounded as dtype.c rounds it; returns the
 // element as load_elem<KT> reads it back.
 template <int KT> __device__ __forceinline__ float store_elem_back(uint8_t *dst, int i, float v) {
@@ -99,12 +107,13 @@ struct kv_store_smem {
 // order and rounding as the CPU, no FMA, so the chosen scale is bit-identical), and warp 0 takes
 // each row's smallest error, ties to the smallest k. An all-zero row stores scale 0 and zeros.
 // (One warp per row walking it was a long dependent chain: 15-24 us per layer at decode.)
+// step: kv_store_step(scale_search) of this thread (FP8 only).
 // back != NULL: row r's elements as a reader of the cache dequantizes them (the stored element
 // as load_elem reads it, times the stored scale) go to back + r * hd (back may be rows: each
 // thread overwrites what it read), with no read of the cache.
 template <int KT>
 __device__ void kv_store_rows(const float *rows, int nr, int32_t hd, uint8_t *const *dst, float *const *sdst,
-                              int32_t scale_search, kv_store_smem &sm, float *back = nullptr) {
+                              int32_t scale_search, float step, kv_store_smem &sm, float *back = nullptr) {
     constexpr bool FP8 = KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2;
     const int      tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if constexpr (FP8) {
@@ -124,7 +133,7 @@ __device__ void kv_store_rows(const float *rows, int nr, int32_t hd, uint8_t *co
         for (int r = 0; r < 2; r++) {
             amax[r] = r < nr ? fmaxf(fmaxf(sm.red[0][r], sm.red[1][r]), fmaxf(sm.red[2][r], sm.red[3][r])) : 0.0f;
             base[r] = amax[r] / (KT == COOPT_DTYPE_FP8_E4M3 ? 448.0f : 57344.0f);
-            sc[r]   = __fmul_rn(base[r], c_fp8_scale_steps[kk]);
+            sc[r]   = __fmul_rn(base[r], step); // (c_fp8_scale_steps[kk])
             inv[r]  = __frcp_rn(sc[r]);
             any     = any || amax[r] > 0.0f;
         }
@@ -174,7 +183,7 @@ __device__ void kv_store_rows(const float *rows, int nr, int32_t hd, uint8_t *co
                 }
             }
     } else {
-        (void)sdst, (void)scale_search, (void)sm;
+        (void)sdst, (void)scale_search, (void)step, (void)sm;
         for (int r = 0; r < nr; r++)
             for (int i = tid; i < hd; i += KV_STORE_THREADS) {
                 const float y = store_elem_back<KT>(dst[r], i, rows[r * hd + i]);

@@ -313,6 +313,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                                                             a.layer, kvh)
                                    : nullptr;
         const int64_t  slot = a.slots[t];
+        const float    step = C::SCALED ? kv_store_step(L.scale_search) : 0.0f; // (before the wait: see there)
         if (a.pre) pdl_wait();
         for (int i = tid; i < hd / 2 && srow == 0; i += ATTN_THREADS) {
             int i0, i1;
@@ -346,7 +347,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             }
         }
         // (sep: the row comes back as the walk would read it, in place)
-        kv_store_rows<KT>(rows, nr, hd, dst + srow, sdst + srow, L.scale_search, sm, sep ? rows : nullptr);
+        kv_store_rows<KT>(rows, nr, hd, dst + srow, sdst + srow, L.scale_search, step, sm, sep ? rows : nullptr);
         __syncthreads(); // (CTA-scope ordering: the stores before this CTA's later copies)
     }
 

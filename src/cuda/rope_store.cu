@@ -195,7 +195,8 @@ __global__ void __launch_bounds__(128)
     __syncthreads();
     uint8_t *dst  = pool + kv_offset(L, page, layer, kvi, h, row);
     float   *sdst = (float *)(pool + (FP8 ? kv_scale_offset(L, page, layer, kvi, h, row) : 0));
-    kv_store_rows<KT>(b, 1, hd, &dst, &sdst, L.scale_search, *(kv_store_smem *)sm_raw);
+    kv_store_rows<KT>(b, 1, hd, &dst, &sdst, L.scale_search, FP8 ? kv_store_step(L.scale_search) : 0.0f,
+                      *(kv_store_smem *)sm_raw);
 }
 
 void cuda_rope_store(struct coopt_backend *be, float *q, const float *k, const float *v, int32_t n_heads,
