@@ -1742,7 +1742,7 @@ TEST(cuda_attn_bench) {
                         !bench_pick("COOPT_CUDA_BENCH_CTX", lb) || !bench_pick("COOPT_CUDA_BENCH_B", bb))
                         continue;
                     struct coopt_kv_cache kv = {0};
-                    int32_t               mb = L / ps;
+                    int32_t               mb = (L + ps - 1) / ps;
                     size_t                n_pages = (size_t)B * mb;
                     COOPT_ASSERT(coopt_kv_layout_init(&kv.layout, kts[kt], n_layers, nkv, hd, ps) == COOPT_OK);
                     if (n_pages * kv.layout.page_bytes > ((size_t)24 << 30))

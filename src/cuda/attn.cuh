@@ -77,7 +77,7 @@ struct attn_args {
     int32_t       *flags;
     // With kv_wait (sm_90+): nonzero = each (store K, store V, partition) triple is one thread-block
     // cluster; the store CTAs write the own key's score per query head and its V row into the
-    // partition CTA's shared memory (past the decode kernel's dynamic shared memory, attn_own_bytes)
+    // partition CTA's shared memory (past the decode kernel's dynamic shared memory: dec_cfg::OWN)
     // and all three meet at a cluster barrier: no fence, count or L2 round trip (flags unused).
     int32_t        kv_cluster;
     // With fk (rows [lo, pos) were all stored by earlier steps, and the block tables, positions

@@ -108,6 +108,7 @@ struct cuda_driver {
 struct cuda_backend {
     int            device;
     int            n_sm;
+    int            cc_major;   // compute capability (major) of the device (step.cu)
     int            attn_route; // attention routing (cuda_attn_set_route): 0 auto, 1 tensor cores wherever compiled, 2 never
     int            attn_store_cta; // fused decode attention, K/V stores in CTAs of their own: 0 by type and depth, 1 always, -1 never
     bool           attn_unfused_fp8;  // rope_store_attention runs two kernels for FP8 caches (cuda_attn_set_fuse_fp8)
@@ -214,21 +215,36 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 // Launches kern<<<grid, block, smem, st>>>(args...), as a programmatic dependent launch when
-// `pdl` (it may start while the previous kernel of the stream finishes: see pdl_wait).
+// `pdl` (it may start while the previous kernel of the stream finishes: see pdl_wait), in
+// thread-block clusters of cluster_z CTAs along z when cluster_z > 1 (sm_90+; grid.z a multiple).
 template <typename... P, typename... A>
-static cudaError_t cuda_launch_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
-                                   A... args) {
+static cudaError_t cuda_launch_ex(bool pdl, unsigned cluster_z, void (*kern)(P...), dim3 grid, dim3 block, size_t smem,
+                                  cudaStream_t st, A... args) {
     cudaLaunchConfig_t  cfg   = {};
-    cudaLaunchAttribute at[1] = {};
+    cudaLaunchAttribute at[2] = {};
     cfg.gridDim               = grid;
     cfg.blockDim              = block;
     cfg.dynamicSmemBytes      = smem;
     cfg.stream                = st;
-    at[0].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs                                        = at;
-    cfg.numAttrs                                     = pdl ? 1 : 0;
+    unsigned n                = 0;
+    if (pdl) {
+        at[n].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[n].val.programmaticStreamSerializationAllowed = 1;
+        n++;
+    }
+    if (cluster_z > 1) {
+        at[n].id               = cudaLaunchAttributeClusterDimension;
+        at[n].val.clusterDim.x = 1, at[n].val.clusterDim.y = 1, at[n].val.clusterDim.z = cluster_z;
+        n++;
+    }
+    cfg.attrs    = at;
+    cfg.numAttrs = n;
     return cudaLaunchKernelEx(&cfg, kern, args...);
+}
+template <typename... P, typename... A>
+static cudaError_t cuda_launch_pdl(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                                   A... args) {
+    return cuda_launch_ex(pdl, 1, kern, grid, block, smem, st, args...);
 }
 __device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 

@@ -219,6 +219,7 @@ template <int HD, int KT, int G, bool TC>
 __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct attn_args a, const struct kv_dev_layout L) {
     using C = dec_cfg<HD, KT, G, TC>;
     extern __shared__ __align__(16) uint8_t smem[];
+    float *const own = (float *)(smem + C::SMEM); // kv_cluster: [V row, HDP][score per head], in CTA 2 (z)
     // (launched early with cuda_backend.attn_pdl: everything after pdl_wait may read the previous
     // kernel's output; with attn_args.pre a CTA that stores no row waits after issuing its first copies)
     if (!a.pre) pdl_wait();
@@ -356,7 +357,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     // walk rounds it), acc = v from the V CTA.
     if (sep) {
         const float *row = (const float *)smem; // the CTA's row as stored, dequantized (kv_store_rows)
-        float       *own = (float *)(smem + C::SMEM); // kv_cluster: [V row hd][score per head], in CTA 2
 #pragma unroll
         for (int j = 0; j < NGW; j++) {
             const int g = warp + j * ATTN_WARPS;
@@ -604,6 +604,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 // 16 + 16 MMAs a sub-tile for HD 128 (32 + 32 with the heads as rows, 3/4 of them
                 // padding at 4 heads, each re-pairing its fragments with zero registers).
                 constexpr int MT = C::SK / 16, NKK = HD / 16;
+                static_assert(C::SK == WARP_SIZE, "FP8 walk: one V scale per lane (the sigma reduction)");
 #pragma unroll
                 for (int n = 0; n < HD / 8; n++) tc_o[n][0] = tc_o[n][1] = 0.0f;
                 for (int32_t k = 0; k < my_n; k++) {
@@ -974,7 +975,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         const int idx = it * ATTN_THREADS + tid;
         wml[it] = -INFINITY, wacc[it] = 0.0f;
         if (waits && idx < ng * hd && a.kv_cluster) {
-            const float *own = (const float *)(smem + C::SMEM);
             wml[it] = own[C::HDP + idx / hd], wacc[it] = own[idx % hd];
         } else if (waits && idx < ng * hd) {
             const size_t pi = ((size_t)t * a.n_heads + h0 + idx / hd) * a.n_parts + parts_t - 1;
@@ -1086,19 +1086,9 @@ static void attn_decode_launch(const struct dec_launch &dl, const struct attn_ar
     using C = dec_cfg<HD, KT, G, TC>;
     static bool opted[64];
     cuda_smem_opt_in(attn_decode_kernel<HD, KT, G, TC>, C::SMEM + C::OWN, opted);
-    if (!a.kv_cluster) {
-        CUDA_CHECK(cuda_launch_pdl(dl.pdl, attn_decode_kernel<HD, KT, G, TC>, dl.grid, dim3(ATTN_THREADS), C::SMEM, dl.st, a, L));
-    } else { // clusters of the (store K, store V, partition) CTAs in z, the own key's partial past SMEM
-        cudaLaunchConfig_t  cfg = {};
-        cudaLaunchAttribute at[2] = {};
-        cfg.gridDim = dl.grid, cfg.blockDim = dim3(ATTN_THREADS), cfg.dynamicSmemBytes = C::SMEM + C::OWN, cfg.stream = dl.st;
-        at[0].id               = cudaLaunchAttributeClusterDimension;
-        at[0].val.clusterDim.x = 1, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 3;
-        at[1].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[1].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = at, cfg.numAttrs = dl.pdl ? 2 : 1;
-        CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_decode_kernel<HD, KT, G, TC>, a, L));
-    }
+    // kv_cluster: clusters of the (store K, store V, partition) CTAs in z, the own key's partial past SMEM
+    CUDA_CHECK(cuda_launch_ex(dl.pdl, a.kv_cluster ? 3 : 1, attn_decode_kernel<HD, KT, G, TC>, dl.grid, dim3(ATTN_THREADS),
+                              C::SMEM + (a.kv_cluster ? C::OWN : 0), dl.st, a, L));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1184,10 +1174,7 @@ void cuda_attn_set_fuse_fp8(struct coopt_backend *be, bool fuse) { cuda_impl(be)
 void cuda_attn_set_store_cta(struct coopt_backend *be, int mode) { cuda_impl(be)->attn_store_cta = mode; }
 void cuda_attn_set_store_wait(struct coopt_backend *be, bool wait) { cuda_impl(be)->attn_store_nowait = !wait; }
 void cuda_attn_set_cluster(struct coopt_backend *be, bool cluster) {
-    struct cuda_backend *cb = cuda_impl(be);
-    int                  cc = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device));
-    cb->attn_cluster = cluster && cc >= 9;
+    cuda_impl(be)->attn_cluster = cluster && cuda_impl(be)->cc_major >= 9;
 }
 void cuda_attn_set_prefetch(struct coopt_backend *be, bool pre) { cuda_impl(be)->attn_no_pre = !pre; }
 

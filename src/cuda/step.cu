@@ -528,10 +528,11 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         cb->ops.rope_store_attention_then_matmul = NULL;
     int cc = 0;
     CUDA_TRY(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, cb->device), COOPT_ERR_UNSUPPORTED);
-    cb->pdl = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
+    cb->cc_major = cc;
+    cb->pdl      = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
     cb->attn_trigger = cb->pdl && env_flag("COOPT_CUDA_ATTN_TRIGGER", true);
     cb->attn_pdl     = cb->pdl && env_flag("COOPT_CUDA_ATTN_PDL", true);
-    cb->attn_cluster = cc >= 9 && env_flag("COOPT_CUDA_ATTN_CLUSTER", true);
+    cb->attn_cluster = cb->cc_major >= 9 && env_flag("COOPT_CUDA_ATTN_CLUSTER", true);
     // the decode attention's tensor-core walk: auto (default), all (every query group), 0 (never);
     // COOPT_CUDA_ATTN_TC_OCC: CTAs per SM its partition sizing aims at
     const char *atc = getenv("COOPT_CUDA_ATTN_TC");
