@@ -894,11 +894,15 @@ TEST(cuda_attention) {
                 cuda_attn_set_tc_decode(p.cu, 0);
                 if (!ok) return;
             }
-    for (int ab = 0; ab < 2; ab++) {
+    // the ablation switches (one query head per CTA; no split-K), then short partitions: one
+    // sequence of 5000 positions in 128-key partitions, 40 partials per (token, head), past the
+    // merge kernel's first round of 32
+    const int32_t lens4[] = {5000}, n_q4[] = {1};
+    for (int ab = 0; ab < 3; ab++) {
         p.cu->attn_per_head  = ab == 0;
-        p.cu->attn_partition = ab == 0 ? 512 : 0;
-        struct attn_case c = {.hd = 128, .nh = 32, .nkv = 8, .ps = 16, .dt = COOPT_DTYPE_FP8_E4M3, .n_seqs = 6,
-                              .lens = lens3, .n_q = n_q3, .route = 2};
+        p.cu->attn_partition = ab == 0 ? 512 : ab == 1 ? 0 : 64;
+        struct attn_case c = {.hd = 128, .nh = 32, .nkv = 8, .ps = 16, .dt = COOPT_DTYPE_FP8_E4M3, .n_seqs = ab == 2 ? 1 : 6,
+                              .lens = ab == 2 ? lens4 : lens3, .n_q = ab == 2 ? n_q4 : n_q3, .route = 2};
         bool ok = check_attention(t, &p, &s, &c);
         p.cu->attn_per_head  = false;
         p.cu->attn_partition = 512;

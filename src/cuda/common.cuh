@@ -144,6 +144,7 @@ struct cuda_backend {
     struct cuda_driver   drv;
     bool                 pdl;  // GEMVs launch with programmatic dependent launch (sm_90+, step.cu)
     bool                 attn_trigger; // the attention's merge kernel triggers the next launch (attn_args)
+    bool                 attn_merge_pdl; // the merge kernel launches programmatically dependent on the decode kernel
     bool                 attn_pdl;     // rope_store and the decode attention launch programmatically dependent
     int                  gemv_rows_per_task; // 0 = auto (matmul.cu), 1 or 2 forced (COOPT_CUDA_GEMV_ROWS)
     struct cuda_step    *step; // recorded decode steps (CUDA graphs) and op profiling, step.cu

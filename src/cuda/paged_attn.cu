@@ -68,12 +68,15 @@
  * attn_merge_kernel (merging in the decode kernel's last CTA per KV head instead, counted with a
  *   fence and an atomic, measured 5-13 % slower at depth on llama3-8b; docs/BENCHMARKS.md):
  *   Grid (n_tokens, n_heads); Block 128 threads. With attn_args.pdl_trigger it
- *   first lets the next kernel (the o projection) launch. Skips tokens whose range fits
+ *   first lets the next kernel (the o projection) launch; then it waits for the decode kernel (a
+ *   programmatic dependent launch with cuda_backend.attn_merge_pdl, the default on sm_90). Skips tokens whose range fits
  *   in one partition without store CTAs (the decode kernel wrote them directly) and tokens of
  *   tensor-core tiles. (Not launched for attn_args.kv_wait.)
- *   Threads over partitions reduce the maxima and denominators; then warp w sums partitions w,
- *   w + 4, ... with lanes over dims (independent loads in flight), and shared memory adds the
- *   four warps' sums.
+ *   Warp w takes partitions w, w + 4, ..., lanes over dims, with a running (max, sum, acc) per
+ *   warp; shared memory merges the four warps. Its first round of partials (up to 32) is loaded
+ *   together with the token's position, before the range is known, so the partials cost one
+ *   round trip (a max pass, then a sum pass, cost two more before: llama3-8b gptq4 tg128 at depth
+ *   16384 +2.8 % fp8 / +2.9 % f16, docs/BENCHMARKS.md).
  *
  * Numerics: f32 throughout; q is pre-multiplied by scale * log2(e) so probabilities are ex2 of
  * score differences. Same cache bytes as the CPU reference, different summation order.
@@ -1024,42 +1027,65 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 }
 
 __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct attn_args a, int32_t hd) {
+    constexpr int MU = 8; // partitions a warp loads at once (MU * ATTN_WARPS a round)
     __shared__ float red[ATTN_WARPS][ATTN_MAX_HD];
     __shared__ float wred[2][ATTN_WARPS];
     if (a.pdl_trigger) pdl_launch_dependents();
-    const int        tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int32_t    t = blockIdx.x, h = blockIdx.y;
+    pdl_wait(); // (cuda_backend.attn_merge_pdl: the decode kernel's partials)
+    const int     tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int32_t t = blockIdx.x, h = blockIdx.y;
     if (a.tc_tokens > 0 && attn_tile_is_tc(a, t / a.tc_tokens)) return;
-    const int32_t parts_t = attn_parts_of(a, a.pos[t]);
-    if (parts_t <= 1 && !a.kv_sep) return; // written by the decode kernel directly
-    const size_t th = (size_t)t * a.n_heads + h;
-    const float *ml = a.part_ml + th * a.n_parts * 2;
-    const float *pa = a.part_acc + th * a.n_parts * hd;
-    float        M  = -INFINITY;
-    for (int i = tid; i < parts_t; i += ATTN_THREADS) M = fmaxf(M, ml[2 * i]);
-    M = warp_max(M);
-    if (lane == 0) wred[0][warp] = M;
-    __syncthreads();
-    M = fmaxf(fmaxf(wred[0][0], wred[0][1]), fmaxf(wred[0][2], wred[0][3]));
-    const float base = M == -INFINITY ? 0.0f : M;
-    float       den  = 0.0f;
-    for (int i = tid; i < parts_t; i += ATTN_THREADS) den += ml[2 * i + 1] * fast_exp2(ml[2 * i] - base);
-    den = warp_sum(den);
-    if (lane == 0) wred[1][warp] = den;
-    // warp w sums partitions w, w + 4, ...; lane l dims 2l, 2l + 1 (+ 64, ...): the partitions'
-    // loads are independent, so they overlap instead of forming one latency chain
-    for (int d0 = 2 * lane; d0 < hd; d0 += 2 * WARP_SIZE) {
-        float sx = 0.0f, sy = 0.0f;
-#pragma unroll 4
-        for (int i = warp; i < parts_t; i += ATTN_WARPS) {
-            const float  w = fast_exp2(ml[2 * i] - base);
-            const float2 v = *(const float2 *)(pa + (size_t)i * hd + d0);
-            sx += w * v.x, sy += w * v.y;
+    const int32_t pos = a.pos[t];
+    const size_t  th  = (size_t)t * a.n_heads + h;
+    const float  *ml  = a.part_ml + th * a.n_parts * 2;
+    const float  *pa  = a.part_acc + th * a.n_parts * hd;
+    // Warp w takes partitions w, w + 4, ... (MU at a time), lanes dims 2 lane, +1 (+ 64, ...), and
+    // keeps a running (max, sum, acc) in log2 units; the first round's loads go out with the load
+    // of pos (every index below a.n_parts is inside the workspace; those past the token's range
+    // are dropped once pos is in), so a range of up to 32 partitions costs one round trip.
+    constexpr int ND = ATTN_MAX_HD / (2 * WARP_SIZE);
+    float         wm = -INFINITY, ws = 0.0f, wa[ND][2];
+#pragma unroll
+    for (int j = 0; j < ND; j++) wa[j][0] = wa[j][1] = 0.0f;
+    int32_t parts_t = -1;
+    for (int32_t i0 = 0; i0 < (parts_t < 0 ? a.n_parts : parts_t); i0 += MU * ATTN_WARPS) {
+        float2 mli[MU], v[MU][ND];
+#pragma unroll
+        for (int u = 0; u < MU; u++) {
+            const int32_t i = min(i0 + warp + u * ATTN_WARPS, a.n_parts - 1);
+            mli[u]          = *(const float2 *)(ml + 2 * (size_t)i);
+#pragma unroll
+            for (int j = 0; j < ND; j++) {
+                const int d = 2 * lane + 2 * WARP_SIZE * j;
+                v[u][j]     = d < hd ? *(const float2 *)(pa + (size_t)i * hd + d) : make_float2(0.0f, 0.0f);
+            }
         }
-        red[warp][d0] = sx, red[warp][d0 + 1] = sy;
+        if (parts_t < 0) {
+            parts_t = attn_parts_of(a, pos);
+            if (parts_t <= 1 && !a.kv_sep) return; // written by the decode kernel directly
+        }
+#pragma unroll
+        for (int u = 0; u < MU; u++) {
+            if (i0 + warp + u * ATTN_WARPS >= parts_t) break;
+            const float mn = fmaxf(wm, mli[u].x), base = mn == -INFINITY ? 0.0f : mn;
+            const float c = fast_exp2(wm - base), w = fast_exp2(mli[u].x - base);
+            wm = mn, ws = ws * c + mli[u].y * w;
+#pragma unroll
+            for (int j = 0; j < ND; j++) wa[j][0] = wa[j][0] * c + w * v[u][j].x, wa[j][1] = wa[j][1] * c + w * v[u][j].y;
+        }
+    }
+    if (lane == 0) wred[0][warp] = wm;
+    __syncthreads();
+    const float M    = fmaxf(fmaxf(wred[0][0], wred[0][1]), fmaxf(wred[0][2], wred[0][3]));
+    const float base = M == -INFINITY ? 0.0f : M, f = fast_exp2(wm - base);
+    if (lane == 0) wred[1][warp] = ws * f;
+#pragma unroll
+    for (int j = 0; j < ND; j++) {
+        const int d = 2 * lane + 2 * WARP_SIZE * j;
+        if (d < hd) red[warp][d] = wa[j][0] * f, red[warp][d + 1] = wa[j][1] * f;
     }
     __syncthreads();
-    den = wred[1][0] + wred[1][1] + wred[1][2] + wred[1][3];
+    const float den = wred[1][0] + wred[1][1] + wred[1][2] + wred[1][3];
     for (int d0 = 0; d0 < hd; d0 += ATTN_THREADS) { // (uniform trip count, as in the decode kernel)
         const int  d  = d0 + tid;
         const bool in = d < hd;
@@ -1349,7 +1375,8 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     default: attn_decode_launch_hd<0>(sub_g, false, dl, a, L); break; // generic: any even head_dim <= 256
     }
     if (n_grid > 1 && !wait) {
-        attn_merge_kernel<<<dim3((unsigned)b->n_tokens, (unsigned)n_heads), 128, 0, cb->stream>>>(a, hd);
+        CUDA_CHECK(cuda_launch_pdl(cb->attn_pdl && cb->attn_merge_pdl, attn_merge_kernel, dim3((unsigned)b->n_tokens, (unsigned)n_heads),
+                                   dim3(ATTN_THREADS), 0, cb->stream, a, hd));
         CUDA_CHECK_LAUNCH();
     }
     if (a.xo) cuda_xstage_out_end(cb, out, n_out);

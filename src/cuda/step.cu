@@ -532,6 +532,9 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
     cb->pdl      = cc >= 9 && env_flag("COOPT_CUDA_PDL", true);
     cb->attn_trigger = cb->pdl && env_flag("COOPT_CUDA_ATTN_TRIGGER", true);
     cb->attn_pdl     = cb->pdl && env_flag("COOPT_CUDA_ATTN_PDL", true);
+    // the split-K merge kernel as a programmatic dependent launch (it waits for the decode kernel
+    // first): llama3-8b gptq4 tg128 +0.2-1.3 % at depths 1024-16384 (docs/BENCHMARKS.md)
+    cb->attn_merge_pdl = cb->attn_pdl && env_flag("COOPT_CUDA_ATTN_MERGE_PDL", true);
     cb->attn_cluster = cb->cc_major >= 9 && env_flag("COOPT_CUDA_ATTN_CLUSTER", true);
     // the decode attention's tensor-core walk: auto (default), all (every query group), 0 (never);
     // COOPT_CUDA_ATTN_TC_OCC: CTAs per SM its partition sizing aims at
