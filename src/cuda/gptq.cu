@@ -239,6 +239,17 @@ enum gemv_mode { GEMV_STORE = 0, GEMV_ACCUMULATE = 1, GEMV_SWIGLU = 2 };
 
 // The GEMVs' store of column o: sum s (+ bias[o]) by mode; swiglu: silu(s + bias[o]) * (u +
 // bias_u[o]) (as silu_mul_kernel).
+// What gemv_store writes, given the value it adds to (GEMV_ACCUMULATE; loaded by the caller).
+__device__ __forceinline__ float gemv_value(float s, float u, const float *bias, const float *bias_u, int32_t o, int mode,
+                                            float prev) {
+    s += bias ? bias[o] : 0.0f;
+    if (mode == GEMV_SWIGLU) {
+        u += bias_u ? bias_u[o] : 0.0f;
+        return s / (1.0f + expf(-s)) * u;
+    }
+    return mode == GEMV_ACCUMULATE ? prev + s : s;
+}
+
 __device__ __forceinline__ void gemv_store(float *p, float s, float u, const float *bias, const float *bias_u,
                                            int32_t o, int mode) {
     s += bias ? bias[o] : 0.0f;
@@ -652,6 +663,26 @@ __global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_
     cp_async_wait<0>(); // this thread's scale/zero and group words have landed
     __syncthreads();    // and everyone's (the only block barrier before the epilogue)
     pdl_wait();
+    // the epilogue's output (thread i < n_rows * 16: row i / 16, column i % 16 of the tile) and, for
+    // GEMV_ACCUMULATE, the value it adds to, loaded now so its round trip overlaps the chunk stream
+    // instead of sitting in the epilogue (every kernel before has completed: pdl_wait)
+    static_assert(HG_ROWS * 16 <= 4 * WARP_SIZE, "one epilogue element per thread");
+    // (the weight's output and its length, selected again in the epilogue: only e_prev stays live)
+    auto out_of = [&](int32_t *n_out) -> float * {
+        float *o = a.out[0];
+        *n_out   = a.n_out[0];
+#pragma unroll
+        for (int j = 1; j < GPTQ_MAX_MULTI; j++)
+            if (wsel == j) *n_out = a.n_out[j], o = a.out[j];
+        return o;
+    };
+    float e_prev = 0.0f;
+    if (!SWIGLU && a.mode == GEMV_ACCUMULATE) {
+        int32_t      n_out;
+        const float *out = out_of(&n_out);
+        const int    r = (int)threadIdx.x >> 4, o = ot * 16 + ((int)threadIdx.x & 15);
+        if (r < a.n_rows && o < n_out) e_prev = out[(int64_t)r * n_out + o];
+    }
 
     // ---- stage x (this warp's rows of every token; see above) ----
     const float fx     = (float)(1 << HG_XS);
@@ -809,32 +840,32 @@ __global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_
         }
     }
     __syncthreads();
-    int32_t n_out = a.n_out[0];
-    float  *out   = a.out[0];
-    const float *bias = a.bias[0];
+    int32_t       n_out;
+    float        *out  = out_of(&n_out);
+    const float  *bias = a.bias[0];
 #pragma unroll
     for (int j = 1; j < GPTQ_MAX_MULTI; j++)
-        if (wsel == j) n_out = a.n_out[j], out = a.out[j], bias = a.bias[j];
-    for (int i = threadIdx.x; i < a.n_rows * 16; i += NW * WARP_SIZE) {
-        const int r = i >> 4, col = i & 15;
-        const int32_t o = ot * 16 + col;
-        if (o >= n_out) continue;
+        if (wsel == j) bias = a.bias[j];
+    const int     e_r = (int)threadIdx.x >> 4, e_col = (int)threadIdx.x & 15;
+    const int32_t e_o  = ot * 16 + e_col;
+    const bool    e_in = e_r < a.n_rows && e_o < n_out;
+    float         v    = 0.0f; // the element this thread stores
+    if (e_in) {
         float s, u;
-        sum_warps(red, r, col, swiglu, s, u);
+        sum_warps(red, e_r, e_col, swiglu, s, u);
         if constexpr (NORM) { // the staged x was x * g: times 1 / sqrt(mean(x^2) + eps), the warps' sums in order
             float t = 0.0f;
 #pragma unroll
-            for (int w = 0; w < NW; w++) t += red_x[w][r];
+            for (int w = 0; w < NW; w++) t += red_x[w][e_r];
             const float inv = 1.0f / sqrtf(t / (float)a.n_in + a.eps);
             s *= inv, u *= inv;
         }
-        gemv_store(out + (int64_t)r * n_out + o, s, u, bias, a.bias[1], o, a.mode);
+        v = gemv_value(s, u, bias, a.bias[1], e_o, SWIGLU ? GEMV_SWIGLU : a.mode, e_prev);
+        out[(int64_t)e_r * n_out + e_o] = v;
     }
     if (a.xo && warp == 0) { // (one row) the 16 values lanes 0-15 just stored, staged for the next GEMV
-        const int32_t o  = ot * 16 + (lane & 15);
-        const bool    in = lane < 16 && o < n_out;
-        const float   v  = in ? out[o] : 0.0f;
-        xstage_put(a.xo, a.xo_part, o, in, lane < 16, v, in ? v * (a.xo_norm ? a.xo_norm[o] : 1.0f) : 0.0f);
+        const bool in = lane < 16 && e_in;
+        xstage_put(a.xo, a.xo_part, e_o, in, lane < 16, in ? v : 0.0f, in ? v * (a.xo_norm ? a.xo_norm[e_o] : 1.0f) : 0.0f);
     }
 }
 
