@@ -895,9 +895,9 @@ TEST(cuda_attention) {
                 if (!ok) return;
             }
     // the ablation switches (one query head per CTA; no split-K), then short partitions: one
-    // sequence of 5000 positions in 128-key partitions, 40 partials per (token, head), past the
-    // merge kernel's first round of 32
-    const int32_t lens4[] = {5000}, n_q4[] = {1};
+    // sequence of 10000 positions in 128-key partitions, 79 partials per (token, head), past the
+    // merge kernel's first round of 64
+    const int32_t lens4[] = {10000}, n_q4[] = {1};
     for (int ab = 0; ab < 3; ab++) {
         p.cu->attn_per_head  = ab == 0;
         p.cu->attn_partition = ab == 0 ? 512 : ab == 1 ? 0 : 64;

@@ -73,7 +73,8 @@
  *   in one partition without store CTAs (the decode kernel wrote them directly) and tokens of
  *   tensor-core tiles. (Not launched for attn_args.kv_wait.)
  *   Warp w takes partitions w, w + 4, ..., lanes over dims, with a running (max, sum, acc) per
- *   warp; shared memory merges the four warps. Its first round of partials (up to 32) is loaded
+ *   warp; shared memory merges the four warps. Its first round of partials (up to 64 at head dim
+ *   128) is loaded
  *   together with the token's position, before the range is known, so the partials cost one
  *   round trip (a max pass, then a sum pass, cost two more before: llama3-8b gptq4 tg128 at depth
  *   16384 +2.8 % fp8 / +2.9 % f16, docs/BENCHMARKS.md).
@@ -117,7 +118,10 @@ template <int HD, int KT, int G, bool TC> struct dec_cfg {
     static constexpr int  OFF_VS = OFF_KS + SK * 4;
     static constexpr int  OFF_M  = OFF_VS + SK * 4;
     static constexpr int  STAGE  = FAST ? OFF_M + 16 : 0;
-    static constexpr int  NST    = TC || STAGE <= 6144 ? 3 : 2;
+#ifndef ATTN_TC_NST
+#define ATTN_TC_NST 3
+#endif
+    static constexpr int  NST    = TC ? ATTN_TC_NST : STAGE <= 6144 ? 3 : 2;
     static constexpr int  HDP    = FAST ? HD : ATTN_MAX_HD;
     // cross-warp merge buffers: acc rows of HDS floats, dim d at d + d / 32 (red_at), so the
     // tensor-core walk's scattered writes (lanes of 4 heads x 4 column groups) hit 16 banks, not one
@@ -1026,8 +1030,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     }
 }
 
+// ND: dim pairs a lane holds (hd <= 64 * ND); MU: partitions a warp loads at once (MU *
+// ATTN_WARPS a round: 128 / 64 / 32 for ND 1 / 2 / 4, 64 float2 registers of partials a lane).
+template <int ND>
 __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct attn_args a, int32_t hd) {
-    constexpr int MU = 8; // partitions a warp loads at once (MU * ATTN_WARPS a round)
+    constexpr int MU = 32 / ND;
     __shared__ float red[ATTN_WARPS][ATTN_MAX_HD];
     __shared__ float wred[2][ATTN_WARPS];
     if (a.pdl_trigger) pdl_launch_dependents();
@@ -1042,8 +1049,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct a
     // Warp w takes partitions w, w + 4, ... (MU at a time), lanes dims 2 lane, +1 (+ 64, ...), and
     // keeps a running (max, sum, acc) in log2 units; the first round's loads go out with the load
     // of pos (every index below a.n_parts is inside the workspace; those past the token's range
-    // are dropped once pos is in), so a range of up to 32 partitions costs one round trip.
-    constexpr int ND = ATTN_MAX_HD / (2 * WARP_SIZE);
+    // are dropped once pos is in), so a range of up to MU * ATTN_WARPS partitions costs one round
+    // trip.
     float         wm = -INFINITY, ws = 0.0f, wa[ND][2];
 #pragma unroll
     for (int j = 0; j < ND; j++) wa[j][0] = wa[j][1] = 0.0f;
@@ -1375,8 +1382,11 @@ static void attention_run(struct coopt_backend *be, float *out, const float *q, 
     default: attn_decode_launch_hd<0>(sub_g, false, dl, a, L); break; // generic: any even head_dim <= 256
     }
     if (n_grid > 1 && !wait) {
-        CUDA_CHECK(cuda_launch_pdl(cb->attn_pdl && cb->attn_merge_pdl, attn_merge_kernel, dim3((unsigned)b->n_tokens, (unsigned)n_heads),
-                                   dim3(ATTN_THREADS), 0, cb->stream, a, hd));
+        const bool mpdl = cb->attn_pdl && cb->attn_merge_pdl;
+        const dim3 mg((unsigned)b->n_tokens, (unsigned)n_heads);
+        CUDA_CHECK(hd <= 64    ? cuda_launch_pdl(mpdl, attn_merge_kernel<1>, mg, dim3(ATTN_THREADS), 0, cb->stream, a, hd)
+                   : hd <= 128 ? cuda_launch_pdl(mpdl, attn_merge_kernel<2>, mg, dim3(ATTN_THREADS), 0, cb->stream, a, hd)
+                               : cuda_launch_pdl(mpdl, attn_merge_kernel<4>, mg, dim3(ATTN_THREADS), 0, cb->stream, a, hd));
         CUDA_CHECK_LAUNCH();
     }
     if (a.xo) cuda_xstage_out_end(cb, out, n_out);
