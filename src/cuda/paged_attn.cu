@@ -97,6 +97,7 @@
 #define ATTN_PART_MIN 64
 #define ATTN_NOSPLIT  256 // bounds up to this many positions are not split (see the launcher)
 #define ATTN_BUCKET_MIN 128
+#define ATTN_TC_LONG  4 // sub-tiles a warp (see attn_geometry)
 
 static constexpr int pow2ceil_c(int x) { return x <= 1 ? 1 : 2 * pow2ceil_c((x + 1) / 2); }
 
@@ -1252,9 +1253,10 @@ static struct attn_geom attn_geometry(const struct coopt_backend *be, const stru
     // context's attn_partition), i.e. a fixed number of bytes: twice the positions for FP8, half
     // for F32. Halved while the live CTAs would be fewer than 3 per SM (live: the bucket is up to
     // twice the real ranges, so half of it is what the grid is sure to cover); with the
-    // tensor-core walk fewer than attn_tc_occ per SM (0.5 by default: 1024 FP8 keys a CTA at 16k
-    // on llama3-8b; 0.5-0.75 measured best, 1-1.5 up to 3 % slower at 4k, 2 10-12 % slower, H100,
-    // docs/BENCHMARKS.md), and never below one sub-tile per warp. Doubled while the grid would
+    // tensor-core walk fewer than attn_tc_occ per SM (0.5 by default: 256 FP8 keys a CTA at 4k on
+    // llama3-8b; 0.5-0.75 measured best there, 1-1.5 up to 4.5 % slower, 2 10-12 % slower, H100,
+    // docs/BENCHMARKS.md) or twice that where long ranges allow (below), and never below one
+    // sub-tile per warp. Doubled while the grid would
     // have more than 16 CTAs per SM (keeps the partial workspace small for big batches).
     // attn_partition 0 (the ablation) walks each range in one CTA. (A grid for the live half only,
     // ranges past it cut into longer partitions on the device so no CTA exits at once, measured no
@@ -1266,9 +1268,19 @@ static struct attn_geom attn_geometry(const struct coopt_backend *be, const stru
         while (part_size * 2 <= be->attn_partition) part_size *= 2;
     }
     part_size       = part_size * 2 / (int64_t)l->elem_bytes;
-    const int64_t live = bound / 2, min_ctas = (int64_t)((g.tc_dec ? cb->attn_tc_occ : 3.0f) * (float)cb->n_sm);
-    const int64_t part_min = g.tc_dec ? ATTN_PART_MIN * 2 / (int64_t)l->elem_bytes : ATTN_PART_MIN;
-    while (part_size > part_min && ctas * ((live + part_size - 1) / part_size) < min_ctas) part_size /= 2;
+    const int64_t live = bound / 2, part_min = g.tc_dec ? ATTN_PART_MIN * 2 / (int64_t)l->elem_bytes : ATTN_PART_MIN;
+    auto halved = [&](float occ) {
+        const int64_t min_ctas = (int64_t)(occ * (float)cb->n_sm);
+        int64_t       ps       = part_size;
+        while (ps > part_min && ctas * ((live + ps - 1) / ps) < min_ctas) ps /= 2;
+        return ps;
+    };
+    // The tensor-core walk aims at twice attn_tc_occ where that leaves every warp at least
+    // ATTN_TC_LONG sub-tiles (llama3-8b FP8 at depth 16384: 512-key partitions, 272 CTAs, +0.8 %;
+    // at 4096 the same aim gives one sub-tile a warp, -4.5 %: docs/BENCHMARKS.md).
+    const int64_t sk   = l->elem_bytes == 1 ? 32 : 16; // (dec_cfg::SK of the walk)
+    const int64_t wide = g.tc_dec ? halved(2.0f * cb->attn_tc_occ) : 0;
+    part_size = g.tc_dec && wide >= ATTN_TC_LONG * ATTN_WARPS * sk ? wide : halved(g.tc_dec ? cb->attn_tc_occ : 3.0f);
     while (part_size < bound && ctas * ((bound + part_size - 1) / part_size) > 16LL * cb->n_sm) part_size *= 2;
     int64_t n_parts = (bound + part_size - 1) / part_size;
     // Short ranges in one pass: up to ATTN_NOSPLIT positions a CTA walks them in about the time of
