@@ -284,12 +284,13 @@ static void cuda_get_rows(struct coopt_backend *be, float *out, const float *x, 
 //
 // out[r] = index of the largest x[r][i] (lowest index on ties; NaN and -inf never; 0 when nothing
 // else), as cpu_argmax. Grid: (n_rows) blocks of ARGMAX_THREADS threads, one row each: every
-// thread keeps its best of a strided scan (ARGMAX_UNROLL independent loads in flight), then a
-// warp shuffle and one shared-memory round reduce (value, index) pairs. A decode step's logits
-// (32000-128256 floats) were just written by the LM head and are read from L2; one block's scan
-// is ~1-3 us, against the tens of microseconds of a host round trip it replaces.
+// thread keeps its best of a strided scan (ARGMAX_UNROLL independent loads in flight: a pass of
+// 32768 logits is one L2 round trip, four for Llama 3's 128256), then a warp shuffle and one
+// shared-memory round reduce (value, index) pairs. A decode step's logits were just written by
+// the LM head and are read from L2, against the tens of microseconds of a host round trip this
+// replaces. A programmatic dependent launch with cuda_backend.pdl (it waits for the LM head).
 #define ARGMAX_THREADS 1024
-#define ARGMAX_UNROLL  8
+#define ARGMAX_UNROLL  32
 
 __device__ __forceinline__ void argmax_take(float v, int32_t i, float *bv, int32_t *bi) {
     if (v > *bv || (v == *bv && i < *bi)) *bv = v, *bi = i;
@@ -298,6 +299,7 @@ __device__ __forceinline__ void argmax_take(float v, int32_t i, float *bv, int32
 __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_kernel(int32_t *out, int32_t *out_host, const float *__restrict__ x, int32_t n) {
     __shared__ float   sv[ARGMAX_THREADS / 32];
     __shared__ int32_t si[ARGMAX_THREADS / 32];
+    pdl_wait();
     const float *row = x + (size_t)blockIdx.x * (size_t)n;
     float        bv  = -INFINITY;
     int32_t      bi  = INT32_MAX; // no candidate yet
@@ -333,7 +335,9 @@ __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_kernel(int32_t *out, in
 static void cuda_argmax(struct coopt_backend *be, int32_t *out, int32_t *out_host, const float *x, int32_t n_rows,
                         int32_t n) {
     if (n_rows <= 0) return;
-    argmax_kernel<<<n_rows, ARGMAX_THREADS, 0, cuda_impl(be)->stream>>>(out, out_host, x, n);
+    struct cuda_backend *cb = cuda_impl(be);
+    CUDA_CHECK(cuda_launch_pdl(cb->pdl, argmax_kernel, dim3((unsigned)n_rows), dim3(ARGMAX_THREADS), 0, cb->stream, out,
+                               out_host, x, n));
     CUDA_CHECK_LAUNCH();
 }
 
