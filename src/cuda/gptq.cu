@@ -1401,7 +1401,6 @@ void cuda_gptq_xstage_counts(int64_t *made, int64_t *used) { *made = g_xstage_ma
 static int g_hgemv_regs = -1; // tensor-core GEMV register cap, 0 = automatic, -1 = $COOPT_GPTQ_HGEMV_REGS not read yet
 static int g_pdl       = -1;                          // -1 = not read yet
 static int g_pdl_fail  = 0;                           // a launch with it was refused: off for good
-static int g_cc_major[64];                            // compute capability of each device, 0 = not read yet
 
 static uint32_t g_config_epoch = 0; // bumped by every set_* below (cuda_gptq_config_epoch)
 
@@ -1452,10 +1451,7 @@ static bool pdl_enabled(const struct cuda_backend *cb) {
         const char *e = getenv("COOPT_GPTQ_PDL");
         g_pdl         = !(e && e[0] == '0');
     }
-    if (!g_pdl || g_pdl_fail || cb->device < 0 || cb->device >= 64) return false;
-    if (!g_cc_major[cb->device])
-        CUDA_CHECK(cudaDeviceGetAttribute(&g_cc_major[cb->device], cudaDevAttrComputeCapabilityMajor, cb->device));
-    return g_cc_major[cb->device] >= 9;
+    return g_pdl && !g_pdl_fail && cb->cc_major >= 9; // (cuda_backend.cc_major: read at init, step.cu)
 }
 
 // Launches kern<<<grid, block, smem, st>>>(args...), with programmatic stream serialization when
