@@ -237,9 +237,7 @@ __global__ void gptq_gather_kernel(T *__restrict__ xp, const float *__restrict__
 // block computes the same tile of both).
 enum gemv_mode { GEMV_STORE = 0, GEMV_ACCUMULATE = 1, GEMV_SWIGLU = 2 };
 
-// The GEMVs' store of column o: sum s (+ bias[o]) by mode; swiglu: silu(s + bias[o]) * (u +
-// bias_u[o]) (as silu_mul_kernel).
-// What gemv_store writes, given the value it adds to (GEMV_ACCUMULATE; loaded by the caller).
+// What gemv_store (below) writes, given the value it adds to (GEMV_ACCUMULATE; loaded by the caller).
 __device__ __forceinline__ float gemv_value(float s, float u, const float *bias, const float *bias_u, int32_t o, int mode,
                                             float prev) {
     s += bias ? bias[o] : 0.0f;
@@ -250,6 +248,8 @@ __device__ __forceinline__ float gemv_value(float s, float u, const float *bias,
     return mode == GEMV_ACCUMULATE ? prev + s : s;
 }
 
+// The GEMVs' store of column o: sum s (+ bias[o]) by mode; swiglu: silu(s + bias[o]) * (u +
+// bias_u[o]) (as silu_mul_kernel).
 __device__ __forceinline__ void gemv_store(float *p, float s, float u, const float *bias, const float *bias_u,
                                            int32_t o, int mode) {
     s += bias ? bias[o] : 0.0f;

@@ -67,17 +67,16 @@
  *
  * attn_merge_kernel (merging in the decode kernel's last CTA per KV head instead, counted with a
  *   fence and an atomic, measured 5-13 % slower at depth on llama3-8b; docs/BENCHMARKS.md):
- *   Grid (n_tokens, n_heads); Block 128 threads. With attn_args.pdl_trigger it
- *   first lets the next kernel (the o projection) launch; then it waits for the decode kernel (a
- *   programmatic dependent launch with cuda_backend.attn_merge_pdl, the default on sm_90). Skips tokens whose range fits
- *   in one partition without store CTAs (the decode kernel wrote them directly) and tokens of
- *   tensor-core tiles. (Not launched for attn_args.kv_wait.)
+ *   Grid (n_tokens, n_heads); Block 128 threads. With attn_args.pdl_trigger it first lets the
+ *   next kernel (the o projection) launch; then it waits for the decode kernel (a programmatic
+ *   dependent launch with cuda_backend.attn_merge_pdl, the default on sm_90). Skips tokens whose
+ *   range fits in one partition without store CTAs (the decode kernel wrote them directly) and
+ *   tokens of tensor-core tiles. (Not launched for attn_args.kv_wait.)
  *   Warp w takes partitions w, w + 4, ..., lanes over dims, with a running (max, sum, acc) per
  *   warp; shared memory merges the four warps. Its first round of partials (up to 64 at head dim
- *   128) is loaded
- *   together with the token's position, before the range is known, so the partials cost one
- *   round trip (a max pass, then a sum pass, cost two more before: llama3-8b gptq4 tg128 at depth
- *   16384 +2.8 % fp8 / +2.9 % f16, docs/BENCHMARKS.md).
+ *   128) is loaded together with the token's position, before the range is known, so the
+ *   partials cost one round trip (a max pass, then a sum pass, cost two more before: llama3-8b
+ *   gptq4 tg128 at depth 16384 +2.8 % fp8 / +2.9 % f16, docs/BENCHMARKS.md).
  *
  * Numerics: f32 throughout; q is pre-multiplied by scale * log2(e) so probabilities are ex2 of
  * score differences. Same cache bytes as the CPU reference, different summation order.
@@ -98,6 +97,10 @@
 #define ATTN_NOSPLIT  256 // bounds up to this many positions are not split (see the launcher)
 #define ATTN_BUCKET_MIN 128
 #define ATTN_TC_LONG  4 // sub-tiles a warp (see attn_geometry)
+// Stages of the tensor-core walk's copy ring (dec_cfg::NST; 2 measured slower, docs/BENCHMARKS.md)
+#ifndef ATTN_TC_NST
+#define ATTN_TC_NST 3
+#endif
 
 static constexpr int pow2ceil_c(int x) { return x <= 1 ? 1 : 2 * pow2ceil_c((x + 1) / 2); }
 
@@ -119,9 +122,6 @@ template <int HD, int KT, int G, bool TC> struct dec_cfg {
     static constexpr int  OFF_VS = OFF_KS + SK * 4;
     static constexpr int  OFF_M  = OFF_VS + SK * 4;
     static constexpr int  STAGE  = FAST ? OFF_M + 16 : 0;
-#ifndef ATTN_TC_NST
-#define ATTN_TC_NST 3
-#endif
     static constexpr int  NST    = TC ? ATTN_TC_NST : STAGE <= 6144 ? 3 : 2;
     static constexpr int  HDP    = FAST ? HD : ATTN_MAX_HD;
     // cross-warp merge buffers: acc rows of HDS floats, dim d at d + d / 32 (red_at), so the
