@@ -252,15 +252,7 @@ __device__ __forceinline__ float gemv_value(float s, float u, const float *bias,
 // bias_u[o]) (as silu_mul_kernel).
 __device__ __forceinline__ void gemv_store(float *p, float s, float u, const float *bias, const float *bias_u,
                                            int32_t o, int mode) {
-    s += bias ? bias[o] : 0.0f;
-    if (mode == GEMV_SWIGLU) {
-        u += bias_u ? bias_u[o] : 0.0f;
-        *p = s / (1.0f + expf(-s)) * u;
-    } else if (mode == GEMV_ACCUMULATE) {
-        *p += s;
-    } else {
-        *p = s;
-    }
+    *p = gemv_value(s, u, bias, bias_u, o, mode, mode == GEMV_ACCUMULATE ? *p : 0.0f);
 }
 
 // Up to GPTQ_MAX_MULTI weights of one input; block b belongs to weight j when
