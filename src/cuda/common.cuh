@@ -205,9 +205,56 @@ __device__ __forceinline__ float warp_max(float v) {
 // touching what it writes; pdl_launch_dependents: let the next kernel launch now (it waits
 // itself). Both are no-ops for launches without the attribute, and compiled out for older
 // targets (where no launcher asks for it).
+// ---- timeline trace (trace builds only: -DCOOPT_TRACE, see step.cu and dev/trace.py) ----
+//
+// Each traced kernel opens a trace_cta at its start; at its end (the destructor, also on an early
+// return) thread 0 appends one record: %globaltimer at the start, when thread 0 returned from
+// pdl_wait (0: it did not call it), at the end, the kernel's kind (TRACE_* below, | an argument
+// << 16) and the SM. The buffer (count first) is bound per translation unit (cuda_trace_bind_*).
+#ifdef COOPT_TRACE
+enum { TRACE_HGEMV = 1, TRACE_ATTN = 2, TRACE_MERGE = 3, TRACE_ROPE_STORE = 4, TRACE_ARGMAX = 5, TRACE_EMBED = 6,
+       TRACE_RMSNORM = 7, TRACE_GEMV = 8 };
+#define TRACE_CAP (1 << 20)
+static __device__ unsigned long long *d_trace; // [0]: records written; then TRACE_CAP records of 4 words
+__device__ __forceinline__ unsigned long long trace_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned long long *trace_waited() {
+    __shared__ unsigned long long t;
+    return &t;
+}
+struct trace_cta {
+    unsigned long long t0;
+    unsigned           kind;
+    __device__ explicit trace_cta(unsigned k) : t0(trace_now()), kind(k) {
+        if (threadIdx.x == 0 && threadIdx.y == 0) *trace_waited() = 0;
+    }
+    __device__ ~trace_cta() {
+        if (threadIdx.x != 0 || threadIdx.y != 0 || !d_trace) return;
+        const unsigned long long i = atomicAdd(d_trace, 1ull);
+        if (i >= TRACE_CAP) return;
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        unsigned long long *r = d_trace + 1 + 4 * i;
+        r[0] = t0, r[1] = *trace_waited(), r[2] = trace_now(), r[3] = (unsigned long long)kind | (unsigned long long)sm << 32;
+    }
+};
+#define TRACE_CTA(kind) trace_cta trace_cta_((unsigned)(kind))
+#define TRACE_TU(name)                                                                             \
+    extern "C" void cuda_trace_bind_##name(void *p) { CUDA_CHECK(cudaMemcpyToSymbol(d_trace, &p, sizeof(p))); }
+#else
+#define TRACE_CTA(kind) ((void)0)
+#define TRACE_TU(name)
+#endif
+
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#ifdef COOPT_TRACE
+    if (threadIdx.x == 0 && threadIdx.y == 0) *trace_waited() = trace_now();
 #endif
 }
 __device__ __forceinline__ void pdl_launch_dependents() {

@@ -112,6 +112,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+TRACE_TU(gptq)
+
 #define GPTQ_GEMV_MAX_ROWS 8   // rows per GEMV launch (template R = 1, 2, 4, 8)
 #define GPTQ_U             4   // 64-row chunks each GEMV lane loads before using them
 #define GPTQ_MAX_MULTI     4
@@ -507,6 +509,9 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 #define HG_RU 4 // 64-row chunks of codes each lane keeps in flight (a register ring; the loop is unrolled by it)
 #endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
+#ifndef HG_MIN_TURNS
+#define HG_MIN_TURNS 2 // turns of the register ring a warp's range must make for 8- and 16-warp blocks (hgemv_auto_config)
+#endif
 // Register caps: every instance is compiled with both, and hgemv_auto_config takes the larger
 // where the grid still fits the GPU in one wave. With one cap for all, 80 was 4 % faster end to
 // end on llama2-7b and 72 4-7 % faster on llama3-8b / llama2-13b, whose 4-warp gate/up grids fit
@@ -599,6 +604,7 @@ __global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_
     __shared__ float red_x[NW][HG_ROWS]; // NORM: each warp's sum of squares of its x range
     __shared__ float row_f[NW][HG_ROWS]; // the power of two each warp's staged x was multiplied by, inverted
     extern __shared__ uint4 hg_dyn[];
+    TRACE_CTA(TRACE_HGEMV | (NORM ? 1u : 0u) << 16 | (SWIGLU ? 2u : 0u) << 16 | (unsigned)a.n_kc << 18);
     const int  lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
     const bool swiglu = SWIGLU; // (a.mode == GEMV_SWIGLU)
     int        wsel   = 0;
@@ -1678,7 +1684,7 @@ static void hgemv_auto_config(const struct cuda_backend *cb, int64_t blocks, int
         for (int r = 0; r < 2; r++) {
             if ((nw_forced && cand[i] != nw_forced) || (regs_forced && caps[r] != regs_forced)) continue;
             // fewer than two turns of the ring a warp: the prologue's latency is not amortized
-            if (!nw_forced && cand[i] > 4 && (sw ? 2 : 1) * ((n_kc + cand[i] - 1) / cand[i]) < 2 * HG_RU) continue;
+            if (!nw_forced && cand[i] > 4 && (sw ? 2 : 1) * ((n_kc + cand[i] - 1) / cand[i]) < HG_MIN_TURNS * HG_RU) continue;
             if (blocks <= (int64_t)hgemv_blocks_per_sm(cand[i], norm, sw, caps[r], cb->device, smem) * cb->n_sm) {
                 *nw = cand[i], *regs = caps[r];
                 return;

@@ -46,6 +46,8 @@
 
 #include <string.h>
 
+TRACE_TU(matmul)
+
 #define GEMV_WARPS   4
 #define GEMV_MAX_SEG 4
 
@@ -266,6 +268,7 @@ __device__ __forceinline__ void dot2_quant(const uint8_t *__restrict__ wa, const
 template <int T, int NR, bool VEC, bool NORM>
 __global__ void __launch_bounds__(GEMV_WARPS * WARP_SIZE) gemv_kernel(const struct gemv_args a) {
     constexpr bool QUANT = T == COOPT_DTYPE_Q8_0 || T == COOPT_DTYPE_Q4_0;
+    TRACE_CTA(TRACE_GEMV | (NORM ? 1u : 0u) << 16);
     __shared__ __align__(16) uint8_t stage[QUANT ? GEMV_WARPS : 1][2][2][QUANT ? qblock<T>::STAGE : 16];
     const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int32_t task = blockIdx.x * GEMV_WARPS + warp;

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <unistd.h>
 
+TRACE_TU(ops_cuda)
+
 // ---- errors ----
 
 void cuda_report_error(const char *stmt, const char *func, const char *file, int line, const char *err) {
@@ -150,6 +152,7 @@ static void cuda_fence_wait(struct coopt_backend *be, uint64_t n) {
 template <int T>
 __global__ void embed_kernel(float *__restrict__ out, const uint8_t *__restrict__ table, size_t row_bytes,
                              int64_t n_in, const int32_t *__restrict__ tokens) {
+    TRACE_CTA(TRACE_EMBED);
     int32_t        t   = blockIdx.x;
     const uint8_t *row = table + (size_t)tokens[t] * row_bytes;
     float         *o   = out + (size_t)t * (size_t)n_in;
@@ -183,6 +186,7 @@ static void cuda_embed(struct coopt_backend *be, float *out, const struct coopt_
 // out may alias x: each thread reads its elements before the barrier and writes them after.
 __global__ void rmsnorm_kernel(float *out, const float *x, const float *__restrict__ w, int32_t dim, float eps) {
     __shared__ float part[32];
+    TRACE_CTA(TRACE_RMSNORM);
     const float     *xr = x + (size_t)blockIdx.x * (size_t)dim;
     float           *o  = out + (size_t)blockIdx.x * (size_t)dim;
     float            ss = 0.0f;
@@ -299,6 +303,7 @@ __device__ __forceinline__ void argmax_take(float v, int32_t i, float *bv, int32
 __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_kernel(int32_t *out, int32_t *out_host, const float *__restrict__ x, int32_t n) {
     __shared__ float   sv[ARGMAX_THREADS / 32];
     __shared__ int32_t si[ARGMAX_THREADS / 32];
+    TRACE_CTA(TRACE_ARGMAX);
     pdl_wait();
     const float *row = x + (size_t)blockIdx.x * (size_t)n;
     float        bv  = -INFINITY;

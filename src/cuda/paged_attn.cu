@@ -88,6 +88,8 @@
 #include <limits.h>
 #include <math.h>
 
+TRACE_TU(paged_attn)
+
 #define ATTN_WARPS   4
 #define ATTN_THREADS (ATTN_WARPS * WARP_SIZE)
 #define ATTN_MAX_G   8
@@ -228,6 +230,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     using C = dec_cfg<HD, KT, G, TC>;
     extern __shared__ __align__(16) uint8_t smem[];
     float *const own = (float *)(smem + C::SMEM); // kv_cluster: [V row, HDP][score per head], in CTA 2 (z)
+    TRACE_CTA(TRACE_ATTN | (TC ? 1u : 0u) << 16 | (unsigned)KT << 17 | (unsigned)blockIdx.z << 24);
     // (launched early with cuda_backend.attn_pdl: everything after pdl_wait may read the previous
     // kernel's output; with attn_args.pre a CTA that stores no row waits after issuing its first copies)
     if (!a.pre) pdl_wait();
@@ -1038,6 +1041,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_merge_kernel(const struct a
     constexpr int MU = 32 / ND;
     __shared__ float red[ATTN_WARPS][ATTN_MAX_HD];
     __shared__ float wred[2][ATTN_WARPS];
+    TRACE_CTA(TRACE_MERGE);
     if (a.pdl_trigger) pdl_launch_dependents();
     pdl_wait(); // (cuda_backend.attn_merge_pdl: the decode kernel's partials)
     const int     tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;

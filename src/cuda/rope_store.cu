@@ -29,6 +29,8 @@
  */
 #include "cuda/kv_store.cuh"
 
+TRACE_TU(rope_store)
+
 // Rotates heads [h0, h1) of one token's row x in place (all threads of the block).
 __device__ __forceinline__ void rope_row(float *x, int32_t h0, int32_t h1, int32_t pos, const struct rope_params &p) {
     int half = p.head_dim / 2;
@@ -128,6 +130,7 @@ __global__ void __launch_bounds__(128)
                       const float *__restrict__ koff, const int32_t *__restrict__ tok_seq,
                       const int32_t *__restrict__ seq_ids, int32_t n_layers) {
     constexpr bool FP8 = KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2;
+    TRACE_CTA(TRACE_ROPE_STORE);
     pdl_launch_dependents(); // the attention may launch now; it waits for our completion
     pdl_wait();              // (launched early with cuda_backend.attn_pdl) q, k, v come from the kernel before
     __shared__ float b[2 * ROPE_MAX_HALF];

@@ -107,7 +107,61 @@ struct cuda_step {
     struct prof_entry ent[PROF_MAX_ENTRIES];
     int32_t           n_ent;
     int64_t           n_syncs;
+#ifdef COOPT_TRACE
+    unsigned long long *trace;      // device buffer of the timeline trace (common.cuh), NULL = off
+    int64_t             trace_step; // the replay it keeps ($COOPT_TRACE_STEP, default 8)
+#endif
 };
+
+#ifdef COOPT_TRACE
+// Timeline trace (trace builds, -DCOOPT_TRACE): with COOPT_TRACE_FILE set, the kernels of the
+// replay number COOPT_TRACE_STEP append their CTAs' records (common.cuh) and the records are
+// written to that file (the count, then 4 words each) before the next step; dev/trace.py reads it.
+extern "C" {
+void cuda_trace_bind_gptq(void *p);
+void cuda_trace_bind_paged_attn(void *p);
+void cuda_trace_bind_rope_store(void *p);
+void cuda_trace_bind_ops_cuda(void *p);
+void cuda_trace_bind_matmul(void *p);
+}
+static void trace_bind(void *p) {
+    cuda_trace_bind_gptq(p), cuda_trace_bind_paged_attn(p), cuda_trace_bind_rope_store(p);
+    cuda_trace_bind_ops_cuda(p), cuda_trace_bind_matmul(p);
+}
+static void trace_init(struct cuda_step *S) {
+    const char *f = getenv("COOPT_TRACE_FILE"), *n = getenv("COOPT_TRACE_STEP");
+    if (!f || !*f) return;
+    S->trace_step = n && *n ? atoll(n) : 8;
+    CUDA_CHECK(cudaMalloc(&S->trace, (1 + 4 * (size_t)TRACE_CAP) * sizeof(unsigned long long)));
+    CUDA_CHECK(cudaMemset(S->trace, 0, sizeof(unsigned long long)));
+    trace_bind(S->trace);
+}
+// Before each step: restart the record (the kept replay not reached yet), or write it out.
+static void trace_step(struct cuda_step *S, cudaStream_t st) {
+    if (!S->trace) return;
+    if (S->n_replays <= S->trace_step) {
+        CUDA_CHECK(cudaMemsetAsync(S->trace, 0, sizeof(unsigned long long), st));
+        return;
+    }
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    trace_bind(NULL);
+    unsigned long long n = 0;
+    CUDA_CHECK(cudaMemcpy(&n, S->trace, sizeof(n), cudaMemcpyDeviceToHost));
+    if (n > TRACE_CAP) n = TRACE_CAP;
+    unsigned long long *h = (unsigned long long *)malloc((1 + 4 * n) * sizeof(*h));
+    FILE               *fp = fopen(getenv("COOPT_TRACE_FILE"), "wb");
+    if (h && fp) {
+        CUDA_CHECK(cudaMemcpy(h, S->trace, (1 + 4 * n) * sizeof(*h), cudaMemcpyDeviceToHost));
+        h[0] = n;
+        fwrite(h, sizeof(*h), 1 + 4 * n, fp);
+        fprintf(stderr, "trace: %llu CTA records of replay %lld written\n", n, (long long)S->trace_step);
+    }
+    if (fp) fclose(fp);
+    free(h);
+    CUDA_CHECK(cudaFree(S->trace));
+    S->trace = NULL;
+}
+#endif
 
 static bool env_flag(const char *name, bool dflt) {
     const char *v = getenv(name);
@@ -167,6 +221,9 @@ bool cuda_step_begin(struct coopt_backend *be, const struct coopt_kv_cache *kv, 
     struct cuda_backend *cb = cuda_impl(be);
     struct cuda_step    *S  = cb->step;
     COOPT_ASSERT(S && !S->recording);
+#ifdef COOPT_TRACE
+    trace_step(S, cb->stream);
+#endif
     S->fresh = NULL;
     const int64_t chain = S->chain_len;
     S->chain_len        = 0;
@@ -563,6 +620,9 @@ enum coopt_status cuda_step_init(struct coopt_backend *be, const struct coopt_op
         if (o->rope_store_attention_then_matmul) o->rope_store_attention_then_matmul = p_rope_store_attention_then_matmul;
     }
     be->ops = &cb->ops;
+#ifdef COOPT_TRACE
+    trace_init(S);
+#endif
     return COOPT_OK;
 }
 
@@ -592,6 +652,9 @@ void cuda_step_free(struct cuda_backend *cb) {
                     1e3 * S->span_ms / (double)S->n_span, (long long)S->n_span, 1e3 * S->period_ms / (double)S->n_period,
                     (long long)S->n_period, 1e3 * (S->period_ms / (double)S->n_period - S->span_ms / (double)S->n_span));
     }
+#ifdef COOPT_TRACE
+    if (S->trace) trace_bind(NULL), cudaFree(S->trace);
+#endif
     for (int i = 0; i < STEP_TIMING_RING; i++) {
         if (S->ev_t0[i]) cudaEventDestroy(S->ev_t0[i]);
         if (S->ev_t1[i]) cudaEventDestroy(S->ev_t1[i]);

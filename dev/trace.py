@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Reads a timeline trace of one decode step (a build with -DCOOPT_TRACE, run with
+COOPT_TRACE_FILE=<file>; src/cuda/step.cu) and prints, per kernel launch in stream order, when its
+CTAs started, returned from pdl_wait and ended, relative to the step's first CTA, and per launch
+kind the mean of: the time from the previous launch's last CTA end to this one's (what the launch
+adds to the step), the hand-over (previous last end -> this launch's first return from pdl_wait),
+and the tail (median CTA end -> last CTA end).
+
+    make BUILD=build-trace CUARCH="-gencode arch=compute_90,code=sm_90 -DCOOPT_TRACE" build-trace/coopt
+    COOPT_TRACE_FILE=trace.bin COOPT_TRACE_STEP=8 build-trace/coopt bench -m MODEL --device cuda -p 0 -n 16 -r 1
+    python3 dev/trace.py trace.bin [--layers 3]
+
+The records cost time (one atomic per CTA): read shares, not absolute figures (docs/BENCHMARKS.md).
+Launches are told apart by kind and by start times more than 4 us apart.
+"""
+import struct
+import sys
+from collections import defaultdict
+
+NAMES = {1: "gemv4", 2: "attn", 3: "merge", 4: "rope_store", 5: "argmax", 6: "embed", 7: "rmsnorm", 8: "gemv"}
+
+
+def kind_name(k):
+    t, arg = k & 0xFFFF, k >> 16
+    n = NAMES.get(t, "k%d" % t)
+    if t == 1:
+        n += "%s%s/kc%d" % ("+norm" if arg & 1 else "", "+swiglu" if arg & 2 else "", arg >> 2)
+    elif t == 2:
+        n += "%s/kt%d/z%d" % ("/tc" if arg & 1 else "", (arg >> 1) & 0x7F, arg >> 8)
+    elif arg:
+        n += "/%d" % arg
+    return n
+
+
+def main():
+    path = sys.argv[1]
+    layers = int(sys.argv[sys.argv.index("--layers") + 1]) if "--layers" in sys.argv else 3
+    raw = open(path, "rb").read()
+    n = struct.unpack_from("<Q", raw, 0)[0]
+    recs = []
+    for i in range(n):
+        t0, t1, t2, ks = struct.unpack_from("<4Q", raw, 8 + 32 * i)
+        k = ks & 0xFFFFFFFF
+        if (k & 0xFFFF) == 2:  # attention: one launch whatever the CTA's role (z)
+            k &= 0x00FFFFFF
+        recs.append((t0, t1, t2, k, ks >> 32))
+    if not recs:
+        print("no records")
+        return
+    base = min(r[0] for r in recs)
+    by_kind = defaultdict(list)
+    for r in recs:
+        by_kind[r[3]].append(r)
+    launches = []
+    for k, rs in by_kind.items():
+        rs.sort()
+        cur = [rs[0]]
+        for r in rs[1:]:
+            if r[0] - cur[-1][0] > 4000:  # ns: a later launch of the same kernel
+                launches.append((k, cur))
+                cur = []
+            cur.append(r)
+        launches.append((k, cur))
+    launches.sort(key=lambda l: min(r[0] for r in l[1]))
+
+    def us(t):
+        return (t - base) / 1000.0
+
+    rows = []
+    for k, rs in launches:
+        t0 = sorted(r[0] for r in rs)
+        t1 = sorted(r[1] for r in rs if r[1])
+        t2 = sorted(r[2] for r in rs)
+        rows.append(dict(kind=k, n=len(rs), s0=t0[0], w0=t1[0] if t1 else 0, wl=t1[-1] if t1 else 0,
+                         e0=t2[0], emed=t2[len(t2) // 2], el=t2[-1], sms=len(set(r[4] for r in rs))))
+    print("%-28s %5s %4s %9s %9s %9s %9s %9s %9s %7s %7s" % ("launch", "CTAs", "SMs", "start", "wait0", "waitN",
+                                                         "end0", "endmed", "endN", "adds", "hand"))
+    stats = defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0.0])
+    prev = None
+    shown = 0
+    for i, r in enumerate(rows):
+        adds = (r["el"] - prev["el"]) / 1000.0 if prev else 0.0
+        hand = (r["w0"] - prev["el"]) / 1000.0 if prev and r["w0"] else float("nan")
+        tail = (r["el"] - r["emed"]) / 1000.0
+        s = stats[r["kind"]]
+        s[0] += 1
+        s[1] += adds
+        s[2] += hand if hand == hand else 0.0
+        s[3] += tail
+        s[4] += (r["el"] - (r["w0"] or r["s0"])) / 1000.0
+        if shown < 6 * layers + 2 or i >= len(rows) - 4:
+            print("%-28s %5d %4d %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.2f %7.2f" % (
+                kind_name(r["kind"]), r["n"], r["sms"], us(r["s0"]), us(r["w0"]) if r["w0"] else float("nan"),
+                us(r["wl"]) if r["wl"] else float("nan"), us(r["e0"]), us(r["emed"]), us(r["el"]), adds, hand))
+            shown += 1
+        prev = r
+    print("\nstep: %.1f us, %d launches, %d CTA records" % ((rows[-1]["el"] - base) / 1000.0, len(rows), n))
+    print("%-28s %6s %9s %9s %9s %9s" % ("kind", "count", "adds", "hand", "tail", "wait->end"))
+    for k, s in sorted(stats.items(), key=lambda kv: -kv[1][1]):
+        c = s[0]
+        print("%-28s %6d %9.2f %9.2f %9.2f %9.2f" % (kind_name(k), c, s[1] / c, s[2] / c, s[3] / c, s[4] / c))
+
+
+if __name__ == "__main__":
+    main()
