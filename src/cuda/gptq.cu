@@ -509,6 +509,12 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or_t(uint32_t a
 #define HG_RU 4 // 64-row chunks of codes each lane keeps in flight (a register ring; the loop is unrolled by it)
 #endif
 #define HG_ROWS 8 // tokens per launch: the n = 8 of the mma
+// Where the next kernel may launch: after the chunk stream (0), or at the start in the SwiGLU
+// instances (1) or in all (2) -- a compile-time switch for measurements.
+#ifndef HG_TRIGGER_AT
+#define HG_TRIGGER_AT 0
+#endif
+#define HG_TRIGGER_EARLY(sw) (HG_TRIGGER_AT == 2 || (HG_TRIGGER_AT == 1 && (sw)))
 #ifndef HG_MIN_TURNS
 #define HG_MIN_TURNS 2 // turns of the register ring a warp's range must make for 8- and 16-warp blocks (hgemv_auto_config)
 #endif
@@ -605,6 +611,7 @@ __global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_
     __shared__ float row_f[NW][HG_ROWS]; // the power of two each warp's staged x was multiplied by, inverted
     extern __shared__ uint4 hg_dyn[];
     TRACE_CTA(TRACE_HGEMV | (NORM ? 1u : 0u) << 16 | (SWIGLU ? 2u : 0u) << 16 | (unsigned)a.n_kc << 18);
+    if (HG_TRIGGER_EARLY(SWIGLU)) pdl_launch_dependents();
     const int  lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
     const bool swiglu = SWIGLU; // (a.mode == GEMV_SWIGLU)
     int        wsel   = 0;
@@ -823,7 +830,7 @@ __global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_
     for (int u = 0; u < HG_RU - 1; u++)
         if (i0 + u < total) step(i0 + u, ring[u], false);
     flush();
-    pdl_launch_dependents();
+    if (!HG_TRIGGER_EARLY(SWIGLU)) pdl_launch_dependents();
 
     // ---- reduce over the warps, epilogue ----
     {   // this warp's sums in the units of x: times the power of two its staged rows were divided by
