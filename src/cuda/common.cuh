@@ -198,13 +198,6 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// ---- programmatic dependent launch (sm_90+) ----
-//
-// A kernel launched with programmatic stream serialization may start while the previous kernel
-// of the stream finishes. pdl_wait: wait for that kernel's completion (and its memory) before
-// touching what it writes; pdl_launch_dependents: let the next kernel launch now (it waits
-// itself). Both are no-ops for launches without the attribute, and compiled out for older
-// targets (where no launcher asks for it).
 // ---- timeline trace (trace builds only: -DCOOPT_TRACE, see step.cu and dev/trace.py) ----
 //
 // Each traced kernel opens a trace_cta at its start; at its end (the destructor, also on an early
@@ -249,6 +242,13 @@ struct trace_cta {
 #define TRACE_TU(name)
 #endif
 
+// ---- programmatic dependent launch (sm_90+) ----
+//
+// A kernel launched with programmatic stream serialization may start while the previous kernel
+// of the stream finishes. pdl_wait: wait for that kernel's completion (and its memory) before
+// touching what it writes; pdl_launch_dependents: let the next kernel launch now (it waits
+// itself). Both are no-ops for launches without the attribute, and compiled out for older
+// targets (where no launcher asks for it).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
