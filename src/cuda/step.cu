@@ -109,6 +109,7 @@ struct cuda_step {
     int64_t           n_syncs;
 #ifdef COOPT_TRACE
     unsigned long long *trace;      // device buffer of the timeline trace (common.cuh), NULL = off
+    const char         *trace_file; // $COOPT_TRACE_FILE
     int64_t             trace_step; // the replay it keeps ($COOPT_TRACE_STEP, default 8)
 #endif
 };
@@ -131,8 +132,15 @@ static void trace_bind(void *p) {
 static void trace_init(struct cuda_step *S) {
     const char *f = getenv("COOPT_TRACE_FILE"), *n = getenv("COOPT_TRACE_STEP");
     if (!f || !*f) return;
+    S->trace_file = f;
     S->trace_step = n && *n ? atoll(n) : 8;
-    CUDA_CHECK(cudaMalloc(&S->trace, (1 + 4 * (size_t)TRACE_CAP) * sizeof(unsigned long long)));
+    const cudaError_t e = cudaMalloc(&S->trace, (1 + 4 * (size_t)TRACE_CAP) * sizeof(unsigned long long));
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        coopt_log_error("trace: no device memory for the records (%s); not tracing", cudaGetErrorName(e));
+        S->trace = NULL;
+        return;
+    }
     CUDA_CHECK(cudaMemset(S->trace, 0, sizeof(unsigned long long)));
     trace_bind(S->trace);
 }
@@ -149,12 +157,14 @@ static void trace_step(struct cuda_step *S, cudaStream_t st) {
     CUDA_CHECK(cudaMemcpy(&n, S->trace, sizeof(n), cudaMemcpyDeviceToHost));
     if (n > TRACE_CAP) n = TRACE_CAP;
     unsigned long long *h = (unsigned long long *)malloc((1 + 4 * n) * sizeof(*h));
-    FILE               *fp = fopen(getenv("COOPT_TRACE_FILE"), "wb");
+    FILE               *fp = fopen(S->trace_file, "wb");
+    if (!fp) coopt_log_error("trace: cannot open %s for writing", S->trace_file);
     if (h && fp) {
         CUDA_CHECK(cudaMemcpy(h, S->trace, (1 + 4 * n) * sizeof(*h), cudaMemcpyDeviceToHost));
         h[0] = n;
-        fwrite(h, sizeof(*h), 1 + 4 * n, fp);
-        fprintf(stderr, "trace: %llu CTA records of replay %lld written\n", n, (long long)S->trace_step);
+        if (fwrite(h, sizeof(*h), 1 + 4 * n, fp) == 1 + 4 * n)
+            fprintf(stderr, "trace: %llu CTA records of replay %lld written\n", n, (long long)S->trace_step);
+        else coopt_log_error("trace: short write to %s", S->trace_file);
     }
     if (fp) fclose(fp);
     free(h);
