@@ -8,10 +8,13 @@ and the tail (median CTA end -> last CTA end).
 
     make BUILD=build-trace CUARCH="-gencode arch=compute_90,code=sm_90 -DCOOPT_TRACE" build-trace/coopt
     COOPT_TRACE_FILE=trace.bin COOPT_TRACE_STEP=8 build-trace/coopt bench -m MODEL --device cuda -p 0 -n 16 -r 1
-    python3 dev/trace.py trace.bin [--layers 3]
+    python3 dev/trace.py trace.bin [--layers 3] [--sms]
 
-The records cost time (one atomic per CTA): read shares, not absolute figures (docs/BENCHMARKS.md).
-Launches are told apart by kind and by start times more than 4 us apart.
+The records cost 1-2 % of a step (one atomic per CTA; before the trace kept its wait stamp out of
+shared memory, 13 %: docs/BENCHMARKS.md).
+Launches are told apart by kind and by start times more than 4 us apart. --sms: per GEMV kind, the
+SMs its CTAs ran on, CTAs per SM (least-most) and how long before the launch's last CTA each SM's
+last CTA ended (10th percentile, median, most).
 """
 import struct
 import sys
@@ -94,6 +97,22 @@ def main():
                 us(r["wl"]) if r["wl"] else float("nan"), us(r["e0"]), us(r["emed"]), us(r["el"]), adds, hand))
             shown += 1
         prev = r
+    if "--sms" in sys.argv:  # per GEMV kind, mean over its launches: how the CTAs sat on the SMs
+        print("\n%-28s %6s %5s %12s %24s" % ("GEMV kind", "count", "SMs", "CTAs per SM", "SM ends before last, us"))
+        per = defaultdict(list)
+        for k, rs in launches:
+            if (k & 0xFFFF) not in (1, 8):
+                continue
+            by_sm = defaultdict(list)
+            for r in rs:
+                by_sm[r[4]].append(r)
+            cnt = sorted(len(v) for v in by_sm.values())
+            last = max(r[2] for r in rs)
+            ends = sorted((last - max(r[2] for r in v)) / 1000.0 for v in by_sm.values())
+            per[k].append((len(by_sm), cnt[0], cnt[-1], ends[len(ends) // 10], ends[len(ends) // 2], ends[-1]))
+        for k, v in sorted(per.items()):
+            m = [sum(x[i] for x in v) / len(v) for i in range(6)]
+            print("%-28s %6d %5.1f %5.1f-%-6.1f p10 %5.2f p50 %5.2f max %5.2f" % (kind_name(k), len(v), *m))
     print("\nstep: %.1f us, %d launches, %d CTA records" % ((rows[-1]["el"] - base) / 1000.0, len(rows), n))
     print("%-28s %6s %9s %9s %9s %9s" % ("kind", "count", "adds", "hand", "tail", "wait->end"))
     for k, s in sorted(stats.items(), key=lambda kv: -kv[1][1]):

@@ -214,15 +214,15 @@ __device__ __forceinline__ unsigned long long trace_now() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-__device__ __forceinline__ unsigned long long *trace_waited() {
-    __shared__ unsigned long long t;
-    return &t;
-}
+// No shared memory: a kernel's static shared memory decides how many of its blocks fit an SM where it
+// sits at a limit (16 bytes more made the llama3-8b gate/up GEMV 23 % slower, docs/BENCHMARKS.md),
+// so the wait's time stays in thread 0's registers, as its offset from the start (+1; 0 = none).
 struct trace_cta {
     unsigned long long t0;
-    unsigned           kind;
-    __device__ explicit trace_cta(unsigned k) : t0(trace_now()), kind(k) {
-        if (threadIdx.x == 0 && threadIdx.y == 0) *trace_waited() = 0;
+    unsigned           kind, waited = 0;
+    __device__ explicit trace_cta(unsigned k) : t0(trace_now()), kind(k) {}
+    __device__ void on_wait() {
+        if (threadIdx.x == 0 && threadIdx.y == 0) waited = (unsigned)(trace_now() - t0) + 1u;
     }
     __device__ ~trace_cta() {
         if (threadIdx.x != 0 || threadIdx.y != 0 || !d_trace) return;
@@ -231,9 +231,16 @@ struct trace_cta {
         unsigned sm;
         asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
         unsigned long long *r = d_trace + 1 + 4 * i;
-        r[0] = t0, r[1] = *trace_waited(), r[2] = trace_now(), r[3] = (unsigned long long)kind | (unsigned long long)sm << 32;
+        r[0] = t0, r[1] = waited ? t0 + waited - 1u : 0ull, r[2] = trace_now();
+        r[3] = (unsigned long long)kind | (unsigned long long)sm << 32;
     }
 };
+// pdl_wait (below) calls trace_cta_.on_wait(): the kernel's own, else (kernels without TRACE_CTA)
+// this one, which records nothing.
+struct trace_none {
+    __device__ void on_wait() const {}
+};
+static __device__ trace_none trace_cta_;
 #define TRACE_CTA(kind) trace_cta trace_cta_((unsigned)(kind))
 #define TRACE_TU(name)                                                                             \
     extern "C" void cuda_trace_bind_##name(void *p) { CUDA_CHECK(cudaMemcpyToSymbol(d_trace, &p, sizeof(p))); }
@@ -253,10 +260,10 @@ __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-#ifdef COOPT_TRACE
-    if (threadIdx.x == 0 && threadIdx.y == 0) *trace_waited() = trace_now();
-#endif
 }
+#ifdef COOPT_TRACE
+#define pdl_wait() (pdl_wait(), trace_cta_.on_wait())
+#endif
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
