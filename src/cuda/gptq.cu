@@ -609,7 +609,9 @@ __global__ void __maxnreg__(REGS == HG_REGS_LO && !NORM && !SWIGLU ? HG_REGS_LO_
     __shared__ float red[SWIGLU ? 2 : 1][NW][HG_ROWS][16];
     __shared__ float red_x[NW][HG_ROWS]; // NORM: each warp's sum of squares of its x range
     __shared__ float row_f[NW][HG_ROWS]; // the power of two each warp's staged x was multiplied by, inverted
-    extern __shared__ uint4 hg_dyn[];
+    // (128-byte aligned: a dynamic part that started 16 bytes past a 128-byte boundary, after 16 bytes
+    // more static shared memory, made the gate/up GEMV 20-24 % slower; docs/BENCHMARKS.md)
+    extern __shared__ __align__(128) uint4 hg_dyn[];
     TRACE_CTA(TRACE_HGEMV | (NORM ? 1u : 0u) << 16 | (SWIGLU ? 2u : 0u) << 16 | (unsigned)a.n_kc << 18);
     if (HG_TRIGGER_EARLY(SWIGLU)) pdl_launch_dependents();
     const int  lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tq = lane & 3;
