@@ -214,9 +214,10 @@ __device__ __forceinline__ unsigned long long trace_now() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-// No shared memory: a kernel's static shared memory decides how many of its blocks fit an SM where it
-// sits at a limit (16 bytes more made the llama3-8b gate/up GEMV 23 % slower, docs/BENCHMARKS.md),
-// so the wait's time stays in thread 0's registers, as its offset from the start (+1; 0 = none).
+// No shared memory: 16 bytes more static shared memory moved the tensor-core GEMV's dynamic part off
+// a 128-byte boundary and made the gate/up GEMV 22 % slower (docs/BENCHMARKS.md; that part is aligned
+// now, but a trace should leave the kernels' layout alone), so the wait's time stays in thread 0's
+// registers, as its offset from the start (+1; 0 = none).
 struct trace_cta {
     unsigned long long t0;
     unsigned           kind, waited = 0;
