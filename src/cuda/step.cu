@@ -157,8 +157,9 @@ static void trace_step(struct cuda_step *S, cudaStream_t st) {
     CUDA_CHECK(cudaMemcpy(&n, S->trace, sizeof(n), cudaMemcpyDeviceToHost));
     if (n > TRACE_CAP) n = TRACE_CAP;
     unsigned long long *h = (unsigned long long *)malloc((1 + 4 * n) * sizeof(*h));
-    FILE               *fp = fopen(S->trace_file, "wb");
-    if (!fp) coopt_log_error("trace: cannot open %s for writing", S->trace_file);
+    FILE               *fp = h ? fopen(S->trace_file, "wb") : NULL;
+    if (!h) coopt_log_error("trace: no host memory for %llu records; %s not written", n, S->trace_file);
+    else if (!fp) coopt_log_error("trace: cannot open %s for writing", S->trace_file);
     if (h && fp) {
         CUDA_CHECK(cudaMemcpy(h, S->trace, (1 + 4 * n) * sizeof(*h), cudaMemcpyDeviceToHost));
         h[0] = n;
