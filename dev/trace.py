@@ -8,13 +8,14 @@ and the tail (median CTA end -> last CTA end).
 
     make BUILD=build-trace CUARCH="-gencode arch=compute_90,code=sm_90 -DCOOPT_TRACE" build-trace/coopt
     COOPT_TRACE_FILE=trace.bin COOPT_TRACE_STEP=8 build-trace/coopt bench -m MODEL --device cuda -p 0 -n 16 -r 1
-    python3 dev/trace.py trace.bin [--layers 3] [--sms]
+    python3 dev/trace.py trace.bin [--layers 3] [--sms] [--attn]
 
 The records cost 1-2 % of a step (one atomic per CTA; before the trace kept its wait stamp out of
 shared memory, 13 %: docs/BENCHMARKS.md).
 Launches are told apart by kind and by start times more than 4 us apart. --sms: per GEMV kind, the
 SMs its CTAs ran on, CTAs per SM (least-most) and how long before the launch's last CTA each SM's
-last CTA ended (10th percentile, median, most).
+last CTA ended (10th percentile, median, most). --attn: per attention / merge kind, the CTAs that
+walked keys, the most of them on one SM at once, their wait->end times and the launch's span.
 """
 import struct
 import sys
@@ -35,6 +36,45 @@ def kind_name(k):
     return n
 
 
+def pct(v, q):
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def attn_report(launches):
+    """Per attention / merge launch kind, mean over its launches: CTAs that walked keys (ran more
+    than 1 us after their wait), the most of them resident on one SM at once, their wait->end
+    times, the spread of their starts (a second wave starts late) and the launch's span."""
+    print("\n%-24s %5s %5s %6s %8s %8s %8s %8s %8s %8s" % ("attention kind", "count", "live", "perSM",
+                                                          "dur p10", "p50", "p90", "start p90", "span", "wait->N"))
+    per = defaultdict(list)
+    for k, rs in launches:
+        if (k & 0xFFFF) not in (2, 3):
+            continue
+        s0 = min(r[0] for r in rs)
+        w0 = min((r[1] for r in rs if r[1]), default=s0)
+        el = max(r[2] for r in rs)
+        live = [r for r in rs if r[2] - (r[1] or r[0]) > 1000]
+        if not live:
+            continue
+        by_sm = defaultdict(list)
+        for r in live:
+            by_sm[r[4]].append((r[0], r[2]))
+        most = 0
+        for v in by_sm.values():  # the most CTAs of this launch resident on the SM at one time
+            ev = sorted([(a, 1) for a, _ in v] + [(b, -1) for _, b in v])
+            cur = 0
+            for _, d in ev:
+                cur += d
+                most = max(most, cur)
+        dur = sorted((r[2] - (r[1] or r[0])) / 1000.0 for r in live)
+        st = sorted((r[0] - s0) / 1000.0 for r in live)
+        per[k].append((len(live), most, pct(dur, 0.1), pct(dur, 0.5), pct(dur, 0.9), pct(st, 0.9),
+                       (el - s0) / 1000.0, (el - w0) / 1000.0))
+    for k, v in sorted(per.items()):
+        m = [sum(x[i] for x in v) / len(v) for i in range(8)]
+        print("%-24s %5d %5.0f %6.1f %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f" % (kind_name(k), len(v), *m))
+
+
 def main():
     path = sys.argv[1]
     layers = int(sys.argv[sys.argv.index("--layers") + 1]) if "--layers" in sys.argv else 3
@@ -46,7 +86,7 @@ def main():
         k = ks & 0xFFFFFFFF
         if (k & 0xFFFF) == 2:  # attention: one launch whatever the CTA's role (z)
             k &= 0x00FFFFFF
-        recs.append((t0, t1, t2, k, ks >> 32))
+        recs.append((t0, t1, t2, k, ks >> 32, ks & 0xFFFFFFFF))
     if not recs:
         print("no records")
         return
@@ -113,6 +153,8 @@ def main():
         for k, v in sorted(per.items()):
             m = [sum(x[i] for x in v) / len(v) for i in range(6)]
             print("%-28s %6d %5.1f %5.1f-%-6.1f p10 %5.2f p50 %5.2f max %5.2f" % (kind_name(k), len(v), *m))
+    if "--attn" in sys.argv:
+        attn_report(launches)
     print("\nstep: %.1f us, %d launches, %d CTA records" % ((rows[-1]["el"] - base) / 1000.0, len(rows), n))
     print("%-28s %6s %9s %9s %9s %9s" % ("kind", "count", "adds", "hand", "tail", "wait->end"))
     for k, s in sorted(stats.items(), key=lambda kv: -kv[1][1]):
