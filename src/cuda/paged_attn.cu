@@ -36,7 +36,7 @@
  *   At the end the key groups (shuffles) and the 4 warps (shared memory) are merged.
  *   Tensor-core walk (TC; head dims 64 and 128, F16 and FP8 caches, cuda_attn_tc_decode: by
  *   default where a CTA serves 2 or more query heads): the same grid, stages and merges, but each
- *   warp computes a sub-tile (32 FP8 / 16 F16 keys, rows padded by 16 bytes) with mma m16n8k16
+ *   warp computes a sub-tile (32 FP8 / 16 F16 keys, rows swizzled: dec_cfg::at) with mma m16n8k16
  *   whose rows are the CTA's query heads (F16) or the sub-tile's keys (FP8: S^T = K Q^T, O^T =
  *   V^T P^T, no padding rows): q rounded to f16 (as the prefill kernel), K and V exact in f16, P
  *   rounded to f16 (FP8: times vs / the largest V scale seen, see the walk). On
@@ -60,7 +60,8 @@
  *   one key per warp, lane i holds dims {2i, 2i+1, 2i+64, ...}, rows read straight from global
  *   memory (no staging; slow but exact).
  *   Shared memory (dynamic): NST stages of [K SK rows][V SK rows][K scales][V scales][mask] per
- *   warp; reused at the end for the cross-warp merge. F16 hd 128: 65 KiB, FP8: 50 KiB.
+ *   warp; reused at the end for the cross-warp merge. CUDA-core walk hd 128: F16 65 KiB, FP8 50 KiB;
+ *   tensor-core walk (three stages): F16 99 KiB (rows swizzled), FP8 111 KiB (padded).
  *   Staged output (attn_args.xo; rope_store_attention_then_matmul, one decode token): the kernel
  *   that writes a head's output (this one for a one-partition range, else the merge) also stores
  *   it in the o projection GEMV's staged-input format (xstage.cuh), each 16-lane half a tile.
@@ -100,6 +101,12 @@ TRACE_TU(paged_attn)
 #define ATTN_BUCKET_MIN 128
 #define ATTN_TC_LONG  4 // sub-tiles a warp (see attn_geometry)
 // Stages of the tensor-core walk's copy ring (dec_cfg::NST; 2 measured slower, docs/BENCHMARKS.md)
+// The tensor-core walk's stage rows swizzled (dec_cfg::at): 1 F16 caches (FP8 keeps rows padded
+// by 16 bytes: swizzled, its walk measured 0.2-0.3 % slower at depth 16384 on llama3-8b while F16's
+// gained 2.1 %; docs/BENCHMARKS.md), 2 both, 0 neither
+#ifndef ATTN_TC_SWZ
+#define ATTN_TC_SWZ 1
+#endif
 #ifndef ATTN_TC_NST
 #define ATTN_TC_NST 3
 #endif
@@ -116,14 +123,30 @@ template <int HD, int KT, int G, bool TC> struct dec_cfg {
     static constexpr int  NKB    = G <= 4 ? 8 : 4;                        // keys per group per sub-tile
     static constexpr int  SK     = TC ? (EB == 1 ? 32 : 16) : KG * NKB;   // keys per sub-tile
     static constexpr int  RB     = FAST ? HD * EB : 0;                    // bytes per cache row
-    static constexpr int  RS     = TC ? RB + 16 : RB; // row stride in a stage (TC: conflict-free fragment loads)
-    static constexpr int  CPR    = RB / 16;                               // 16-byte chunks per row
-    // stage: [K SK*RS][V SK*RS][K scales SK*4][V scales SK*4][valid mask 16]
+    // TC: rows swizzled (at, below) or, with ATTN_TC_SWZ=0, padded by 16 bytes
+    static constexpr bool SWZ    = TC && (ATTN_TC_SWZ == 2 || (ATTN_TC_SWZ == 1 && EB == 2));
+    static constexpr int  RS     = TC && !SWZ ? RB + 16 : RB; // row stride in a stage
+    static constexpr int  CPR    = RB / 16;                   // 16-byte chunks per row
+    // stage: [K SK*RS][V SK*RS][K scales SK*4][V scales SK*4][valid mask 16] (128-byte multiple when swizzled)
     static constexpr int  OFF_V  = SK * RS;
     static constexpr int  OFF_KS = 2 * SK * RS;
     static constexpr int  OFF_VS = OFF_KS + SK * 4;
     static constexpr int  OFF_M  = OFF_VS + SK * 4;
-    static constexpr int  STAGE  = FAST ? OFF_M + 16 : 0;
+    static constexpr int  STAGE  = FAST ? (SWZ ? (OFF_M + 16 + 127) / 128 * 128 : OFF_M + 16) : 0;
+    // Where byte b of row j of a stage's K or V region lives. Swizzled: rows unpadded, and the
+    // index of each 16-byte chunk within its 128-byte line XORed with a function of the line (row
+    // & 7 for rows of 128 bytes or more; for 64-byte rows (line & 3) * 2), so each fragment read
+    // of the walks (ldmatrix's 8 rows at one column; FP8's 16-byte reads of 2 x 4 rows, 8-byte V
+    // reads of 4 x 4) hits distinct banks, while each 8-lane phase of a copy fills one whole
+    // line. Padded rows straddle two lines: twice the shared-memory wavefronts and 1.5 times the
+    // L2 sectors a copy instruction (ncu, docs/BENCHMARKS.md).
+    static __device__ __forceinline__ int at(int j, int b) {
+        const int o = j * RS + b;
+        if constexpr (!SWZ) return o;
+        constexpr int LPR = RB >= 128 ? RB / 128 : 1; // lines a row
+        const int     line = o >> 7, h = RB >= 128 ? (line / LPR) & 7 : (line & 3) << 1;
+        return o ^ (h << 4);
+    }
     static constexpr int  NST    = TC ? ATTN_TC_NST : STAGE <= 6144 ? 3 : 2;
     static constexpr int  HDP    = FAST ? HD : ATTN_MAX_HD;
     // cross-warp merge buffers: acc rows of HDS floats, dim d at d + d / 32 (red_at), so the
@@ -138,6 +161,7 @@ template <int HD, int KT, int G, bool TC> struct dec_cfg {
     static constexpr int  OWN    = (HDP + ATTN_MAX_G) * 4;
     static_assert(!FAST || (HD % 8 == 0 && RB % 16 == 0), "fast path needs 16-byte rows of 8-dim chunks");
     static_assert(SK <= WARP_SIZE, "one lane per key of a sub-tile");
+    static_assert(!SWZ || RB == 64 || RB % 128 == 0, "swizzled rows: 64 bytes or whole 128-byte lines");
     static_assert(!TC || ((HD == 64 || HD == 128) && (KT == COOPT_DTYPE_F16 || SCALED)),
                   "tensor-core walk: head dims 64, 128; F16 or FP8 caches");
 };
@@ -228,7 +252,7 @@ static_assert(ATTN_THREADS == KV_STORE_THREADS, "the fused write runs kv_store_r
 template <int HD, int KT, int G, bool TC>
 __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct attn_args a, const struct kv_dev_layout L) {
     using C = dec_cfg<HD, KT, G, TC>;
-    extern __shared__ __align__(16) uint8_t smem[];
+    extern __shared__ __align__(128) uint8_t smem[]; // (the swizzled stages want 128-byte lines)
     float *const own = (float *)(smem + C::SMEM); // kv_cluster: [V row, HDP][score per head], in CTA 2 (z)
     TRACE_CTA(TRACE_ATTN | (TC ? 1u : 0u) << 16 | (unsigned)KT << 17 | (unsigned)blockIdx.z << 24);
     // (launched early with cuda_backend.attn_pdl: everything after pdl_wait may read the previous
@@ -510,8 +534,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                 const uint8_t *src = a.pool + shfl_u64(off, j) + ch * 16;
                 const bool     v   = (vm >> j) & 1;
                 if (c < C::SK * C::CPR) {
-                    cp_async16(st + j * C::RS + ch * 16, src, v);
-                    cp_async16(st + C::OFF_V + j * C::RS + ch * 16, src + vdelta, v);
+                    cp_async16(st + C::at(j, ch * 16), src, v);
+                    cp_async16(st + C::OFF_V + C::at(j, ch * 16), src + vdelta, v);
                 }
             }
             if (C::SCALED && lane < C::SK) {
@@ -624,10 +648,9 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                     uint32_t       kw[2 * MT][NKK]; // key 8 j + gq, bytes [tq * HD/4, +HD/4)
 #pragma unroll
                     for (int j = 0; j < 2 * MT; j++) {
-                        const uint4 *kr = (const uint4 *)(st + (8 * j + gq) * C::RS + tq * (HD / 4));
 #pragma unroll
                         for (int u = 0; u < HD / 64; u++) {
-                            const uint4 x = kr[u];
+                            const uint4 x = *(const uint4 *)(st + C::at(8 * j + gq, tq * (HD / 4) + 16 * u));
                             kw[j][4 * u] = x.x, kw[j][4 * u + 1] = x.y, kw[j][4 * u + 2] = x.z, kw[j][4 * u + 3] = x.w;
                         }
                     }
@@ -702,11 +725,10 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                         const uint32_t pb0 = movmatrix_t(pack_half2(s[c][0][0], s[c][0][1])); // keys 16c + 2tq, +1
                         const uint32_t pb1 = movmatrix_t(pack_half2(s[c][1][0], s[c][1][1])); // keys 16c + 8 + 2tq, +1
                         // rows 16c + 2tq + {0, 1, 8, 9}, bytes [gq * HD/8, +HD/8)
-                        const uint8_t *vb = st + C::OFF_V + (16 * c + 2 * tq) * C::RS + gq * (HD / 8);
                         uint32_t       x[4][HD / 32];
 #pragma unroll
                         for (int r = 0; r < 4; r++) {
-                            const uint8_t *row = vb + ((r & 1) + (r >> 1) * 8) * C::RS;
+                            const uint8_t *row = st + C::OFF_V + C::at(16 * c + 2 * tq + (r & 1) + (r >> 1) * 8, gq * (HD / 8));
                             if constexpr (HD == 128) {
                                 const uint4 u = *(const uint4 *)row;
                                 x[r][0] = u.x, x[r][1] = u.y, x[r][2] = u.z, x[r][3] = u.w;
@@ -753,14 +775,13 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                     float          s[C::SK / 8][2];
 #pragma unroll
                     for (int j = 0; j < C::SK / 8; j++) s[j][0] = s[j][1] = 0.0f;
-                    const __half *Kt = (const __half *)st;
 #pragma unroll
                     for (int kk = 0; kk < HD / 16; kk++)
 #pragma unroll
                         for (int j = 0; j < C::SK / 8; j += 2) {
                             uint32_t b0, b1, b2, b3;
                             ldsm_x4(b0, b1, b2, b3,
-                                    Kt + (8 * j + (lane & 7) + (lane >> 4) * 8) * (C::RS / 2) + kk * 16 + ((lane >> 3) & 1) * 8);
+                                    st + C::at(8 * j + (lane & 7) + (lane >> 4) * 8, 2 * (kk * 16 + ((lane >> 3) & 1) * 8)));
                             mma_16816_top(s[j], qa[kk][0], qa[kk][1], b0, b1);
                             mma_16816_top(s[j + 1], qa[kk][0], qa[kk][1], b2, b3);
                         }
@@ -794,12 +815,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
 #pragma unroll
                     for (int c = 0; c < C::SK / 16; c++) {
                         const uint32_t pa0 = pack_half2(s[2 * c][0], s[2 * c][1]), pa2 = pack_half2(s[2 * c + 1][0], s[2 * c + 1][1]);
-                        const __half  *Vt  = (const __half *)(st + C::OFF_V);
 #pragma unroll
                         for (int n = 0; n < HD / 8; n += 2) {
                             uint32_t b0, b1, b2, b3;
                             ldsm_x4_t(b0, b1, b2, b3,
-                                      Vt + (16 * c + (lane & 7) + ((lane >> 3) & 1) * 8) * (C::RS / 2) + n * 8 + (lane >> 4) * 8);
+                                      st + C::OFF_V + C::at(16 * c + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * (n * 8 + (lane >> 4) * 8)));
                             mma_16816_top(tc_o[n], pa0, pa2, b0, b1);
                             mma_16816_top(tc_o[n + 1], pa0, pa2, b2, b3);
                         }
