@@ -86,7 +86,7 @@ def main():
         k = ks & 0xFFFFFFFF
         if (k & 0xFFFF) == 2:  # attention: one launch whatever the CTA's role (z)
             k &= 0x00FFFFFF
-        recs.append((t0, t1, t2, k, ks >> 32, ks & 0xFFFFFFFF))
+        recs.append((t0, t1, t2, k, ks >> 32))
     if not recs:
         print("no records")
         return

@@ -100,13 +100,13 @@ TRACE_TU(paged_attn)
 #define ATTN_NOSPLIT  256 // bounds up to this many positions are not split (see the launcher)
 #define ATTN_BUCKET_MIN 128
 #define ATTN_TC_LONG  4 // sub-tiles a warp (see attn_geometry)
-// Stages of the tensor-core walk's copy ring (dec_cfg::NST; 2 measured slower, docs/BENCHMARKS.md)
 // The tensor-core walk's stage rows swizzled (dec_cfg::at): 1 F16 caches (FP8 keeps rows padded
 // by 16 bytes: swizzled, its walk measured 0.2-0.3 % slower at depth 16384 on llama3-8b while F16's
 // gained 2.1 %; docs/BENCHMARKS.md), 2 both, 0 neither
 #ifndef ATTN_TC_SWZ
 #define ATTN_TC_SWZ 1
 #endif
+// Stages of the tensor-core walk's copy ring (dec_cfg::NST; 2 measured slower, docs/BENCHMARKS.md)
 #ifndef ATTN_TC_NST
 #define ATTN_TC_NST 3
 #endif
@@ -133,18 +133,17 @@ template <int HD, int KT, int G, bool TC> struct dec_cfg {
     static constexpr int  OFF_VS = OFF_KS + SK * 4;
     static constexpr int  OFF_M  = OFF_VS + SK * 4;
     static constexpr int  STAGE  = FAST ? (SWZ ? (OFF_M + 16 + 127) / 128 * 128 : OFF_M + 16) : 0;
-    // Where byte b of row j of a stage's K or V region lives. Swizzled: rows unpadded, and the
-    // index of each 16-byte chunk within its 128-byte line XORed with a function of the line (row
-    // & 7 for rows of 128 bytes or more; for 64-byte rows (line & 3) * 2), so each fragment read
-    // of the walks (ldmatrix's 8 rows at one column; FP8's 16-byte reads of 2 x 4 rows, 8-byte V
-    // reads of 4 x 4) hits distinct banks, while each 8-lane phase of a copy fills one whole
-    // line. Padded rows straddle two lines: twice the shared-memory wavefronts and 1.5 times the
+    // Where byte b (< RB) of row j of a stage's K or V region lives. Swizzled: rows unpadded, and
+    // the index of each 16-byte chunk within its 128-byte line XORed with a function of the row
+    // (j & 7 for rows of 128 bytes or more; ((j >> 1) & 3) * 2 for 64-byte rows, two a line), so
+    // each fragment read of the walks (ldmatrix's 8 rows at one column; FP8's 16-byte reads of 2 x
+    // 4 rows, 8-byte V reads of 4 x 4) hits distinct banks, while each 8-lane phase of a copy fills
+    // one whole line. Padded rows straddle two lines: twice the shared-memory wavefronts and 1.5 times the
     // L2 sectors a copy instruction (ncu, docs/BENCHMARKS.md).
     static __device__ __forceinline__ int at(int j, int b) {
         const int o = j * RS + b;
         if constexpr (!SWZ) return o;
-        constexpr int LPR = RB >= 128 ? RB / 128 : 1; // lines a row
-        const int     line = o >> 7, h = RB >= 128 ? (line / LPR) & 7 : (line & 3) << 1;
+        const int h = RB >= 128 ? j & 7 : ((j >> 1) & 3) << 1;
         return o ^ (h << 4);
     }
     static constexpr int  NST    = TC ? ATTN_TC_NST : STAGE <= 6144 ? 3 : 2;
