@@ -278,10 +278,18 @@ const float *coopt_fp8_table(enum coopt_dtype t) {
     return t == COOPT_DTYPE_FP8_E4M3 ? g_e4m3_table : g_e5m2_table;
 }
 
+// A candidate's squared error is summed as COOPT_FP8_ERR_WAYS interleaved partial sums (partial j
+// takes elements j, j + 8, j + 16, ... in order), combined pairwise: ((p0 + p1) + (p2 + p3)) +
+// ((p4 + p5) + (p6 + p7)). Every backend sums in this order (the CUDA store gives each partial to a
+// lane and combines them with three shuffles, instead of one 128-add chain on its critical path).
+static float fp8_err_combine(const float p[COOPT_FP8_ERR_WAYS]) {
+    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
 // Squared error of the row for each of the 16 candidate scales (candidate k in lane k), computed
 // with the same operations in the same order as the scalar loop below, so the choice is identical:
 // per lane, v = x[i] * inv_k rounded to the FP8 grid (the decoded value of its code), then
-// d = dq * s_k - x[i], err += d * d; no fused multiply-adds.
+// d = dq * s_k - x[i], err[i % 8] += d * d; no fused multiply-adds.
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static void fp8_search_errors_avx512(bool e4, const float *x, int32_t n, const float *s16, float *err16) {
@@ -298,8 +306,10 @@ static void fp8_search_errors_avx512(bool e4, const float *x, int32_t n, const f
     const __m512i half   = _mm512_set1_epi32((1 << (msh - 1)) - 1);
     const __m512i keep   = _mm512_set1_epi32((int)(0xffffffffu << msh));
     const __m512i one    = _mm512_set1_epi32(1);
-    __m512        err    = _mm512_setzero_ps();
+    __m512        err[COOPT_FP8_ERR_WAYS];
+    for (int j = 0; j < COOPT_FP8_ERR_WAYS; j++) err[j] = _mm512_setzero_ps();
     for (int32_t i = 0; i < n; i++) {
+        const int    j  = i % COOPT_FP8_ERR_WAYS;
         const __m512 xi = _mm512_set1_ps(x[i]);
         __m512       v  = _mm512_mul_ps(xi, inv);
         __m512i      u  = _mm512_castps_si512(v);
@@ -315,9 +325,11 @@ static void fp8_search_errors_avx512(bool e4, const float *x, int32_t n, const f
         dq        = _mm512_mask_mov_ps(dq, _mm512_cmpge_epi32_mask(a, sat_t), sat_v);
         dq        = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(dq), sg));
         __m512 d  = _mm512_sub_ps(_mm512_mul_ps(dq, s), xi);
-        err       = _mm512_add_ps(err, _mm512_mul_ps(d, d));
+        err[j]    = _mm512_add_ps(err[j], _mm512_mul_ps(d, d));
     }
-    _mm512_storeu_ps(err16, err);
+    const __m512 e01 = _mm512_add_ps(err[0], err[1]), e23 = _mm512_add_ps(err[2], err[3]);
+    const __m512 e45 = _mm512_add_ps(err[4], err[5]), e67 = _mm512_add_ps(err[6], err[7]);
+    _mm512_storeu_ps(err16, _mm512_add_ps(_mm512_add_ps(e01, e23), _mm512_add_ps(e45, e67)));
 }
 #endif
 
@@ -351,13 +363,13 @@ float coopt_fp8_quant_row_isa(enum coopt_dtype t, const float *x, uint8_t *q, in
 #endif
         if (!done) {
             for (int32_t k = 0; k < 16; k++) {
-                float s = s16[k], inv = 1.0f / s, err = 0.0f;
+                float s = s16[k], inv = 1.0f / s, err[COOPT_FP8_ERR_WAYS] = {0};
                 for (int32_t i = 0; i < n; i++) {
                     uint8_t c = e4 ? coopt_fp8_e4m3_encode(x[i] * inv) : coopt_fp8_e5m2_encode(x[i] * inv);
                     float   d = tab[c] * s - x[i];
-                    err += d * d;
+                    err[i % COOPT_FP8_ERR_WAYS] += d * d;
                 }
-                err16[k] = err;
+                err16[k] = fp8_err_combine(err);
             }
         }
         float best_err = INFINITY;

@@ -102,13 +102,16 @@ static inline uint8_t coopt_fp8_e5m2_encode(float f) {
 // all-zero row, whose codes are 0). See docs/BENCHMARKS.md "FP8 KV scaling" for the measurements
 // behind the choice (search for K, plain amax for V).
 // n_search is 1 or 16; candidate k's scale is base * COOPT_FP8_SCALE_STEPS[k] (2^(k/16) rounded
-// to f32, written out so every backend multiplies by the same constants), the error a plain
-// sequential f32 sum (no fused multiply-add); ties go to the smallest k.
+// to f32, written out so every backend multiplies by the same constants), the error an f32 sum of
+// COOPT_FP8_ERR_WAYS interleaved partial sums (partial j: elements i = j mod 8 in order) combined
+// pairwise, ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)), no fused multiply-add; ties go to
+// the smallest k.
 float coopt_fp8_quant_row(enum coopt_dtype t, const float *x, uint8_t *q, int32_t n, int32_t n_search);
 // The same with the AVX-512 search (16 candidates in 16 lanes) switched off (simd = false): both
 // produce identical bytes and scales (tested); the scalar one is the reference.
 float coopt_fp8_quant_row_isa(enum coopt_dtype t, const float *x, uint8_t *q, int32_t n, int32_t n_search,
                               bool simd);
+#define COOPT_FP8_ERR_WAYS 8
 #define COOPT_FP8_SCALE_STEPS_INIT                                                                 \
     {1.000000000e+00f, 1.044273734e+00f, 1.090507746e+00f, 1.138788581e+00f, 1.189207077e+00f,  \
      1.241857767e+00f, 1.296839595e+00f, 1.354255557e+00f, 1.414213538e+00f, 1.476826191e+00f,  \

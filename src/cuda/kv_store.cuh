@@ -14,7 +14,6 @@
 #include "cuda/kv_dev.cuh"
 
 #define ROPE_MAX_HALF  128 // head_dim <= 256
-#define ROPE_ERR_CHUNK 128 // elements per round of the FP8 scale search
 #define KV_STORE_THREADS 128 // the block size kv_store_rows expects
 
 struct rope_params {
@@ -55,12 +54,16 @@ static inline struct rope_params rope_params_make(const struct coopt_rope *rope)
 
 static __constant__ float c_fp8_scale_steps[16] = COOPT_FP8_SCALE_STEPS_INIT;
 
-// This thread's candidate step of the FP8 scale search (candidate threadIdx.x % scale_search; see
-// kv_store_rows). A __constant__ read indexed per thread that misses the constant cache sits on
-// the store's critical path, so callers load it early (the decode attention before its wait for the
-// kernel before).
+// The FP8 scale search of kv_store_rows: thread tid takes candidate tid / COOPT_FP8_ERR_WAYS and
+// that candidate's partial error tid % COOPT_FP8_ERR_WAYS (dtype.h), so the block's threads cover
+// the 16 candidates exactly.
+static_assert(KV_STORE_THREADS == 16 * COOPT_FP8_ERR_WAYS, "one thread per (candidate, partial error)");
+
+// This thread's candidate step of the FP8 scale search (1 without a search; see kv_store_rows). A
+// __constant__ read indexed per thread that misses the constant cache sits on the store's critical
+// path, so callers load it early (the decode attention before its wait for the kernel before).
 __device__ __forceinline__ float kv_store_step(int32_t scale_search) {
-    return c_fp8_scale_steps[threadIdx.x % (uint32_t)scale_search];
+    return scale_search > 1 ? c_fp8_scale_steps[threadIdx.x / COOPT_FP8_ERR_WAYS % 16] : 1.0f;
 }
 
 // Element i of a cache row of type KT (dst) set to v, rounded as dtype.c rounds it; returns the
@@ -89,24 +92,26 @@ template <int KT> __device__ __forceinline__ float store_elem_back(uint8_t *dst,
     }
 }
 
-// Shared memory kv_store_rows needs (FP8: the error table of two rows and the reductions).
+// Shared memory kv_store_rows needs (FP8 with a search: each warp's best candidate per row).
 struct kv_store_smem {
-    float e[2][16][ROPE_ERR_CHUNK + 1]; // rows padded: thread k's walk is conflict-free
-    float red[4][2];
-    float scale[2];
+    float err[4][2];
+    int   k[4][2];
 };
 
 // Stores rows r < nr (1 or 2) of hd floats, rows + r * hd in shared memory, at dst[r] in the cache
 // type KT, with the FP8 scale at sdst[r]. All KV_STORE_THREADS threads of the block call it (it
-// has barriers); the rows must be complete (a barrier after writing them).
-// FP8: coopt_fp8_quant_row (dtype.c) with S = L.scale_search candidate scales per row. The squared
-// errors of all (row, candidate, element) triples are independent: the block computes them in
-// parallel, a chunk of ROPE_ERR_CHUNK elements at a time, into shared memory (thread: candidate
-// tid % S, elements tid / S, + 128 / S, ...; its scales and reciprocals computed once); then
-// thread 16 r + k (k < S) adds row r's candidate k errors in element order (same operations,
-// order and rounding as the CPU, no FMA, so the chosen scale is bit-identical), and warp 0 takes
-// each row's smallest error, ties to the smallest k. An all-zero row stores scale 0 and zeros.
-// (One warp per row walking it was a long dependent chain: 15-24 us per layer at decode.)
+// has a barrier); the rows must be complete (a barrier after writing them, which also orders
+// consecutive calls' uses of sm).
+// FP8: coopt_fp8_quant_row (dtype.c) with S = L.scale_search candidate scales per row (1 or 16).
+// Every warp takes the rows' maxima itself (no barrier). With a search, thread tid sums candidate
+// k = tid / 8's squared errors over elements tid % 8, + 8, ... in element order (the CPU's partial
+// sum j; same operations and rounding, no FMA), three xor shuffles combine the 8 partials in the
+// CPU's pairwise order (each add's operands commute exactly), so the chosen scale is
+// bit-identical; two more shuffles and one barrier take each row's smallest error, ties to the
+// smallest k, NaN errors never chosen (as the CPU's strict < from infinity). An all-zero or
+// non-finite row stores scale 0 and zeros. (One warp per row walking it was a long dependent
+// chain, 15-24 us per layer at decode; then a block-wide error table summed by one thread per
+// candidate, 128 adds in a chain and four barriers on the decode attention's critical path.)
 // step: kv_store_step(scale_search) of this thread (FP8 only).
 // back != NULL: row r's elements as a reader of the cache dequantizes them (the stored element
 // as load_elem reads it, times the stored scale) go to back + r * hd (back may be rows: each
@@ -117,73 +122,73 @@ __device__ void kv_store_rows(const float *rows, int nr, int32_t hd, uint8_t *co
     constexpr bool FP8 = KT == COOPT_DTYPE_FP8_E4M3 || KT == COOPT_DTYPE_FP8_E5M2;
     const int      tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if constexpr (FP8) {
-        float amax[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int r = 0; r < 2; r++)
-            if (r < nr) {
-                for (int i = tid; i < hd; i += KV_STORE_THREADS) amax[r] = fmaxf(amax[r], fabsf(rows[r * hd + i]));
-                amax[r] = warp_max(amax[r]);
-                if (lane == 0) sm.red[warp][r] = amax[r];
-            }
-        __syncthreads();
-        float base[2], sc[2], inv[2];
-        bool  any = false;
-        const int S = scale_search, kk = tid % S, st = KV_STORE_THREADS / S;
+        constexpr bool E4 = KT == COOPT_DTYPE_FP8_E4M3;
+        constexpr int  W  = COOPT_FP8_ERR_WAYS;
+        float          base[2], scale[2];
+        bool           zero[2], search = false;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            amax[r] = r < nr ? fmaxf(fmaxf(sm.red[0][r], sm.red[1][r]), fmaxf(sm.red[2][r], sm.red[3][r])) : 0.0f;
-            base[r] = amax[r] / (KT == COOPT_DTYPE_FP8_E4M3 ? 448.0f : 57344.0f);
-            sc[r]   = __fmul_rn(base[r], step); // (c_fp8_scale_steps[kk])
-            inv[r]  = __frcp_rn(sc[r]);
-            any     = any || amax[r] > 0.0f;
+            float amax = 0.0f;
+            if (r < nr)
+                for (int i = lane; i < hd; i += WARP_SIZE) amax = fmaxf(amax, fabsf(rows[r * hd + i]));
+            amax     = warp_max(amax);
+            zero[r]  = !(amax > 0.0f) || !isfinite(amax);
+            base[r]  = amax / (E4 ? 448.0f : 57344.0f);
+            scale[r] = zero[r] ? 0.0f : base[r];
+            search   = search || (r < nr && !zero[r]);
         }
-        if (any) { // (uniform: every thread sees the same maxima)
-            const int kr = tid & 15, rr = tid >> 4; // the (row, candidate) thread tid < 32 sums
-            float     err = rr < nr && kr < S ? 0.0f : INFINITY;
-            for (int c0 = 0; c0 < hd; c0 += ROPE_ERR_CHUNK) {
-                const int n = min(ROPE_ERR_CHUNK, hd - c0);
+        if (search && scale_search > 1) { // (uniform: every warp sees the same maxima)
+            const int k = tid / W, j = tid % W;
 #pragma unroll
-                for (int r = 0; r < 2; r++)
-                    if (r < nr)
-                        for (int i = tid / S; i < n; i += st) {
-                            const float   x  = rows[r * hd + c0 + i];
-                            const uint8_t cq = KT == COOPT_DTYPE_FP8_E4M3 ? f32_to_fp8_e4m3(__fmul_rn(x, inv[r]))
-                                                                          : f32_to_fp8_e5m2(__fmul_rn(x, inv[r]));
-                            const float d = __fsub_rn(
-                                __fmul_rn(KT == COOPT_DTYPE_FP8_E4M3 ? fp8_e4m3_to_f32(cq) : fp8_e5m2_to_f32(cq), sc[r]), x);
-                            sm.e[r][kk][i] = __fmul_rn(d, d);
-                        }
-                __syncthreads();
-                if (tid < 32 && rr < nr && kr < S) {
-#pragma unroll 16
-                    for (int i = 0; i < n; i++) err = __fadd_rn(err, sm.e[rr][kr][i]); // loads run ahead of the chain
+            for (int r = 0; r < 2; r++) {
+                float err = 0.0f;
+                if (r < nr) {
+                    const float sc = __fmul_rn(base[r], step), inv = __frcp_rn(sc); // (candidate k)
+                    for (int i = j; i < hd; i += W) {
+                        const float   x  = rows[r * hd + i];
+                        const uint8_t cq = E4 ? f32_to_fp8_e4m3(__fmul_rn(x, inv)) : f32_to_fp8_e5m2(__fmul_rn(x, inv));
+                        const float   d  = __fsub_rn(__fmul_rn(E4 ? fp8_e4m3_to_f32(cq) : fp8_e5m2_to_f32(cq), sc), x);
+                        err              = __fadd_rn(err, __fmul_rn(d, d));
+                    }
                 }
-                __syncthreads();
-            }
-            if (warp == 0) { // each 16-lane half: one row's candidates
-                int best = kr;
-                for (int o = 8; o > 0; o >>= 1) {
+#pragma unroll
+                for (int o = 1; o < W; o <<= 1) err = __fadd_rn(err, __shfl_xor_sync(0xffffffffu, err, o));
+                if (isnan(err)) err = INFINITY;
+                int best = k;
+#pragma unroll
+                for (int o = W; o < WARP_SIZE; o <<= 1) { // the warp's WARP_SIZE / W candidates
                     const float oe = __shfl_xor_sync(0xffffffffu, err, o);
                     const int   ob = __shfl_xor_sync(0xffffffffu, best, o);
                     if (oe < err || (oe == err && ob < best)) err = oe, best = ob;
                 }
-                if (kr == 0 && rr < nr) sm.scale[rr] = __fmul_rn(base[rr], c_fp8_scale_steps[best]);
+                if (lane == 0) sm.err[warp][r] = err, sm.k[warp][r] = best;
             }
             __syncthreads();
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float be = sm.err[0][r];
+                int   bk = sm.k[0][r];
+#pragma unroll
+                for (int w = 1; w < KV_STORE_THREADS / WARP_SIZE; w++) // (warps in k order: ties stay)
+                    if (sm.err[w][r] < be) be = sm.err[w][r], bk = sm.k[w][r];
+                if (!zero[r]) scale[r] = __fmul_rn(base[r], c_fp8_scale_steps[bk]);
+            }
+        } else if (back) {
+            __syncthreads(); // (back may overwrite rows, which other warps' maxima read)
         }
 #pragma unroll
         for (int r = 0; r < 2; r++)
             if (r < nr) {
-                const float s  = amax[r] > 0.0f ? sm.scale[r] : base[r];
+                const float s  = scale[r];
                 const float is = s == 0.0f ? 0.0f : __frcp_rn(s);
                 if (tid == 0) *sdst[r] = s;
                 for (int i = tid; i < hd; i += KV_STORE_THREADS) {
-                    const float y = store_elem_back<KT>(dst[r], i, __fmul_rn(rows[r * hd + i], is));
+                    const float y = store_elem_back<KT>(dst[r], i, zero[r] ? 0.0f : __fmul_rn(rows[r * hd + i], is));
                     if (back) back[r * hd + i] = y * s;
                 }
             }
     } else {
-        (void)sdst, (void)scale_search, (void)step, (void)sm;
+        (void)sdst, (void)scale_search, (void)step, (void)sm, (void)warp, (void)lane;
         for (int r = 0; r < nr; r++)
             for (int i = tid; i < hd; i += KV_STORE_THREADS) {
                 const float y = store_elem_back<KT>(dst[r], i, rows[r * hd + i]);

@@ -18,8 +18,9 @@
  *                   Block y rotates its share of q's heads and handles the cache row y (kv head
  *                   y/2, K or V) of the token: rotated row into shared memory (thread i rotates
  *                   pair i of the K row and of the q heads with one cos/sin, every load issued
- *                   before them), then kv_store_rows (kv_store.cuh): block amax, FP8 scale search
- *                   over all 128 threads, quantized store.
+ *                   before them), then kv_store_rows (kv_store.cuh): amax per warp, FP8 scale
+ *                   search over all 128 threads (a thread per candidate and partial sum), quantized
+ *                   store.
  *                   Shared memory: head_dim floats (<= 256) + kv_store_smem (FP8).
  *                   With cuda_backend.attn_pdl (sm_90, the default) it is a programmatic
  *                   dependent launch, and every block first lets the next kernel (the attention,
