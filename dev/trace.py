@@ -16,6 +16,8 @@ Launches are told apart by kind and by start times more than 4 us apart. --sms: 
 SMs its CTAs ran on, CTAs per SM (least-most) and how long before the launch's last CTA each SM's
 last CTA ended (10th percentile, median, most). --attn: per attention / merge kind, the CTAs that
 walked keys, the most of them on one SM at once, their wait->end times and the launch's span.
+--phases: per attention kind and grid z, when its CTAs start, stamp and end after the launch before
+(with -DATTN_TRACE_PHASES in CUARCH the stamp is the end of the store or the walk, paged_attn.cu).
 """
 import struct
 import sys
@@ -75,6 +77,31 @@ def attn_report(launches):
         print("%-24s %5d %5.0f %6.1f %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f" % (kind_name(k), len(v), *m))
 
 
+def phase_report(launches):
+    """Per attention kind and grid z, mean over its launches of the CTAs' median start, stamp and end
+    (and the latest stamp and end), relative to the previous launch's last CTA end. The stamp is the
+    return from pdl_wait, or in a build with -DATTN_TRACE_PHASES the end of the CTA's phase (store
+    CTAs: rows stored; walking CTAs: walk done)."""
+    print("\n%-24s %3s %5s %6s %8s %8s %8s %8s %8s" % ("attention kind", "z", "count", "CTAs", "start",
+                                                     "stamp", "stampN", "end", "endN"))
+    per = defaultdict(list)
+    for i, (k, rs) in enumerate(launches):
+        if (k & 0xFFFF) != 2 or i == 0:
+            continue
+        prev = max(r[2] for r in launches[i - 1][1])
+        by_z = defaultdict(list)
+        for r in rs:
+            by_z[r[5]].append(r)
+        for z, v in by_z.items():
+            st = sorted((r[0] - prev) / 1000.0 for r in v)
+            sp = sorted(((r[1] or r[0]) - prev) / 1000.0 for r in v)
+            en = sorted((r[2] - prev) / 1000.0 for r in v)
+            per[(k, z)].append((len(v), pct(st, 0.5), pct(sp, 0.5), sp[-1], pct(en, 0.5), en[-1]))
+    for (k, z), v in sorted(per.items()):
+        m = [sum(x[i] for x in v) / len(v) for i in range(6)]
+        print("%-24s %3d %5d %6.1f %8.2f %8.2f %8.2f %8.2f %8.2f" % (kind_name(k), z, len(v), *m))
+
+
 def main():
     path = sys.argv[1]
     layers = int(sys.argv[sys.argv.index("--layers") + 1]) if "--layers" in sys.argv else 3
@@ -86,7 +113,7 @@ def main():
         k = ks & 0xFFFFFFFF
         if (k & 0xFFFF) == 2:  # attention: one launch whatever the CTA's role (z)
             k &= 0x00FFFFFF
-        recs.append((t0, t1, t2, k, ks >> 32))
+        recs.append((t0, t1, t2, k, ks >> 32, (ks >> 24) & 0xFF))
     if not recs:
         print("no records")
         return
@@ -155,6 +182,8 @@ def main():
             print("%-28s %6d %5.1f %5.1f-%-6.1f p10 %5.2f p50 %5.2f max %5.2f" % (kind_name(k), len(v), *m))
     if "--attn" in sys.argv:
         attn_report(launches)
+    if "--phases" in sys.argv:
+        phase_report(launches)
     print("\nstep: %.1f us, %d launches, %d CTA records" % ((rows[-1]["el"] - base) / 1000.0, len(rows), n))
     print("%-28s %6s %9s %9s %9s %9s" % ("kind", "count", "adds", "hand", "tail", "wait->end"))
     for k, s in sorted(stats.items(), key=lambda kv: -kv[1][1]):

@@ -111,6 +111,15 @@ TRACE_TU(paged_attn)
 #define ATTN_TC_NST 3
 #endif
 
+// Trace builds with -DATTN_TRACE_PHASES: the decode kernel's wait stamp moves to the end of a
+// phase (store CTAs: the rows stored; walking CTAs: the walk done, before the cross-warp merge), so
+// dev/trace.py --phases shows where a CTA's time goes.
+#if defined(COOPT_TRACE) && defined(ATTN_TRACE_PHASES)
+#define ATTN_PHASE() trace_cta_.on_wait()
+#else
+#define ATTN_PHASE() ((void)0)
+#endif
+
 static constexpr int pow2ceil_c(int x) { return x <= 1 ? 1 : 2 * pow2ceil_c((x + 1) / 2); }
 
 // Compile-time geometry of one decode kernel instance (TC: the tensor-core key walk).
@@ -384,6 +393,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         // (sep: the row comes back as the walk would read it, in place)
         kv_store_rows<KT>(rows, nr, hd, dst + srow, sdst + srow, L.scale_search, step, sm, sep ? rows : nullptr);
         __syncthreads(); // (CTA-scope ordering: the stores before this CTA's later copies)
+        ATTN_PHASE();    // (the rows stored)
     }
 
     // The store CTAs: the last partial, the token's own key, for each query head: (max, sum) =
@@ -990,6 +1000,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         *f = 0;
     }
     __syncthreads();
+    ATTN_PHASE(); // (the walk done)
     if (waits && a.kv_cluster) cluster_barrier(); // (kv_cluster: the partial is in this CTA's shared memory)
     // (uniform trip count: the staging's shuffles need every lane; ng * hd is a multiple of 16
     // where a.xo is set, so each 16-lane half is all in or all out)
