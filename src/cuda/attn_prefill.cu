@@ -142,9 +142,9 @@ __global__ void __launch_bounds__(PF_THREADS) attn_prefill_kernel(const struct a
         const int32_t p  = kmin + i * PF_BN + tid;
         uint64_t      o  = PF_NO_ROW, so = 0;
         if (p <= kmax) {
-            const int32_t page = bt[p / L.page_size];
+            const int32_t page = bt[kv_page_of(L, p)];
             if (page >= 0) { // released pages are never read
-                const int32_t row = p % L.page_size;
+                const int32_t row = kv_row_of(L, p);
                 o                 = kv_offset(L, page, a.layer, 0, kvh, row);
                 if (C::F8) so = kv_scale_offset(L, page, a.layer, 0, kvh, row);
             }

@@ -44,6 +44,14 @@ __device__ __forceinline__ int32_t kv_row_of(const struct kv_dev_layout &l, int3
     return l.page_shift >= 0 ? p & (l.page_size - 1) : p % l.page_size;
 }
 
+// The same for a cache slot (page * page_size + row, coopt_batch.slots).
+__device__ __forceinline__ int64_t kv_slot_page(const struct kv_dev_layout &l, int64_t slot) {
+    return l.page_shift >= 0 ? slot >> l.page_shift : slot / l.page_size;
+}
+__device__ __forceinline__ int32_t kv_slot_row(const struct kv_dev_layout &l, int64_t slot) {
+    return (int32_t)(l.page_shift >= 0 ? slot & (int64_t)(l.page_size - 1) : slot % l.page_size);
+}
+
 // Byte offset of the head_dim elements of (page, layer, kv, head, row).
 __device__ __forceinline__ uint64_t kv_offset(const struct kv_dev_layout &l, int64_t page, int32_t layer, int32_t kv,
                                               int32_t head, int32_t row) {

@@ -111,13 +111,15 @@ TRACE_TU(paged_attn)
 #define ATTN_TC_NST 3
 #endif
 
-// Trace builds with -DATTN_TRACE_PHASES: the decode kernel's wait stamp moves to the end of a
-// phase (store CTAs: the rows stored; walking CTAs: the walk done, before the cross-warp merge), so
-// dev/trace.py --phases shows where a CTA's time goes.
+// Trace builds with -DATTN_TRACE_PHASES=n: the decode kernel's wait stamp moves to point n (1:
+// store CTAs the rows stored, walking CTAs the walk done, before the cross-warp merge; 2: store CTAs
+// the rows rotated, before kv_store_rows, a waiting CTA past the cluster barrier; 3: store CTAs at
+// the cluster barrier, walking CTAs with q loaded, before the key loop), so dev/trace.py --phases
+// shows where a CTA's time goes.
 #if defined(COOPT_TRACE) && defined(ATTN_TRACE_PHASES)
-#define ATTN_PHASE() trace_cta_.on_wait()
+#define ATTN_PHASE(n) ((n) == ATTN_TRACE_PHASES ? trace_cta_.on_wait() : (void)0)
 #else
-#define ATTN_PHASE() ((void)0)
+#define ATTN_PHASE(n) ((void)0)
 #endif
 
 static constexpr int pow2ceil_c(int x) { return x <= 1 ? 1 : 2 * pow2ceil_c((x + 1) / 2); }
@@ -370,8 +372,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         float *vrow = rows + (sep ? 0 : hd);
         for (int i = tid; i < hd && (!sep || srow == 1); i += ATTN_THREADS) vrow[i] = vr[i];
         __syncthreads();
-        const int64_t page = slot / L.page_size;
-        const int32_t row  = (int32_t)(slot % L.page_size);
+        const int64_t page = kv_slot_page(L, slot);
+        const int32_t row  = kv_slot_row(L, slot);
         uint8_t      *dst[2]  = {a.pool_w + kv_offset(L, page, a.layer, 0, kvh, row),
                                  a.pool_w + kv_offset(L, page, a.layer, 1, kvh, row)};
         float        *sdst[2] = {nullptr, nullptr};
@@ -391,9 +393,10 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             }
         }
         // (sep: the row comes back as the walk would read it, in place)
+        ATTN_PHASE(2);
         kv_store_rows<KT>(rows, nr, hd, dst + srow, sdst + srow, L.scale_search, step, sm, sep ? rows : nullptr);
         __syncthreads(); // (CTA-scope ordering: the stores before this CTA's later copies)
-        ATTN_PHASE();    // (the rows stored)
+        ATTN_PHASE(1);   // (the rows stored)
     }
 
     // The store CTAs: the last partial, the token's own key, for each query head: (max, sum) =
@@ -427,6 +430,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
             else if (lane == 0) a.part_ml[pi * 2] = sc * (a.scale * ATTN_LOG2E), a.part_ml[pi * 2 + 1] = 1.0f;
         }
         if (a.kv_wait && a.kv_cluster) { // the partition's CTA reads it after the cluster barrier (see there)
+            ATTN_PHASE(3);
             cluster_barrier();
         } else if (a.kv_wait) { // the partition's CTA waits for both counts (see there)
             __threadfence();
@@ -634,6 +638,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
                     }
                 __syncthreads(); // (warp 0's walk fills the stage next)
             }
+            ATTN_PHASE(3); // (q loaded)
             const float qk = a.scale * ATTN_LOG2E;
             if constexpr (C::EB == 1) {
                 // FP8: keys are the MMAs' rows, so no row is padding. S^T = K Q^T (A: 16 keys x 16
@@ -1000,8 +1005,9 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
         *f = 0;
     }
     __syncthreads();
-    ATTN_PHASE(); // (the walk done)
+    ATTN_PHASE(1); // (the walk done)
     if (waits && a.kv_cluster) cluster_barrier(); // (kv_cluster: the partial is in this CTA's shared memory)
+    ATTN_PHASE(2);
     // (uniform trip count: the staging's shuffles need every lane; ng * hd is a multiple of 16
     // where a.xo is set, so each 16-lane half is all in or all out)
     const bool direct = parts_t == 1 || waits; // the output written here
@@ -1253,7 +1259,9 @@ void cuda_attn_set_prefetch(struct coopt_backend *be, bool pre) { cuda_impl(be)-
 // CTAs against the last partition's CTA storing): llama3-8b +3.3 / +4.2 / +4.0 / -0.7 / -4.8 %,
 // llama2-7b +0.1 / +5.1 / +1.2 / +3.0 / -0.4 % at depths 0 / 512 / 1024 / 4096 / 16384 (the
 // first two against two kernels, which were as fast there as the last partition storing;
-// docs/BENCHMARKS.md). F16's store is cheap and stays in the last partition (-1.7 to +1.2 %).
+// docs/BENCHMARKS.md); with the search as a tree (2656d70) llama3-8b +3.8 / +3.3 / +2.9 / +3.3 /
+// +1.0 / +0.2 %, llama2-7b +2.9 / +3.5 / +3.5 / +3.4 / +2.9 / -0.1 % at 0 / 512 / 1024 / 2048 /
+// 4096 / 8192. F16's store is cheap and stays in the last partition (-1.7 to +1.2 %).
 static bool attn_store_cta(const struct cuda_backend *cb, const struct coopt_kv_layout *l, int64_t bound) {
     return cb->attn_store_cta > 0 || (cb->attn_store_cta == 0 && l->has_scales && bound < CUDA_ATTN_STORE_CTA_BOUND);
 }

@@ -145,8 +145,8 @@ __global__ void __launch_bounds__(128)
     const int32_t h1q = min(n_heads, h0q + per);
     const int32_t r = blockIdx.y, h = r >> 1, kvi = r & 1;
     const bool    row_here = r < 2 * nkv;
-    const int64_t page = row_here ? slots[t] / L.page_size : 0;
-    const int32_t row  = row_here ? (int32_t)(slots[t] % L.page_size) : 0;
+    const int64_t page = row_here ? kv_slot_page(L, slots[t]) : 0;
+    const int32_t row  = row_here ? kv_slot_row(L, slots[t]) : 0;
     const float  *src  = (kvi ? v : k) + ((size_t)t * nkv + (row_here ? h : 0)) * hd;
     // K smoothing: the sequence's offset (kv_offsets_kernel)
     const float  *c    = row_here && kvi == 0 && koff
