@@ -1008,65 +1008,147 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_kernel(const struct 
     ATTN_PHASE(1); // (the walk done)
     if (waits && a.kv_cluster) cluster_barrier(); // (kv_cluster: the partial is in this CTA's shared memory)
     ATTN_PHASE(2);
-    // (uniform trip count: the staging's shuffles need every lane; ng * hd is a multiple of 16
-    // where a.xo is set, so each 16-lane half is all in or all out)
     const bool direct = parts_t == 1 || waits; // the output written here
     const bool stage  = a.xo != nullptr && direct;
-    // (waits) the own key's partial at every element this thread merges, loaded at once (a load
-    // inside the loop sits behind stores it cannot be moved across: llama2-7b FP8 at depth 0
-    // +0.4 %, llama3-8b unchanged)
     constexpr int NWI = (G * C::HDP + ATTN_THREADS - 1) / ATTN_THREADS;
-    float         wml[NWI], wacc[NWI];
+    if constexpr (NWI > 1) {
+        // Several heads a CTA (NWI > 1): thread g < ng takes query head g's weights -- the largest of
+        // the warps' maxima and (waits) the own key's, each warp's weight exp2(m_w - M) and the own
+        // key's (fo), their sum S; times 1 / S where the output is written here -- and writes them over
+        // column g of red_m (the warps' weights) and of red_l (row 0 fo, 1 M, 2 S), so an output element
+        // below is a dot product of 4 (5) values, and the staging runs after all the outputs (every
+        // thread deriving its head's weights at each of its elements, then A / S, and the staging's
+        // shuffles after each element made a depth-0 partition's tail a chain of ~2 us: llama3-8b tg128
+        // +0.8-0.9 % at depth 0). One head a CTA keeps that per-element form (the pass by one thread
+        // and its barrier measured 0.3-1.6 % slower on llama2-7b; docs/BENCHMARKS.md).
+        float hw[ATTN_WARPS], hfo = 0.0f, hM = -INFINITY, hS = 0.0f;
+        if (tid < ng) {
+            const int g  = tid;
+            float     om = -INFINITY; // (waits) the own key's partial: its score, one key
+            if (waits && a.kv_cluster) om = own[C::HDP + g];
+            else if (waits) om = __ldcg(a.part_ml + (((size_t)t * a.n_heads + h0 + g) * a.n_parts + parts_t - 1) * 2);
+            hM = om;
 #pragma unroll
-    for (int it = 0; it < NWI; it++) {
-        const int idx = it * ATTN_THREADS + tid;
-        wml[it] = -INFINITY, wacc[it] = 0.0f;
-        if (waits && idx < ng * hd && a.kv_cluster) {
-            wml[it] = own[C::HDP + idx / hd], wacc[it] = own[idx % hd];
-        } else if (waits && idx < ng * hd) {
-            const size_t pi = ((size_t)t * a.n_heads + h0 + idx / hd) * a.n_parts + parts_t - 1;
-            wml[it] = __ldcg(a.part_ml + pi * 2), wacc[it] = __ldcg(a.part_acc + pi * hd + idx % hd);
+            for (int w = 0; w < ATTN_WARPS; w++) hw[w] = red_m[w * G + g], hM = fmaxf(hM, hw[w]);
+            const float base = hM == -INFINITY ? 0.0f : hM;
+#pragma unroll
+            for (int w = 0; w < ATTN_WARPS; w++) hw[w] = fast_exp2(hw[w] - base), hS += red_l[w * G + g] * hw[w];
+            hfo = waits ? fast_exp2(om - base) : 0.0f;
+            hS += hfo;
+            const float r = direct ? (hS > 0.0f ? 1.0f / hS : 0.0f) : 1.0f;
+#pragma unroll
+            for (int w = 0; w < ATTN_WARPS; w++) red_m[w * G + g] = hw[w] * r;
+            red_l[g] = hfo * r, red_l[G + g] = hM, red_l[2 * G + g] = hS;
         }
-    }
+        // (waits) the own key's V row at every element this thread merges, loaded at once (a load
+        // inside the loop sits behind stores it cannot be moved across: llama2-7b FP8 at depth 0
+        // +0.4 %, llama3-8b unchanged)
+        float wacc[NWI], y[NWI];
 #pragma unroll
-    for (int it = 0; it < NWI; it++) {
-        const int i0 = it * ATTN_THREADS;
-        if (i0 >= ng * hd) break;
-        const int  idx = i0 + tid;
-        const bool in  = idx < ng * hd;
-        const int  g = in ? idx / hd : 0, d = in ? idx % hd : 0;
-        const size_t th = (size_t)t * a.n_heads + h0 + g;
-        float        y  = 0.0f;
-        if (in) {
-            float M = -INFINITY;
-#pragma unroll
-            for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, red_m[w * G + g]);
-            const float om = wml[it]; // (waits; else -inf)
-            M              = fmaxf(M, om);
-            const float base = M == -INFINITY ? 0.0f : M;
-            float       S = 0.0f, A = 0.0f;
-#pragma unroll
-            for (int w = 0; w < ATTN_WARPS; w++) {
-                const float f = fast_exp2(red_m[w * G + g] - base);
-                S += red_l[w * G + g] * f;
-                A += red_acc[(w * G + g) * C::HDS + red_at(d)] * f;
+        for (int it = 0; it < NWI; it++) {
+            const int idx = it * ATTN_THREADS + tid;
+            wacc[it]      = 0.0f;
+            if (waits && idx < ng * hd && a.kv_cluster) {
+                wacc[it] = own[idx % hd];
+            } else if (waits && idx < ng * hd) {
+                const size_t pi = ((size_t)t * a.n_heads + h0 + idx / hd) * a.n_parts + parts_t - 1;
+                wacc[it] = __ldcg(a.part_acc + pi * hd + idx % hd);
             }
-            if (waits) {
-                const float f = fast_exp2(om - base);
-                S += f, A += wacc[it] * f;
-            }
-            if (direct) {
-                y                  = S > 0.0f ? A / S : 0.0f;
-                a.out[th * hd + d] = y;
-            } else {
-                a.part_acc[(th * a.n_parts + part) * hd + d] = A;
-                if (d == 0) {
-                    a.part_ml[(th * a.n_parts + part) * 2]     = M;
-                    a.part_ml[(th * a.n_parts + part) * 2 + 1] = S;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int it = 0; it < NWI; it++) {
+            const int    idx = it * ATTN_THREADS + tid;
+            const bool   in  = idx < ng * hd;
+            const int    g = in ? idx / hd : 0, d = in ? idx % hd : 0;
+            const size_t th = (size_t)t * a.n_heads + h0 + g;
+            float        A  = 0.0f;
+            if (in) {
+#pragma unroll
+                for (int w = 0; w < ATTN_WARPS; w++) hw[w] = red_m[w * G + g];
+                hfo = red_l[g], hM = red_l[G + g], hS = red_l[2 * G + g];
+#pragma unroll
+                for (int w = 0; w < ATTN_WARPS; w++) A += red_acc[(w * G + g) * C::HDS + red_at(d)] * hw[w];
+                if (waits) A += wacc[it] * hfo;
+                if (direct) {
+                    a.out[th * hd + d] = A;
+                } else {
+                    a.part_acc[(th * a.n_parts + part) * hd + d] = A;
+                    if (d == 0) a.part_ml[(th * a.n_parts + part) * 2] = hM, a.part_ml[(th * a.n_parts + part) * 2 + 1] = hS;
                 }
             }
+            y[it] = A;
         }
-        if (stage) xstage_put(a.xo, a.xo_part, (int32_t)(th * hd) + d, in, in, y, y);
+        // staged for the o projection, after all the outputs so the elements' shuffles interleave
+        // (uniform trip count: they need every lane; ng * hd is a multiple of 16 where a.xo is set, so
+        // each 16-lane half is all in or all out)
+        if (stage) {
+#pragma unroll
+            for (int it = 0; it < NWI; it++) {
+                const int  idx = it * ATTN_THREADS + tid;
+                const bool in  = idx < ng * hd;
+                const int  o   = (int32_t)(((size_t)t * a.n_heads + h0) * hd) + (in ? idx : 0);
+                if (it * ATTN_THREADS < ng * hd) xstage_put(a.xo, a.xo_part, o, in, in, y[it], y[it]);
+            }
+        }
+    } else {
+        // (waits) the own key's partial at every element this thread merges, loaded at once (a load
+        // inside the loop sits behind stores it cannot be moved across: llama2-7b FP8 at depth 0
+        // +0.4 %, llama3-8b unchanged)
+        float wml[NWI], wacc[NWI];
+#pragma unroll
+        for (int it = 0; it < NWI; it++) {
+            const int idx = it * ATTN_THREADS + tid;
+            wml[it] = -INFINITY, wacc[it] = 0.0f;
+            if (waits && idx < ng * hd && a.kv_cluster) {
+                wml[it] = own[C::HDP + idx / hd], wacc[it] = own[idx % hd];
+            } else if (waits && idx < ng * hd) {
+                const size_t pi = ((size_t)t * a.n_heads + h0 + idx / hd) * a.n_parts + parts_t - 1;
+                wml[it] = __ldcg(a.part_ml + pi * 2), wacc[it] = __ldcg(a.part_acc + pi * hd + idx % hd);
+            }
+        }
+        // (uniform trip count: the staging's shuffles need every lane; ng * hd is a multiple of 16
+        // where a.xo is set, so each 16-lane half is all in or all out)
+#pragma unroll
+        for (int it = 0; it < NWI; it++) {
+            const int i0 = it * ATTN_THREADS;
+            if (i0 >= ng * hd) break;
+            const int  idx = i0 + tid;
+            const bool in  = idx < ng * hd;
+            const int  g = in ? idx / hd : 0, d = in ? idx % hd : 0;
+            const size_t th = (size_t)t * a.n_heads + h0 + g;
+            float        y  = 0.0f;
+            if (in) {
+                float M = -INFINITY;
+#pragma unroll
+                for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, red_m[w * G + g]);
+                const float om = wml[it]; // (waits; else -inf)
+                M              = fmaxf(M, om);
+                const float base = M == -INFINITY ? 0.0f : M;
+                float       S = 0.0f, A = 0.0f;
+#pragma unroll
+                for (int w = 0; w < ATTN_WARPS; w++) {
+                    const float f = fast_exp2(red_m[w * G + g] - base);
+                    S += red_l[w * G + g] * f;
+                    A += red_acc[(w * G + g) * C::HDS + red_at(d)] * f;
+                }
+                if (waits) {
+                    const float f = fast_exp2(om - base);
+                    S += f, A += wacc[it] * f;
+                }
+                if (direct) {
+                    y                  = S > 0.0f ? A / S : 0.0f;
+                    a.out[th * hd + d] = y;
+                } else {
+                    a.part_acc[(th * a.n_parts + part) * hd + d] = A;
+                    if (d == 0) {
+                        a.part_ml[(th * a.n_parts + part) * 2]     = M;
+                        a.part_ml[(th * a.n_parts + part) * 2 + 1] = S;
+                    }
+                }
+            }
+            if (stage) xstage_put(a.xo, a.xo_part, (int32_t)(th * hd) + d, in, in, y, y);
+        }
     }
 }
 
