@@ -282,6 +282,7 @@ const float *coopt_fp8_table(enum coopt_dtype t) {
 // takes elements j, j + 8, j + 16, ... in order), combined pairwise: ((p0 + p1) + (p2 + p3)) +
 // ((p4 + p5) + (p6 + p7)). Every backend sums in this order (the CUDA store gives each partial to a
 // lane and combines them with three shuffles, instead of one 128-add chain on its critical path).
+_Static_assert(COOPT_FP8_ERR_WAYS == 8, "the pairwise combines here and in kv_store.cuh are written for 8 partials");
 static float fp8_err_combine(const float p[COOPT_FP8_ERR_WAYS]) {
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
